@@ -1,0 +1,120 @@
+"""Audio decoding and Whisper log-Mel features, shared by the feature pipeline and the app
+so that training and serving can never drift.
+
+Decoding uses soundfile (libsndfile reads WAV, FLAC, OGG and MP3) and falls back to the
+ffmpeg command for anything else (video containers, AAC, ...); resampling uses soxr.
+Nothing here depends on torchcodec.
+
+Whisper pads every input to 30 s. Most clips are far shorter, so features are stored
+trimmed to the frames that hold audio plus one fill value, and `pad_features` rebuilds the
+exact 3000-frame input that `WhisperFeatureExtractor` would have produced.
+"""
+
+from __future__ import annotations
+
+import io
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+import soxr
+
+SAMPLE_RATE = 16_000
+HOP_LENGTH = 160
+N_FFT = 400
+CHUNK_SECONDS = 30
+N_SAMPLES = CHUNK_SECONDS * SAMPLE_RATE  # 480_000 samples in a Whisper input
+N_FRAMES = N_SAMPLES // HOP_LENGTH  # 3000 frames in a Whisper input
+
+
+class AudioError(ValueError):
+    """Audio that cannot be decoded; the message says why."""
+
+
+def load_audio(source: str | Path | bytes, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
+    """Decode a file (path or bytes) to mono float32 at `sample_rate`. Returns shape (n_samples,)."""
+    data = source if isinstance(source, bytes) else None
+    if data is None:
+        path = Path(source)
+        if not path.is_file():
+            raise AudioError(f"no such file: {path}")
+        if path.stat().st_size == 0:
+            raise AudioError(f"empty file: {path}")
+    try:
+        wave, sr = sf.read(io.BytesIO(data) if data is not None else str(source), dtype="float32",
+                           always_2d=True)
+    except (sf.LibsndfileError, RuntimeError, TypeError, ValueError):
+        wave, sr = _ffmpeg_decode(source, sample_rate), sample_rate
+    return to_mono(wave, sr, sample_rate)
+
+
+def to_mono(wave: np.ndarray, sr: int, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
+    """Downmix (n_samples, n_channels) or (n_samples,) audio of any dtype to mono float32 at `sample_rate`."""
+    wave = np.asarray(wave)
+    if np.issubdtype(wave.dtype, np.integer):
+        wave = wave.astype(np.float32) / np.iinfo(wave.dtype).max
+    wave = wave.astype(np.float32, copy=False)
+    if wave.ndim == 2:
+        wave = wave.mean(axis=1)
+    elif wave.ndim != 1:
+        raise AudioError(f"audio must have shape (samples,) or (samples, channels), got {wave.shape}")
+    if sr != sample_rate and wave.size:
+        wave = soxr.resample(wave, sr, sample_rate, quality="HQ").astype(np.float32, copy=False)
+    return np.ascontiguousarray(wave)
+
+
+def _ffmpeg_decode(source: str | Path | bytes, sample_rate: int) -> np.ndarray:
+    """Decode anything ffmpeg reads (video, AAC, ...) to mono float32 PCM at `sample_rate`."""
+    if shutil.which("ffmpeg") is None:
+        raise AudioError("this format needs ffmpeg, which is not installed (apt-get install ffmpeg)")
+    is_bytes = isinstance(source, bytes)
+    cmd = ["ffmpeg", "-nostdin", "-v", "error", "-i", "pipe:0" if is_bytes else str(source),
+           "-vn", "-ac", "1", "-ar", str(sample_rate), "-f", "f32le", "pipe:1"]
+    proc = subprocess.run(cmd, input=source if is_bytes else None, capture_output=True, check=False)
+    if proc.returncode != 0:
+        reason = proc.stderr.decode(errors="replace").strip().splitlines()
+        raise AudioError(f"cannot decode audio: {reason[-1] if reason else 'ffmpeg failed'}")
+    wave = np.frombuffer(proc.stdout, dtype=np.float32)
+    return wave.reshape(-1, 1)
+
+
+def n_audio_frames(n_samples: int) -> int:
+    """Frames of a Whisper input that see any of `n_samples` samples (the rest only see padding)."""
+    # Frame t is centred on sample t*HOP_LENGTH and spans N_FFT samples; later frames are all zeros.
+    return min(N_FRAMES, n_samples // HOP_LENGTH + 2)
+
+
+def trimmed_features(feature_extractor, waves: list[np.ndarray]) -> list[tuple[np.ndarray, float]]:
+    """Whisper log-Mel features of a batch, trimmed to the frames that hold audio.
+
+    Returns, per wave, `(features (n_mels, n_frames), fill)` where `fill` is the value of every
+    frame after `n_frames` in the padded 30 s input. Exact: `pad_features(*result)` equals
+    `feature_extractor(wave)["input_features"][0]`.
+    """
+    # The extractor's padded frames hold log10(1e-10) clipped at (max - 8); the max over a
+    # zero-padded tail equals the max over the audio frames, so a short padding is enough.
+    padded = [np.pad(w[:N_SAMPLES], (0, N_FFT)) for w in waves]
+    feats = feature_extractor(padded, sampling_rate=SAMPLE_RATE, padding="longest",
+                              return_tensors="np").input_features
+    out = []
+    for wave, f in zip(waves, feats):
+        n = n_audio_frames(min(len(wave), N_SAMPLES))
+        trimmed = f[:, :n]
+        fill = max(-1.5, float(trimmed.max()) - 2.0)  # (max(log_max - 8, -10) + 4) / 4
+        out.append((np.ascontiguousarray(trimmed, dtype=np.float32), fill))
+    return out
+
+
+def pad_features(features: np.ndarray, fill: float, n_frames: int = N_FRAMES) -> np.ndarray:
+    """Rebuild the padded Whisper input (n_mels, n_frames) float32 from trimmed (n_mels, n) features."""
+    out = np.full((features.shape[0], n_frames), fill, dtype=np.float32)
+    n = min(features.shape[1], n_frames)
+    out[:, :n] = features[:, :n]
+    return out
+
+
+def is_silent(wave: np.ndarray, threshold: float = 1e-4) -> bool:
+    """True for empty audio or audio whose peak stays below `threshold` (digital silence)."""
+    return wave.size == 0 or float(np.max(np.abs(wave))) < threshold

@@ -1,0 +1,310 @@
+"""Typed, frozen configuration for the three stages, loaded from one `config.yaml`.
+
+Every field is documented once, in `config.yaml` at the repository root. Loading checks
+names and types and raises `ConfigError` naming the offending key; the command-line
+front end (`whisper_ft.cli`) turns that into a one-line error with exit code 2.
+
+    cfg = load_config("config.yaml", overrides=["training.learning_rate=3e-5"])
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config file or override that cannot be used; the message names the key."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name_or_path: str = "openai/whisper-small"
+    language: str = "sv"
+    task: str = "transcribe"
+
+
+@dataclass(frozen=True)
+class SourceConfig:
+    name: str = "sample"
+    kind: str = "common_voice"
+    path: str = ""
+    dataset_id: str = ""
+    hf_config: str = ""
+    train_splits: tuple[str, ...] = ("train", "dev")
+    eval_splits: tuple[str, ...] = ("test",)
+    audio_column: str = "audio"
+    text_column: str = "sentence"
+    speaker_column: str = "client_id"
+    limit: int = 0
+
+
+SOURCE_KINDS = ("common_voice", "mdc", "hf")
+
+
+@dataclass(frozen=True)
+class FeaturesConfig:
+    name: str = "sample"
+    data_dir: str = "data"
+    sources: tuple[SourceConfig, ...] = (SourceConfig(path="data/sample/cv-corpus-sample/sv-SE"),)
+    min_seconds: float = 0.5
+    max_seconds: float = 30.0
+    max_label_tokens: int = 448
+    dtype: str = "float16"
+    shard_size: int = 1000
+    batch_size: int = 16
+    workers: int = 0
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    enabled: bool = False
+    rank: int = 32
+    alpha: int = 64
+    dropout: float = 0.05
+    target_modules: tuple[str, ...] = ("q_proj", "v_proj")
+
+
+@dataclass(frozen=True)
+class SpecAugmentConfig:
+    enabled: bool = False
+    mask_time_prob: float = 0.05
+    mask_time_length: int = 10
+    mask_feature_prob: float = 0.0
+    mask_feature_length: int = 10
+
+
+@dataclass(frozen=True)
+class TrainingConfig:
+    run_name: str = "whisper-small-sv"
+    output_dir: str = "checkpoints"
+    learning_rate: float = 1e-5
+    lr_scheduler: str = "linear"
+    warmup_steps: int = 500
+    max_steps: int = 4000
+    batch_size: int = 16
+    gradient_accumulation_steps: int = 1
+    weight_decay: float = 0.0
+    eval_steps: int = 500
+    save_steps: int = 500
+    logging_steps: int = 25
+    eval_batch_size: int = 64
+    eval_subset: int = 0
+    eval_before_training: bool = True
+    generation_max_length: int = 0
+    num_beams: int = 1
+    save_total_limit: int = 2
+    precision: str = "auto"
+    gradient_checkpointing: bool = False
+    torch_compile: bool = False
+    dataloader_workers: int = 4
+    seed: int = 42
+    dropout: float = 0.0
+    freeze_encoder: bool = False
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    spec_augment: SpecAugmentConfig = field(default_factory=SpecAugmentConfig)
+
+
+@dataclass(frozen=True)
+class AppConfig:
+    model: str = ""
+    host: str = "127.0.0.1"
+    port: int = 7860
+    share: bool = False
+    max_media_seconds: float = 3600.0
+    chunk_seconds: float = 30.0
+    stride_seconds: float = 5.0
+    batch_size: int = 8
+    translate_to: str = "en"
+    translate_timeout_seconds: float = 15.0
+    cookies_file: str = ""
+    use_ctranslate2: bool = True
+
+
+@dataclass(frozen=True)
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    features: FeaturesConfig = field(default_factory=FeaturesConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    app: AppConfig = field(default_factory=AppConfig)
+
+
+def load_config(path: str | Path | None = "config.yaml", overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Read a YAML file (None: defaults only), apply `section.key=value` overrides, type-check."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from e
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path} must hold a mapping of sections")
+    for item in overrides:
+        apply_override(raw, item)
+    cfg = _build(Config, raw, "")
+    validate(cfg)
+    return cfg
+
+
+def apply_override(raw: dict, item: str) -> None:
+    """Set `a.b.c=value` in a nested dict in place; list elements are addressed by index."""
+    key, sep, text = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override {item!r} is not of the form section.key=value")
+    try:
+        value = yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {key}: cannot parse value {text!r}") from e
+    parts = key.strip().split(".")
+    node: Any = raw
+    for i, part in enumerate(parts[:-1]):
+        if isinstance(node, list):
+            node = _list_item(node, part, ".".join(parts[: i + 1]))
+            continue
+        child = node.get(part)
+        if child is None:
+            child = node[part] = [] if part == "sources" else {}
+        if part == "sources" and not isinstance(child, list):
+            raise ConfigError(f"{'.'.join(parts[: i + 1])} must be a list")
+        node = child
+    last = parts[-1]
+    if isinstance(node, list):
+        if last.isdigit() and int(last) == len(node):
+            node.append(value)
+        else:
+            node[_index(node, last, key)] = value
+    else:
+        node[last] = value
+
+
+def _index(node: list, part: str, where: str) -> int:
+    if not part.isdigit() or int(part) >= len(node):
+        raise ConfigError(f"{where}: no list element {part!r} (the list has {len(node)})")
+    return int(part)
+
+
+def _list_item(node: list, part: str, where: str) -> Any:
+    if part.isdigit() and int(part) == len(node):
+        node.append({})
+    return node[_index(node, part, where)]
+
+
+def _build(cls: type, raw: Any, where: str) -> Any:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where or 'config'}: expected a mapping, got {type(raw).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - names)
+    if unknown:
+        raise ConfigError(f"unknown config key: {_join(where, str(unknown[0]))}")
+    kwargs = {name: _convert(hints[name], value, _join(where, name)) for name, value in raw.items()}
+    return cls(**kwargs)
+
+
+def _convert(tp: Any, value: Any, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value if value is not None else {}, where)
+    if origin is tuple:
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        item_tp = typing.get_args(tp)[0]
+        return tuple(_convert(item_tp, v, f"{where}.{i}") for i, v in enumerate(value))
+    if origin in (typing.Union, types.UnionType):
+        raise TypeError(f"{where}: union types are not supported in config classes")
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, str):
+            try:
+                return float(value)  # YAML reads 1e-5 (no dot) as a string
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if value is None:
+            return ""
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return str(value)
+    raise TypeError(f"{where}: unsupported config type {tp}")
+
+
+def _join(where: str, name: str) -> str:
+    return f"{where}.{name}" if where else name
+
+
+def validate(cfg: Config) -> None:
+    """Checks that span fields; each error names the key."""
+    f = cfg.features
+    if f.dtype not in ("float16", "float32"):
+        raise ConfigError(f"features.dtype: expected float16 or float32, got {f.dtype!r}")
+    if not 0 < f.max_seconds <= 30:
+        raise ConfigError(f"features.max_seconds: must be in (0, 30], got {f.max_seconds}")
+    if not 0 <= f.min_seconds < f.max_seconds:
+        raise ConfigError("features.min_seconds: must be >= 0 and below features.max_seconds")
+    if not 0 < f.max_label_tokens <= 448:
+        raise ConfigError(f"features.max_label_tokens: must be in 1..448, got {f.max_label_tokens}")
+    for name, value in (("shard_size", f.shard_size), ("batch_size", f.batch_size)):
+        if value < 1:
+            raise ConfigError(f"features.{name}: must be at least 1, got {value}")
+    if not f.sources:
+        raise ConfigError("features.sources: at least one source is needed")
+    seen = set()
+    for i, s in enumerate(f.sources):
+        if s.kind not in SOURCE_KINDS:
+            raise ConfigError(f"features.sources.{i}.kind: expected one of {', '.join(SOURCE_KINDS)}, got {s.kind!r}")
+        if not s.name or s.name in seen:
+            raise ConfigError(f"features.sources.{i}.name: must be set and unique, got {s.name!r}")
+        seen.add(s.name)
+        if s.kind == "mdc" and not s.dataset_id:
+            raise ConfigError(f"features.sources.{i}.dataset_id: needed for kind mdc")
+        if s.kind in ("common_voice", "hf") and not s.path:
+            raise ConfigError(f"features.sources.{i}.path: needed for kind {s.kind}")
+    if cfg.model.task not in ("transcribe", "translate"):
+        raise ConfigError(f"model.task: expected transcribe or translate, got {cfg.model.task!r}")
+    t = cfg.training
+    if t.precision not in ("auto", "bf16", "fp16", "fp32"):
+        raise ConfigError(f"training.precision: expected auto, bf16, fp16 or fp32, got {t.precision!r}")
+    for name in ("max_steps", "batch_size", "eval_steps", "save_steps", "eval_batch_size",
+                 "gradient_accumulation_steps", "logging_steps"):
+        if getattr(t, name) < 1:
+            raise ConfigError(f"training.{name}: must be at least 1, got {getattr(t, name)}")
+
+
+def to_dict(cfg: Any) -> dict:
+    """Plain nested dict (tuples as lists) of a config, for YAML/JSON beside outputs."""
+    def plain(v: Any) -> Any:
+        if dataclasses.is_dataclass(v):
+            return {f.name: plain(getattr(v, f.name)) for f in dataclasses.fields(v)}
+        if isinstance(v, tuple):
+            return [plain(x) for x in v]
+        return v
+    return plain(cfg)
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    """Write the resolved config as YAML (atomically)."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False, allow_unicode=True), encoding="utf-8")
+    tmp.replace(path)

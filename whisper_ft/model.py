@@ -1,0 +1,97 @@
+"""Loading Whisper models and processors from a hub id or a local folder, with language and
+task set everywhere they matter, and errors that say what to do when offline."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import requests
+
+HUB_PROBE_TIMEOUT = 5.0
+
+
+class ModelNotFound(OSError):
+    """A model or processor that can be found neither locally nor on the Hub."""
+
+
+def resolve(name_or_path: str) -> str:
+    """Return a local folder or a hub id that loads now; fail in seconds when neither will.
+
+    A hub id that is in the local cache loads offline. Otherwise the Hub is probed with a
+    short timeout first, because transformers retries for minutes before giving up.
+    """
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        if not any((path / f).is_file() for f in ("config.json", "preprocessor_config.json", "processor_config.json")):
+            raise ModelNotFound(f"{path} is not a Whisper model folder (no config.json)")
+        return str(path)
+    if name_or_path.startswith((".", "/", "~")) or os.sep + os.sep in name_or_path or name_or_path.count("/") > 1:
+        raise ModelNotFound(f"model folder not found: {name_or_path}")
+    if _in_cache(name_or_path):
+        return name_or_path
+    hint = (f"pass a local folder instead (e.g. --set model.name_or_path=/path/to/whisper), or download "
+            f"{name_or_path} on a machine with network access first")
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+        raise ModelNotFound(f"{name_or_path} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set: {hint}")
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
+    try:
+        requests.head(f"{endpoint}/api/models/{name_or_path}", timeout=HUB_PROBE_TIMEOUT)
+    except requests.RequestException as e:
+        raise ModelNotFound(f"cannot reach the Hugging Face Hub for {name_or_path} ({type(e).__name__}): {hint}") from e
+    return name_or_path
+
+
+def _in_cache(repo_id: str) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    hit = try_to_load_from_cache(repo_id, "config.json")
+    return isinstance(hit, str)
+
+
+def load_processor(name_or_path: str, language: str = "sv", task: str = "transcribe"):
+    """WhisperProcessor whose tokenizer adds <|sv|><|transcribe|><|notimestamps|> prefixes."""
+    from transformers import WhisperProcessor
+
+    try:
+        processor = WhisperProcessor.from_pretrained(resolve(name_or_path))
+    except OSError as e:
+        raise ModelNotFound(f"cannot load a Whisper processor from {name_or_path}: {_first_line(e)}") from e
+    set_language(processor.tokenizer, language, task)
+    return processor
+
+
+def set_language(tokenizer, language: str, task: str) -> None:
+    """Set the tokenizer's prefix tokens; an unknown language fails with the valid choices."""
+    try:
+        tokenizer.set_prefix_tokens(language=language, task=task, predict_timestamps=False)
+        tokenizer.prefix_tokens  # noqa: B018 - validates the language lazily
+    except ValueError as e:
+        raise ValueError(f"model.language: {_first_line(e)}") from e
+
+
+def load_model(name_or_path: str, language: str = "sv", task: str = "transcribe", **kwargs):
+    """WhisperForConditionalGeneration with the generation config fixed to `language`/`task`."""
+    from transformers import WhisperForConditionalGeneration
+
+    try:
+        model = WhisperForConditionalGeneration.from_pretrained(resolve(name_or_path), **kwargs)
+    except OSError as e:
+        raise ModelNotFound(f"cannot load a Whisper model from {name_or_path}: {_first_line(e)}") from e
+    set_generation_language(model, language, task)
+    return model
+
+
+def set_generation_language(model, language: str, task: str) -> None:
+    """Force language and task at generation; drop stale forced_decoder_ids that override them."""
+    gen = model.generation_config
+    gen.language = language
+    gen.task = task
+    gen.forced_decoder_ids = None
+    if hasattr(model.config, "forced_decoder_ids"):
+        model.config.forced_decoder_ids = None
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__

@@ -1,0 +1,188 @@
+"""Where the speech comes from: Common Voice releases (folder or tarball), the Mozilla Data
+Collective (downloaded with the `datacollective` package), and any Hugging Face dataset.
+
+Every reader yields plain `Row`s; audio is decoded later, in `whisper_ft.features`. This
+module and `whisper_ft.model` are the only ones that reach the network for data or models.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import shutil
+import sys
+import tarfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from whisper_ft.config import SourceConfig
+
+TRAIN, EVAL = "train", "eval"
+DONE_MARK = ".extracted"
+
+
+class SourceError(ValueError):
+    """A source that cannot be read; the message says what to do."""
+
+
+@dataclass(frozen=True)
+class Row:
+    """One utterance before decoding. `audio` is a file path or the encoded bytes."""
+
+    source: str
+    split: str
+    id: str
+    audio: str | bytes
+    sentence: str
+    speaker: str = ""
+    meta: dict = field(default_factory=dict)
+
+
+def read_source(src: SourceConfig, data_dir: Path) -> dict[str, list[Row]]:
+    """All rows of one source, as {"train": [...], "eval": [...]} in a stable order."""
+    if src.kind == "hf":
+        rows = _read_hf(src)
+    else:
+        root = download_mdc(src.dataset_id, data_dir / "raw") if src.kind == "mdc" else Path(src.path)
+        rows = _read_common_voice(src, locate_release(root, data_dir / "raw"))
+    if src.limit:
+        rows = {split: r[: src.limit] for split, r in rows.items()}
+    return rows
+
+
+# --------------------------------------------------------------------------- Common Voice
+
+
+CV_METADATA = ("gender", "age", "accents", "variant")
+
+
+def locate_release(path: Path, extract_dir: Path) -> Path:
+    """The folder holding train.tsv/test.tsv and clips/, given it, a parent of it, or a .tar.gz."""
+    if not path.exists():
+        raise SourceError(f"no such file or folder: {path}")
+    if path.is_file():
+        if not path.name.endswith((".tar.gz", ".tgz", ".tar")):
+            raise SourceError(f"{path} is neither a Common Voice folder nor a .tar.gz release")
+        path = extract_tarball(path, extract_dir)
+    hits = sorted({p.parent for pattern in ("test.tsv", "*/test.tsv", "*/*/test.tsv") for p in path.glob(pattern)})
+    if not hits:
+        raise SourceError(f"no Common Voice test.tsv under {path}: expected a cv-corpus-*/<locale> folder")
+    if len(hits) > 1:
+        raise SourceError(f"several locales under {path} ({', '.join(h.name for h in hits)}): point at one of them")
+    return hits[0]
+
+
+def extract_tarball(archive: Path, extract_dir: Path) -> Path:
+    """Unpack a release once into extract_dir/<archive name>; a marker file records completion."""
+    name = archive.name.removesuffix(".gz").removesuffix(".tgz").removesuffix(".tar")
+    dest = extract_dir / name
+    if (dest / DONE_MARK).is_file():
+        return dest
+    tmp = extract_dir / f".{name}.partial"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    print(f"extracting {archive} -> {dest} (once)", file=sys.stderr, flush=True)
+    try:
+        with tarfile.open(archive) as tar:
+            tar.extractall(tmp, filter="data")
+    except (tarfile.TarError, EOFError, OSError) as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise SourceError(f"cannot unpack {archive}: {e} (incomplete download? delete it and fetch again)") from e
+    (tmp / DONE_MARK).write_text(str(archive.resolve()))
+    shutil.rmtree(dest, ignore_errors=True)
+    os.replace(tmp, dest)
+    return dest
+
+
+def read_cv_tsv(path: Path) -> list[dict[str, str]]:
+    """Rows of a Common Voice TSV; quoting is off because sentences contain quote marks."""
+    with open(path, encoding="utf-8", newline="") as f:
+        return list(csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
+
+
+def _read_common_voice(src: SourceConfig, release: Path) -> dict[str, list[Row]]:
+    out: dict[str, list[Row]] = {TRAIN: [], EVAL: []}
+    for target, splits in ((TRAIN, src.train_splits), (EVAL, src.eval_splits)):
+        for split in splits:
+            tsv = release / f"{split}.tsv"
+            if not tsv.is_file():
+                raise SourceError(f"source {src.name}: no {split}.tsv in {release}")
+            for r in read_cv_tsv(tsv):
+                clip = r.get("path") or ""
+                meta = {k: r[k] for k in CV_METADATA if r.get(k)}
+                out[target].append(Row(src.name, target, f"{split}/{clip}", str(release / "clips" / clip),
+                                       r.get("sentence") or "", r.get("client_id") or "", meta))
+    return out
+
+
+def download_mdc(dataset_id: str, download_dir: Path) -> Path:
+    """Download (or resume) a Mozilla Data Collective release tarball; returns its path."""
+    if not os.environ.get("MDC_API_KEY"):
+        raise SourceError("source kind mdc needs MDC_API_KEY: create a key at "
+                          "https://datacollective.mozillafoundation.org (profile > API keys) and export it")
+    try:
+        import datacollective
+    except ImportError as e:
+        raise SourceError("source kind mdc needs the datacollective package: pip install datacollective") from e
+    download_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        return Path(datacollective.download_dataset(dataset_id, download_directory=str(download_dir)))
+    except (FileNotFoundError, PermissionError) as e:
+        raise SourceError(f"Mozilla Data Collective refused dataset {dataset_id!r}: {e} "
+                          "(accept its terms on the website first)") from e
+    except OSError as e:
+        raise SourceError(f"cannot download {dataset_id!r} from the Mozilla Data Collective: {e}; "
+                          "rerun to resume") from e
+
+
+# --------------------------------------------------------------------------- Hugging Face
+
+
+def _read_hf(src: SourceConfig) -> dict[str, list[Row]]:
+    out: dict[str, list[Row]] = {TRAIN: [], EVAL: []}
+    for target, splits in ((TRAIN, src.train_splits), (EVAL, src.eval_splits)):
+        for split in splits:
+            ds = _load_hf_split(src, split)
+            for col in (src.audio_column, src.text_column):
+                if col not in ds.column_names:
+                    raise SourceError(f"source {src.name}: split {split} has no column {col!r} "
+                                      f"(columns: {', '.join(ds.column_names)})")
+            for i, (audio, text, speaker) in enumerate(_hf_columns(ds, src)):
+                out[target].append(Row(src.name, target, f"{split}/{i}", audio, text or "", speaker))
+    return out
+
+
+def _hf_columns(ds, src: SourceConfig) -> Iterator[tuple[str | bytes, str, str]]:
+    has_speaker = src.speaker_column in ds.column_names
+    for ex in ds:
+        audio = ex[src.audio_column] or {}
+        data = audio.get("bytes") or audio.get("path") or ""
+        yield data, ex[src.text_column], str(ex[src.speaker_column]) if has_speaker else ""
+
+
+def _load_hf_split(src: SourceConfig, split: str):
+    """A split with its audio column left encoded (decode=False), so torchcodec is never needed."""
+    import datasets
+
+    path = Path(src.path)
+    try:
+        if path.is_dir() and ((path / "dataset_dict.json").is_file() or (path / "state.json").is_file()):
+            loaded = datasets.load_from_disk(str(path))
+            ds = loaded[split] if isinstance(loaded, datasets.DatasetDict) else loaded
+        else:
+            ds = datasets.load_dataset(src.path, src.hf_config or None, split=split)
+    except (FileNotFoundError, KeyError, ValueError, ConnectionError, OSError) as e:
+        hint = "" if path.exists() else " (offline? pass a local folder, or set HF_HUB_OFFLINE=1 with a cached copy)"
+        raise SourceError(f"source {src.name}: cannot load split {split!r} of {src.path}: "
+                          f"{str(e).splitlines()[0] if str(e) else type(e).__name__}{hint}") from e
+    if src.audio_column in ds.column_names:
+        ds = ds.cast_column(src.audio_column, datasets.Audio(decode=False))
+    return ds
+
+
+def describe(src: SourceConfig) -> dict:
+    """What the manifest records about a source."""
+    where = src.dataset_id if src.kind == "mdc" else src.path
+    return {"name": src.name, "kind": src.kind, "where": where, "train_splits": list(src.train_splits),
+            "eval_splits": list(src.eval_splits), "limit": src.limit}

@@ -1,0 +1,31 @@
+"""Transcript text: tidying labels (orthographic text kept) and normalizing for WER."""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+
+from transformers.models.whisper.english_normalizer import BasicTextNormalizer
+
+_QUOTES = str.maketrans({"“": '"', "”": '"', "„": '"', "«": '"', "»": '"', "‘": "'", "’": "'", "‚": "'",
+                         "´": "'", "`": "'"})
+_SPACES = re.compile(r"\s+")
+_NORMALIZER = BasicTextNormalizer(remove_diacritics=False)
+
+
+def tidy_sentence(text: str) -> str:
+    """Orthographic label text: NFC, straight quotes, single spaces; case and punctuation kept.
+
+    A sentence wrapped whole in one pair of quote marks loses them (Common Voice quotes
+    some sentences as a whole; the speaker reads no quotes).
+    """
+    text = unicodedata.normalize("NFC", text).translate(_QUOTES)
+    text = _SPACES.sub(" ", text).strip()
+    if len(text) >= 2 and text[0] == text[-1] and text[0] in "\"'" and text.count(text[0]) == 2:
+        text = text[1:-1].strip()
+    return text
+
+
+def normalize(text: str) -> str:
+    """Text for normalized WER: lowercase, punctuation and symbols removed, å/ä/ö kept."""
+    return _NORMALIZER(text).strip()
