@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Set up this checkout on a fresh machine: system packages (Debian/Ubuntu, when run as root
+# or with sudo), a virtual environment in .venv, and the Python requirements.
+#   bash scripts/setup.sh          # what the three commands need
+#   bash scripts/setup.sh --dev    # plus test tools: espeak-ng, Chromium, pytest, Playwright
+set -euo pipefail
+cd "$(dirname "$0")/.."
+dev=0; [ "${1:-}" = "--dev" ] && dev=1
+
+pkgs=(ffmpeg)
+[ $dev = 1 ] && pkgs+=(espeak-ng chromium chromium-driver)
+missing=()
+for p in "${pkgs[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
+if [ ${#missing[@]} -gt 0 ]; then
+  if command -v apt-get >/dev/null; then
+    sudo=""; [ "$(id -u)" = 0 ] || sudo="sudo"
+    echo "installing system packages: ${missing[*]}"
+    $sudo apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}" >/dev/null
+  else
+    echo "please install: ${missing[*]} (no apt-get on this machine)" >&2
+  fi
+fi
+
+python=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$python" -m venv .venv
+.venv/bin/python -m pip install -q --disable-pip-version-check --upgrade pip
+# Without a GPU take the CPU build of torch; a CUDA machine gets the default build.
+if ! .venv/bin/python -c "import torch" 2>/dev/null; then
+  if command -v nvidia-smi >/dev/null && nvidia-smi >/dev/null 2>&1; then
+    .venv/bin/python -m pip install -q --disable-pip-version-check "torch>=2.4"
+  else
+    .venv/bin/python -m pip install -q --disable-pip-version-check torch==2.13.0 \
+      || .venv/bin/python -m pip install -q --disable-pip-version-check torch --index-url https://download.pytorch.org/whl/cpu
+  fi
+fi
+req=requirements.txt; [ $dev = 1 ] && req=requirements-dev.txt
+.venv/bin/python -m pip install -q --disable-pip-version-check -r "$req"
+echo "environment ready: .venv ($(.venv/bin/python -c 'import torch, transformers; print("torch", torch.__version__, "transformers", transformers.__version__)'))"
