@@ -1,0 +1,40 @@
+"""Search hyperparameters, fine-tuning variants or data mixes: one training run per trial,
+all on the same budget of samples and the same evaluation set, then a comparison report.
+
+    python sweep.py sweeps/lr.yaml                     # runs or continues every trial
+    python sweep.py sweeps/lr.yaml --set training.batch_size=8
+    python sweep.py sweeps/lr.yaml --report-only       # rewrite report.md and wer.png
+
+Trials live in <training.output_dir>/sweeps/<name>/trial-NNN/; rerunning the same command
+skips finished trials and resumes a killed one.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from whisper_ft import cli
+from whisper_ft.sweep import load_spec, run_sweep, write_report
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = cli.base_parser(__doc__.splitlines()[0])
+    parser.add_argument("sweep", help="sweep file (YAML): method, space, budget; see sweeps/")
+    parser.add_argument("--report-only", action="store_true", help="only rewrite the report of finished trials")
+    args = parser.parse_args(argv)
+    spec = load_spec(args.sweep)
+    base = cli.config_from_args(args)
+    if args.report_only:
+        from pathlib import Path
+
+        report = write_report(Path(base.training.output_dir) / "sweeps" / spec.name, spec)
+    else:
+        from whisper_ft.train import run_training
+
+        report = run_sweep(spec, base, args.config, args.overrides, run_training) / "report.md"
+    print(f"report: {report}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli.run(main))

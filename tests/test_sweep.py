@@ -1,0 +1,140 @@
+"""Sweeps: trial planning, fair budgets, resume, pruning and the report.
+
+Most tests drive the sweep with a scripted trainer that follows `run_training`'s contract
+(metrics.jsonl in the run folder, callbacks called at each evaluation) so that the sweep
+logic is checked in seconds; one test runs real trainings on the tiny model.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import yaml
+
+from whisper_ft.config import ConfigError, load_config
+from whisper_ft.sweep import load_spec, read_trials, run_sweep
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def write_spec(tmp_path: Path, **spec) -> Path:
+    path = tmp_path / f"{spec.pop('file', 'sw')}.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+class ScriptedTrainer:
+    """Stands in for run_training: WER follows `wer_of(params, step)`; records every call."""
+
+    def __init__(self, wer_of, crash_on: int | None = None):
+        self.wer_of = wer_of
+        self.crash_on = crash_on
+        self.calls: list[tuple[str, float]] = []
+
+    def __call__(self, cfg, callbacks=()):
+        t = cfg.training
+        run = Path(t.output_dir) / t.run_name
+        run.mkdir(parents=True, exist_ok=True)
+        self.calls.append((t.run_name, t.learning_rate))
+        if self.crash_on is not None and len(self.calls) == self.crash_on:
+            self.crash_on = None
+            raise KeyboardInterrupt  # the process is killed mid-trial
+        control = SimpleNamespace(should_training_stop=False)
+        best = 1e9
+        with open(run / "metrics.jsonl", "a") as f:
+            for step in range(0, t.max_steps + 1, t.eval_steps):
+                wer = self.wer_of(t, step)
+                best = min(best, wer) if step else best
+                f.write(json.dumps({"event": "eval", "step": step, "wer": wer, "wer_normalized": wer - 1,
+                                    "cer": wer / 2}) + "\n")
+                for cb in callbacks:
+                    cb.on_evaluate(None, SimpleNamespace(global_step=step), control, metrics={"eval_wer": wer})
+                if control.should_training_stop:
+                    break
+        return {"best_wer": best, "best_step": step, "steps": step}
+
+
+def base_config(tmp_path: Path):
+    return load_config(ROOT / "config.yaml", [f"training.output_dir={tmp_path / 'ck'}"])
+
+
+def test_grid_2x2_runs_every_trial_and_writes_table_and_plot(tmp_path):
+    spec = load_spec(write_spec(tmp_path, method="grid", budget_samples=64, eval_every_samples=32, prune=False,
+                                space={"training.learning_rate": [1e-5, 1e-4], "training.batch_size": [8, 16]}))
+    trainer = ScriptedTrainer(lambda t, step: 100 - step * t.learning_rate * 1e3)
+    folder = run_sweep(spec, base_config(tmp_path), str(ROOT / "config.yaml"), [f"training.output_dir={tmp_path / 'ck'}"],
+                       trainer, log=lambda s: None)
+    trials = read_trials(folder)
+    assert sorted((t["params"]["training.learning_rate"], t["params"]["training.batch_size"]) for t in trials) == \
+        [(1e-5, 8), (1e-5, 16), (1e-4, 8), (1e-4, 16)]
+    # fair budget: the same samples for every batch size, evaluated at the same sample counts
+    for t in trials:
+        assert t["max_steps"] * t["samples_per_step"] == 64
+        assert [e["step"] * t["samples_per_step"] for e in t["evals"]] == [0, 32, 64]
+    report = (folder / "report.md").read_text()
+    assert "Winner: trial" in report and report.count("| complete |") == 4
+    winner = re.search(r"Winner: trial (\d+)", report).group(1)
+    best = min(trials, key=lambda t: min(e["wer"] for e in t["evals"] if e["step"]))
+    assert int(winner) == best["number"] and best["params"]["training.learning_rate"] == 1e-4
+    assert (folder / "wer.png").stat().st_size > 5000
+
+
+def test_random_search_with_a_seed_is_reproducible(tmp_path):
+    space = {"training.learning_rate": {"low": 1e-6, "high": 1e-3, "log": True}, "training.warmup_steps": [0, 50, 100]}
+    params = []
+    for run in ("a", "b"):
+        spec = load_spec(write_spec(tmp_path, file="rs", method="random", trials=3, seed=7, budget_samples=32,
+                                    eval_every_samples=32, space=space))
+        out = tmp_path / run
+        trainer = ScriptedTrainer(lambda t, step: 50.0)
+        folder = run_sweep(spec, load_config(ROOT / "config.yaml", [f"training.output_dir={out}"]),
+                           str(ROOT / "config.yaml"), [f"training.output_dir={out}"], trainer, log=lambda s: None)
+        params.append([t["params"] for t in read_trials(folder)])
+    assert params[0] == params[1]
+    assert len({p["training.learning_rate"] for p in params[0]}) == 3
+
+
+def test_killed_search_resumes_without_rerunning_finished_trials(tmp_path):
+    spec = load_spec(write_spec(tmp_path, method="grid", budget_samples=32, eval_every_samples=16, prune=False,
+                                space={"training.learning_rate": [1e-5, 2e-5, 3e-5]}))
+    overrides = [f"training.output_dir={tmp_path / 'ck'}"]
+    trainer = ScriptedTrainer(lambda t, step: 40.0, crash_on=2)
+    with pytest.raises(KeyboardInterrupt):
+        run_sweep(spec, base_config(tmp_path), str(ROOT / "config.yaml"), overrides, trainer, log=lambda s: None)
+    assert len(trainer.calls) == 2
+    first, killed = trainer.calls
+    run_sweep(spec, base_config(tmp_path), str(ROOT / "config.yaml"), overrides, trainer, log=lambda s: None)
+    names = [c[0] for c in trainer.calls[2:]]
+    assert first[0] not in names  # finished trial skipped
+    assert names[0] == killed[0]  # the killed trial resumed first, in its own folder
+    assert len(names) == 2
+    assert sorted(t["status"] for t in read_trials(tmp_path / "ck" / "sweeps" / "sw")) == ["complete"] * 3
+
+
+def test_hopeless_trial_is_pruned_and_reported(tmp_path):
+    spec = load_spec(write_spec(tmp_path, method="grid", budget_samples=64, eval_every_samples=16, prune=True,
+                                space={"training.learning_rate": [1e-4, 1e-6]}))
+    # lr 1e-4 learns; lr 1e-6 stays at 100 and is worse than the median from its first check on
+    trainer = ScriptedTrainer(lambda t, step: 100.0 if t.learning_rate < 1e-5 else 100.0 - step)
+    folder = run_sweep(spec, base_config(tmp_path), str(ROOT / "config.yaml"), [f"training.output_dir={tmp_path / 'ck'}"],
+                       trainer, log=lambda s: None)
+    by_lr = {t["params"]["training.learning_rate"]: t for t in read_trials(folder)}
+    assert by_lr[1e-4]["status"] == "complete"
+    assert by_lr[1e-6]["status"] == "pruned"
+    assert len(by_lr[1e-6]["evals"]) < len(by_lr[1e-4]["evals"])
+    assert "| pruned |" in (folder / "report.md").read_text()
+
+
+@pytest.mark.parametrize("spec, message", [
+    ({"method": "anneal", "space": {"training.learning_rate": [1]}}, "method"),
+    ({"method": "grid", "space": {"training.learning_rate": {"low": 1, "high": 2}}}, "space.training.learning_rate"),
+    ({"method": "random", "space": {"training.learning_rate": [1]}}, "trials"),
+    ({"method": "grid", "spaces": {}}, "unknown sweep key: spaces"),
+])
+def test_bad_sweep_files_name_the_key(tmp_path, spec, message):
+    with pytest.raises(ConfigError, match=message):
+        load_spec(write_spec(tmp_path, **spec))

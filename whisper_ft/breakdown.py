@@ -1,0 +1,48 @@
+"""Who the model fails: WER per source and per speaker from a run's `predictions.jsonl`."""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from pathlib import Path
+
+import jiwer
+
+from whisper_ft.text import normalize
+
+
+def read_predictions(path: str | Path) -> list[dict]:
+    """Records with at least reference and prediction (and source, speaker when known)."""
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def wer_by(records: list[dict], key: str) -> list[dict]:
+    """Orthographic and normalized WER per value of `key`, worst first; empty references skipped.
+
+    Each result: {key, clips, words, wer, wer_normalized}; WER is a percentage.
+    """
+    groups: dict[str, list[dict]] = defaultdict(list)
+    for r in records:
+        if r.get("reference", "").strip():
+            groups[str(r.get(key) or "unknown")].append(r)
+    rows = []
+    for value, items in groups.items():
+        refs = [r["reference"] for r in items]
+        hyps = [r.get("prediction", "") for r in items]
+        norm_pairs = [(normalize(a), normalize(b)) for a, b in zip(refs, hyps) if normalize(a)]
+        rows.append({
+            key: value, "clips": len(items), "words": sum(len(r.split()) for r in refs),
+            "wer": 100 * jiwer.wer(refs, hyps),
+            "wer_normalized": 100 * jiwer.wer([a for a, _ in norm_pairs], [b for _, b in norm_pairs]) if norm_pairs else 0.0,
+        })
+    return sorted(rows, key=lambda r: (-r["wer"], r[key]))
+
+
+def markdown_table(rows: list[dict], key: str, limit: int = 20) -> str:
+    """A Markdown table of `wer_by` rows (the `limit` worst)."""
+    lines = [f"| {key} | clips | words | WER | normalized WER |", "|---|---:|---:|---:|---:|"]
+    for r in rows[:limit]:
+        name = r[key] if len(r[key]) <= 16 else r[key][:12] + "..."
+        lines.append(f"| {name} | {r['clips']} | {r['words']} | {r['wer']:.2f} | {r['wer_normalized']:.2f} |")
+    return "\n".join(lines)

@@ -1,0 +1,304 @@
+"""Hyperparameter and data-mix search over config keys, fair by construction.
+
+A sweep file declares a search space of dotted config keys. Every trial is a normal
+training run (`whisper_ft.train.run_training`) in `<output_dir>/sweeps/<name>/trial-NNN/`,
+trained on the same budget of samples and evaluated on the same evaluation set at the same
+points, so trials with other batch sizes still see the same data. Grid, random and Bayesian
+(TPE) search and median pruning all come from Optuna; its study lives in a SQLite file
+beside the trials, so a rerun skips finished trials and resumes a killed one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from whisper_ft.config import Config, ConfigError, load_config, to_dict
+
+METHODS = ("grid", "random", "bayes")
+METRICS = ("wer", "wer_normalized", "cer")
+TRIAL_FILE = "trial.json"
+
+
+@dataclass(frozen=True)
+class SweepSpec:
+    name: str
+    method: str = "grid"
+    trials: int = 0
+    seed: int = 0
+    metric: str = "wer"
+    budget_samples: int = 0
+    eval_every_samples: int = 0
+    prune: bool = True
+    prune_warmup_evals: int = 1
+    base: dict = field(default_factory=dict)
+    space: dict = field(default_factory=dict)
+
+
+def load_spec(path: str | Path) -> SweepSpec:
+    """Read and check a sweep file; errors name the key."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"sweep file not found: {path}")
+    raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    names = {f.name for f in dataclasses.fields(SweepSpec)}
+    unknown = sorted(set(raw) - names)
+    if unknown:
+        raise ConfigError(f"{path}: unknown sweep key: {unknown[0]}")
+    spec = SweepSpec(**{"name": path.stem, **raw})
+    if spec.method not in METHODS:
+        raise ConfigError(f"{path}: method: expected one of {', '.join(METHODS)}, got {spec.method!r}")
+    if spec.metric not in METRICS:
+        raise ConfigError(f"{path}: metric: expected one of {', '.join(METRICS)}, got {spec.metric!r}")
+    if not spec.space:
+        raise ConfigError(f"{path}: space: at least one key to search is needed")
+    for key, values in spec.space.items():
+        if spec.method == "grid" and not isinstance(values, list):
+            raise ConfigError(f"{path}: space.{key}: grid search needs a list of values")
+        if isinstance(values, dict) and not {"low", "high"} <= set(values):
+            raise ConfigError(f"{path}: space.{key}: a range needs low and high (and optionally log: true)")
+    if spec.method != "grid" and spec.trials < 1:
+        raise ConfigError(f"{path}: trials: {spec.method} search needs trials >= 1")
+    return spec
+
+
+def distributions(spec: SweepSpec) -> dict:
+    """Optuna distributions of the space: a list is a choice, {low, high, log} a range."""
+    import optuna.distributions as d
+
+    out = {}
+    for key, values in spec.space.items():
+        if isinstance(values, list):
+            out[key] = d.CategoricalDistribution(values)
+        elif isinstance(values["low"], int) and isinstance(values["high"], int) and not values.get("log"):
+            out[key] = d.IntDistribution(values["low"], values["high"], step=values.get("step", 1))
+        else:
+            out[key] = d.FloatDistribution(float(values["low"]), float(values["high"]), log=bool(values.get("log")))
+    return out
+
+
+def grid_points(spec: SweepSpec) -> list[dict]:
+    """Every combination of the grid, in a stable order."""
+    keys = list(spec.space)
+    return [dict(zip(keys, combo)) for combo in itertools.product(*(spec.space[k] for k in keys))]
+
+
+def n_trials(spec: SweepSpec) -> int:
+    if spec.method == "grid":
+        return len(grid_points(spec))
+    return spec.trials
+
+
+def make_study(spec: SweepSpec, folder: Path):
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    samplers = {  # grid points are enqueued one by one (see grid_points): no sampling needed
+        "grid": lambda: optuna.samplers.RandomSampler(seed=spec.seed),
+        "random": lambda: optuna.samplers.RandomSampler(seed=spec.seed),
+        "bayes": lambda: optuna.samplers.TPESampler(seed=spec.seed, n_startup_trials=min(5, max(1, spec.trials // 3))),
+    }
+    pruner = (optuna.pruners.MedianPruner(n_startup_trials=1, n_warmup_steps=0, interval_steps=1)
+              if spec.prune else optuna.pruners.NopPruner())
+    folder.mkdir(parents=True, exist_ok=True)
+    return optuna.create_study(study_name=spec.name, storage=f"sqlite:///{folder / 'study.db'}",
+                               load_if_exists=True, direction="minimize", sampler=samplers[spec.method](),
+                               pruner=pruner)
+
+
+def trial_config(base: Config, spec: SweepSpec, params: dict, folder: Path, number: int,
+                 config_path: str | None, overrides: list[str]) -> Config:
+    """The config of one trial: base config, sweep `base`, trial params, then the equal budget."""
+    items = [*overrides, *(f"{k}={_yaml(v)}" for k, v in spec.base.items()),
+             *(f"{k}={_yaml(v)}" for k, v in params.items()),
+             f"training.output_dir={folder}", f"training.run_name=trial-{number:03d}"]
+    cfg = load_config(config_path, items)
+    t = cfg.training
+    per_step = t.batch_size * t.gradient_accumulation_steps * _world_size()
+    extra = []
+    if spec.budget_samples:
+        extra.append(f"training.max_steps={max(1, math.ceil(spec.budget_samples / per_step))}")
+    if spec.eval_every_samples:
+        every = max(1, math.ceil(spec.eval_every_samples / per_step))
+        extra += [f"training.eval_steps={every}", f"training.save_steps={every}"]
+    return load_config(config_path, items + extra) if extra else cfg
+
+
+def _yaml(value: Any) -> str:
+    return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
+
+
+def _world_size() -> int:
+    import os
+
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def pruning_callback(trial, metric: str, per_step: int):
+    """A TrainerCallback that reports each evaluation to Optuna and stops a hopeless trial."""
+    from transformers import TrainerCallback
+
+    class Pruning(TrainerCallback):
+        pruned = False
+
+        def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+            value = (metrics or {}).get(f"eval_{metric}")
+            if value is None or state.global_step == 0:
+                return
+            trial.report(float(value), step=state.global_step * per_step)  # samples seen: comparable across batches
+            if trial.should_prune():
+                self.pruned = True
+                control.should_training_stop = True
+
+    return Pruning()
+
+
+def run_sweep(spec: SweepSpec, base: Config, config_path: str | None, overrides: list[str],
+              train: Callable[..., dict], log: Callable[[str], None] = print) -> Path:
+    """Run (or continue) every trial of a sweep, then write the report; returns the sweep folder."""
+    import optuna
+    from optuna.trial import TrialState
+
+    folder = Path(base.training.output_dir) / "sweeps" / spec.name
+    study = make_study(spec, folder)
+    (folder / "sweep.yaml").write_text(yaml.safe_dump(dataclasses.asdict(spec), sort_keys=False))
+    dists = distributions(spec)
+    for ft in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        log(f"resuming trial {ft.number}")
+        _run_one(study, optuna.trial.Trial(study, ft._trial_id), spec, base, folder, config_path, overrides, train, log)
+    while len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED,
+                                                      TrialState.FAIL))) < n_trials(spec):
+        if spec.method == "grid":
+            seen = [t.params for t in study.get_trials(deepcopy=False)]
+            study.enqueue_trial(next(p for p in grid_points(spec) if p not in seen))
+        _run_one(study, study.ask(dists), spec, base, folder, config_path, overrides, train, log)
+    write_report(folder, spec)
+    return folder
+
+
+def _run_one(study, trial, spec: SweepSpec, base: Config, folder: Path, config_path: str | None,
+             overrides: list[str], train: Callable[..., dict], log) -> None:
+    from optuna.trial import TrialState
+
+    number, params = trial.number, trial.params
+    cfg = trial_config(base, spec, params, folder, number, config_path, overrides)
+    t = cfg.training
+    per_step = t.batch_size * t.gradient_accumulation_steps * _world_size()
+    record_path = folder / f"trial-{number:03d}" / TRIAL_FILE
+    record = json.loads(record_path.read_text()) if record_path.is_file() else {"wall_seconds": 0.0}
+    record.update(number=number, params=params, status="running", max_steps=t.max_steps,
+                  samples_per_step=per_step, config=to_dict(cfg.training))
+    _write_json(record_path, record)
+    log(f"trial {number}: {params} ({t.max_steps} steps x {per_step} samples)")
+    callback = pruning_callback(trial, spec.metric, per_step)
+    start = time.monotonic()
+    try:
+        result = train(cfg, callbacks=[callback])
+    finally:
+        record["wall_seconds"] += time.monotonic() - start
+        _write_json(record_path, record)
+    value = result.get(f"best_{spec.metric}", result.get("best_wer"))
+    if callback.pruned:
+        record["status"] = "pruned"
+        study.tell(number, state=TrialState.PRUNED)
+    else:
+        record["status"] = "complete"
+        study.tell(number, float(value))
+    record["result"] = result
+    _write_json(record_path, record)
+    log(f"trial {number}: {record['status']}, best {spec.metric} {value}")
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=str))
+    tmp.replace(path)
+
+
+def read_trials(folder: Path) -> list[dict]:
+    """Every trial record of a sweep folder, with its eval history from metrics.jsonl."""
+    trials = []
+    for path in sorted(folder.glob(f"trial-*/{TRIAL_FILE}")):
+        rec = json.loads(path.read_text())
+        history = path.parent / "metrics.jsonl"
+        rec["evals"] = [e for e in map(json.loads, history.read_text().splitlines())
+                        if e.get("event") == "eval"] if history.is_file() else []
+        trials.append(rec)
+    return trials
+
+
+def write_report(folder: Path, spec: SweepSpec) -> Path:
+    """report.md (one table, winner first) and wer.png (WER against samples seen, every trial)."""
+    trials = read_trials(folder)
+    rows = []
+    for t in trials:
+        evals = [e for e in t["evals"] if e.get("step", 0) > 0]
+        best = min(evals, key=lambda e: e[spec.metric]) if evals else {}
+        rows.append({"trial": t["number"], "status": t["status"], "params": t["params"], "best": best,
+                     "steps": max((e["step"] for e in t["evals"]), default=0),
+                     "samples": max((e["step"] for e in t["evals"]), default=0) * t["samples_per_step"],
+                     "wall": t.get("wall_seconds", 0.0)})
+    rows.sort(key=lambda r: (r["status"] != "complete", r["best"].get(spec.metric, math.inf)))
+    lines = [f"# Sweep {spec.name}", "",
+             f"{spec.method} search over {', '.join(spec.space)}; metric {spec.metric} (lower is better); "
+             f"{len(trials)} trials; every trial trained on "
+             f"{spec.budget_samples or 'the configured steps x batch'} samples and evaluated on the same set.", ""]
+    done = [r for r in rows if r["status"] == "complete" and r["best"]]
+    if len(done) >= 1:
+        win = done[0]
+        lines.append(f"**Winner: trial {win['trial']}** ({_params(win['params'])}): {spec.metric} "
+                     f"{win['best'][spec.metric]:.2f}"
+                     + (f", {done[1]['best'][spec.metric] - win['best'][spec.metric]:.2f} points better than the "
+                        f"runner-up (trial {done[1]['trial']})" if len(done) > 1 else "") + ".")
+        lines.append("")
+    lines += ["| trial | status | settings | WER | normalized WER | CER | at step | steps | samples seen | wall time |",
+              "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        b = r["best"]
+        cells = [f"{b[k]:.2f}" if k in b else "-" for k in ("wer", "wer_normalized", "cer")]
+        lines.append(f"| {r['trial']} | {r['status']} | {_params(r['params'])} | {' | '.join(cells)} | "
+                     f"{b.get('step', '-')} | {r['steps']} | {r['samples']} | {r['wall'] / 60:.1f} min |")
+    report = folder / "report.md"
+    report.write_text("\n".join(lines) + "\n\n![WER against samples seen](wer.png)\n", encoding="utf-8")
+    _plot(folder / "wer.png", trials, spec.metric)
+    return report
+
+
+def _params(params: dict) -> str:
+    return ", ".join(f"{k.split('.')[-1]}={v:.3g}" if isinstance(v, float) else f"{k.split('.')[-1]}={v}"
+                     for k, v in params.items())
+
+
+def _plot(path: Path, trials: list[dict], metric: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for t in trials:
+        xs = [e["step"] * t["samples_per_step"] for e in t["evals"]]
+        ys = [e[metric] for e in t["evals"]]
+        if xs:
+            ax.plot(xs, ys, marker="o", linestyle="--" if t["status"] == "pruned" else "-",
+                    label=f"{t['number']}: {_params(t['params'])} ({t['status']})")
+    ax.set_xlabel("training samples seen")
+    ax.set_ylabel(f"{metric} (%)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(path)
+
