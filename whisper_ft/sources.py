@@ -8,11 +8,12 @@ module and `whisper_ft.model` are the only ones that reach the network for data 
 from __future__ import annotations
 
 import csv
+import json
 import os
 import shutil
 import sys
 import tarfile
-from collections.abc import Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -123,6 +124,7 @@ def download_mdc(dataset_id: str, download_dir: Path) -> Path:
                           "https://datacollective.mozillafoundation.org (profile > API keys) and export it")
     try:
         import datacollective
+        from datacollective.errors import DownloadError
     except ImportError as e:
         raise SourceError("source kind mdc needs the datacollective package: pip install datacollective") from e
     download_dir.mkdir(parents=True, exist_ok=True)
@@ -131,9 +133,9 @@ def download_mdc(dataset_id: str, download_dir: Path) -> Path:
     except (FileNotFoundError, PermissionError) as e:
         raise SourceError(f"Mozilla Data Collective refused dataset {dataset_id!r}: {e} "
                           "(accept its terms on the website first)") from e
-    except OSError as e:
-        raise SourceError(f"cannot download {dataset_id!r} from the Mozilla Data Collective: {e}; "
-                          "rerun to resume") from e
+    except (OSError, RuntimeError, DownloadError) as e:  # network, auth, rate limit, cut off
+        raise SourceError(f"cannot download {dataset_id!r} from the Mozilla Data Collective: "
+                          f"{str(e) or type(e).__name__}; rerun to resume") from e
 
 
 # --------------------------------------------------------------------------- Hugging Face
@@ -143,39 +145,78 @@ def _read_hf(src: SourceConfig) -> dict[str, list[Row]]:
     out: dict[str, list[Row]] = {TRAIN: [], EVAL: []}
     for target, splits in ((TRAIN, src.train_splits), (EVAL, src.eval_splits)):
         for split in splits:
-            ds = _load_hf_split(src, split)
+            columns, examples = _open_hf_split(src, split)
             for col in (src.audio_column, src.text_column):
-                if col not in ds.column_names:
+                if col not in columns:
                     raise SourceError(f"source {src.name}: split {split} has no column {col!r} "
-                                      f"(columns: {', '.join(ds.column_names)})")
-            for i, (audio, text, speaker) in enumerate(_hf_columns(ds, src)):
-                out[target].append(Row(src.name, target, f"{split}/{i}", audio, text or "", speaker))
+                                      f"(columns: {', '.join(columns)})")
+            has_speaker = src.speaker_column in columns
+            for i, ex in enumerate(examples):
+                audio = ex[src.audio_column] or {}
+                data = audio if isinstance(audio, str) else audio.get("bytes") or audio.get("path") or ""
+                speaker = str(ex[src.speaker_column] or "") if has_speaker else ""
+                out[target].append(Row(src.name, target, f"{split}/{i}", data, ex[src.text_column] or "", speaker))
     return out
 
 
-def _hf_columns(ds, src: SourceConfig) -> Iterator[tuple[str | bytes, str, str]]:
-    has_speaker = src.speaker_column in ds.column_names
-    for ex in ds:
-        audio = ex[src.audio_column] or {}
-        data = audio.get("bytes") or audio.get("path") or ""
-        yield data, ex[src.text_column], str(ex[src.speaker_column]) if has_speaker else ""
+def _open_hf_split(src: SourceConfig, split: str) -> tuple[list[str], Iterable[dict]]:
+    """(column names, examples) of one split; audio stays encoded (a path or bytes), never decoded."""
+    path = Path(src.path).expanduser()
+    if path.is_dir() and _audiofolder_metadata(path):
+        return _read_audiofolder_split(src, path, split)
+    ds = _load_hf_split(src, split)
+    return ds.column_names, ds
+
+
+AUDIOFOLDER_METADATA = ("metadata.csv", "metadata.jsonl")
+
+
+def _audiofolder_metadata(folder: Path) -> list[Path]:
+    return [p for name in AUDIOFOLDER_METADATA for p in (folder / name, *folder.glob(f"*/{name}")) if p.is_file()]
+
+
+def _read_audiofolder_split(src: SourceConfig, root: Path, split: str) -> tuple[list[str], list[dict]]:
+    """A local audiofolder split: `<root>/<split>/metadata.csv|jsonl`, or `<root>/metadata.*` as train.
+
+    Read here because datasets' audiofolder loader encodes every clip with torchcodec, which
+    the pipeline must not need. `file_name` becomes the `audio` column, as in datasets.
+    """
+    folder = root / split if (root / split).is_dir() else root if split == "train" else None
+    meta = next((folder / n for n in AUDIOFOLDER_METADATA if folder and (folder / n).is_file()), None)
+    if meta is None:
+        raise SourceError(f"source {src.name}: audiofolder {root} has no split {split!r} "
+                          f"(expected {root}/{split}/metadata.csv or metadata.jsonl)")
+    if meta.suffix == ".csv":
+        with open(meta, encoding="utf-8", newline="") as f:
+            records = list(csv.DictReader(f))
+    else:
+        records = [json.loads(line) for line in meta.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if records and "file_name" not in records[0]:
+        raise SourceError(f"source {src.name}: {meta} has no file_name column")
+    columns = ["audio"] + [c for c in (records[0] if records else {}) if c != "file_name"]
+    examples = [{**{k: v for k, v in r.items() if k != "file_name"}, "audio": str(folder / r["file_name"])}
+                for r in records]
+    return columns, examples
 
 
 def _load_hf_split(src: SourceConfig, split: str):
     """A split with its audio column left encoded (decode=False), so torchcodec is never needed."""
     import datasets
 
-    path = Path(src.path)
+    path = Path(src.path).expanduser()
     try:
         if path.is_dir() and ((path / "dataset_dict.json").is_file() or (path / "state.json").is_file()):
             loaded = datasets.load_from_disk(str(path))
+            if isinstance(loaded, datasets.DatasetDict) and split not in loaded:
+                raise KeyError(f"no split {split!r} (has {', '.join(loaded)})")
             ds = loaded[split] if isinstance(loaded, datasets.DatasetDict) else loaded
         else:
             ds = datasets.load_dataset(src.path, src.hf_config or None, split=split)
     except (FileNotFoundError, KeyError, ValueError, ConnectionError, OSError) as e:
         hint = "" if path.exists() else " (offline? pass a local folder, or set HF_HUB_OFFLINE=1 with a cached copy)"
+        text = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
         raise SourceError(f"source {src.name}: cannot load split {split!r} of {src.path}: "
-                          f"{str(e).splitlines()[0] if str(e) else type(e).__name__}{hint}") from e
+                          f"{text.splitlines()[0] if text else type(e).__name__}{hint}") from e
     if src.audio_column in ds.column_names:
         ds = ds.cast_column(src.audio_column, datasets.Audio(decode=False))
     return ds

@@ -1,0 +1,64 @@
+"""Config loading: typed values, dotted overrides, and one-line command-line errors (exit 2)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from conftest import ROOT, run_cli
+
+from whisper_ft.config import ConfigError, load_config
+
+CONFIG = str(ROOT / "config.yaml")
+
+
+def test_defaults_file_loads_and_floats_parse():
+    cfg = load_config(CONFIG, ["training.learning_rate=1e-5", "features.max_seconds=20"])
+    assert cfg.training.learning_rate == 1e-5 and isinstance(cfg.training.learning_rate, float)
+    assert cfg.features.max_seconds == 20.0 and isinstance(cfg.features.max_seconds, float)
+
+
+def test_dotted_overrides_reach_list_elements():
+    cfg = load_config(CONFIG, ["features.sources.0.path=/x/cv/sv-SE", "features.sources.0.train_splits=[train]",
+                               "features.sources.1.name=extra", "features.sources.1.kind=hf",
+                               "features.sources.1.path=/y", "features.sources.1.text_column=text"])
+    assert [s.name for s in cfg.features.sources] == ["sample", "extra"]
+    assert cfg.features.sources[0].path == "/x/cv/sv-SE"
+    assert cfg.features.sources[0].train_splits == ("train",)
+    assert cfg.features.sources[1].kind == "hf" and cfg.features.sources[1].text_column == "text"
+    assert cfg.features.sources[1].eval_splits == ("test",)  # defaults fill the rest
+
+
+@pytest.mark.parametrize("overrides, key", [
+    (["features.nmae=x"], "features.nmae"),
+    (["features.shard_size=many"], "features.shard_size"),
+    (["training.gradient_checkpointing=maybe"], "training.gradient_checkpointing"),
+    (["features.sources.0.colour=red"], "features.sources.0.colour"),
+    (["features.sources.3.path=/x"], "features.sources.3"),
+    (["features.dtype=int8"], "features.dtype"),
+])
+def test_bad_values_name_the_key(overrides, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_config(CONFIG, overrides)
+
+
+def test_unknown_key_in_file(tmp_path):
+    bad = tmp_path / "c.yaml"
+    bad.write_text("features:\n  name: x\n  shard_sise: 3\n")
+    with pytest.raises(ConfigError, match=r"features\.shard_sise"):
+        load_config(bad)
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--config", CONFIG, "--set", "features.shard_sise=3"], "features.shard_sise"),
+    (["--config", CONFIG, "--set", "features.batch_size=lots"], "features.batch_size"),
+    (["--config", CONFIG, "--set", "features.batch_size"], "features.batch_size"),
+    (["--config", CONFIG, "--set", "features.sources.0.kind=ftp"], "features.sources.0.kind"),
+    (["--config", "/nonexistent/config.yaml"], "/nonexistent/config.yaml"),
+])
+def test_cli_config_errors_are_one_line_exit_2(args, needle, tmp_path):
+    proc = run_cli("feature_pipeline.py", *args, cwd=tmp_path, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:") and needle in lines[0], proc.stderr
+    assert "Traceback" not in proc.stderr

@@ -1,0 +1,203 @@
+"""Every source kind (Common Voice folder, parent folder, .tar.gz, Mozilla Data Collective,
+Hugging Face audiofolder and save_to_disk folders) and several sources mixed in one store."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+import tarfile
+from pathlib import Path
+
+import pytest
+from conftest import PROCESSOR_DIR, ROOT
+
+import feature_pipeline
+from whisper_ft.config import SourceConfig
+from whisper_ft.features import load_split, read_manifest
+from whisper_ft.sources import EVAL, TRAIN, SourceError, read_cv_tsv, read_source
+
+
+def rows_summary(rows):
+    return {split: [(r.source, r.id, r.sentence, r.speaker) for r in rs] for split, rs in rows.items()}
+
+
+def audio_bytes(rows):
+    return [Path(r.audio).read_bytes() for r in rows[TRAIN] + rows[EVAL]]
+
+
+@pytest.fixture(scope="module")
+def cv_tarball(tmp_path_factory, cv_release) -> Path:
+    """The synthetic release packed like a downloaded Common Voice tarball (cv-corpus-*/sv-SE/...)."""
+    out = tmp_path_factory.mktemp("tarball") / "cv-corpus-99.0-2099-01-01-sv-SE.tar.gz"
+    with tarfile.open(out, "w:gz") as tar:
+        tar.add(cv_release, arcname="cv-corpus-99.0-2099-01-01/sv-SE")
+    return out
+
+
+@pytest.fixture(scope="module")
+def audiofolder(tmp_path_factory, cv_release) -> Path:
+    """An HF audiofolder: train/ and test/ with metadata.csv (file_name, transcription)."""
+    root = tmp_path_factory.mktemp("audiofolder")
+    for split, tsv in (("train", "train.tsv"), ("test", "test.tsv")):
+        (root / split).mkdir()
+        rows = read_cv_tsv(cv_release / tsv)[:4]
+        with open(root / split / "metadata.csv", "w", newline="", encoding="utf-8") as f:
+            w = csv.writer(f)
+            w.writerow(["file_name", "transcription", "who"])
+            for r in rows:
+                shutil.copy(cv_release / "clips" / r["path"], root / split / r["path"])
+                w.writerow([r["path"], r["sentence"], r["client_id"][:8]])
+    return root
+
+
+@pytest.fixture(scope="module")
+def saved_dataset(tmp_path_factory, cv_release) -> Path:
+    """A DatasetDict saved with save_to_disk; audio embedded as bytes in a column named `speech`."""
+    import datasets
+
+    parts = {}
+    for split, tsv in (("train", "train.tsv"), ("validation", "dev.tsv")):
+        rows = read_cv_tsv(cv_release / tsv)[:3]
+        parts[split] = datasets.Dataset.from_dict(
+            {"speech": [{"bytes": (cv_release / "clips" / r["path"]).read_bytes(), "path": None} for r in rows],
+             "text": [r["sentence"] for r in rows], "spk": [r["client_id"][:8] for r in rows]},
+            features=datasets.Features({"speech": {"bytes": datasets.Value("binary"), "path": datasets.Value("string")},
+                                        "text": datasets.Value("string"), "spk": datasets.Value("string")}),
+        ).cast_column("speech", datasets.Audio())  # a cast, unlike encoding, needs no torchcodec
+    out = tmp_path_factory.mktemp("saved") / "ds"
+    datasets.DatasetDict(parts).save_to_disk(str(out))
+    return out
+
+
+def test_common_voice_folder_parent_and_tarball_agree(cv_release, cv_tarball, tmp_path):
+    src = SourceConfig(name="cv", path=str(cv_release))
+    folder = read_source(src, tmp_path)
+    assert [len(folder[TRAIN]), len(folder[EVAL])] == [30, 10]  # train + dev, test
+    assert all(r.source == "cv" and r.split == TRAIN for r in folder[TRAIN])
+    parent = read_source(SourceConfig(name="cv", path=str(cv_release.parent)), tmp_path)
+    packed = read_source(SourceConfig(name="cv", path=str(cv_tarball)), tmp_path)
+    assert rows_summary(parent) == rows_summary(folder) == rows_summary(packed)
+    assert audio_bytes(packed) == audio_bytes(folder)
+    extracted = tmp_path / "raw" / "cv-corpus-99.0-2099-01-01-sv-SE"
+    assert (extracted / ".extracted").is_file()
+    again = read_source(SourceConfig(name="cv", path=str(cv_tarball)), tmp_path)  # no second extraction
+    assert rows_summary(again) == rows_summary(folder)
+
+
+def test_common_voice_sentences_keep_quote_marks(tmp_path, cv_release):
+    release = tmp_path / "rel"
+    shutil.copytree(cv_release, release)
+    lines = (release / "test.tsv").read_text(encoding="utf-8").splitlines()
+    cols = lines[1].split("\t")
+    cols[3] = 'Han sa "hej" och gick.'
+    (release / "test.tsv").write_text("\n".join([lines[0], "\t".join(cols), *lines[2:]]) + "\n", encoding="utf-8")
+    rows = read_source(SourceConfig(name="cv", path=str(release)), tmp_path)
+    assert rows[EVAL][0].sentence == 'Han sa "hej" och gick.'
+    assert len(rows[EVAL]) == 10
+
+
+def test_common_voice_errors_say_what_is_wrong(tmp_path):
+    with pytest.raises(SourceError, match="no such file"):
+        read_source(SourceConfig(name="cv", path=str(tmp_path / "nope")), tmp_path)
+    with pytest.raises(SourceError, match="test.tsv"):
+        read_source(SourceConfig(name="cv", path=str(tmp_path)), tmp_path)
+    broken = tmp_path / "broken.tar.gz"
+    broken.write_bytes(b"\x1f\x8b\x08not a tarball")
+    with pytest.raises(SourceError, match="cannot unpack"):
+        read_source(SourceConfig(name="cv", path=str(broken)), tmp_path)
+
+
+def test_mdc_without_api_key_says_how_to_get_one(monkeypatch, tmp_path):
+    monkeypatch.delenv("MDC_API_KEY", raising=False)
+    with pytest.raises(SourceError, match="MDC_API_KEY"):
+        read_source(SourceConfig(name="mdc", kind="mdc", dataset_id="common-voice-sv"), tmp_path)
+
+
+def test_mdc_downloads_with_datacollective_then_reads_the_release(monkeypatch, tmp_path, cv_tarball, cv_release):
+    import datacollective
+
+    calls = []
+
+    def fake_download(dataset_id, download_directory=None, show_progress=True, overwrite_existing=False,
+                      enable_logging=False, extract=False, overwrite_extracted=False):
+        calls.append((dataset_id, download_directory, extract))
+        dest = Path(download_directory) / cv_tarball.name
+        shutil.copy(cv_tarball, dest)
+        return dest
+
+    monkeypatch.setenv("MDC_API_KEY", "test-key")
+    monkeypatch.setattr(datacollective, "download_dataset", fake_download)
+    rows = read_source(SourceConfig(name="mdc", kind="mdc", dataset_id="cv-sv-99"), tmp_path)
+    assert calls == [("cv-sv-99", str(tmp_path / "raw"), False)]
+    assert rows_summary(rows) == rows_summary(read_source(SourceConfig(name="mdc", path=str(cv_release)), tmp_path))
+
+
+def test_mdc_download_failure_is_a_source_error(monkeypatch, tmp_path):
+    import datacollective
+
+    def refused(dataset_id, download_directory=None, **kwargs):
+        raise RuntimeError("rate limit exceeded")
+
+    monkeypatch.setenv("MDC_API_KEY", "test-key")
+    monkeypatch.setattr(datacollective, "download_dataset", refused)
+    with pytest.raises(SourceError, match="rate limit exceeded.*rerun to resume"):
+        read_source(SourceConfig(name="mdc", kind="mdc", dataset_id="cv-sv-99"), tmp_path)
+
+
+def test_hf_audiofolder_with_custom_columns(audiofolder, cv_release, tmp_path):
+    src = SourceConfig(name="af", kind="hf", path=str(audiofolder), text_column="transcription",
+                       speaker_column="who", train_splits=("train",), eval_splits=("test",))
+    rows = read_source(src, tmp_path)
+    for split, tsv in ((TRAIN, "train.tsv"), (EVAL, "test.tsv")):
+        cv = read_cv_tsv(cv_release / tsv)[:4]
+        assert [r.sentence for r in rows[split]] == [r["sentence"] for r in cv]
+        assert [r.speaker for r in rows[split]] == [r["client_id"][:8] for r in cv]
+        assert [Path(r.audio).read_bytes() for r in rows[split]] == [
+            (cv_release / "clips" / r["path"]).read_bytes() for r in cv]
+    assert all(r.source == "af" for r in rows[TRAIN] + rows[EVAL])
+    with pytest.raises(SourceError, match="no split 'validation'"):
+        read_source(SourceConfig(name="af", kind="hf", path=str(audiofolder), text_column="transcription",
+                                 eval_splits=("validation",), train_splits=()), tmp_path)
+
+
+def test_hf_missing_column_names_the_columns(audiofolder, tmp_path):
+    src = SourceConfig(name="af", kind="hf", path=str(audiofolder), text_column="sentence",
+                       train_splits=("train",), eval_splits=())
+    with pytest.raises(SourceError, match="no column 'sentence'.*transcription"):
+        read_source(src, tmp_path)
+
+
+def test_hf_save_to_disk_with_custom_columns(saved_dataset, cv_release, tmp_path):
+    src = SourceConfig(name="saved", kind="hf", path=str(saved_dataset), audio_column="speech", text_column="text",
+                       speaker_column="spk", train_splits=("train",), eval_splits=("validation",))
+    rows = read_source(src, tmp_path)
+    assert [r.sentence for r in rows[TRAIN]] == [r["sentence"] for r in read_cv_tsv(cv_release / "train.tsv")[:3]]
+    assert [r.sentence for r in rows[EVAL]] == [r["sentence"] for r in read_cv_tsv(cv_release / "dev.tsv")[:3]]
+    assert all(isinstance(r.audio, bytes) and r.speaker for r in rows[TRAIN] + rows[EVAL])
+
+
+def test_mixed_sources_keep_their_names(tmp_path, cv_tarball, audiofolder, saved_dataset):
+    sets = [
+        "features.sources.0.name=cv", f"features.sources.0.path={cv_tarball}", "features.sources.0.limit=5",
+        "features.sources.1.name=af", "features.sources.1.kind=hf", f"features.sources.1.path={audiofolder}",
+        "features.sources.1.text_column=transcription", "features.sources.1.train_splits=[train]",
+        "features.sources.2.name=saved", "features.sources.2.kind=hf", f"features.sources.2.path={saved_dataset}",
+        "features.sources.2.audio_column=speech", "features.sources.2.text_column=text",
+        "features.sources.2.train_splits=[train]", "features.sources.2.eval_splits=[validation]",
+        f"model.name_or_path={PROCESSOR_DIR}", f"features.data_dir={tmp_path}", "features.name=mixed",
+        "features.shard_size=8",
+    ]
+    args = ["--config", str(ROOT / "config.yaml"), "--workers", "1"]
+    for s in sets:
+        args += ["--set", s]
+    assert feature_pipeline.main(args) == 0
+    root = tmp_path / "features" / "mixed"
+    manifest = read_manifest(root)
+    assert manifest["splits"]["train"]["by_source"] == {"cv": 5, "af": 4, "saved": 3}
+    assert manifest["splits"]["eval"]["by_source"] == {"cv": 5, "af": 4, "saved": 3}
+    assert [s["name"] for s in manifest["sources"]] == ["cv", "af", "saved"]
+    train = load_split(root, "train")
+    assert train["source"] == ["cv"] * 5 + ["af"] * 4 + ["saved"] * 3
+    assert len(set(zip(train["source"], train["id"]))) == 12
+    assert json.loads((root / "plan.json").read_text())["settings"]["features"]["sources"][2]["text_column"] == "text"
