@@ -1,0 +1,166 @@
+"""Long-form transcription shared by the app and the benchmark.
+
+Two backends behind one `transcribe(wave, task, timestamps)` call, both taking mono float32
+16 kHz audio (see `whisper_ft.audio`) of any length:
+
+- `PipelineTranscriber`: the transformers ASR pipeline, which cuts audio longer than one
+  window into overlapping windows (`chunk_seconds`, `stride_seconds`), generates them in
+  batches and merges the overlaps. The reference path.
+- `CT2Transcriber`: a CTranslate2 int8 export (see `whisper_ft.ct2`) run by faster-whisper's
+  batched pipeline, which cuts at voice-activity boundaries into windows of at most 30 s and
+  generates them in batches. The fast CPU path.
+
+`to_srt` / `to_txt` write the result; `Transcript.rtf` is processing time over audio time.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from whisper_ft.audio import SAMPLE_RATE
+
+log = logging.getLogger(__name__)
+
+TASKS = ("transcribe", "translate")
+
+
+@dataclass(frozen=True)
+class Segment:
+    start: float  # seconds
+    end: float  # seconds
+    text: str
+
+
+@dataclass(frozen=True)
+class Transcript:
+    text: str
+    segments: tuple[Segment, ...] = field(default_factory=tuple)
+    audio_seconds: float = 0.0
+    elapsed_seconds: float = 0.0
+
+    @property
+    def rtf(self) -> float:
+        """Real-time factor: seconds of processing per second of audio (below 1 is faster than real time)."""
+        return self.elapsed_seconds / self.audio_seconds if self.audio_seconds > 0 else 0.0
+
+
+def _check_task(task: str) -> None:
+    if task not in TASKS:
+        raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+
+
+class PipelineTranscriber:
+    """Chunked, batched transcription with the transformers ASR pipeline (reference path)."""
+
+    backend = "transformers"
+
+    def __init__(self, model, processor, language: str = "sv", chunk_seconds: float = 30.0,
+                 stride_seconds: float = 5.0, batch_size: int = 8):
+        from transformers import pipeline
+
+        self.language = language
+        self.batch_size = batch_size
+        self.chunk_seconds = chunk_seconds
+        self.stride_seconds = stride_seconds
+        self.pipe = pipeline("automatic-speech-recognition", model=model, tokenizer=processor.tokenizer,
+                             feature_extractor=processor.feature_extractor, device="cpu")
+
+    def transcribe(self, wave: np.ndarray, task: str = "transcribe", timestamps: bool = False) -> Transcript:
+        _check_task(task)
+        start = time.perf_counter()
+        out = self.pipe({"raw": np.asarray(wave, dtype=np.float32), "sampling_rate": SAMPLE_RATE},
+                        chunk_length_s=self.chunk_seconds, stride_length_s=self.stride_seconds,
+                        batch_size=self.batch_size, return_timestamps=timestamps,
+                        ignore_warning=True,  # its warning is about this very chunking, which we want
+                        generate_kwargs={"language": self.language, "task": task})
+        audio_seconds = len(wave) / SAMPLE_RATE
+        segments = tuple(_pipeline_segments(out.get("chunks", []), audio_seconds)) if timestamps else ()
+        return Transcript(out["text"].strip(), segments, audio_seconds, time.perf_counter() - start)
+
+
+def _pipeline_segments(chunks: list[dict], audio_seconds: float) -> list[Segment]:
+    segments = []
+    for c in chunks:
+        begin, end = c["timestamp"]
+        begin = begin or 0.0
+        end = end if end is not None else audio_seconds  # the last segment may lack an end
+        if c["text"].strip():
+            segments.append(Segment(float(begin), float(max(end, begin)), c["text"].strip()))
+    return segments
+
+
+class CT2Transcriber:
+    """Batched transcription of a CTranslate2 export with faster-whisper (fast CPU path)."""
+
+    backend = "ctranslate2"
+
+    def __init__(self, ct2_dir: str | Path, language: str = "sv", batch_size: int = 8, beam_size: int = 1,
+                 compute_type: str = "int8", cpu_threads: int = 0):
+        from faster_whisper import BatchedInferencePipeline, WhisperModel
+
+        self.language = language
+        self.batch_size = batch_size
+        self.beam_size = beam_size
+        self.model = WhisperModel(str(ct2_dir), device="cpu", compute_type=compute_type,
+                                  cpu_threads=cpu_threads or (os.cpu_count() or 1), local_files_only=True)
+        self.pipe = BatchedInferencePipeline(self.model)
+
+    def transcribe(self, wave: np.ndarray, task: str = "transcribe", timestamps: bool = False) -> Transcript:
+        _check_task(task)
+        start = time.perf_counter()
+        segs, _info = self.pipe.transcribe(np.asarray(wave, dtype=np.float32), language=self.language, task=task,
+                                           batch_size=self.batch_size, beam_size=self.beam_size,
+                                           without_timestamps=not timestamps)
+        segments = tuple(Segment(float(s.start), float(s.end), s.text.strip()) for s in segs if s.text.strip())
+        text = " ".join(s.text for s in segments)
+        return Transcript(text, segments if timestamps else (), len(wave) / SAMPLE_RATE,
+                          time.perf_counter() - start)
+
+
+def load_transcriber(model_dir: str, language: str = "sv", chunk_seconds: float = 30.0, stride_seconds: float = 5.0,
+                     batch_size: int = 8, use_ctranslate2: bool = True, beam_size: int = 1):
+    """The CTranslate2 path when `use_ctranslate2` and an up-to-date export sits in `<model_dir>/ct2`,
+    else the transformers pipeline on `model_dir` (a folder or hub id)."""
+    from whisper_ft import ct2
+    from whisper_ft.model import load_model, load_processor
+
+    export = ct2.find_export(model_dir) if use_ctranslate2 else None
+    if export is not None:
+        log.info("using the CTranslate2 int8 export at %s", export)
+        return CT2Transcriber(export, language=language, batch_size=batch_size, beam_size=beam_size)
+    processor = load_processor(model_dir, language=language)
+    model = load_model(model_dir, language=language).eval()
+    return PipelineTranscriber(model, processor, language, chunk_seconds, stride_seconds, batch_size)
+
+
+def _srt_time(seconds: float) -> str:
+    ms = int(round(max(seconds, 0.0) * 1000))
+    h, ms = divmod(ms, 3_600_000)
+    m, ms = divmod(ms, 60_000)
+    s, ms = divmod(ms, 1000)
+    return f"{h:02d}:{m:02d}:{s:02d},{ms:03d}"
+
+
+def to_srt(transcript: Transcript) -> str:
+    """SubRip text; without timestamped segments the whole text is one cue over the audio."""
+    segments = transcript.segments or (Segment(0.0, transcript.audio_seconds, transcript.text),)
+    cues = [f"{i}\n{_srt_time(s.start)} --> {_srt_time(s.end)}\n{s.text}\n" for i, s in enumerate(segments, 1)]
+    return "\n".join(cues)
+
+
+def to_txt(transcript: Transcript) -> str:
+    """Plain text; with timestamps one `[mm:ss - mm:ss] text` line per segment."""
+    if not transcript.segments:
+        return transcript.text + "\n"
+    return "".join(f"[{_clock(s.start)} - {_clock(s.end)}] {s.text}\n" for s in transcript.segments)
+
+
+def _clock(seconds: float) -> str:
+    m, s = divmod(int(seconds), 60)
+    return f"{m // 60}:{m % 60:02d}:{s:02d}" if m >= 60 else f"{m:02d}:{s:02d}"
