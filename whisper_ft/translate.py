@@ -1,0 +1,118 @@
+"""Translation of transcripts with deep-translator (Google Translate), for the app.
+
+`translate(text, target, source, timeout)` cuts text over the service's 5000-character limit
+into chunks at sentence or word boundaries, and gives every request a hard deadline: the
+library sets no request timeout, so a server that never answers would block the page
+forever. Failures (offline, timeout, refused) raise `TranslationError` with a message fit
+to show the user; the app then still shows the transcript. One of the two modules with
+network access (the other is `youtube`).
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+
+from deep_translator.constants import GOOGLE_LANGUAGES_TO_CODES
+
+MAX_CHARS = 4500  # under deep-translator's 5000-character limit, with room for multi-byte surprises
+LANGUAGES = dict(sorted((name.title(), code) for name, code in GOOGLE_LANGUAGES_TO_CODES.items()))
+
+
+class TranslationError(RuntimeError):
+    """Translation failed; the message says why and is meant for the user."""
+
+
+def chunk_text(text: str, max_chars: int = MAX_CHARS) -> list[str]:
+    """Split `text` into pieces of at most `max_chars`, at sentence ends, else spaces, else anywhere."""
+    pieces: list[str] = []
+    current = ""
+    for sentence in re.split(r"(?<=[.!?…])\s+", text.strip()):
+        for part in _split_long(sentence, max_chars):
+            joined = f"{current} {part}" if current else part
+            if len(joined) <= max_chars:
+                current = joined
+            else:
+                pieces.append(current)
+                current = part
+    if current:
+        pieces.append(current)
+    return pieces
+
+
+def _split_long(sentence: str, max_chars: int) -> list[str]:
+    if len(sentence) <= max_chars:
+        return [sentence] if sentence else []
+    parts, current = [], ""
+    for word in sentence.split():
+        while len(word) > max_chars:  # a "word" longer than the limit: cut it
+            if current:
+                parts.append(current)
+                current = ""
+            parts.append(word[:max_chars])
+            word = word[max_chars:]
+        joined = f"{current} {word}" if current else word
+        if len(joined) <= max_chars:
+            current = joined
+        else:
+            parts.append(current)
+            current = word
+    if current:
+        parts.append(current)
+    return parts
+
+
+def google_translate(text: str, source: str, target: str) -> str:
+    """One request to Google Translate through deep-translator (no timeout of its own)."""
+    from deep_translator import GoogleTranslator
+
+    return GoogleTranslator(source=source, target=target).translate(text) or ""
+
+
+def call_with_deadline(fn, timeout: float, *args):
+    """Run `fn(*args)` in a daemon thread; raise TimeoutError if it has not returned after `timeout` s.
+
+    A daemon thread, not an executor: a request that never returns must not keep the process alive.
+    """
+    result: dict = {}
+
+    def target():
+        try:
+            result["value"] = fn(*args)
+        except BaseException as e:  # noqa: BLE001 - handed to the caller below, never dropped
+            result["error"] = e
+
+    thread = threading.Thread(target=target, name="translate-call", daemon=True)
+    thread.start()
+    thread.join(timeout)
+    if thread.is_alive():
+        raise TimeoutError(f"no answer within {timeout:g} s")
+    if "error" in result:
+        raise result["error"]
+    return result["value"]
+
+
+def translate(text: str, target: str = "en", source: str = "sv", timeout: float = 15.0) -> str:
+    """Translate `text` chunk by chunk, each request with a hard `timeout` in seconds."""
+    if target not in LANGUAGES.values():
+        raise TranslationError(f"unknown target language {target!r}; choose one of the listed languages")
+    if target == source or not text.strip():
+        return text
+    out = []
+    for chunk in chunk_text(text):
+        try:
+            out.append(call_with_deadline(google_translate, timeout, chunk, source, target))
+        except TimeoutError as e:
+            raise TranslationError(f"the translation service did not answer in time ({e})") from e
+        except (OSError, ValueError) as e:  # requests' errors are OSErrors; deep-translator's are Exceptions
+            raise TranslationError(f"the translation service could not be reached ({type(e).__name__})") from e
+        except Exception as e:
+            if type(e).__module__.startswith("deep_translator"):
+                raise TranslationError(f"the translation service refused the text ({_first_line(e)})") from e
+            raise
+    return " ".join(out)
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
