@@ -82,8 +82,9 @@ def _ffmpeg_decode(source: str | Path | bytes, sample_rate: int) -> np.ndarray:
 
 def n_audio_frames(n_samples: int) -> int:
     """Frames of a Whisper input that see any of `n_samples` samples (the rest only see padding)."""
-    # Frame t is centred on sample t*HOP_LENGTH and spans N_FFT samples; later frames are all zeros.
-    return min(N_FRAMES, n_samples // HOP_LENGTH + 2)
+    # Frame t is centred on sample t*HOP_LENGTH and spans N_FFT samples, so it sees sample
+    # n_samples - 1 while t*HOP_LENGTH - N_FFT/2 <= n_samples - 1; later frames are all zeros.
+    return min(N_FRAMES, (n_samples - 1 + N_FFT // 2) // HOP_LENGTH + 1)
 
 
 def trimmed_features(feature_extractor, waves: list[np.ndarray]) -> list[tuple[np.ndarray, float]]:
@@ -95,7 +96,8 @@ def trimmed_features(feature_extractor, waves: list[np.ndarray]) -> list[tuple[n
     """
     # The extractor's padded frames hold log10(1e-10) clipped at (max - 8); the max over a
     # zero-padded tail equals the max over the audio frames, so a short padding is enough.
-    padded = [np.pad(w[:N_SAMPLES], (0, N_FFT)) for w in waves]
+    # Never pad past N_SAMPLES: frames beyond the 30 s window could raise that max.
+    padded = [np.pad(w[:N_SAMPLES], (0, min(N_FFT, N_SAMPLES - len(w[:N_SAMPLES])))) for w in waves]
     feats = feature_extractor(padded, sampling_rate=SAMPLE_RATE, padding="longest",
                               return_tensors="np").input_features
     out = []

@@ -1,0 +1,76 @@
+"""Trimmed features rebuild exactly what WhisperFeatureExtractor makes; decoding and downmixing."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import soundfile as sf
+from conftest import PROCESSOR_DIR
+
+from whisper_ft.audio import (N_FRAMES, N_SAMPLES, SAMPLE_RATE, AudioError, load_audio, n_audio_frames,
+                              pad_features, to_mono, trimmed_features)
+
+# Lengths around every hop remainder that matters, the 30 s edge, and very short clips.
+LENGTHS = [N_SAMPLES, N_SAMPLES - 1, N_SAMPLES - 10, N_SAMPLES - 100, N_SAMPLES - 200, N_SAMPLES - 500,
+           8000, 8119, 8120, 8121, 8159, 8160, 8161, 1600, 400, 1]
+
+
+@pytest.fixture(scope="module")
+def feature_extractor():
+    from transformers import WhisperFeatureExtractor
+
+    return WhisperFeatureExtractor.from_pretrained(PROCESSOR_DIR)
+
+
+def noisy_waves(lengths, seed=0):
+    rng = np.random.default_rng(seed)
+    waves = []
+    for n in lengths:
+        w = (rng.standard_normal(n) * 0.01).astype(np.float32)
+        w[-50:] *= 300  # a loud ending: a wrongly trimmed last frame or clip floor shows at once
+        waves.append(w)
+    return waves
+
+
+@pytest.mark.parametrize("batched", [False, True])
+def test_trimmed_features_rebuild_the_extractor_output(feature_extractor, batched):
+    waves = noisy_waves(LENGTHS)
+    got = trimmed_features(feature_extractor, waves) if batched else [trimmed_features(feature_extractor, [w])[0]
+                                                                      for w in waves]
+    for wave, (feats, fill) in zip(waves, got):
+        ref = feature_extractor(wave, sampling_rate=SAMPLE_RATE, return_tensors="np").input_features[0]
+        assert feats.shape == (80, n_audio_frames(len(wave)))
+        assert np.abs(pad_features(feats, fill) - ref).max() <= 1e-5, len(wave)
+        if feats.shape[1] < N_FRAMES:  # what is left out is the constant fill, nothing more
+            assert np.all(ref[:, feats.shape[1]:] == pytest.approx(fill, abs=1e-6))
+
+
+def test_silence_and_n_audio_frames(feature_extractor):
+    (feats, fill), = trimmed_features(feature_extractor, [np.zeros(16000, np.float32)])
+    ref = feature_extractor(np.zeros(16000, np.float32), sampling_rate=SAMPLE_RATE, return_tensors="np")
+    assert np.abs(pad_features(feats, fill) - ref.input_features[0]).max() <= 1e-6
+    assert n_audio_frames(N_SAMPLES * 2) == N_FRAMES
+    assert [n_audio_frames(n) for n in (1, 120, 121, 160, 280, 281)] == [2, 2, 3, 3, 3, 4]
+
+
+def test_load_audio_downmixes_and_resamples(tmp_path):
+    t = np.arange(48000 * 2) / 48000
+    left = 0.5 * np.sin(2 * np.pi * 440 * t)
+    stereo = np.stack([left, -left * 0 + 0.1], axis=1)
+    sf.write(tmp_path / "x.wav", (stereo * 32767).astype(np.int16), 48000)
+    wave = load_audio(tmp_path / "x.wav")
+    assert wave.dtype == np.float32 and wave.shape == (32000,)
+    assert abs(float(np.mean(wave)) - 0.05) < 1e-3  # the mean of the two channels
+    assert load_audio((tmp_path / "x.wav").read_bytes()).shape == (32000,)
+    mono = to_mono((stereo * 32767).astype(np.int16), 48000)
+    assert np.abs(mono - wave).max() < 1e-3
+
+
+@pytest.mark.parametrize("content", [b"", b"not audio at all" * 10])
+def test_load_audio_rejects_bad_files(tmp_path, content):
+    bad = tmp_path / "bad.mp3"
+    bad.write_bytes(content)
+    with pytest.raises(AudioError):
+        load_audio(bad)
+    with pytest.raises(AudioError):
+        load_audio(tmp_path / "missing.mp3")
