@@ -1,0 +1,49 @@
+"""The collator rebuilds exactly the padded inputs of `features.input_features` and pads labels."""
+
+import numpy as np
+import torch
+
+from whisper_ft.collator import IGNORE_INDEX, SpeechCollator
+from whisper_ft.features import input_features, load_split
+
+SOT, SV, TRANSCRIBE, NOTS, EOT = 50258, 50273, 50359, 50363, 50257
+
+
+def _example(frames: int, fill: float, labels: list[int], n_mels: int = 80, seed: int = 0) -> dict:
+    x = np.random.default_rng(seed).normal(size=(frames, n_mels)).astype(np.float16)
+    return {"input_features": x, "fill": fill, "labels": labels}
+
+
+def test_inputs_match_store_padding():
+    examples = [_example(120, -0.5, [SOT, 1, EOT], seed=1), _example(3000, -1.5, [SOT, 2, EOT], seed=2),
+                _example(7, 0.25, [SOT, EOT], seed=3)]
+    batch = SpeechCollator(SOT)(examples)
+    x = batch["input_features"]
+    assert x.dtype == torch.float32 and x.shape == (3, 80, 3000)
+    for i, ex in enumerate(examples):
+        np.testing.assert_array_equal(x[i].numpy(), input_features(ex))
+    assert (x[2, :, 7:] == 0.25).all()
+
+
+def test_labels_padded_with_ignore_index_and_start_token_dropped():
+    examples = [_example(10, 0.0, [SOT, SV, TRANSCRIBE, NOTS, 11, 12, EOT]), _example(10, 0.0, [SOT, SV, TRANSCRIBE, NOTS, EOT])]
+    labels = SpeechCollator(SOT)(examples)["labels"]
+    assert labels.dtype == torch.int64
+    assert labels.tolist() == [[SV, TRANSCRIBE, NOTS, 11, 12, EOT],
+                               [SV, TRANSCRIBE, NOTS, EOT, IGNORE_INDEX, IGNORE_INDEX]]
+
+
+def test_labels_without_start_token_are_kept_whole():
+    labels = SpeechCollator(SOT)([_example(5, 0.0, [SV, 5, EOT])])["labels"]
+    assert labels.tolist() == [[SV, 5, EOT]]
+
+
+def test_on_the_feature_store(features_dir):
+    ds = load_split(features_dir, "eval").with_format("numpy", columns=["input_features", "fill", "labels"])
+    rows = [ds[i] for i in range(3)]
+    batch = SpeechCollator(SOT)(rows)
+    for i, row in enumerate(rows):
+        np.testing.assert_allclose(batch["input_features"][i].numpy(), input_features(row))
+        n = len(row["labels"]) - 1
+        assert batch["labels"][i, :n].tolist() == row["labels"][1:].tolist()
+        assert (batch["labels"][i, n:] == IGNORE_INDEX).all()
