@@ -90,8 +90,10 @@ def _pipeline_segments(chunks: list[dict], audio_seconds: float) -> list[Segment
         begin, end = c["timestamp"]
         begin = begin or 0.0
         end = end if end is not None else audio_seconds  # the last segment may lack an end
+        begin = min(float(begin), audio_seconds)  # a window's timestamps can overrun the audio's end
+        end = min(max(float(end), begin), audio_seconds)
         if c["text"].strip():
-            segments.append(Segment(float(begin), float(max(end, begin)), c["text"].strip()))
+            segments.append(Segment(begin, end, c["text"].strip()))
     return segments
 
 
