@@ -20,8 +20,8 @@ from tqdm import tqdm
 
 from whisper_ft import cli
 from whisper_ft.config import Config, save_config, to_dict
-from whisper_ft.features import (PLAN, PROCESSOR_DIR, Limits, build_manifest, build_shards,
-                                 clean_partial, fingerprint, is_done, plan_shards)
+from whisper_ft.features import (MANIFEST, PLAN, PROCESSOR_DIR, Limits, build_manifest, build_shards,
+                                 clean_partial, fingerprint, is_done, plan_shards, read_manifest)
 from whisper_ft.model import ModelNotFound, load_processor
 from whisper_ft.sources import EVAL, TRAIN, SourceError, describe, read_source
 
@@ -54,6 +54,10 @@ def main(argv: list[str] | None = None) -> int:
 
     mine = [s for i, s in enumerate(shards) if i % args.num_shards == args.shard_index]
     todo = [s for s in mine if not is_done(root, s)]
+    if not todo and (root / MANIFEST).is_file():
+        print(f"{root} is complete already; nothing to do (pass --overwrite to rebuild it)")
+        print_summary(root, read_manifest(root))
+        return 0
     workers = args.workers if args.workers is not None else fc.workers
     workers = workers or os.cpu_count() or 1
     n_rows = sum(len(s.rows) for s in todo)

@@ -32,7 +32,7 @@ from whisper_ft.audio import SAMPLE_RATE, AudioError, load_audio, pad_features, 
 from whisper_ft.sources import EVAL, TRAIN, Row
 from whisper_ft.text import tidy_sentence
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the last frame that sees audio is always kept
 MANIFEST = "manifest.json"
 PLAN = "plan.json"
 PROCESSOR_DIR = "processor"
@@ -174,7 +174,7 @@ def plan_shards(rows: dict[str, list[Row]], shard_size: int) -> list[Shard]:
 
 def fingerprint(settings: dict, shards: list[Shard]) -> str:
     """Hash of everything that decides the content of the store."""
-    h = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
+    h = hashlib.sha256(json.dumps({"format_version": FORMAT_VERSION, **settings}, sort_keys=True).encode())
     for s in shards:
         h.update(f"{s.split}/{s.name}:{len(s.rows)}:".encode())
         for r in s.rows:
@@ -249,13 +249,18 @@ def read_manifest(root: str | Path) -> dict:
 
 def load_split(root: str | Path, split: str):
     """A memory-mapped `datasets.Dataset` of one split (all its shards, in order)."""
-    from datasets import concatenate_datasets, load_from_disk
+    from datasets import Dataset, concatenate_datasets, load_from_disk
 
     root = Path(root)
     manifest = read_manifest(root)
     if split not in manifest["splits"]:
         raise FeaturesError(f"{root} has no split {split!r} (has {', '.join(manifest['splits'])})")
-    parts = [load_from_disk(str(root / name)) for name in manifest["splits"][split]["shards"]]
+    # A shard whose rows were all dropped holds no Arrow file, which load_from_disk cannot read.
+    names = [n for n in manifest["splits"][split]["shards"] if json.loads((root / n / STATS).read_text())["clips"]]
+    parts = [load_from_disk(str(root / name)) for name in names]
+    if not parts:
+        schema = arrow_features(manifest["feature_extractor"]["n_mels"], manifest["dtype"])
+        return Dataset.from_dict({name: [] for name in schema}, features=schema)
     return concatenate_datasets(parts) if len(parts) > 1 else parts[0]
 
 

@@ -1,0 +1,307 @@
+"""The feature pipeline end to end: drops by reason, exact features, labels, resume after a
+kill, shard splitting across processes, store/config mismatches and the offline hub-id error."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+from conftest import PROCESSOR_DIR, ROOT, run_cli
+
+import feature_pipeline
+from whisper_ft import cli
+from whisper_ft.audio import load_audio
+from whisper_ft.features import input_features, load_split, read_manifest
+from whisper_ft.sources import read_cv_tsv
+from whisper_ft.synth import CV_COLUMNS, write_tsv
+from whisper_ft.text import tidy_sentence
+
+PREFIX = [50258, 50273, 50359, 50363]  # <|startoftranscript|><|sv|><|transcribe|><|notimestamps|>
+EOT = 50257
+
+
+def pipeline_args(data_dir: Path, name: str, source: Path, *sets: str, workers: int = 1) -> list[str]:
+    args = ["--config", str(ROOT / "config.yaml"), "--workers", str(workers),
+            "--set", f"model.name_or_path={PROCESSOR_DIR}", "--set", f"features.data_dir={data_dir}",
+            "--set", f"features.name={name}", "--set", f"features.sources.0.path={source}"]
+    for s in sets:
+        args += ["--set", s]
+    return args
+
+
+def run_main(*args, workers: int = 1) -> int:
+    return feature_pipeline.main(pipeline_args(*args, workers=workers))
+
+
+def store_content(root: Path) -> dict:
+    """Everything a later stage reads from a store, per split, in order."""
+    out = {}
+    for split in ("train", "eval"):
+        ds = load_split(root, split).with_format("numpy")
+        out[split] = {"id": list(ds["id"]), "sentence": list(ds["sentence"]),
+                      "labels": [list(x) for x in ds["labels"]], "fill": np.asarray(ds["fill"]),
+                      "features": [np.asarray(x) for x in ds["input_features"]]}
+    return out
+
+
+def assert_same_store(a: Path, b: Path) -> None:
+    ca, cb = store_content(a), store_content(b)
+    for split in ca:
+        assert ca[split]["id"] == cb[split]["id"]
+        assert len(set(ca[split]["id"])) == len(ca[split]["id"])
+        assert ca[split]["sentence"] == cb[split]["sentence"]
+        assert ca[split]["labels"] == cb[split]["labels"]
+        assert np.array_equal(ca[split]["fill"], cb[split]["fill"])
+        assert all(np.array_equal(x, y) for x, y in zip(ca[split]["features"], cb[split]["features"]))
+    ma, mb = read_manifest(a), read_manifest(b)
+    assert ma["splits"] == mb["splits"]
+
+
+def leftovers(root: Path) -> list[str]:
+    return [str(p.relative_to(root)) for p in root.rglob(".*") if ".tmp" in p.name]
+
+
+# --------------------------------------------------------------------------- a release with every kind of bad row
+
+
+def cv_row(clip: str, sentence: str, **extra) -> dict:
+    return {c: "" for c in CV_COLUMNS} | {"client_id": "spk", "path": clip, "sentence": sentence,
+                                          "locale": "sv-SE"} | extra
+
+
+@pytest.fixture(scope="module")
+def messy_release(tmp_path_factory, cv_release) -> Path:
+    """Good clips plus one row for every drop reason (test.tsv) and exactness edge cases (train.tsv)."""
+    root = tmp_path_factory.mktemp("messy") / "sv-SE"
+    clips = root / "clips"
+    clips.mkdir(parents=True)
+    good = read_cv_tsv(cv_release / "train.tsv")[:4]
+    for r in good:
+        shutil.copy(cv_release / "clips" / r["path"], clips / r["path"])
+    waves = [load_audio(cv_release / "clips" / r["path"]) for r in read_cv_tsv(cv_release / "train.tsv")]
+    speech = np.concatenate(waves)
+    sf.write(clips / "long.mp3", np.tile(speech, 1 + int(31 * 16000 // len(speech)))[:31 * 16000], 16000, format="MP3")
+    sf.write(clips / "near30.mp3", np.tile(speech, 1 + int(30 * 16000 // len(speech)))[:int(29.95 * 16000)], 16000,
+             format="MP3")
+    sf.write(clips / "short.mp3", speech[16000:16000 + int(0.2 * 16000)], 16000, format="MP3")
+    sf.write(clips / "tiny.mp3", speech[16000:16000 + int(0.55 * 16000)], 16000, format="MP3")
+    (clips / "zero.mp3").write_bytes(b"")
+    (clips / "truncated.mp3").write_bytes((cv_release / "clips" / good[0]["path"]).read_bytes()[:100])
+    (clips / "garbage.mp3").write_bytes(b"this is not an mp3 file at all\n" * 40)
+    long_text = " ".join([good[0]["sentence"]] * 200)  # far over 448 tokens
+    write_tsv(root / "train.tsv", [
+        cv_row(good[0]["path"], good[0]["sentence"]),
+        cv_row("near30.mp3", "Ett nästan trettio sekunder långt klipp."),
+        cv_row("tiny.mp3", "Kort."),
+        cv_row(good[1]["path"], '  „Hej”,   sa   hon – «välkommen»!  ', gender="female_feminine", accents="Skåne"),
+    ], CV_COLUMNS)
+    write_tsv(root / "dev.tsv", [cv_row(good[2]["path"], '"Hela meningen inom citattecken."')], CV_COLUMNS)
+    write_tsv(root / "test.tsv", [
+        cv_row(good[3]["path"], good[3]["sentence"]),
+        cv_row("zero.mp3", "Tom fil."),
+        cv_row("truncated.mp3", "Avklippt fil."),
+        cv_row("garbage.mp3", "Ingen ljudfil."),
+        cv_row("missing.mp3", "Saknas."),
+        cv_row(good[0]["path"], "   "),
+        cv_row("long.mp3", "För lång."),
+        cv_row("short.mp3", "För kort."),
+        cv_row(good[1]["path"], long_text),
+    ], CV_COLUMNS)
+    return root
+
+
+@pytest.fixture(scope="module")
+def messy_stores(tmp_path_factory, messy_release) -> dict[str, Path]:
+    """The messy release encoded twice: float16 with two worker processes, float32 with one."""
+    work = tmp_path_factory.mktemp("messy-stores")
+    assert run_main(work, "f16", messy_release, "features.shard_size=3", "features.batch_size=2", workers=2) == 0
+    assert run_main(work, "f32", messy_release, "features.dtype=float32") == 0
+    return {"float16": work / "features" / "f16", "float32": work / "features" / "f32"}
+
+
+def test_every_drop_reason_is_counted(messy_stores, messy_release):
+    for root in messy_stores.values():
+        manifest = read_manifest(root)
+        ev = manifest["splits"]["eval"]
+        assert ev["rows"] == 9 and ev["clips"] == 1
+        assert ev["dropped"] == {"missing_file": 1, "empty_file": 1, "undecodable": 2, "empty_sentence": 1,
+                                 "too_short": 1, "too_long": 1, "labels_too_long": 1}
+        assert manifest["splits"]["train"]["clips"] == 5 and not manifest["splits"]["train"]["dropped"]
+        assert load_split(root, "eval")["id"] == ["test/" + read_cv_tsv(messy_release / "test.tsv")[0]["path"]]
+
+
+@pytest.mark.parametrize("dtype, tol", [("float32", 1e-5), ("float16", 2e-3)])
+def test_stored_features_rebuild_the_extractor_input(messy_stores, messy_release, dtype, tol):
+    from transformers import WhisperFeatureExtractor
+
+    fe = WhisperFeatureExtractor.from_pretrained(PROCESSOR_DIR)
+    root = messy_stores[dtype]
+    ds = load_split(root, "train").with_format("numpy")
+    assert ds.features["input_features"].dtype == dtype
+    durations = sorted(float(d) for d in ds["duration"])
+    assert durations[0] < 0.6 and durations[-1] > 29.9  # the edge cases are in
+    for ex in ds:
+        wave = load_audio(messy_release / "clips" / ex["id"].split("/", 1)[1])
+        ref = fe(wave, sampling_rate=16000, return_tensors="np").input_features[0]
+        got = input_features(ex)
+        assert got.shape == ref.shape == (80, 3000) and got.dtype == np.float32
+        assert np.abs(got - ref).max() <= tol, ex["id"]
+    if dtype == "float16":  # trimmed: far fewer frames than the padded 3000 for short clips
+        frames = [x.shape[0] for x in ds["input_features"]]
+        assert min(frames) < 60 and max(frames) > 2990
+
+
+def test_labels_carry_prefix_and_orthographic_text(messy_stores, messy_release):
+    from transformers import WhisperTokenizer
+
+    tok = WhisperTokenizer.from_pretrained(PROCESSOR_DIR)
+    ds = load_split(messy_stores["float16"], "train")
+    by_id = {ex["id"]: ex for ex in ds}
+    for ex in ds:
+        assert ex["labels"][:4] == PREFIX and ex["labels"][-1] == EOT
+        assert tok.decode(ex["labels"], skip_special_tokens=True) == ex["sentence"]
+    tidy = [ex for ex in ds if ex["gender"] == "female_feminine"][0]
+    assert tidy["sentence"] == '"Hej", sa hon – "välkommen"!' and tidy["accents"] == "Skåne"
+    quoted = [ex for ex in ds if ex["id"].startswith("dev/")][0]
+    assert quoted["sentence"] == "Hela meningen inom citattecken."
+    first = read_cv_tsv(messy_release / "train.tsv")[0]
+    assert by_id[f"train/{first['path']}"]["sentence"] == first["sentence"]  # case and punctuation kept
+
+
+@pytest.mark.parametrize("raw, tidy", [
+    ("  Hej   på\tdig  ", "Hej på dig"),
+    ("“Kom hit”, sa han.", '"Kom hit", sa han.'),
+    ("»Ja», sa hon.", '"Ja", sa hon.'),
+    ("»Ja«", "Ja"),
+    ("'Hela meningen.'", "Hela meningen."),
+    ("Det är Öresund, inte öresund!", "Det är Öresund, inte öresund!"),
+    ("Han sa ’nej’.", "Han sa 'nej'."),
+])
+def test_tidy_sentence(raw, tidy):
+    assert tidy_sentence(raw) == tidy
+
+
+def test_fixture_store_labels_match_the_release(features_dir, cv_release):
+    expected = [r["sentence"] for tsv in ("train.tsv", "dev.tsv") for r in read_cv_tsv(cv_release / tsv)]
+    ds = load_split(features_dir, "train")
+    assert ds["sentence"] == [tidy_sentence(s) for s in expected]
+    assert all(labels[:4] == PREFIX for labels in ds["labels"])
+
+
+# --------------------------------------------------------------------------- resume, shards, reruns
+
+
+STORE_SETS = ("features.shard_size=3", "features.batch_size=2")
+
+
+@pytest.fixture(scope="module")
+def reference_store(tmp_path_factory, cv_release) -> Path:
+    """The synthetic release in 14 shards of 3, built in one uninterrupted run."""
+    work = tmp_path_factory.mktemp("reference")
+    assert run_main(work, "ref", cv_release, *STORE_SETS) == 0
+    return work / "features" / "ref"
+
+
+def dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_resume_after_kill_equals_an_uninterrupted_run(tmp_path, cv_release, reference_store):
+    root = tmp_path / "features" / "ref"
+    args = pipeline_args(tmp_path, "ref", cv_release, *STORE_SETS, "features.batch_size=1")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen([sys.executable, str(ROOT / "feature_pipeline.py"), *args], cwd=tmp_path, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    deadline = time.time() + 120
+    while not list(root.glob("train/shard-*/stats.json")):
+        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+        assert time.time() < deadline, "no shard written within 120 s"
+        time.sleep(0.01)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done = list(root.glob("*/shard-*/stats.json"))
+    assert 1 <= len(done) < 14 and not (root / "manifest.json").exists()
+    stale = root / "train" / f".shard-00009-of-00010.tmp-{dead_pid()}"  # as if killed while writing
+    stale.mkdir()
+    (stale / "data-00000-of-00001.arrow").write_bytes(b"half")
+    mtimes = {p: p.stat().st_mtime_ns for p in done}
+
+    assert feature_pipeline.main(args) == 0
+    assert all(p.stat().st_mtime_ns == mtimes[p] for p in done)  # finished shards were kept, not redone
+    assert leftovers(root) == []
+    assert_same_store(root, reference_store)
+
+
+def test_rerun_of_a_finished_store_does_nothing(reference_store, cv_release, capsys):
+    files = {p: p.stat().st_mtime_ns for p in reference_store.rglob("*") if p.is_file()}
+    data_dir = reference_store.parents[1]
+    assert run_main(data_dir, "ref", cv_release, *STORE_SETS, "features.workers=2") == 0
+    assert "nothing to do" in capsys.readouterr().out
+    assert {p: p.stat().st_mtime_ns for p in reference_store.rglob("*") if p.is_file()} == files
+
+
+def test_shard_split_across_processes_equals_one_process(tmp_path, cv_release, reference_store, capsys):
+    root = tmp_path / "features" / "ref"
+    assert feature_pipeline.main(["--num-shards", "2", "--shard-index", "1",
+                                  *pipeline_args(tmp_path, "ref", cv_release, *STORE_SETS)]) == 0
+    assert not (root / "manifest.json").exists()
+    assert "still to be written by other processes" in capsys.readouterr().out
+    assert sorted(p.parent.name for p in root.glob("*/shard-*/stats.json")) == sorted(
+        [f"shard-{i:05d}-of-00010" for i in (1, 3, 5, 7, 9)] + [f"shard-{i:05d}-of-00004" for i in (1, 3)])
+    assert feature_pipeline.main(["--num-shards", "2", "--shard-index", "0",
+                                  *pipeline_args(tmp_path, "ref", cv_release, *STORE_SETS)]) == 0
+    assert (root / "manifest.json").is_file() and leftovers(root) == []
+    assert_same_store(root, reference_store)
+
+
+def test_concurrent_shard_processes(tmp_path, cv_release, reference_store):
+    root = tmp_path / "features" / "ref"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    procs = [subprocess.Popen([sys.executable, str(ROOT / "feature_pipeline.py"), "--num-shards", "2",
+                               "--shard-index", str(i), *pipeline_args(tmp_path, "ref", cv_release, *STORE_SETS)],
+                              cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+             for i in range(2)]
+    for p in procs:
+        assert p.wait(timeout=300) == 0, p.stderr.read().decode()[-2000:]
+    assert_same_store(root, reference_store)
+
+
+def test_changed_config_on_an_existing_store_is_refused(reference_store, cv_release, capsys):
+    argv = pipeline_args(reference_store.parents[1], "ref", cv_release, *STORE_SETS, "features.min_seconds=1.0")
+    assert cli.run(feature_pipeline.main, argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--overwrite" in err and "features.name" in err
+    assert read_manifest(reference_store)["config"]["features"]["min_seconds"] == 0.5
+
+
+# --------------------------------------------------------------------------- errors through the command line
+
+
+def test_unreachable_hub_id_offline_fails_fast(tmp_path, cv_release):
+    start = time.time()
+    proc = run_cli("feature_pipeline.py", "--config", str(ROOT / "config.yaml"),
+                   "--set", "model.name_or_path=openai/whisper-small", "--set", f"features.data_dir={tmp_path}",
+                   "--set", f"features.sources.0.path={cv_release}", cwd=tmp_path, timeout=120,
+                   env={"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf-home")})
+    assert time.time() - start < 30
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    assert "openai/whisper-small" in proc.stderr and "local folder" in proc.stderr
+    assert not (tmp_path / "features").exists()
+
+
+def test_missing_source_is_one_line_exit_2(tmp_path, capsys):
+    assert cli.run(feature_pipeline.main, pipeline_args(tmp_path, "x", tmp_path / "no-such-release")) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "no such file or folder" in err
