@@ -37,11 +37,11 @@ def parse_args(argv: list[str] | None):
 
 
 def main(argv: list[str] | None = None) -> int:
+    cfg = cli.config_from_args(parse_args(argv))
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     from whisper_ft.app import Handlers, build_app, find_model, load_for_app
     from whisper_ft.model import ModelNotFound
 
-    cfg = cli.config_from_args(parse_args(argv))
     choice = find_model(cfg)
     if choice.notice:
         log.warning(choice.notice.replace("*", "").replace("`", ""))

@@ -59,3 +59,25 @@ class _QuietHandler(http.server.SimpleHTTPRequestHandler):
 
     def log_message(self, fmt, *args):
         _QuietHandler.requests.append(self.path)
+
+
+def route_through_refusing_proxy(monkeypatch) -> None:
+    """Send HTTP(S) from `requests` to a local port that refuses connections: offline, for real."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for var in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy"):
+        monkeypatch.setenv(var, f"http://127.0.0.1:{port}")
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    monkeypatch.delenv("no_proxy", raising=False)
+
+
+def free_port() -> int:
+    """A port on 127.0.0.1 that nothing listens on now (others may run the app on 7860)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

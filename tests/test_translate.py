@@ -9,6 +9,7 @@ import time
 
 import pytest
 
+from app_helpers import route_through_refusing_proxy
 from whisper_ft import translate
 from whisper_ft.translate import TranslationError, chunk_text
 
@@ -42,14 +43,7 @@ def test_translation_success_with_the_call_replaced(monkeypatch):
 
 @pytest.fixture
 def refused_proxy(monkeypatch):
-    """Route the library's HTTPS through a port that refuses connections: offline, for real."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    for var in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy"):
-        monkeypatch.setenv(var, f"http://127.0.0.1:{port}")
-    monkeypatch.delenv("NO_PROXY", raising=False)
-    monkeypatch.delenv("no_proxy", raising=False)
+    route_through_refusing_proxy(monkeypatch)
 
 
 def test_offline_gives_a_clear_error_at_once(refused_proxy):

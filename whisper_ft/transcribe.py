@@ -61,11 +61,12 @@ class PipelineTranscriber:
     backend = "transformers"
 
     def __init__(self, model, processor, language: str = "sv", chunk_seconds: float = 30.0,
-                 stride_seconds: float = 5.0, batch_size: int = 8):
+                 stride_seconds: float = 5.0, batch_size: int = 8, beam_size: int = 5):
         from transformers import pipeline
 
         self.language = language
         self.batch_size = batch_size
+        self.beam_size = beam_size
         self.chunk_seconds = chunk_seconds
         self.stride_seconds = stride_seconds
         self.pipe = pipeline("automatic-speech-recognition", model=model, tokenizer=processor.tokenizer,
@@ -78,7 +79,7 @@ class PipelineTranscriber:
                         chunk_length_s=self.chunk_seconds, stride_length_s=self.stride_seconds,
                         batch_size=self.batch_size, return_timestamps=timestamps,
                         ignore_warning=True,  # its warning is about this very chunking, which we want
-                        generate_kwargs={"language": self.language, "task": task})
+                        generate_kwargs={"language": self.language, "task": task, "num_beams": self.beam_size})
         audio_seconds = len(wave) / SAMPLE_RATE
         segments = tuple(_pipeline_segments(out.get("chunks", []), audio_seconds)) if timestamps else ()
         return Transcript(out["text"].strip(), segments, audio_seconds, time.perf_counter() - start)
@@ -102,7 +103,7 @@ class CT2Transcriber:
 
     backend = "ctranslate2"
 
-    def __init__(self, ct2_dir: str | Path, language: str = "sv", batch_size: int = 8, beam_size: int = 1,
+    def __init__(self, ct2_dir: str | Path, language: str = "sv", batch_size: int = 8, beam_size: int = 5,
                  compute_type: str = "int8", cpu_threads: int = 0):
         from faster_whisper import BatchedInferencePipeline, WhisperModel
 
@@ -126,7 +127,7 @@ class CT2Transcriber:
 
 
 def load_transcriber(model_dir: str, language: str = "sv", chunk_seconds: float = 30.0, stride_seconds: float = 5.0,
-                     batch_size: int = 8, use_ctranslate2: bool = True, beam_size: int = 1):
+                     batch_size: int = 8, use_ctranslate2: bool = True, beam_size: int = 5):
     """The CTranslate2 path when `use_ctranslate2` and an up-to-date export sits in `<model_dir>/ct2`,
     else the transformers pipeline on `model_dir` (a folder or hub id)."""
     from whisper_ft import ct2
@@ -138,7 +139,7 @@ def load_transcriber(model_dir: str, language: str = "sv", chunk_seconds: float 
         return CT2Transcriber(export, language=language, batch_size=batch_size, beam_size=beam_size)
     processor = load_processor(model_dir, language=language)
     model = load_model(model_dir, language=language).eval()
-    return PipelineTranscriber(model, processor, language, chunk_seconds, stride_seconds, batch_size)
+    return PipelineTranscriber(model, processor, language, chunk_seconds, stride_seconds, batch_size, beam_size)
 
 
 def _srt_time(seconds: float) -> str:

@@ -1,0 +1,79 @@
+"""A real browser on the page: headless Debian Chromium driven by Playwright uploads a Swedish
+recording and reads the transcript, translation and real-time factor; a broken file shows an
+error and the page keeps working. CI installs chromium with apt-get."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from app_helpers import free_port, fast_model, speech_wav
+from whisper_ft import translate
+from whisper_ft.app import Handlers, build_app
+from whisper_ft.config import load_config
+from whisper_ft.transcribe import load_transcriber
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+TIMEOUT_MS = 90_000
+
+pytestmark = [
+    pytest.mark.browser,
+    pytest.mark.skipif(not Path(CHROMIUM).is_file(), reason=f"{CHROMIUM} is absent (apt-get install chromium)"),
+    pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="espeak-ng is needed for synthetic speech"),
+]
+
+
+@pytest.fixture(scope="module")
+def page_url(tiny_model_dir, tmp_path_factory):
+    model = fast_model(tiny_model_dir, tmp_path_factory.mktemp("fast-whisper"))
+    handlers = Handlers(load_transcriber(str(model), use_ctranslate2=False, beam_size=1), load_config(None),
+                        tmp_path_factory.mktemp("out"))
+    demo = build_app(handlers, str(model), "a tiny random model for tests")
+    demo.launch(server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True, quiet=True)
+    yield demo.local_url
+    demo.close()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        yield b
+        b.close()
+
+
+def upload(page, path: Path) -> None:
+    page.locator("#upload input[type=file]").set_input_files(str(path))
+    page.locator("#upload").get_by_text(path.name).first.wait_for(timeout=TIMEOUT_MS)
+    page.locator("#transcribe-file").click()
+
+
+def test_upload_shows_transcript_and_translation(page_url, browser, tmp_path, monkeypatch):
+    monkeypatch.setattr(translate, "google_translate", lambda text, source, target: f"TRANSLATED({target}): {text}")
+    wav = speech_wav("Hej, jag heter Anna och jag bor i Stockholm.", tmp_path / "speech.wav")
+    (tmp_path / "broken.mp3").write_bytes(os.urandom(2048))
+    page = browser.new_page()
+    page.goto(page_url, timeout=TIMEOUT_MS)
+    page.get_by_text("not fine-tuned", exact=False).or_(page.get_by_text("tiny random model")).first.wait_for()
+
+    page.get_by_role("tab", name="File").click()
+    upload(page, tmp_path / "broken.mp3")
+    page.get_by_text("could not be read", exact=False).first.wait_for(timeout=TIMEOUT_MS)
+
+    page.locator("#upload button[aria-label='Clear']").first.click()
+    upload(page, wav)
+    page.wait_for_function("document.querySelector('#translation textarea').value.length > 0", timeout=TIMEOUT_MS)
+    transcript = page.locator("#transcript textarea").input_value()
+    translation = page.locator("#translation textarea").input_value()
+    assert transcript.strip()
+    assert translation == f"TRANSLATED(en): {transcript}"
+    assert "real-time factor" in page.locator("#status").inner_text()
+    assert page.locator("#downloads").get_by_text(".srt").count() >= 1
+    page.close()
