@@ -1,0 +1,292 @@
+"""Training pipeline on a tiny random Whisper and the synthetic Swedish features: evaluation
+rounds, checkpoints, the best export, resumption after a kill, multi-process DDP, errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT
+from whisper_ft import checkpoints
+from whisper_ft.cli import run as cli_run
+from whisper_ft.config import load_config
+from whisper_ft.train import TrainingError, generation_max_length, resolve_precision
+
+PREFIX = [50258, 50273, 50359, 50363]  # <|startoftranscript|><|sv|><|transcribe|><|notimestamps|>
+
+
+def overrides(features_dir: Path, model_dir: Path, out: Path, **training) -> list[str]:
+    """--set values for a tiny, fast run on the fixture features."""
+    base = {"max_steps": 4, "eval_steps": 2, "save_steps": 2, "logging_steps": 1, "batch_size": 4,
+            "eval_batch_size": 10, "learning_rate": 1e-3, "warmup_steps": 0, "dataloader_workers": 0,
+            "output_dir": str(out), "run_name": "tiny"}
+    base.update(training)
+    return [f"model.name_or_path={model_dir}", f"features.data_dir={features_dir.parent.parent}",
+            f"features.name={features_dir.name}", *(f"training.{k}={v}" for k, v in base.items())]
+
+
+def cli_args(sets: list[str]) -> list[str]:
+    return ["--config", str(ROOT / "config.yaml"), *(a for s in sets for a in ("--set", s))]
+
+
+def events(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+# --------------------------------------------------------------------------- a whole run in-process
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory, features_dir, tiny_model_dir):
+    from transformers import TrainerCallback
+
+    from whisper_ft.train import run_training
+
+    class Seen(TrainerCallback):
+        steps: list[int] = []
+
+        def on_evaluate(self, args, state, control, **kwargs):
+            self.steps.append(state.global_step)
+
+    out = tmp_path_factory.mktemp("runs")
+    cfg = load_config(ROOT / "config.yaml", overrides(features_dir, tiny_model_dir, out))
+    seen = Seen()
+    summary = run_training(cfg, callbacks=[seen])
+    return out / "tiny", summary, seen.steps
+
+
+def test_run_evaluates_before_and_during_training(tiny_run):
+    run_dir, summary, seen = tiny_run
+    assert seen == [0, 2, 4]  # extra callbacks see every evaluation
+    evals = [e for e in events(run_dir) if e["event"] == "eval"]
+    assert [(e["step"], e.get("final", False)) for e in evals] == [(0, False), (2, False), (4, False), (summary["best_step"], True)]
+    for e in evals:
+        assert e["eval_clips"] == 10 and 0 <= e["cer"] and 0 <= e["wer"] and 0 <= e["wer_normalized"]
+    train = [e for e in events(run_dir) if e["event"] == "train"]
+    assert [e["step"] for e in train] == [1, 2, 3, 4] and all(e["loss"] > 0 for e in train)
+    assert train[-1]["loss"] < train[0]["loss"]
+
+
+def test_run_writes_checkpoints_reports_and_summary(tiny_run):
+    run_dir, summary, _ = tiny_run
+    assert [s for s, _ in checkpoints.checkpoints(run_dir)] == [2, 4]
+    for name in ("metrics.json", "config.yaml", "README.md", "training_curves.png", "predictions.jsonl"):
+        assert (run_dir / name).is_file(), name
+    assert list((run_dir / "runs").glob("*/events.out.tfevents.*"))
+    assert summary["steps"] == 4 and summary["samples_seen"] == 16
+    assert summary["best_step"] in (2, 4) and summary["best_wer"] is not None
+    assert summary["eval_clips"] == 10 and summary["baseline"]["step"] == 0
+    assert json.loads((run_dir / "metrics.json").read_text())["best_step"] == summary["best_step"]
+    card = (run_dir / "README.md").read_text()
+    assert "zero-shot (step 0)" in card and "learning_rate | 0.001" in card
+    rows = [json.loads(line) for line in (run_dir / "predictions.jsonl").read_text().splitlines()]
+    assert len(rows) == 10 and set(rows[0]) == {"id", "source", "speaker", "reference", "prediction"}
+    assert all(r["reference"] for r in rows)
+
+
+def test_best_export_loads_alone_and_generates_swedish_prefix(tiny_run, features_dir):
+    import torch
+    from transformers import WhisperForConditionalGeneration, WhisperProcessor
+
+    from whisper_ft.collator import SpeechCollator
+    from whisper_ft.features import load_split
+
+    best = tiny_run[0] / "best"
+    assert not list(best.parent.glob(".best.*"))  # no temporary folders left behind
+    model = WhisperForConditionalGeneration.from_pretrained(best).eval()
+    processor = WhisperProcessor.from_pretrained(best)
+    assert model.generation_config.language == "sv" and model.generation_config.task == "transcribe"
+    assert model.generation_config.forced_decoder_ids is None and getattr(model.config, "forced_decoder_ids", None) is None
+    assert json.loads((best / "best.json").read_text())["step"] == tiny_run[1]["best_step"]
+    row = load_split(features_dir, "eval").with_format("numpy", columns=["input_features", "fill", "labels"])[0]
+    x = SpeechCollator(50258)([row])["input_features"]
+    prompts = []
+
+    def capture(batch_id, input_ids):  # sees the decoder prompt before the first generated token
+        prompts.append(input_ids.tolist())
+        return list(range(model.config.vocab_size))
+
+    with torch.no_grad():
+        model.generate(x, max_new_tokens=3, prefix_allowed_tokens_fn=capture)
+    assert prompts[0] == PREFIX
+    assert processor.tokenizer.convert_tokens_to_ids("<|sv|>") == PREFIX[1]
+
+
+# --------------------------------------------------------------------------- resumption after a kill
+
+
+def test_killed_run_resumes_at_its_last_checkpoint(tmp_path, features_dir, tiny_model_dir):
+    sets = overrides(features_dir, tiny_model_dir, tmp_path, max_steps=30, save_steps=3, eval_steps=30,
+                     eval_before_training="false", eval_batch_size=10)
+    cmd = [sys.executable, str(ROOT / "training_pipeline.py"), *cli_args(sets)]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    run_dir = tmp_path / "tiny"
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 240
+        while checkpoints.latest_checkpoint(run_dir) is None and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        _, err = proc.communicate(timeout=60)
+    assert proc.returncode == -signal.SIGKILL, err[-2000:]
+    killed_at = checkpoints.checkpoints(run_dir)[-1][0]
+    assert 3 <= killed_at < 30
+
+    again = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    resumed = checkpoints.checkpoints(run_dir)[-1][0]
+    log = [e for e in events(run_dir)]
+    starts = [i for i, e in enumerate(log) if e["event"] == "start"]
+    assert len(starts) == 2
+    second = log[starts[1]]
+    assert second["step"] >= killed_at and second["resumed_from"] == f"checkpoint-{second['step']}"
+    after = [e["step"] for e in log[starts[1]:] if e["event"] == "train"]
+    assert after[0] == second["step"] + 1 and after[-1] == 30  # continues, does not start over
+    assert resumed == 30
+    assert json.loads((run_dir / "checkpoint-30" / "trainer_state.json").read_text())["global_step"] == 30
+    assert f"resuming from {run_dir / ('checkpoint-' + str(second['step']))} at step {second['step']}" in again.stderr
+
+    fresh = subprocess.run([*cmd, "--fresh", "--set", "training.max_steps=2", "--set", "training.save_steps=2"],
+                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert fresh.returncode == 0, fresh.stderr[-3000:]
+    assert [s for s, _ in checkpoints.checkpoints(run_dir)] == [2]
+    assert [e["event"] for e in events(run_dir)].count("start") == 1
+
+
+# --------------------------------------------------------------------------- several processes
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_torchrun_two_processes_share_the_work(tmp_path, features_dir, tiny_model_dir):
+    sets = overrides(features_dir, tiny_model_dir, tmp_path, max_steps=2, eval_steps=2, save_steps=2,
+                     eval_before_training="false", batch_size=2, eval_batch_size=5)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(_free_port()), str(ROOT / "training_pipeline.py"), *cli_args(sets)]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    run_dir = tmp_path / "tiny"
+    log = events(run_dir)
+    assert [e["world_size"] for e in log if e["event"] == "start"] == [2]  # one writer: rank 0
+    assert all(e["loss"] < 12 for e in log if e["event"] == "train")  # ~ln(vocab), not scaled by the process count
+    summary = json.loads((run_dir / "metrics.json").read_text())
+    assert summary["samples_seen"] == 2 * 2 * 2  # steps x per-device batch x processes
+    final = [e for e in log if e.get("final")]
+    assert len(final) == 1 and final[0]["eval_clips"] == 10  # gathered from both ranks, no duplicates
+    assert len((run_dir / "predictions.jsonl").read_text().splitlines()) == 10
+    assert (run_dir / "checkpoint-2" / "trainer_state.json").is_file() and (run_dir / "best" / "model.safetensors").is_file()
+    assert proc.stdout.count("done: 2 steps") == 1
+
+
+# --------------------------------------------------------------------------- errors: one line, exit code 2
+
+
+def _main(argv: list[str], capsys) -> tuple[int, str]:
+    """Exit code and the error line(s) of the entry script, run in-process."""
+    import training_pipeline
+
+    code = cli_run(training_pipeline.main, argv)
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return code, "\n".join(line for line in err.splitlines() if line.startswith("error"))
+
+
+def test_missing_features_exit_2(tmp_path, tiny_model_dir, capsys):
+    code, err = _main(cli_args([f"features.data_dir={tmp_path}", f"model.name_or_path={tiny_model_dir}",
+                                f"training.output_dir={tmp_path}"]), capsys)
+    assert code == 2 and len(err.splitlines()) == 1
+    assert "feature_pipeline.py" in err
+
+
+def test_features_for_another_model_exit_2(tmp_path, features_dir, capsys):
+    from transformers import WhisperConfig, WhisperForConditionalGeneration
+
+    other = tmp_path / "large-v3-like"
+    WhisperForConditionalGeneration(WhisperConfig(
+        vocab_size=51866, num_mel_bins=128, d_model=16, encoder_layers=1, decoder_layers=1, encoder_attention_heads=1,
+        decoder_attention_heads=1, encoder_ffn_dim=16, decoder_ffn_dim=16)).save_pretrained(other)
+    code, err = _main(cli_args(overrides(features_dir, other, tmp_path)), capsys)
+    assert code == 2 and len(err.splitlines()) == 1
+    assert "128" in err and "mel bins" in err and "feature_pipeline.py" in err
+
+
+def test_features_for_another_language_exit_2(tmp_path, features_dir, tiny_model_dir, capsys):
+    code, err = _main([*cli_args(overrides(features_dir, tiny_model_dir, tmp_path)), "--set", "model.language=da"], capsys)
+    assert code == 2 and len(err.splitlines()) == 1 and "prefix tokens" in err and "feature_pipeline.py" in err
+
+
+def test_bad_config_exit_2(tmp_path, capsys):
+    code, err = _main(cli_args(["training.precision=fp8"]), capsys)
+    assert code == 2 and "training.precision" in err
+
+
+# --------------------------------------------------------------------------- small pieces
+
+
+def test_generation_length_capped_from_labels():
+    cfg = load_config(None)
+    assert generation_max_length(cfg, [[1] * 20, [1] * 40]) == 45
+    assert generation_max_length(cfg, [[1] * 440]) == 448
+    assert generation_max_length(load_config(None, ["training.generation_max_length=100"]), [[1] * 20]) == 100
+
+
+def test_precision_per_device():
+    assert resolve_precision("auto", cuda=False, bf16_ok=False) == "fp32"
+    assert resolve_precision("auto", cuda=True, bf16_ok=True) == "bf16"
+    assert resolve_precision("auto", cuda=True, bf16_ok=False) == "fp16"
+    with pytest.raises(TrainingError, match="fp16 needs a GPU"):
+        resolve_precision("fp16", cuda=False, bf16_ok=False)
+
+
+def test_latest_checkpoint_skips_half_written(tmp_path):
+    for step, complete in ((2, True), (10, True), (12, False)):
+        d = tmp_path / f"checkpoint-{step}"
+        d.mkdir()
+        if complete:
+            (d / "trainer_state.json").write_text("{}")
+    (tmp_path / "checkpoint-x").mkdir()
+    assert checkpoints.latest_checkpoint(tmp_path) == tmp_path / "checkpoint-10"
+    assert checkpoints.latest_checkpoint(tmp_path / "missing") is None
+
+
+def test_read_events_keeps_the_resumed_trajectory(tmp_path):
+    for e in ({"event": "train", "step": 1, "loss": 3.0}, {"event": "train", "step": 2, "loss": 2.0},
+              {"event": "start", "step": 1}, {"event": "train", "step": 2, "loss": 2.5},
+              {"event": "eval", "step": 2, "wer": float("nan")}):
+        checkpoints.append_event(tmp_path, e)
+    got = checkpoints.read_events(tmp_path)
+    assert [(e["event"], e["step"], e.get("loss")) for e in got] == [
+        ("train", 1, 3.0), ("start", 1, None), ("train", 2, 2.5), ("eval", 2, None)]
+    assert got[-1]["wer"] is None  # NaN is written as null: metrics.jsonl stays valid JSON
+
+
+def test_freeze_encoder_and_lora(tiny_model_dir, features_dir):
+    from whisper_ft.model import load_processor
+    from whisper_ft.train import prepare_model
+
+    manifest = json.loads((features_dir / "manifest.json").read_text())
+    tok = load_processor(str(features_dir / "processor")).tokenizer
+    sets = overrides(features_dir, tiny_model_dir, Path("unused"))
+    frozen = prepare_model(load_config(None, [*sets, "training.freeze_encoder=true"]), manifest, tok)
+    assert not any(p.requires_grad for p in frozen.model.encoder.parameters())
+    assert any(p.requires_grad for p in frozen.model.decoder.parameters())
+    lora = prepare_model(load_config(None, [*sets, "training.lora.enabled=true", "training.lora.rank=4"]), manifest, tok)
+    trainable = {n for n, p in lora.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n for n in trainable)
+    merged = checkpoints.standalone(lora)
+    assert type(merged).__name__ == "WhisperForConditionalGeneration"
+    assert not any("lora_" in n for n, _ in merged.named_parameters())

@@ -1,0 +1,92 @@
+"""End-of-run reports from metrics.jsonl: the loss/WER plot and the model card README."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+PLOT_NAME = "training_curves.png"
+
+
+def plot_curves(events: list[dict], path: str | Path) -> Path:
+    """PNG of training and evaluation loss (left) and WER (right) against step."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only; no display on training machines
+    import matplotlib.pyplot as plt
+
+    train = [e for e in events if e["event"] == "train" and e.get("loss") is not None]
+    evals = [e for e in events if e["event"] == "eval" and not e.get("final")]
+    fig, (ax_loss, ax_wer) = plt.subplots(1, 2, figsize=(11, 4))
+    ax_loss.plot([e["step"] for e in train], [e["loss"] for e in train], label="train loss")
+    with_loss = [e for e in evals if e.get("loss") is not None]
+    ax_loss.plot([e["step"] for e in with_loss], [e["loss"] for e in with_loss], "o-", label="eval loss")
+    ax_loss.set(xlabel="step", ylabel="loss", title="Loss")
+    for key, label in (("wer", "WER"), ("wer_normalized", "normalized WER"), ("cer", "CER")):
+        pts = [e for e in evals if e.get(key) is not None]
+        ax_wer.plot([e["step"] for e in pts], [100 * e[key] for e in pts], "o-", label=label)
+    ax_wer.set(xlabel="step", ylabel="%", title="Evaluation error rates")
+    for ax in (ax_loss, ax_wer):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return Path(path)
+
+
+def _pct(value) -> str:
+    return "n/a" if value is None else f"{100 * value:.2f}"
+
+
+def model_card(summary: dict, config: dict, manifest: dict) -> str:
+    """Markdown model card: results (zero-shot vs fine-tuned), data and hyperparameters."""
+    t, m = config["training"], config["model"]
+    base, final = summary.get("baseline") or {}, summary["final"]
+    rows = [("zero-shot (step 0)" if base else None, base), (f"fine-tuned (best, step {summary['best_step']})", final)]
+    table = "\n".join(f"| {name} | {_pct(r.get('wer'))} | {_pct(r.get('wer_normalized'))} | {_pct(r.get('cer'))} |"
+                      for name, r in rows if name)
+    data = "\n".join(f"- {split}: {s['clips']} clips, {s['hours']:.2f} h ({', '.join(f'{k} {v}' for k, v in s['by_source'].items())})"
+                     for split, s in manifest["splits"].items())
+    hyper = "\n".join(f"| {k} | {t[k]} |" for k in (
+        "learning_rate", "lr_scheduler", "warmup_steps", "max_steps", "batch_size", "gradient_accumulation_steps",
+        "weight_decay", "dropout", "precision", "gradient_checkpointing", "freeze_encoder", "seed"))
+    extras = [name for name, on in (("LoRA", t["lora"]["enabled"]), ("SpecAugment", t["spec_augment"]["enabled"])) if on]
+    return f"""---
+language: {m['language']}
+pipeline_tag: automatic-speech-recognition
+library_name: transformers
+base_model: {m['name_or_path']}
+tags: [whisper, speech-recognition]
+---
+
+# {t['run_name']}
+
+{m['name_or_path']} fine-tuned for {m['task']} in language `{m['language']}` with `training_pipeline.py`.
+The generation config forces language `{m['language']}` and task `{m['task']}`.
+
+## Results
+
+Evaluation split, all {final.get('eval_clips', 'n/a')} clips. WER and CER in %, lower is better.
+Orthographic WER compares the text as written; normalized WER lowercases and removes punctuation first.
+
+| model | WER | normalized WER | CER |
+|---|---|---|---|
+{table}
+
+## Data
+
+Features `{manifest['name']}` (sources: {', '.join(s['name'] for s in manifest['sources'])}):
+
+{data}
+
+## Training
+
+{summary['steps']} optimizer steps, {summary['samples_seen']} training samples seen, {summary['train_runtime_seconds']:.0f} s.
+{('Model changes: ' + ', '.join(extras) + '.') if extras else ''}
+
+| hyperparameter | value |
+|---|---|
+{hyper}
+
+Curves: `{PLOT_NAME}`; every logged event: `metrics.jsonl`; per-clip outputs: `predictions.jsonl`.
+"""

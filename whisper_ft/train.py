@@ -1,0 +1,397 @@
+"""Fine-tuning Whisper on the feature store with the HF `Seq2SeqTrainer`.
+
+    summary = run_training(load_config("config.yaml"))      # resumes from the last checkpoint
+    summary = run_training(cfg, fresh=True, callbacks=[MyPruningCallback()])
+
+The Trainer brings mixed precision, gradient accumulation, DDP under `torchrun`, resumption
+and checkpoint rotation; this module adds what it lacks for Whisper: the collator for the
+trimmed store, language/task forcing, WER metrics, an atomic `best/` export, the event log,
+and the end-of-run reports. Run folder layout: `whisper_ft.checkpoints`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+from transformers import Seq2SeqTrainer, TrainerCallback
+
+from whisper_ft import checkpoints, report
+from whisper_ft.collator import IGNORE_INDEX, SpeechCollator
+from whisper_ft.config import Config, save_config, to_dict
+from whisper_ft.features import FeaturesError, check_compatible, load_split, read_manifest
+from whisper_ft.metrics import scores
+from whisper_ft.model import load_model, load_processor, resolve
+
+log = logging.getLogger("whisper_ft.train")
+
+MAX_TARGET_POSITIONS = 448  # Whisper's decoder length
+MODEL_COLUMNS = ["input_features", "fill", "labels"]  # what the collator reads
+
+
+class TrainingError(ValueError):
+    """A training setup that cannot work (bad precision for the device, empty data)."""
+
+
+def run_dir_of(cfg: Config) -> Path:
+    return Path(cfg.training.output_dir) / cfg.training.run_name
+
+
+def features_root(cfg: Config) -> Path:
+    return Path(cfg.features.data_dir) / "features" / cfg.features.name
+
+
+def is_main_process() -> bool:
+    """Rank 0 of a torchrun job, or a single process (valid before the Trainer starts)."""
+    return os.environ.get("RANK", "0") == "0"
+
+
+# --------------------------------------------------------------------------- data
+
+
+@dataclass(frozen=True)
+class Data:
+    """The splits of a feature store: `*_model` views hold only the collator's columns."""
+
+    manifest: dict
+    processor: object
+    train: object
+    eval: object  # all evaluation clips, longest first
+    eval_model: object
+    periodic_eval_model: object  # the training.eval_subset clips used by the periodic checks
+    train_model: object
+
+
+def load_data(cfg: Config) -> Data:
+    """Read and check the feature store of `cfg`; FeaturesError says which command to run."""
+    root = features_root(cfg)
+    manifest = read_manifest(root)
+    try:
+        processor = load_processor(str(root / manifest["processor"]), cfg.model.language, cfg.model.task)
+    except ValueError as e:
+        raise TrainingError(str(e)) from e
+    train, evaluation = load_split(root, "train"), load_split(root, "eval")
+    if len(train) == 0 or len(evaluation) == 0:
+        raise FeaturesError(f"{root} has {len(train)} training and {len(evaluation)} evaluation clips; both are "
+                            "needed: check features.sources (train_splits, eval_splits) and rerun python feature_pipeline.py")
+    # Longest first: clips of a batch then generate similar lengths, and memory peaks at once.
+    evaluation = evaluation.sort("duration", reverse=True)
+    subset = evaluation
+    n = cfg.training.eval_subset
+    if 0 < n < len(evaluation):
+        picked = np.random.default_rng(cfg.training.seed).choice(len(evaluation), n, replace=False)
+        subset = evaluation.select(sorted(picked.tolist()))
+    return Data(manifest, processor, train, evaluation, _model_view(evaluation), _model_view(subset), _model_view(train))
+
+
+def _model_view(ds):
+    return ds.with_format("numpy", columns=MODEL_COLUMNS)
+
+
+def generation_max_length(cfg: Config, eval_labels: Sequence[Sequence[int]]) -> int:
+    """Token cap for generation: the configured one, or the longest eval label + 10%.
+
+    A model that loops (common early in fine-tuning) would otherwise generate 448 tokens for
+    every clip and stretch an evaluation from minutes into hours.
+    """
+    if cfg.training.generation_max_length > 0:
+        return min(cfg.training.generation_max_length, MAX_TARGET_POSITIONS)
+    longest = max((len(x) for x in eval_labels), default=MAX_TARGET_POSITIONS)
+    return min(MAX_TARGET_POSITIONS, math.ceil(longest * 1.1) + 1)
+
+
+# --------------------------------------------------------------------------- model
+
+
+def prepare_model(cfg: Config, manifest: dict, tokenizer):
+    """Load the model with dropout/SpecAugment set, check it fits the features, then apply
+    the freezing/LoRA switches. Language and task are forced in its generation config."""
+    from transformers import WhisperConfig
+
+    t = cfg.training
+    sa = t.spec_augment
+    # Dropout and SpecAugment are read when the layers are built, so they go into the config
+    # the model is built from rather than onto the loaded model.
+    config = WhisperConfig.from_pretrained(resolve(cfg.model.name_or_path), dropout=t.dropout,
+                                           apply_spec_augment=sa.enabled, mask_time_prob=sa.mask_time_prob,
+                                           mask_time_length=sa.mask_time_length, mask_feature_prob=sa.mask_feature_prob,
+                                           mask_feature_length=sa.mask_feature_length)
+    check_model(manifest, config, tokenizer)  # before minutes of loading weights
+    model = load_model(cfg.model.name_or_path, cfg.model.language, cfg.model.task, config=config,
+                       attn_implementation="sdpa")
+    model.config.use_cache = not t.gradient_checkpointing  # the KV cache is useless (and warns) with checkpointing
+    if t.freeze_encoder:
+        model.freeze_encoder()
+    if t.lora.enabled:
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(r=t.lora.rank, lora_alpha=t.lora.alpha, lora_dropout=t.lora.dropout,
+                                                 target_modules=list(t.lora.target_modules), bias="none"))
+    return model
+
+
+def check_model(manifest: dict, model_config, tokenizer) -> None:
+    """Refuse features built for another model family, mel bin count, vocabulary or language.
+
+    `tokenizer` is the store's, set to the configured language/task: a changed language
+    shows up as other prefix tokens than the stored labels carry.
+    """
+    check_compatible(manifest, model_config, tokenizer)
+    vocab = manifest["tokenizer"]["vocab_size"]
+    if vocab != model_config.vocab_size:
+        raise FeaturesError(f"features were tokenized with a vocabulary of {vocab} tokens but the model has "
+                            f"{model_config.vocab_size} (another Whisper family): rebuild them with "
+                            "python feature_pipeline.py --set model.name_or_path=<the model>")
+
+
+# --------------------------------------------------------------------------- trainer
+
+
+def resolve_precision(precision: str, cuda: bool, bf16_ok: bool) -> str:
+    """auto -> bf16 where the GPU supports it, fp16 on other GPUs, fp32 on CPU."""
+    if precision == "auto":
+        return ("bf16" if bf16_ok else "fp16") if cuda else "fp32"
+    if precision == "fp16" and not cuda:
+        raise TrainingError("training.precision: fp16 needs a GPU; use fp32 or bf16 on CPU")
+    if precision == "bf16" and cuda and not bf16_ok:
+        raise TrainingError("training.precision: this GPU has no bf16; use fp16 or auto")
+    return precision
+
+
+def training_arguments(cfg: Config, run_dir: Path, max_gen_length: int, eval_on_start: bool):
+    """Seq2SeqTrainingArguments for the config on the device torch sees."""
+    import torch
+    from transformers import Seq2SeqTrainingArguments
+
+    t = cfg.training
+    cuda = torch.cuda.is_available()
+    precision = resolve_precision(t.precision, cuda, cuda and torch.cuda.is_bf16_supported())
+    return Seq2SeqTrainingArguments(
+        output_dir=str(run_dir), run_name=t.run_name, seed=t.seed,
+        max_steps=t.max_steps, per_device_train_batch_size=t.batch_size,
+        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        learning_rate=t.learning_rate, lr_scheduler_type=t.lr_scheduler, warmup_steps=t.warmup_steps,
+        weight_decay=t.weight_decay, optim="adamw_torch_fused" if cuda else "adamw_torch",
+        bf16=precision == "bf16", fp16=precision == "fp16",
+        tf32=True if cuda and torch.cuda.get_device_capability()[0] >= 8 else None,
+        activation_checkpointing=t.gradient_checkpointing,
+        torch_compile=t.torch_compile,
+        eval_strategy="steps", eval_steps=t.eval_steps, eval_on_start=eval_on_start,
+        per_device_eval_batch_size=t.eval_batch_size, predict_with_generate=True,
+        generation_max_length=max_gen_length, generation_num_beams=t.num_beams,
+        save_strategy="steps", save_steps=t.save_steps, save_total_limit=t.save_total_limit,
+        metric_for_best_model="wer", greater_is_better=False,  # rotation keeps the best checkpoint too
+        logging_strategy="steps", logging_steps=t.logging_steps, report_to=["tensorboard"],
+        dataloader_num_workers=t.dataloader_workers, dataloader_pin_memory=cuda,
+        dataloader_persistent_workers=t.dataloader_workers > 0,
+        remove_unused_columns=False, label_names=["labels"],
+        ddp_find_unused_parameters=False,
+        # Per-process mean loss, averaged by DDP: the token-weighted variant logs the loss times
+        # the number of processes in transformers 5.23.
+        average_tokens_across_devices=False,
+        # Without a GPU, say so: only then does accelerate start multi-process CPU training under torchrun.
+        use_cpu=not cuda,
+    )
+
+
+def decode(tokenizer, ids: np.ndarray) -> list[str]:
+    """Token ids (padded with -100 by the Trainer) -> text without special tokens."""
+    ids = np.where(np.asarray(ids) == IGNORE_INDEX, tokenizer.pad_token_id, ids)
+    return [s.strip() for s in tokenizer.batch_decode(ids, skip_special_tokens=True)]
+
+
+def compute_metrics(tokenizer, pred) -> dict:
+    """Trainer hook: WER, normalized WER, CER and clip count of one evaluation."""
+    return scores(decode(tokenizer, pred.label_ids), decode(tokenizer, pred.predictions))
+
+
+class WhisperTrainer(Seq2SeqTrainer):
+    """Seq2SeqTrainer whose evaluation keeps each clip once under torchrun.
+
+    The last evaluation batch of each process is padded with repeated clips; Seq2SeqTrainer
+    deliberately gathers them with `gather` (not `gather_for_metrics`), which would count
+    them twice in WER and in predictions.jsonl.
+    """
+
+    @property
+    def gather_function(self):
+        return self.accelerator.gather_for_metrics
+
+    @gather_function.setter
+    def gather_function(self, _fn) -> None:
+        pass  # keep gather_for_metrics
+
+
+def make_trainer(model, args, data: Data, eval_dataset, callbacks: Sequence = ()) -> Seq2SeqTrainer:
+    return WhisperTrainer(
+        model=model, args=args, data_collator=SpeechCollator(model.config.decoder_start_token_id),
+        train_dataset=data.train_model, eval_dataset=eval_dataset, processing_class=data.processor,
+        compute_metrics=partial(compute_metrics, data.processor.tokenizer), callbacks=list(callbacks))
+
+
+class EventLog(TrainerCallback):
+    """Writes each Trainer log as a `train` or `eval` event to metrics.jsonl, plus a log line;
+    exports `best/` when an evaluation after step 0 beats the best WER so far; makes sure the
+    last step is evaluated and saved."""
+
+    def __init__(self, run_dir: Path, processor, meta: dict):
+        self.run_dir = run_dir
+        self.processor = processor
+        self.meta = meta
+        best = checkpoints.read_best(run_dir)
+        self.best_wer = best["wer"] if best and best.get("wer") is not None else math.inf
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step >= state.max_steps:
+            control.should_evaluate = control.should_save = True
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero or not logs:
+            return
+        if "eval_wer" in logs:
+            event = eval_event(logs, "eval", state.global_step)
+            log.info("eval step %d: WER %.2f%%, normalized WER %.2f%%, CER %.2f%% on %d clips", state.global_step,
+                     100 * _num(event["wer"]), 100 * _num(event["wer_normalized"]), 100 * _num(event["cer"]), event["eval_clips"])
+        elif "loss" in logs:
+            event = {"event": "train", "step": state.global_step, "epoch": logs.get("epoch"), "loss": logs["loss"],
+                     "learning_rate": logs.get("learning_rate"), "grad_norm": logs.get("grad_norm")}
+        else:
+            return
+        checkpoints.append_event(self.run_dir, event)
+
+    def on_evaluate(self, args, state, control, metrics=None, model=None, **kwargs):
+        wer = (metrics or {}).get("eval_wer", math.nan)
+        if state.global_step == 0 or not wer < self.best_wer:  # NaN never wins
+            return
+        self.best_wer = wer
+        if state.is_world_process_zero:
+            info = {**self.meta, "step": state.global_step, "wer": wer,
+                    "wer_normalized": metrics.get("eval_wer_normalized"), "cer": metrics.get("eval_cer"),
+                    "eval_clips": metrics.get("eval_clips")}
+            checkpoints.export_best(model, self.processor, self.run_dir, info)
+            log.info("new best WER %.2f%% at step %d: exported %s", 100 * wer, state.global_step,
+                     self.run_dir / checkpoints.BEST_DIR)
+
+
+def _num(x) -> float:
+    return math.nan if x is None else float(x)
+
+
+def eval_event(metrics: dict, prefix: str, step: int) -> dict:
+    """A metrics.jsonl `eval` event from Trainer metrics named `<prefix>_wer` etc."""
+    get = lambda k: metrics.get(f"{prefix}_{k}")  # noqa: E731
+    return {"event": "eval", "step": step, "wer": get("wer"), "wer_normalized": get("wer_normalized"),
+            "cer": get("cer"), "eval_clips": get("clips"), "loss": get("loss"), "runtime": get("runtime"),
+            "clips_per_second": get("samples_per_second")}
+
+
+# --------------------------------------------------------------------------- the run
+
+
+def run_training(cfg: Config, fresh: bool = False, callbacks: Sequence[TrainerCallback] = ()) -> dict:
+    """One whole training run: resume (or start over), train, evaluate the best model on all
+    evaluation clips, write the reports. Returns the summary also saved as metrics.json.
+
+    `callbacks` are extra Trainer callbacks; one that sets `control.should_training_stop`
+    after an evaluation ends the run early (the best model so far is still exported).
+    """
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_warning()
+    run_dir = run_dir_of(cfg)
+    resume = None if fresh else checkpoints.latest_checkpoint(run_dir)
+    if fresh and is_main_process() and run_dir.exists():
+        shutil.rmtree(run_dir)
+    data = load_data(cfg)
+    model = prepare_model(cfg, data.manifest, data.processor.tokenizer)
+    gen_len = generation_max_length(cfg, data.eval["labels"])
+    args = training_arguments(cfg, run_dir, gen_len, eval_on_start=cfg.training.eval_before_training and resume is None)
+    meta = {"base_model": cfg.model.name_or_path, "language": cfg.model.language, "task": cfg.model.task,
+            "features": data.manifest["name"]}
+    trainer = make_trainer(model, args, data, data.periodic_eval_model, [EventLog(run_dir, data.processor, meta), *callbacks])
+    start_step = _step_of(resume)
+    if trainer.is_world_process_zero():
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
+        checkpoints.append_event(run_dir, {"event": "start", "step": start_step, "resumed_from": resume and resume.name,
+                                           "world_size": args.world_size, "train_clips": len(data.train),
+                                           "eval_clips": len(data.eval), "generation_max_length": gen_len})
+        log.info("%s at step %d: %d training clips, %d evaluation clips (%d in periodic checks), generation capped at %d "
+                 "tokens", f"resuming from {resume}" if resume else "starting", start_step, len(data.train),
+                 len(data.eval), len(data.periodic_eval_model), gen_len)
+    result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    if checkpoints.read_best(run_dir) is None and trainer.is_world_process_zero():  # stopped before any evaluation
+        checkpoints.export_best(trainer.model, data.processor, run_dir, {**meta, "step": trainer.state.global_step, "wer": None})
+    trainer.accelerator.wait_for_everyone()
+    final = final_evaluation(cfg, args, data, run_dir)
+    summary = summarize(trainer, result, final, run_dir, args)
+    if trainer.is_world_process_zero():
+        write_reports(cfg, data.manifest, summary, run_dir)
+    return summary
+
+
+def _step_of(checkpoint: Path | None) -> int:
+    return int(checkpoint.name.rsplit("-", 1)[1]) if checkpoint else 0
+
+
+def final_evaluation(cfg: Config, args, data: Data, run_dir: Path) -> dict:
+    """Evaluate `best/` (exactly what is shipped) on every evaluation clip; write predictions.jsonl."""
+    import dataclasses
+
+    model = load_model(str(run_dir / checkpoints.BEST_DIR), cfg.model.language, cfg.model.task, attn_implementation="sdpa")
+    eval_args = dataclasses.replace(args, report_to=[], eval_on_start=False)
+    trainer = make_trainer(model, eval_args, data, data.eval_model)
+    out = trainer.predict(data.eval_model, metric_key_prefix="eval")
+    event = {**eval_event(out.metrics, "eval", checkpoints.read_best(run_dir)["step"]), "final": True}
+    if trainer.is_world_process_zero():
+        tok = data.processor.tokenizer
+        rows = [{"id": ex["id"], "source": ex["source"], "speaker": ex["speaker"], "reference": ref, "prediction": hyp}
+                for ex, ref, hyp in zip(data.eval.select_columns(["id", "source", "speaker"]),
+                                        data.eval["sentence"], decode(tok, out.predictions))]
+        _write_jsonl(run_dir / "predictions.jsonl", rows)
+        checkpoints.append_event(run_dir, event)
+        log.info("final evaluation of best/ (step %d): WER %.2f%%, normalized WER %.2f%%, CER %.2f%% on %d clips",
+                 event["step"], 100 * _num(event["wer"]), 100 * _num(event["wer_normalized"]), 100 * _num(event["cer"]),
+                 event["eval_clips"])
+    return event
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    tmp.replace(path)
+
+
+def summarize(trainer, result, final: dict, run_dir: Path, args) -> dict:
+    """The metrics.json summary (also returned by run_training)."""
+    events = checkpoints.read_events(run_dir) if trainer.is_world_process_zero() else []
+    baseline = next((e for e in events if e["event"] == "eval" and e["step"] == 0 and not e.get("final")), None)
+    best = checkpoints.read_best(run_dir) or {}
+    steps = trainer.state.global_step
+    return {
+        "best_wer": best.get("wer"), "best_step": best.get("step"),
+        "wer": final["wer"], "wer_normalized": final["wer_normalized"], "cer": final["cer"],
+        "eval_clips": final["eval_clips"], "final": final, "baseline": baseline,
+        "steps": steps, "samples_seen": steps * args.train_batch_size * args.gradient_accumulation_steps * args.world_size,
+        "train_runtime_seconds": result.metrics.get("train_runtime", 0.0),
+        "train_samples_per_second": result.metrics.get("train_samples_per_second"),
+        "train_loss": result.metrics.get("train_loss"), "run_dir": str(run_dir),
+    }
+
+
+def write_reports(cfg: Config, manifest: dict, summary: dict, run_dir: Path) -> None:
+    """metrics.json, the loss/WER plot and the model card (in the run folder and in best/)."""
+    (run_dir / "metrics.json").write_text(json.dumps(summary, indent=1, ensure_ascii=False))
+    report.plot_curves(checkpoints.read_events(run_dir), run_dir / report.PLOT_NAME)
+    card = report.model_card(summary, to_dict(cfg), manifest)
+    for folder in (run_dir, run_dir / checkpoints.BEST_DIR):
+        (folder / "README.md").write_text(card, encoding="utf-8")
+    shutil.copy2(run_dir / report.PLOT_NAME, run_dir / checkpoints.BEST_DIR / report.PLOT_NAME)
