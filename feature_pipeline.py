@@ -21,8 +21,9 @@ from tqdm import tqdm
 from whisper_ft import cli
 from whisper_ft.config import Config, save_config, to_dict
 from whisper_ft.features import (MANIFEST, PLAN, PROCESSOR_DIR, Limits, build_manifest, build_shards,
-                                 clean_partial, fingerprint, is_done, plan_shards, read_manifest)
-from whisper_ft.model import ModelNotFound, load_processor
+                                 clean_partial, fingerprint, is_done, load_feature_processor, plan_shards,
+                                 read_manifest)
+from whisper_ft.model import ModelNotFound
 from whisper_ft.sources import EVAL, TRAIN, SourceError, describe, read_source
 
 
@@ -44,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     fc = cfg.features
     root = Path(fc.data_dir) / "features" / fc.name
     try:
-        processor = load_processor(cfg.model.name_or_path, cfg.model.language, cfg.model.task)
+        processor = load_feature_processor(cfg.model.name_or_path, cfg.model.language, cfg.model.task)
         rows = collect_rows(cfg)
     except (ModelNotFound, SourceError, ValueError) as e:
         raise cli.UserError(str(e)) from e
@@ -68,8 +69,7 @@ def main(argv: list[str] | None = None) -> int:
         def progress(n: int, kept: int) -> None:
             bar.update(n)
 
-        for shard, stats in build_shards(root, todo, root / PROCESSOR_DIR, cfg.model.language, cfg.model.task,
-                                         limits, processor.feature_extractor.feature_size, fc.dtype, workers, fc.batch_size, progress):
+        for shard, stats in build_shards(root, todo, processor, limits, fc.dtype, workers, fc.batch_size, progress):
             bar.write(f"wrote {shard.split}/{shard.name}: {stats['clips']} of {stats['rows']} clips kept")
 
     missing = [s for s in shards if not is_done(root, s)]

@@ -190,6 +190,18 @@ def test_tidy_sentence(raw, tidy):
     assert tidy_sentence(raw) == tidy
 
 
+def test_saved_processor_serves_the_next_stages(features_dir, tiny_model_dir):
+    from transformers import WhisperConfig, WhisperFeatureExtractor
+
+    from whisper_ft.features import check_compatible
+    from whisper_ft.model import load_processor
+
+    processor = load_processor(str(features_dir / read_manifest(features_dir)["processor"]), "sv", "transcribe")
+    assert processor.feature_extractor.to_dict() == WhisperFeatureExtractor.from_pretrained(PROCESSOR_DIR).to_dict()
+    assert processor.tokenizer.prefix_tokens == PREFIX
+    check_compatible(read_manifest(features_dir), WhisperConfig.from_pretrained(tiny_model_dir), processor.tokenizer)
+
+
 def test_fixture_store_labels_match_the_release(features_dir, cv_release):
     expected = [r["sentence"] for tsv in ("train.tsv", "dev.tsv") for r in read_cv_tsv(cv_release / tsv)]
     ds = load_split(features_dir, "train")

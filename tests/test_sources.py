@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import shutil
+import sys
 import tarfile
 from pathlib import Path
 
@@ -177,7 +178,24 @@ def test_hf_save_to_disk_with_custom_columns(saved_dataset, cv_release, tmp_path
     assert all(isinstance(r.audio, bytes) and r.speaker for r in rows[TRAIN] + rows[EVAL])
 
 
-def test_mixed_sources_keep_their_names(tmp_path, cv_tarball, audiofolder, saved_dataset):
+class _NoTorchcodec:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] == "torchcodec":
+            raise ImportError(f"{name} is blocked in this test")
+
+
+def without_torchcodec(monkeypatch) -> None:
+    """Act as if torchcodec were not installed (datasets then needs it to encode or decode audio)."""
+    import datasets
+
+    for name in [m for m in sys.modules if m.split(".")[0] == "torchcodec"]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setattr(sys, "meta_path", [_NoTorchcodec(), *sys.meta_path])
+    monkeypatch.setattr(datasets.config, "TORCHCODEC_AVAILABLE", False)
+
+
+def test_mixed_sources_keep_their_names(tmp_path, cv_tarball, audiofolder, saved_dataset, monkeypatch):
+    without_torchcodec(monkeypatch)  # the pipeline must never need it
     sets = [
         "features.sources.0.name=cv", f"features.sources.0.path={cv_tarball}", "features.sources.0.limit=5",
         "features.sources.1.name=af", "features.sources.1.kind=hf", f"features.sources.1.path={audiofolder}",

@@ -25,6 +25,7 @@ from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -294,16 +295,43 @@ def iter_batches(rows: tuple[Row, ...], batch_size: int) -> Iterator[tuple[Row, 
 # --------------------------------------------------------------------------- running
 
 
-_WORKER: dict = {}  # per worker process: the processor, loaded once by _init_worker
+@dataclass(frozen=True)
+class Processor:
+    """What `WhisperProcessor` holds, loaded without it: importing transformers' processing
+    module costs several seconds per start, which is most of the run on a small dataset."""
+
+    feature_extractor: Any
+    tokenizer: Any
+
+    def save_pretrained(self, path: str | Path) -> None:
+        """Write a folder that `WhisperProcessor.from_pretrained` (and `model.load_processor`) reads."""
+        self.feature_extractor.save_pretrained(str(path))
+        self.tokenizer.save_pretrained(str(path))
 
 
-def _init_worker(processor_dir: str, language: str, task: str, limits: Limits) -> None:
+def load_feature_processor(name_or_path: str, language: str = "sv", task: str = "transcribe") -> Processor:
+    """Feature extractor and tokenizer (<|sv|><|transcribe|><|notimestamps|> prefix) of a Whisper model."""
+    from transformers import WhisperFeatureExtractor, WhisperTokenizer
+
+    from whisper_ft.model import ModelNotFound, resolve, set_language
+
+    where = resolve(name_or_path)
+    try:
+        processor = Processor(WhisperFeatureExtractor.from_pretrained(where), WhisperTokenizer.from_pretrained(where))
+    except OSError as e:
+        raise ModelNotFound(f"cannot load a Whisper processor from {name_or_path}: "
+                            f"{str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}") from e
+    set_language(processor.tokenizer, language, task)
+    return processor
+
+
+_WORKER: dict = {}  # per worker process: the feature extractor, tokenizer and limits
+
+
+def _init_worker(processor: Processor, limits: Limits) -> None:
     import torch
 
-    from whisper_ft.model import load_processor
-
     torch.set_num_threads(1)  # one process per core already
-    processor = load_processor(processor_dir, language, task)
     _WORKER.update(fe=processor.feature_extractor, tok=processor.tokenizer, limits=limits)
 
 
@@ -311,18 +339,20 @@ def _encode_in_worker(rows: tuple[Row, ...]) -> tuple[list[dict], Counter]:
     return encode_batch(rows, _WORKER["fe"], _WORKER["tok"], _WORKER["limits"])
 
 
-def build_shards(root: Path, todo: list[Shard], processor_dir: Path, language: str, task: str, limits: Limits,
-                 n_mels: int, dtype: str, workers: int, batch_size: int, progress=None) -> Iterator[tuple[Shard, dict]]:
+def build_shards(root: Path, todo: list[Shard], processor: Processor, limits: Limits, dtype: str, workers: int,
+                 batch_size: int, progress=None) -> Iterator[tuple[Shard, dict]]:
     """Encode and write the shards in `todo`, yielding (shard, stats) as each one lands on disk.
 
     Batches of every shard go through one process pool in order, so all cores stay busy even
-    when there are fewer shards than cores. `progress(n_rows, n_kept)` is called per batch.
+    when there are fewer shards than cores. Workers are forked with the processor already
+    loaded. `progress(n_rows, n_kept)` is called per batch.
     """
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
     jobs = [(shard, batch) for shard in todo for batch in iter_batches(shard.rows, batch_size)]
-    init_args = (str(processor_dir), language, task, limits)
+    init_args = (processor, limits)
+    n_mels = processor.feature_extractor.feature_size
     if workers <= 1:
         _init_worker(*init_args)
         results = map(_encode_in_worker, (batch for _, batch in jobs))
