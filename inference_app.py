@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+from pathlib import Path
 
 from whisper_ft import cli
 
@@ -42,6 +43,8 @@ def main(argv: list[str] | None = None) -> int:
     from whisper_ft.app import Handlers, build_app, find_model, load_for_app
     from whisper_ft.model import ModelNotFound
 
+    if cfg.app.cookies_file and not Path(cfg.app.cookies_file).is_file():
+        raise cli.UserError(f"app.cookies_file: {cfg.app.cookies_file} does not exist")
     choice = find_model(cfg)
     if choice.notice:
         log.warning(choice.notice.replace("*", "").replace("`", ""))
