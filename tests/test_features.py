@@ -247,6 +247,7 @@ def test_resume_after_kill_equals_an_uninterrupted_run(tmp_path, cv_release, ref
     stale = root / "train" / f".shard-00009-of-00010.tmp-{dead_pid()}"  # as if killed while writing
     stale.mkdir()
     (stale / "data-00000-of-00001.arrow").write_bytes(b"half")
+    (root / f".manifest.json.tmp-{dead_pid()}").write_text("{")
     mtimes = {p: p.stat().st_mtime_ns for p in done}
 
     assert feature_pipeline.main(args) == 0

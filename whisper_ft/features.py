@@ -188,12 +188,15 @@ def is_done(root: Path, shard: Shard) -> bool:
 
 
 def clean_partial(root: Path) -> None:
-    """Remove temporary shard folders whose writing process is gone (a killed run)."""
-    for split in SPLITS:
-        for tmp in (root / split).glob(".shard-*.tmp-*"):
-            pid = int(tmp.name.rsplit("-", 1)[1])
-            if not _pid_alive(pid):
+    """Remove temporary shards and manifests whose writing process is gone (a killed run)."""
+    shards = (t for split in SPLITS for t in (root / split).glob(".shard-*.tmp-*"))
+    for tmp in [*root.glob(f".{MANIFEST}.tmp-*"), *shards]:
+        pid = tmp.name.rsplit("-", 1)[1]
+        if pid.isdigit() and not _pid_alive(int(pid)):
+            if tmp.is_dir():
                 shutil.rmtree(tmp, ignore_errors=True)
+            else:
+                tmp.unlink(missing_ok=True)
 
 
 def _pid_alive(pid: int) -> bool:
