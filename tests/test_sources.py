@@ -17,6 +17,7 @@ import feature_pipeline
 from whisper_ft.config import SourceConfig
 from whisper_ft.features import load_split, read_manifest
 from whisper_ft.sources import EVAL, TRAIN, SourceError, read_cv_tsv, read_source
+from whisper_ft.synth import write_tsv
 
 
 def rows_summary(rows):
@@ -71,14 +72,16 @@ def saved_dataset(tmp_path_factory, cv_release) -> Path:
     return out
 
 
-def test_common_voice_folder_parent_and_tarball_agree(cv_release, cv_tarball, tmp_path):
+def test_common_voice_folder_parent_and_tarball_agree(cv_release, cv_tarball, tmp_path, monkeypatch):
     src = SourceConfig(name="cv", path=str(cv_release))
     folder = read_source(src, tmp_path)
     assert [len(folder[TRAIN]), len(folder[EVAL])] == [30, 10]  # train + dev, test
     assert all(r.source == "cv" and r.split == TRAIN for r in folder[TRAIN])
     parent = read_source(SourceConfig(name="cv", path=str(cv_release.parent)), tmp_path)
+    monkeypatch.setenv("HOME", str(cv_release.parents[1]))
+    home = read_source(SourceConfig(name="cv", path=f"~/{cv_release.parent.name}/sv-SE"), tmp_path)
     packed = read_source(SourceConfig(name="cv", path=str(cv_tarball)), tmp_path)
-    assert rows_summary(parent) == rows_summary(folder) == rows_summary(packed)
+    assert rows_summary(parent) == rows_summary(folder) == rows_summary(packed) == rows_summary(home)
     assert audio_bytes(packed) == audio_bytes(folder)
     extracted = tmp_path / "raw" / "cv-corpus-99.0-2099-01-01-sv-SE"
     assert (extracted / ".extracted").is_file()
@@ -219,3 +222,25 @@ def test_mixed_sources_keep_their_names(tmp_path, cv_tarball, audiofolder, saved
     assert train["source"] == ["cv"] * 5 + ["af"] * 4 + ["saved"] * 3
     assert len(set(zip(train["source"], train["id"]))) == 12
     assert json.loads((root / "plan.json").read_text())["settings"]["features"]["sources"][2]["text_column"] == "text"
+
+
+def test_hf_hub_id_offline_is_a_source_error(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
+    src = SourceConfig(name="hub", kind="hf", path="mozilla-foundation/common_voice_17_0", hf_config="sv-SE")
+    with pytest.raises(SourceError, match="cannot load split 'train'.*local folder"):
+        read_source(src, tmp_path)
+
+
+def test_common_voice_11_columns(tmp_path, cv_release):
+    """Version 11 TSVs lack sentence_id, sentence_domain and variant."""
+    v11 = ("client_id", "path", "sentence", "up_votes", "down_votes", "age", "gender", "accents", "locale", "segment")
+    release = tmp_path / "cv-corpus-11.0-2022-09-21" / "sv-SE"
+    shutil.copytree(cv_release, release)
+    for split in ("train", "dev", "test"):
+        rows = read_cv_tsv(cv_release / f"{split}.tsv")
+        write_tsv(release / f"{split}.tsv", [{k: r[k] for k in v11} for r in rows], v11)
+    got = read_source(SourceConfig(name="cv11", path=str(release.parent)), tmp_path)
+    want = read_source(SourceConfig(name="cv11", path=str(cv_release)), tmp_path)
+    assert rows_summary(got) == rows_summary(want)
+    assert got[TRAIN][0].meta == want[TRAIN][0].meta and got[TRAIN][0].meta["gender"]

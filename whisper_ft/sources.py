@@ -45,7 +45,7 @@ def read_source(src: SourceConfig, data_dir: Path) -> dict[str, list[Row]]:
     if src.kind == "hf":
         rows = _read_hf(src)
     else:
-        root = download_mdc(src.dataset_id, data_dir / "raw") if src.kind == "mdc" else Path(src.path)
+        root = download_mdc(src.dataset_id, data_dir / "raw") if src.kind == "mdc" else Path(src.path).expanduser()
         rows = _read_common_voice(src, locate_release(root, data_dir / "raw"))
     if src.limit:
         rows = {split: r[: src.limit] for split, r in rows.items()}
@@ -211,7 +211,7 @@ def _load_hf_split(src: SourceConfig, split: str):
                 raise KeyError(f"no split {split!r} (has {', '.join(loaded)})")
             ds = loaded[split] if isinstance(loaded, datasets.DatasetDict) else loaded
         else:
-            ds = datasets.load_dataset(src.path, src.hf_config or None, split=split)
+            ds = datasets.load_dataset(str(path) if path.exists() else src.path, src.hf_config or None, split=split)
     except (FileNotFoundError, KeyError, ValueError, ConnectionError, OSError) as e:
         hint = "" if path.exists() else " (offline? pass a local folder, or set HF_HUB_OFFLINE=1 with a cached copy)"
         text = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
