@@ -3,7 +3,6 @@ kill, shard splitting across processes, store/config mismatches and the offline 
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
