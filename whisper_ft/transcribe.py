@@ -61,7 +61,7 @@ class PipelineTranscriber:
     backend = "transformers"
 
     def __init__(self, model, processor, language: str = "sv", chunk_seconds: float = 30.0,
-                 stride_seconds: float = 5.0, batch_size: int = 8, beam_size: int = 5):
+                 stride_seconds: float = 5.0, batch_size: int = 8, beam_size: int = 1):
         from transformers import pipeline
 
         self.language = language
@@ -103,7 +103,7 @@ class CT2Transcriber:
 
     backend = "ctranslate2"
 
-    def __init__(self, ct2_dir: str | Path, language: str = "sv", batch_size: int = 8, beam_size: int = 5,
+    def __init__(self, ct2_dir: str | Path, language: str = "sv", batch_size: int = 8, beam_size: int = 1,
                  compute_type: str = "int8", cpu_threads: int = 0):
         from faster_whisper import BatchedInferencePipeline, WhisperModel
 
@@ -127,7 +127,7 @@ class CT2Transcriber:
 
 
 def load_transcriber(model_dir: str, language: str = "sv", chunk_seconds: float = 30.0, stride_seconds: float = 5.0,
-                     batch_size: int = 8, use_ctranslate2: bool = True, beam_size: int = 5):
+                     batch_size: int = 8, use_ctranslate2: bool = True, beam_size: int = 1):
     """The CTranslate2 path when `use_ctranslate2` and an up-to-date export sits in `<model_dir>/ct2`,
     else the transformers pipeline on `model_dir` (a folder or hub id)."""
     from whisper_ft import ct2
