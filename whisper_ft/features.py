@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from whisper_ft.audio import SAMPLE_RATE, AudioError, load_audio, pad_features, trimmed_features
-from whisper_ft.sources import EVAL, TRAIN, Row
+from whisper_ft.sources import EVAL, TRAIN, ArrowAudio, Row
 from whisper_ft.text import tidy_sentence
 
 FORMAT_VERSION = 2  # 2: the last frame that sees audio is always kept
@@ -109,15 +109,16 @@ def encode_batch(rows: Iterable[Row], feature_extractor, tokenizer, limits: Limi
 
 
 def _decode(row: Row) -> tuple[str | None, np.ndarray | None]:
-    if isinstance(row.audio, str):
-        if not row.audio or not os.path.isfile(row.audio):
+    audio = row.audio.read() if isinstance(row.audio, ArrowAudio) else row.audio
+    if isinstance(audio, str):
+        if not audio or not os.path.isfile(audio):
             return "missing_file", None
-        if os.path.getsize(row.audio) == 0:
+        if os.path.getsize(audio) == 0:
             return "empty_file", None
-    elif not row.audio:
+    elif not audio:
         return "empty_file", None
     try:
-        wave = load_audio(row.audio)
+        wave = load_audio(audio)
     except (AudioError, OSError, ValueError, RuntimeError):
         return "undecodable", None
     if wave.size == 0 or not np.isfinite(wave).all():

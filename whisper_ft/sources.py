@@ -8,6 +8,7 @@ module and `whisper_ft.model` are the only ones that reach the network for data 
 from __future__ import annotations
 
 import csv
+import functools
 import json
 import os
 import shutil
@@ -29,12 +30,12 @@ class SourceError(ValueError):
 
 @dataclass(frozen=True)
 class Row:
-    """One utterance before decoding. `audio` is a file path or the encoded bytes."""
+    """One utterance before decoding. `audio` is a file path, the encoded bytes, or where to read them."""
 
     source: str
     split: str
     id: str
-    audio: str | bytes
+    audio: str | bytes | ArrowAudio
     sentence: str
     speaker: str = ""
     meta: dict = field(default_factory=dict)
@@ -151,12 +152,52 @@ def _read_hf(src: SourceConfig) -> dict[str, list[Row]]:
                     raise SourceError(f"source {src.name}: split {split} has no column {col!r} "
                                       f"(columns: {', '.join(columns)})")
             has_speaker = src.speaker_column in columns
-            for i, ex in enumerate(examples):
-                audio = ex[src.audio_column] or {}
-                data = audio if isinstance(audio, str) else audio.get("bytes") or audio.get("path") or ""
+            audio = _audio_refs(examples, src.audio_column)
+            if audio is None:
+                audio = [_audio_value(ex[src.audio_column]) for ex in examples]
+            texts = _text_columns(examples, [c for c in (src.text_column, src.speaker_column) if c in columns])
+            for i, (data, ex) in enumerate(zip(audio, texts)):
                 speaker = str(ex[src.speaker_column] or "") if has_speaker else ""
                 out[target].append(Row(src.name, target, f"{split}/{i}", data, ex[src.text_column] or "", speaker))
     return out
+
+
+@dataclass(frozen=True)
+class ArrowAudio:
+    """The encoded audio of row `index` in an Arrow-backed dataset, read when it is decoded, so
+    that a dataset with embedded audio never has to fit in memory."""
+
+    files: tuple[str, ...]
+    column: str
+    index: int
+
+    def read(self) -> str | bytes:
+        return _audio_value(_arrow_table(self.files).column(self.column)[self.index].as_py())
+
+
+@functools.lru_cache(maxsize=4)
+def _arrow_table(files: tuple[str, ...]):
+    import pyarrow as pa
+
+    return pa.concat_tables([pa.ipc.open_stream(pa.memory_map(f)).read_all() for f in files])  # zero-copy
+
+
+def _audio_value(audio) -> str | bytes:
+    audio = audio or {}
+    return audio if isinstance(audio, str) else audio.get("bytes") or audio.get("path") or ""
+
+
+def _audio_refs(ds, column: str) -> list[ArrowAudio] | None:
+    """References into a memory-mapped dataset's files, or None where they would not line up."""
+    files = tuple(f["filename"] for f in getattr(ds, "cache_files", None) or ())
+    if not files or getattr(ds, "_indices", None) is not None or len(_arrow_table(files)) != len(ds):
+        return None
+    return [ArrowAudio(files, column, i) for i in range(len(ds))]
+
+
+def _text_columns(examples, columns: list[str]) -> Iterable[dict]:
+    """The examples' text columns only (a datasets.Dataset skips reading its audio)."""
+    return examples.select_columns(columns) if hasattr(examples, "select_columns") else examples
 
 
 def _open_hf_split(src: SourceConfig, split: str) -> tuple[list[str], Iterable[dict]]:
