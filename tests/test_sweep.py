@@ -47,9 +47,9 @@ class ScriptedTrainer:
         best = 1e9
         with open(run / "metrics.jsonl", "a") as f:
             for step in range(0, t.max_steps + 1, t.eval_steps):
-                wer = self.wer_of(t, step)
+                wer = self.wer_of(t, step) / 100  # metrics.jsonl holds fractions
                 best = min(best, wer) if step else best
-                f.write(json.dumps({"event": "eval", "step": step, "wer": wer, "wer_normalized": wer - 1,
+                f.write(json.dumps({"event": "eval", "step": step, "wer": wer, "wer_normalized": wer * 0.9,
                                     "cer": wer / 2}) + "\n")
                 for cb in callbacks:
                     cb.on_evaluate(None, SimpleNamespace(global_step=step), control, metrics={"eval_wer": wer})

@@ -232,7 +232,7 @@ def read_trials(folder: Path) -> list[dict]:
         rec = json.loads(path.read_text())
         history = path.parent / "metrics.jsonl"
         rec["evals"] = [e for e in map(json.loads, history.read_text().splitlines())
-                        if e.get("event") == "eval"] if history.is_file() else []
+                        if e.get("event") == "eval" and not e.get("final")] if history.is_file() else []
         trials.append(rec)
     return trials
 
@@ -257,15 +257,15 @@ def write_report(folder: Path, spec: SweepSpec) -> Path:
     if len(done) >= 1:
         win = done[0]
         lines.append(f"**Winner: trial {win['trial']}** ({_params(win['params'])}): {spec.metric} "
-                     f"{win['best'][spec.metric]:.2f}"
-                     + (f", {done[1]['best'][spec.metric] - win['best'][spec.metric]:.2f} points better than the "
+                     f"{100 * win['best'][spec.metric]:.2f}%"
+                     + (f", {100 * (done[1]['best'][spec.metric] - win['best'][spec.metric]):.2f} points better than the "
                         f"runner-up (trial {done[1]['trial']})" if len(done) > 1 else "") + ".")
         lines.append("")
-    lines += ["| trial | status | settings | WER | normalized WER | CER | at step | steps | samples seen | wall time |",
+    lines += ["| trial | status | settings | WER % | normalized WER % | CER % | at step | steps | samples seen | wall time |",
               "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         b = r["best"]
-        cells = [f"{b[k]:.2f}" if k in b else "-" for k in ("wer", "wer_normalized", "cer")]
+        cells = [f"{100 * b[k]:.2f}" if b.get(k) is not None else "-" for k in ("wer", "wer_normalized", "cer")]
         lines.append(f"| {r['trial']} | {r['status']} | {_params(r['params'])} | {' | '.join(cells)} | "
                      f"{b.get('step', '-')} | {r['steps']} | {r['samples']} | {r['wall'] / 60:.1f} min |")
     report = folder / "report.md"
@@ -288,7 +288,7 @@ def _plot(path: Path, trials: list[dict], metric: str) -> None:
     fig, ax = plt.subplots(figsize=(8, 5))
     for t in trials:
         xs = [e["step"] * t["samples_per_step"] for e in t["evals"]]
-        ys = [e[metric] for e in t["evals"]]
+        ys = [100 * e[metric] for e in t["evals"]]
         if xs:
             ax.plot(xs, ys, marker="o", linestyle="--" if t["status"] == "pruned" else "-",
                     label=f"{t['number']}: {_params(t['params'])} ({t['status']})")
