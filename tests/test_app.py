@@ -60,7 +60,7 @@ def media(tmp_path_factory):
     (root / "empty.wav").write_bytes(b"")
     (root / "garbage.mp3").write_bytes(os.urandom(4096))
     sf.write(root / "silence.wav", np.zeros(3 * 16000, np.float32), 16000)
-    return {p.stem: p for p in root.iterdir()}
+    return {p.name: p for p in root.iterdir()}
 
 
 @pytest.fixture
@@ -81,7 +81,7 @@ def microphone(path: Path):
 
 
 def test_microphone_48k_stereo_int16(handlers, media, fake_google):
-    sr, data = microphone(media["stereo48k"])
+    sr, data = microphone(media["stereo48k.wav"])
     assert sr == 48000 and data.ndim == 2 and data.dtype == np.int16
     text, translation, status, files, chat, history = handlers.from_microphone((sr, data), GOOGLE, "en", False, [])
     assert text and translation == f"[en] {text}" and fake_google == [(text, "sv", "en")]
@@ -94,14 +94,14 @@ def test_microphone_48k_stereo_int16(handlers, media, fake_google):
 
 @pytest.mark.parametrize("name", ["speech.mp3", "video.mp4", "speech.wav"])
 def test_file_upload_audio_and_video(handlers, media, fake_google, name):
-    text, translation, status, files, *_ = handlers.from_file(str(media[Path(name).stem]), GOOGLE, "de", False, [])
+    text, translation, status, files, *_ = handlers.from_file(str(media[name]), GOOGLE, "de", False, [])
     assert text and translation == f"[de] {text}" and "real-time factor" in status
 
 
 def test_long_audio_with_timestamps_and_history(handlers, media, fake_google):
-    sr, data = microphone(media["stereo48k"])
+    sr, data = microphone(media["stereo48k.wav"])
     history = handlers.from_microphone((sr, data), NO_TRANSLATION, "en", False, [])[-1]
-    text, translation, status, files, chat, history = handlers.from_file(str(media["long"]), NO_TRANSLATION, "en",
+    text, translation, status, files, chat, history = handlers.from_file(str(media["long.wav"]), NO_TRANSLATION, "en",
                                                                          True, history)
     assert translation == "" and fake_google == []
     assert len(history) == 4 and "File long.wav" in history[2]["content"]
@@ -112,7 +112,7 @@ def test_long_audio_with_timestamps_and_history(handlers, media, fake_google):
 
 def test_translation_offline_still_shows_the_transcript(handlers, media, monkeypatch):
     route_through_refusing_proxy(monkeypatch)
-    text, translation, status, *_ = handlers.from_file(str(media["speech"]), GOOGLE, "en", False, [])
+    text, translation, status, *_ = handlers.from_file(str(media["speech.mp3"]), GOOGLE, "en", False, [])
     assert text and translation == ""
     assert "Translation failed" in status and "could not be reached" in status and WHISPER in status
 
@@ -123,7 +123,7 @@ def test_whisper_translate_task_is_the_offline_option(handlers, media, fake_goog
     monkeypatch.setattr(handlers.transcriber, "transcribe",
                         lambda wave, task="transcribe", timestamps=False: tasks.append(task) or transcribe(
                             wave, task, timestamps))
-    text, translation, status, *_ = handlers.from_file(str(media["speech"]), WHISPER, "en", False, [])
+    text, translation, status, *_ = handlers.from_file(str(media["speech.mp3"]), WHISPER, "en", False, [])
     assert tasks == ["transcribe", "translate"] and fake_google == []
     assert text and "Whisper's translation" in status
 
@@ -144,30 +144,30 @@ def test_bad_microphone_input(handlers):
 
 def test_bad_files(handlers, media, monkeypatch):
     assert "Upload an audio or video file first" in error_message(lambda: handlers.from_file(None))
-    assert "empty file" in error_message(lambda: handlers.from_file(str(media["empty"])))
-    assert "could not be read" in error_message(lambda: handlers.from_file(str(media["garbage"])))
-    assert "silent" in error_message(lambda: handlers.from_file(str(media["silence"])))
+    assert "empty file" in error_message(lambda: handlers.from_file(str(media["empty.wav"])))
+    assert "could not be read" in error_message(lambda: handlers.from_file(str(media["garbage.mp3"])))
+    assert "silent" in error_message(lambda: handlers.from_file(str(media["silence.wav"])))
     assert "unknown translator" in error_message(
-        lambda: handlers.from_file(str(media["speech"]), "Babelfish")).lower()
+        lambda: handlers.from_file(str(media["speech.mp3"]), "Babelfish")).lower()
 
     def no_decode(path):
         raise AssertionError("decoded although the header says too long")
 
     monkeypatch.setattr(app, "load_audio", no_decode)
-    assert "limit is 60 s" in error_message(lambda: handlers.from_file(str(media["toolong"])))
+    assert "limit is 60 s" in error_message(lambda: handlers.from_file(str(media["toolong.wav"])))
 
 
 def test_bad_urls(handlers, media):
     assert "paste the URL" in error_message(lambda: handlers.from_url(""))
     assert "file:// URLs and local paths are refused" in error_message(lambda: handlers.from_url("file:///etc/passwd"))
-    assert "refused" in error_message(lambda: handlers.from_url(str(media["speech"])))
-    with Server(media["speech"].parent) as server:
+    assert "refused" in error_message(lambda: handlers.from_url(str(media["speech.mp3"])))
+    with Server(media["speech.mp3"].parent) as server:
         assert "404" in error_message(lambda: handlers.from_url(f"{server.url}/nothing.mp4"))
         assert "limit" in error_message(lambda: handlers.from_url(f"{server.url}/toolong.wav"))
 
 
 def test_url_input(handlers, media, fake_google):
-    with Server(media["speech"].parent) as server:
+    with Server(media["speech.mp3"].parent) as server:
         text, translation, status, files, chat, history = handlers.from_url(f"{server.url}/video.mp4", GOOGLE, "en")
     assert text and translation and "video" in history[0]["content"]
 
@@ -224,16 +224,16 @@ def test_gradio_client_api(server, media, fake_google):
 
     assert server.local_url.startswith("http://127.0.0.1:")
     client = Client(server.local_url, verbose=False)
-    text, translation, status, files, chat = client.predict(handle_file(str(media["speech"])), GOOGLE, "en", False,
+    text, translation, status, files, chat = client.predict(handle_file(str(media["speech.mp3"])), GOOGLE, "en", False,
                                                            api_name="/transcribe_file")
     assert text and translation == f"[en] {text}" and "real-time factor" in status
     assert sorted(Path(f["name"] if isinstance(f, dict) else f).suffix for f in files) == [".srt", ".txt"]
     with pytest.raises(AppError, match="silent"):
-        client.predict(handle_file(str(media["silence"])), GOOGLE, "en", False, api_name="/transcribe_file")
+        client.predict(handle_file(str(media["silence.wav"])), GOOGLE, "en", False, api_name="/transcribe_file")
     with pytest.raises(AppError, match="refused"):
         client.predict("file:///etc/passwd", GOOGLE, "en", False, api_name="/transcribe_url")
     # The page keeps serving, and concurrent visitors are queued, not refused.
-    jobs = [client.submit(handle_file(str(media["speech"])), NO_TRANSLATION, "en", False, api_name="/transcribe_file")
+    jobs = [client.submit(handle_file(str(media["speech.mp3"])), NO_TRANSLATION, "en", False, api_name="/transcribe_file")
             for _ in range(3)]
     assert all(job.result(timeout=120)[0] for job in jobs)
 
