@@ -43,8 +43,8 @@ def model_card(summary: dict, config: dict, manifest: dict) -> str:
     t, m = config["training"], config["model"]
     base, final = summary.get("baseline") or {}, summary["final"]
     rows = [("zero-shot (step 0)" if base else None, base), (f"fine-tuned (best, step {summary['best_step']})", final)]
-    table = "\n".join(f"| {name} | {_pct(r.get('wer'))} | {_pct(r.get('wer_normalized'))} | {_pct(r.get('cer'))} |"
-                      for name, r in rows if name)
+    table = "\n".join(f"| {name} | {r.get('eval_clips')} | {_pct(r.get('wer'))} | {_pct(r.get('wer_normalized'))} "
+                      f"| {_pct(r.get('cer'))} |" for name, r in rows if name)
     data = "\n".join(f"- {split}: {s['clips']} clips, {s['hours']:.2f} h ({', '.join(f'{k} {v}' for k, v in s['by_source'].items())})"
                      for split, s in manifest["splits"].items())
     hyper = "\n".join(f"| {k} | {t[k]} |" for k in (
@@ -66,11 +66,12 @@ The generation config forces language `{m['language']}` and task `{m['task']}`.
 
 ## Results
 
-Evaluation split, all {final.get('eval_clips', 'n/a')} clips. WER and CER in %, lower is better.
+Evaluation split ({final.get('eval_clips', 'n/a')} clips; the zero-shot row uses the periodic-check subset
+when `training.eval_subset` is set). WER and CER in %, lower is better.
 Orthographic WER compares the text as written; normalized WER lowercases and removes punctuation first.
 
-| model | WER | normalized WER | CER |
-|---|---|---|---|
+| model | clips | WER | normalized WER | CER |
+|---|---|---|---|---|
 {table}
 
 ## Data

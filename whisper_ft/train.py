@@ -38,7 +38,7 @@ MODEL_COLUMNS = ["input_features", "fill", "labels"]  # what the collator reads
 
 
 class TrainingError(ValueError):
-    """A training setup that cannot work (bad precision for the device, empty data)."""
+    """A training setup that cannot work (a precision the device lacks, an unknown language)."""
 
 
 def run_dir_of(cfg: Config) -> Path:
