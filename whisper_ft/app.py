@@ -182,7 +182,8 @@ def _remove_old(folder: Path, max_age: float) -> None:
 def build_app(handlers: Handlers, model_name: str, notice: str = "") -> gr.Blocks:
     """The page: inputs in tabs, shared options, transcript, translation, downloads and history."""
     cfg = handlers.cfg.app
-    with gr.Blocks(title="Swedish Whisper") as demo:
+    # Uploads and transcripts in Gradio's cache are people's speech: delete them after an hour.
+    with gr.Blocks(title="Swedish Whisper", delete_cache=(int(DOWNLOAD_MAX_AGE), int(DOWNLOAD_MAX_AGE))) as demo:
         gr.Markdown(f"# Swedish speech to text\nModel: `{model_name}` ({handlers.transcriber.backend})")
         if notice:
             gr.Markdown(f"**Notice:** {notice}", elem_id="model-notice")
