@@ -89,7 +89,8 @@ def timed(name: str, transcribe, wave: np.ndarray, reference: str) -> dict:
     return row
 
 
-def run_paths(model: Path, ct2_dir: Path, wave: np.ndarray, reference: str, threads: int, batch_size: int) -> list[dict]:
+def run_paths(model: Path, ct2_dir: Path, wave: np.ndarray, reference: str, threads: int,
+              batch_size: int) -> list[dict]:
     from faster_whisper import WhisperModel
 
     from whisper_ft.transcribe import CT2Transcriber, load_transcriber

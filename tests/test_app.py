@@ -8,7 +8,6 @@ import os
 import shutil
 import subprocess
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import gradio as gr
@@ -233,8 +232,8 @@ def test_gradio_client_api(server, media, fake_google):
     with pytest.raises(AppError, match="refused"):
         client.predict("file:///etc/passwd", GOOGLE, "en", False, api_name="/transcribe_url")
     # The page keeps serving, and concurrent visitors are queued, not refused.
-    jobs = [client.submit(handle_file(str(media["speech.mp3"])), NO_TRANSLATION, "en", False, api_name="/transcribe_file")
-            for _ in range(3)]
+    speech = handle_file(str(media["speech.mp3"]))
+    jobs = [client.submit(speech, NO_TRANSLATION, "en", False, api_name="/transcribe_file") for _ in range(3)]
     assert all(job.result(timeout=120)[0] for job in jobs)
 
 

@@ -198,7 +198,8 @@ def build_app(handlers: Handlers, model_name: str, notice: str = "") -> gr.Block
                                      elem_id="upload")
                     file_button = gr.Button("Transcribe file", variant="primary", elem_id="transcribe-file")
                 with gr.Tab("Video URL"):
-                    url = gr.Textbox(label="YouTube or other video URL", placeholder="https://www.youtube.com/watch?v=...")
+                    url = gr.Textbox(label="YouTube or other video URL",
+                                     placeholder="https://www.youtube.com/watch?v=...")
                     url_button = gr.Button("Transcribe video", variant="primary")
             with gr.Column(scale=2):
                 translator = gr.Radio(list(TRANSLATORS), value=GOOGLE, label="Translation")

@@ -137,6 +137,9 @@ def load_transcriber(model_dir: str, language: str = "sv", chunk_seconds: float 
     if export is not None:
         log.info("using the CTranslate2 int8 export at %s", export)
         return CT2Transcriber(export, language=language, batch_size=batch_size, beam_size=beam_size)
+    if use_ctranslate2 and Path(model_dir).is_dir():
+        log.info("no CTranslate2 export in %s; using transformers. For the faster CPU path run: "
+                 "python -m whisper_ft.ct2 %s", model_dir, model_dir)
     processor = load_processor(model_dir, language=language)
     model = load_model(model_dir, language=language).eval()
     return PipelineTranscriber(model, processor, language, chunk_seconds, stride_seconds, batch_size, beam_size)
