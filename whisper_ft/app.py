@@ -69,7 +69,8 @@ def load_for_app(choice: ModelChoice, cfg: Config):
 
 
 class Handlers:
-    """Request logic of the page; each `from_*` method returns the values of `OUTPUTS`."""
+    """Request logic of the page. Each `from_*` method returns (transcript, translation, status
+    markdown, [.txt, .srt paths], chat messages, history state) or raises gr.Error."""
 
     def __init__(self, transcriber, cfg: Config, out_dir: str | Path | None = None):
         self.transcriber = transcriber
