@@ -290,3 +290,32 @@ def test_freeze_encoder_and_lora(tiny_model_dir, features_dir):
     merged = checkpoints.standalone(lora)
     assert type(merged).__name__ == "WhisperForConditionalGeneration"
     assert not any("lora_" in n for n, _ in merged.named_parameters())
+
+
+def test_eval_subset_for_periodic_checks(features_dir, tiny_model_dir):
+    from whisper_ft.train import load_data
+
+    sets = overrides(features_dir, tiny_model_dir, Path("unused"), eval_subset=4)
+    data = load_data(load_config(None, sets))
+    assert len(data.periodic_eval_model) == 4 and len(data.eval_model) == 10
+    durations = data.eval["duration"]
+    assert durations == sorted(durations, reverse=True)  # longest first: batches generate similar lengths
+
+
+def test_callback_can_stop_a_run_early(tmp_path, features_dir, tiny_model_dir):
+    """The sweep's pruning path: a callback ends training after an evaluation; the run still
+    finishes with a best model, a final evaluation and a summary."""
+    from transformers import TrainerCallback
+
+    from whisper_ft.train import run_training
+
+    class Prune(TrainerCallback):
+        def on_evaluate(self, args, state, control, **kwargs):
+            if state.global_step >= 1:
+                control.should_training_stop = True
+
+    cfg = load_config(ROOT / "config.yaml", overrides(features_dir, tiny_model_dir, tmp_path, max_steps=20, eval_steps=1,
+                                                      save_steps=20, eval_before_training="false"))
+    summary = run_training(cfg, callbacks=[Prune()])
+    assert summary["steps"] == 1 and summary["best_step"] == 1 and summary["eval_clips"] == 10
+    assert (tmp_path / "tiny" / "best" / "model.safetensors").is_file()
