@@ -138,3 +138,36 @@ def test_hopeless_trial_is_pruned_and_reported(tmp_path):
 def test_bad_sweep_files_name_the_key(tmp_path, spec, message):
     with pytest.raises(ConfigError, match=message):
         load_spec(write_spec(tmp_path, **spec))
+
+
+def test_real_grid_on_the_tiny_model_writes_comparable_trials(tmp_path, features_dir, tiny_model_dir):
+    from whisper_ft.train import run_training
+
+    overrides = [f"model.name_or_path={tiny_model_dir}", f"features.data_dir={features_dir.parent.parent}",
+                 f"features.name={features_dir.name}", f"training.output_dir={tmp_path / 'ck'}",
+                 "training.eval_batch_size=10", "training.dataloader_workers=0", "training.warmup_steps=0",
+                 "training.eval_before_training=false", "training.logging_steps=1"]
+    spec = load_spec(write_spec(tmp_path, file="tiny", method="grid", budget_samples=8, eval_every_samples=4,
+                                prune=False, space={"training.batch_size": [2, 4]}))
+    base = load_config(ROOT / "config.yaml", overrides)
+    folder = run_sweep(spec, base, str(ROOT / "config.yaml"), overrides, run_training, log=lambda s: None)
+    trials = {t["params"]["training.batch_size"]: t for t in read_trials(folder)}
+    assert {b: t["max_steps"] for b, t in trials.items()} == {2: 4, 4: 2}
+    for t in trials.values():
+        assert t["status"] == "complete"
+        assert [e["step"] * t["samples_per_step"] for e in t["evals"]] == [4, 8]
+        assert t["result"]["samples_seen"] == 8
+        assert (folder / f"trial-{t['number']:03d}" / "best" / "config.json").is_file()
+    assert "Winner: trial" in (folder / "report.md").read_text()
+
+
+def test_sweep_command_reports_a_bad_file_in_one_line(tmp_path):
+    import subprocess
+    import sys
+
+    bad = write_spec(tmp_path, method="grid", space={"training.learning_rate": "1e-5"})
+    proc = subprocess.run([sys.executable, str(ROOT / "sweep.py"), str(bad), "--config", str(ROOT / "config.yaml")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [f"error: {bad}: space.training.learning_rate: grid search needs a "
+                                                "list of values"]
