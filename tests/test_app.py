@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from app_helpers import free_port, Server, fast_model, route_through_refusing_proxy, speech_wav
-from conftest import run_cli
+from app_helpers import Server, fast_model, free_port, route_through_refusing_proxy, speech_wav
+from conftest import ROOT, run_cli
 from whisper_ft import app, translate
-from whisper_ft.app import GOOGLE, NO_TRANSLATION, WHISPER, Handlers, build_app, find_model, newest_best
+from whisper_ft.app import GOOGLE, NO_TRANSLATION, WHISPER, Handlers, find_model, newest_best
 from whisper_ft.config import load_config
 from whisper_ft.transcribe import load_transcriber
 
@@ -210,22 +210,47 @@ def test_main_binds_localhost_and_shares_only_on_request(model_dir, monkeypatch)
 
 
 @pytest.fixture(scope="module")
-def server(handlers, model_dir):
-    demo = build_app(handlers, str(model_dir), "test notice")
-    demo.launch(server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True, quiet=True)
-    yield demo
-    demo.close()
+def server(model_dir):
+    """`python inference_app.py` in a subprocess on 127.0.0.1, offline for translation."""
+    import socket
+    import sys
+    import urllib.request
 
 
-def test_gradio_client_api(server, media, fake_google):
+    port, dead = free_port(), free_port()
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False",
+           "HTTPS_PROXY": f"http://127.0.0.1:{dead}", "https_proxy": f"http://127.0.0.1:{dead}", "NO_PROXY": "127.0.0.1",
+           "no_proxy": "127.0.0.1"}
+    proc = subprocess.Popen([sys.executable, str(ROOT / "inference_app.py"), "--model", str(model_dir), "--port",
+                             str(port), "--set", f"app.max_media_seconds={MAX_SECONDS}"], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"inference_app.py exited: {proc.stderr.read().decode()[-2000:]}")
+        try:
+            urllib.request.urlopen(url, timeout=2)
+            break
+        except (OSError, socket.timeout):
+            time.sleep(0.5)
+    else:
+        proc.kill()
+        pytest.fail("inference_app.py did not start serving within 180 s")
+    yield url
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+def test_gradio_client_api(server, media):
+    """The real command line serves the API; Google is unreachable, so the note shows instead."""
     from gradio_client import Client, handle_file
     from gradio_client.exceptions import AppError
 
-    assert server.local_url.startswith("http://127.0.0.1:")
-    client = Client(server.local_url, verbose=False)
-    text, translation, status, files, chat = client.predict(handle_file(str(media["speech.mp3"])), GOOGLE, "en", False,
-                                                           api_name="/transcribe_file")
-    assert text and translation == f"[en] {text}" and "real-time factor" in status
+    client = Client(server, verbose=False)
+    text, translation, status, files, chat = client.predict(handle_file(str(media["speech.mp3"])), GOOGLE, "en",
+                                                           False, api_name="/transcribe_file")
+    assert text and translation == "" and "real-time factor" in status and "Translation failed" in status
     assert sorted(Path(f["name"] if isinstance(f, dict) else f).suffix for f in files) == [".srt", ".txt"]
     with pytest.raises(AppError, match="silent"):
         client.predict(handle_file(str(media["silence.wav"])), GOOGLE, "en", False, api_name="/transcribe_file")

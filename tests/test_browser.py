@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from app_helpers import free_port, fast_model, speech_wav
+from app_helpers import fast_model, free_port, speech_wav
 from whisper_ft import translate
 from whisper_ft.app import Handlers, build_app
 from whisper_ft.config import load_config
