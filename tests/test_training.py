@@ -90,6 +90,13 @@ def test_run_writes_checkpoints_reports_and_summary(tiny_run):
     rows = [json.loads(line) for line in (run_dir / "predictions.jsonl").read_text().splitlines()]
     assert len(rows) == 10 and set(rows[0]) == {"id", "source", "speaker", "reference", "prediction"}
     assert all(r["reference"] for r in rows)
+    groups = json.loads((run_dir / "wer_breakdown.json").read_text())
+    assert sum(g["clips"] for g in groups["speaker"]) == 10 and groups["source"][0]["source"] == "sample"
+    assert "## Who it fails" in card and "### By speaker" in card
+    # the app's fast CPU path is exported beside the best model, newer than its weights
+    from whisper_ft.ct2 import find_export
+
+    assert find_export(run_dir / "best") == run_dir / "best" / "ct2"
 
 
 def test_best_export_loads_alone_and_generates_swedish_prefix(tiny_run, features_dir):
@@ -319,3 +326,25 @@ def test_callback_can_stop_a_run_early(tmp_path, features_dir, tiny_model_dir):
     summary = run_training(cfg, callbacks=[Prune()])
     assert summary["steps"] == 1 and summary["best_step"] == 1 and summary["eval_clips"] == 10
     assert (tmp_path / "tiny" / "best" / "model.safetensors").is_file()
+
+
+def test_eval_features_from_another_store_must_share_the_encoding(tmp_path, features_dir, tiny_model_dir):
+    import shutil
+
+    from whisper_ft.features import FeaturesError
+    from whisper_ft.train import load_data
+
+    other = features_dir.parent / "fixture-eval-copy"
+    if not other.exists():
+        shutil.copytree(features_dir, other)
+    sets = overrides(features_dir, tiny_model_dir, tmp_path, eval_features=other.name)
+    data = load_data(load_config(None, sets))
+    assert len(data.eval) == 10 and data.manifest["name"] == features_dir.name
+    manifest = json.loads((other / "manifest.json").read_text())
+    manifest["feature_extractor"]["n_mels"] = 128
+    (other / "manifest.json").write_text(json.dumps(manifest))
+    try:
+        with pytest.raises(FeaturesError, match="differ in feature extractor"):
+            load_data(load_config(None, sets))
+    finally:
+        shutil.rmtree(other)

@@ -46,3 +46,23 @@ def markdown_table(rows: list[dict], key: str, limit: int = 20) -> str:
         name = r[key] if len(r[key]) <= 16 else r[key][:12] + "..."
         lines.append(f"| {name} | {r['clips']} | {r['words']} | {r['wer']:.2f} | {r['wer_normalized']:.2f} |")
     return "\n".join(lines)
+
+
+GROUP_KEYS = ("source", "speaker")
+
+
+def breakdowns(records: list[dict]) -> dict[str, list[dict]]:
+    """`wer_by` for every grouping key the records carry."""
+    return {key: wer_by(records, key) for key in GROUP_KEYS if any(r.get(key) for r in records)}
+
+
+def markdown_section(groups: dict[str, list[dict]], limit: int = 10) -> str:
+    """The model card's "Who it fails" section (empty without predictions)."""
+    if not groups:
+        return ""
+    parts = ["", "## Who it fails", "",
+             "WER of the final evaluation by source and by speaker (worst first; from `predictions.jsonl`)."]
+    for key, rows in groups.items():
+        title = f"By {key}" + (f" (the {limit} worst of {len(rows)})" if len(rows) > limit else "")
+        parts += ["", f"### {title}", "", markdown_table(rows, key, limit)]
+    return "\n".join(parts) + "\n"

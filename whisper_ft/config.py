@@ -97,6 +97,7 @@ class TrainingConfig:
     eval_batch_size: int = 64
     eval_subset: int = 0
     eval_before_training: bool = True
+    eval_features: str = ""
     generation_max_length: int = 0
     num_beams: int = 1
     save_total_limit: int = 2
@@ -105,6 +106,7 @@ class TrainingConfig:
     torch_compile: bool = False
     dataloader_workers: int = 4
     seed: int = 42
+    export_ctranslate2: bool = True
     dropout: float = 0.0
     freeze_encoder: bool = False
     lora: LoraConfig = field(default_factory=LoraConfig)

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 from transformers import Seq2SeqTrainer, TrainerCallback
 
-from whisper_ft import checkpoints, report
+from whisper_ft import breakdown, checkpoints, report
 from whisper_ft.collator import IGNORE_INDEX, SpeechCollator
 from whisper_ft.config import Config, save_config, to_dict
 from whisper_ft.features import FeaturesError, check_compatible, load_split, read_manifest
@@ -78,7 +78,9 @@ def load_data(cfg: Config) -> Data:
         processor = load_processor(str(root / manifest["processor"]), cfg.model.language, cfg.model.task)
     except ValueError as e:
         raise TrainingError(str(e)) from e
-    train, evaluation = load_split(root, "train"), load_split(root, "eval")
+    eval_root = root.parent / cfg.training.eval_features if cfg.training.eval_features else root
+    check_same_encoding(manifest, read_manifest(eval_root) if eval_root != root else manifest)
+    train, evaluation = load_split(root, "train"), load_split(eval_root, "eval")
     if len(train) == 0 or len(evaluation) == 0:
         raise FeaturesError(f"{root} has {len(train)} training and {len(evaluation)} evaluation clips; both are "
                             "needed: check features.sources (train_splits, eval_splits) and rerun python feature_pipeline.py")
@@ -90,6 +92,14 @@ def load_data(cfg: Config) -> Data:
         picked = np.random.default_rng(cfg.training.seed).choice(len(evaluation), n, replace=False)
         subset = evaluation.select(sorted(picked.tolist()))
     return Data(manifest, processor, train, evaluation, _model_view(evaluation), _model_view(subset), _model_view(train))
+
+
+def check_same_encoding(train_manifest: dict, eval_manifest: dict) -> None:
+    """Training and evaluation stores must share feature extractor and tokenizer settings."""
+    for key in ("feature_extractor", "tokenizer"):
+        if train_manifest[key] != eval_manifest[key]:
+            raise FeaturesError(f"features {train_manifest['name']} and {eval_manifest['name']} (training.eval_features) "
+                                f"differ in {key.replace('_', ' ')}: build both with the same model.name_or_path")
 
 
 def _model_view(ds):
@@ -335,7 +345,21 @@ def run_training(cfg: Config, fresh: bool = False, callbacks: Sequence[TrainerCa
     summary = summarize(trainer, result, final, run_dir, args)
     if trainer.is_world_process_zero():
         write_reports(cfg, data.manifest, summary, run_dir)
+        if cfg.training.export_ctranslate2:
+            export_ct2(run_dir / checkpoints.BEST_DIR)
     return summary
+
+
+def export_ct2(best_dir: Path) -> None:
+    """The app's fast CPU path; training has succeeded either way, so a failure only warns."""
+    try:
+        from whisper_ft import ct2
+
+        ct2.export(best_dir)
+    except ImportError:
+        log.warning("ctranslate2 is not installed: no %s/ct2 export (pip install ctranslate2 faster-whisper)", best_dir)
+    except (OSError, ValueError, RuntimeError) as e:
+        log.warning("CTranslate2 export of %s failed (%s); the app falls back to transformers", best_dir, e)
 
 
 def _step_of(checkpoint: Path | None) -> int:
@@ -391,7 +415,10 @@ def write_reports(cfg: Config, manifest: dict, summary: dict, run_dir: Path) -> 
     """metrics.json, the loss/WER plot and the model card (in the run folder and in best/)."""
     (run_dir / "metrics.json").write_text(json.dumps(summary, indent=1, ensure_ascii=False))
     report.plot_curves(checkpoints.read_events(run_dir), run_dir / report.PLOT_NAME)
-    card = report.model_card(summary, to_dict(cfg), manifest)
+    predictions = run_dir / "predictions.jsonl"
+    groups = breakdown.breakdowns(breakdown.read_predictions(predictions)) if predictions.is_file() else {}
+    (run_dir / "wer_breakdown.json").write_text(json.dumps(groups, indent=1, ensure_ascii=False))
+    card = report.model_card(summary, to_dict(cfg), manifest) + breakdown.markdown_section(groups)
     for folder in (run_dir, run_dir / checkpoints.BEST_DIR):
         (folder / "README.md").write_text(card, encoding="utf-8")
     shutil.copy2(run_dir / report.PLOT_NAME, run_dir / checkpoints.BEST_DIR / report.PLOT_NAME)
