@@ -6,8 +6,9 @@ and translates it.
     python inference_app.py --host 0.0.0.0            # reachable from the network
     python inference_app.py --share                   # public gradio.live link (only on request)
 
-Settings live in the `app:` section of config.yaml (override with --set app.KEY=VALUE). For a
-faster CPU path export the model first: python -m whisper_ft.ct2 checkpoints/<run>/best
+Settings live in the `app:` section of config.yaml (override with --set app.KEY=VALUE). Models
+trained here carry a CTranslate2 export (best/ct2/), the fast CPU path; export any other
+model folder with: python -m whisper_ft.ct2 MODEL_DIR
 """
 
 from __future__ import annotations
