@@ -25,41 +25,32 @@ class TranslationError(RuntimeError):
 
 def chunk_text(text: str, max_chars: int = MAX_CHARS) -> list[str]:
     """Split `text` into pieces of at most `max_chars`, at sentence ends, else spaces, else anywhere."""
-    pieces: list[str] = []
-    current = ""
-    for sentence in re.split(r"(?<=[.!?…])\s+", text.strip()):
-        for part in _split_long(sentence, max_chars):
-            joined = f"{current} {part}" if current else part
-            if len(joined) <= max_chars:
-                current = joined
-            else:
-                pieces.append(current)
-                current = part
-    if current:
-        pieces.append(current)
-    return pieces
+    sentences = re.split(r"(?<=[.!?…])\s+", text.strip())
+    return _pack([part for sentence in sentences for part in _split_long(sentence, max_chars)], max_chars)
 
 
 def _split_long(sentence: str, max_chars: int) -> list[str]:
     if len(sentence) <= max_chars:
         return [sentence] if sentence else []
-    parts, current = [], ""
-    for word in sentence.split():
-        while len(word) > max_chars:  # a "word" longer than the limit: cut it
-            if current:
-                parts.append(current)
-                current = ""
-            parts.append(word[:max_chars])
-            word = word[max_chars:]
-        joined = f"{current} {word}" if current else word
+    # a "word" longer than the limit is cut into pieces of the limit
+    words = [w[i:i + max_chars] for w in sentence.split() for i in range(0, len(w), max_chars)]
+    return _pack(words, max_chars)
+
+
+def _pack(parts: list[str], max_chars: int) -> list[str]:
+    """Join parts with spaces, greedily, into pieces of at most `max_chars` (each part fits)."""
+    pieces: list[str] = []
+    current = ""
+    for part in parts:
+        joined = f"{current} {part}" if current else part
         if len(joined) <= max_chars:
             current = joined
         else:
-            parts.append(current)
-            current = word
+            pieces.append(current)
+            current = part
     if current:
-        parts.append(current)
-    return parts
+        pieces.append(current)
+    return pieces
 
 
 def google_translate(text: str, source: str, target: str) -> str:
