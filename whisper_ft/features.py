@@ -205,8 +205,8 @@ def _pid_alive(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:
-        return True
+    except PermissionError:  # alive, owned by another user
+        pass
     return True
 
 
@@ -317,14 +317,13 @@ def load_feature_processor(name_or_path: str, language: str = "sv", task: str = 
     """Feature extractor and tokenizer (<|sv|><|transcribe|><|notimestamps|> prefix) of a Whisper model."""
     from transformers import WhisperFeatureExtractor, WhisperTokenizer
 
-    from whisper_ft.model import ModelNotFound, resolve, set_language
+    from whisper_ft.model import ModelNotFound, first_line, resolve, set_language
 
     where = resolve(name_or_path)
     try:
         processor = Processor(WhisperFeatureExtractor.from_pretrained(where), WhisperTokenizer.from_pretrained(where))
     except OSError as e:
-        raise ModelNotFound(f"cannot load a Whisper processor from {name_or_path}: "
-                            f"{str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}") from e
+        raise ModelNotFound(f"cannot load a Whisper processor from {name_or_path}: {first_line(e)}") from e
     set_language(processor.tokenizer, language, task)
     return processor
 

@@ -56,7 +56,7 @@ def load_processor(name_or_path: str, language: str = "sv", task: str = "transcr
     try:
         processor = WhisperProcessor.from_pretrained(resolve(name_or_path))
     except OSError as e:
-        raise ModelNotFound(f"cannot load a Whisper processor from {name_or_path}: {_first_line(e)}") from e
+        raise ModelNotFound(f"cannot load a Whisper processor from {name_or_path}: {first_line(e)}") from e
     set_language(processor.tokenizer, language, task)
     return processor
 
@@ -67,7 +67,7 @@ def set_language(tokenizer, language: str, task: str) -> None:
         tokenizer.set_prefix_tokens(language=language, task=task, predict_timestamps=False)
         tokenizer.prefix_tokens  # noqa: B018 - validates the language lazily
     except ValueError as e:
-        raise ValueError(f"model.language: {_first_line(e)}") from e
+        raise ValueError(f"model.language: {first_line(e)}") from e
 
 
 def load_model(name_or_path: str, language: str = "sv", task: str = "transcribe", **kwargs):
@@ -77,7 +77,7 @@ def load_model(name_or_path: str, language: str = "sv", task: str = "transcribe"
     try:
         model = WhisperForConditionalGeneration.from_pretrained(resolve(name_or_path), **kwargs)
     except OSError as e:
-        raise ModelNotFound(f"cannot load a Whisper model from {name_or_path}: {_first_line(e)}") from e
+        raise ModelNotFound(f"cannot load a Whisper model from {name_or_path}: {first_line(e)}") from e
     set_generation_language(model, language, task)
     return model
 
@@ -92,6 +92,6 @@ def set_generation_language(model, language: str, task: str) -> None:
         model.config.forced_decoder_ids = None
 
 
-def _first_line(e: BaseException) -> str:
+def first_line(e: BaseException) -> str:
     text = str(e).strip()
     return text.splitlines()[0] if text else type(e).__name__
