@@ -85,8 +85,11 @@ def main(argv: list[str] | None = None) -> int:
 def collect_rows(cfg: Config) -> dict[str, list]:
     """Rows of every configured source, train and eval, in config order."""
     rows: dict[str, list] = {TRAIN: [], EVAL: []}
-    for src in cfg.features.sources:
-        got = read_source(src, Path(cfg.features.data_dir))
+    for i, src in enumerate(cfg.features.sources):
+        try:
+            got = read_source(src, Path(cfg.features.data_dir))
+        except SourceError as e:
+            raise SourceError(f"features.sources.{i} ({src.name}): {e}") from e
         for split in rows:
             rows[split] += got[split]
         print(f"source {src.name} ({src.kind}): {len(got[TRAIN])} train rows, {len(got[EVAL])} eval rows", flush=True)

@@ -316,4 +316,4 @@ def test_unreachable_hub_id_offline_fails_fast(tmp_path, cv_release):
 def test_missing_source_is_one_line_exit_2(tmp_path, capsys):
     assert cli.run(feature_pipeline.main, pipeline_args(tmp_path, "x", tmp_path / "no-such-release")) == 2
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "no such file or folder" in err
+    assert len(err.splitlines()) == 1 and "features.sources.0" in err and "no such file or folder" in err
