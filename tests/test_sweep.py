@@ -171,3 +171,12 @@ def test_sweep_command_reports_a_bad_file_in_one_line(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [f"error: {bad}: space.training.learning_rate: grid search needs a "
                                                 "list of values"]
+
+
+def test_trial_objective_is_the_best_check_of_the_chosen_metric():
+    from whisper_ft.sweep import best_value
+
+    evals = [{"step": 0, "wer": 0.1, "cer": 0.05}, {"step": 2, "wer": 0.5, "cer": 0.3}, {"step": 4, "wer": 0.6, "cer": 0.2}]
+    assert best_value(evals, "wer", {}) == 0.5  # the zero-shot check is not the trial's result
+    assert best_value(evals, "cer", {}) == 0.2
+    assert best_value(evals[:1], "cer", {"cer": 0.4}) == 0.4  # stopped before a check: the final score

@@ -206,13 +206,13 @@ def _run_one(study, trial, spec: SweepSpec, base: Config, folder: Path, config_p
     finally:
         record["wall_seconds"] += time.monotonic() - start
         _write_json(record_path, record)
-    value = result.get(f"best_{spec.metric}", result.get("best_wer"))
+    value = best_value(_evals(record_path.parent), spec.metric, result)
     if callback.pruned:
         record["status"] = "pruned"
         study.tell(number, state=TrialState.PRUNED)
     else:
         record["status"] = "complete"
-        study.tell(number, float(value))
+        study.tell(number, value)
     record["result"] = result
     _write_json(record_path, record)
     log(f"trial {number}: {record['status']}, best {spec.metric} {value}")
@@ -225,14 +225,27 @@ def _write_json(path: Path, obj: dict) -> None:
     tmp.replace(path)
 
 
+def _evals(run_dir: Path) -> list[dict]:
+    """The periodic evaluations in a run's metrics.jsonl (the final one re-scores the best)."""
+    history = run_dir / "metrics.jsonl"
+    if not history.is_file():
+        return []
+    return [e for e in map(json.loads, history.read_text().splitlines())
+            if e.get("event") == "eval" and not e.get("final")]
+
+
+def best_value(evals: list[dict], metric: str, result: dict) -> float:
+    """A trial's objective: its best `metric` at a check after step 0, else the final score."""
+    scores = [e[metric] for e in evals if e.get("step", 0) > 0 and e.get(metric) is not None]
+    return float(min(scores)) if scores else float(result[metric])
+
+
 def read_trials(folder: Path) -> list[dict]:
     """Every trial record of a sweep folder, with its eval history from metrics.jsonl."""
     trials = []
     for path in sorted(folder.glob(f"trial-*/{TRIAL_FILE}")):
         rec = json.loads(path.read_text())
-        history = path.parent / "metrics.jsonl"
-        rec["evals"] = [e for e in map(json.loads, history.read_text().splitlines())
-                        if e.get("event") == "eval" and not e.get("final")] if history.is_file() else []
+        rec["evals"] = _evals(path.parent)
         trials.append(rec)
     return trials
 
