@@ -115,9 +115,10 @@ def test_killed_search_resumes_without_rerunning_finished_trials(tmp_path):
     assert sorted(t["status"] for t in read_trials(tmp_path / "ck" / "sweeps" / "sw")) == ["complete"] * 3
 
 
-def test_hopeless_trial_is_pruned_and_reported(tmp_path):
+@pytest.mark.parametrize("warmup", [0, 1])
+def test_hopeless_trial_is_pruned_and_reported(tmp_path, warmup):
     spec = load_spec(write_spec(tmp_path, method="grid", budget_samples=64, eval_every_samples=16, prune=True,
-                                space={"training.learning_rate": [1e-4, 1e-6]}))
+                                prune_warmup_evals=warmup, space={"training.learning_rate": [1e-4, 1e-6]}))
     # lr 1e-4 learns; lr 1e-6 stays at 100 and is worse than the median from its first check on
     trainer = ScriptedTrainer(lambda t, step: 100.0 if t.learning_rate < 1e-5 else 100.0 - step)
     folder = run_sweep(spec, base_config(tmp_path), str(ROOT / "config.yaml"), [f"training.output_dir={tmp_path / 'ck'}"],
@@ -125,7 +126,8 @@ def test_hopeless_trial_is_pruned_and_reported(tmp_path):
     by_lr = {t["params"]["training.learning_rate"]: t for t in read_trials(folder)}
     assert by_lr[1e-4]["status"] == "complete"
     assert by_lr[1e-6]["status"] == "pruned"
-    assert len(by_lr[1e-6]["evals"]) < len(by_lr[1e-4]["evals"])
+    assert len(by_lr[1e-4]["evals"]) == 5  # step 0 and four checks
+    assert len(by_lr[1e-6]["evals"]) == 2 + warmup  # step 0, the warm-up checks, the check that prunes
     assert "| pruned |" in (folder / "report.md").read_text()
 
 

@@ -143,19 +143,21 @@ def _world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def pruning_callback(trial, metric: str, per_step: int):
+def pruning_callback(trial, metric: str, per_step: int, warmup_evals: int = 0):
     """A TrainerCallback that reports each evaluation to Optuna and stops a hopeless trial."""
     from transformers import TrainerCallback
 
     class Pruning(TrainerCallback):
         pruned = False
+        checks = 0
 
         def on_evaluate(self, args, state, control, metrics=None, **kwargs):
             value = (metrics or {}).get(f"eval_{metric}")
             if value is None or state.global_step == 0:
                 return
+            self.checks += 1
             trial.report(float(value), step=state.global_step * per_step)  # samples seen: comparable across batches
-            if trial.should_prune():
+            if self.checks > warmup_evals and trial.should_prune():
                 self.pruned = True
                 control.should_training_stop = True
 
@@ -199,7 +201,7 @@ def _run_one(study, trial, spec: SweepSpec, base: Config, folder: Path, config_p
                   samples_per_step=per_step, config=to_dict(cfg.training))
     _write_json(record_path, record)
     log(f"trial {number}: {params} ({t.max_steps} steps x {per_step} samples)")
-    callback = pruning_callback(trial, spec.metric, per_step)
+    callback = pruning_callback(trial, spec.metric, per_step, spec.prune_warmup_evals)
     start = time.monotonic()
     try:
         result = train(cfg, callbacks=[callback])
