@@ -317,7 +317,8 @@ def run_training(cfg: Config, fresh: bool = False, callbacks: Sequence[TrainerCa
 
     hf_logging.set_verbosity_warning()
     run_dir = run_dir_of(cfg)
-    resume = None if fresh else checkpoints.latest_checkpoint(run_dir)
+    found = [] if fresh else checkpoints.checkpoints(run_dir)
+    start_step, resume = found[-1] if found else (0, None)
     if fresh and is_main_process() and run_dir.exists():
         shutil.rmtree(run_dir)
     data = load_data(cfg)
@@ -327,7 +328,6 @@ def run_training(cfg: Config, fresh: bool = False, callbacks: Sequence[TrainerCa
     meta = {"base_model": cfg.model.name_or_path, "language": cfg.model.language, "task": cfg.model.task,
             "features": data.manifest["name"]}
     trainer = make_trainer(model, args, data, data.periodic_eval_model, [EventLog(run_dir, data.processor, meta), *callbacks])
-    start_step = _step_of(resume)
     if trainer.is_world_process_zero():
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
@@ -360,10 +360,6 @@ def export_ct2(best_dir: Path) -> None:
         log.warning("ctranslate2 is not installed: no %s/ct2 export (pip install ctranslate2 faster-whisper)", best_dir)
     except (OSError, ValueError, RuntimeError) as e:
         log.warning("CTranslate2 export of %s failed (%s); the app falls back to transformers", best_dir, e)
-
-
-def _step_of(checkpoint: Path | None) -> int:
-    return int(checkpoint.name.rsplit("-", 1)[1]) if checkpoint else 0
 
 
 def final_evaluation(cfg: Config, args, data: Data, run_dir: Path) -> dict:
