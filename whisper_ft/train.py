@@ -268,8 +268,7 @@ class EventLog(TrainerCallback):
             return
         if "eval_wer" in logs:
             event = eval_event(logs, "eval", state.global_step)
-            log.info("eval step %d: WER %.2f%%, normalized WER %.2f%%, CER %.2f%% on %d clips", state.global_step,
-                     100 * _num(event["wer"]), 100 * _num(event["wer_normalized"]), 100 * _num(event["cer"]), event["eval_clips"])
+            log.info("eval step %d: %s", state.global_step, scores_line(event))
         elif "loss" in logs:
             event = {"event": "train", "step": state.global_step, "epoch": logs.get("epoch"), "loss": logs["loss"],
                      "learning_rate": logs.get("learning_rate"), "grad_norm": logs.get("grad_norm")}
@@ -291,8 +290,11 @@ class EventLog(TrainerCallback):
                      self.run_dir / checkpoints.BEST_DIR)
 
 
-def _num(x) -> float:
-    return math.nan if x is None else float(x)
+def scores_line(event: dict) -> str:
+    """'WER 12.34%, normalized WER ..., CER ... on N clips' of an `eval` event (None shows as nan)."""
+    pct = lambda k: 100 * (math.nan if event[k] is None else float(event[k]))  # noqa: E731
+    return (f"WER {pct('wer'):.2f}%, normalized WER {pct('wer_normalized'):.2f}%, CER {pct('cer'):.2f}% "
+            f"on {event['eval_clips']} clips")
 
 
 def eval_event(metrics: dict, prefix: str, step: int) -> dict:
@@ -378,9 +380,7 @@ def final_evaluation(cfg: Config, args, data: Data, run_dir: Path) -> dict:
                                         data.eval["sentence"], decode(tok, out.predictions))]
         _write_jsonl(run_dir / "predictions.jsonl", rows)
         checkpoints.append_event(run_dir, event)
-        log.info("final evaluation of best/ (step %d): WER %.2f%%, normalized WER %.2f%%, CER %.2f%% on %d clips",
-                 event["step"], 100 * _num(event["wer"]), 100 * _num(event["wer_normalized"]), 100 * _num(event["cer"]),
-                 event["eval_clips"])
+        log.info("final evaluation of best/ (step %d): %s", event["step"], scores_line(event))
     return event
 
 
