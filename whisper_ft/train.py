@@ -409,11 +409,11 @@ def summarize(trainer, result, final: dict, run_dir: Path, args) -> dict:
 
 def write_reports(cfg: Config, manifest: dict, summary: dict, run_dir: Path) -> None:
     """metrics.json, the loss/WER plot and the model card (in the run folder and in best/)."""
-    (run_dir / "metrics.json").write_text(json.dumps(summary, indent=1, ensure_ascii=False))
+    (run_dir / "metrics.json").write_text(json.dumps(summary, indent=1, ensure_ascii=False), encoding="utf-8")
     report.plot_curves(checkpoints.read_events(run_dir), run_dir / report.PLOT_NAME)
     predictions = run_dir / "predictions.jsonl"
     groups = breakdown.breakdowns(breakdown.read_predictions(predictions)) if predictions.is_file() else {}
-    (run_dir / "wer_breakdown.json").write_text(json.dumps(groups, indent=1, ensure_ascii=False))
+    (run_dir / "wer_breakdown.json").write_text(json.dumps(groups, indent=1, ensure_ascii=False), encoding="utf-8")
     card = report.model_card(summary, to_dict(cfg), manifest) + breakdown.markdown_section(groups)
     for folder in (run_dir, run_dir / checkpoints.BEST_DIR):
         (folder / "README.md").write_text(card, encoding="utf-8")
