@@ -35,8 +35,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from whisper_ft.collator import SpeechCollator  # noqa: E402
-from whisper_ft.config import TrainingConfig  # noqa: E402
-from whisper_ft.train import resolve_precision  # noqa: E402
+from whisper_ft.config import Config  # noqa: E402
+from whisper_ft.train import generation_max_length, resolve_precision  # noqa: E402
 
 SIZES = {  # d_model, layers (encoder = decoder), heads, ffn: the released Whisper shapes
     "tiny": (384, 4, 6, 1536), "base": (512, 6, 8, 2048), "small": (768, 12, 12, 3072), "medium": (1024, 24, 16, 4096),
@@ -63,11 +63,12 @@ class Recipe:
     compile: bool = False
 
 
-def recipes(device: str, label_tokens: int, compile_model: bool) -> list[Recipe]:
+def recipes(device: str, rows: list[dict], compile_model: bool) -> list[Recipe]:
     cuda = device == "cuda"
     bf16_ok = cuda and torch.cuda.is_bf16_supported()
-    defaults = TrainingConfig()
-    cap = min(448, int(np.ceil((label_tokens + 1) * 1.1)) + 1)  # whisper_ft.train.generation_max_length
+    cfg = Config()
+    defaults = cfg.training
+    cap = generation_max_length(cfg, [r["labels"] for r in rows])  # what run_training would cap these labels at
     return [
         Recipe("blog", "fp16" if cuda else "fp32", True, "eager", False, 16, 8, 225),
         Recipe("pipeline", resolve_precision(defaults.precision, cuda, bf16_ok), defaults.gradient_checkpointing,
@@ -223,7 +224,7 @@ def main(argv=None) -> int:
     print(f"whisper-{args.size} shape, random weights, on {where}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads", flush=True)
     results = {}
-    for r in recipes(args.device, args.label_tokens, args.compile):
+    for r in recipes(args.device, rows[:args.eval_clips], args.compile):
         print(f"{r.name}: {r}", flush=True)
         res = bench_train(r, args.size, args.device, rows, args.steps, args.warmup, args.peak_tflops)
         res["eval_clips_per_s_to_cap"] = bench_eval(r, args.size, args.device, rows[:args.eval_clips], None)
