@@ -76,7 +76,11 @@ class Handlers:
         self.transcriber = transcriber
         self.cfg = cfg
         self.language = cfg.model.language
-        self.out_dir = Path(out_dir or tempfile.mkdtemp(prefix="whisper-ft-app-"))
+        if not out_dir:
+            # Transcripts are people's speech: this folder is removed when the process ends.
+            self._tmp = tempfile.TemporaryDirectory(prefix="whisper-ft-app-")
+            out_dir = self._tmp.name
+        self.out_dir = Path(out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
 
     def from_microphone(self, audio, translator=GOOGLE, target="en", timestamps=False, history=None):
