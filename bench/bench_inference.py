@@ -31,6 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from whisper_ft.audio import SAMPLE_RATE, load_audio  # noqa: E402
+from whisper_ft.metrics import wer_normalized  # noqa: E402
 
 SENTENCES = ROOT / "tests" / "fixtures" / "sv-sentences.txt"
 PAUSE_SECONDS = 0.4
@@ -59,14 +60,6 @@ def make_recording(sentences: list[str], seconds: float, work: Path, seed: int =
     return np.concatenate(waves), " ".join(spoken)
 
 
-def wer(reference: str, hypothesis: str) -> float:
-    import jiwer
-    from transformers.models.whisper.english_normalizer import BasicTextNormalizer
-
-    norm = BasicTextNormalizer()
-    return jiwer.wer(norm(reference), norm(hypothesis))
-
-
 def link_model(model: Path, work: Path) -> Path:
     """A folder of links to the model's files, so that the export lands in `work`, not beside the model."""
     out = work / "model"
@@ -83,8 +76,8 @@ def timed(name: str, transcribe, wave: np.ndarray, reference: str) -> dict:
     text = transcribe(wave)
     elapsed = time.perf_counter() - start
     seconds = len(wave) / SAMPLE_RATE
-    row = {"path": name, "seconds": round(elapsed, 2), "rtf": elapsed / seconds, "wer": wer(reference, text),
-           "text": text}
+    row = {"path": name, "seconds": round(elapsed, 2), "rtf": elapsed / seconds,
+           "wer": wer_normalized([reference], [text]), "text": text}
     print(f"  {name}: {elapsed:.1f} s, RTF {row['rtf']:.3f}, WER {row['wer']:.3f}", flush=True)
     return row
 

@@ -265,8 +265,9 @@ def test_gradio_client_api(server, media):
 @pytest.mark.slow
 def test_real_model_two_minutes_end_to_end(real_model_dir, tmp_path, fake_google):
     """The app's default path: the checkpoint exported to CTranslate2 int8, then transcribed."""
-    from bench.bench_inference import link_model, make_recording, wer
+    from bench.bench_inference import link_model, make_recording
     from whisper_ft import ct2
+    from whisper_ft.metrics import wer_normalized
     from whisper_ft.transcribe import CT2Transcriber
 
     (tmp_path / "speech").mkdir()
@@ -281,7 +282,7 @@ def test_real_model_two_minutes_end_to_end(real_model_dir, tmp_path, fake_google
     handlers = Handlers(transcriber, load_config(None), tmp_path / "out")
     text, translation, status, files, *_ = handlers.from_file(str(wav), GOOGLE, "en", True, [])
     assert 115 < len(wave) / 16000 < 140
-    error = wer(spoken, text)
+    error = wer_normalized([spoken], [text])
     print(f"WER {error:.3f}; {status}")
     assert error < 0.8, text  # whisper-base on espeak-ng speech is poor, but it must follow the speech
     assert translation == f"[en] {text}"
