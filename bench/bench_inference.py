@@ -95,7 +95,8 @@ def run_paths(model: Path, ct2_dir: Path, wave: np.ndarray, reference: str, thre
     rows.append(timed("transformers pipeline (greedy)", lambda w: reference_path.transcribe(w).text, wave, reference))
     del reference_path
     for beam in (1, 5):
-        app_path = load_transcriber(str(model), use_ctranslate2=True, batch_size=batch_size, beam_size=beam)
+        app_path = load_transcriber(str(model), use_ctranslate2=True, batch_size=batch_size, beam_size=beam,
+                                    cpu_threads=threads)
         assert isinstance(app_path, CT2Transcriber), "the app did not pick up the CTranslate2 export"
         rows.append(timed(f"app: CT2 int8 batched (beam {beam})", lambda w: app_path.transcribe(w).text, wave,
                           reference))

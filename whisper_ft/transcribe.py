@@ -127,16 +127,18 @@ class CT2Transcriber:
 
 
 def load_transcriber(model_dir: str, language: str = "sv", chunk_seconds: float = 30.0, stride_seconds: float = 5.0,
-                     batch_size: int = 8, use_ctranslate2: bool = True, beam_size: int = 1):
+                     batch_size: int = 8, use_ctranslate2: bool = True, beam_size: int = 1, cpu_threads: int = 0):
     """The CTranslate2 path when `use_ctranslate2` and an up-to-date export sits in `<model_dir>/ct2`,
-    else the transformers pipeline on `model_dir` (a folder or hub id)."""
+    else the transformers pipeline on `model_dir` (a folder or hub id). `cpu_threads` is for
+    CTranslate2 (0: all cores); torch takes its own `torch.set_num_threads`."""
     from whisper_ft import ct2
     from whisper_ft.model import load_model, load_processor
 
     export = ct2.find_export(model_dir) if use_ctranslate2 else None
     if export is not None:
         log.info("using the CTranslate2 int8 export at %s", export)
-        return CT2Transcriber(export, language=language, batch_size=batch_size, beam_size=beam_size)
+        return CT2Transcriber(export, language=language, batch_size=batch_size, beam_size=beam_size,
+                              cpu_threads=cpu_threads)
     if use_ctranslate2 and Path(model_dir).is_dir():
         log.info("no CTranslate2 export in %s; using transformers. For the faster CPU path run: "
                  "python -m whisper_ft.ct2 %s", model_dir, model_dir)
