@@ -23,6 +23,10 @@ if [ ${#missing[@]} -gt 0 ]; then
 fi
 
 python=${PYTHON:-python3}
+if ! "$python" -c 'import sys; sys.exit(sys.version_info < (3, 11, 4))'; then
+  echo "error: Python 3.11.4 or newer is needed (found $("$python" -V 2>&1)); set PYTHON=/path/to/python3.11" >&2
+  exit 2
+fi
 [ -x .venv/bin/python ] || "$python" -m venv .venv
 .venv/bin/python -m pip install -q --disable-pip-version-check --upgrade pip
 # Without a GPU take the CPU build of torch; a CUDA machine gets the default build.
