@@ -74,3 +74,22 @@ def test_load_audio_rejects_bad_files(tmp_path, content):
         load_audio(bad)
     with pytest.raises(AudioError):
         load_audio(tmp_path / "missing.mp3")
+
+
+def test_probe_seconds_reads_headers_of_audio_and_video_and_none_otherwise(tmp_path):
+    import shutil
+    import subprocess
+
+    from whisper_ft.audio import probe_seconds
+
+    if shutil.which("ffmpeg") is None:
+        pytest.skip("ffmpeg is needed to make the video (apt-get install ffmpeg)")
+    wav, mp4, text = tmp_path / "a.wav", tmp_path / "v.mp4", tmp_path / "notes.txt"
+    sf.write(wav, np.zeros(16_000 * 3, dtype=np.float32), 16_000)
+    subprocess.run(["ffmpeg", "-v", "error", "-f", "lavfi", "-i", "sine=frequency=440:duration=2.5", "-c:a", "aac",
+                    str(mp4)], check=True)
+    text.write_text("not media")
+    assert probe_seconds(wav) == pytest.approx(3.0)
+    assert probe_seconds(mp4) == pytest.approx(2.5, abs=0.1)  # libsndfile cannot read it: ffprobe can
+    assert probe_seconds(text) is None
+    assert probe_seconds(tmp_path / "missing.wav") is None

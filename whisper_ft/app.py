@@ -18,10 +18,9 @@ from pathlib import Path
 
 import gradio as gr
 import numpy as np
-import soundfile as sf
 
 from whisper_ft import translate, youtube
-from whisper_ft.audio import SAMPLE_RATE, AudioError, is_silent, load_audio, to_mono
+from whisper_ft.audio import SAMPLE_RATE, AudioError, is_silent, load_audio, probe_seconds, to_mono
 from whisper_ft.config import Config
 from whisper_ft.transcribe import Transcript, load_transcriber, to_srt, to_txt
 
@@ -97,7 +96,7 @@ class Handlers:
         if not path:
             raise gr.Error("Upload an audio or video file first.")
         path = Path(path)
-        seconds = _file_seconds(path)
+        seconds = probe_seconds(path)  # an over-long upload is refused before decoding
         if seconds is not None and seconds > self.cfg.app.max_media_seconds:
             raise gr.Error(youtube.too_long_message(seconds, self.cfg.app.max_media_seconds))
         try:
@@ -153,14 +152,6 @@ class Handlers:
         txt.write_text(to_txt(result), encoding="utf-8")
         srt.write_text(to_srt(result), encoding="utf-8")
         return [str(txt), str(srt)]
-
-
-def _file_seconds(path: Path) -> float | None:
-    """Duration from the file header, so an over-long upload is refused before decoding it."""
-    try:
-        return sf.info(str(path)).duration
-    except (sf.LibsndfileError, RuntimeError, TypeError, ValueError):
-        return youtube.probe_duration(str(path))
 
 
 def _speed_note(result: Transcript, backend: str) -> str:

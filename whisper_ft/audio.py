@@ -80,6 +80,21 @@ def _ffmpeg_decode(source: str | Path | bytes, sample_rate: int) -> np.ndarray:
     return wave.reshape(-1, 1)
 
 
+def probe_seconds(source: str | Path, timeout: float = 20.0) -> float | None:
+    """Duration of a media file or link from its header, without decoding; None when unknown."""
+    try:
+        return sf.info(str(source)).duration
+    except (sf.LibsndfileError, RuntimeError, TypeError, ValueError):
+        pass
+    cmd = ["ffprobe", "-v", "error", "-rw_timeout", str(int(timeout * 1e6)), "-show_entries", "format=duration",
+           "-of", "default=noprint_wrappers=1:nokey=1", str(source)]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
+        return float(proc.stdout.strip())
+    except (OSError, subprocess.TimeoutExpired, ValueError):
+        return None
+
+
 def n_audio_frames(n_samples: int) -> int:
     """Frames of a Whisper input that see any of `n_samples` samples (the rest only see padding)."""
     # Frame t is centred on sample t*HOP_LENGTH and spans N_FFT samples, so it sees sample

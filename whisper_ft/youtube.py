@@ -10,7 +10,6 @@ One of the two modules with network access (the other is `translate`).
 from __future__ import annotations
 
 import logging
-import subprocess
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +17,7 @@ from urllib.parse import urlparse
 
 import numpy as np
 
-from whisper_ft.audio import SAMPLE_RATE, AudioError, load_audio
+from whisper_ft.audio import SAMPLE_RATE, AudioError, load_audio, probe_seconds
 
 log = logging.getLogger(__name__)
 
@@ -97,13 +96,7 @@ def _clean(e: Exception) -> str:
 
 def probe_duration(url: str) -> float | None:
     """Duration of a direct media link read by ffprobe from its header; None when unknown."""
-    cmd = ["ffprobe", "-v", "error", "-rw_timeout", str(int(PROBE_TIMEOUT * 1e6)), "-show_entries",
-           "format=duration", "-of", "default=noprint_wrappers=1:nokey=1", url]
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=PROBE_TIMEOUT, check=False)
-        return float(proc.stdout.strip())
-    except (OSError, subprocess.TimeoutExpired, ValueError):
-        return None
+    return probe_seconds(url, PROBE_TIMEOUT)
 
 
 def too_long_message(seconds: float, max_seconds: float) -> str:
