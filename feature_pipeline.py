@@ -23,6 +23,7 @@ from whisper_ft.config import Config, save_config, to_dict
 from whisper_ft.features import (MANIFEST, PLAN, PROCESSOR_DIR, Limits, build_manifest, build_shards,
                                  clean_partial, fingerprint, is_done, load_feature_processor, plan_shards,
                                  read_manifest)
+from whisper_ft.files import write_atomic
 from whisper_ft.model import ModelNotFound
 from whisper_ft.sources import EVAL, TRAIN, SourceError, describe, read_source
 
@@ -121,9 +122,7 @@ def prepare_store(root: Path, cfg: Config, processor, settings: dict, fp: str, o
     root.mkdir(parents=True, exist_ok=True)
     processor.save_pretrained(str(root / PROCESSOR_DIR))
     save_config(cfg, root / "config.yaml")
-    tmp = root / f".{PLAN}.tmp"
-    tmp.write_text(json.dumps({"fingerprint": fp, "settings": settings}, indent=2))
-    os.replace(tmp, plan_path)
+    write_atomic(plan_path, json.dumps({"fingerprint": fp, "settings": settings}, indent=2))
 
 
 def manifest_header(cfg: Config, processor, settings: dict) -> dict:

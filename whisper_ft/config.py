@@ -18,6 +18,8 @@ from typing import Any
 
 import yaml
 
+from whisper_ft.files import write_atomic
+
 
 class ConfigError(ValueError):
     """A config file or override that cannot be used; the message names the key."""
@@ -307,7 +309,4 @@ def to_dict(cfg: Any) -> dict:
 
 def save_config(cfg: Config, path: str | Path) -> None:
     """Write the resolved config as YAML (atomically)."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False, allow_unicode=True), encoding="utf-8")
-    tmp.replace(path)
+    write_atomic(path, yaml.safe_dump(to_dict(cfg), sort_keys=False, allow_unicode=True))

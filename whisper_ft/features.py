@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from whisper_ft.audio import SAMPLE_RATE, AudioError, load_audio, pad_features, trimmed_features
+from whisper_ft.files import write_atomic
 from whisper_ft.sources import EVAL, TRAIN, ArrowAudio, Row
 from whisper_ft.text import tidy_sentence
 
@@ -232,9 +233,7 @@ def build_manifest(root: Path, shards: list[Shard], header: dict) -> dict:
         }
     manifest = {**header, "format_version": FORMAT_VERSION, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                 "splits": splits}
-    tmp = root / f".{MANIFEST}.tmp-{os.getpid()}"
-    tmp.write_text(json.dumps(manifest, indent=2, ensure_ascii=False))
-    os.replace(tmp, root / MANIFEST)
+    write_atomic(root / MANIFEST, json.dumps(manifest, indent=2, ensure_ascii=False))
     return manifest
 
 

@@ -23,6 +23,7 @@ from typing import Any
 import yaml
 
 from whisper_ft.config import Config, ConfigError, load_config, to_dict
+from whisper_ft.files import write_atomic
 
 METHODS = ("grid", "random", "bayes")
 METRICS = ("wer", "wer_normalized", "cer")
@@ -222,9 +223,7 @@ def _run_one(study, trial, spec: SweepSpec, base: Config, folder: Path, config_p
 
 def _write_json(path: Path, obj: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str))
-    tmp.replace(path)
+    write_atomic(path, json.dumps(obj, indent=2, default=str))
 
 
 def _evals(run_dir: Path) -> list[dict]:

@@ -28,6 +28,7 @@ from whisper_ft import breakdown, checkpoints, report
 from whisper_ft.collator import IGNORE_INDEX, SpeechCollator
 from whisper_ft.config import Config, save_config, to_dict
 from whisper_ft.features import FeaturesError, check_compatible, load_split, read_manifest
+from whisper_ft.files import write_atomic
 from whisper_ft.metrics import scores
 from whisper_ft.model import load_model, load_processor, resolve
 
@@ -385,9 +386,7 @@ def final_evaluation(cfg: Config, args, data: Data, run_dir: Path) -> dict:
 
 
 def _write_jsonl(path: Path, rows: list[dict]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
-    tmp.replace(path)
+    write_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 
 
 def summarize(trainer, result, final: dict, run_dir: Path, args) -> dict:
