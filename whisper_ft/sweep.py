@@ -14,6 +14,7 @@ import dataclasses
 import itertools
 import json
 import math
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -139,8 +140,6 @@ def _yaml(value: Any) -> str:
 
 
 def _world_size() -> int:
-    import os
-
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
