@@ -125,7 +125,7 @@ def trial_config(base: Config, spec: SweepSpec, params: dict, folder: Path, numb
              f"training.output_dir={folder}", f"training.run_name=trial-{number:03d}"]
     cfg = load_config(config_path, items)
     t = cfg.training
-    per_step = t.batch_size * t.gradient_accumulation_steps * _world_size()
+    per_step = samples_per_step(t)
     extra = []
     if spec.budget_samples:
         extra.append(f"training.max_steps={max(1, math.ceil(spec.budget_samples / per_step))}")
@@ -139,8 +139,9 @@ def _yaml(value: Any) -> str:
     return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
 
 
-def _world_size() -> int:
-    return int(os.environ.get("WORLD_SIZE", "1"))
+def samples_per_step(t) -> int:
+    """Training clips per optimizer step: batch x accumulation x processes."""
+    return t.batch_size * t.gradient_accumulation_steps * int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def pruning_callback(trial, metric: str, per_step: int, warmup_evals: int = 0):
@@ -194,7 +195,7 @@ def _run_one(study, trial, spec: SweepSpec, base: Config, folder: Path, config_p
     number, params = trial.number, trial.params
     cfg = trial_config(base, spec, params, folder, number, config_path, overrides)
     t = cfg.training
-    per_step = t.batch_size * t.gradient_accumulation_steps * _world_size()
+    per_step = samples_per_step(t)
     record_path = folder / f"trial-{number:03d}" / TRIAL_FILE
     record = json.loads(record_path.read_text()) if record_path.is_file() else {"wall_seconds": 0.0}
     record.update(number=number, params=params, status="running", max_steps=t.max_steps,
