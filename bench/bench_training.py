@@ -2,26 +2,32 @@
 side in one run on the same random-weight Whisper, on the device given.
 
     python bench/bench_training.py                              # whisper-tiny-sized, CPU or GPU
-    python bench/bench_training.py --size small --device cuda   # the issue's H100 target setting
+    python bench/bench_training.py --size small --device cuda   # whisper-small on a GPU
     python bench/bench_training.py --size small --device cuda --compile
 
-blog:     fp16 on GPU (fp32 on CPU), gradient checkpointing, eager attention, unfused AdamW,
-          batch 16, evaluation batch 8, generation max_length 225
+blog:     fp16 on GPU (fp32 on CPU), gradient checkpointing, SDPA attention (today's transformers
+          default), unfused AdamW, padded float32 batches from the CPU, batch 16; evaluation
+          with `generate`, batch 8, max_length 225
 pipeline: config.yaml defaults: bf16 (fp16 without bf16, fp32 on CPU), SDPA, no gradient
-          checkpointing, fused AdamW on GPU, batch 16, evaluation batch 64, generation capped
-          at the longest label + 10%
+          checkpointing, fused AdamW on GPU, compact float16 batches padded on the device,
+          batch 16 (--compile: compiled layers); evaluation with `whisper_ft.decoding`
+          (static KV cache, CUDA graph on GPU), batch 64, generation capped at the longest
+          label + 10%
 
-Prints training samples/s and MFU (model FLOPs of forward + backward over the device's
-peak), evaluation clips/s, and pipeline/blog ratios. Random weights never emit <|endoftext|>,
-so evaluation is timed twice: "to cap" (every clip generates up to the recipe's cap, the
-runaway case the cap exists for) and "same length" (both generate exactly --label-tokens
-tokens, which isolates batch size, precision and attention).
+These are bare loops (no Trainer); `bench/bench_e2e.py` times the real commands. Prints
+training samples/s and MFU (model FLOPs of forward + backward over the device's peak), the
+time of the first steps (compilation), evaluation clips/s, and pipeline/blog ratios. Random
+weights never emit <|endoftext|>, so evaluation is timed twice: "to cap" (every clip generates
+up to the recipe's cap, the runaway case the cap exists for) and "same length" (both generate
+exactly --label-tokens tokens, which isolates the decoding engine, batch size and precision).
+`--agreement N` also decodes N clips with both engines on one model and counts identical outputs.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import os
 import sys
@@ -34,9 +40,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from whisper_ft.collator import SpeechCollator  # noqa: E402
+from whisper_ft.collator import SpeechCollator, expand  # noqa: E402
 from whisper_ft.config import Config  # noqa: E402
-from whisper_ft.train import generation_max_length, resolve_precision  # noqa: E402
+from whisper_ft.decoding import GreedyDecoder, max_new_tokens  # noqa: E402
+from whisper_ft.train import compile_layers, generation_max_length, resolve_precision  # noqa: E402
 
 SIZES = {  # d_model, layers (encoder = decoder), heads, ffn: the released Whisper shapes
     "tiny": (384, 4, 6, 1536), "base": (512, 6, 8, 2048), "small": (768, 12, 12, 3072), "medium": (1024, 24, 16, 4096),
@@ -60,6 +67,8 @@ class Recipe:
     batch_size: int
     eval_batch_size: int
     max_length: int
+    compact_batches: bool = False  # float16 frames + lengths, padded on the device
+    fast_decoding: bool = False  # whisper_ft.decoding instead of generate
     compile: bool = False
 
 
@@ -69,11 +78,12 @@ def recipes(device: str, rows: list[dict], compile_model: bool) -> list[Recipe]:
     cfg = Config()
     defaults = cfg.training
     cap = generation_max_length(cfg, [r["labels"] for r in rows])  # what run_training would cap these labels at
-    return [
-        Recipe("blog", "fp16" if cuda else "fp32", True, "eager", False, 16, 8, 225),
-        Recipe("pipeline", resolve_precision(defaults.precision, cuda, bf16_ok), defaults.gradient_checkpointing,
-               "sdpa", cuda, defaults.batch_size, defaults.eval_batch_size, cap, compile_model),
-    ]
+    pipeline = Recipe("pipeline", resolve_precision(defaults.precision, cuda, bf16_ok), defaults.gradient_checkpointing,
+                      "sdpa", cuda, defaults.batch_size, defaults.eval_batch_size, cap, True, defaults.fast_generation)
+    out = [Recipe("blog", "fp16" if cuda else "fp32", True, "sdpa", False, 16, 8, 225), pipeline]
+    if compile_model:
+        out.append(dataclasses.replace(pipeline, name="pipeline+compile", compile=True))
+    return out
 
 
 def build_model(size: str, attention: str, device: str):
@@ -147,19 +157,26 @@ def bench_train(recipe: Recipe, size: str, device: str, rows: list[dict], steps:
     if recipe.gradient_checkpointing:
         model.activation_checkpointing_enable()
         model.config.use_cache = False
-    step_model = torch.compile(model) if recipe.compile else model
+    if recipe.compile:
+        compile_layers(model)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=recipe.fused_adamw or None)
     scaler = torch.amp.GradScaler(device, enabled=recipe.precision == "fp16")
     collate = SpeechCollator(PREFIX[0])
     batches = [collate(rows[i * recipe.batch_size % len(rows):][:recipe.batch_size]) for i in range(4)]
-    t0 = 0.0
+    if not recipe.compact_batches:  # the blog's collator hands over padded float32 inputs
+        batches = [expand(b) for b in batches]
+    if device == "cuda":
+        batches = [{k: v.pin_memory() for k, v in b.items()} for b in batches]
+    start = time.perf_counter()
+    t0 = first_steps = 0.0
     for i in range(warmup + steps):
         if i == warmup:
             sync(device)
             t0 = time.perf_counter()
-        batch = {k: v.to(device, non_blocking=True) for k, v in batches[i % len(batches)].items()}
+            first_steps = t0 - start
+        batch = expand({k: v.to(device, non_blocking=True) for k, v in batches[i % len(batches)].items()})
         with autocast(device, recipe.precision):
-            loss = step_model(**batch).loss
+            loss = model(**batch).loss
         scaler.scale(loss).backward()
         scaler.step(opt)
         scaler.update()
@@ -171,30 +188,63 @@ def bench_train(recipe: Recipe, size: str, device: str, rows: list[dict], steps:
     samples_s = steps * recipe.batch_size / seconds
     mfu = 3 * forward_flops(model.config, label_len) * samples_s / peak
     del model, opt
-    return {"train_samples_per_s": samples_s, "mfu": mfu, "peak": peak_src}
+    return {"train_samples_per_s": samples_s, "mfu": mfu, "peak": peak_src, "first_steps_s": first_steps,
+            "warmup_steps": warmup}
+
+
+def precision_dtype(precision: str) -> torch.dtype:
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+
+
+def decode_batches(model, rows: list[dict], batch_size: int, device: str, fast: bool, new_tokens: int,
+                   min_tokens: int | None = None, dtype: torch.dtype | None = None) -> list[list[int]]:
+    """Greedy transcripts (token lists) of `rows`, in batches, with one engine (`dtype`: the
+    fast decoder's matmul precision, as the Trainer sets it under autocast)."""
+    collate = SpeechCollator(PREFIX[0])
+    decoder = GreedyDecoder(model, PREFIX, new_tokens, dtype) if fast else None
+    if decoder is not None and min_tokens:  # as min_new_tokens: no <|endoftext|>, every clip runs to the length
+        decoder.suppress[EOT] = -float("inf")
+    out = []
+    for i in range(0, len(rows), batch_size):
+        x = expand({k: v.to(device) for k, v in collate(rows[i:i + batch_size]).items()})["input_features"]
+        x = x.to(next(model.parameters()).dtype)
+        if decoder is not None:
+            ids = decoder.generate(model.model.encoder(x).last_hidden_state)
+        else:
+            lengths = {"min_new_tokens": min_tokens} if min_tokens else {}
+            ids = model.generate(x, language="sv", task="transcribe", max_new_tokens=new_tokens, **lengths)
+        out += [[t for t in row if t != EOT] for row in ids.tolist()]
+    return out
 
 
 @torch.no_grad()
-def bench_eval(recipe: Recipe, size: str, device: str, rows: list[dict], new_tokens: int | None) -> float:
+def bench_eval(recipe: Recipe, size: str, device: str, rows: list[dict], new_tokens: int | None,
+               batch_size: int = 0) -> float:
     """Clips/s of batched greedy generation; `new_tokens` fixes the length, else run to the cap."""
-    model = build_model(size, recipe.attention, device).eval()
-    if recipe.precision != "fp32":
-        model = model.to(torch.bfloat16 if recipe.precision == "bf16" else torch.float16)
-    collate = SpeechCollator(PREFIX[0])
-    gen = {"min_new_tokens": new_tokens, "max_new_tokens": new_tokens} if new_tokens else {"max_length": recipe.max_length}
-    dtype = next(model.parameters()).dtype
+    model = build_model(size, recipe.attention, device).eval().to(precision_dtype(recipe.precision))
+    batch_size = batch_size or recipe.eval_batch_size
+    cap = max_new_tokens(recipe.max_length, len(PREFIX))  # what generate(max_length=...) allows
 
     def run(subset: list[dict]) -> None:
-        for i in range(0, len(subset), recipe.eval_batch_size):
-            x = collate(subset[i:i + recipe.eval_batch_size])["input_features"].to(device, dtype)
-            model.generate(x, language="sv", task="transcribe", **gen)
+        decode_batches(model, subset, batch_size, device, recipe.fast_decoding, new_tokens or cap, new_tokens)
 
-    run(rows[:min(len(rows), recipe.eval_batch_size)])  # warm-up: kernels, allocator
+    run(rows[:min(len(rows), batch_size)])  # warm-up: kernels, allocator, graph capture
     sync(device)
     t0 = time.perf_counter()
     run(rows)
     sync(device)
     return len(rows) / (time.perf_counter() - t0)
+
+
+@torch.no_grad()
+def agreement(size: str, device: str, rows: list[dict], precision: str, new_tokens: int) -> float:
+    """Fraction of clips whose greedy transcript from whisper_ft.decoding equals generate's,
+    on one random-weight model in `precision` (autocast over float32 weights, as in training)."""
+    model = build_model(size, "sdpa", device).eval()
+    with autocast(device, precision):
+        ours = decode_batches(model, rows, 64, device, True, new_tokens, dtype=precision_dtype(precision))
+        ref = decode_batches(model, rows, 64, device, False, new_tokens)
+    return float(np.mean([a == b for a, b in zip(ours, ref)]))
 
 
 def parse_args(argv=None):
@@ -205,7 +255,10 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=2, help="untimed training steps first")
     p.add_argument("--eval-clips", type=int, default=64, help="clips generated per evaluation timing")
     p.add_argument("--label-tokens", type=int, default=28, help="mean text tokens per label (Swedish CV: ~28)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the pipeline recipe's training model")
+    p.add_argument("--compile", action="store_true", help="also time the pipeline with compiled layers")
+    p.add_argument("--eval-batch-sizes", default="", help="extra evaluation batch sizes to time for the pipeline, e.g. 128,256")
+    p.add_argument("--agreement", type=int, default=0, help="clips to decode with both engines (fp32 and bf16)")
+    p.add_argument("--skip-blog", action="store_true", help="time the pipeline only")
     p.add_argument("--peak-tflops", type=float, default=0.0, help="device peak for MFU (default: datasheet / estimate)")
     p.add_argument("--json", type=Path, help="also write the results here")
     return p.parse_args(argv)
@@ -219,27 +272,56 @@ def main(argv=None) -> int:
     hf_logging.set_verbosity_error()  # generate() warns about its default max_length on every call
     if args.device == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    rows = examples(max(64, args.eval_clips), args.label_tokens)
+    extra_batches = [int(b) for b in args.eval_batch_sizes.split(",") if b.strip()]
+    rows = examples(max([64, args.eval_clips, args.agreement, *extra_batches]), args.label_tokens)
     where = torch.cuda.get_device_name() if args.device == "cuda" else _cpu_name()
     print(f"whisper-{args.size} shape, random weights, on {where}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads", flush=True)
-    results = {}
+    results: dict = {}
+    out = {"device": where, "size": args.size, "torch": torch.__version__, "results": results}
     for r in recipes(args.device, rows[:args.eval_clips], args.compile):
+        if args.skip_blog and r.name == "blog":
+            continue
         print(f"{r.name}: {r}", flush=True)
-        res = bench_train(r, args.size, args.device, rows, args.steps, args.warmup, args.peak_tflops)
-        res["eval_clips_per_s_to_cap"] = bench_eval(r, args.size, args.device, rows[:args.eval_clips], None)
-        res["eval_clips_per_s_same_length"] = bench_eval(r, args.size, args.device, rows[:args.eval_clips], args.label_tokens)
-        results[r.name] = res
+        res = results[r.name] = bench_train(r, args.size, args.device, rows, args.steps, args.warmup, args.peak_tflops)
         print(f"  train {res['train_samples_per_s']:.2f} samples/s, MFU {100 * res['mfu']:.1f}% ({res['peak']}); "
-              f"eval {res['eval_clips_per_s_to_cap']:.2f} clips/s to cap (max_length {r.max_length}), "
-              f"{res['eval_clips_per_s_same_length']:.2f} clips/s at the same length", flush=True)
-    b, p = results["blog"], results["pipeline"]
-    print(f"pipeline / blog: training {p['train_samples_per_s'] / b['train_samples_per_s']:.2f}x, "
-          f"evaluation {p['eval_clips_per_s_to_cap'] / b['eval_clips_per_s_to_cap']:.2f}x to cap, "
-          f"{p['eval_clips_per_s_same_length'] / b['eval_clips_per_s_same_length']:.2f}x at the same length")
-    if args.json:
-        args.json.write_text(json.dumps({"device": where, "size": args.size, "results": results}, indent=1))
+              f"first {args.warmup} steps {res['first_steps_s']:.1f} s", flush=True)
+        _save(args.json, out)
+        if r.compile:
+            continue  # evaluation does not use the compiled training layers
+        # The blog's generate is slow: time it on fewer clips (clips/s does not depend on the count).
+        clips = rows[:args.eval_clips if r.fast_decoding else max(r.eval_batch_size, args.eval_clips // 8)]
+        res["eval_clips_per_s_to_cap"] = bench_eval(r, args.size, args.device, clips, None)
+        res["eval_clips_per_s_same_length"] = bench_eval(r, args.size, args.device, clips, args.label_tokens)
+        print(f"  eval {res['eval_clips_per_s_to_cap']:.2f} clips/s to cap (max_length {r.max_length}), "
+              f"{res['eval_clips_per_s_same_length']:.2f} clips/s at the same length ({len(clips)} clips, "
+              f"batch {r.eval_batch_size})", flush=True)
+        for bs in extra_batches:
+            if r.fast_decoding:
+                res[f"eval_clips_per_s_same_length_batch{bs}"] = v = bench_eval(
+                    r, args.size, args.device, rows[:max(bs, args.eval_clips)], args.label_tokens, bs)
+                print(f"  eval batch {bs}: {v:.2f} clips/s at the same length", flush=True)
+        _save(args.json, out)
+    if "blog" in results:
+        b, p = results["blog"], results["pipeline"]
+        print(f"pipeline / blog: training {p['train_samples_per_s'] / b['train_samples_per_s']:.2f}x, "
+              f"evaluation {p['eval_clips_per_s_to_cap'] / b['eval_clips_per_s_to_cap']:.2f}x to cap, "
+              f"{p['eval_clips_per_s_same_length'] / b['eval_clips_per_s_same_length']:.2f}x at the same length")
+    if args.agreement:
+        for precision in ("fp32", "bf16"):
+            if args.device == "cuda":
+                torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = precision != "fp32"
+            out[f"agreement_{precision}"] = a = agreement(args.size, args.device, rows[:args.agreement], precision,
+                                                          args.label_tokens)
+            print(f"identical greedy transcripts, whisper_ft.decoding vs generate ({precision}, random weights, "
+                  f"{args.agreement} clips): {100 * a:.1f}%", flush=True)
+        _save(args.json, out)
     return 0
+
+
+def _save(path: Path | None, out: dict) -> None:
+    if path:
+        path.write_text(json.dumps(out, indent=1))
 
 
 def _cpu_name() -> str:

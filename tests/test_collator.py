@@ -1,9 +1,10 @@
-"""The collator rebuilds exactly the padded inputs of `features.input_features` and pads labels."""
+"""The collator ships compact batches, `expand` rebuilds exactly the padded inputs of
+`features.input_features`, and labels are padded."""
 
 import numpy as np
 import torch
 
-from whisper_ft.collator import IGNORE_INDEX, SpeechCollator
+from whisper_ft.collator import IGNORE_INDEX, SpeechCollator, expand
 from whisper_ft.features import input_features, load_split
 
 SOT, SV, TRANSCRIBE, NOTS, EOT = 50258, 50273, 50359, 50363, 50257
@@ -18,7 +19,9 @@ def test_inputs_match_store_padding():
     examples = [_example(120, -0.5, [SOT, 1, EOT], seed=1), _example(3000, -1.5, [SOT, 2, EOT], seed=2),
                 _example(7, 0.25, [SOT, EOT], seed=3)]
     batch = SpeechCollator(SOT)(examples)
-    x = batch["input_features"]
+    assert batch["features"].dtype == torch.float16 and batch["features"].shape == (3, 3000, 80)
+    assert batch["frames"].tolist() == [120, 3000, 7]
+    x = expand(batch)["input_features"]
     assert x.dtype == torch.float32 and x.shape == (3, 80, 3000)
     for i, ex in enumerate(examples):
         np.testing.assert_array_equal(x[i].numpy(), input_features(ex))
@@ -38,12 +41,26 @@ def test_labels_without_start_token_are_kept_whole():
     assert labels.tolist() == [[SV, 5, EOT]]
 
 
+def test_compact_batch_is_a_fraction_of_the_padded_bytes():
+    examples = [_example(450, -0.5, [SOT, 1, EOT], seed=1), _example(300, -1.0, [SOT, 2, EOT], seed=2)]
+    batch = SpeechCollator(SOT)(examples)
+    compact = sum(batch[k].numel() * batch[k].element_size() for k in ("features", "frames", "fill"))
+    assert compact * 10 < expand(batch)["input_features"].numel() * 4
+
+
+def test_expand_passes_other_keys_and_padded_batches_through():
+    batch = SpeechCollator(SOT)([_example(10, 0.0, [SOT, 5, EOT])])
+    inputs = expand(batch)
+    assert set(inputs) == {"input_features", "labels"} and inputs["labels"] is batch["labels"]
+    assert expand(inputs) is inputs
+
+
 def test_on_the_feature_store(features_dir):
     ds = load_split(features_dir, "eval").with_format("numpy", columns=["input_features", "fill", "labels"])
     rows = [ds[i] for i in range(3)]
-    batch = SpeechCollator(SOT)(rows)
+    batch = expand(SpeechCollator(SOT)(rows))
     for i, row in enumerate(rows):
-        np.testing.assert_allclose(batch["input_features"][i].numpy(), input_features(row))
+        np.testing.assert_array_equal(batch["input_features"][i].numpy(), input_features(row))
         n = len(row["labels"]) - 1
         assert batch["labels"][i, :n].tolist() == row["labels"][1:].tolist()
         assert (batch["labels"][i, n:] == IGNORE_INDEX).all()

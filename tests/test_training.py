@@ -103,7 +103,7 @@ def test_best_export_loads_alone_and_generates_swedish_prefix(tiny_run, features
     import torch
     from transformers import WhisperForConditionalGeneration, WhisperProcessor
 
-    from whisper_ft.collator import SpeechCollator
+    from whisper_ft.collator import SpeechCollator, expand
     from whisper_ft.features import load_split
 
     best = tiny_run[0] / "best"
@@ -114,7 +114,7 @@ def test_best_export_loads_alone_and_generates_swedish_prefix(tiny_run, features
     assert model.generation_config.forced_decoder_ids is None and getattr(model.config, "forced_decoder_ids", None) is None
     assert json.loads((best / "best.json").read_text())["step"] == tiny_run[1]["best_step"]
     row = load_split(features_dir, "eval").with_format("numpy", columns=["input_features", "fill", "labels"])[0]
-    x = SpeechCollator(50258)([row])["input_features"]
+    x = expand(SpeechCollator(50258)([row]))["input_features"]
     prompts = []
 
     def capture(batch_id, input_ids):  # sees the decoder prompt before the first generated token

@@ -106,6 +106,7 @@ class TrainingConfig:
     precision: str = "auto"
     gradient_checkpointing: bool = False
     torch_compile: bool = False
+    fast_generation: bool = True
     dataloader_workers: int = 4
     seed: int = 42
     export_ctranslate2: bool = True

@@ -4,9 +4,10 @@
     summary = run_training(cfg, fresh=True, callbacks=[MyPruningCallback()])
 
 The Trainer brings mixed precision, gradient accumulation, DDP under `torchrun`, resumption
-and checkpoint rotation; this module adds what it lacks for Whisper: the collator for the
-trimmed store, language/task forcing, WER metrics, an atomic `best/` export, the event log,
-and the end-of-run reports. Run folder layout: `whisper_ft.checkpoints`.
+and checkpoint rotation; this module adds what it lacks for Whisper: compact batches padded
+on the GPU, compiled layers, fast greedy evaluation (`whisper_ft.decoding`), language/task
+forcing, WER metrics, an atomic `best/` export, the event log, and the end-of-run reports.
+Run folder layout: `whisper_ft.checkpoints`.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import numpy as np
 from transformers import Seq2SeqTrainer, TrainerCallback
 
 from whisper_ft import breakdown, checkpoints, report
-from whisper_ft.collator import IGNORE_INDEX, SpeechCollator
+from whisper_ft.collator import IGNORE_INDEX, SpeechCollator, expand
 from whisper_ft.config import Config, save_config, to_dict
 from whisper_ft.features import FeaturesError, check_compatible, load_split, read_manifest
 from whisper_ft.files import write_atomic
@@ -146,7 +147,24 @@ def prepare_model(cfg: Config, manifest: dict, tokenizer):
 
         model = get_peft_model(model, LoraConfig(r=t.lora.rank, lora_alpha=t.lora.alpha, lora_dropout=t.lora.dropout,
                                                  target_modules=list(t.lora.target_modules), bias="none"))
+    if t.torch_compile:
+        compile_layers(model)
     return model
+
+
+def compile_layers(model) -> int:
+    """`torch.compile` each encoder and decoder layer in place ("regional" compilation).
+
+    All layers of a stack share one compiled graph, so start-up costs two compilations
+    instead of one of the whole model, and parameter names (checkpoints) stay the same.
+    Returns the number of layers compiled.
+    """
+    from transformers.models.whisper.modeling_whisper import WhisperDecoderLayer, WhisperEncoderLayer
+
+    layers = [m for m in model.modules() if isinstance(m, (WhisperEncoderLayer, WhisperDecoderLayer))]
+    for layer in layers:
+        layer.compile()
+    return len(layers)
 
 
 def check_model(manifest: dict, model_config, tokenizer) -> None:
@@ -185,6 +203,8 @@ def training_arguments(cfg: Config, run_dir: Path, max_gen_length: int, eval_on_
     t = cfg.training
     cuda = torch.cuda.is_available()
     precision = resolve_precision(t.precision, cuda, cuda and torch.cuda.is_bf16_supported())
+    if cuda:
+        torch.backends.cudnn.benchmark = True  # the encoder's convolutions always see 3000 frames
     return Seq2SeqTrainingArguments(
         output_dir=str(run_dir), run_name=t.run_name, seed=t.seed,
         max_steps=t.max_steps, per_device_train_batch_size=t.batch_size,
@@ -194,7 +214,6 @@ def training_arguments(cfg: Config, run_dir: Path, max_gen_length: int, eval_on_
         bf16=precision == "bf16", fp16=precision == "fp16",
         tf32=True if cuda and torch.cuda.get_device_capability()[0] >= 8 else None,
         activation_checkpointing=t.gradient_checkpointing,
-        torch_compile=t.torch_compile,
         eval_strategy="steps", eval_steps=t.eval_steps, eval_on_start=eval_on_start,
         per_device_eval_batch_size=t.eval_batch_size, predict_with_generate=True,
         generation_max_length=max_gen_length, generation_num_beams=t.num_beams,
@@ -203,6 +222,10 @@ def training_arguments(cfg: Config, run_dir: Path, max_gen_length: int, eval_on_
         logging_strategy="steps", logging_steps=t.logging_steps, report_to=["tensorboard"],
         dataloader_num_workers=t.dataloader_workers, dataloader_pin_memory=cuda,
         dataloader_persistent_workers=t.dataloader_workers > 0,
+        accelerator_config={"non_blocking": cuda},  # copy pinned batches without waiting for the GPU
+        # The NaN/Inf filter reads the loss on the host every step, which stalls the GPU queue;
+        # a NaN now shows in the logged loss instead of being averaged away.
+        logging_nan_inf_filter=False,
         remove_unused_columns=False, label_names=["labels"],
         ddp_find_unused_parameters=False,
         # Per-process mean loss, averaged by DDP: the token-weighted variant logs the loss times
@@ -225,12 +248,24 @@ def compute_metrics(tokenizer, pred) -> dict:
 
 
 class WhisperTrainer(Seq2SeqTrainer):
-    """Seq2SeqTrainer whose evaluation keeps each clip once under torchrun.
+    """Seq2SeqTrainer for the compact feature batches, with fast greedy evaluation.
 
-    The last evaluation batch of each process is padded with repeated clips; Seq2SeqTrainer
-    deliberately gathers them with `gather` (not `gather_for_metrics`), which would count
-    them twice in WER and in predictions.jsonl.
+    - Batches arrive compact (`whisper_ft.collator`) and are padded on the device.
+    - With `fast_generation`, greedy evaluation runs the encoder once per batch for both the
+      loss and `whisper_ft.decoding.GreedyDecoder`; beam search and LoRA models use `generate`.
+    - Evaluation under torchrun keeps each clip once: the last batch of each process is padded
+      with repeated clips, which Seq2SeqTrainer gathers with `gather` (not
+      `gather_for_metrics`) and would count twice in WER and in predictions.jsonl.
     """
+
+    def __init__(self, *args, fast_generation: bool = False, **kwargs):
+        super().__init__(*args, **kwargs)
+        # Whisper's loss is already the mean over a batch's label tokens (it ignores
+        # num_items_in_batch); counting them would also copy a scalar to the GPU every step, a
+        # host synchronisation, and skip dividing the loss by the accumulation steps.
+        self.model_accepts_loss_kwargs = False
+        self.fast_generation = fast_generation
+        self._decoder = None
 
     @property
     def gather_function(self):
@@ -240,12 +275,52 @@ class WhisperTrainer(Seq2SeqTrainer):
     def gather_function(self, _fn) -> None:
         pass  # keep gather_for_metrics
 
+    def _prepare_inputs(self, inputs):
+        return expand(super()._prepare_inputs(inputs))
 
-def make_trainer(model, args, data: Data, eval_dataset, callbacks: Sequence = ()) -> Seq2SeqTrainer:
+    def evaluation_loop(self, *args, **kwargs):
+        self._decoder = None  # built from the weights as they are at this evaluation
+        try:
+            return super().evaluation_loop(*args, **kwargs)
+        finally:
+            self._decoder = None  # its caches and CUDA graph go back to training
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None, **gen_kwargs):
+        from transformers import WhisperForConditionalGeneration
+
+        whisper = self.accelerator.unwrap_model(model)
+        if (prediction_loss_only or not self.args.predict_with_generate or not self.fast_generation
+                or type(whisper) is not WhisperForConditionalGeneration or (self.args.generation_num_beams or 1) > 1):
+            return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys, **gen_kwargs)
+        import torch
+
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad(), self.accelerator.autocast():
+            encoded = whisper.model.encoder(inputs["input_features"]).last_hidden_state
+            loss = whisper(encoder_outputs=(encoded,), labels=inputs["labels"]).loss
+            tokens = self._greedy_decoder(whisper).generate(encoded)
+        return loss.detach(), tokens, inputs["labels"]
+
+    def _greedy_decoder(self, whisper):
+        import torch
+
+        from whisper_ft.decoding import GreedyDecoder, max_new_tokens
+
+        if self._decoder is None:
+            prefix = list(self.processing_class.tokenizer.prefix_tokens)
+            dtype = torch.bfloat16 if self.args.bf16 else torch.float16 if self.args.fp16 else None
+            self._decoder = GreedyDecoder(whisper, prefix, max_new_tokens(self.args.generation_max_length, len(prefix),
+                                                                          whisper.config.max_target_positions), dtype)
+        return self._decoder
+
+
+def make_trainer(model, args, data: Data, eval_dataset, callbacks: Sequence = (),
+                 fast_generation: bool = True) -> Seq2SeqTrainer:
     return WhisperTrainer(
         model=model, args=args, data_collator=SpeechCollator(model.config.decoder_start_token_id),
         train_dataset=data.train_model, eval_dataset=eval_dataset, processing_class=data.processor,
-        compute_metrics=partial(compute_metrics, data.processor.tokenizer), callbacks=list(callbacks))
+        compute_metrics=partial(compute_metrics, data.processor.tokenizer), callbacks=list(callbacks),
+        fast_generation=fast_generation)
 
 
 class EventLog(TrainerCallback):
@@ -330,7 +405,8 @@ def run_training(cfg: Config, fresh: bool = False, callbacks: Sequence[TrainerCa
     args = training_arguments(cfg, run_dir, gen_len, eval_on_start=cfg.training.eval_before_training and resume is None)
     meta = {"base_model": cfg.model.name_or_path, "language": cfg.model.language, "task": cfg.model.task,
             "features": data.manifest["name"]}
-    trainer = make_trainer(model, args, data, data.periodic_eval_model, [EventLog(run_dir, data.processor, meta), *callbacks])
+    trainer = make_trainer(model, args, data, data.periodic_eval_model, [EventLog(run_dir, data.processor, meta), *callbacks],
+                           cfg.training.fast_generation)
     if trainer.is_world_process_zero():
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
@@ -371,7 +447,7 @@ def final_evaluation(cfg: Config, args, data: Data, run_dir: Path) -> dict:
 
     model = load_model(str(run_dir / checkpoints.BEST_DIR), cfg.model.language, cfg.model.task, attn_implementation="sdpa")
     eval_args = dataclasses.replace(args, report_to=[], eval_on_start=False)
-    trainer = make_trainer(model, eval_args, data, data.eval_model)
+    trainer = make_trainer(model, eval_args, data, data.eval_model, fast_generation=cfg.training.fast_generation)
     out = trainer.predict(data.eval_model, metric_key_prefix="eval")
     event = {**eval_event(out.metrics, "eval", checkpoints.read_best(run_dir)["step"]), "final": True}
     if trainer.is_world_process_zero():

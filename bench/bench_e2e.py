@@ -1,0 +1,257 @@
+"""End-to-end speed of the training command against the HF blog recipe's Trainer, on a
+random-weight Whisper of a real shape and a synthetic feature store (no downloads).
+
+    python bench/bench_e2e.py --recipe pipeline --size small --steps 200      # run_training, as the command runs it
+    python bench/bench_e2e.py --recipe pipeline --size small --set training.torch_compile=true
+    python bench/bench_e2e.py --recipe blog --size small --steps 60            # the blog notebook's Trainer
+
+pipeline: `whisper_ft.train.run_training` (what `python training_pipeline.py` runs) with the
+          config.yaml defaults, evaluation and a checkpoint only at the last step, then the
+          final evaluation of best/ on every evaluation clip.
+blog:     "Fine-Tune Whisper For Multilingual ASR with Transformers": padded float32 features
+          in a datasets.Dataset, its DataCollatorSpeechSeq2SeqWithPadding, Seq2SeqTrainer with
+          fp16, gradient checkpointing, batch 16, evaluation batch 8, generation_max_length 225.
+
+Prints one JSON line: steady-state training samples/s and MFU (timed from step --skip to the
+last step, GPU synchronised at both ends, so data loading, logging and the optimizer count
+but start-up and compilation do not), the time to step --skip, evaluation clips/s of the
+Trainer's evaluation (metrics included), and wall-clock seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from bench_training import EOT, SIZES, build_model, forward_flops, peak_flops  # noqa: E402
+from transformers import TrainerCallback  # noqa: E402
+
+FIXTURES = ROOT / "tests" / "fixtures"
+
+
+def make_model(out: Path, size: str) -> Path:
+    """A random-weight Whisper of `size` with the real multilingual processor, saved to `out`."""
+    from transformers import GenerationConfig, WhisperProcessor
+
+    if (out / "config.json").is_file():
+        return out
+    model = build_model(size, "sdpa", "cpu")
+    gen = json.loads((FIXTURES / "whisper-processor" / "generation_config.json").read_text())
+    gen.pop("alignment_heads", None)
+    model.generation_config = GenerationConfig(**gen)
+    model.save_pretrained(out)
+    WhisperProcessor.from_pretrained(FIXTURES / "whisper-processor").save_pretrained(out)
+    return out
+
+
+def make_store(data_dir: Path, model_dir: Path, n_train: int, n_eval: int, seed: int = 0) -> str:
+    """A feature store of random log-Mel frames (2-8 s clips) with real Swedish labels."""
+    import feature_pipeline
+    from whisper_ft.config import load_config
+    from whisper_ft.features import PROCESSOR_DIR, Shard, build_manifest, load_feature_processor, write_shard
+
+    name = f"synthetic-{n_train}-{n_eval}"
+    root = data_dir / "features" / name
+    if (root / "manifest.json").is_file():
+        return name
+    cfg = load_config(ROOT / "config.yaml", [f"model.name_or_path={model_dir}", f"features.data_dir={data_dir}",
+                                             f"features.name={name}"])
+    processor = load_feature_processor(str(model_dir))
+    sentences = (FIXTURES / "sv-sentences.txt").read_text(encoding="utf-8").splitlines()
+    rng = np.random.default_rng(seed)
+    shards = []
+    for split, n in (("train", n_train), ("eval", n_eval)):
+        examples = []
+        for i in range(n):
+            frames = int(rng.integers(200, 800))
+            sentence = sentences[(i + (0 if split == "train" else n_train)) % len(sentences)]
+            examples.append({"id": f"{split}-{i}", "source": "synthetic", "speaker": f"s{i % 20}", "sentence": sentence,
+                             "gender": "", "accents": "", "duration": frames / 100,
+                             "input_features": rng.normal(size=(frames, 80)).astype(np.float16), "fill": -1.0,
+                             "labels": processor.tokenizer(sentence).input_ids})
+        shard = Shard(split, 0, 1, ())
+        shard.path(root).parent.mkdir(parents=True, exist_ok=True)
+        write_shard(shard.path(root), examples, Counter(), n, 80, "float16")
+        shards.append(shard)
+    processor.save_pretrained(root / PROCESSOR_DIR)
+    build_manifest(root, shards, feature_pipeline.manifest_header(cfg, processor, feature_pipeline.store_settings(cfg)))
+    return name
+
+
+class StepTimer(TrainerCallback):
+    """Wall time from the end of step `skip` to the end of the last step, GPU synchronised at both."""
+
+    def __init__(self, skip: int):
+        self.skip = skip
+        self.begin = self.start = self.end = 0.0
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.begin = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step in (self.skip, state.max_steps):
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            now = time.perf_counter()
+            self.start, self.end = (now, self.end) if state.global_step == self.skip else (self.start, now)
+
+
+def train_stats(timer: StepTimer, steps: int, batch: int, config, label_len: float, precision: str) -> dict:
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    samples_s = (steps - timer.skip) * batch / (timer.end - timer.start)
+    peak, peak_src = peak_flops(device, precision, 0.0)
+    return {"train_samples_per_s": samples_s, "mfu": 3 * forward_flops(config, label_len) * samples_s / peak,
+            "peak": peak_src, "first_steps_s": timer.start - timer.begin, "skip_steps": timer.skip}
+
+
+# --------------------------------------------------------------------------- the two recipes
+
+
+def run_pipeline(model_dir: Path, data_dir: Path, store: str, work: Path, args) -> dict:
+    from whisper_ft.config import load_config
+    from whisper_ft.features import load_split
+    from whisper_ft.train import resolve_precision, run_training
+
+    sets = [f"model.name_or_path={model_dir}", f"features.data_dir={data_dir}", f"features.name={store}",
+            f"training.output_dir={work}", "training.run_name=pipeline", f"training.max_steps={args.steps}",
+            f"training.eval_steps={args.steps}", f"training.save_steps={args.steps}", "training.warmup_steps=10",
+            "training.eval_before_training=false", "training.export_ctranslate2=false", *args.set]
+    cfg = load_config(ROOT / "config.yaml", sets)
+    timer = StepTimer(args.skip)
+    t0 = time.perf_counter()
+    summary = run_training(cfg, fresh=True, callbacks=[timer])
+    wall = time.perf_counter() - t0
+    cuda = torch.cuda.is_available()
+    precision = resolve_precision(cfg.training.precision, cuda, cuda and torch.cuda.is_bf16_supported())
+    from transformers import WhisperConfig
+
+    labels = load_split(data_dir / "features" / store, "train")["labels"]
+    out = train_stats(timer, args.steps, cfg.training.batch_size, WhisperConfig.from_pretrained(model_dir),
+                      float(np.mean([len(x) - 1 for x in labels])), precision)
+    final = summary["final"]
+    return {**out, "eval_clips": final["eval_clips"], "eval_clips_per_s": final["clips_per_second"],
+            "train_runtime_s": summary["train_runtime_seconds"], "wall_s": wall,
+            "settings": {k: v for k, v in vars(cfg.training).items() if isinstance(v, (int, float, str, bool))}}
+
+
+@dataclass
+class BlogCollator:
+    """The blog's DataCollatorSpeechSeq2SeqWithPadding, as published."""
+
+    processor: Any
+    decoder_start_token_id: int
+
+    def __call__(self, features):
+        input_features = [{"input_features": feature["input_features"]} for feature in features]
+        batch = self.processor.feature_extractor.pad(input_features, return_tensors="pt")
+        label_features = [{"input_ids": feature["labels"]} for feature in features]
+        labels_batch = self.processor.tokenizer.pad(label_features, return_tensors="pt")
+        labels = labels_batch["input_ids"].masked_fill(labels_batch.attention_mask.ne(1), -100)
+        if (labels[:, 0] == self.decoder_start_token_id).all().cpu().item():
+            labels = labels[:, 1:]
+        batch["labels"] = labels
+        return batch
+
+
+def run_blog(model_dir: Path, data_dir: Path, store: str, work: Path, args) -> dict:
+    import jiwer
+    from datasets import Dataset
+    from transformers import (Seq2SeqTrainer, Seq2SeqTrainingArguments, WhisperConfig, WhisperForConditionalGeneration,
+                              WhisperProcessor)
+
+    from whisper_ft.features import input_features, load_split
+
+    processor = WhisperProcessor.from_pretrained(model_dir, language="swedish", task="transcribe")
+    root = data_dir / "features" / store
+
+    def padded(split: str, limit: int) -> Dataset:  # what the blog's prepare_dataset stores: padded float32 features
+        ds = load_split(root, split).with_format("numpy")
+        rows = [ds[i] for i in range(min(limit, len(ds)))]
+        return Dataset.from_dict({"input_features": [input_features(r) for r in rows],
+                                  "labels": [r["labels"].tolist() for r in rows]})
+
+    train, evaluation = padded("train", 256), padded("eval", args.blog_eval_clips)
+    model = WhisperForConditionalGeneration.from_pretrained(model_dir)
+    model.generation_config.language = "swedish"
+    model.generation_config.task = "transcribe"
+    model.generation_config.forced_decoder_ids = None
+
+    def compute_metrics(pred):
+        pred_ids, label_ids = pred.predictions, pred.label_ids
+        label_ids[label_ids == -100] = processor.tokenizer.pad_token_id
+        pred_str = processor.batch_decode(pred_ids, skip_special_tokens=True)
+        label_str = processor.batch_decode(label_ids, skip_special_tokens=True)
+        return {"wer": 100 * jiwer.wer(label_str, [p or "-" for p in pred_str])}
+
+    training_args = Seq2SeqTrainingArguments(
+        output_dir=str(work / "blog"), per_device_train_batch_size=16, gradient_accumulation_steps=1,
+        learning_rate=1e-5, warmup_steps=10, max_steps=args.steps, gradient_checkpointing=True,
+        fp16=torch.cuda.is_available(), eval_strategy="steps", per_device_eval_batch_size=8,
+        predict_with_generate=True, generation_max_length=225, save_steps=args.steps, eval_steps=args.steps,
+        logging_steps=25, report_to=["tensorboard"], load_best_model_at_end=True, metric_for_best_model="wer",
+        greater_is_better=False, push_to_hub=False)
+    timer = StepTimer(args.skip)
+    trainer = Seq2SeqTrainer(args=training_args, model=model, train_dataset=train, eval_dataset=evaluation,
+                             data_collator=BlogCollator(processor, model.config.decoder_start_token_id),
+                             compute_metrics=compute_metrics, processing_class=processor.feature_extractor,
+                             callbacks=[timer])
+    t0 = time.perf_counter()
+    result = trainer.train()  # evaluates and saves at the last step
+    wall = time.perf_counter() - t0
+    metrics = next(m for m in reversed(trainer.state.log_history) if "eval_samples_per_second" in m)
+    labels = [len(x) - 1 for x in train["labels"]]
+    out = train_stats(timer, args.steps, 16, WhisperConfig.from_pretrained(model_dir), float(np.mean(labels)),
+                      "fp16" if torch.cuda.is_available() else "fp32")
+    return {**out, "eval_clips": len(evaluation), "eval_clips_per_s": metrics["eval_samples_per_second"],
+            "train_runtime_s": result.metrics["train_runtime"], "wall_s": wall}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--recipe", choices=("pipeline", "blog"), required=True)
+    p.add_argument("--size", choices=SIZES, default="tiny")
+    p.add_argument("--steps", type=int, default=100, help="training steps (the last one evaluates and saves)")
+    p.add_argument("--skip", type=int, default=10, help="steps before the timed window (start-up, compilation)")
+    p.add_argument("--train-clips", type=int, default=512)
+    p.add_argument("--eval-clips", type=int, default=256, help="evaluation clips in the store (the pipeline uses all)")
+    p.add_argument("--blog-eval-clips", type=int, default=32, help="evaluation clips for the blog (generate is slow)")
+    p.add_argument("--work", type=Path, default=ROOT / "bench" / "results" / "e2e", help="model, store and runs")
+    p.add_argument("--set", action="append", default=[], help="extra config override for the pipeline")
+    p.add_argument("--label", default="", help="name of this run in the output")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    args.work.mkdir(parents=True, exist_ok=True)
+    model_dir = make_model(args.work / f"model-{args.size}", args.size)
+    data_dir = args.work / "data"
+    store = make_store(data_dir, model_dir, args.train_clips, args.eval_clips)
+    run = run_pipeline if args.recipe == "pipeline" else run_blog
+    result = run(model_dir, data_dir, store, args.work / "runs", args)
+    where = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
+    print(json.dumps({"recipe": args.label or args.recipe, "size": args.size, "device": where, "steps": args.steps,
+                      **result}), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

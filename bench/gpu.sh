@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# The GPU benchmark in one command (about 7 minutes on an H100/H200; installs nothing from the
+# network): the blog recipe and this pipeline side by side on a random-weight whisper-small.
+#   bash bench/gpu.sh [OUT_DIR]          # default bench/results/gpu; logs and JSON land there
+# Needs: python3 with torch (CUDA), transformers, datasets, jiwer, librosa, soundfile. Where they
+# are missing, wheels in .whl/ (bash ../shared/tools/device_wheels.sh) are installed to a scratch folder.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out=${1:-bench/results/gpu}
+mkdir -p "$out"
+py=${PYTHON:-python3}
+if ! "$py" -c "import datasets, jiwer, librosa, soundfile" 2>/dev/null && compgen -G ".whl/*.whl" >/dev/null; then
+  site=$(mktemp -d)
+  "$py" -m pip install -q --no-index --no-deps --no-compile --target "$site" .whl/*.whl || exit 1
+  export PYTHONPATH=$site
+fi
+export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false GRADIO_ANALYTICS_ENABLED=False
+work=$(mktemp -d)
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/gpu.txt"
+"$py" -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)" | tee -a "$out/gpu.txt"
+
+step() {  # name, time limit (s), command...
+  local name=$1 limit=$2; shift 2
+  echo "== $name"
+  timeout "$limit" "$@" >"$out/$name.log" 2>&1
+  local rc=$?
+  grep -E '^(  |pipeline|blog|identical|\{)' "$out/$name.log" | cut -c1-400
+  [ $rc = 0 ] || { echo "$name failed (exit $rc):"; tail -n 15 "$out/$name.log"; }
+}
+e2e() {  # name, time limit, bench_e2e arguments...
+  local name=$1 limit=$2; shift 2
+  step "$name" "$limit" "$py" bench/bench_e2e.py --size small --work "$work" --label "$name" "$@"
+  grep -h '^{' "$out/$name.log" | tail -n 1 >"$out/$name.json"
+}
+
+step bare 170 "$py" bench/bench_training.py --size small --device cuda --steps 30 --warmup 5 --eval-clips 256 \
+  --eval-batch-sizes 128 --agreement 64 --json "$out/bare.json"
+e2e e2e-pipeline 130 --recipe pipeline --steps 300 --skip 20
+e2e e2e-blog 120 --recipe blog --steps 60 --skip 10
+e2e e2e-pipeline-compile 200 --recipe pipeline --steps 300 --skip 30 --set training.torch_compile=true
+"$py" bench/gpu_report.py "$out"
