@@ -40,9 +40,11 @@ def main(argv: list[str]) -> int:
     bare = folder / "bare.json"
     if bare.is_file():
         data = json.loads(bare.read_text())
-        for key in ("agreement_fp32", "agreement_bf16"):
-            if key in data:
-                print(f"{key}: {100 * data[key]:.1f}% identical transcripts (whisper_ft.decoding vs generate)")
+        for precision in ("fp32", "bf16"):
+            if f"agreement_{precision}" in data:
+                print(f"{precision}: {100 * data[f'agreement_{precision}']:.1f}% identical transcripts, "
+                      f"whisper_ft.decoding vs generate (generate against itself at another batch size: "
+                      f"{100 * data[f'agreement_{precision}_generate_batch16_vs_64']:.1f}%)")
     return 0
 
 

@@ -1,0 +1,80 @@
+"""Where a training step's GPU time goes: torch.profiler over a few steps of the pipeline's
+bare loop (random-weight Whisper, bf16, compact batches), kernels grouped by kind.
+
+    python bench/profile_step.py --size small [--batch 16] [--compile]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_training import PREFIX, SIZES, build_model, examples  # noqa: E402
+from whisper_ft.collator import SpeechCollator, expand  # noqa: E402
+from whisper_ft.train import compile_layers  # noqa: E402
+
+KINDS = (("gemm", ("gemm", "matmul", "cutlass", "sm90_xmma", "nvjet", "cublas")), ("attention", ("flash", "fmha", "attention", "efficient")),
+         ("convolution", ("conv", "cudnn", "implicit")), ("optimizer", ("adam", "multi_tensor", "foreach")),
+         ("norm", ("layer_norm", "layernorm")), ("loss/softmax", ("softmax", "nll", "cross_entropy", "log_softmax")))
+
+
+def kind(name: str) -> str:
+    low = name.lower()
+    return next((k for k, keys in KINDS if any(key in low for key in keys)), "elementwise/other")
+
+
+def main() -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("--size", choices=SIZES, default="small")
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--compile", action="store_true")
+    args = p.parse_args()
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    torch.backends.cudnn.benchmark = True
+    model = build_model(args.size, "sdpa", "cuda").train()
+    if args.compile:
+        compile_layers(model)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
+    batch = SpeechCollator(PREFIX[0])(examples(args.batch, 28))
+
+    def step():
+        inputs = expand({k: v.to("cuda", non_blocking=True) for k, v in batch.items()})
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model(**inputs).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    for _ in range(8):
+        step()
+    torch.cuda.synchronize()
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(args.steps):
+            step()
+        torch.cuda.synchronize()
+    by_kind: dict[str, float] = defaultdict(float)
+    total = 0.0
+    for e in prof.key_averages():
+        t = getattr(e, "self_device_time_total", 0.0)
+        if t > 0:
+            by_kind[kind(e.key)] += t
+            total += t
+    print(f"GPU kernel time per step: {total / args.steps / 1000:.1f} ms (batch {args.batch}, {args.size})")
+    for k, t in sorted(by_kind.items(), key=lambda kv: -kv[1]):
+        print(f"  {k:20s} {t / args.steps / 1000:7.2f} ms  {100 * t / total:5.1f}%")
+    print(prof.key_averages().table(sort_by="self_device_time_total", row_limit=18, max_name_column_width=70))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
