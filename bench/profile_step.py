@@ -65,8 +65,8 @@ def main() -> int:
     by_kind: dict[str, float] = defaultdict(float)
     total = 0.0
     for e in prof.key_averages():
-        t = getattr(e, "self_device_time_total", 0.0)
-        if t > 0:
+        t = e.self_device_time_total
+        if t > 0 and e.self_cpu_time_total == 0:  # kernels only: operators would count their kernels again
             by_kind[kind(e.key)] += t
             total += t
     print(f"GPU kernel time per step: {total / args.steps / 1000:.1f} ms (batch {args.batch}, {args.size})")

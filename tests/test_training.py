@@ -348,3 +348,33 @@ def test_eval_features_from_another_store_must_share_the_encoding(tmp_path, feat
             load_data(load_config(None, sets))
     finally:
         shutil.rmtree(other)
+
+
+def test_compiled_layers_train_like_eager_ones(features_dir, tiny_model_dir):
+    """training.torch_compile compiles each layer in place: same loss and gradients, same
+    parameter names in checkpoints."""
+    import shutil
+
+    import torch
+
+    from whisper_ft.collator import SpeechCollator, expand
+    from whisper_ft.features import load_split
+    from whisper_ft.model import load_model
+    from whisper_ft.train import compile_layers
+
+    if not (shutil.which("cc") or shutil.which("gcc")):
+        pytest.skip("torch.compile on CPU needs a C compiler (apt-get install gcc)")
+    ds = load_split(features_dir, "train").with_format("numpy", columns=["input_features", "fill", "labels"])
+    batch = expand(SpeechCollator(50258)([ds[i] for i in range(3)]))
+    results = []
+    for compiled in (False, True):
+        model = load_model(str(tiny_model_dir)).train()
+        keys = list(model.state_dict())
+        if compiled:
+            assert compile_layers(model) == 4  # 2 encoder + 2 decoder layers
+            assert list(model.state_dict()) == keys
+        loss = model(**batch).loss
+        loss.backward()
+        results.append((loss.item(), model.model.encoder.layers[0].fc1.weight.grad.clone()))
+    assert results[1][0] == pytest.approx(results[0][0], rel=1e-5)
+    torch.testing.assert_close(results[1][1], results[0][1], rtol=1e-4, atol=1e-6)

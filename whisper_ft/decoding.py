@@ -108,7 +108,8 @@ class GreedyDecoder:
                 for _ in range(2):  # warm-up outside the graph: library handles, workspaces
                     self._step(state)
             torch.cuda.current_stream().wait_stream(side)
-            with torch.cuda.graph(graph, capture_error_mode="thread_local"):  # data-loader threads run on
+            # thread_local: data-loader threads may use CUDA while this thread captures
+            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
                 self._step(state)
         except RuntimeError as e:  # an op or driver that cannot be captured: decode step by step
             log.warning("CUDA graph capture failed (%s); decoding without it", str(e).splitlines()[0])
