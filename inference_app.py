@@ -42,7 +42,6 @@ def main(argv: list[str] | None = None) -> int:
     cfg = cli.config_from_args(parse_args(argv))
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     from whisper_ft.app import Handlers, build_app, find_model, load_for_app
-    from whisper_ft.model import ModelNotFound
 
     if cfg.app.cookies_file and not Path(cfg.app.cookies_file).is_file():
         raise cli.UserError(f"app.cookies_file: {cfg.app.cookies_file} does not exist")
@@ -50,10 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     if choice.notice:
         log.warning(choice.notice.replace("*", "").replace("`", ""))
     log.info("loading %s", choice.path)
-    try:
-        transcriber = load_for_app(choice, cfg)
-    except (ModelNotFound, ValueError) as e:
-        raise cli.UserError(str(e)) from e
+    transcriber = load_for_app(choice, cfg)
     demo = build_app(Handlers(transcriber, cfg), choice.path, choice.notice)
     demo.launch(server_name=cfg.app.host, server_port=cfg.app.port, share=cfg.app.share, max_file_size="1gb")
     return 0

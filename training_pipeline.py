@@ -13,9 +13,7 @@ from __future__ import annotations
 import sys
 
 from whisper_ft import cli
-from whisper_ft.features import FeaturesError
-from whisper_ft.model import ModelNotFound
-from whisper_ft.train import TrainingError, is_main_process, run_training
+from whisper_ft.train import is_main_process, run_training
 
 
 def parse_args(argv: list[str] | None):
@@ -27,15 +25,13 @@ def parse_args(argv: list[str] | None):
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     cfg = cli.config_from_args(args)
-    try:
-        summary = run_training(cfg, fresh=args.fresh)
-    except (FeaturesError, ModelNotFound, TrainingError) as e:
-        raise cli.UserError(str(e)) from e
+    summary = run_training(cfg, fresh=args.fresh)
     if is_main_process():
         base = summary["baseline"]
-        print(f"done: {summary['steps']} steps; best WER {_pct(summary['best_wer'])} at step {summary['best_step']}; "
-              f"all {summary['eval_clips']} eval clips: WER {_pct(summary['wer'])} (zero-shot "
-              f"{_pct(base and base['wer'])}), normalized {_pct(summary['wer_normalized'])}, CER {_pct(summary['cer'])}")
+        print(f"done: {summary['steps']} steps; best {summary['selection_split']} WER {_pct(summary['best_wer'])} at step "
+              f"{summary['best_step']}; test split ({summary['eval_clips']} clips): WER {_pct(summary['wer'])} "
+              f"(zero-shot {_pct(base and base['wer'])}), normalized {_pct(summary['wer_normalized'])}, "
+              f"CER {_pct(summary['cer'])}")
         print(f"best model: {summary['run_dir']}/best")
     return 0
 

@@ -60,9 +60,9 @@ def make_model(out: Path, size: str) -> Path:
 
 def make_store(data_dir: Path, model_dir: Path, n_train: int, n_eval: int, seed: int = 0) -> str:
     """A feature store of random log-Mel frames (2-8 s clips) with real Swedish labels."""
-    import feature_pipeline
     from whisper_ft.config import load_config
-    from whisper_ft.features import PROCESSOR_DIR, Shard, build_manifest, load_feature_processor, write_shard
+    from whisper_ft.features import (PROCESSOR_DIR, Shard, build_manifest, load_feature_processor, manifest_header,
+                                     store_settings, write_shard)
 
     name = f"synthetic-{n_train}-{n_eval}"
     root = data_dir / "features" / name
@@ -74,7 +74,7 @@ def make_store(data_dir: Path, model_dir: Path, n_train: int, n_eval: int, seed:
     sentences = (FIXTURES / "sv-sentences.txt").read_text(encoding="utf-8").splitlines()
     rng = np.random.default_rng(seed)
     shards = []
-    for split, n in (("train", n_train), ("eval", n_eval)):
+    for split, n in (("train", n_train), ("validation", 0), ("eval", n_eval)):
         examples = []
         for i in range(n):
             frames = int(rng.integers(200, 800))
@@ -88,7 +88,7 @@ def make_store(data_dir: Path, model_dir: Path, n_train: int, n_eval: int, seed:
         write_shard(shard.path(root), examples, Counter(), n, 80, "float16")
         shards.append(shard)
     processor.save_pretrained(root / PROCESSOR_DIR)
-    build_manifest(root, shards, feature_pipeline.manifest_header(cfg, processor, feature_pipeline.store_settings(cfg)))
+    build_manifest(root, shards, manifest_header(cfg, processor, store_settings(cfg)))
     return name
 
 

@@ -60,3 +60,25 @@ def test_cli_config_errors_are_one_line_exit_2(args, needle, tmp_path):
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and lines[0].startswith("error:") and needle in lines[0], proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_user_errors_are_one_line_and_bugs_keep_their_traceback(capsys):
+    from whisper_ft import cli
+    from whisper_ft.errors import UserError
+    from whisper_ft.features import FeaturesError
+    from whisper_ft.model import ModelNotFound
+
+    for error in (FeaturesError("no features"), ModelNotFound("no model"), ConfigError("bad key")):
+        assert isinstance(error, UserError)
+
+        def fails(argv, error=error):
+            raise error
+
+        assert cli.run(fails, []) == 2
+        assert capsys.readouterr().err == f"error: {error}\n"
+
+    def bug(argv):
+        raise ValueError("a bug, not the user's mistake")
+
+    with pytest.raises(ValueError, match="a bug"):
+        cli.run(bug, [])

@@ -103,12 +103,12 @@ def test_trainer_evaluation_matches_generate(tmp_path, tiny_model_dir, features_
 
     cfg = load_config(ROOT / "config.yaml", overrides(features_dir, tiny_model_dir, tmp_path))
     data = load_data(cfg)
-    model = prepare_model(cfg, data.manifest, data.processor.tokenizer)
+    model = prepare_model(cfg, data.processor.tokenizer)
     args = training_arguments(cfg, tmp_path / "run", 30, eval_on_start=False)
     out = {}
     for fast in (True, False):
-        trainer = make_trainer(model, args, data, data.eval_model, fast_generation=fast)
-        out[fast] = trainer.predict(data.eval_model)
+        trainer = make_trainer(model, args, data, data.test_model, fast_generation=fast)
+        out[fast] = trainer.predict(data.test_model)
     assert _text_tokens(torch.as_tensor(out[True].predictions)) == _text_tokens(
         torch.as_tensor(out[False].predictions[:, :out[True].predictions.shape[1]]))
     assert out[True].metrics["test_wer"] == out[False].metrics["test_wer"]

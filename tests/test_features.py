@@ -96,6 +96,9 @@ def messy_release(tmp_path_factory, cv_release) -> Path:
     (clips / "zero.mp3").write_bytes(b"")
     (clips / "truncated.mp3").write_bytes((cv_release / "clips" / good[0]["path"]).read_bytes()[:100])
     (clips / "garbage.mp3").write_bytes(b"this is not an mp3 file at all\n" * 40)
+    # test rows get recordings of their own: a clip shared with training would be refused as leakage
+    shutil.copy(clips / good[0]["path"], clips / "no-sentence.mp3")
+    shutil.copy(clips / good[1]["path"], clips / "long-labels.mp3")
     long_text = " ".join([good[0]["sentence"]] * 200)  # far over 448 tokens
     write_tsv(root / "train.tsv", [
         cv_row(good[0]["path"], good[0]["sentence"]),
@@ -110,10 +113,10 @@ def messy_release(tmp_path_factory, cv_release) -> Path:
         cv_row("truncated.mp3", "Avklippt fil."),
         cv_row("garbage.mp3", "Ingen ljudfil."),
         cv_row("missing.mp3", "Saknas."),
-        cv_row(good[0]["path"], "   "),
+        cv_row("no-sentence.mp3", "   "),
         cv_row("long.mp3", "För lång."),
         cv_row("short.mp3", "För kort."),
-        cv_row(good[1]["path"], long_text),
+        cv_row("long-labels.mp3", long_text),
     ], CV_COLUMNS)
     return root
 
@@ -202,9 +205,15 @@ def test_saved_processor_serves_the_next_stages(features_dir, tiny_model_dir):
 
 
 def test_fixture_store_labels_match_the_release(features_dir, cv_release):
-    expected = [r["sentence"] for tsv in ("train.tsv", "dev.tsv") for r in read_cv_tsv(cv_release / tsv)]
+    validation = load_split(features_dir, "validation")
+    held_out = set(validation["speaker"])
+    dev = read_cv_tsv(cv_release / "dev.tsv")
+    assert held_out and held_out < {r["client_id"] for r in dev}  # whole speakers carved out of dev
+    assert validation["sentence"] == [tidy_sentence(r["sentence"]) for r in dev if r["client_id"] in held_out]
+    expected = read_cv_tsv(cv_release / "train.tsv") + [r for r in dev if r["client_id"] not in held_out]
     ds = load_split(features_dir, "train")
-    assert ds["sentence"] == [tidy_sentence(s) for s in expected]
+    assert ds["sentence"] == [tidy_sentence(r["sentence"]) for r in expected]
+    assert not held_out & set(ds["speaker"])
     assert all(labels[:4] == PREFIX for labels in ds["labels"])
 
 
@@ -269,8 +278,10 @@ def test_shard_split_across_processes_equals_one_process(tmp_path, cv_release, r
                                   *pipeline_args(tmp_path, "ref", cv_release, *STORE_SETS)]) == 0
     assert not (root / "manifest.json").exists()
     assert "still to be written by other processes" in capsys.readouterr().out
-    assert sorted(p.parent.name for p in root.glob("*/shard-*/stats.json")) == sorted(
-        [f"shard-{i:05d}-of-00010" for i in (1, 3, 5, 7, 9)] + [f"shard-{i:05d}-of-00004" for i in (1, 3)])
+    # every second shard of train (27 rows in 9 shards), validation (3 in 1) and test (10 in 4), in that order
+    assert sorted(str(p.parent.relative_to(root)) for p in root.glob("*/shard-*/stats.json")) == sorted(
+        [f"train/shard-{i:05d}-of-00009" for i in (1, 3, 5, 7)] + ["validation/shard-00000-of-00001"]
+        + [f"eval/shard-{i:05d}-of-00004" for i in (1, 3)])
     assert feature_pipeline.main(["--num-shards", "2", "--shard-index", "0",
                                   *pipeline_args(tmp_path, "ref", cv_release, *STORE_SETS)]) == 0
     assert (root / "manifest.json").is_file() and leftovers(root) == []
@@ -317,3 +328,47 @@ def test_missing_source_is_one_line_exit_2(tmp_path, capsys):
     assert cli.run(feature_pipeline.main, pipeline_args(tmp_path, "x", tmp_path / "no-such-release")) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "features.sources.0" in err and "no such file or folder" in err
+
+
+# --------------------------------------------------------------------------- leakage between splits
+
+
+def test_training_on_validated_is_refused_with_the_overlap_count(tmp_path, cv_release, capsys):
+    args = pipeline_args(tmp_path, "leaky", cv_release, "features.sources.0.train_splits=[validated]",
+                         "features.sources.0.validation_from=validated")
+    assert cli.run(feature_pipeline.main, args) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert "shares clips with 10 of 10 test clips (sample `validated`: " in err and "on_overlap=drop" in err
+    assert not (tmp_path / "features" / "leaky" / "manifest.json").exists()
+
+
+def test_dropping_the_overlap_trains_on_the_rest(tmp_path, cv_release):
+    assert run_main(tmp_path, "dropped", cv_release, "features.sources.0.train_splits=[validated]",
+                    "features.sources.0.validation_from=validated", "features.on_overlap=drop") == 0
+    manifest = read_manifest(tmp_path / "features" / "dropped")
+    overlap = manifest["overlap"]
+    assert overlap["eval"]["clips"] == 10 and overlap["dropped_training_rows"] >= 10
+    splits = manifest["splits"]
+    assert splits["train"]["rows"] + splits["validation"]["rows"] == 40 - overlap["dropped_training_rows"]
+    test_ids = {i.split("/", 1)[1] for i in load_split(tmp_path / "features" / "dropped", "eval")["id"]}
+    train_ids = {i.split("/", 1)[1] for i in load_split(tmp_path / "features" / "dropped", "train")["id"]}
+    assert not test_ids & train_ids
+
+
+def test_sentence_overlap_is_refused_and_speaker_overlap_only_counted():
+    from whisper_ft.features import FeaturesError, check_leakage
+    from whisper_ft.sources import Row
+
+    def row(split, i, sentence, speaker):
+        return Row("s", split, f"{split}/{i}", f"/c/{split}{i}.mp3", sentence, speaker)
+
+    train = [row("train", 0, "Hej, hur mår du?", "a"), row("train", 1, "Vad heter du", "b")]
+    test = [row("test", 0, "hej hur mår du", "c"), row("test", 1, "Något helt annat.", "b")]
+    with pytest.raises(FeaturesError, match="shares sentences with 1 of 2 test clips"):
+        check_leakage({"train": train, "validation": [], "eval": test})
+    kept, report = check_leakage({"train": train, "validation": [], "eval": test}, "drop")
+    assert [r.id for r in kept["train"]] == ["train/1"]
+    assert report["eval"] == {"rows": 2, "clips": 0, "sentences": 1, "speakers": 1, "training_rows": 1}
+    _, report = check_leakage({"train": train[1:], "validation": [], "eval": test})  # speakers alone: no refusal
+    assert report["eval"]["speakers"] == 1 and report["dropped_training_rows"] == 0

@@ -17,7 +17,7 @@ from conftest import PROCESSOR_DIR, ROOT
 import feature_pipeline
 from whisper_ft.config import SourceConfig
 from whisper_ft.features import load_split, read_manifest
-from whisper_ft.sources import EVAL, TRAIN, SourceError, read_cv_tsv, read_source
+from whisper_ft.sources import EVAL, TRAIN, VALIDATION, Row, SourceError, carve_validation, read_cv_tsv, read_source
 from whisper_ft.synth import write_tsv
 
 
@@ -76,7 +76,7 @@ def saved_dataset(tmp_path_factory, cv_release) -> Path:
 def test_common_voice_folder_parent_and_tarball_agree(cv_release, cv_tarball, tmp_path, monkeypatch):
     src = SourceConfig(name="cv", path=str(cv_release))
     folder = read_source(src, tmp_path)
-    assert [len(folder[TRAIN]), len(folder[EVAL])] == [30, 10]  # train + dev, test
+    assert [len(folder[TRAIN]), len(folder[VALIDATION]), len(folder[EVAL])] == [27, 3, 10]  # dev's 10% as whole speakers
     assert all(r.source == "cv" and r.split == TRAIN for r in folder[TRAIN])
     parent = read_source(SourceConfig(name="cv", path=str(cv_release.parent)), tmp_path)
     monkeypatch.setenv("HOME", str(cv_release.parents[1]))
@@ -250,3 +250,30 @@ def test_common_voice_11_columns(tmp_path, cv_release):
     want = read_source(SourceConfig(name="cv11", path=str(cv_release)), tmp_path)
     assert rows_summary(got) == rows_summary(want)
     assert got[TRAIN][0].meta == want[TRAIN][0].meta and got[TRAIN][0].meta["gender"]
+
+
+def _rows(split: str, speakers: list[str]) -> list[Row]:
+    return [Row("cv", TRAIN, f"{split}/{i}.mp3", f"/clips/{split}-{i}.mp3", f"mening {split} {i}", spk)
+            for i, spk in enumerate(speakers)]
+
+
+def test_validation_is_carved_from_whole_speakers_of_one_split():
+    train = _rows("train", ["a", "a", "b", "c"]) + _rows("dev", ["d"] * 4 + ["e"] * 3 + ["f"] * 3 + ["g"] * 10)
+    rest, validation = carve_validation(train, "dev", 0.2, 1000, seed="cv")
+    speakers = {r.speaker for r in validation}
+    assert speakers and speakers <= {"d", "e", "f", "g"}  # only dev speakers, and whole ones
+    assert not speakers & {r.speaker for r in rest}
+    assert len(validation) >= 4 and all(r.split == VALIDATION for r in validation)
+    assert sorted(r.id for r in rest + validation) == sorted(r.id for r in train)
+    assert carve_validation(train, "dev", 0.2, 1000, seed="cv") == (rest, validation)  # reruns pick the same
+    _, capped = carve_validation(train, "dev", 0.9, 4, seed="cv")
+    assert len(capped) <= 4  # a speaker who would overshoot the cap is skipped
+    assert carve_validation(train, "nosuch", 0.2, 1000) == (train, [])
+    assert carve_validation(train, "dev", 0.0, 1000) == (train, [])
+
+
+def test_named_validation_split_replaces_the_carving(cv_release, tmp_path):
+    src = SourceConfig(name="cv", path=str(cv_release), train_splits=("train",), validation_splits=("dev",))
+    rows = read_source(src, tmp_path)
+    assert [len(rows[TRAIN]), len(rows[VALIDATION]), len(rows[EVAL])] == [24, 6, 10]
+    assert [r.sentence for r in rows[VALIDATION]] == [r["sentence"] for r in read_cv_tsv(cv_release / "dev.tsv")]

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, run_cli
 from whisper_ft import checkpoints
 from whisper_ft.cli import run as cli_run
 from whisper_ft.config import load_config
@@ -65,11 +65,15 @@ def tiny_run(tmp_path_factory, features_dir, tiny_model_dir):
 
 def test_run_evaluates_before_and_during_training(tiny_run):
     run_dir, summary, seen = tiny_run
-    assert seen == [0, 2, 4]  # extra callbacks see every evaluation
+    assert seen == [0, 2, 4]  # extra callbacks see every periodic check
     evals = [e for e in events(run_dir) if e["event"] == "eval"]
-    assert [(e["step"], e.get("final", False)) for e in evals] == [(0, False), (2, False), (4, False), (summary["best_step"], True)]
+    # the test split before training, validation checks during it, the test split on best/ at the end
+    assert [(e["split"], e["purpose"], e["step"], e.get("final", False)) for e in evals] == [
+        ("test", "report", 0, False), ("validation", "selection", 0, False), ("validation", "selection", 2, False),
+        ("validation", "selection", 4, False), ("test", "report", summary["best_step"], True)]
     for e in evals:
-        assert e["eval_clips"] == 10 and 0 <= e["cer"] and 0 <= e["wer"] and 0 <= e["wer_normalized"]
+        assert e["eval_clips"] == (10 if e["split"] == "test" else 3)
+        assert 0 <= e["cer"] and 0 <= e["wer"] and 0 <= e["wer_normalized"]
     train = [e for e in events(run_dir) if e["event"] == "train"]
     assert [e["step"] for e in train] == [1, 2, 3, 4] and all(e["loss"] > 0 for e in train)
     assert train[-1]["loss"] < train[0]["loss"]
@@ -84,9 +88,14 @@ def test_run_writes_checkpoints_reports_and_summary(tiny_run):
     assert summary["steps"] == 4 and summary["samples_seen"] == 16
     assert summary["best_step"] in (2, 4) and summary["best_wer"] is not None
     assert summary["eval_clips"] == 10 and summary["baseline"]["step"] == 0
+    assert summary["baseline"]["split"] == "test" and summary["baseline"]["eval_clips"] == 10
+    assert summary["selection_split"] == "validation" and summary["selection_baseline"]["eval_clips"] == 3
+    best = json.loads((run_dir / "best" / "best.json").read_text())
+    assert best["split"] == "validation" and best["wer"] == summary["best_wer"]
     assert json.loads((run_dir / "metrics.json").read_text())["best_step"] == summary["best_step"]
     card = (run_dir / "README.md").read_text()
     assert "zero-shot (step 0)" in card and "learning_rate | 0.001" in card
+    assert "Test split, 10 clips" in card and "chosen on the validation split" in card
     rows = [json.loads(line) for line in (run_dir / "predictions.jsonl").read_text().splitlines()]
     assert len(rows) == 10 and set(rows[0]) == {"id", "source", "speaker", "reference", "prediction"}
     assert all(r["reference"] for r in rows)
@@ -285,13 +294,12 @@ def test_freeze_encoder_and_lora(tiny_model_dir, features_dir):
     from whisper_ft.model import load_processor
     from whisper_ft.train import prepare_model
 
-    manifest = json.loads((features_dir / "manifest.json").read_text())
     tok = load_processor(str(features_dir / "processor")).tokenizer
     sets = overrides(features_dir, tiny_model_dir, Path("unused"))
-    frozen = prepare_model(load_config(None, [*sets, "training.freeze_encoder=true"]), manifest, tok)
+    frozen = prepare_model(load_config(None, [*sets, "training.freeze_encoder=true"]), tok)
     assert not any(p.requires_grad for p in frozen.model.encoder.parameters())
     assert any(p.requires_grad for p in frozen.model.decoder.parameters())
-    lora = prepare_model(load_config(None, [*sets, "training.lora.enabled=true", "training.lora.rank=4"]), manifest, tok)
+    lora = prepare_model(load_config(None, [*sets, "training.lora.enabled=true", "training.lora.rank=4"]), tok)
     trainable = {n for n, p in lora.named_parameters() if p.requires_grad}
     assert trainable and all("lora_" in n for n in trainable)
     merged = checkpoints.standalone(lora)
@@ -302,10 +310,11 @@ def test_freeze_encoder_and_lora(tiny_model_dir, features_dir):
 def test_eval_subset_for_periodic_checks(features_dir, tiny_model_dir):
     from whisper_ft.train import load_data
 
-    sets = overrides(features_dir, tiny_model_dir, Path("unused"), eval_subset=4)
+    sets = overrides(features_dir, tiny_model_dir, Path("unused"), eval_subset=2)
     data = load_data(load_config(None, sets))
-    assert len(data.periodic_eval_model) == 4 and len(data.eval_model) == 10
-    durations = data.eval["duration"]
+    assert data.selection_split == "validation"
+    assert len(data.selection_model) == 2 and len(data.test_model) == 10
+    durations = data.test["duration"]
     assert durations == sorted(durations, reverse=True)  # longest first: batches generate similar lengths
 
 
@@ -325,6 +334,7 @@ def test_callback_can_stop_a_run_early(tmp_path, features_dir, tiny_model_dir):
                                                       save_steps=20, eval_before_training="false"))
     summary = run_training(cfg, callbacks=[Prune()])
     assert summary["steps"] == 1 and summary["best_step"] == 1 and summary["eval_clips"] == 10
+    assert summary["baseline"] is None  # no zero-shot scoring when eval_before_training is off
     assert (tmp_path / "tiny" / "best" / "model.safetensors").is_file()
 
 
@@ -339,7 +349,7 @@ def test_eval_features_from_another_store_must_share_the_encoding(tmp_path, feat
         shutil.copytree(features_dir, other)
     sets = overrides(features_dir, tiny_model_dir, tmp_path, eval_features=other.name)
     data = load_data(load_config(None, sets))
-    assert len(data.eval) == 10 and data.manifest["name"] == features_dir.name
+    assert len(data.test) == 10 and data.manifest["name"] == features_dir.name
     manifest = json.loads((other / "manifest.json").read_text())
     manifest["feature_extractor"]["n_mels"] = 128
     (other / "manifest.json").write_text(json.dumps(manifest))
@@ -378,3 +388,22 @@ def test_compiled_layers_train_like_eager_ones(features_dir, tiny_model_dir):
         results.append((loss.item(), model.model.encoder.layers[0].fc1.weight.grad.clone()))
     assert results[1][0] == pytest.approx(results[0][0], rel=1e-5)
     torch.testing.assert_close(results[1][1], results[0][1], rtol=1e-4, atol=1e-6)
+
+
+def test_store_without_validation_selects_on_test_and_says_so(tmp_path, cv_release, tiny_model_dir, caplog):
+    from whisper_ft.train import run_training
+
+    proc = run_cli("feature_pipeline.py", "--config", str(ROOT / "config.yaml"),
+                   "--set", f"model.name_or_path={tiny_model_dir}", "--set", f"features.data_dir={tmp_path}",
+                   "--set", "features.name=noval", "--set", f"features.sources.0.path={cv_release}",
+                   "--set", "features.sources.0.validation_from=", "--workers", "1", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "gives no validation rows" in proc.stdout
+    store = tmp_path / "features" / "noval"
+    cfg = load_config(ROOT / "config.yaml", overrides(store, tiny_model_dir, tmp_path, max_steps=2, eval_steps=2,
+                                                      save_steps=2, export_ctranslate2="false"))
+    with caplog.at_level("WARNING", logger="whisper_ft.train"):
+        summary = run_training(cfg)
+    assert "no validation split" in caplog.text
+    assert summary["selection_split"] == "test" and summary["best_step"] == 2
+    assert "the fine-tuned test WER is optimistic" in (tmp_path / "tiny" / "README.md").read_text()

@@ -23,7 +23,7 @@ def overfit_features(tmp_path_factory, cv_release, real_model_dir):
                    "--set", f"model.name_or_path={real_model_dir}", "--set", f"features.data_dir={work}",
                    "--set", "features.name=overfit", "--set", f"features.sources.0.path={cv_release}",
                    "--set", "features.sources.0.train_splits=[train]", "--set", "features.sources.0.eval_splits=[train]",
-                   "--set", "features.sources.0.limit=4", "--workers", "1", cwd=work)
+                   "--set", "features.sources.0.limit=4", "--set", "features.on_overlap=keep", "--workers", "1", cwd=work)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return work
 
@@ -37,7 +37,7 @@ def test_real_model_wer_falls(tmp_path, overfit_features, real_model_dir):
                                              *(f"training.{k}={v}" for k, v in sets.items())])
     summary = run_training(cfg)
     evals = [json.loads(line) for line in (tmp_path / "real" / "metrics.jsonl").read_text().splitlines()]
-    wers = {e["step"]: e["wer"] for e in evals if e["event"] == "eval" and not e.get("final")}
+    wers = {e["step"]: e["wer"] for e in evals if e["event"] == "eval" and e["purpose"] == "selection"}
     print("WER by step:", wers)
     assert set(wers) == {0, 2, 4}
     assert summary["wer"] < wers[0] and summary["best_wer"] < wers[0]

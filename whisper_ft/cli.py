@@ -8,11 +8,10 @@ import logging
 import sys
 from collections.abc import Callable
 
-from whisper_ft.config import Config, ConfigError, load_config
+from whisper_ft.config import Config, load_config
+from whisper_ft.errors import UserError
 
-
-class UserError(Exception):
-    """A problem the user can fix (bad input, missing file, model not found offline)."""
+__all__ = ["UserError", "base_parser", "config_from_args", "run"]
 
 
 def base_parser(description: str) -> argparse.ArgumentParser:
@@ -33,7 +32,7 @@ def run(main: Callable[[list[str] | None], int | None], argv: list[str] | None =
                         datefmt="%H:%M:%S")
     try:
         return main(argv) or 0
-    except (ConfigError, UserError) as e:
+    except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

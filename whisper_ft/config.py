@@ -18,10 +18,11 @@ from typing import Any
 
 import yaml
 
+from whisper_ft.errors import UserError
 from whisper_ft.files import write_atomic
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A config file or override that cannot be used; the message names the key."""
 
 
@@ -41,6 +42,10 @@ class SourceConfig:
     hf_config: str = ""
     train_splits: tuple[str, ...] = ("train", "dev")
     eval_splits: tuple[str, ...] = ("test",)
+    validation_splits: tuple[str, ...] = ()
+    validation_from: str = "dev"
+    validation_fraction: float = 0.1
+    validation_max_clips: int = 1000
     audio_column: str = "audio"
     text_column: str = "sentence"
     speaker_column: str = "client_id"
@@ -48,6 +53,7 @@ class SourceConfig:
 
 
 SOURCE_KINDS = ("common_voice", "mdc", "hf")
+OVERLAP_POLICIES = ("refuse", "drop", "keep")
 
 
 @dataclass(frozen=True)
@@ -62,6 +68,7 @@ class FeaturesConfig:
     shard_size: int = 1000
     batch_size: int = 16
     workers: int = 0
+    on_overlap: str = "refuse"
 
 
 @dataclass(frozen=True)
@@ -262,6 +269,8 @@ def _join(where: str, name: str) -> str:
 def validate(cfg: Config) -> None:
     """Checks that span fields; each error names the key."""
     f = cfg.features
+    if f.on_overlap not in OVERLAP_POLICIES:
+        raise ConfigError(f"features.on_overlap: expected one of {', '.join(OVERLAP_POLICIES)}, got {f.on_overlap!r}")
     if f.dtype not in ("float16", "float32"):
         raise ConfigError(f"features.dtype: expected float16 or float32, got {f.dtype!r}")
     if not 0 < f.max_seconds <= 30:
@@ -286,6 +295,9 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"features.sources.{i}.dataset_id: needed for kind mdc")
         if s.kind in ("common_voice", "hf") and not s.path:
             raise ConfigError(f"features.sources.{i}.path: needed for kind {s.kind}")
+        if not 0 <= s.validation_fraction < 1:
+            raise ConfigError(f"features.sources.{i}.validation_fraction: must be in [0, 1), got {s.validation_fraction}")
+
     if cfg.model.task not in ("transcribe", "translate"):
         raise ConfigError(f"model.task: expected transcribe or translate, got {cfg.model.task!r}")
     t = cfg.training

@@ -1,13 +1,23 @@
 """Feature store: utterances -> trimmed Whisper log-Mel features + token labels on disk.
 
+    store = FeatureStore.of(cfg)                 # data/features/<features.name>/
+    build(cfg)                                   # stage 1 (python feature_pipeline.py)
+    store.load("train"), store.load("validation"), store.load("eval")   # stage 2
+
 Layout of `data/features/<name>/`:
 
     processor/                      tokenizer + feature extractor (later stages need no hub)
     plan.json                       fingerprint of the inputs and the shard list
     config.yaml                     resolved config that produced the store
     train/shard-00000-of-00004/     HF datasets Arrow folders (memory-mapped when read),
-    eval/shard-00000-of-00001/      each with stats.json; renamed into place when complete
-    manifest.json                   written last: sources, counts, hours, drops by reason
+    validation/shard-00000-of-00001/  each with stats.json; renamed into place when complete
+    eval/shard-00000-of-00001/
+    manifest.json                   written last: sources, counts, hours, drops by reason,
+                                    overlap between training and held-out rows
+
+Three roles, kept apart: `train` is learned from, `validation` picks checkpoints and
+settings, `eval` (the test split) is only reported. Training rows that share a clip or a
+sentence with held-out rows stop the build (or are dropped: `features.on_overlap`).
 
 A shard is the unit of work and of resumption: a rerun skips finished shards, a killed run
 leaves only temporary folders behind, and `num_shards`/`shard_index` split the shard list
@@ -20,6 +30,7 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 import time
 from collections import Counter
 from collections.abc import Iterable, Iterator
@@ -30,21 +41,23 @@ from typing import Any
 import numpy as np
 
 from whisper_ft.audio import SAMPLE_RATE, AudioError, load_audio, pad_features, trimmed_features
+from whisper_ft.errors import UserError
 from whisper_ft.files import write_atomic
-from whisper_ft.sources import EVAL, TRAIN, ArrowAudio, Row
-from whisper_ft.text import tidy_sentence
+from whisper_ft.sources import EVAL, TRAIN, VALIDATION, ArrowAudio, Row
+from whisper_ft.text import normalize, tidy_sentence
 
 FORMAT_VERSION = 2  # 2: the last frame that sees audio is always kept
 MANIFEST = "manifest.json"
 PLAN = "plan.json"
 PROCESSOR_DIR = "processor"
 STATS = "stats.json"
-SPLITS = (TRAIN, EVAL)
+SPLITS = (TRAIN, VALIDATION, EVAL)
+ROLE = {TRAIN: "training", VALIDATION: "validation", EVAL: "test"}
 DROP_REASONS = ("missing_file", "empty_file", "undecodable", "empty_sentence", "too_short", "too_long",
                 "labels_too_long")
 
 
-class FeaturesError(ValueError):
+class FeaturesError(UserError, ValueError):
     """A feature store that is missing, incomplete or built for something else."""
 
 
@@ -384,3 +397,254 @@ def build_shards(root: Path, todo: list[Shard], processor: Processor, limits: Li
     finally:
         if pool is not None:
             pool.shutdown(cancel_futures=True)
+
+
+# --------------------------------------------------------------------------- leakage between splits
+
+
+def clip_key(row: Row) -> str | None:
+    """What identifies a row's recording: its file, or a hash of its bytes. None for audio
+    embedded in Arrow files, which is compared by sentence and speaker only (hashing it would
+    read the whole dataset)."""
+    if isinstance(row.audio, str):
+        return os.path.realpath(row.audio) if row.audio else None
+    if isinstance(row.audio, bytes):
+        return hashlib.sha1(row.audio).hexdigest()
+    return None
+
+
+@dataclass(frozen=True)
+class Overlap:
+    """Training rows against one held-out split: how many held-out rows share a clip or a
+    (normalized) sentence with training, how many held-out speakers also speak in training,
+    and which training rows are involved, by (source, source split)."""
+
+    split: str
+    rows: int
+    clips: int
+    sentences: int
+    speakers: int
+    train_ids: frozenset
+    train_by_origin: dict
+
+    def as_dict(self) -> dict:
+        return {"rows": self.rows, "clips": self.clips, "sentences": self.sentences, "speakers": self.speakers,
+                "training_rows": len(self.train_ids)}
+
+
+def _row_key(row: Row) -> tuple[str, str]:
+    return row.source, row.id
+
+
+def find_overlap(train: list[Row], held: list[Row], split: str) -> Overlap:
+    clips = {k: r for r in held if (k := clip_key(r))}
+    sentences = {normalize(r.sentence) for r in held} - {""}
+    speakers = {r.speaker for r in held if r.speaker}
+    train_clips: set[str] = set()
+    train_sentences: set[str] = set()
+    involved: set[tuple[str, str]] = set()
+    origin: Counter = Counter()
+    for r in train:
+        clip, sentence = clip_key(r), normalize(r.sentence)
+        hit = False
+        if clip in clips:
+            train_clips.add(clip)
+            hit = True
+        if sentence in sentences:
+            train_sentences.add(sentence)
+            hit = True
+        if hit:
+            involved.add(_row_key(r))
+            origin[f"{r.source} `{r.id.split('/', 1)[0]}`"] += 1
+    train_speakers = {r.speaker for r in train if r.speaker}
+    return Overlap(split, len(held), sum(1 for k in clips if k in train_clips),
+                   sum(1 for r in held if normalize(r.sentence) in train_sentences),
+                   len(speakers & train_speakers), frozenset(involved), dict(origin))
+
+
+def check_leakage(rows: dict[str, list[Row]], policy: str = "refuse") -> tuple[dict[str, list[Row]], dict]:
+    """Training rows that share a clip or a sentence with validation or test rows: `refuse`
+    (FeaturesError with the counts), `drop` them from training, or `keep` them. Speaker overlap
+    is only reported. Returns the rows and the manifest's `overlap` record."""
+    found = [find_overlap(rows[TRAIN], rows[split], split) for split in (VALIDATION, EVAL) if rows.get(split)]
+    involved = frozenset().union(*(o.train_ids for o in found)) if found else frozenset()
+    report = {o.split: o.as_dict() for o in found}
+    if involved and policy == "refuse":
+        worst = max((o for o in found if o.train_ids), key=lambda o: o.clips + o.sentences)
+        kind = "clips" if worst.clips else "sentences"
+        origins = ", ".join(f"{k}: {v:,} rows" for k, v in sorted(worst.train_by_origin.items(), key=lambda kv: -kv[1]))
+        raise FeaturesError(f"the training data shares {kind} with {max(worst.clips, worst.sentences):,} of "
+                            f"{worst.rows:,} {ROLE[worst.split]} clips ({origins}): take those splits out of "
+                            f"train_splits, or set features.on_overlap=drop to drop the {len(involved):,} training "
+                            "rows involved")
+    dropped = involved if policy == "drop" else frozenset()
+    if dropped:
+        rows = {**rows, TRAIN: [r for r in rows[TRAIN] if _row_key(r) not in dropped]}
+    report["dropped_training_rows"] = len(dropped)
+    report["kept_overlapping_training_rows"] = len(involved) - len(dropped)
+    return rows, report
+
+
+# --------------------------------------------------------------------------- the store
+
+
+@dataclass(frozen=True)
+class FeatureStore:
+    """One store folder (layout in the module docstring): where it is, what it holds, how to
+    read it. `build` writes it."""
+
+    root: Path
+
+    @classmethod
+    def of(cls, cfg, name: str = "") -> FeatureStore:
+        """The store `name` (default `features.name`) under `features.data_dir`."""
+        return cls(Path(cfg.features.data_dir) / "features" / (name or cfg.features.name))
+
+    @property
+    def name(self) -> str:
+        return self.root.name
+
+    def manifest(self) -> dict:
+        return read_manifest(self.root)
+
+    def has(self, split: str) -> bool:
+        """Whether the finished store holds clips of `split` (older stores have no validation)."""
+        return self.manifest()["splits"].get(split, {}).get("clips", 0) > 0
+
+    def load(self, split: str):
+        return load_split(self.root, split)
+
+    def processor(self, language: str, task: str):
+        """The WhisperProcessor the store was built with, set to `language`/`task`."""
+        from whisper_ft.model import load_processor
+
+        return load_processor(str(self.root / self.manifest()["processor"]), language, task)
+
+    def check_model(self, model_config, tokenizer) -> None:
+        """Refuse a model of another family, mel bin count, vocabulary or language."""
+        manifest = self.manifest()
+        check_compatible(manifest, model_config, tokenizer)
+        vocab = manifest["tokenizer"]["vocab_size"]
+        if vocab != model_config.vocab_size:
+            raise FeaturesError(f"features were tokenized with a vocabulary of {vocab} tokens but the model has "
+                                f"{model_config.vocab_size} (another Whisper family): rebuild them with "
+                                "python feature_pipeline.py --set model.name_or_path=<the model>")
+
+    def prepare(self, cfg, processor: Processor, settings: dict, fp: str, overwrite: bool) -> None:
+        """Create the folder, or check that an existing one was made from the same inputs."""
+        from whisper_ft.config import save_config
+
+        if overwrite and self.root.exists():
+            shutil.rmtree(self.root)
+        plan_path = self.root / PLAN
+        if plan_path.is_file():
+            if json.loads(plan_path.read_text())["fingerprint"] != fp:
+                raise FeaturesError(f"{self.root} holds features built from other inputs or settings; choose "
+                                    "another features.name or pass --overwrite to rebuild it")
+            clean_partial(self.root)
+            return
+        self.root.mkdir(parents=True, exist_ok=True)
+        processor.save_pretrained(str(self.root / PROCESSOR_DIR))
+        save_config(cfg, self.root / "config.yaml")
+        write_atomic(plan_path, json.dumps({"fingerprint": fp, "settings": settings}, indent=2))
+
+
+@dataclass(frozen=True)
+class BuildResult:
+    store: FeatureStore
+    manifest: dict | None  # None while other processes still have shards to write
+    shards_waiting: int
+    encoded_rows: int
+
+
+def build(cfg, num_shards: int = 1, shard_index: int = 0, workers: int | None = None, overwrite: bool = False,
+          echo=print) -> BuildResult:
+    """Stage 1: read the sources, check for leakage, encode this process's shards (skipping
+    finished ones) and, once every shard is on disk, write the manifest. `echo` gets one line
+    per event; a progress bar shows the encoding."""
+    from tqdm import tqdm
+
+    fc = cfg.features
+    store = FeatureStore.of(cfg)
+    processor = load_feature_processor(cfg.model.name_or_path, cfg.model.language, cfg.model.task)
+    rows = collect_rows(cfg, echo)
+    rows, overlap = check_leakage(rows, fc.on_overlap)
+    if overlap["dropped_training_rows"]:
+        echo(f"dropped {overlap['dropped_training_rows']} training rows that share a clip or a sentence with "
+             "validation or test rows (features.on_overlap=drop)")
+    if overlap["kept_overlapping_training_rows"]:
+        echo(f"warning: {overlap['kept_overlapping_training_rows']} training rows share a clip or a sentence with "
+             "validation or test rows (features.on_overlap=keep): their scores are not held-out scores")
+    shards = plan_shards(rows, fc.shard_size)
+    settings = store_settings(cfg)
+    store.prepare(cfg, processor, settings, fingerprint(settings, shards), overwrite)
+    mine = [s for i, s in enumerate(shards) if i % num_shards == shard_index]
+    todo = [s for s in mine if not is_done(store.root, s)]
+    n_rows = sum(len(s.rows) for s in todo)
+    if todo:
+        workers = workers if workers is not None else fc.workers
+        workers = workers or os.cpu_count() or 1
+        echo(f"{store.root}: {len(shards)} shards ({len(mine) - len(todo)} of this process's {len(mine)} already "
+             f"done), {n_rows} clips to encode with {workers} workers")
+        limits = Limits(fc.min_seconds, fc.max_seconds, fc.max_label_tokens)
+        with tqdm(total=n_rows, unit="clip", desc="encoding", dynamic_ncols=True, file=sys.stderr) as bar:
+            for shard, stats in build_shards(store.root, todo, processor, limits, fc.dtype, workers, fc.batch_size,
+                                             lambda n, _kept: bar.update(n)):
+                bar.write(f"wrote {shard.split}/{shard.name}: {stats['clips']} of {stats['rows']} clips kept")
+    elif (store.root / MANIFEST).is_file():
+        return BuildResult(store, store.manifest(), 0, 0)
+    waiting = sum(1 for s in shards if not is_done(store.root, s))
+    if waiting:
+        return BuildResult(store, None, waiting, n_rows)
+    header = {**manifest_header(cfg, processor, settings), "overlap": overlap}
+    return BuildResult(store, build_manifest(store.root, shards, header), 0, n_rows)
+
+
+def collect_rows(cfg, echo=print) -> dict[str, list[Row]]:
+    """Rows of every configured source, per store split, in config order."""
+    from whisper_ft.sources import SourceError, read_source
+
+    rows: dict[str, list[Row]] = {split: [] for split in SPLITS}
+    for i, src in enumerate(cfg.features.sources):
+        try:
+            got = read_source(src, Path(cfg.features.data_dir))
+        except SourceError as e:
+            raise SourceError(f"features.sources.{i} ({src.name}): {e}") from e
+        for split in rows:
+            rows[split] += got.get(split, [])
+        echo(f"source {src.name} ({src.kind}): {len(got[TRAIN])} train rows, {len(got[VALIDATION])} validation rows, "
+             f"{len(got[EVAL])} test rows")
+        if got[TRAIN] and not got[VALIDATION]:
+            echo(f"note: source {src.name} gives no validation rows (validation_splits is empty and validation_from "
+                 f"{src.validation_from!r} names none of its train_splits {list(src.train_splits)})")
+    if not any(rows.values()):
+        raise SourceError("the configured sources hold no rows")
+    return rows
+
+
+def store_settings(cfg) -> dict:
+    """The config values that decide the store's content (workers or batch size do not)."""
+    from whisper_ft.config import to_dict
+
+    fc = to_dict(cfg.features)
+    for key in ("workers", "batch_size", "name", "data_dir"):
+        fc.pop(key)
+    return {"features": fc, "model": to_dict(cfg.model)}
+
+
+def manifest_header(cfg, processor: Processor, settings: dict) -> dict:
+    from whisper_ft.config import to_dict
+    from whisper_ft.sources import describe
+
+    fe, tok = processor.feature_extractor, processor.tokenizer
+    return {
+        "name": cfg.features.name,
+        "model": to_dict(cfg.model),
+        "sources": [describe(s) for s in cfg.features.sources],
+        "feature_extractor": {"n_mels": fe.feature_size, "sampling_rate": fe.sampling_rate,
+                              "hop_length": fe.hop_length, "n_frames": fe.nb_max_frames},
+        "tokenizer": {"vocab_size": len(tok), "prefix_tokens": list(tok.prefix_tokens)},
+        "dtype": cfg.features.dtype,
+        "config": settings,
+        "processor": PROCESSOR_DIR,
+    }

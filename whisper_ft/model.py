@@ -8,10 +8,12 @@ from pathlib import Path
 
 import requests
 
+from whisper_ft.errors import UserError
+
 HUB_PROBE_TIMEOUT = 5.0
 
 
-class ModelNotFound(OSError):
+class ModelNotFound(UserError, OSError):
     """A model or processor that can be found neither locally nor on the Hub."""
 
 
@@ -49,6 +51,10 @@ def _in_cache(repo_id: str) -> bool:
     return isinstance(hit, str)
 
 
+class UnknownLanguage(UserError, ValueError):
+    """A language or task the Whisper tokenizer does not know."""
+
+
 def load_processor(name_or_path: str, language: str = "sv", task: str = "transcribe"):
     """WhisperProcessor whose tokenizer adds <|sv|><|transcribe|><|notimestamps|> prefixes."""
     from transformers import WhisperProcessor
@@ -67,7 +73,7 @@ def set_language(tokenizer, language: str, task: str) -> None:
         tokenizer.set_prefix_tokens(language=language, task=task, predict_timestamps=False)
         tokenizer.prefix_tokens  # noqa: B018 - validates the language lazily
     except ValueError as e:
-        raise ValueError(f"model.language: {first_line(e)}") from e
+        raise UnknownLanguage(f"model.language: {first_line(e)}") from e
 
 
 def load_model(name_or_path: str, language: str = "sv", task: str = "transcribe", **kwargs):

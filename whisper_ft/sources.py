@@ -9,22 +9,24 @@ from __future__ import annotations
 
 import csv
 import functools
+import hashlib
 import json
 import os
 import shutil
 import sys
 import tarfile
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from whisper_ft.config import SourceConfig
+from whisper_ft.errors import UserError
 
-TRAIN, EVAL = "train", "eval"
+TRAIN, VALIDATION, EVAL = "train", "validation", "eval"  # eval: the test split
 DONE_MARK = ".extracted"
 
 
-class SourceError(ValueError):
+class SourceError(UserError, ValueError):
     """A source that cannot be read; the message says what to do."""
 
 
@@ -42,7 +44,8 @@ class Row:
 
 
 def read_source(src: SourceConfig, data_dir: Path) -> dict[str, list[Row]]:
-    """All rows of one source, as {"train": [...], "eval": [...]} in a stable order."""
+    """All rows of one source, as {"train": [...], "validation": [...], "eval": [...]} in a
+    stable order; validation is carved out of training when the source names no split for it."""
     if src.kind == "hf":
         rows = _read_hf(src)
     else:
@@ -50,7 +53,41 @@ def read_source(src: SourceConfig, data_dir: Path) -> dict[str, list[Row]]:
         rows = _read_common_voice(src, locate_release(root, data_dir / "raw"))
     if src.limit:
         rows = {split: r[: src.limit] for split, r in rows.items()}
+    if not src.validation_splits and src.validation_from:
+        rows[TRAIN], rows[VALIDATION] = carve_validation(rows[TRAIN], src.validation_from, src.validation_fraction,
+                                                         src.validation_max_clips, seed=src.name)
     return rows
+
+
+def carve_validation(train: list[Row], from_split: str, fraction: float, max_clips: int,
+                     seed: str = "") -> tuple[list[Row], list[Row]]:
+    """Move whole speakers from the training rows of source split `from_split` ("all": any) to
+    validation until it holds about `fraction` of that split's rows (at most `max_clips`).
+
+    Taking whole speakers keeps validation speaker-disjoint from training wherever the source's
+    own splits are (Common Voice's are). Rows without a speaker count as speakers of their own.
+    The choice depends only on the rows and `seed`, so reruns pick the same speakers.
+    """
+    pool = [r for r in train if from_split == "all" or r.id.split("/", 1)[0] == from_split]
+    target = min(max_clips, round(fraction * len(pool)))
+    if target <= 0:
+        return train, []
+    by_speaker: dict[str, list[Row]] = {}
+    for r in pool:
+        by_speaker.setdefault(r.speaker or f"row:{r.id}", []).append(r)
+    order = sorted(by_speaker, key=lambda s: hashlib.sha256(f"{seed}|{s}".encode()).hexdigest())
+    chosen: set[str] = set()
+    taken = 0
+    for speaker in order:
+        if taken >= target:
+            break
+        if taken + len(by_speaker[speaker]) > max_clips:
+            continue  # this speaker would overshoot the cap; try smaller ones
+        chosen.add(speaker)
+        taken += len(by_speaker[speaker])
+    picked = {r.id for s in chosen for r in by_speaker[s]}
+    validation = [replace(r, split=VALIDATION) for r in pool if r.id in picked]
+    return [r for r in train if r.id not in picked], validation
 
 
 # --------------------------------------------------------------------------- Common Voice
@@ -103,9 +140,14 @@ def read_cv_tsv(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
 
 
+def _targets(src: SourceConfig) -> tuple[tuple[str, tuple[str, ...]], ...]:
+    """(store split, source splits) pairs of a source."""
+    return (TRAIN, src.train_splits), (VALIDATION, src.validation_splits), (EVAL, src.eval_splits)
+
+
 def _read_common_voice(src: SourceConfig, release: Path) -> dict[str, list[Row]]:
-    out: dict[str, list[Row]] = {TRAIN: [], EVAL: []}
-    for target, splits in ((TRAIN, src.train_splits), (EVAL, src.eval_splits)):
+    out: dict[str, list[Row]] = {TRAIN: [], VALIDATION: [], EVAL: []}
+    for target, splits in _targets(src):
         for split in splits:
             tsv = release / f"{split}.tsv"
             if not tsv.is_file():
@@ -143,8 +185,8 @@ def download_mdc(dataset_id: str, download_dir: Path) -> Path:
 
 
 def _read_hf(src: SourceConfig) -> dict[str, list[Row]]:
-    out: dict[str, list[Row]] = {TRAIN: [], EVAL: []}
-    for target, splits in ((TRAIN, src.train_splits), (EVAL, src.eval_splits)):
+    out: dict[str, list[Row]] = {TRAIN: [], VALIDATION: [], EVAL: []}
+    for target, splits in _targets(src):
         for split in splits:
             columns, examples = _open_hf_split(src, split)
             for col in (src.audio_column, src.text_column):
@@ -266,5 +308,8 @@ def _load_hf_split(src: SourceConfig, split: str):
 def describe(src: SourceConfig) -> dict:
     """What the manifest records about a source."""
     where = src.dataset_id if src.kind == "mdc" else src.path
+    validation = ({"splits": list(src.validation_splits)} if src.validation_splits else
+                  {"carved_from": src.validation_from, "fraction": src.validation_fraction,
+                   "max_clips": src.validation_max_clips} if src.validation_from else {})
     return {"name": src.name, "kind": src.kind, "where": where, "train_splits": list(src.train_splits),
-            "eval_splits": list(src.eval_splits), "limit": src.limit}
+            "eval_splits": list(src.eval_splits), "validation": validation, "limit": src.limit}

@@ -227,12 +227,13 @@ def _write_json(path: Path, obj: dict) -> None:
 
 
 def _evals(run_dir: Path) -> list[dict]:
-    """The periodic evaluations in a run's metrics.jsonl (the final one re-scores the best)."""
+    """The periodic checks in a run's metrics.jsonl: the validation split's (the test split's
+    scores are reported, never used to choose)."""
     history = run_dir / "metrics.jsonl"
     if not history.is_file():
         return []
     return [e for e in map(json.loads, history.read_text().splitlines())
-            if e.get("event") == "eval" and not e.get("final")]
+            if e.get("event") == "eval" and e.get("purpose", "selection") == "selection" and not e.get("final")]
 
 
 def best_value(evals: list[dict], metric: str, result: dict) -> float:
@@ -259,14 +260,21 @@ def write_report(folder: Path, spec: SweepSpec) -> Path:
         evals = [e for e in t["evals"] if e.get("step", 0) > 0]
         best = min(evals, key=lambda e: e[spec.metric]) if evals else {}
         rows.append({"trial": t["number"], "status": t["status"], "params": t["params"], "best": best,
+                     "test": (t.get("result") or {}).get("wer"), "split": best.get("split", "eval"),
                      "steps": max((e["step"] for e in t["evals"]), default=0),
                      "samples": max((e["step"] for e in t["evals"]), default=0) * t["samples_per_step"],
                      "wall": t.get("wall_seconds", 0.0)})
     rows.sort(key=lambda r: (r["status"] != "complete", r["best"].get(spec.metric, math.inf)))
+    split = next((r["split"] for r in rows if r["best"]), "validation")
     lines = [f"# Sweep {spec.name}", "",
-             f"{spec.method} search over {', '.join(spec.space)}; metric {spec.metric} (lower is better); "
-             f"{len(trials)} trials; every trial trained on "
-             f"{spec.budget_samples or 'the configured steps x batch'} samples and evaluated on the same set.", ""]
+             f"{spec.method} search over {', '.join(spec.space)}; metric {spec.metric} on the {split} split (lower is "
+             f"better); {len(trials)} trials; every trial trained on "
+             f"{spec.budget_samples or 'the configured steps x batch'} samples and evaluated on the same set. "
+             "Trials are ranked on the periodic checks; the test column is each trial's best/ on the test split, "
+             "reported only.", ""]
+    if split in ("test", "eval"):
+        lines += ["**Note:** the feature store has no validation split, so trials were ranked on the test split and "
+                  "the winner's test WER is optimistic.", ""]
     done = [r for r in rows if r["status"] == "complete" and r["best"]]
     if len(done) >= 1:
         win = done[0]
@@ -275,13 +283,15 @@ def write_report(folder: Path, spec: SweepSpec) -> Path:
                      + (f", {100 * (done[1]['best'][spec.metric] - win['best'][spec.metric]):.2f} points better than the "
                         f"runner-up (trial {done[1]['trial']})" if len(done) > 1 else "") + ".")
         lines.append("")
-    lines += ["| trial | status | settings | WER % | normalized WER % | CER % | at step | steps | samples seen | wall time |",
-              "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines += [f"| trial | status | settings | {split} WER % | {split} normalized WER % | {split} CER % | at step | "
+              "test WER % | steps | samples seen | wall time |",
+              "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         b = r["best"]
         cells = [f"{100 * b[k]:.2f}" if b.get(k) is not None else "-" for k in ("wer", "wer_normalized", "cer")]
+        test = "-" if r["test"] is None else f"{100 * r['test']:.2f}"
         lines.append(f"| {r['trial']} | {r['status']} | {_params(r['params'])} | {' | '.join(cells)} | "
-                     f"{b.get('step', '-')} | {r['steps']} | {r['samples']} | {r['wall'] / 60:.1f} min |")
+                     f"{b.get('step', '-')} | {test} | {r['steps']} | {r['samples']} | {r['wall'] / 60:.1f} min |")
     report = folder / "report.md"
     report.write_text("\n".join(lines) + "\n\n![WER against samples seen](wer.png)\n", encoding="utf-8")
     _plot(folder / "wer.png", trials, spec.metric)

@@ -28,10 +28,11 @@ from transformers import Seq2SeqTrainer, TrainerCallback
 from whisper_ft import breakdown, checkpoints, report
 from whisper_ft.collator import IGNORE_INDEX, SpeechCollator, expand
 from whisper_ft.config import Config, save_config, to_dict
-from whisper_ft.features import FeaturesError, check_compatible, load_split, read_manifest
+from whisper_ft.errors import UserError
+from whisper_ft.features import EVAL, ROLE, VALIDATION, FeatureStore, FeaturesError
 from whisper_ft.files import write_atomic
 from whisper_ft.metrics import scores
-from whisper_ft.model import load_model, load_processor, resolve
+from whisper_ft.model import load_model, resolve
 
 log = logging.getLogger("whisper_ft.train")
 
@@ -39,16 +40,12 @@ MAX_TARGET_POSITIONS = 448  # Whisper's decoder length
 MODEL_COLUMNS = ["input_features", "fill", "labels"]  # what the collator reads
 
 
-class TrainingError(ValueError):
+class TrainingError(UserError, ValueError):
     """A training setup that cannot work (a precision the device lacks, an unknown language)."""
 
 
 def run_dir_of(cfg: Config) -> Path:
     return Path(cfg.training.output_dir) / cfg.training.run_name
-
-
-def features_root(cfg: Config) -> Path:
-    return Path(cfg.features.data_dir) / "features" / cfg.features.name
 
 
 def is_main_process() -> bool:
@@ -61,39 +58,46 @@ def is_main_process() -> bool:
 
 @dataclass(frozen=True)
 class Data:
-    """The splits of a feature store: `*_model` views hold only the collator's columns."""
+    """The splits of a feature store, by role: training, selection (the periodic checks,
+    `best/`, early stopping and sweep objectives: the validation split, or the test split in
+    stores without one) and test (scored before training and on `best/` at the end).
+    `*_model` views hold only the collator's columns."""
 
     manifest: dict
     processor: object
     train: object
-    eval: object  # all evaluation clips, longest first
-    eval_model: object
-    periodic_eval_model: object  # the training.eval_subset clips used by the periodic checks
+    test: object  # all test clips, longest first
+    selection_split: str  # "validation" or "test"
+    selection_model: object  # the training.eval_subset clips of the selection split, longest first
     train_model: object
+    test_model: object
 
 
 def load_data(cfg: Config) -> Data:
-    """Read and check the feature store of `cfg`; FeaturesError says which command to run."""
-    root = features_root(cfg)
-    manifest = read_manifest(root)
-    try:
-        processor = load_processor(str(root / manifest["processor"]), cfg.model.language, cfg.model.task)
-    except ValueError as e:
-        raise TrainingError(str(e)) from e
-    eval_root = root.parent / cfg.training.eval_features if cfg.training.eval_features else root
-    check_same_encoding(manifest, read_manifest(eval_root) if eval_root != root else manifest)
-    train, evaluation = load_split(root, "train"), load_split(eval_root, "eval")
-    if len(train) == 0 or len(evaluation) == 0:
-        raise FeaturesError(f"{root} has {len(train)} training and {len(evaluation)} evaluation clips; both are "
+    """Read and check the feature store of `cfg`; FeaturesError says which command to run.
+    With `training.eval_features`, validation and test come from that store."""
+    store = FeatureStore.of(cfg)
+    manifest = store.manifest()
+    processor = store.processor(cfg.model.language, cfg.model.task)
+    held_out = FeatureStore.of(cfg, cfg.training.eval_features) if cfg.training.eval_features else store
+    check_same_encoding(manifest, held_out.manifest())
+    train, test = store.load("train"), held_out.load(EVAL)
+    if len(train) == 0 or len(test) == 0:
+        raise FeaturesError(f"{store.root} has {len(train)} training and {len(test)} test clips; both are "
                             "needed: check features.sources (train_splits, eval_splits) and rerun python feature_pipeline.py")
     # Longest first: clips of a batch then generate similar lengths, and memory peaks at once.
-    evaluation = evaluation.sort("duration", reverse=True)
-    subset = evaluation
+    test = test.sort("duration", reverse=True)
+    if held_out.has(VALIDATION):
+        split, selection = ROLE[VALIDATION], held_out.load(VALIDATION).sort("duration", reverse=True)
+    else:
+        log.warning("%s has no validation split: checkpoints are picked on the test split, so its final WER is "
+                    "optimistic (rebuild the features to get one)", held_out.root)
+        split, selection = ROLE[EVAL], test
     n = cfg.training.eval_subset
-    if 0 < n < len(evaluation):
-        picked = np.random.default_rng(cfg.training.seed).choice(len(evaluation), n, replace=False)
-        subset = evaluation.select(sorted(picked.tolist()))
-    return Data(manifest, processor, train, evaluation, _model_view(evaluation), _model_view(subset), _model_view(train))
+    if 0 < n < len(selection):
+        picked = np.random.default_rng(cfg.training.seed).choice(len(selection), n, replace=False)
+        selection = selection.select(sorted(picked.tolist()))
+    return Data(manifest, processor, train, test, split, _model_view(selection), _model_view(train), _model_view(test))
 
 
 def check_same_encoding(train_manifest: dict, eval_manifest: dict) -> None:
@@ -123,7 +127,7 @@ def generation_max_length(cfg: Config, eval_labels: Sequence[Sequence[int]]) -> 
 # --------------------------------------------------------------------------- model
 
 
-def prepare_model(cfg: Config, manifest: dict, tokenizer):
+def prepare_model(cfg: Config, tokenizer):
     """Load the model with dropout/SpecAugment set, check it fits the features, then apply
     the freezing/LoRA switches. Language and task are forced in its generation config."""
     from transformers import WhisperConfig
@@ -136,7 +140,7 @@ def prepare_model(cfg: Config, manifest: dict, tokenizer):
                                            apply_spec_augment=sa.enabled, mask_time_prob=sa.mask_time_prob,
                                            mask_time_length=sa.mask_time_length, mask_feature_prob=sa.mask_feature_prob,
                                            mask_feature_length=sa.mask_feature_length)
-    check_model(manifest, config, tokenizer)  # before minutes of loading weights
+    FeatureStore.of(cfg).check_model(config, tokenizer)  # before minutes of loading weights
     model = load_model(cfg.model.name_or_path, cfg.model.language, cfg.model.task, config=config,
                        attn_implementation="sdpa")
     model.config.use_cache = not t.gradient_checkpointing  # the KV cache is useless (and warns) with checkpointing
@@ -165,20 +169,6 @@ def compile_layers(model) -> int:
     for layer in layers:
         layer.compile()
     return len(layers)
-
-
-def check_model(manifest: dict, model_config, tokenizer) -> None:
-    """Refuse features built for another model family, mel bin count, vocabulary or language.
-
-    `tokenizer` is the store's, set to the configured language/task: a changed language
-    shows up as other prefix tokens than the stored labels carry.
-    """
-    check_compatible(manifest, model_config, tokenizer)
-    vocab = manifest["tokenizer"]["vocab_size"]
-    if vocab != model_config.vocab_size:
-        raise FeaturesError(f"features were tokenized with a vocabulary of {vocab} tokens but the model has "
-                            f"{model_config.vocab_size} (another Whisper family): rebuild them with "
-                            "python feature_pipeline.py --set model.name_or_path=<the model>")
 
 
 # --------------------------------------------------------------------------- trainer
@@ -325,13 +315,14 @@ def make_trainer(model, args, data: Data, eval_dataset, callbacks: Sequence = ()
 
 class EventLog(TrainerCallback):
     """Writes each Trainer log as a `train` or `eval` event to metrics.jsonl, plus a log line;
-    exports `best/` when an evaluation after step 0 beats the best WER so far; makes sure the
-    last step is evaluated and saved."""
+    exports `best/` when a periodic check (on the selection `split`) after step 0 beats the
+    best WER so far; makes sure the last step is evaluated and saved."""
 
-    def __init__(self, run_dir: Path, processor, meta: dict):
+    def __init__(self, run_dir: Path, processor, meta: dict, split: str):
         self.run_dir = run_dir
         self.processor = processor
         self.meta = meta
+        self.split = split
         best = checkpoints.read_best(run_dir)
         self.best_wer = best["wer"] if best and best.get("wer") is not None else math.inf
 
@@ -343,8 +334,8 @@ class EventLog(TrainerCallback):
         if not state.is_world_process_zero or not logs:
             return
         if "eval_wer" in logs:
-            event = eval_event(logs, "eval", state.global_step)
-            log.info("eval step %d: %s", state.global_step, scores_line(event))
+            event = eval_event(logs, "eval", state.global_step, self.split, SELECTION)
+            log.info("%s check at step %d: %s", self.split, state.global_step, scores_line(event))
         elif "loss" in logs:
             event = {"event": "train", "step": state.global_step, "epoch": logs.get("epoch"), "loss": logs["loss"],
                      "learning_rate": logs.get("learning_rate"), "grad_norm": logs.get("grad_norm")}
@@ -358,11 +349,11 @@ class EventLog(TrainerCallback):
             return
         self.best_wer = wer
         if state.is_world_process_zero:
-            info = {**self.meta, "step": state.global_step, "wer": wer,
+            info = {**self.meta, "step": state.global_step, "split": self.split, "wer": wer,
                     "wer_normalized": metrics.get("eval_wer_normalized"), "cer": metrics.get("eval_cer"),
                     "eval_clips": metrics.get("eval_clips")}
             checkpoints.export_best(model, self.processor, self.run_dir, info)
-            log.info("new best WER %.2f%% at step %d: exported %s", 100 * wer, state.global_step,
+            log.info("new best %s WER %.2f%% at step %d: exported %s", self.split, 100 * wer, state.global_step,
                      self.run_dir / checkpoints.BEST_DIR)
 
 
@@ -373,10 +364,14 @@ def scores_line(event: dict) -> str:
             f"on {event['eval_clips']} clips")
 
 
-def eval_event(metrics: dict, prefix: str, step: int) -> dict:
-    """A metrics.jsonl `eval` event from Trainer metrics named `<prefix>_wer` etc."""
+SELECTION, REPORT = "selection", "report"  # purposes of an evaluation: pick checkpoints, or report
+
+
+def eval_event(metrics: dict, prefix: str, step: int, split: str, purpose: str) -> dict:
+    """A metrics.jsonl `eval` event on `split` (validation or test) for `purpose` from Trainer
+    metrics named `<prefix>_wer` etc."""
     get = lambda k: metrics.get(f"{prefix}_{k}")  # noqa: E731
-    return {"event": "eval", "step": step, "wer": get("wer"), "wer_normalized": get("wer_normalized"),
+    return {"event": "eval", "step": step, "split": split, "purpose": purpose, "wer": get("wer"), "wer_normalized": get("wer_normalized"),
             "cer": get("cer"), "eval_clips": get("clips"), "loss": get("loss"), "runtime": get("runtime"),
             "clips_per_second": get("samples_per_second")}
 
@@ -385,8 +380,9 @@ def eval_event(metrics: dict, prefix: str, step: int) -> dict:
 
 
 def run_training(cfg: Config, fresh: bool = False, callbacks: Sequence[TrainerCallback] = ()) -> dict:
-    """One whole training run: resume (or start over), train, evaluate the best model on all
-    evaluation clips, write the reports. Returns the summary also saved as metrics.json.
+    """One whole training run: resume (or start over), score the base model on the test split,
+    train with periodic checks on the validation split, score `best/` on the test split, write
+    the reports. Returns the summary also saved as metrics.json.
 
     `callbacks` are extra Trainer callbacks; one that sets `control.should_training_stop`
     after an evaluation ends the run early (the best model so far is still exported).
@@ -400,28 +396,34 @@ def run_training(cfg: Config, fresh: bool = False, callbacks: Sequence[TrainerCa
     if fresh and is_main_process() and run_dir.exists():
         shutil.rmtree(run_dir)
     data = load_data(cfg)
-    model = prepare_model(cfg, data.manifest, data.processor.tokenizer)
-    gen_len = generation_max_length(cfg, data.eval["labels"])
-    args = training_arguments(cfg, run_dir, gen_len, eval_on_start=cfg.training.eval_before_training and resume is None)
+    model = prepare_model(cfg, data.processor.tokenizer)
+    gen_len = generation_max_length(cfg, data.test["labels"])
+    first = cfg.training.eval_before_training and resume is None
+    args = training_arguments(cfg, run_dir, gen_len, eval_on_start=first)
     meta = {"base_model": cfg.model.name_or_path, "language": cfg.model.language, "task": cfg.model.task,
             "features": data.manifest["name"]}
-    trainer = make_trainer(model, args, data, data.periodic_eval_model, [EventLog(run_dir, data.processor, meta), *callbacks],
+    trainer = make_trainer(model, args, data, data.selection_model,
+                           [EventLog(run_dir, data.processor, meta, data.selection_split), *callbacks],
                            cfg.training.fast_generation)
     if trainer.is_world_process_zero():
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
         checkpoints.append_event(run_dir, {"event": "start", "step": start_step, "resumed_from": resume and resume.name,
                                            "world_size": args.world_size, "train_clips": len(data.train),
-                                           "eval_clips": len(data.eval), "generation_max_length": gen_len})
-        log.info("%s at step %d: %d training clips, %d evaluation clips (%d in periodic checks), generation capped at %d "
-                 "tokens", f"resuming from {resume}" if resume else "starting", start_step, len(data.train),
-                 len(data.eval), len(data.periodic_eval_model), gen_len)
+                                           "test_clips": len(data.test), "selection_split": data.selection_split,
+                                           "selection_clips": len(data.selection_model), "generation_max_length": gen_len})
+        log.info("%s at step %d: %d training clips, %d %s clips for the periodic checks, %d test clips, generation "
+                 "capped at %d tokens", f"resuming from {resume}" if resume else "starting", start_step,
+                 len(data.train), len(data.selection_model), data.selection_split, len(data.test), gen_len)
+    if first:
+        score_test(cfg, args, data, model, run_dir, step=0)
     result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     if checkpoints.read_best(run_dir) is None and trainer.is_world_process_zero():  # stopped before any evaluation
         checkpoints.export_best(trainer.model, data.processor, run_dir, {**meta, "step": trainer.state.global_step, "wer": None})
     trainer.accelerator.wait_for_everyone()
-    final = final_evaluation(cfg, args, data, run_dir)
-    summary = summarize(trainer, result, final, run_dir, args)
+    best = load_model(str(run_dir / checkpoints.BEST_DIR), cfg.model.language, cfg.model.task, attn_implementation="sdpa")
+    final = score_test(cfg, args, data, best, run_dir, step=checkpoints.read_best(run_dir)["step"], final=True)
+    summary = summarize(trainer, result, final, run_dir, args, data.selection_split)
     if trainer.is_world_process_zero():
         write_reports(cfg, data.manifest, summary, run_dir)
         if cfg.training.export_ctranslate2:
@@ -441,23 +443,28 @@ def export_ct2(best_dir: Path) -> None:
         log.warning("CTranslate2 export of %s failed (%s); the app falls back to transformers", best_dir, e)
 
 
-def final_evaluation(cfg: Config, args, data: Data, run_dir: Path) -> dict:
-    """Evaluate `best/` (exactly what is shipped) on every evaluation clip; write predictions.jsonl."""
+def score_test(cfg: Config, args, data: Data, model, run_dir: Path, step: int, final: bool = False) -> dict:
+    """Score `model` on every test clip and log a `test` eval event: the base model before
+    training (step 0), and `best/`, exactly what is shipped, at the end (`final`, which also
+    writes predictions.jsonl)."""
     import dataclasses
 
-    model = load_model(str(run_dir / checkpoints.BEST_DIR), cfg.model.language, cfg.model.task, attn_implementation="sdpa")
     eval_args = dataclasses.replace(args, report_to=[], eval_on_start=False)
-    trainer = make_trainer(model, eval_args, data, data.eval_model, fast_generation=cfg.training.fast_generation)
-    out = trainer.predict(data.eval_model, metric_key_prefix="eval")
-    event = {**eval_event(out.metrics, "eval", checkpoints.read_best(run_dir)["step"]), "final": True}
+    trainer = make_trainer(model, eval_args, data, data.test_model, fast_generation=cfg.training.fast_generation)
+    out = trainer.predict(data.test_model, metric_key_prefix="test")
+    event = eval_event(out.metrics, "test", step, ROLE[EVAL], REPORT)
+    if final:
+        event["final"] = True
     if trainer.is_world_process_zero():
-        tok = data.processor.tokenizer
-        rows = [{"id": ex["id"], "source": ex["source"], "speaker": ex["speaker"], "reference": ref, "prediction": hyp}
-                for ex, ref, hyp in zip(data.eval.select_columns(["id", "source", "speaker"]),
-                                        data.eval["sentence"], decode(tok, out.predictions))]
-        _write_jsonl(run_dir / "predictions.jsonl", rows)
+        if final:
+            tok = data.processor.tokenizer
+            rows = [{"id": ex["id"], "source": ex["source"], "speaker": ex["speaker"], "reference": ref,
+                     "prediction": hyp}
+                    for ex, ref, hyp in zip(data.test.select_columns(["id", "source", "speaker"]),
+                                            data.test["sentence"], decode(tok, out.predictions))]
+            _write_jsonl(run_dir / "predictions.jsonl", rows)
         checkpoints.append_event(run_dir, event)
-        log.info("final evaluation of best/ (step %d): %s", event["step"], scores_line(event))
+        log.info("test split, %s: %s", f"best/ (step {step})" if final else "before training", scores_line(event))
     return event
 
 
@@ -465,14 +472,19 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
     write_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 
 
-def summarize(trainer, result, final: dict, run_dir: Path, args) -> dict:
-    """The metrics.json summary (also returned by run_training)."""
-    events = checkpoints.read_events(run_dir) if trainer.is_world_process_zero() else []
-    baseline = next((e for e in events if e["event"] == "eval" and e["step"] == 0 and not e.get("final")), None)
+def summarize(trainer, result, final: dict, run_dir: Path, args, selection_split: str) -> dict:
+    """The metrics.json summary (also returned by run_training). `best_*` and
+    `selection_baseline` come from the selection split (`selection_split`); `wer`,
+    `wer_normalized`, `cer`, `final` and `baseline` (zero-shot) from the test split."""
+    evals = [e for e in checkpoints.read_events(run_dir) if e["event"] == "eval"] if trainer.is_world_process_zero() else []
+    baseline = next((e for e in evals if e.get("purpose") == REPORT and e["step"] == 0), None)
+    periodic = [e for e in evals if e.get("purpose") == SELECTION]
     best = checkpoints.read_best(run_dir) or {}
     steps = trainer.state.global_step
     return {
+        "selection_split": selection_split, "test_split": ROLE[EVAL],
         "best_wer": best.get("wer"), "best_step": best.get("step"),
+        "selection_baseline": next((e for e in periodic if e["step"] == 0), None),
         "wer": final["wer"], "wer_normalized": final["wer_normalized"], "cer": final["cer"],
         "eval_clips": final["eval_clips"], "final": final, "baseline": baseline,
         "steps": steps, "samples_seen": steps * args.train_batch_size * args.gradient_accumulation_steps * args.world_size,
@@ -484,12 +496,12 @@ def summarize(trainer, result, final: dict, run_dir: Path, args) -> dict:
 
 def write_reports(cfg: Config, manifest: dict, summary: dict, run_dir: Path) -> None:
     """metrics.json, the loss/WER plot and the model card (in the run folder and in best/)."""
-    (run_dir / "metrics.json").write_text(json.dumps(summary, indent=1, ensure_ascii=False), encoding="utf-8")
+    write_atomic(run_dir / "metrics.json", json.dumps(summary, indent=1, ensure_ascii=False))
     report.plot_curves(checkpoints.read_events(run_dir), run_dir / report.PLOT_NAME)
     predictions = run_dir / "predictions.jsonl"
     groups = breakdown.breakdowns(breakdown.read_predictions(predictions)) if predictions.is_file() else {}
-    (run_dir / "wer_breakdown.json").write_text(json.dumps(groups, indent=1, ensure_ascii=False), encoding="utf-8")
+    write_atomic(run_dir / "wer_breakdown.json", json.dumps(groups, indent=1, ensure_ascii=False))
     card = report.model_card(summary, to_dict(cfg), manifest) + breakdown.markdown_section(groups)
     for folder in (run_dir, run_dir / checkpoints.BEST_DIR):
-        (folder / "README.md").write_text(card, encoding="utf-8")
+        write_atomic(folder / "README.md", card)
     shutil.copy2(run_dir / report.PLOT_NAME, run_dir / checkpoints.BEST_DIR / report.PLOT_NAME)
