@@ -160,7 +160,10 @@ def test_real_grid_on_the_tiny_model_writes_comparable_trials(tmp_path, features
         assert [e["step"] * t["samples_per_step"] for e in t["evals"]] == [4, 8]
         assert t["result"]["samples_seen"] == 8
         assert (folder / f"trial-{t['number']:03d}" / "best" / "config.json").is_file()
-    assert "Winner: trial" in (folder / "report.md").read_text()
+        assert all(e["split"] == "validation" for e in t["evals"]) and t["result"]["wer"] is not None
+    report = (folder / "report.md").read_text()
+    assert "Winner: trial" in report and "metric wer on the validation split" in report
+    assert "| validation WER % |" in report and "| test WER % |" in report
 
 
 def test_sweep_command_reports_a_bad_file_in_one_line(tmp_path):
@@ -182,3 +185,38 @@ def test_trial_objective_is_the_best_check_of_the_chosen_metric():
     assert best_value(evals, "wer", {}) == 0.5  # the zero-shot check is not the trial's result
     assert best_value(evals, "cer", {}) == 0.2
     assert best_value(evals[:1], "cer", {"cer": 0.4}) == 0.4  # stopped before a check: the final score
+
+
+def test_a_failing_trial_is_recorded_and_not_rerun(tmp_path):
+    spec = load_spec(write_spec(tmp_path, method="grid", budget_samples=32, eval_every_samples=32, prune=False,
+                                space={"training.learning_rate": [1e-5, 1e-4, 1e-3]}))
+    scripted = ScriptedTrainer(lambda t, step: 50.0)
+
+    def trainer(cfg, callbacks=()):
+        if cfg.training.learning_rate == 1e-4:
+            scripted.calls.append((cfg.training.run_name, 1e-4))
+            raise RuntimeError("CUDA out of memory\nmore detail")
+        return scripted(cfg, callbacks)
+
+    sets = [f"training.output_dir={tmp_path / 'ck'}"]
+    folder = run_sweep(spec, base_config(tmp_path), str(ROOT / "config.yaml"), sets, trainer, log=lambda s: None)
+    trials = {t["params"]["training.learning_rate"]: t for t in read_trials(folder)}
+    assert [trials[lr]["status"] for lr in (1e-5, 1e-4, 1e-3)] == ["complete", "failed", "complete"]
+    assert trials[1e-4]["error"] == "RuntimeError: CUDA out of memory"
+    assert "Traceback" in (folder / f"trial-{trials[1e-4]['number']:03d}" / "error.txt").read_text()
+    report = (folder / "report.md").read_text()
+    assert report.count("| complete |") == 2 and "RuntimeError: CUDA out of memory" in report
+    calls = len(scripted.calls)
+    run_sweep(spec, base_config(tmp_path), str(ROOT / "config.yaml"), sets, trainer, log=lambda s: None)
+    assert len(scripted.calls) == calls  # finished and failed trials are not run again
+
+
+def test_warmup_in_samples_is_the_same_for_every_batch_size(tmp_path):
+    from whisper_ft.sweep import trial_config
+
+    spec = load_spec(write_spec(tmp_path, method="grid", budget_samples=640, warmup_samples=160,
+                                space={"training.batch_size": [8, 32]}))
+    for batch, steps in ((8, 20), (32, 5)):
+        cfg = trial_config(base_config(tmp_path), spec, {"training.batch_size": batch}, tmp_path, 0,
+                           str(ROOT / "config.yaml"), [])
+        assert (cfg.training.warmup_steps, cfg.training.max_steps) == (steps, 640 // batch)

@@ -16,6 +16,7 @@ import json
 import math
 import os
 import time
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,6 +41,7 @@ class SweepSpec:
     metric: str = "wer"
     budget_samples: int = 0
     eval_every_samples: int = 0
+    warmup_samples: int = 0
     prune: bool = True
     prune_warmup_evals: int = 1
     base: dict = field(default_factory=dict)
@@ -132,6 +134,8 @@ def trial_config(base: Config, spec: SweepSpec, params: dict, folder: Path, numb
     if spec.eval_every_samples:
         every = max(1, math.ceil(spec.eval_every_samples / per_step))
         extra += [f"training.eval_steps={every}", f"training.save_steps={every}"]
+    if spec.warmup_samples:  # the same warm-up in clips seen, whatever the batch size
+        extra.append(f"training.warmup_steps={math.ceil(spec.warmup_samples / per_step)}")
     return load_config(config_path, items + extra) if extra else cfg
 
 
@@ -206,6 +210,12 @@ def _run_one(study, trial, spec: SweepSpec, base: Config, folder: Path, config_p
     start = time.monotonic()
     try:
         result = train(cfg, callbacks=[callback])
+    except Exception as e:  # one trial's failure must not end the sweep: recorded, reported, not retried
+        record.update(status="failed", error=f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}")
+        (record_path.parent / "error.txt").write_text(traceback.format_exc(), encoding="utf-8")
+        study.tell(number, state=TrialState.FAIL)
+        log(f"trial {number}: failed ({record['error']}); traceback in {record_path.parent / 'error.txt'}")
+        return
     finally:
         record["wall_seconds"] += time.monotonic() - start
         _write_json(record_path, record)
@@ -292,6 +302,10 @@ def write_report(folder: Path, spec: SweepSpec) -> Path:
         test = "-" if r["test"] is None else f"{100 * r['test']:.2f}"
         lines.append(f"| {r['trial']} | {r['status']} | {_params(r['params'])} | {' | '.join(cells)} | "
                      f"{b.get('step', '-')} | {test} | {r['steps']} | {r['samples']} | {r['wall'] / 60:.1f} min |")
+    failed = [t for t in trials if t["status"] == "failed"]
+    if failed:
+        lines += ["", "Failed trials (not retried; tracebacks in each trial's error.txt):", ""]
+        lines += [f"- trial {t['number']} ({_params(t['params'])}): {t.get('error', '')}" for t in failed]
     report = folder / "report.md"
     report.write_text("\n".join(lines) + "\n\n![WER against samples seen](wer.png)\n", encoding="utf-8")
     _plot(folder / "wer.png", trials, spec.metric)
