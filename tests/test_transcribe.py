@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import time
+import zlib
 
 import numpy as np
 import pytest
@@ -12,11 +14,13 @@ import pytest
 from app_helpers import fast_model, speech_wav
 from whisper_ft import ct2
 from whisper_ft.audio import SAMPLE_RATE, load_audio
-from whisper_ft.transcribe import (CT2Transcriber, PipelineTranscriber, Segment, Transcript, load_transcriber,
-                                   to_srt, to_txt)
+from whisper_ft.model import load_model, load_processor
+from whisper_ft.transcribe import (COMPRESSION_RATIO_THRESHOLD, CT2Transcriber, PipelineTranscriber, Segment,
+                                   Transcript, compression_ratio, cut_loop, cut_looping_windows, find_loop,
+                                   load_transcriber, to_srt, to_txt)
 
-pytestmark = pytest.mark.skipif(shutil.which("espeak-ng") is None or shutil.which("ffmpeg") is None,
-                                reason="espeak-ng and ffmpeg are needed for synthetic speech")
+# A unit of up to 20 characters repeated 8 times or more in a row: what a runaway window looks like.
+LOOP = re.compile(r"(.{1,20}?)\1{7,}", re.S)
 
 
 @pytest.fixture(scope="module")
@@ -27,6 +31,8 @@ def model_dir(tiny_model_dir, tmp_path_factory):
 @pytest.fixture(scope="module")
 def long_speech(tmp_path_factory):
     """About 36 s of Swedish speech: longer than one 30 s window."""
+    if shutil.which("espeak-ng") is None or shutil.which("ffmpeg") is None:
+        pytest.skip("espeak-ng and ffmpeg are needed for synthetic speech")
     path = speech_wav("Hej, jag heter Anna och jag bor i Stockholm. Det regnar idag.",
                       tmp_path_factory.mktemp("speech") / "long.wav", repeat=8)
     return load_audio(path)
@@ -104,3 +110,87 @@ def test_ct2_export_command(model_dir, tmp_path):
     assert run(ct2.main, [str(model)]) == 0
     assert (model / "ct2" / "model.bin").is_file()
     assert run(ct2.main, [str(tmp_path / "nothing")]) == 2
+
+
+@pytest.fixture(scope="module")
+def tokenizer(processor_dir):
+    return load_processor(str(processor_dir)).tokenizer
+
+
+def test_compression_ratio_is_openai_whispers_and_flags_loops(sentences):
+    loop = "Det regnar idag." + " och" * 60
+    assert compression_ratio(loop) == len(loop.encode()) / len(zlib.compress(loop.encode()))
+    assert compression_ratio(loop) > COMPRESSION_RATIO_THRESHOLD
+    assert compression_ratio("Jag bor i Stockholm. " * 8) > COMPRESSION_RATIO_THRESHOLD
+    for i in range(0, len(sentences), 10):  # about a 30 s window of normal Swedish each
+        assert compression_ratio(" ".join(sentences[i:i + 10])) < COMPRESSION_RATIO_THRESHOLD
+    assert compression_ratio("") == 0.0
+
+
+def test_cut_loop_keeps_the_text_up_to_where_the_loop_starts(sentences, tokenizer):
+    assert cut_loop("Det regnar idag och och och och och och och och") == "Det regnar idag och"
+    # the loop starts at the first character that repeats, here the "." of "Hej."
+    assert cut_loop("Hej. Jag bor i Stockholm. Jag bor i Stockholm. Jag bor i Stockholm. Jag bor i Sto"
+                    "ckholm. Jag bor i") == "Hej. Jag bor i Stockholm"
+    assert cut_loop([5, 6, 7, 8, 9, 8, 9, 8, 9, 8, 9, 8]) == [5, 6, 7, 8, 9]
+    assert find_loop("ja ja ja och nej") is None  # three in a row is speech, not a loop
+    for i in range(0, len(sentences), 10):  # about a 30 s window of normal Swedish each
+        text = " ".join(sentences[i:i + 10])
+        ids = tokenizer(text, add_special_tokens=False).input_ids
+        assert cut_loop(text) == text and cut_loop(ids) == ids
+
+
+def test_looping_windows_are_cut_in_the_text_not_the_timestamps(tokenizer):
+    import torch
+
+    def text(s):
+        return tokenizer(s, add_special_tokens=False).input_ids
+
+    prefix = tokenizer.convert_tokens_to_ids(["<|startoftranscript|>", "<|sv|>", "<|transcribe|>", "<|0.00|>"])
+    eot, t1 = tokenizer.convert_tokens_to_ids(["<|endoftext|>", "<|1.00|>"])
+    hej, och = text("Hej"), text(" och")
+    looping = prefix + hej + (och + [t1, t1]) * 30  # a loop with timestamps between its copies
+    normal = prefix + text(" Jag bor i Stockholm.") + [t1, eot]
+    tokens = torch.tensor([looping, normal + [eot] * (len(looping) - len(normal))])
+    out = cut_looping_windows(tokens, tokenizer)
+    assert out.shape == tokens.shape
+    assert out[0].tolist() == prefix + hej + och + [eot] * (len(looping) - len(prefix + hej + och))
+    assert tokenizer.decode(out[0], skip_special_tokens=True) == "Hej och"
+    assert torch.equal(out[1], tokens[1])
+
+
+@pytest.fixture(scope="module")
+def looping_model(tiny_model_dir):
+    """The tiny random model with room for 48 tokens a window: greedy decoding of random weights loops."""
+    model = load_model(str(tiny_model_dir)).eval()
+    model.generation_config.max_length = 48
+    return model, load_processor(str(tiny_model_dir))
+
+
+@pytest.fixture(scope="module")
+def noise():
+    """Four seconds of noise: the random model loops on any audio."""
+    return np.random.default_rng(0).normal(0, 0.1, 4 * SAMPLE_RATE).astype(np.float32)
+
+
+def test_a_looping_window_is_decoded_again_at_higher_temperatures(looping_model, noise):
+    import torch
+
+    unchecked = PipelineTranscriber(*looping_model, compression_ratio_threshold=None).transcribe(noise).text
+    assert LOOP.search(unchecked)  # what the window gives without the check
+    torch.manual_seed(0)
+    text = PipelineTranscriber(*looping_model).transcribe(noise).text
+    assert text and not LOOP.search(text)
+    assert compression_ratio(text) < COMPRESSION_RATIO_THRESHOLD
+    assert not unchecked.startswith(text)  # a new decode (sampled), not the greedy one cut
+
+
+def test_a_window_that_loops_at_every_temperature_is_cut(looping_model, noise):
+    import torch
+
+    unchecked = PipelineTranscriber(*looping_model, compression_ratio_threshold=None).transcribe(noise).text
+    torch.manual_seed(0)
+    # at temperature 0.01 sampling is as good as greedy, so the fallback loops again
+    text = PipelineTranscriber(*looping_model, temperatures=(0.01,)).transcribe(noise).text
+    assert text and not LOOP.search(text)
+    assert unchecked.startswith(text) and len(text) < len(unchecked) // 4

@@ -5,7 +5,8 @@ Two backends behind one `transcribe(wave, task, timestamps)` call, both taking m
 
 - `PipelineTranscriber`: the transformers ASR pipeline, which cuts audio longer than one
   window into overlapping windows (`chunk_seconds`, `stride_seconds`), generates them in
-  batches and merges the overlaps. The reference path.
+  batches and merges the overlaps. The reference path. A window that loops ("och och och ...")
+  is decoded again at rising temperatures, and cut where its loop starts if every try loops.
 - `CT2Transcriber`: a CTranslate2 int8 export (see `whisper_ft.ct2`) run by faster-whisper's
   batched pipeline, which cuts at voice-activity boundaries into windows of at most 30 s and
   generates them in batches. The fast CPU path.
@@ -18,6 +19,8 @@ from __future__ import annotations
 import logging
 import os
 import time
+import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,6 +31,16 @@ from whisper_ft.audio import SAMPLE_RATE
 log = logging.getLogger(__name__)
 
 TASKS = ("transcribe", "translate")
+
+# A window whose text compresses more than this is a loop (openai/whisper's default, on the text's bytes).
+COMPRESSION_RATIO_THRESHOLD = 2.4
+# transformers measures the ratio on token ids instead, where it documents 1.35 (normal Swedish windows
+# measure under 1.1 there, loops over 1.5).
+TOKEN_COMPRESSION_RATIO_THRESHOLD = 1.35
+# Temperatures tried, in order, after the greedy (or beam) decode of a window that loops (openai/whisper's).
+FALLBACK_TEMPERATURES = (0.2, 0.4, 0.6, 0.8, 1.0)
+# A unit (token, word, phrase) repeated this many times in a row is where a loop starts.
+MIN_LOOP_REPEATS = 4
 
 
 @dataclass(frozen=True)
@@ -55,22 +68,105 @@ def _check_task(task: str) -> None:
         raise ValueError(f"task must be one of {TASKS}, got {task!r}")
 
 
+def compression_ratio(text: str) -> float:
+    """Bytes of `text` over bytes of its zlib compression, as openai/whisper computes it; loops score high.
+    (transformers' own ratio is private and measured on token ids, not on the text.)"""
+    data = text.encode("utf-8")
+    return len(data) / len(zlib.compress(data)) if data else 0.0
+
+
+def find_loop(seq: Sequence, min_repeats: int = MIN_LOOP_REPEATS) -> tuple[int, int] | None:
+    """(start, period) of the earliest run in `seq` (tokens or a string) where a unit of `period`
+    items repeats at least `min_repeats` times in a row, or None."""
+    best = None
+    for period in range(1, len(seq) // min_repeats + 1):
+        need = period * (min_repeats - 1)  # positions in a row where seq[i] == seq[i + period]
+        run = 0
+        for i in range(len(seq) - period):
+            run = run + 1 if seq[i] == seq[i + period] else 0
+            if run == need:
+                start = i - need + 1
+                if best is None or start < best[0]:
+                    best = (start, period)
+                break
+    return best
+
+
+def cut_loop(seq: Sequence, min_repeats: int = MIN_LOOP_REPEATS) -> Sequence:
+    """`seq` up to where its first loop starts, keeping one copy of the repeated unit
+    (hand-written: openai/whisper, faster-whisper and transformers return a loop as it is)."""
+    loop = find_loop(seq, min_repeats)
+    return seq if loop is None else seq[:loop[0] + loop[1]]
+
+
+def cut_looping_windows(tokens, tokenizer, threshold: float = COMPRESSION_RATIO_THRESHOLD):
+    """Generated windows (batch x tokens, padded with the end token) with each window whose text
+    compresses over `threshold` cut where its loop starts; the others unchanged."""
+    import torch
+
+    eot = tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    rows = []
+    for ids in tokens.tolist():
+        text_at = [i for i, t in enumerate(ids) if t < eot]  # the loop is found in the text, not the timestamps
+        text_ids = [ids[i] for i in text_at]
+        if compression_ratio(tokenizer.decode(text_ids)) > threshold:
+            kept = len(cut_loop(text_ids))
+            if kept < len(text_ids):
+                log.info("a window still loops: kept %d of its %d text tokens", kept, len(text_ids))
+                ids = ids[:text_at[kept - 1] + 1]
+        rows.append(ids + [eot] * (tokens.shape[1] - len(ids)))
+    return torch.tensor(rows, dtype=tokens.dtype, device=tokens.device)
+
+
+class LoopCutMixin:
+    """Mixed into transformers' ASR pipeline: when every fallback temperature still loops, generate
+    keeps the last try as it is (up to the token cap), so its windows are cut here, one batch at a time."""
+
+    compression_ratio_threshold: float | None = None
+
+    def _forward(self, model_inputs, **kwargs):
+        out = super()._forward(model_inputs, **kwargs)
+        if self.compression_ratio_threshold is not None:
+            out["tokens"] = cut_looping_windows(out["tokens"], self.tokenizer, self.compression_ratio_threshold)
+        return out
+
+
 class PipelineTranscriber:
-    """Chunked, batched transcription with the transformers ASR pipeline (reference path)."""
+    """Chunked, batched transcription with the transformers ASR pipeline (reference path).
+
+    A window that loops is decoded again by transformers' own temperature fallback: sampling at each
+    of `temperatures` in turn, it keeps the first try whose token ids compress less than
+    TOKEN_COMPRESSION_RATIO_THRESHOLD. A window whose text still compresses more than
+    `compression_ratio_threshold` is cut where its loop starts. None turns both off."""
 
     backend = "transformers"
 
     def __init__(self, model, processor, language: str = "sv", chunk_seconds: float = 30.0,
-                 stride_seconds: float = 5.0, batch_size: int = 8, beam_size: int = 1):
-        from transformers import pipeline
+                 stride_seconds: float = 5.0, batch_size: int = 8, beam_size: int = 1,
+                 temperatures: tuple[float, ...] = FALLBACK_TEMPERATURES,
+                 compression_ratio_threshold: float | None = COMPRESSION_RATIO_THRESHOLD):
+        from transformers import AutomaticSpeechRecognitionPipeline, pipeline
 
         self.language = language
         self.batch_size = batch_size
         self.beam_size = beam_size
         self.chunk_seconds = chunk_seconds
         self.stride_seconds = stride_seconds
+        self.temperatures = tuple(temperatures)
+        self.compression_ratio_threshold = compression_ratio_threshold
+        pipeline_class = type("LoopCuttingASRPipeline", (LoopCutMixin, AutomaticSpeechRecognitionPipeline),
+                              {"compression_ratio_threshold": compression_ratio_threshold})
         self.pipe = pipeline("automatic-speech-recognition", model=model, tokenizer=processor.tokenizer,
-                             feature_extractor=processor.feature_extractor, device="cpu")
+                             feature_extractor=processor.feature_extractor, device="cpu",
+                             pipeline_class=pipeline_class)
+
+    def _generate_kwargs(self, task: str) -> dict:
+        kwargs = {"language": self.language, "task": task, "num_beams": self.beam_size}
+        if self.compression_ratio_threshold is not None and self.temperatures:
+            # Whisper's generate does the fallback per window of a batch, short-form windows included.
+            kwargs.update(temperature=(0.0, *self.temperatures),
+                          compression_ratio_threshold=TOKEN_COMPRESSION_RATIO_THRESHOLD)
+        return kwargs
 
     def transcribe(self, wave: np.ndarray, task: str = "transcribe", timestamps: bool = False) -> Transcript:
         _check_task(task)
@@ -79,7 +175,7 @@ class PipelineTranscriber:
                         chunk_length_s=self.chunk_seconds, stride_length_s=self.stride_seconds,
                         batch_size=self.batch_size, return_timestamps=timestamps,
                         ignore_warning=True,  # its warning is about this very chunking, which we want
-                        generate_kwargs={"language": self.language, "task": task, "num_beams": self.beam_size})
+                        generate_kwargs=self._generate_kwargs(task))
         audio_seconds = len(wave) / SAMPLE_RATE
         segments = tuple(_pipeline_segments(out.get("chunks", []), audio_seconds)) if timestamps else ()
         return Transcript(out["text"].strip(), segments, audio_seconds, time.perf_counter() - start)
