@@ -96,6 +96,13 @@ def test_run_writes_checkpoints_reports_and_summary(tiny_run):
     card = (run_dir / "README.md").read_text()
     assert "zero-shot (step 0)" in card and "learning_rate | 0.001" in card
     assert "Test split, 10 clips" in card and "chosen on the validation split" in card
+    # the model the app serves is scored too: its int8 export through the app's transcriber
+    served = summary["served"]
+    assert served["backend"] == "ctranslate2" and served["clips"] == 10
+    assert served["short_form"]["clips"] == 10 and served["transformers_same_clips"]["clips"] == 10
+    assert served["long_form"]["pieces"] == 1 and 20 < served["long_form"]["seconds"] < 180
+    assert json.loads((run_dir / "metrics.json").read_text())["served"] == served
+    assert "## The served model" in card and "long form (1 pieces" in card
     rows = [json.loads(line) for line in (run_dir / "predictions.jsonl").read_text().splitlines()]
     assert len(rows) == 10 and set(rows[0]) == {"id", "source", "speaker", "reference", "prediction"}
     assert all(r["reference"] for r in rows)

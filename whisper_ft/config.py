@@ -69,6 +69,7 @@ class FeaturesConfig:
     batch_size: int = 16
     workers: int = 0
     on_overlap: str = "refuse"
+    served_clips: int = 200
 
 
 @dataclass(frozen=True)
@@ -117,6 +118,7 @@ class TrainingConfig:
     dataloader_workers: int = 4
     seed: int = 42
     export_ctranslate2: bool = True
+    score_served: bool = True
     dropout: float = 0.0
     freeze_encoder: bool = False
     lora: LoraConfig = field(default_factory=LoraConfig)

@@ -34,7 +34,7 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +53,7 @@ PROCESSOR_DIR = "processor"
 STATS = "stats.json"
 SPLITS = (TRAIN, VALIDATION, EVAL)
 ROLE = {TRAIN: "training", VALIDATION: "validation", EVAL: "test"}
+KEEP_AUDIO = "keep_audio"  # Row.meta flag: store this test clip's 16 kHz audio as well
 DROP_REASONS = ("missing_file", "empty_file", "undecodable", "empty_sentence", "too_short", "too_long",
                 "labels_too_long")
 
@@ -116,10 +117,26 @@ def encode_batch(rows: Iterable[Row], feature_extractor, tokenizer, limits: Limi
     examples = [
         {"id": row.id, "source": row.source, "speaker": row.speaker, "sentence": sentence,
          "gender": row.meta.get("gender", ""), "accents": row.meta.get("accents", ""),
-         "duration": len(wave) / SAMPLE_RATE, "input_features": f.T, "fill": fill, "labels": labels}
+         "duration": len(wave) / SAMPLE_RATE, "input_features": f.T, "fill": fill, "labels": labels,
+         **({"audio": pcm16(wave) if row.meta.get(KEEP_AUDIO) else np.zeros(0, np.int16)} if row.split == EVAL else {})}
         for (row, sentence, labels, wave), (f, fill) in zip(kept, feats)
     ]
     return examples, drops
+
+
+def pcm16(wave: np.ndarray) -> np.ndarray:
+    """float audio in [-1, 1] -> int16 samples (a quarter of float32's bytes, inaudible loss)."""
+    return np.round(np.clip(wave, -1.0, 1.0) * 32767).astype(np.int16)
+
+
+def mark_served_clips(rows: list[Row], n: int) -> list[Row]:
+    """Mark `n` test rows, spread evenly over the split, whose audio is stored too (the served
+    model is scored on them after training: `whisper_ft.served`)."""
+    if n <= 0 or not rows:
+        return rows
+    step = max(1, len(rows) // n)
+    chosen = set(range(0, len(rows), step)[:n])
+    return [replace(r, meta={**r.meta, KEEP_AUDIO: True}) if i in chosen else r for i, r in enumerate(rows)]
 
 
 def _decode(row: Row) -> tuple[str | None, np.ndarray | None]:
@@ -143,7 +160,9 @@ def _decode(row: Row) -> tuple[str | None, np.ndarray | None]:
 # --------------------------------------------------------------------------- shards on disk
 
 
-def arrow_features(n_mels: int, dtype: str):
+def arrow_features(n_mels: int, dtype: str, audio: bool = False):
+    """The shard schema; test shards (`audio`) add the int16 16 kHz audio of the served-scoring
+    clips (empty for the others)."""
     from datasets import Array2D, Features, List, Value
 
     return Features({
@@ -153,15 +172,17 @@ def arrow_features(n_mels: int, dtype: str):
         "input_features": Array2D(shape=(None, n_mels), dtype=dtype),  # (frames, mels): frames vary
         "fill": Value("float32"),
         "labels": List(Value("int32")),
+        **({"audio": List(Value("int16"))} if audio else {}),
     })
 
 
-def write_shard(path: Path, examples: list[dict], drops: Counter, n_rows: int, n_mels: int, dtype: str) -> dict:
+def write_shard(path: Path, examples: list[dict], drops: Counter, n_rows: int, n_mels: int, dtype: str,
+                audio: bool = False) -> dict:
     """Write one shard folder atomically (temporary name, then rename) and return its stats."""
     from datasets import Dataset, disable_progress_bars
 
     disable_progress_bars()  # the pipeline shows one bar of its own
-    schema = arrow_features(n_mels, dtype)
+    schema = arrow_features(n_mels, dtype, audio)
     columns = {name: [ex[name] for ex in examples] for name in schema}
     columns["input_features"] = [np.asarray(x, dtype=dtype) for x in columns["input_features"]]
     ds = Dataset.from_dict(columns, features=schema)
@@ -276,7 +297,7 @@ def load_split(root: str | Path, split: str):
     names = [n for n in manifest["splits"][split]["shards"] if json.loads((root / n / STATS).read_text())["clips"]]
     parts = [load_from_disk(str(root / name)) for name in names]
     if not parts:
-        schema = arrow_features(manifest["feature_extractor"]["n_mels"], manifest["dtype"])
+        schema = arrow_features(manifest["feature_extractor"]["n_mels"], manifest["dtype"], split == EVAL)
         return Dataset.from_dict({name: [] for name in schema}, features=schema)
     return concatenate_datasets(parts) if len(parts) > 1 else parts[0]
 
@@ -389,11 +410,12 @@ def build_shards(root: Path, todo: list[Shard], processor: Processor, limits: Li
             if acc[2][0] == len(shard.rows):
                 examples_all, drops_all, _ = pending.pop(key)
                 shard.path(root).parent.mkdir(parents=True, exist_ok=True)
-                yield shard, write_shard(shard.path(root), examples_all, drops_all, len(shard.rows), n_mels, dtype)
+                yield shard, write_shard(shard.path(root), examples_all, drops_all, len(shard.rows), n_mels, dtype,
+                                         shard.split == EVAL)
         for shard in todo:  # shards with no rows at all
             if not shard.rows:
                 shard.path(root).parent.mkdir(parents=True, exist_ok=True)
-                yield shard, write_shard(shard.path(root), [], Counter(), 0, n_mels, dtype)
+                yield shard, write_shard(shard.path(root), [], Counter(), 0, n_mels, dtype, shard.split == EVAL)
     finally:
         if pool is not None:
             pool.shutdown(cancel_futures=True)
@@ -569,6 +591,7 @@ def build(cfg, num_shards: int = 1, shard_index: int = 0, workers: int | None = 
     processor = load_feature_processor(cfg.model.name_or_path, cfg.model.language, cfg.model.task)
     rows = collect_rows(cfg, echo)
     rows, overlap = check_leakage(rows, fc.on_overlap)
+    rows[EVAL] = mark_served_clips(rows[EVAL], fc.served_clips)
     if overlap["dropped_training_rows"]:
         echo(f"dropped {overlap['dropped_training_rows']} training rows that share a clip or a sentence with "
              "validation or test rows (features.on_overlap=drop)")

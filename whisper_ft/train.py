@@ -425,9 +425,15 @@ def run_training(cfg: Config, fresh: bool = False, callbacks: Sequence[TrainerCa
     final = score_test(cfg, args, data, best, run_dir, step=checkpoints.read_best(run_dir)["step"], final=True)
     summary = summarize(trainer, result, final, run_dir, args, data.selection_split)
     if trainer.is_world_process_zero():
-        write_reports(cfg, data.manifest, summary, run_dir)
         if cfg.training.export_ctranslate2:
             export_ct2(run_dir / checkpoints.BEST_DIR)
+        if cfg.training.score_served:
+            from whisper_ft import served
+
+            held_out = FeatureStore.of(cfg, cfg.training.eval_features)
+            summary["served"] = served.score(run_dir / checkpoints.BEST_DIR, held_out, cfg,
+                                             served.read_predictions(run_dir / "predictions.jsonl"))
+        write_reports(cfg, data.manifest, summary, run_dir)
     return summary
 
 
@@ -501,7 +507,10 @@ def write_reports(cfg: Config, manifest: dict, summary: dict, run_dir: Path) -> 
     predictions = run_dir / "predictions.jsonl"
     groups = breakdown.breakdowns(breakdown.read_predictions(predictions)) if predictions.is_file() else {}
     write_atomic(run_dir / "wer_breakdown.json", json.dumps(groups, indent=1, ensure_ascii=False))
-    card = report.model_card(summary, to_dict(cfg), manifest) + breakdown.markdown_section(groups)
+    from whisper_ft import served
+
+    card = (report.model_card(summary, to_dict(cfg), manifest) + served.markdown_section(summary.get("served"))
+            + breakdown.markdown_section(groups))
     for folder in (run_dir, run_dir / checkpoints.BEST_DIR):
         write_atomic(folder / "README.md", card)
     shutil.copy2(run_dir / report.PLOT_NAME, run_dir / checkpoints.BEST_DIR / report.PLOT_NAME)

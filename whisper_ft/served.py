@@ -1,0 +1,122 @@
+"""Scores of the model the app serves, not only of the transformers model it came from.
+
+After training, `best/` (with its CTranslate2 int8 export, when there is one) is loaded the way
+`inference_app.py` loads it (`whisper_ft.transcribe.load_transcriber`, the `app:` settings) and
+run on the test clips whose audio the feature store keeps (`features.served_clips`):
+
+- short form: one clip at a time, compared with the transformers transcripts of the same
+  clips from predictions.jsonl, so the cost of int8 and of the app's decoding shows;
+- long form: the same clips joined, with half a second of silence between them, into pieces
+  of up to three minutes and transcribed through the app's long-form path (windows, batching,
+  stitching), scored against the joined sentences.
+
+    result = score(best_dir, store, cfg, predictions)     # -> metrics.json["served"], model card
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from whisper_ft.audio import SAMPLE_RATE
+from whisper_ft.features import EVAL, FeatureStore
+from whisper_ft.metrics import scores
+
+log = logging.getLogger("whisper_ft.served")
+
+LONG_FORM_SECONDS = 180.0  # longest joined piece
+GAP_SECONDS = 0.5  # silence between joined clips
+INT8_WARN_POINTS = 1.0  # WER points above the transformers model that the model card calls out
+
+
+def stored_clips(store: FeatureStore) -> list[dict]:
+    """Test rows that carry audio: id, sentence, float32 16 kHz wave."""
+    ds = store.load(EVAL)
+    if "audio" not in ds.column_names:
+        return []
+    return [{"id": r["id"], "sentence": str(r["sentence"]), "wave": np.asarray(r["audio"], np.float32) / 32767}
+            for r in ds.select_columns(["id", "sentence", "audio"]).with_format("numpy") if len(r["audio"])]
+
+
+def long_form_pieces(clips: list[dict], max_seconds: float = LONG_FORM_SECONDS,
+                     gap_seconds: float = GAP_SECONDS) -> list[tuple[np.ndarray, str]]:
+    """Consecutive clips joined into (wave, reference) pieces of at most `max_seconds`."""
+    gap = np.zeros(int(gap_seconds * SAMPLE_RATE), np.float32)
+    pieces, waves, texts, length = [], [], [], 0
+    for clip in clips:
+        n = len(clip["wave"]) + len(gap)
+        if waves and (length + n) / SAMPLE_RATE > max_seconds:
+            pieces.append((np.concatenate(waves), " ".join(texts)))
+            waves, texts, length = [], [], 0
+        waves += [clip["wave"], gap]
+        texts.append(clip["sentence"])
+        length += n
+    if waves:
+        pieces.append((np.concatenate(waves), " ".join(texts)))
+    return pieces
+
+
+def score(model_dir: str | Path, store: FeatureStore, cfg, predictions: dict[str, str]) -> dict | None:
+    """Short- and long-form scores of the served model on the stored test audio, beside the
+    transformers scores of the same clips (`predictions`: id -> transcript). None when the
+    store keeps no audio."""
+    from whisper_ft.transcribe import load_transcriber
+
+    clips = stored_clips(store)
+    if not clips:
+        log.info("%s keeps no test audio (features.served_clips): the served model is not scored", store.root)
+        return None
+    app = cfg.app
+    transcriber = load_transcriber(str(model_dir), cfg.model.language, app.chunk_seconds, app.stride_seconds,
+                                   app.batch_size, app.use_ctranslate2, app.beam_size)
+    refs = [c["sentence"] for c in clips]
+    short = scores(refs, [transcriber.transcribe(c["wave"], cfg.model.task).text for c in clips])
+    known = [c for c in clips if c["id"] in predictions]
+    reference = scores([c["sentence"] for c in known], [predictions[c["id"]] for c in known]) if known else None
+    pieces = long_form_pieces(clips)
+    long_hyps = [transcriber.transcribe(wave, cfg.model.task).text for wave, _ in pieces]
+    long = {**scores([text for _, text in pieces], long_hyps), "pieces": len(pieces),
+            "seconds": round(sum(len(w) for w, _ in pieces) / SAMPLE_RATE, 1)}
+    result = {"backend": transcriber.backend, "clips": len(clips), "short_form": short,
+              "transformers_same_clips": reference, "long_form": long}
+    log.info("served model (%s) on %d stored test clips: WER %.2f%% (transformers %s), long form %.2f%% over %.0f s",
+             transcriber.backend, len(clips), 100 * short["wer"],
+             "n/a" if reference is None else f"{100 * reference['wer']:.2f}%", 100 * long["wer"], long["seconds"])
+    return result
+
+
+def read_predictions(path: Path) -> dict[str, str]:
+    """id -> prediction of a predictions.jsonl."""
+    if not path.is_file():
+        return {}
+    return {r["id"]: r["prediction"] for r in map(json.loads, path.read_text(encoding="utf-8").splitlines())}
+
+
+def markdown_section(served: dict | None) -> str:
+    """The model card's "served model" section."""
+    if not served:
+        return ""
+    pct = lambda x: "n/a" if x is None else f"{100 * x:.2f}"  # noqa: E731
+    short, ref, long = served["short_form"], served["transformers_same_clips"], served["long_form"]
+    engine = "the CTranslate2 int8 export" if served["backend"] == "ctranslate2" else "transformers"
+    lines = ["", "## The served model", "",
+             f"`inference_app.py` runs this model with {engine}. Scored with the app's own transcriber on "
+             f"{served['clips']} test clips whose audio the feature store keeps:", "",
+             "| what | clips | WER | normalized WER | CER |", "|---|---|---|---|---|",
+             f"| app, one clip at a time | {short['clips']} | {pct(short['wer'])} | {pct(short['wer_normalized'])} | "
+             f"{pct(short['cer'])} |"]
+    if ref:
+        lines.append(f"| transformers `best/`, same clips | {ref['clips']} | {pct(ref['wer'])} | "
+                     f"{pct(ref['wer_normalized'])} | {pct(ref['cer'])} |")
+    lines.append(f"| app, long form ({long['pieces']} pieces, {long['seconds'] / 60:.1f} min) | {short['clips']} | "
+                 f"{pct(long['wer'])} | {pct(long['wer_normalized'])} | {pct(long['cer'])} |")
+    if ref and served["backend"] == "ctranslate2":
+        cost = 100 * (short["wer"] - ref["wer"])
+        lines += ["", (f"**int8 costs {cost:.2f} WER points** on these clips compared with the transformers model."
+                       if cost > INT8_WARN_POINTS else
+                       f"The int8 export is within {INT8_WARN_POINTS:.0f} WER point of the transformers model "
+                       f"({cost:+.2f}).")]
+    return "\n".join(lines) + "\n"
