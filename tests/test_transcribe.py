@@ -194,3 +194,19 @@ def test_a_window_that_loops_at_every_temperature_is_cut(looping_model, noise):
     text = PipelineTranscriber(*looping_model, temperatures=(0.01,)).transcribe(noise).text
     assert text and not LOOP.search(text)
     assert unchecked.startswith(text) and len(text) < len(unchecked) // 4
+
+
+def test_a_looping_ct2_segment_is_cut_and_normal_text_kept():
+    from whisper_ft.transcribe import cut_looping_text
+
+    looping = "I ett nyallby" + "g" * 60 + " Jelper du mig"
+    assert cut_looping_text(looping) == "I ett nyallbyg"
+    normal = "Hon fick bra betyg för att hon pluggade på kvällen."
+    assert cut_looping_text(normal) == normal
+
+
+def test_transformers_path_decodes_greedily_whatever_the_beam(tiny_model_dir):
+    from whisper_ft.transcribe import PipelineTranscriber, load_transcriber
+
+    transcriber = load_transcriber(str(tiny_model_dir), beam_size=5, use_ctranslate2=False)
+    assert isinstance(transcriber, PipelineTranscriber) and transcriber.beam_size == 1

@@ -139,7 +139,7 @@ class AppConfig:
     translate_timeout_seconds: float = 15.0
     cookies_file: str = ""
     use_ctranslate2: bool = True
-    beam_size: int = 1
+    beam_size: int = 5
 
 
 @dataclass(frozen=True)

@@ -99,6 +99,11 @@ def cut_loop(seq: Sequence, min_repeats: int = MIN_LOOP_REPEATS) -> Sequence:
     return seq if loop is None else seq[:loop[0] + loop[1]]
 
 
+def cut_looping_text(text: str, threshold: float = COMPRESSION_RATIO_THRESHOLD) -> str:
+    """`text` cut where its loop starts when it compresses more than `threshold`, else as it is."""
+    return cut_loop(text) if compression_ratio(text) > threshold else text
+
+
 def cut_looping_windows(tokens, tokenizer, threshold: float = COMPRESSION_RATIO_THRESHOLD):
     """Generated windows (batch x tokens, padded with the end token) with each window whose text
     compresses over `threshold` cut where its loop starts; the others unchanged."""
@@ -195,11 +200,12 @@ def _pipeline_segments(chunks: list[dict], audio_seconds: float) -> list[Segment
 
 
 class CT2Transcriber:
-    """Batched transcription of a CTranslate2 export with faster-whisper (fast CPU path)."""
+    """Batched transcription of a CTranslate2 export with faster-whisper (fast CPU path). A
+    segment whose text compresses more than COMPRESSION_RATIO_THRESHOLD is cut where its loop starts."""
 
     backend = "ctranslate2"
 
-    def __init__(self, ct2_dir: str | Path, language: str = "sv", batch_size: int = 8, beam_size: int = 1,
+    def __init__(self, ct2_dir: str | Path, language: str = "sv", batch_size: int = 8, beam_size: int = 5,
                  compute_type: str = "int8", cpu_threads: int = 0):
         from faster_whisper import BatchedInferencePipeline, WhisperModel
 
@@ -216,17 +222,20 @@ class CT2Transcriber:
         segs, _info = self.pipe.transcribe(np.asarray(wave, dtype=np.float32), language=self.language, task=task,
                                            batch_size=self.batch_size, beam_size=self.beam_size,
                                            without_timestamps=not timestamps)
-        segments = tuple(Segment(float(s.start), float(s.end), s.text.strip()) for s in segs if s.text.strip())
+        # The batched pipeline decodes at the first temperature only: a loop comes back as it is.
+        segments = tuple(Segment(float(s.start), float(s.end), cut_looping_text(s.text.strip()))
+                         for s in segs if s.text.strip())
         text = " ".join(s.text for s in segments)
         return Transcript(text, segments if timestamps else (), len(wave) / SAMPLE_RATE,
                           time.perf_counter() - start)
 
 
 def load_transcriber(model_dir: str, language: str = "sv", chunk_seconds: float = 30.0, stride_seconds: float = 5.0,
-                     batch_size: int = 8, use_ctranslate2: bool = True, beam_size: int = 1, cpu_threads: int = 0):
+                     batch_size: int = 8, use_ctranslate2: bool = True, beam_size: int = 5, cpu_threads: int = 0):
     """The CTranslate2 path when `use_ctranslate2` and an up-to-date export sits in `<model_dir>/ct2`,
-    else the transformers pipeline on `model_dir` (a folder or hub id). `cpu_threads` is for
-    CTranslate2 (0: all cores); torch takes its own `torch.set_num_threads`."""
+    else the transformers pipeline on `model_dir` (a folder or hub id), which decodes greedily
+    whatever `beam_size` says. `cpu_threads` is for CTranslate2 (0: all cores); torch takes its
+    own `torch.set_num_threads`."""
     from whisper_ft import ct2
     from whisper_ft.model import load_model, load_processor
 
@@ -240,7 +249,10 @@ def load_transcriber(model_dir: str, language: str = "sv", chunk_seconds: float 
                  "python -m whisper_ft.ct2 %s", model_dir, model_dir)
     processor = load_processor(model_dir, language=language)
     model = load_model(model_dir, language=language).eval()
-    return PipelineTranscriber(model, processor, language, chunk_seconds, stride_seconds, batch_size, beam_size)
+    if beam_size > 1:  # measured at about 4 s per token for 8 windows on 2 cores (docs/app.md)
+        log.info("beam search on the transformers path reorders the whole cache at every token: decoding greedily "
+                 "(export to CTranslate2 for beam %d)", beam_size)
+    return PipelineTranscriber(model, processor, language, chunk_seconds, stride_seconds, batch_size, 1)
 
 
 def _srt_time(seconds: float) -> str:
