@@ -41,9 +41,10 @@ from typing import Any
 import numpy as np
 
 from whisper_ft.audio import SAMPLE_RATE, AudioError, load_audio, pad_features, trimmed_features
+from whisper_ft.config import save_config, to_dict
 from whisper_ft.errors import UserError
 from whisper_ft.files import write_atomic
-from whisper_ft.sources import EVAL, TRAIN, VALIDATION, ArrowAudio, Row
+from whisper_ft.sources import EVAL, TRAIN, VALIDATION, ArrowAudio, Row, SourceError, describe, read_source
 from whisper_ft.text import normalize, tidy_sentence
 
 FORMAT_VERSION = 2  # 2: the last frame that sees audio is always kept
@@ -554,8 +555,6 @@ class FeatureStore:
 
     def prepare(self, cfg, processor: Processor, settings: dict, fp: str, overwrite: bool) -> None:
         """Create the folder, or check that an existing one was made from the same inputs."""
-        from whisper_ft.config import save_config
-
         if overwrite and self.root.exists():
             shutil.rmtree(self.root)
         plan_path = self.root / PLAN
@@ -625,8 +624,6 @@ def build(cfg, num_shards: int = 1, shard_index: int = 0, workers: int | None = 
 
 def collect_rows(cfg, echo=print) -> dict[str, list[Row]]:
     """Rows of every configured source, per store split, in config order."""
-    from whisper_ft.sources import SourceError, read_source
-
     rows: dict[str, list[Row]] = {split: [] for split in SPLITS}
     for i, src in enumerate(cfg.features.sources):
         try:
@@ -647,8 +644,6 @@ def collect_rows(cfg, echo=print) -> dict[str, list[Row]]:
 
 def store_settings(cfg) -> dict:
     """The config values that decide the store's content (workers or batch size do not)."""
-    from whisper_ft.config import to_dict
-
     fc = to_dict(cfg.features)
     for key in ("workers", "batch_size", "name", "data_dir"):
         fc.pop(key)
@@ -656,9 +651,6 @@ def store_settings(cfg) -> dict:
 
 
 def manifest_header(cfg, processor: Processor, settings: dict) -> dict:
-    from whisper_ft.config import to_dict
-    from whisper_ft.sources import describe
-
     fe, tok = processor.feature_extractor, processor.tokenizer
     return {
         "name": cfg.features.name,
