@@ -413,4 +413,6 @@ def test_store_without_validation_selects_on_test_and_says_so(tmp_path, cv_relea
         summary = run_training(cfg)
     assert "no validation split" in caplog.text
     assert summary["selection_split"] == "test" and summary["best_step"] == 2
+    # the zero-shot score and the first periodic check both ran on the test split at step 0
+    assert summary["baseline"]["purpose"] == "report" and summary["selection_baseline"]["purpose"] == "selection"
     assert "the fine-tuned test WER is optimistic" in (tmp_path / "tiny" / "README.md").read_text()

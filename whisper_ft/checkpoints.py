@@ -93,7 +93,8 @@ def append_event(run_dir: str | Path, event: dict) -> None:
 
 def read_events(run_dir: str | Path) -> list[dict]:
     """Events of metrics.jsonl; a resumed run repeats steps after its checkpoint, and for a
-    repeated (event, split, step) only the last one is kept, so the list describes one trajectory."""
+    repeated (event, split, purpose, step) only the last one is kept, so the list describes one
+    trajectory."""
     path = Path(run_dir) / METRICS_LOG
     if not path.is_file():
         return []
@@ -101,5 +102,5 @@ def read_events(run_dir: str | Path) -> list[dict]:
     for line in path.read_text(encoding="utf-8").splitlines():
         if line.strip():
             e = json.loads(line)
-            latest[(e.get("event"), e.get("split"), e.get("step"), e.get("final", False))] = e
+            latest[(e.get("event"), e.get("split"), e.get("purpose"), e.get("step"), e.get("final", False))] = e
     return sorted(latest.values(), key=lambda e: (e.get("step", 0), e.get("time", 0)))
