@@ -298,7 +298,8 @@ def validate(cfg: Config) -> None:
         if s.kind in ("common_voice", "hf") and not s.path:
             raise ConfigError(f"features.sources.{i}.path: needed for kind {s.kind}")
         if not 0 <= s.validation_fraction < 1:
-            raise ConfigError(f"features.sources.{i}.validation_fraction: must be in [0, 1), got {s.validation_fraction}")
+            raise ConfigError(f"features.sources.{i}.validation_fraction: must be in [0, 1), "
+                              f"got {s.validation_fraction}")
 
     if cfg.model.task not in ("transcribe", "translate"):
         raise ConfigError(f"model.task: expected transcribe or translate, got {cfg.model.task!r}")

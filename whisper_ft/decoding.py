@@ -229,7 +229,8 @@ def _decoder_weights(model, dtype: torch.dtype) -> dict:
         "ln1": norm(layer.self_attn_layer_norm), "q": lin(layer.self_attn.q_proj), "k": lin(layer.self_attn.k_proj),
         "v": lin(layer.self_attn.v_proj), "o": lin(layer.self_attn.out_proj),
         "ln2": norm(layer.encoder_attn_layer_norm), "xq": lin(layer.encoder_attn.q_proj),
-        "xk": lin(layer.encoder_attn.k_proj), "xv": lin(layer.encoder_attn.v_proj), "xo": lin(layer.encoder_attn.out_proj),
+        "xk": lin(layer.encoder_attn.k_proj), "xv": lin(layer.encoder_attn.v_proj),
+        "xo": lin(layer.encoder_attn.out_proj),
         "ln3": norm(layer.final_layer_norm), "fc1": lin(layer.fc1), "fc2": lin(layer.fc2),
     } for layer in dec.layers]
     return {"embed": dec.embed_tokens.weight.detach(), "positions": dec.embed_positions.weight.detach(),

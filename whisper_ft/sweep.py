@@ -26,6 +26,7 @@ import yaml
 
 from whisper_ft.config import Config, ConfigError, load_config, to_dict
 from whisper_ft.files import write_atomic
+from whisper_ft.model import first_line
 
 METHODS = ("grid", "random", "bayes")
 METRICS = ("wer", "wer_normalized", "cer")
@@ -211,7 +212,7 @@ def _run_one(study, trial, spec: SweepSpec, base: Config, folder: Path, config_p
     try:
         result = train(cfg, callbacks=[callback])
     except Exception as e:  # one trial's failure must not end the sweep: recorded, reported, not retried
-        record.update(status="failed", error=f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}")
+        record.update(status="failed", error=f"{type(e).__name__}: {first_line(e)}")
         (record_path.parent / "error.txt").write_text(traceback.format_exc(), encoding="utf-8")
         study.tell(number, state=TrialState.FAIL)
         log(f"trial {number}: failed ({record['error']}); traceback in {record_path.parent / 'error.txt'}")

@@ -371,8 +371,8 @@ def eval_event(metrics: dict, prefix: str, step: int, split: str, purpose: str) 
     """A metrics.jsonl `eval` event on `split` (validation or test) for `purpose` from Trainer
     metrics named `<prefix>_wer` etc."""
     get = lambda k: metrics.get(f"{prefix}_{k}")  # noqa: E731
-    return {"event": "eval", "step": step, "split": split, "purpose": purpose, "wer": get("wer"), "wer_normalized": get("wer_normalized"),
-            "cer": get("cer"), "eval_clips": get("clips"), "loss": get("loss"), "runtime": get("runtime"),
+    return {"event": "eval", "step": step, "split": split, "purpose": purpose, "wer": get("wer"),
+            "wer_normalized": get("wer_normalized"), "cer": get("cer"), "eval_clips": get("clips"), "loss": get("loss"), "runtime": get("runtime"),
             "clips_per_second": get("samples_per_second")}
 
 
@@ -397,7 +397,7 @@ def run_training(cfg: Config, fresh: bool = False, callbacks: Sequence[TrainerCa
         shutil.rmtree(run_dir)
     data = load_data(cfg)
     model = prepare_model(cfg, data.processor.tokenizer)
-    gen_len = generation_max_length(cfg, data.test["labels"])
+    gen_len = generation_max_length(cfg, [*data.test["labels"], *data.selection_model["labels"]])
     first = cfg.training.eval_before_training and resume is None
     args = training_arguments(cfg, run_dir, gen_len, eval_on_start=first)
     meta = {"base_model": cfg.model.name_or_path, "language": cfg.model.language, "task": cfg.model.task,
