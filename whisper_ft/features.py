@@ -115,13 +115,14 @@ def encode_batch(rows: Iterable[Row], feature_extractor, tokenizer, limits: Limi
             continue
         kept.append((row, sentence, labels, wave))
     feats = trimmed_features(feature_extractor, [k[3] for k in kept]) if kept else []
-    examples = [
-        {"id": row.id, "source": row.source, "speaker": row.speaker, "sentence": sentence,
-         "gender": row.meta.get("gender", ""), "accents": row.meta.get("accents", ""),
-         "duration": len(wave) / SAMPLE_RATE, "input_features": f.T, "fill": fill, "labels": labels,
-         **({"audio": pcm16(wave) if row.meta.get(KEEP_AUDIO) else np.zeros(0, np.int16)} if row.split == EVAL else {})}
-        for (row, sentence, labels, wave), (f, fill) in zip(kept, feats)
-    ]
+    examples = []
+    for (row, sentence, labels, wave), (f, fill) in zip(kept, feats):
+        example = {"id": row.id, "source": row.source, "speaker": row.speaker, "sentence": sentence,
+                   "gender": row.meta.get("gender", ""), "accents": row.meta.get("accents", ""),
+                   "duration": len(wave) / SAMPLE_RATE, "input_features": f.T, "fill": fill, "labels": labels}
+        if row.split == EVAL:  # test shards carry an audio column, empty unless the clip is kept for scoring
+            example["audio"] = pcm16(wave) if row.meta.get(KEEP_AUDIO) else np.zeros(0, np.int16)
+        examples.append(example)
     return examples, drops
 
 

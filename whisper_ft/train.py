@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 from transformers import Seq2SeqTrainer, TrainerCallback
 
-from whisper_ft import breakdown, checkpoints, report
+from whisper_ft import breakdown, checkpoints, report, served
 from whisper_ft.collator import IGNORE_INDEX, SpeechCollator, expand
 from whisper_ft.config import Config, save_config, to_dict
 from whisper_ft.errors import UserError
@@ -428,8 +428,6 @@ def run_training(cfg: Config, fresh: bool = False, callbacks: Sequence[TrainerCa
         if cfg.training.export_ctranslate2:
             export_ct2(run_dir / checkpoints.BEST_DIR)
         if cfg.training.score_served:
-            from whisper_ft import served
-
             held_out = FeatureStore.of(cfg, cfg.training.eval_features)
             summary["served"] = served.score(run_dir / checkpoints.BEST_DIR, held_out, cfg,
                                              served.read_predictions(run_dir / "predictions.jsonl"))
@@ -482,7 +480,8 @@ def summarize(trainer, result, final: dict, run_dir: Path, args, selection_split
     """The metrics.json summary (also returned by run_training). `best_*` and
     `selection_baseline` come from the selection split (`selection_split`); `wer`,
     `wer_normalized`, `cer`, `final` and `baseline` (zero-shot) from the test split."""
-    evals = [e for e in checkpoints.read_events(run_dir) if e["event"] == "eval"] if trainer.is_world_process_zero() else []
+    events = checkpoints.read_events(run_dir) if trainer.is_world_process_zero() else []
+    evals = [e for e in events if e["event"] == "eval"]
     baseline = next((e for e in evals if e.get("purpose") == REPORT and e["step"] == 0), None)
     periodic = [e for e in evals if e.get("purpose") == SELECTION]
     best = checkpoints.read_best(run_dir) or {}
@@ -507,8 +506,6 @@ def write_reports(cfg: Config, manifest: dict, summary: dict, run_dir: Path) -> 
     predictions = run_dir / "predictions.jsonl"
     groups = breakdown.breakdowns(breakdown.read_predictions(predictions)) if predictions.is_file() else {}
     write_atomic(run_dir / "wer_breakdown.json", json.dumps(groups, indent=1, ensure_ascii=False))
-    from whisper_ft import served
-
     card = (report.model_card(summary, to_dict(cfg), manifest) + served.markdown_section(summary.get("served"))
             + breakdown.markdown_section(groups))
     for folder in (run_dir, run_dir / checkpoints.BEST_DIR):
