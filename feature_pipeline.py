@@ -3,10 +3,12 @@
     python feature_pipeline.py                              # the embedded sample, config.yaml
     python feature_pipeline.py --set features.name=cv17 \\
         --set features.sources.0.path=~/cv-corpus-17.0-2024-03-15-sv-SE.tar.gz
-    python feature_pipeline.py --num-shards 4 --shard-index 0   # one of four parallel processes
+    python feature_pipeline.py --num-shards 4 --shard-index 0   # one of four processes or machines
 
 Writes train, validation and test (eval) splits; reruns skip finished shards; the manifest is
-written once every shard is on disk. The store's layout: `whisper_ft.features`.
+written once every shard is on disk. Processes sharing the store, on one machine or several,
+claim each shard they write (docs/features.md: what the shared file system must give; the
+host name in claims is WHISPER_FT_HOST when set). The store's layout: `whisper_ft.features`.
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ def parse_args(argv: list[str] | None):
     parser.add_argument("--num-shards", type=int, default=1, help="split the work into this many processes")
     parser.add_argument("--shard-index", type=int, default=0, help="which of them this process is (0-based)")
     parser.add_argument("--workers", type=int, help="processes for decoding (default: features.workers; 0 = all cores)")
-    parser.add_argument("--overwrite", action="store_true", help="delete an existing store of this name first")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="delete an existing store of this name first (refused while a process writes to it)")
     args = parser.parse_args(argv)
     if not 0 <= args.shard_index < args.num_shards:
         parser.error(f"--shard-index must be in 0..{args.num_shards - 1}")
@@ -36,8 +39,9 @@ def main(argv: list[str] | None = None) -> int:
                    echo=lambda line: print(line, flush=True))
     root = result.store.root
     if result.manifest is None:
-        print(f"{result.shards_waiting} shards are still to be written by other processes; the last one to finish "
-              f"writes {root}/manifest.json (or rerun without --shard-index)")
+        who = ", ".join(f"{n} by {holder}" for holder, n in sorted(result.waiting_on.items()))
+        print(f"shards still to be written by other processes: {who}; the last one to finish writes "
+              f"{root}/manifest.json")
         return 0
     if not result.encoded_rows:
         print(f"{root} is complete already; nothing to do (pass --overwrite to rebuild it)")

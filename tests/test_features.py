@@ -1,25 +1,30 @@
 """The feature pipeline end to end: drops by reason, exact features, labels, resume after a
-kill, shard splitting across processes, store/config mismatches and the offline hub-id error."""
+kill, shard splitting across processes and machines, store/config mismatches and the offline
+hub-id error."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import pytest
 import soundfile as sf
 from conftest import PROCESSOR_DIR, ROOT, run_cli
+from test_claims import plant_claim
 
 import feature_pipeline
 from whisper_ft import cli
 from whisper_ft.audio import load_audio
-from whisper_ft.features import input_features, load_split, read_manifest
+from whisper_ft.claims import HOST_ENV, ClaimError, ClaimSet
+from whisper_ft.features import Shard, commit_shard, input_features, load_split, read_manifest
 from whisper_ft.sources import read_cv_tsv
 from whisper_ft.synth import CV_COLUMNS, write_tsv
 from whisper_ft.text import tidy_sentence
@@ -288,16 +293,60 @@ def test_shard_split_across_processes_equals_one_process(tmp_path, cv_release, r
     assert_same_store(root, reference_store)
 
 
-def test_concurrent_shard_processes(tmp_path, cv_release, reference_store):
+@pytest.mark.parametrize("hosts", [("", ""), ("host-a", "host-b")], ids=["one-machine", "two-hosts"])
+def test_concurrent_shard_processes(tmp_path, cv_release, reference_store, hosts):
+    """Two processes at once, on one machine or presenting two host names (as two machines
+    sharing the folder do), build the same store as one process."""
     root = tmp_path / "features" / "ref"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     procs = [subprocess.Popen([sys.executable, str(ROOT / "feature_pipeline.py"), "--num-shards", "2",
                                "--shard-index", str(i), *pipeline_args(tmp_path, "ref", cv_release, *STORE_SETS)],
-                              cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-             for i in range(2)]
+                              cwd=tmp_path, env={**os.environ, "HF_HUB_OFFLINE": "1", HOST_ENV: host},
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+             for i, host in enumerate(hosts)]
     for p in procs:
         assert p.wait(timeout=300) == 0, p.stderr.read().decode()[-2000:]
     assert_same_store(root, reference_store)
+    assert not list(root.rglob(".*.claim*"))
+
+
+def test_another_hosts_shard_in_progress_is_left_alone_until_its_claim_is_stale(tmp_path, cv_release,
+                                                                               reference_store, capsys):
+    """host-b writes train shard 1 (of --shard-index 1) under a claim: its temporary folder
+    survives this machine's start although its pid means nothing here, --overwrite is refused,
+    and once host-b's heartbeat is stale the shard is taken over and the store completed."""
+    root = tmp_path / "features" / "ref"
+    args = pipeline_args(tmp_path, "ref", cv_release, *STORE_SETS)
+    assert feature_pipeline.main(["--num-shards", "2", "--shard-index", "0", *args]) == 0
+    peer = dead_pid()
+    in_progress = root / "train" / f".shard-00001-of-00009.tmp-host-b-{peer}"
+    in_progress.mkdir()
+    claim = root / "train" / ".shard-00001-of-00009.claim"
+    plant_claim(claim, "host-b", peer, age=0)
+    capsys.readouterr()
+    assert feature_pipeline.main(["--num-shards", "2", "--shard-index", "1", *args]) == 0
+    assert in_progress.is_dir() and not (root / "manifest.json").exists()
+    assert f"still to be written by other processes: 1 by host-b pid {peer};" in capsys.readouterr().out
+    assert cli.run(feature_pipeline.main, ["--overwrite", *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert f"--overwrite refused: {root} is still being written by host-b pid {peer}" in err
+    assert in_progress.is_dir() and (root / "train" / "shard-00000-of-00009" / "stats.json").is_file()
+    plant_claim(claim, "host-b", peer, age=1000)  # host-b stopped
+    assert feature_pipeline.main(["--num-shards", "2", "--shard-index", "1", *args]) == 0
+    assert leftovers(root) == [] and not list(root.rglob(".*.claim*"))
+    assert_same_store(root, reference_store)
+
+
+def test_a_shard_whose_claim_was_lost_is_not_written(tmp_path):
+    shard = Shard("train", 0, 1, ())
+    (tmp_path / "train").mkdir()
+    with ClaimSet(60) as claims:
+        assert claims.take(shard.claim(tmp_path))
+        shard.claim(tmp_path).unlink()  # taken over by host-b while this process was stalled
+        plant_claim(shard.claim(tmp_path), "host-b", 7, age=0)
+        with pytest.raises(ClaimError, match="host-b pid 7"):
+            commit_shard(tmp_path, shard, [], Counter(), 80, "float16", claims)
+    assert list((tmp_path / "train").iterdir()) == [shard.claim(tmp_path)]  # no shard, no temporary folder
 
 
 def test_changed_config_on_an_existing_store_is_refused(reference_store, cv_release, capsys):
@@ -372,3 +421,15 @@ def test_sentence_overlap_is_refused_and_speaker_overlap_only_counted():
     assert report["eval"] == {"rows": 2, "clips": 0, "sentences": 1, "speakers": 1, "training_rows": 1}
     _, report = check_leakage({"train": train[1:], "validation": [], "eval": test})  # speakers alone: no refusal
     assert report["eval"]["speakers"] == 1 and report["dropped_training_rows"] == 0
+
+
+def test_stores_of_the_previous_format_still_read_and_older_ones_are_refused(tmp_path):
+    """Version 3 added the age column; a version-2 store lacks only that and still trains."""
+    from whisper_ft.features import FORMAT_VERSION, MANIFEST, FeaturesError
+
+    for version in (FORMAT_VERSION, 2):
+        (tmp_path / MANIFEST).write_text(json.dumps({"format_version": version, "name": "x"}))
+        assert read_manifest(tmp_path)["format_version"] == version
+    (tmp_path / MANIFEST).write_text(json.dumps({"format_version": 1, "name": "x"}))
+    with pytest.raises(FeaturesError, match="rerun python feature_pipeline.py"):
+        read_manifest(tmp_path)

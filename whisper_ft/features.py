@@ -21,7 +21,9 @@ sentence with held-out rows stop the build (or are dropped: `features.on_overlap
 
 A shard is the unit of work and of resumption: a rerun skips finished shards, a killed run
 leaves only temporary folders behind, and `num_shards`/`shard_index` split the shard list
-across processes or machines.
+across processes or machines. A process writes a shard only while it holds the shard's claim
+(`<split>/.shard-...claim`, `whisper_ft.claims`), so processes sharing the folder, on one
+machine or several, never remove or overwrite each other's work in progress.
 """
 
 from __future__ import annotations
@@ -35,19 +37,22 @@ import time
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from whisper_ft.audio import SAMPLE_RATE, AudioError, load_audio, pad_features, trimmed_features
+from whisper_ft.claims import ClaimSet, live_claims, owner_tag, read_holder
 from whisper_ft.config import save_config, to_dict
 from whisper_ft.errors import UserError
 from whisper_ft.files import write_atomic
 from whisper_ft.sources import EVAL, TRAIN, VALIDATION, ArrowAudio, Row, SourceError, describe, read_source
 from whisper_ft.text import normalize, tidy_sentence
 
-FORMAT_VERSION = 2  # 2: the last frame that sees audio is always kept
+FORMAT_VERSION = 3  # 2: the last frame that sees audio is always kept; 3: an age column
+READABLE_VERSIONS = (2, 3)  # a version-2 store lacks only the age column, which readers treat as optional
 MANIFEST = "manifest.json"
 PLAN = "plan.json"
 PROCESSOR_DIR = "processor"
@@ -72,6 +77,11 @@ class Limits:
     max_label_tokens: int = 448
 
 
+def claim_file(folder: Path, name: str) -> Path:
+    """The claim whose holder alone may write `folder/name` (`whisper_ft.claims`)."""
+    return folder / f".{name}.claim"
+
+
 @dataclass(frozen=True)
 class Shard:
     split: str
@@ -85,6 +95,9 @@ class Shard:
 
     def path(self, root: Path) -> Path:
         return root / self.split / self.name
+
+    def claim(self, root: Path) -> Path:
+        return claim_file(root / self.split, self.name)
 
 
 # --------------------------------------------------------------------------- encoding
@@ -119,6 +132,7 @@ def encode_batch(rows: Iterable[Row], feature_extractor, tokenizer, limits: Limi
     for (row, sentence, labels, wave), (f, fill) in zip(kept, feats):
         example = {"id": row.id, "source": row.source, "speaker": row.speaker, "sentence": sentence,
                    "gender": row.meta.get("gender", ""), "accents": row.meta.get("accents", ""),
+                   "age": row.meta.get("age", ""),
                    "duration": len(wave) / SAMPLE_RATE, "input_features": f.T, "fill": fill, "labels": labels}
         if row.split == EVAL:  # test shards carry an audio column, empty unless the clip is kept for scoring
             example["audio"] = pcm16(wave) if row.meta.get(KEEP_AUDIO) else np.zeros(0, np.int16)
@@ -170,7 +184,7 @@ def arrow_features(n_mels: int, dtype: str, audio: bool = False):
     return Features({
         "id": Value("string"), "source": Value("string"), "speaker": Value("string"),
         "sentence": Value("string"), "gender": Value("string"), "accents": Value("string"),
-        "duration": Value("float32"),
+        "age": Value("string"), "duration": Value("float32"),
         "input_features": Array2D(shape=(None, n_mels), dtype=dtype),  # (frames, mels): frames vary
         "fill": Value("float32"),
         "labels": List(Value("int32")),
@@ -179,8 +193,9 @@ def arrow_features(n_mels: int, dtype: str, audio: bool = False):
 
 
 def write_shard(path: Path, examples: list[dict], drops: Counter, n_rows: int, n_mels: int, dtype: str,
-                audio: bool = False) -> dict:
-    """Write one shard folder atomically (temporary name, then rename) and return its stats."""
+                audio: bool = False, confirm=lambda: None) -> dict:
+    """Write one shard folder atomically (temporary name, then rename) and return its stats.
+    `confirm()` runs just before the rename and raises to abandon the shard (its claim was lost)."""
     from datasets import Dataset, disable_progress_bars
 
     disable_progress_bars()  # the pipeline shows one bar of its own
@@ -190,14 +205,17 @@ def write_shard(path: Path, examples: list[dict], drops: Counter, n_rows: int, n
     ds = Dataset.from_dict(columns, features=schema)
     stats = {"rows": n_rows, "clips": len(examples), "seconds": float(sum(ex["duration"] for ex in examples)),
              "by_source": dict(Counter(ex["source"] for ex in examples)), "dropped": dict(drops)}
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = path.with_name(f".{path.name}.tmp-{owner_tag()}")
     shutil.rmtree(tmp, ignore_errors=True)
     ds.save_to_disk(str(tmp))
     (tmp / STATS).write_text(json.dumps(stats, indent=1))
     try:
+        confirm()
         os.replace(tmp, path)
     except OSError:  # another process finished the same shard first: keep theirs
-        shutil.rmtree(tmp, ignore_errors=True)
+        pass
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # still there only if it was not renamed into place
     return stats
 
 
@@ -225,26 +243,44 @@ def is_done(root: Path, shard: Shard) -> bool:
     return (shard.path(root) / STATS).is_file()
 
 
-def clean_partial(root: Path) -> None:
-    """Remove temporary shards and manifests whose writing process is gone (a killed run)."""
-    shards = (t for split in SPLITS for t in (root / split).glob(".shard-*.tmp-*"))
-    for tmp in [*root.glob(f".{MANIFEST}.tmp-*"), *shards]:
-        pid = tmp.name.rsplit("-", 1)[1]
-        if pid.isdigit() and not _pid_alive(int(pid)):
-            if tmp.is_dir():
+def clean_partial(root: Path, stale_seconds: float) -> None:
+    """Remove temporary shards whose writer no longer holds the shard's claim (killed, or taken
+    over); a shard in progress elsewhere, on this machine or another, is left alone."""
+    for split in SPLITS:
+        for tmp in (root / split).glob(".shard-*.tmp-*"):
+            name, writer = tmp.name[1:].split(".tmp-", 1)
+            holder = read_holder(claim_file(root / split, name))
+            if holder is None or holder.tag != writer or holder.is_stale(stale_seconds):
                 shutil.rmtree(tmp, ignore_errors=True)
-            else:
-                tmp.unlink(missing_ok=True)
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # alive, owned by another user
-        pass
-    return True
+def claim_shards(root: Path, shards: list[Shard], claims: ClaimSet) -> list[Shard]:
+    """The unfinished shards among `shards` whose claims this process now holds; those held by
+    a running process, here or on another machine, are left to it."""
+    taken = []
+    for shard in shards:
+        if is_done(root, shard):
+            continue
+        shard.claim(root).parent.mkdir(parents=True, exist_ok=True)
+        if not claims.take(shard.claim(root)):
+            continue
+        if is_done(root, shard):  # finished by the previous holder just before it let go
+            claims.release(shard.claim(root))
+        else:
+            taken.append(shard)
+    return taken
+
+
+def unfinished(root: Path, shards: list[Shard], num_shards: int, stale_seconds: float) -> Counter:
+    """Shards not on disk yet, counted by who is to write them: the running process that holds
+    a shard's claim (`host pid N`), else the `--shard-index` the shard belongs to."""
+    who: Counter = Counter()
+    for i, shard in enumerate(shards):
+        if not is_done(root, shard):
+            holder = read_holder(shard.claim(root))
+            running = holder is not None and not holder.is_stale(stale_seconds)
+            who[holder.who if running else f"--shard-index {i % num_shards} (not running)"] += 1
+    return who
 
 
 # --------------------------------------------------------------------------- manifest and reading
@@ -273,6 +309,22 @@ def build_manifest(root: Path, shards: list[Shard], header: dict) -> dict:
     return manifest
 
 
+def write_manifest_once(root: Path, shards: list[Shard], header: dict, claims: ClaimSet) -> dict:
+    """The manifest, written under its claim by one of the processes that find every shard on
+    disk; the others wait for it (a stalled writer's claim goes stale and is taken over)."""
+    claim = claim_file(root, MANIFEST)
+    while not claims.take(claim):
+        time.sleep(0.2)
+    try:
+        if (root / MANIFEST).is_file():
+            return read_manifest(root)
+        for tmp in root.glob(f".{MANIFEST}.tmp-*"):  # a killed writer's: only the claim's holder writes one
+            tmp.unlink(missing_ok=True)
+        return build_manifest(root, shards, header)
+    finally:
+        claims.release(claim)
+
+
 def read_manifest(root: str | Path) -> dict:
     """The manifest of a complete feature store, or a FeaturesError saying what to run."""
     root = Path(root)
@@ -281,7 +333,7 @@ def read_manifest(root: str | Path) -> dict:
         raise FeaturesError(f"no finished features in {root} (no {MANIFEST}): run python feature_pipeline.py "
                             "with the same config first")
     manifest = json.loads(path.read_text())
-    if manifest.get("format_version") != FORMAT_VERSION:
+    if manifest.get("format_version") not in READABLE_VERSIONS:
         raise FeaturesError(f"{root} was written by another version of the feature format "
                             f"({manifest.get('format_version')} != {FORMAT_VERSION}): rerun python feature_pipeline.py")
     return manifest
@@ -377,9 +429,20 @@ def _encode_in_worker(rows: tuple[Row, ...]) -> tuple[list[dict], Counter]:
     return encode_batch(rows, _WORKER["fe"], _WORKER["tok"], _WORKER["limits"])
 
 
+def commit_shard(root: Path, shard: Shard, examples: list[dict], drops: Counter, n_mels: int, dtype: str,
+                 claims: ClaimSet) -> dict:
+    """Write an encoded shard if this process still holds its claim, then release the claim."""
+    shard.path(root).parent.mkdir(parents=True, exist_ok=True)
+    stats = write_shard(shard.path(root), examples, drops, len(shard.rows), n_mels, dtype, shard.split == EVAL,
+                        confirm=partial(claims.confirm, shard.claim(root)))
+    claims.release(shard.claim(root))
+    return stats
+
+
 def build_shards(root: Path, todo: list[Shard], processor: Processor, limits: Limits, dtype: str, workers: int,
-                 batch_size: int, progress=None) -> Iterator[tuple[Shard, dict]]:
-    """Encode and write the shards in `todo`, yielding (shard, stats) as each one lands on disk.
+                 batch_size: int, claims: ClaimSet, progress=None) -> Iterator[tuple[Shard, dict]]:
+    """Encode and write the shards in `todo`, whose claims `claims` holds, yielding (shard, stats)
+    as each one lands on disk.
 
     Batches of every shard go through one process pool in order, so all cores stay busy even
     when there are fewer shards than cores. Workers are forked with the processor already
@@ -411,13 +474,10 @@ def build_shards(root: Path, todo: list[Shard], processor: Processor, limits: Li
                 progress(len(batch), len(examples))
             if acc[2][0] == len(shard.rows):
                 examples_all, drops_all, _ = pending.pop(key)
-                shard.path(root).parent.mkdir(parents=True, exist_ok=True)
-                yield shard, write_shard(shard.path(root), examples_all, drops_all, len(shard.rows), n_mels, dtype,
-                                         shard.split == EVAL)
+                yield shard, commit_shard(root, shard, examples_all, drops_all, n_mels, dtype, claims)
         for shard in todo:  # shards with no rows at all
             if not shard.rows:
-                shard.path(root).parent.mkdir(parents=True, exist_ok=True)
-                yield shard, write_shard(shard.path(root), [], Counter(), 0, n_mels, dtype, shard.split == EVAL)
+                yield shard, commit_shard(root, shard, [], Counter(), n_mels, dtype, claims)
     finally:
         if pool is not None:
             pool.shutdown(cancel_futures=True)
@@ -556,36 +616,57 @@ class FeatureStore:
 
     def prepare(self, cfg, processor: Processor, settings: dict, fp: str, overwrite: bool) -> None:
         """Create the folder, or check that an existing one was made from the same inputs."""
+        stale_seconds = cfg.features.claim_stale_seconds
         if overwrite and self.root.exists():
-            shutil.rmtree(self.root)
+            self.remove(stale_seconds)
         plan_path = self.root / PLAN
         if plan_path.is_file():
             if json.loads(plan_path.read_text())["fingerprint"] != fp:
                 raise FeaturesError(f"{self.root} holds features built from other inputs or settings; choose "
                                     "another features.name or pass --overwrite to rebuild it")
-            clean_partial(self.root)
+            clean_partial(self.root, stale_seconds)
             return
         self.root.mkdir(parents=True, exist_ok=True)
         processor.save_pretrained(str(self.root / PROCESSOR_DIR))
         save_config(cfg, self.root / "config.yaml")
         write_atomic(plan_path, json.dumps({"fingerprint": fp, "settings": settings}, indent=2))
 
+    def remove(self, stale_seconds: float) -> None:
+        """Delete the store (--overwrite); refused while a running process, here or on another
+        machine, holds a claim in it. Renamed aside first, so that a process starting meanwhile
+        finds no store rather than part of one."""
+        claims = [*self.root.glob("*/.shard-*.claim"), claim_file(self.root, MANIFEST)]
+        live = live_claims(claims, stale_seconds)
+        if live:
+            holders = ", ".join(sorted({h.who for h in live.values()}))
+            raise FeaturesError(f"--overwrite refused: {self.root} is still being written by {holders}; let them "
+                                "finish or stop them, then rerun")
+        aside = self.root.with_name(f".{self.name}.removing-{owner_tag()}")
+        os.rename(self.root, aside)
+        shutil.rmtree(aside)
+
+    def check_unchanged(self, fp: str) -> None:
+        """Refuse to write shards planned for a store that another process removed or rebuilt
+        (--overwrite) after this one's `prepare`."""
+        plan = self.root / PLAN
+        if not plan.is_file() or json.loads(plan.read_text())["fingerprint"] != fp:
+            raise FeaturesError(f"{self.root} was removed or rebuilt by another process (--overwrite) while this one "
+                                "was starting: rerun")
+
 
 @dataclass(frozen=True)
 class BuildResult:
     store: FeatureStore
     manifest: dict | None  # None while other processes still have shards to write
-    shards_waiting: int
+    waiting_on: dict[str, int]  # shards still to write, by who is to write them (`unfinished`)
     encoded_rows: int
 
 
 def build(cfg, num_shards: int = 1, shard_index: int = 0, workers: int | None = None, overwrite: bool = False,
           echo=print) -> BuildResult:
     """Stage 1: read the sources, check for leakage, encode this process's shards (skipping
-    finished ones) and, once every shard is on disk, write the manifest. `echo` gets one line
-    per event; a progress bar shows the encoding."""
-    from tqdm import tqdm
-
+    finished ones and those a running peer holds) and, once every shard is on disk, write the
+    manifest. `echo` gets one line per event; a progress bar shows the encoding."""
     fc = cfg.features
     store = FeatureStore.of(cfg)
     processor = load_feature_processor(cfg.model.name_or_path, cfg.model.language, cfg.model.task)
@@ -600,27 +681,40 @@ def build(cfg, num_shards: int = 1, shard_index: int = 0, workers: int | None = 
              "validation or test rows (features.on_overlap=keep): their scores are not held-out scores")
     shards = plan_shards(rows, fc.shard_size)
     settings = store_settings(cfg)
-    store.prepare(cfg, processor, settings, fingerprint(settings, shards), overwrite)
+    fp = fingerprint(settings, shards)
+    store.prepare(cfg, processor, settings, fp, overwrite)
     mine = [s for i, s in enumerate(shards) if i % num_shards == shard_index]
-    todo = [s for s in mine if not is_done(store.root, s)]
+    with ClaimSet(fc.claim_stale_seconds, "features.claim_stale_seconds") as claims:
+        todo = claim_shards(store.root, mine, claims)
+        store.check_unchanged(fp)
+        n_rows = sum(len(s.rows) for s in todo)
+        if todo:
+            workers = workers if workers is not None else fc.workers
+            workers = workers or os.cpu_count() or 1
+            done = sum(1 for s in mine if is_done(store.root, s))
+            echo(f"{store.root}: {len(shards)} shards ({done} of this process's {len(mine)} already done, "
+                 f"{len(mine) - len(todo) - done} held by other processes), {n_rows} clips to encode with {workers} "
+                 "workers")
+            encode_shards(store.root, todo, processor, fc, workers, claims)
+        elif (store.root / MANIFEST).is_file():
+            return BuildResult(store, store.manifest(), {}, 0)
+        waiting = unfinished(store.root, shards, num_shards, fc.claim_stale_seconds)
+        if waiting:
+            return BuildResult(store, None, dict(waiting), n_rows)
+        header = {**manifest_header(cfg, processor, settings), "overlap": overlap}
+        return BuildResult(store, write_manifest_once(store.root, shards, header, claims), {}, n_rows)
+
+
+def encode_shards(root: Path, todo: list[Shard], processor: Processor, fc, workers: int, claims: ClaimSet) -> None:
+    """Encode and write the claimed shards `todo` behind a progress bar, one line per shard."""
+    from tqdm import tqdm
+
+    limits = Limits(fc.min_seconds, fc.max_seconds, fc.max_label_tokens)
     n_rows = sum(len(s.rows) for s in todo)
-    if todo:
-        workers = workers if workers is not None else fc.workers
-        workers = workers or os.cpu_count() or 1
-        echo(f"{store.root}: {len(shards)} shards ({len(mine) - len(todo)} of this process's {len(mine)} already "
-             f"done), {n_rows} clips to encode with {workers} workers")
-        limits = Limits(fc.min_seconds, fc.max_seconds, fc.max_label_tokens)
-        with tqdm(total=n_rows, unit="clip", desc="encoding", dynamic_ncols=True, file=sys.stderr) as bar:
-            for shard, stats in build_shards(store.root, todo, processor, limits, fc.dtype, workers, fc.batch_size,
-                                             lambda n, _kept: bar.update(n)):
-                bar.write(f"wrote {shard.split}/{shard.name}: {stats['clips']} of {stats['rows']} clips kept")
-    elif (store.root / MANIFEST).is_file():
-        return BuildResult(store, store.manifest(), 0, 0)
-    waiting = sum(1 for s in shards if not is_done(store.root, s))
-    if waiting:
-        return BuildResult(store, None, waiting, n_rows)
-    header = {**manifest_header(cfg, processor, settings), "overlap": overlap}
-    return BuildResult(store, build_manifest(store.root, shards, header), 0, n_rows)
+    with tqdm(total=n_rows, unit="clip", desc="encoding", dynamic_ncols=True, file=sys.stderr) as bar:
+        for shard, stats in build_shards(root, todo, processor, limits, fc.dtype, workers, fc.batch_size, claims,
+                                         lambda n, _kept: bar.update(n)):
+            bar.write(f"wrote {shard.split}/{shard.name}: {stats['clips']} of {stats['rows']} clips kept")
 
 
 def collect_rows(cfg, echo=print) -> dict[str, list[Row]]:
@@ -646,7 +740,7 @@ def collect_rows(cfg, echo=print) -> dict[str, list[Row]]:
 def store_settings(cfg) -> dict:
     """The config values that decide the store's content (workers or batch size do not)."""
     fc = to_dict(cfg.features)
-    for key in ("workers", "batch_size", "name", "data_dir"):
+    for key in ("workers", "batch_size", "name", "data_dir", "claim_stale_seconds"):
         fc.pop(key)
     return {"features": fc, "model": to_dict(cfg.model)}
 

@@ -1,0 +1,166 @@
+"""Claims on shared work (whisper_ft.claims): exclusive, kept fresh by a heartbeat, taken over
+only when stale and by one taker, never removed from under the process that holds them."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from whisper_ft import claims
+from whisper_ft.claims import HOST_ENV, ClaimError, ClaimSet, host_name, read_holder
+from whisper_ft.config import ConfigError, load_config
+
+
+def dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def plant_claim(path: Path, host: str, pid: int, age: float) -> None:
+    """A claim as another process would have left it, its last heartbeat `age` seconds ago."""
+    beat = time.time() - age
+    path.write_text(json.dumps({"host": host, "pid": pid, "token": f"{host}-{pid}", "started": beat - 1,
+                                "heartbeat": beat}))
+
+
+def test_a_claim_is_exclusive_and_says_who_holds_it(tmp_path, monkeypatch):
+    monkeypatch.setenv(HOST_ENV, "host-a")
+    path = tmp_path / ".shard.claim"
+    with ClaimSet(60) as mine, ClaimSet(60) as other:
+        assert mine.take(path)
+        assert not other.take(path)
+        holder = read_holder(path)
+        assert (holder.host, holder.pid, holder.tag) == ("host-a", os.getpid(), f"host-a-{os.getpid()}")
+        mine.confirm(path)
+        mine.release(path)
+        assert not path.exists()
+        assert other.take(path)
+    assert list(tmp_path.iterdir()) == []  # closing released it
+
+
+def test_the_heartbeat_keeps_a_claim_alive_past_the_stale_limit(tmp_path):
+    path = tmp_path / ".shard.claim"
+    with ClaimSet(0.4) as mine:
+        assert mine.take(path)
+        first = read_holder(path).heartbeat
+        time.sleep(0.6)
+        assert read_holder(path).heartbeat > first
+        assert not ClaimSet(0.4).take(path)
+
+
+def test_another_hosts_claim_is_taken_over_only_when_its_heartbeat_is_stale(tmp_path):
+    path = tmp_path / ".shard.claim"
+    plant_claim(path, "host-b", dead_pid(), age=10)  # its pid means nothing on this machine
+    assert not ClaimSet(60).take(path)
+    assert read_holder(path).host == "host-b"
+    with ClaimSet(5) as mine:
+        assert mine.take(path)
+        assert read_holder(path).host == host_name()
+
+
+def test_a_claim_of_a_dead_process_on_this_host_is_stale_at_once(tmp_path):
+    path = tmp_path / ".shard.claim"
+    plant_claim(path, host_name(), dead_pid(), age=0)
+    with ClaimSet(60) as mine:
+        assert mine.take(path)
+
+
+def test_a_taker_that_judged_a_claim_stale_too_late_leaves_the_new_one(tmp_path, monkeypatch):
+    path = tmp_path / ".shard.claim"
+    plant_claim(path, "host-b", 1, age=100)
+    stale = read_holder(path)
+    with ClaimSet(5) as first, ClaimSet(5) as late:
+        assert first.take(path)
+        real = claims.read_holder
+        views = [stale]  # what `late` read before `first` took the claim over
+        monkeypatch.setattr(claims, "read_holder", lambda p: views.pop() if views else real(p))
+        assert not late.take(path)
+        first.confirm(path)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_no_second_taker_gets_in_between_the_check_and_the_takeover(tmp_path, monkeypatch):
+    path = tmp_path / ".shard.claim"
+    plant_claim(path, "host-b", 1, age=100)
+    real = claims.read_holder
+    reads, second = [], []
+    with ClaimSet(5) as first, ClaimSet(5) as other:
+
+        def read_and_let_the_other_try(p: Path):
+            holder = real(p)
+            reads.append(p)
+            if len(reads) == 2:  # `first` checked the stale claim once more and is about to replace it
+                second.append(other.take(path))
+            return holder
+
+        monkeypatch.setattr(claims, "read_holder", read_and_let_the_other_try)
+        assert first.take(path) and second == [False]
+        first.confirm(path)
+
+
+def take_at_once(sets: list[ClaimSet], path: Path) -> list[bool]:
+    """Every claim set tries to take `path`, all let go at the same moment."""
+    start = threading.Barrier(len(sets))
+
+    def take(claim_set: ClaimSet) -> bool:
+        start.wait()
+        return claim_set.take(path)
+
+    with ThreadPoolExecutor(len(sets)) as pool:
+        return list(pool.map(take, sets))
+
+
+def test_of_many_takers_of_a_stale_claim_one_wins(tmp_path):
+    for attempt in range(10):
+        path = tmp_path / f".shard-{attempt}.claim"
+        plant_claim(path, "host-b", 1, age=100)
+        sets = [ClaimSet(5) for _ in range(8)]
+        assert take_at_once(sets, path).count(True) == 1
+        assert sorted(tmp_path.glob(f"{path.name}*")) == [path]
+        for s in sets:
+            s.close()
+
+
+def test_a_lock_left_by_a_taker_that_died_does_not_block_takeover(tmp_path):
+    path = tmp_path / ".shard.claim"
+    plant_claim(path, "host-b", 1, age=100)
+    plant_claim(tmp_path / ".shard.claim.lock", host_name(), dead_pid(), age=0)
+    with ClaimSet(5) as mine:
+        assert mine.take(path)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_lost_claim_is_refused_and_its_new_holder_keeps_it(tmp_path):
+    path = tmp_path / ".shard.claim"
+    with ClaimSet(60) as mine:
+        assert mine.take(path)
+        path.unlink()  # taken over while this process was stalled
+        plant_claim(path, "host-b", 7, age=0)
+        with pytest.raises(ClaimError, match="lost the claim .* host-b pid 7"):
+            mine.confirm(path)
+    assert read_holder(path).host == "host-b"
+
+
+def test_a_clock_far_from_the_file_systems_is_refused(tmp_path, monkeypatch):
+    real = time.time
+    monkeypatch.setattr(claims.time, "time", lambda: real() + 120)
+    path = tmp_path / ".shard.claim"
+    with ClaimSet(300, "features.claim_stale_seconds") as mine:
+        with pytest.raises(ClaimError, match=r"clock is \+12\d\.\d s off .* features.claim_stale_seconds"):
+            mine.take(path)
+    assert not path.exists()
+
+
+def test_the_stale_limit_must_be_positive():
+    assert load_config(None).features.claim_stale_seconds == 300
+    with pytest.raises(ConfigError, match="features.claim_stale_seconds"):
+        load_config(None, ["features.claim_stale_seconds=0"])
