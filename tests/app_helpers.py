@@ -1,5 +1,6 @@
 """Helpers for the app tests: a tiny Whisper that stops after a few tokens (fast on CPU),
-synthetic Swedish speech files, and a local HTTP server for yt-dlp."""
+synthetic Swedish speech files, a local HTTP server for yt-dlp (with streams that never end),
+and a client of the page's HTTP API."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import json
 import shutil
 import subprocess
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -37,7 +39,9 @@ def speech_wav(text: str, out: Path, voice: str = "sv", repeat: int = 1) -> Path
 
 
 class Server:
-    """`python -m http.server` in a thread, bound to 127.0.0.1, serving `root`."""
+    """`python -m http.server` in a thread, bound to 127.0.0.1, serving `root`, plus three MP3 streams
+    that abuse a downloader: /stream/endless.mp3 (no length, never ends), /stream/trickle.mp3 (a byte
+    every 0.2 s, never ends) and /stream/huge.mp3 (announces 10 GB)."""
 
     def __init__(self, root: Path):
         handler = functools.partial(_QuietHandler, directory=str(root))
@@ -53,12 +57,41 @@ class Server:
         self.httpd.shutdown()
         self.httpd.server_close()
 
+    @staticmethod
+    def requests() -> list[str]:
+        """Paths requested from any Server so far."""
+        return list(_QuietHandler.requests)
+
 
 class _QuietHandler(http.server.SimpleHTTPRequestHandler):
     requests: list[str] = []
 
     def log_message(self, fmt, *args):
         _QuietHandler.requests.append(self.path)
+
+    def do_GET(self):
+        stream = STREAMS.get(self.path)
+        if stream is None:
+            return super().do_GET()
+        block, pause, length = stream
+        self.send_response(200)
+        self.send_header("Content-Type", "audio/mpeg")
+        if length:
+            self.send_header("Content-Length", str(length))
+        self.end_headers()
+        try:
+            while True:  # until the client goes away
+                self.wfile.write(block)
+                time.sleep(pause)
+        except OSError:
+            self.close_connection = True
+
+
+STREAMS = {  # path: (block written, pause after each block in seconds, announced length)
+    "/stream/endless.mp3": (b"\xff" * 65536, 0.0, 0),
+    "/stream/trickle.mp3": (b"\xff", 0.2, 0),
+    "/stream/huge.mp3": (b"\xff" * 65536, 0.0, 10 * 10**9),
+}
 
 
 def route_through_refusing_proxy(monkeypatch) -> None:
@@ -81,3 +114,32 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def call_api(root: str, api_name: str, data: list, upload: Path | None = None, timeout: float = 120):
+    """One request to the page's HTTP API (as with curl; see Gradio's "Querying Gradio apps with curl"):
+    upload the file if any (it becomes the first input), call `api_name`, read the event stream.
+    Returns ("complete", outputs), ("error", message) or ("http <status>", body)."""
+    import httpx
+
+    with httpx.Client(base_url=root.rstrip("/") + "/gradio_api", timeout=timeout) as client:
+        if upload is not None:
+            with open(upload, "rb") as f:
+                path = client.post("/upload", files={"files": (upload.name, f)}).json()[0]
+            data = [{"path": path, "meta": {"_type": "gradio.FileData"}}, *data]
+        response = client.post(f"/call/{api_name}", json={"data": data})
+        if response.status_code != 200:
+            return f"http {response.status_code}", response.text
+        events = client.get(f"/call/{api_name}/{response.json()['event_id']}").text
+    kind, payload = _last_event(events)
+    return kind, payload.get("error", "") if kind == "error" and isinstance(payload, dict) else payload
+
+
+def _last_event(stream: str):
+    kind, data = "", None
+    for line in stream.splitlines():
+        if line.startswith("event: "):
+            kind = line.removeprefix("event: ").strip()
+        elif line.startswith("data: ") and kind in ("complete", "error"):
+            data = json.loads(line.removeprefix("data: "))
+    return kind, data

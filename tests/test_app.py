@@ -1,12 +1,15 @@
-"""The inference app: handlers with a tiny model, each bad input, model discovery, the command
-line, and the gradio_client API against a server on 127.0.0.1. A slow test runs a real
-checkpoint (WHISPER_TEST_MODEL) on a two-minute synthetic Swedish recording."""
+"""The inference app: handlers with a tiny model, each bad input, the limits (private URLs, the
+request deadline, a busy model), model discovery, the command line with its login options, and
+the gradio_client API against a server on 127.0.0.1. A slow test runs a real checkpoint
+(WHISPER_TEST_MODEL) on a two-minute synthetic Swedish recording."""
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -17,9 +20,9 @@ import soundfile as sf
 
 from app_helpers import Server, fast_model, free_port, route_through_refusing_proxy, speech_wav
 from conftest import ROOT, run_cli
-from whisper_ft import app, translate
-from whisper_ft.app import GOOGLE, NO_TRANSLATION, WHISPER, Handlers, find_model, newest_best
-from whisper_ft.config import load_config
+from whisper_ft import app, cli, translate
+from whisper_ft.app import BUSY, GOOGLE, NO_TRANSLATION, WHISPER, Handlers, find_model, newest_best
+from whisper_ft.config import ConfigError, load_config
 from whisper_ft.transcribe import load_transcriber
 
 pytestmark = pytest.mark.skipif(shutil.which("espeak-ng") is None or shutil.which("ffmpeg") is None,
@@ -35,7 +38,8 @@ def model_dir(tiny_model_dir, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def cfg():
-    return load_config(None, [f"app.max_media_seconds={MAX_SECONDS}", "app.translate_timeout_seconds=5"])
+    return load_config(None, [f"app.max_media_seconds={MAX_SECONDS}", "app.translate_timeout_seconds=5",
+                              "app.allow_private_urls=true"])  # the test's media server is on 127.0.0.1
 
 
 @pytest.fixture(scope="module")
@@ -66,11 +70,11 @@ def media(tmp_path_factory):
 def fake_google(monkeypatch):
     calls = []
 
-    def fake(text, source, target):
-        calls.append((text, source, target))
-        return f"[{target}] {text}"
+    def fake(chunks, source, target, timeout):
+        calls.extend((text, source, target) for text in chunks)
+        return [f"[{target}] {text}" for text in chunks]
 
-    monkeypatch.setattr(translate, "google_translate", fake)
+    monkeypatch.setattr(translate, "translate_chunks", fake)
     return calls
 
 
@@ -165,6 +169,46 @@ def test_bad_urls(handlers, media):
         assert "limit" in error_message(lambda: handlers.from_url(f"{server.url}/toolong.wav"))
 
 
+def test_private_urls_are_refused_by_default(handlers, media):
+    public = Handlers(handlers.transcriber, load_config(None), handlers.out_dir)
+    with Server(media["speech.mp3"].parent) as server:
+        port = server.url.rsplit(":", 1)[1]
+        for url in (f"{server.url}/speech.mp3", f"http://localhost:{port}/speech.mp3"):
+            assert "not on the public internet (loopback address)" in error_message(lambda: public.from_url(url))
+    assert "link-local" in error_message(lambda: public.from_url("http://169.254.169.254/latest/meta-data/"))
+
+
+def test_a_request_has_one_deadline(handlers, media):
+    """A stream that never ends stops at app.request_timeout_seconds; the page answers."""
+    quick = Handlers(handlers.transcriber, load_config(None, ["app.allow_private_urls=true",
+                                                               "app.request_timeout_seconds=1.5"]), handlers.out_dir)
+    with Server(media["speech.mp3"].parent) as server:
+        start = time.monotonic()
+        message = error_message(lambda: quick.from_url(f"{server.url}/stream/trickle.mp3"))
+    assert "within 1.5 s (app.request_timeout_seconds)" in message and time.monotonic() - start < 4
+
+
+def test_a_busy_model_answers_busy_at_the_deadline(handlers, media, monkeypatch):
+    busy = Handlers(handlers.transcriber, load_config(None, ["app.request_timeout_seconds=1"]), handlers.out_dir)
+    started, release = threading.Event(), threading.Event()
+    transcribe = handlers.transcriber.transcribe
+
+    def slow(*args, **kwargs):
+        started.set()
+        release.wait(30)
+        return transcribe(*args, **kwargs)
+
+    monkeypatch.setattr(handlers.transcriber, "transcribe", slow)
+    first = threading.Thread(target=busy.from_file, args=(str(media["speech.wav"]), NO_TRANSLATION))
+    first.start()
+    assert started.wait(30)
+    try:
+        assert error_message(lambda: busy.from_file(str(media["speech.wav"]), NO_TRANSLATION)) == BUSY
+    finally:
+        release.set()
+        first.join(30)
+
+
 def test_url_input(handlers, media, fake_google):
     with Server(media["speech.mp3"].parent) as server:
         text, translation, status, files, chat, history = handlers.from_url(f"{server.url}/video.mp4", GOOGLE, "en")
@@ -187,6 +231,13 @@ def test_find_model(tmp_path):
     assert find_model(chosen).path == "/some/model"
 
 
+@pytest.mark.parametrize("override", ["app.max_download_mb=0", "app.request_timeout_seconds=-1", "app.workers=0",
+                                      "app.queue_size=0", "app.allow_private_urls=maybe"])
+def test_app_limits_are_checked_with_the_key_named(override):
+    with pytest.raises(ConfigError, match=override.split("=")[0].replace(".", r"\.")):
+        load_config(None, [override])
+
+
 def test_command_line_errors_are_one_line():
     proc = run_cli("inference_app.py", "--model", "/no/such/model", timeout=120)
     assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].startswith("error: ")
@@ -195,18 +246,67 @@ def test_command_line_errors_are_one_line():
     assert proc.returncode == 2 and "app.port" in proc.stderr
 
 
-def test_main_binds_localhost_and_shares_only_on_request(model_dir, monkeypatch):
+@pytest.fixture
+def launches(monkeypatch):
+    """The keyword arguments of every Blocks.launch, which is replaced: nothing is served."""
+    calls = []
+    monkeypatch.setattr(gr.Blocks, "launch", lambda self, **kwargs: calls.append(kwargs))
+    monkeypatch.delenv(app.AUTH_ENV, raising=False)
+    return calls
+
+
+def test_main_binds_localhost_and_shares_only_on_request(model_dir, launches, caplog):
     import inference_app
 
-    launches = []
-    monkeypatch.setattr(gr.Blocks, "launch", lambda self, **kwargs: launches.append(kwargs))
     config = str(Path(__file__).parents[1] / "config.yaml")
-    assert inference_app.main(["--model", str(model_dir), "--config", config]) == 0
+    with caplog.at_level(logging.WARNING):
+        assert inference_app.main(["--model", str(model_dir), "--config", config]) == 0
     assert launches[-1]["server_name"] == "127.0.0.1" and launches[-1]["share"] is False
-    assert launches[-1]["server_port"] == 7860
+    assert launches[-1]["server_port"] == 7860 and launches[-1]["auth"] is None
+    assert "WITHOUT A LOGIN" not in caplog.text
     assert inference_app.main(["--model", str(model_dir), "--config", config, "--host", "0.0.0.0", "--port", "8123",
                                "--share"]) == 0
     assert (launches[-1]["server_name"], launches[-1]["server_port"], launches[-1]["share"]) == ("0.0.0.0", 8123, True)
+
+
+@pytest.mark.parametrize("flags", [["--share"], ["--host", "0.0.0.0"], ["--host", "192.168.1.20"]])
+def test_sharing_without_a_login_warns_loudly(model_dir, launches, caplog, flags):
+    import inference_app
+
+    with caplog.at_level(logging.WARNING):
+        assert inference_app.main(["--model", str(model_dir), "--config", str(ROOT / "config.yaml"), *flags]) == 0
+    assert "WITHOUT A LOGIN" in caplog.text and "--auth-file" in caplog.text
+    assert launches[-1]["auth"] is None
+
+
+def test_logins_from_the_flag_a_file_or_the_environment(model_dir, launches, caplog, tmp_path, monkeypatch):
+    import inference_app
+
+    base = ["--model", str(model_dir), "--config", str(ROOT / "config.yaml"), "--share"]
+    logins = tmp_path / "logins.txt"
+    logins.write_text("# who may use the page\nanna:hemligt:med:kolon\n\nbo:lösen-2\n", encoding="utf-8")
+    with caplog.at_level(logging.WARNING):
+        assert inference_app.main([*base, "--auth", "anna:hemligt"]) == 0
+        assert launches[-1]["auth"] == [("anna", "hemligt")]
+        assert inference_app.main([*base, "--auth-file", str(logins)]) == 0
+        assert launches[-1]["auth"] == [("anna", "hemligt:med:kolon"), ("bo", "lösen-2")]
+        monkeypatch.setenv(app.AUTH_ENV, "cecilia:från-miljön")
+        assert inference_app.main(base) == 0
+        assert launches[-1]["auth"] == [("cecilia", "från-miljön")]
+    assert "WITHOUT A LOGIN" not in caplog.text and launches[-1]["share"] is True
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--auth", "anna"], "error: --auth: expected USER:PASSWORD"),
+    (["--auth", ":hemligt"], "error: --auth: expected USER:PASSWORD"),
+    (["--auth-file", "/no/such/logins.txt"], "error: app.auth_file: /no/such/logins.txt does not exist")])
+def test_a_bad_login_setting_is_a_one_line_error(model_dir, launches, capsys, flags, message):
+    import inference_app
+
+    code = cli.run(inference_app.main, ["--model", str(model_dir), "--config", str(ROOT / "config.yaml"), *flags])
+    err = capsys.readouterr().err
+    assert code == 2 and err.strip() == message + (", both parts non-empty" if "--auth:" in message else "")
+    assert "hemligt" not in err and launches == []
 
 
 @pytest.fixture(scope="module")

@@ -1,14 +1,19 @@
-"""Trimmed features rebuild exactly what WhisperFeatureExtractor makes; decoding and downmixing."""
+"""Trimmed features rebuild exactly what WhisperFeatureExtractor makes; decoding and downmixing;
+the app's limits on decoding (length, time) and ffmpeg kept off the network."""
 
 from __future__ import annotations
+
+import shutil
+import subprocess
 
 import numpy as np
 import pytest
 import soundfile as sf
+from app_helpers import Server
 from conftest import PROCESSOR_DIR
 
-from whisper_ft.audio import (N_FRAMES, N_SAMPLES, SAMPLE_RATE, AudioError, load_audio, n_audio_frames,
-                              pad_features, to_mono, trimmed_features)
+from whisper_ft.audio import (N_FRAMES, N_SAMPLES, SAMPLE_RATE, AudioError, TooLong, load_audio, n_audio_frames,
+                              pad_features, probe_seconds, to_mono, trimmed_features)
 
 # Lengths around every hop remainder that matters, the 30 s edge, and very short clips.
 LENGTHS = [N_SAMPLES, N_SAMPLES - 1, N_SAMPLES - 10, N_SAMPLES - 100, N_SAMPLES - 200, N_SAMPLES - 500,
@@ -76,14 +81,11 @@ def test_load_audio_rejects_bad_files(tmp_path, content):
         load_audio(tmp_path / "missing.mp3")
 
 
+needs_ffmpeg = pytest.mark.skipif(shutil.which("ffmpeg") is None, reason="ffmpeg is needed (apt-get install ffmpeg)")
+
+
+@needs_ffmpeg
 def test_probe_seconds_reads_headers_of_audio_and_video_and_none_otherwise(tmp_path):
-    import shutil
-    import subprocess
-
-    from whisper_ft.audio import probe_seconds
-
-    if shutil.which("ffmpeg") is None:
-        pytest.skip("ffmpeg is needed to make the video (apt-get install ffmpeg)")
     wav, mp4, text = tmp_path / "a.wav", tmp_path / "v.mp4", tmp_path / "notes.txt"
     sf.write(wav, np.zeros(16_000 * 3, dtype=np.float32), 16_000)
     subprocess.run(["ffmpeg", "-v", "error", "-f", "lavfi", "-i", "sine=frequency=440:duration=2.5", "-c:a", "aac",
@@ -93,3 +95,43 @@ def test_probe_seconds_reads_headers_of_audio_and_video_and_none_otherwise(tmp_p
     assert probe_seconds(mp4) == pytest.approx(2.5, abs=0.1)  # libsndfile cannot read it: ffprobe can
     assert probe_seconds(text) is None
     assert probe_seconds(tmp_path / "missing.wav") is None
+
+
+@needs_ffmpeg
+def test_decoding_stops_at_max_seconds(tmp_path):
+    wav, mp4 = tmp_path / "a.wav", tmp_path / "v.mp4"
+    sf.write(wav, np.full(16_000 * 5, 0.1, dtype=np.float32), 16_000)
+    subprocess.run(["ffmpeg", "-v", "error", "-f", "lavfi", "-i", "sine=frequency=440:duration=5", "-c:a", "aac",
+                    str(mp4)], check=True)
+    assert load_audio(wav, max_seconds=5).shape == (80_000,)
+    with pytest.raises(TooLong) as e:  # soundfile knows the length before reading
+        load_audio(wav, max_seconds=4)
+    assert e.value.seconds == pytest.approx(5.0)
+    assert load_audio(mp4, max_seconds=6).shape[0] == pytest.approx(80_000, abs=2000)
+    with pytest.raises(TooLong) as e:  # ffmpeg decodes at most max_seconds + 1 and finds more
+        load_audio(mp4, max_seconds=2)
+    assert e.value.seconds is None and "longer than 2 s" in str(e.value)
+
+
+@needs_ffmpeg
+def test_ffmpeg_has_a_time_limit(tmp_path):
+    mp4 = tmp_path / "v.mp4"
+    subprocess.run(["ffmpeg", "-v", "error", "-f", "lavfi", "-i", "sine=duration=30", "-c:a", "aac", str(mp4)],
+                   check=True)
+    with pytest.raises(AudioError, match="decoding took longer than 0.001 s"):
+        load_audio(mp4, timeout=0.001)
+
+
+@needs_ffmpeg
+def test_a_playlist_file_cannot_make_ffmpeg_fetch_urls(tmp_path):
+    """An upload may be an HLS playlist naming URLs (server-side request forgery): ffmpeg and
+    ffprobe are told to read local files only (-protocol_whitelist), whatever their defaults."""
+    with Server(tmp_path) as server:
+        (tmp_path / "clip.ts").write_bytes(b"\0" * 188)
+        playlist = tmp_path / "upload.mp3"
+        playlist.write_text(f"#EXTM3U\n#EXT-X-TARGETDURATION:10\n#EXTINF:10,\n{server.url}/clip.ts\n#EXT-X-ENDLIST\n")
+        asked = len(Server.requests())
+        with pytest.raises(AudioError):
+            load_audio(playlist)
+        assert probe_seconds(playlist) is None
+        assert len(Server.requests()) == asked

@@ -1,6 +1,7 @@
 """A real browser on the page: headless Debian Chromium driven by Playwright uploads a Swedish
 recording and reads the transcript, translation and real-time factor; a broken file shows an
-error and the page keeps working. CI installs chromium with apt-get."""
+error and the page keeps working; `--share --auth-file` asks for a login first. CI installs
+chromium with apt-get."""
 
 from __future__ import annotations
 
@@ -8,9 +9,11 @@ import os
 import shutil
 from pathlib import Path
 
+import gradio as gr
 import pytest
 
 from app_helpers import fast_model, free_port, speech_wav
+from conftest import ROOT
 from whisper_ft import translate
 from whisper_ft.app import Handlers, build_app
 from whisper_ft.config import load_config
@@ -56,7 +59,8 @@ def upload(page, path: Path) -> None:
 
 
 def test_upload_shows_transcript_and_translation(page_url, browser, tmp_path, monkeypatch):
-    monkeypatch.setattr(translate, "google_translate", lambda text, source, target: f"TRANSLATED({target}): {text}")
+    monkeypatch.setattr(translate, "translate_chunks",
+                        lambda chunks, source, target, timeout: [f"TRANSLATED({target}): {c}" for c in chunks])
     wav = speech_wav("Hej, jag heter Anna och jag bor i Stockholm.", tmp_path / "speech.wav")
     (tmp_path / "broken.mp3").write_bytes(os.urandom(2048))
     page = browser.new_page()
@@ -77,4 +81,46 @@ def test_upload_shows_transcript_and_translation(page_url, browser, tmp_path, mo
     page.get_by_role("tab", name="File").click()
     upload(page, tmp_path / "broken.mp3")
     page.get_by_text("could not be read", exact=False).first.wait_for(timeout=TIMEOUT_MS)
+    page.close()
+
+
+@pytest.fixture
+def shared_with_login(tiny_model_dir, tmp_path, monkeypatch):
+    """`inference_app.py --share --auth-file FILE`, served on 127.0.0.1 only: launch is wrapped to
+    keep gradio.live out of the test, everything else is what the command line passes."""
+    import inference_app
+
+    launched = []
+    launch = gr.Blocks.launch
+
+    def local_launch(self, **kwargs):
+        launched.append((self, kwargs))
+        return launch(self, **{**kwargs, "share": False, "server_port": free_port(), "prevent_thread_lock": True,
+                               "quiet": True})
+
+    monkeypatch.setattr(gr.Blocks, "launch", local_launch)
+    logins = tmp_path / "logins.txt"
+    logins.write_text("anna:hemligt-123\n", encoding="utf-8")
+    model = fast_model(tiny_model_dir, tmp_path / "fast-whisper")
+    assert inference_app.main(["--model", str(model), "--config", str(ROOT / "config.yaml"), "--share",
+                               "--auth-file", str(logins)]) == 0
+    demo, kwargs = launched[-1]
+    assert kwargs["share"] is True and kwargs["auth"] == [("anna", "hemligt-123")]
+    yield demo.local_url
+    demo.close()
+
+
+def test_shared_page_asks_for_a_login(shared_with_login, browser):
+    page = browser.new_page()
+    page.goto(shared_with_login, timeout=TIMEOUT_MS)
+    page.get_by_text("sign in").first.wait_for(timeout=TIMEOUT_MS)  # the login form, not the page
+    assert page.locator("#upload").count() == 0
+    page.get_by_label("username").fill("anna")
+    page.get_by_label("password").fill("fel")
+    page.get_by_role("button", name="Login").click()
+    page.get_by_text("Incorrect", exact=False).first.wait_for(timeout=TIMEOUT_MS)
+    page.get_by_label("username").fill("anna")  # the form is emptied after a failed login
+    page.get_by_label("password").fill("hemligt-123")
+    page.get_by_role("button", name="Login").click()
+    page.get_by_role("tab", name="File").wait_for(timeout=TIMEOUT_MS)
     page.close()

@@ -1,5 +1,6 @@
-"""Translation: chunking under the 5000-character limit, the hard deadline, and the offline path
-with the real library (the network call is replaced only for the success path)."""
+"""Translation: chunking under the 5000-character limit, one hard deadline for a whole transcript
+(the child process is killed: no thread or process is left), and the offline path with the real
+library (the network call is replaced only for the success path)."""
 
 from __future__ import annotations
 
@@ -7,10 +8,11 @@ import socket
 import threading
 import time
 
+import psutil
 import pytest
 
 from app_helpers import route_through_refusing_proxy
-from whisper_ft import translate
+from whisper_ft import child, translate
 from whisper_ft.translate import TranslationError, chunk_text
 
 
@@ -27,15 +29,16 @@ def test_chunk_text_keeps_every_word_under_the_limit():
 def test_translation_success_with_the_call_replaced(monkeypatch):
     calls = []
 
-    def fake(text, source, target):
-        calls.append((len(text), source, target))
-        return f"<{target}>"
+    def fake(chunks, source, target, timeout):
+        calls.append(([len(c) for c in chunks], source, target, timeout))
+        return [f"<{target}>" for _ in chunks]
 
-    monkeypatch.setattr(translate, "google_translate", fake)
+    monkeypatch.setattr(translate, "translate_chunks", fake)
     assert translate.translate("Hej världen.", "en") == "<en>"
     long = "Det här är en mening. " * 600  # about 13,000 characters
-    assert translate.translate(long, "de") == "<de> <de> <de>"
-    assert all(n <= 5000 and s == "sv" and t == "de" for n, s, t in calls[1:])
+    assert translate.translate(long, "de", timeout=30) == "<de> <de> <de>"
+    lengths, source, target, timeout = calls[1]
+    assert all(n <= 5000 for n in lengths) and (source, target, timeout) == ("sv", "de", 30)
     assert translate.translate("Hej.", "sv") == "Hej."  # same language: nothing to do
     with pytest.raises(TranslationError, match="unknown target language"):
         translate.translate("Hej.", "klingon")
@@ -44,6 +47,18 @@ def test_translation_success_with_the_call_replaced(monkeypatch):
 @pytest.fixture
 def refused_proxy(monkeypatch):
     route_through_refusing_proxy(monkeypatch)
+
+
+def test_the_child_translates_each_chunk_and_reports_failures(monkeypatch):
+    monkeypatch.setattr(translate, "google_translate", lambda text, source, target: text.upper())
+    assert translate.serve_chunks({"chunks": ["hej", "då"], "source": "sv", "target": "en"}) == {"texts": ["HEJ", "DÅ"]}
+
+    def refused(text, source, target):
+        raise TranslationError("the translation service refused the text (too many requests)")
+
+    monkeypatch.setattr(translate, "google_translate", refused)
+    assert translate.serve_chunks({"chunks": ["hej"], "source": "sv", "target": "en"}) == {
+        "error": "the translation service refused the text (too many requests)"}
 
 
 def test_offline_gives_a_clear_error_at_once(refused_proxy):
@@ -84,14 +99,17 @@ def silent_proxy(monkeypatch):
     server.close()
 
 
-def test_a_server_that_never_answers_hits_the_deadline(silent_proxy):
+def test_a_server_that_never_answers_hits_one_deadline_for_the_whole_transcript(silent_proxy):
+    threads = threading.active_count()
+    long = "Det här är en mening. " * 600  # three chunks: one deadline for all, not one each
     start = time.perf_counter()
     with pytest.raises(TranslationError, match="did not answer in time"):
-        translate.translate("Hej världen.", "en", timeout=1.0)
+        translate.translate(long, "en", timeout=1.5)
     assert time.perf_counter() - start < 3
+    assert threading.active_count() == threads  # nothing is left blocked on a socket
+    assert psutil.Process().children() == []
 
 
-def test_call_with_deadline_passes_results_and_errors_through():
-    assert translate.call_with_deadline(lambda a, b: a + b, 1.0, 2, 3) == 5
-    with pytest.raises(KeyError):
-        translate.call_with_deadline(lambda: {}["x"], 1.0)
+def test_a_crashing_child_is_a_bug_not_a_translation_failure():
+    with pytest.raises(child.ChildFailed, match="No module named"):
+        child.run("whisper_ft.no_such_module", {}, 30)

@@ -1,26 +1,33 @@
-"""Video URLs through yt-dlp against media served on 127.0.0.1 by the test: direct files, a page
-with a <video>, the duration limit checked before downloading, temp files removed, bad URLs."""
+"""Video URLs through yt-dlp (in a child process) against media served on 127.0.0.1 by the test:
+direct files, a page with a <video>, the limits on length, size and time, temp files removed, bad
+URLs, and private addresses refused unless allowed."""
 
 from __future__ import annotations
 
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
+import time
 
+import psutil
 import pytest
 
 from app_helpers import Server, speech_wav
-from whisper_ft import youtube
-from whisper_ft.youtube import MediaError, check_url, download_audio
+from conftest import ROOT
+from whisper_ft import urls, youtube
+from whisper_ft.youtube import Limits, MediaError, check_url, download_audio
 
 pytestmark = pytest.mark.skipif(shutil.which("espeak-ng") is None or shutil.which("ffmpeg") is None,
                                 reason="espeak-ng and ffmpeg are needed for synthetic media")
 
+LOCAL = Limits(max_seconds=3600, max_mb=50, download_seconds=60, allow_private=True)  # the test server is local
+
 
 @pytest.fixture(scope="module")
 def site(tmp_path_factory):
-    """Serves speech.mp3 (about 3 s), video.mp4 (speech with a black picture) and page.html."""
+    """Serves speech.mp3 (about 3 s), video.mp4 (speech with a black picture), page.html and the streams."""
     root = tmp_path_factory.mktemp("site")
     wav = speech_wav("Hej, jag heter Anna och jag bor i Stockholm.", root / "speech.wav")
     subprocess.run(["ffmpeg", "-v", "error", "-i", str(wav), "-ar", "48000", "-ac", "1", "-c:a", "libmp3lame",
@@ -42,68 +49,135 @@ def tmp_root(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("url", ["", "   ", "file:///etc/passwd", "/etc/passwd", "~/video.mp4", "C:\\video.mp4",
-                                 "ftp://example.com/a.mp3", "youtube.com/watch?v=x", "https://", "javascript:alert(1)"])
+                                 "ftp://example.com/a.mp3", "youtube.com/watch?v=x", "https://", "javascript:alert(1)",
+                                 "http://example.com:99999/a.mp3", "rtmp://example.com/live", "data:audio/mp3,xyz"])
 def test_bad_urls_are_refused(url):
     with pytest.raises(MediaError):
         check_url(url)
 
 
 def test_file_urls_are_refused_before_yt_dlp(monkeypatch):
-    import yt_dlp
-
-    monkeypatch.setattr(yt_dlp, "YoutubeDL", None)  # never reached
+    monkeypatch.setattr(youtube.child, "run", None)  # never reached
     with pytest.raises(MediaError, match="file:// URLs and local paths are refused"):
-        download_audio("file:///etc/passwd", 3600)
+        download_audio("file:///etc/passwd", LOCAL, 60)
 
 
 @pytest.mark.parametrize("name", ["speech.mp3", "video.mp4", "page.html"])
 def test_downloads_audio_and_removes_temp_files(site, tmp_root, name):
-    media = download_audio(f"{site.url}/{name}", max_seconds=3600)
+    media = download_audio(f"{site.url}/{name}", LOCAL, 60)
     assert media.wave.dtype.name == "float32" and media.wave.ndim == 1
     assert 2.0 < media.seconds < 5.0
     assert media.title
     assert list(tmp_root.iterdir()) == []
 
 
-def test_too_long_is_refused_before_downloading(site, tmp_root, monkeypatch):
-    import yt_dlp
+def test_a_duration_the_site_tells_is_checked_before_downloading():
+    check = youtube.MediaFilter(max_seconds=60, allow_private=True)
+    assert check({"duration": 59, "url": "https://example.com/a.mp3"}, incomplete=False) is None
+    with pytest.raises(MediaError, match="is 2.0 min long; the limit is 60 s"):
+        check({"duration": 120}, incomplete=True)
+    with pytest.raises(MediaError, match="live streams"):
+        check({"is_live": True}, incomplete=True)
 
-    def no_download(*args, **kwargs):
-        raise AssertionError("downloaded although the media is too long")
 
-    monkeypatch.setattr(yt_dlp.YoutubeDL, "dl", no_download)
+@pytest.mark.parametrize("info", [{"url": "rtmp://example.com/live"}, {"url": "file:///etc/passwd"},
+                                  {"requested_formats": [{"url": "https://example.com/v.mp4"},
+                                                         {"url": "http://169.254.169.254/a.m4a"}]},
+                                  {"url": "https://example.com/a.m3u8", "manifest_url": "http://10.0.0.7/x.m3u8"}])
+def test_the_media_urls_an_extractor_returns_are_checked(info):
+    with pytest.raises(MediaError, match="media URL was refused"):
+        youtube.MediaFilter(max_seconds=60, allow_private=False)(info, incomplete=False)
+
+
+def test_too_long_without_known_duration_is_refused_while_decoding(site, tmp_root):
     with pytest.raises(MediaError, match="limit is 2 s"):
-        download_audio(f"{site.url}/speech.mp3", max_seconds=2)
+        download_audio(f"{site.url}/speech.mp3", Limits(2, 50, 60, allow_private=True), 60)
     assert list(tmp_root.iterdir()) == []
 
 
-def test_too_long_without_known_duration_is_refused_after_decoding(site, tmp_root, monkeypatch):
-    monkeypatch.setattr(youtube, "probe_duration", lambda url: None)
-    with pytest.raises(MediaError, match="limit"):
-        download_audio(f"{site.url}/speech.mp3", max_seconds=2)
+@pytest.mark.parametrize("path", ["speech.mp3", "stream/endless.mp3", "stream/huge.mp3"])
+def test_downloads_stop_at_the_size_limit(site, tmp_root, path):
+    start = time.monotonic()
+    with pytest.raises(MediaError, match=r"larger than 0.01 MB \(app.max_download_mb\)"):
+        download_audio(f"{site.url}/{path}", Limits(3600, 0.01, 60, allow_private=True), 60)
+    assert time.monotonic() - start < 10
     assert list(tmp_root.iterdir()) == []
+
+
+def test_a_stream_that_trickles_is_stopped_at_the_deadline(site, tmp_root):
+    start = time.monotonic()
+    with pytest.raises(MediaError, match=r"did not finish within 1.5 s \(app.download_timeout_seconds\)"):
+        download_audio(f"{site.url}/stream/trickle.mp3", Limits(3600, 50, 1.5, allow_private=True), 60)
+    assert time.monotonic() - start < 4
+    with pytest.raises(MediaError, match=r"within 1 s \(app.request_timeout_seconds\)"):
+        download_audio(f"{site.url}/stream/trickle.mp3", Limits(3600, 50, 60, allow_private=True), 1)
+    assert list(tmp_root.iterdir()) == []
+    assert psutil.Process().children() == []  # the yt-dlp process was killed and reaped
 
 
 def test_missing_media_and_dead_hosts_give_clear_errors(site, tmp_root):
     with pytest.raises(MediaError, match="404"):
-        download_audio(f"{site.url}/missing.mp3", 3600)
+        download_audio(f"{site.url}/missing.mp3", LOCAL, 60)
     with socket.socket() as s:  # a port nobody listens on
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     with pytest.raises(MediaError, match="could not get audio"):
-        download_audio(f"http://127.0.0.1:{port}/video.mp4", 3600)
+        download_audio(f"http://127.0.0.1:{port}/video.mp4", LOCAL, 60)
     assert list(tmp_root.iterdir()) == []
 
 
 def test_page_without_media_is_refused(site, tmp_path):
     (tmp_path / "plain.html").write_text("<html><body>Ingen video här.</body></html>")
     with Server(tmp_path) as server, pytest.raises(MediaError, match="could not get audio"):
-        download_audio(f"{server.url}/plain.html", 3600)
+        download_audio(f"{server.url}/plain.html", LOCAL, 60)
 
 
 def test_cookies_file(site, tmp_path):
     with pytest.raises(MediaError, match="cookies file"):
-        download_audio(f"{site.url}/speech.mp3", 3600, cookies_file=str(tmp_path / "missing.txt"))
+        download_audio(f"{site.url}/speech.mp3", LOCAL, 60, cookies_file=str(tmp_path / "missing.txt"))
     cookies = tmp_path / "cookies.txt"
     cookies.write_text("# Netscape HTTP Cookie File\n127.0.0.1\tFALSE\t/\tFALSE\t0\tconsent\tyes\n")
-    assert download_audio(f"{site.url}/speech.mp3", 3600, cookies_file=str(cookies)).seconds > 2
+    assert download_audio(f"{site.url}/speech.mp3", LOCAL, 60, cookies_file=str(cookies)).seconds > 2
+
+
+@pytest.mark.parametrize("address, problem", [
+    ("127.0.0.1", "loopback"), ("::1", "loopback"), ("::ffff:127.0.0.1", "loopback"), ("10.1.2.3", "private"),
+    ("192.168.0.10", "private"), ("172.16.5.4", "private"), ("169.254.169.254", "link-local"),
+    ("fe80::1%eth0", "link-local"), ("224.0.0.1", "multicast"), ("0.0.0.0", "unspecified"),
+    ("240.0.0.1", "reserved"), ("100.64.0.1", "not globally routable"), ("fd00::1", "private"),
+    ("8.8.8.8", None), ("2001:4860:4860::8888", None)])
+def test_address_problems(address, problem):
+    assert urls.address_problem(address) == problem
+
+
+@pytest.mark.parametrize("url", ["http://127.0.0.1:8000/a.mp3", "http://localhost/a.mp3", "http://[::1]/a.mp3",
+                                 "http://10.0.0.1/a.mp3", "https://169.254.169.254/latest/meta-data/",
+                                 "http://0.0.0.0:7860/", "http://[::ffff:7f00:1]/a.mp3"])
+def test_private_urls_are_refused_unless_allowed(url):
+    with pytest.raises(urls.URLRefused, match="not on the public internet"):
+        urls.check_url(url)
+    assert urls.check_url(url, allow_private=True) == url
+
+
+def test_private_hosts_are_refused_end_to_end(site, tmp_root):
+    """With the default (allow_private false) the local server is not fetched: the child process
+    refuses it before yt-dlp connects, by name and by address."""
+    port = site.url.rsplit(":", 1)[1]
+    served = len(Server.requests())
+    for host in ("127.0.0.1", "localhost"):
+        with pytest.raises(MediaError, match="loopback address"):
+            download_audio(f"http://{host}:{port}/speech.mp3", Limits(3600, 50, 60), 60)
+    with pytest.raises(MediaError, match="link-local address"):
+        download_audio("http://169.254.169.254/latest/meta-data/", Limits(3600, 50, 60), 60)
+    assert len(Server.requests()) == served
+    assert list(tmp_root.iterdir()) == []
+
+
+def test_the_guard_refuses_every_connection_of_its_process(site):
+    """What stops redirects and re-resolved hosts: in the yt-dlp process, any connection to a private
+    address fails, whichever library opens it."""
+    code = ("import urllib.request, sys; from whisper_ft import urls; urls.guard_connections(); "
+            "urllib.request.urlopen(sys.argv[1], timeout=5)")
+    proc = subprocess.run([sys.executable, "-c", code, f"{site.url}/speech.mp3"], capture_output=True, text=True,
+                          cwd=ROOT, timeout=60)
+    assert proc.returncode != 0 and "127.0.0.1 is not on the public internet (loopback address)" in proc.stderr

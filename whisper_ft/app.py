@@ -2,17 +2,23 @@
 or a video URL, translate it, and offer the transcript as .txt and .srt.
 
 Built by `inference_app.py`: `find_model` picks the model, `load_transcriber` loads it once,
-`Handlers` holds the request logic (tested directly), `build_app` lays out the page. Bad input
-raises `gr.Error` with a message for the user; the queue runs one transcription at a time
-and lets other visitors wait their turn.
+`Handlers` holds the request logic (tested directly), `build_app` lays out the page,
+`read_logins` and `exposure_warning` decide about the login. Bad input raises `gr.Error` with a
+message for the user. The page is safe to share: each request has a deadline
+(`app.request_timeout_seconds`) and bounded work (length, download size and time, see
+`whisper_ft.youtube`); `app.workers` requests run at once, downloading and decoding side by
+side, transcribing one at a time; a full queue tells visitors the page is busy.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import tempfile
+import threading
 import time
 import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,8 +26,9 @@ import gradio as gr
 import numpy as np
 
 from whisper_ft import translate, youtube
-from whisper_ft.audio import SAMPLE_RATE, AudioError, is_silent, load_audio, probe_seconds, to_mono
-from whisper_ft.config import Config
+from whisper_ft.audio import SAMPLE_RATE, AudioError, TooLong, is_silent, load_audio, probe_seconds, to_mono
+from whisper_ft.config import AppConfig, Config
+from whisper_ft.errors import UserError
 from whisper_ft.transcribe import Transcript, load_transcriber, to_srt, to_txt
 
 log = logging.getLogger(__name__)
@@ -31,8 +38,10 @@ WHISPER = "Whisper (offline, to English)"
 NO_TRANSLATION = "No translation"
 TRANSLATORS = (GOOGLE, WHISPER, NO_TRANSLATION)
 HISTORY_TURNS = 20  # conversation turns kept on the page per visitor
-QUEUE_SIZE = 64  # visitors that may wait; more get "queue full"
 DOWNLOAD_MAX_AGE = 3600.0  # seconds a transcript file stays on disk
+PROBE_TIMEOUT = 20.0  # seconds for ffprobe to read an upload's duration
+AUTH_ENV = "WHISPER_APP_AUTH"  # USER:PASSWORD, for a login kept out of the shell history
+BUSY = "The page is busy with other visitors' recordings; try again in a few minutes."
 
 
 @dataclass(frozen=True)
@@ -75,6 +84,7 @@ class Handlers:
         self.transcriber = transcriber
         self.cfg = cfg
         self.language = cfg.model.language
+        self._model_lock = threading.Lock()  # one transcription at a time; downloads and decoding run side by side
         if not out_dir:
             # Transcripts are people's speech: this folder is removed when the process ends.
             self._tmp = tempfile.TemporaryDirectory(prefix="whisper-ft-app-")
@@ -83,36 +93,70 @@ class Handlers:
         self.out_dir.mkdir(parents=True, exist_ok=True)
 
     def from_microphone(self, audio, translator=GOOGLE, target="en", timestamps=False, history=None):
+        deadline = self._deadline()
         if audio is None:
             raise gr.Error("Record something first: press the microphone button, speak, then stop.")
         sr, data = audio
+        if sr and len(data) / sr > self.cfg.app.max_media_seconds:  # refused before any conversion
+            raise gr.Error(youtube.too_long_message(len(data) / sr, self.cfg.app.max_media_seconds))
         try:
             wave = to_mono(data, sr)
         except AudioError as e:
             raise gr.Error(f"The recording could not be read: {e}") from e
-        return self._run(wave, "Microphone recording", translator, target, timestamps, history)
+        return self._run(wave, "Microphone recording", translator, target, timestamps, history, deadline)
 
     def from_file(self, path, translator=GOOGLE, target="en", timestamps=False, history=None):
+        deadline = self._deadline()
         if not path:
             raise gr.Error("Upload an audio or video file first.")
         path = Path(path)
-        seconds = probe_seconds(path)  # an over-long upload is refused before decoding
-        if seconds is not None and seconds > self.cfg.app.max_media_seconds:
-            raise gr.Error(youtube.too_long_message(seconds, self.cfg.app.max_media_seconds))
+        max_seconds = self.cfg.app.max_media_seconds
+        seconds = probe_seconds(path, min(PROBE_TIMEOUT, self._left(deadline)))  # refused before decoding
+        if seconds is not None and seconds > max_seconds:
+            raise gr.Error(youtube.too_long_message(seconds, max_seconds))
         try:
-            wave = load_audio(path)
+            wave = load_audio(path, max_seconds=max_seconds, timeout=self._left(deadline))
+        except TooLong as e:
+            raise gr.Error(youtube.too_long_message(e.seconds, max_seconds)) from e
         except AudioError as e:
             raise gr.Error(f"{path.name} could not be read as audio or video: {e}") from e
-        return self._run(wave, f"File {path.name}", translator, target, timestamps, history)
+        return self._run(wave, f"File {path.name}", translator, target, timestamps, history, deadline)
 
     def from_url(self, url, translator=GOOGLE, target="en", timestamps=False, history=None):
+        deadline = self._deadline()
+        app = self.cfg.app
+        limits = youtube.Limits(app.max_media_seconds, app.max_download_mb, app.download_timeout_seconds,
+                                app.allow_private_urls)
         try:
-            media = youtube.download_audio(url, self.cfg.app.max_media_seconds, self.cfg.app.cookies_file)
+            media = youtube.download_audio(url, limits, self._left(deadline), app.cookies_file)
         except youtube.MediaError as e:
             raise gr.Error(str(e)) from e
-        return self._run(media.wave, f"{media.title} ({media.url})", translator, target, timestamps, history)
+        return self._run(media.wave, f"{media.title} ({media.url})", translator, target, timestamps, history,
+                         deadline)
 
-    def _run(self, wave: np.ndarray, label: str, translator: str, target: str, timestamps: bool, history):
+    def _deadline(self) -> float:
+        return time.monotonic() + self.cfg.app.request_timeout_seconds
+
+    def _left(self, deadline: float) -> float:
+        """Seconds left before `deadline`; gr.Error once it has passed."""
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise gr.Error(f"The request took longer than {self.cfg.app.request_timeout_seconds:.0f} s "
+                           "(app.request_timeout_seconds) and was stopped; try a shorter recording.")
+        return left
+
+    @contextmanager
+    def _model(self, deadline: float):
+        """Hold the model, waiting for other visitors' transcriptions at most until `deadline`."""
+        if not self._model_lock.acquire(timeout=self._left(deadline)):
+            raise gr.Error(BUSY)
+        try:
+            yield self.transcriber
+        finally:
+            self._model_lock.release()
+
+    def _run(self, wave: np.ndarray, label: str, translator: str, target: str, timestamps: bool, history,
+             deadline: float):
         seconds = len(wave) / SAMPLE_RATE
         if is_silent(wave):
             raise gr.Error("The audio is empty or silent: nothing to transcribe. Check the microphone or the file.")
@@ -120,25 +164,29 @@ class Handlers:
             raise gr.Error(youtube.too_long_message(seconds, self.cfg.app.max_media_seconds))
         if translator not in TRANSLATORS:
             raise gr.Error(f"Unknown translator {translator!r}; choose one of: {', '.join(TRANSLATORS)}.")
-        result = self.transcriber.transcribe(wave, task="transcribe", timestamps=bool(timestamps))
+        with self._model(deadline) as model:
+            result = model.transcribe(wave, task="transcribe", timestamps=bool(timestamps))
+            english = model.transcribe(wave, task="translate") if result.text and translator == WHISPER else None
         notes = [_speed_note(result, self.transcriber.backend)]
         if not result.text:
             notes.append("No speech was recognised.")
         translation = ""
         if result.text and translator == GOOGLE:
-            translation, note = self._google(result.text, target)
+            translation, note = self._google(result.text, target, deadline - time.monotonic())
             notes += [note] if note else []
-        elif result.text and translator == WHISPER:
-            english = self.transcriber.transcribe(wave, task="translate")
+        elif english is not None:
             translation = english.text
             notes.append(f"Whisper's translation to English took {english.elapsed_seconds:.1f} s.")
         files = self._write_files(result)
         history = _append_history(history, label, seconds, result.text, translation)
         return result.text, translation, "\n\n".join(notes), files, history, history
 
-    def _google(self, text: str, target: str) -> tuple[str, str]:
+    def _google(self, text: str, target: str, seconds_left: float) -> tuple[str, str]:
+        timeout = min(self.cfg.app.translate_timeout_seconds, seconds_left)
         try:
-            return translate.translate(text, target, self.language, self.cfg.app.translate_timeout_seconds), ""
+            if timeout <= 0:
+                raise translate.TranslationError("no time was left for it (app.request_timeout_seconds)")
+            return translate.translate(text, target, self.language, timeout), ""
         except translate.TranslationError as e:
             log.warning("translation failed: %s", e)
             gr.Warning(f"Translation failed: {e}")
@@ -212,6 +260,58 @@ def build_app(handlers: Handlers, model_name: str, notice: str = "") -> gr.Block
         mic_button.click(handlers.from_microphone, [mic, *options], outputs, api_name="transcribe_microphone")
         file_button.click(handlers.from_file, [upload, *options], outputs, api_name="transcribe_file")
         url_button.click(handlers.from_url, [url, *options], outputs, api_name="transcribe_url")
-    # One model, one transcription at a time; other visitors wait in the queue.
-    demo.queue(default_concurrency_limit=1, max_size=QUEUE_SIZE)
+    # app.workers requests at once (Handlers transcribes one at a time); a full queue answers "busy, try again".
+    demo.queue(default_concurrency_limit=cfg.workers, max_size=cfg.queue_size)
     return demo
+
+
+class AuthError(UserError):
+    """A login setting that cannot be used; the message never repeats the password."""
+
+
+def read_logins(auth: str | None, auth_file: str, environ) -> list[tuple[str, str]]:
+    """Logins for the page: `--auth USER:PASSWORD`, else the lines of `auth_file` (app.auth_file,
+    --auth-file; blank lines and # comments skipped), else $WHISPER_APP_AUTH; [] when none is set."""
+    if auth:
+        return [parse_login(auth, "--auth")]
+    if auth_file:
+        path = Path(auth_file).expanduser()
+        if not path.is_file():
+            raise AuthError(f"app.auth_file: {auth_file} does not exist")
+        lines = [(i, line.strip()) for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1)]
+        logins = [parse_login(line, f"{auth_file}, line {i}") for i, line in lines
+                  if line and not line.startswith("#")]
+        if not logins:
+            raise AuthError(f"app.auth_file: {auth_file} holds no USER:PASSWORD line")
+        return logins
+    if environ.get(AUTH_ENV):
+        return [parse_login(environ[AUTH_ENV], AUTH_ENV)]
+    return []
+
+
+def parse_login(text: str, where: str) -> tuple[str, str]:
+    user, sep, password = text.strip().partition(":")
+    if not sep or not user.strip() or not password:
+        raise AuthError(f"{where}: expected USER:PASSWORD, both parts non-empty")
+    return user.strip(), password
+
+
+def is_loopback(host: str) -> bool:
+    """True for addresses only this machine can reach (127.0.0.1, ::1, localhost)."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def exposure_warning(app: AppConfig, logins: list) -> str:
+    """A loud warning when the page is reachable from other machines without a login; "" otherwise."""
+    if logins or (not app.share and is_loopback(app.host)):
+        return ""
+    where = "on a public gradio.live link" if app.share else f"on {app.host}, reachable from other machines"
+    bar = "!" * 100
+    return (f"\n{bar}\n  The page is {where} WITHOUT A LOGIN: anyone who finds it can use this machine.\n"
+            f"  Set one with --auth-file PATH (USER:PASSWORD lines), ${AUTH_ENV}=USER:PASSWORD or "
+            f"--auth USER:PASSWORD.\n{bar}")

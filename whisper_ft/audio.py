@@ -3,7 +3,9 @@ so that training and serving can never drift.
 
 Decoding uses soundfile (libsndfile reads WAV, FLAC, OGG and MP3) and falls back to the
 ffmpeg command for anything else (video containers, AAC, ...); resampling uses soxr.
-Nothing here depends on torchcodec.
+Nothing here depends on torchcodec. For the app, `load_audio` takes a length cap (nothing longer
+is ever decoded into memory) and a time limit, and ffmpeg and ffprobe read local files only:
+a file that points elsewhere (an HLS playlist, say) cannot make them fetch a URL.
 
 Whisper pads every input to 30 s. Most clips are far shorter, so features are stored
 trimmed to the frames that hold audio plus one fill value, and `pad_features` rebuilds the
@@ -27,14 +29,30 @@ N_FFT = 400
 CHUNK_SECONDS = 30
 N_SAMPLES = CHUNK_SECONDS * SAMPLE_RATE  # 480_000 samples in a Whisper input
 N_FRAMES = N_SAMPLES // HOP_LENGTH  # 3000 frames in a Whisper input
+LOCAL_ONLY = ["-protocol_whitelist", "file,pipe"]  # ffmpeg/ffprobe input option: no network protocols
 
 
 class AudioError(ValueError):
     """Audio that cannot be decoded; the message says why."""
 
 
-def load_audio(source: str | Path | bytes, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
-    """Decode a file (path or bytes) to mono float32 at `sample_rate`. Returns shape (n_samples,)."""
+class TooLong(AudioError):
+    """Audio over a length limit; `seconds` is its length, or None when it is only known to be longer."""
+
+    def __init__(self, seconds: float | None, max_seconds: float):
+        self.seconds = seconds
+        self.max_seconds = max_seconds
+        super().__init__(f"longer than {max_seconds:g} s" if seconds is None else f"{seconds:.1f} s long, "
+                         f"over the limit of {max_seconds:g} s")
+
+
+def load_audio(source: str | Path | bytes, sample_rate: int = SAMPLE_RATE, max_seconds: float | None = None,
+               timeout: float | None = None) -> np.ndarray:
+    """Decode a file (path or bytes) to mono float32 at `sample_rate`. Returns shape (n_samples,).
+
+    With `max_seconds`, longer audio raises TooLong and no more than that is decoded; `timeout`
+    bounds an ffmpeg run (seconds).
+    """
     data = source if isinstance(source, bytes) else None
     if data is None:
         path = Path(source)
@@ -43,11 +61,19 @@ def load_audio(source: str | Path | bytes, sample_rate: int = SAMPLE_RATE) -> np
         if path.stat().st_size == 0:
             raise AudioError(f"empty file: {path}")
     try:
-        wave, sr = sf.read(io.BytesIO(data) if data is not None else str(source), dtype="float32",
-                           always_2d=True)
+        wave, sr = _soundfile_decode(io.BytesIO(data) if data is not None else str(source), max_seconds)
+    except TooLong:
+        raise
     except (sf.LibsndfileError, RuntimeError, TypeError, ValueError):
-        wave, sr = _ffmpeg_decode(source, sample_rate), sample_rate
+        wave, sr = _ffmpeg_decode(source, sample_rate, max_seconds, timeout), sample_rate
     return to_mono(wave, sr, sample_rate)
+
+
+def _soundfile_decode(source, max_seconds: float | None) -> tuple[np.ndarray, int]:
+    with sf.SoundFile(source) as f:
+        if max_seconds is not None and f.frames > max_seconds * f.samplerate:
+            raise TooLong(f.frames / f.samplerate, max_seconds)
+        return f.read(dtype="float32", always_2d=True), f.samplerate
 
 
 def to_mono(wave: np.ndarray, sr: int, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
@@ -65,28 +91,40 @@ def to_mono(wave: np.ndarray, sr: int, sample_rate: int = SAMPLE_RATE) -> np.nda
     return np.ascontiguousarray(wave)
 
 
-def _ffmpeg_decode(source: str | Path | bytes, sample_rate: int) -> np.ndarray:
-    """Decode anything ffmpeg reads (video, AAC, ...) to mono float32 PCM at `sample_rate`."""
+def _ffmpeg_decode(source: str | Path | bytes, sample_rate: int, max_seconds: float | None = None,
+                   timeout: float | None = None) -> np.ndarray:
+    """Decode anything ffmpeg reads (video, AAC, ...) to mono float32 PCM at `sample_rate`, shape (n, 1).
+    With `max_seconds`, decodes one second more than that at most, to tell whether the audio is longer."""
     if shutil.which("ffmpeg") is None:
         raise AudioError("this format needs ffmpeg, which is not installed (apt-get install ffmpeg)")
     is_bytes = isinstance(source, bytes)
-    cmd = ["ffmpeg", "-nostdin", "-v", "error", "-i", "pipe:0" if is_bytes else str(source),
-           "-vn", "-ac", "1", "-ar", str(sample_rate), "-f", "f32le", "pipe:1"]
-    proc = subprocess.run(cmd, input=source if is_bytes else None, capture_output=True, check=False)
+    limit = ["-t", f"{max_seconds + 1:g}"] if max_seconds is not None else []
+    cmd = ["ffmpeg", "-nostdin", "-v", "error", *LOCAL_ONLY, "-i", "pipe:0" if is_bytes else str(source),
+           *limit, "-vn", "-ac", "1", "-ar", str(sample_rate), "-f", "f32le", "pipe:1"]
+    try:
+        proc = subprocess.run(cmd, input=source if is_bytes else None, capture_output=True, timeout=timeout,
+                              check=False)
+    except subprocess.TimeoutExpired as e:
+        raise AudioError(f"decoding took longer than {timeout:.3g} s") from e
     if proc.returncode != 0:
         reason = proc.stderr.decode(errors="replace").strip().splitlines()
-        raise AudioError(f"cannot decode audio: {reason[-1] if reason else 'ffmpeg failed'}")
+        reason = reason[-1] if reason else "ffmpeg failed"
+        if not is_bytes:  # the app shows this message: the file's name, not the server's path
+            reason = reason.replace(str(source), Path(source).name)
+        raise AudioError(f"cannot decode audio: {reason}")
     wave = np.frombuffer(proc.stdout, dtype=np.float32)
+    if max_seconds is not None and len(wave) > max_seconds * sample_rate:
+        raise TooLong(None, max_seconds)
     return wave.reshape(-1, 1)
 
 
 def probe_seconds(source: str | Path, timeout: float = 20.0) -> float | None:
-    """Duration of a media file or link from its header, without decoding; None when unknown."""
+    """Duration of a media file from its header, without decoding; None when unknown."""
     try:
         return sf.info(str(source)).duration
     except (sf.LibsndfileError, RuntimeError, TypeError, ValueError):
         pass
-    cmd = ["ffprobe", "-v", "error", "-rw_timeout", str(int(timeout * 1e6)), "-show_entries", "format=duration",
+    cmd = ["ffprobe", "-v", "error", *LOCAL_ONLY, "-show_entries", "format=duration",
            "-of", "default=noprint_wrappers=1:nokey=1", str(source)]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)

@@ -1,19 +1,22 @@
 """Translation of transcripts with deep-translator (Google Translate), for the app.
 
 `translate(text, target, source, timeout)` cuts text over the service's 5000-character limit
-into chunks at sentence or word boundaries, and gives every request a hard deadline: the
-library sets no request timeout, so a server that never answers would block the page
-forever. Failures (offline, timeout, refused) raise `TranslationError` with a message fit
-to show the user; the app then still shows the transcript. One of the two modules with
-network access (the other is `youtube`).
+into chunks at sentence or word boundaries and translates them in a child process
+(`python -m whisper_ft.translate`, see `whisper_ft.child`) that is killed when the whole
+transcript is not done after `timeout` seconds: deep-translator sets no socket timeout, so a
+server that never answers would otherwise block a thread for the life of the app. Failures
+(offline, timeout, refused) raise `TranslationError` with a message fit to show the user; the
+app then still shows the transcript. One of the two modules with network access (the other
+is `youtube`).
 """
 
 from __future__ import annotations
 
 import re
-import threading
 
 from deep_translator.constants import GOOGLE_LANGUAGES_TO_CODES
+
+from whisper_ft import child
 
 MAX_CHARS = 4500  # under deep-translator's 5000-character limit, with room for multi-byte surprises
 LANGUAGES = dict(sorted((name.title(), code) for name, code in GOOGLE_LANGUAGES_TO_CODES.items()))
@@ -53,57 +56,52 @@ def _pack(parts: list[str], max_chars: int) -> list[str]:
     return pieces
 
 
-def google_translate(text: str, source: str, target: str) -> str:
-    """One request to Google Translate through deep-translator (no timeout of its own)."""
-    from deep_translator import GoogleTranslator
-
-    return GoogleTranslator(source=source, target=target).translate(text) or ""
-
-
-def call_with_deadline(fn, timeout: float, *args):
-    """Run `fn(*args)` in a daemon thread; raise TimeoutError if it has not returned after `timeout` s.
-
-    A daemon thread, not an executor: a request that never returns must not keep the process alive.
-    """
-    result: dict = {}
-
-    def target():
-        try:
-            result["value"] = fn(*args)
-        except BaseException as e:  # noqa: BLE001 - handed to the caller below, never dropped
-            result["error"] = e
-
-    thread = threading.Thread(target=target, name="translate-call", daemon=True)
-    thread.start()
-    thread.join(timeout)
-    if thread.is_alive():
-        raise TimeoutError(f"no answer within {timeout:g} s")
-    if "error" in result:
-        raise result["error"]
-    return result["value"]
-
-
-def translate(text: str, target: str = "en", source: str = "sv", timeout: float = 15.0) -> str:
-    """Translate `text` chunk by chunk, each request with a hard `timeout` in seconds."""
+def translate(text: str, target: str = "en", source: str = "sv", timeout: float = 60.0) -> str:
+    """Translate `text`, all of it within `timeout` seconds."""
     if target not in LANGUAGES.values():
         raise TranslationError(f"unknown target language {target!r}; choose one of the listed languages")
     if target == source or not text.strip():
         return text
-    out = []
-    for chunk in chunk_text(text):
-        try:
-            out.append(call_with_deadline(google_translate, timeout, chunk, source, target))
-        except TimeoutError as e:
-            raise TranslationError(f"the translation service did not answer in time ({e})") from e
-        except (OSError, ValueError) as e:  # requests' errors are OSErrors; deep-translator's are Exceptions
-            raise TranslationError(f"the translation service could not be reached ({type(e).__name__})") from e
-        except Exception as e:
-            if type(e).__module__.startswith("deep_translator"):
-                raise TranslationError(f"the translation service refused the text ({_first_line(e)})") from e
-            raise
-    return " ".join(out)
+    return " ".join(translate_chunks(chunk_text(text), source, target, timeout))
+
+
+def translate_chunks(chunks: list[str], source: str, target: str, timeout: float) -> list[str]:
+    """Translate each chunk in a child process that is killed after `timeout` seconds for all of them."""
+    try:
+        reply = child.run(__name__, {"chunks": chunks, "source": source, "target": target}, timeout)
+    except TimeoutError as e:
+        raise TranslationError(f"the translation service did not answer in time ({e})") from e
+    if "error" in reply:
+        raise TranslationError(reply["error"])
+    return reply["texts"]
+
+
+def serve_chunks(request: dict) -> dict:
+    """The child's job: {"texts": one translation per chunk} or {"error": message for the user}."""
+    try:
+        return {"texts": [google_translate(c, request["source"], request["target"]) for c in request["chunks"]]}
+    except TranslationError as e:
+        return {"error": str(e)}
+
+
+def google_translate(text: str, source: str, target: str) -> str:
+    """One request to Google Translate through deep-translator; its failures raise TranslationError."""
+    from deep_translator import GoogleTranslator
+
+    try:
+        return GoogleTranslator(source=source, target=target).translate(text) or ""
+    except (OSError, ValueError) as e:  # requests' errors are OSErrors; deep-translator's are Exceptions
+        raise TranslationError(f"the translation service could not be reached ({type(e).__name__})") from e
+    except Exception as e:
+        if type(e).__module__.startswith("deep_translator"):
+            raise TranslationError(f"the translation service refused the text ({_first_line(e)})") from e
+        raise
 
 
 def _first_line(e: BaseException) -> str:
     text = str(e).strip()
     return text.splitlines()[0] if text else type(e).__name__
+
+
+if __name__ == "__main__":
+    child.serve(serve_chunks)
