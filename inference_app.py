@@ -5,6 +5,8 @@ and translates it.
     python inference_app.py --model checkpoints/<run>/best --port 7860
     python inference_app.py --host 0.0.0.0            # reachable from the network
     python inference_app.py --share                   # public gradio.live link (only on request)
+    python inference_app.py --share --auth-file FILE  # ... with a login (USER:PASSWORD lines; or $WHISPER_APP_AUTH)
+    python inference_app.py --export-space DIR --model USER/NAME   # write a Hugging Face Space (README: Publish)
 
 Settings live in the `app:` section of config.yaml (override with --set app.KEY=VALUE). Models
 trained here carry a CTranslate2 export (best/ct2/), the fast CPU path; export any other
@@ -29,8 +31,15 @@ def parse_args(argv: list[str] | None):
     parser.add_argument("--host", help="address to bind (default: app.host, 127.0.0.1)")
     parser.add_argument("--port", type=int, help="port (default: app.port, 7860)")
     parser.add_argument("--share", action="store_true", help="also publish a public gradio.live link")
+    parser.add_argument("--auth", metavar="USER:PASSWORD",
+                        help="ask visitors for this login (seen in the process list: prefer --auth-file or "
+                             "$WHISPER_APP_AUTH)")
+    parser.add_argument("--auth-file", metavar="PATH",
+                        help="ask visitors for a login from this file of USER:PASSWORD lines (default: app.auth_file)")
+    parser.add_argument("--export-space", metavar="DIR",
+                        help="write a folder that runs this page as a Hugging Face Space (for --model), then exit")
     args = parser.parse_args(argv)
-    for key in ("model", "host", "port"):
+    for key in ("model", "host", "port", "auth_file"):
         if getattr(args, key) is not None:
             args.overrides.append(f"app.{key}={getattr(args, key)}")
     if args.share:
@@ -39,10 +48,19 @@ def parse_args(argv: list[str] | None):
 
 
 def main(argv: list[str] | None = None) -> int:
-    cfg = cli.config_from_args(parse_args(argv))
-    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
-    from whisper_ft.app import Handlers, build_app, find_model, load_for_app
+    args = parse_args(argv)
+    cfg = cli.config_from_args(args)
+    if args.export_space:
+        from whisper_ft import space
 
+        print(f"wrote the Space to {space.export(args.export_space, cfg)}")
+        return 0
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    from whisper_ft.app import Handlers, build_app, exposure_warning, find_model, load_for_app, read_logins
+
+    logins = read_logins(args.auth, cfg.app.auth_file, os.environ)
+    if warning := exposure_warning(cfg.app, logins):
+        log.warning(warning)
     if cfg.app.cookies_file and not Path(cfg.app.cookies_file).is_file():
         raise cli.UserError(f"app.cookies_file: {cfg.app.cookies_file} does not exist")
     choice = find_model(cfg)
@@ -51,7 +69,8 @@ def main(argv: list[str] | None = None) -> int:
     log.info("loading %s", choice.path)
     transcriber = load_for_app(choice, cfg)
     demo = build_app(Handlers(transcriber, cfg), choice.path, choice.notice)
-    demo.launch(server_name=cfg.app.host, server_port=cfg.app.port, share=cfg.app.share, max_file_size="1gb")
+    demo.launch(server_name=cfg.app.host, server_port=cfg.app.port, share=cfg.app.share, max_file_size="1gb",
+                auth=logins or None, auth_message="Swedish speech to text: sign in")
     return 0
 
 

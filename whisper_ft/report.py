@@ -1,10 +1,13 @@
-"""End-of-run reports from metrics.jsonl: the loss/WER plot and the model card README."""
+"""End-of-run reports from metrics.jsonl: the loss/WER plot and the model card README, whose
+front matter is the metadata the Hugging Face Hub reads (`card_data`)."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 PLOT_NAME = "training_curves.png"
+ASR_TASK = ("automatic-speech-recognition", "Automatic Speech Recognition")  # model-index task type and name
 
 
 def plot_curves(events: list[dict], path: str | Path) -> Path:
@@ -62,16 +65,14 @@ def model_card(summary: dict, config: dict, manifest: dict) -> str:
                       f"| {_pct(r.get('cer'))} |" for name, r in rows if name)
     data = "\n".join(f"- {split}: {s['clips']} clips, {s['hours']:.2f} h ({', '.join(f'{k} {v}' for k, v in s['by_source'].items())})"
                      for split, s in manifest["splits"].items())
-    hyper = "\n".join(f"| {k} | {t[k]} |" for k in (
+    resolved = {"learning_rate": _resolved(t["learning_rate"], summary.get("learning_rate")),
+                "warmup_steps": _resolved(t["warmup_steps"], summary.get("warmup_steps"))}
+    hyper = "\n".join(f"| {k} | {resolved.get(k, t[k])} |" for k in (
         "learning_rate", "lr_scheduler", "warmup_steps", "max_steps", "batch_size", "gradient_accumulation_steps",
         "weight_decay", "dropout", "precision", "gradient_checkpointing", "freeze_encoder", "seed"))
     extras = [name for name, on in (("LoRA", t["lora"]["enabled"]), ("SpecAugment", t["spec_augment"]["enabled"])) if on]
     return f"""---
-language: {m['language']}
-pipeline_tag: automatic-speech-recognition
-library_name: transformers
-base_model: {m['name_or_path']}
-tags: [whisper, speech-recognition]
+{card_data(summary, config, t.get('push_to_hub') or t['run_name']).to_yaml()}
 ---
 
 # {t['run_name']}
@@ -105,5 +106,78 @@ Features `{manifest['name']}` (sources: {', '.join(s['name'] for s in manifest['
 |---|---|
 {hyper}
 
+{averaging_section(summary.get("averaging"), selection)}
 Curves: `{PLOT_NAME}`; every logged event: `metrics.jsonl`; per-clip outputs: `predictions.jsonl`.
 """
+
+
+def _resolved(configured, used) -> str:
+    """A hyperparameter as used, and how the config set it when that differs (`auto`, null)."""
+    if used is None or configured == used:
+        return str(configured)
+    return f"{used:.3g} ({'from warmup_fraction' if configured is None else configured})"
+
+
+def averaging_section(averaging: dict | None, split: str) -> str:
+    """The card's paragraph on checkpoint averaging: off, skipped, or the average against the
+    best single check on the selection split, and which one was shipped."""
+    if not averaging:
+        return "Checkpoint averaging: off (`training.average_checkpoints: 0`).\n"
+    what = f"the {averaging['mode']} {averaging['n']} checks"
+    if averaging.get("skipped"):
+        return f"Checkpoint averaging of {what}: skipped ({averaging['skipped']}).\n"
+    shipped = ("**the average was shipped** as best/" if averaging["chosen"]
+               else f"the best single check (step {averaging['single_step']}) was shipped")
+    return (f"Checkpoint averaging of {what} (steps {', '.join(map(str, averaging['steps']))}): {split} WER "
+            f"{_pct(averaging['wer'])} against {_pct(averaging['single_wer'])} for the best single check; "
+            f"{shipped}.\n")
+
+
+def card_data(summary: dict, config: dict, model_name: str):
+    """The card's Hub metadata (`huggingface_hub.ModelCardData`): language, base model, training
+    datasets and a model-index named `model_name` whose results name their split. The test
+    split's scores of best/ are the reported result; the validation WER that picked the
+    checkpoint is listed after them, when a validation split did. Local folders are no Hub ids
+    and are left out."""
+    from huggingface_hub import ModelCardData
+
+    sources = [_dataset(s) for s in config["features"]["sources"]]
+    eval_store = config["training"].get("eval_features")
+    dataset = ((eval_store, f"feature store {eval_store}") if eval_store else
+               ("+".join(dict.fromkeys(t or n for t, n in sources)), " + ".join(n for _, n in sources)))
+    return ModelCardData(
+        language=config["model"]["language"], base_model=_hub_id(config["model"]["name_or_path"]),
+        datasets=list(dict.fromkeys(t for t, _ in sources if t)) or None, library_name="transformers",
+        pipeline_tag=ASR_TASK[0], tags=["whisper", "speech-recognition"], metrics=["wer", "cer"],
+        model_name=model_name, eval_results=_eval_results(summary, dataset) or None)
+
+
+def _eval_results(summary: dict, dataset: tuple[str, str]) -> list:
+    """model-index results in %: test WER, normalized WER and CER, then the validation WER."""
+    from huggingface_hub import EvalResult
+
+    final = summary["final"]
+    rows = [("test", "wer", "Test WER", final.get("wer")),
+            ("test", "wer", "Test WER (normalized)", final.get("wer_normalized")),
+            ("test", "cer", "Test CER", final.get("cer"))]
+    if summary.get("selection_split") == "validation":
+        rows.append(("validation", "wer", "Validation WER (checkpoint selection)", summary.get("best_wer")))
+    return [EvalResult(task_type=ASR_TASK[0], task_name=ASR_TASK[1], dataset_type=dataset[0], dataset_name=dataset[1],
+                       dataset_split=split, metric_type=kind, metric_name=name, metric_value=round(100 * value, 2))
+            for split, kind, name, value in rows if value is not None]
+
+
+def _dataset(source: dict) -> tuple[str | None, str]:
+    """(Hub dataset id or type, readable name) of a `features.sources` entry: an `hf` source's
+    hub id (None for a local folder), or `common_voice` (the Hub's own example type) with the
+    release when its path names one."""
+    where = source.get("path") or source.get("dataset_id") or ""
+    if source["kind"] == "hf":
+        return _hub_id(where), source["name"]
+    release = re.search(r"cv-corpus-(\d+(?:\.\d+)?)", where)
+    return "common_voice", "Common Voice" + (f" {release.group(1)}" if release else "") + f" ({source['name']})"
+
+
+def _hub_id(name: str) -> str | None:
+    """`name` when it reads as a Hub repository id (owner/name) and is no local folder."""
+    return name if re.fullmatch(r"[\w.-]+/[\w.-]+", name) and not Path(name).expanduser().exists() else None

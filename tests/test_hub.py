@@ -1,0 +1,282 @@
+"""Publishing on the Hugging Face Hub: the card's metadata, the file set and commit of a push
+(huggingface_hub's HfApi calls replaced, as there is no network here), the order of training
+and pushing, and the real error paths of the command line: no token, offline, no connection,
+and a Hub that refuses the token."""
+
+from __future__ import annotations
+
+import http.server
+import json
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from app_helpers import free_port
+from conftest import ROOT, run_cli
+from whisper_ft import hub, report
+from whisper_ft.config import ConfigError, load_config, save_config, to_dict
+
+REPO = "me/whisper-sv"
+FINAL = {"step": 3000, "split": "test", "purpose": "report", "wer": 0.1834, "wer_normalized": 0.1203, "cer": 0.0611,
+         "eval_clips": 500}
+SUMMARY = {"selection_split": "validation", "test_split": "test", "best_wer": 0.2104, "best_step": 3000,
+           "selection_baseline": None, "wer": 0.1834, "wer_normalized": 0.1203, "cer": 0.0611, "eval_clips": 500,
+           "final": FINAL, "baseline": {**FINAL, "step": 0, "wer": 0.45, "wer_normalized": 0.38, "cer": 0.2},
+           "steps": 4000, "samples_seen": 64000, "train_runtime_seconds": 3600.0, "run_dir": ""}
+MANIFEST = {"name": "cv-sv", "sources": [{"name": "cv"}],
+            "splits": {"train": {"clips": 100, "hours": 0.1, "by_source": {"cv": 100}}}}
+BEST_FILES = {"config.json": "{}", "generation_config.json": "{}", "model.safetensors": "weights",
+              "tokenizer.json": "{}", "preprocessor_config.json": "{}", "best.json": "{}", "training_curves.png": "png",
+              "ct2/model.bin": "int8", "ct2/config.json": "{}"}
+LEFTOVERS = {".README.md.tmp-99": "half a card", "ct2.tmp/model.bin": "half an export"}
+
+
+def run_config(root: Path, *overrides: str):
+    return load_config(None, ["training.run_name=small-sv", f"training.output_dir={root}", "features.sources.0.name=cv",
+                              "features.sources.0.path=/data/cv-corpus-23.0-2025-09-05/sv-SE", *overrides])
+
+
+def make_run(root: Path, summary: dict = SUMMARY) -> Path:
+    """A finished run folder as training_pipeline.py leaves it, with small stand-ins for the weights."""
+    cfg = run_config(root)
+    run = root / "small-sv"
+    for name, text in {**BEST_FILES, **LEFTOVERS}.items():
+        (run / "best" / name).parent.mkdir(parents=True, exist_ok=True)
+        (run / "best" / name).write_text(text)
+    (run / "best" / "README.md").write_text(report.model_card(summary, to_dict(cfg), MANIFEST))
+    (run / "metrics.json").write_text(json.dumps({**summary, "run_dir": str(run)}))
+    save_config(cfg, run / "config.yaml")
+    return run
+
+
+def snapshot(folder: Path) -> dict:
+    return {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in folder.rglob("*") if p.is_file()}
+
+
+def results(data) -> list[tuple]:
+    return [(r.dataset_split, r.metric_name, r.metric_value) for r in data.eval_results or []]
+
+
+def test_card_metadata_reports_test_and_names_every_split(tmp_path):
+    config = to_dict(run_config(tmp_path))
+    data = report.card_data(SUMMARY, config, REPO)
+    assert (data.language, data.base_model, data.pipeline_tag) == ("sv", "openai/whisper-small",
+                                                                   "automatic-speech-recognition")
+    assert data.datasets == ["common_voice"] and data.model_name == REPO
+    assert results(data) == [("test", "Test WER", 18.34), ("test", "Test WER (normalized)", 12.03),
+                             ("test", "Test CER", 6.11), ("validation", "Validation WER (checkpoint selection)", 21.04)]
+    assert {r.dataset_name for r in data.eval_results} == {"Common Voice 23.0 (cv)"}
+    # picked on the test split (no validation split): only test numbers, no second claim
+    on_test = report.card_data({**SUMMARY, "selection_split": "test"}, config, REPO)
+    assert [split for split, *_ in results(on_test)] == ["test"] * 3
+    mixed = to_dict(run_config(tmp_path, "features.sources.1.name=nst", "features.sources.1.kind=hf",
+                               "features.sources.1.path=someone/nst-sv"))
+    assert report.card_data(SUMMARY, mixed, REPO).datasets == ["common_voice", "someone/nst-sv"]
+    local = to_dict(run_config(tmp_path, f"model.name_or_path={tmp_path}", "features.sources.0.kind=hf",
+                               f"features.sources.0.path={tmp_path}"))
+    data = report.card_data(SUMMARY, local, REPO)  # local folders are no Hub ids
+    assert data.base_model is None and data.datasets is None and data.eval_results[0].dataset_type == "cv"
+
+
+def test_push_target_is_validated():
+    assert load_config(None, [f"training.push_to_hub={REPO}"]).training.push_to_hub == REPO
+    for bad, message in (("whisper-sv", "expected USER/NAME"), ("me/whisper sv", "not a Hub repository id")):
+        with pytest.raises(ConfigError, match=f"training.push_to_hub: .*{message}"):
+            load_config(None, [f"training.push_to_hub={bad}"])
+
+
+def test_training_card_carries_the_metadata(tmp_path):
+    from huggingface_hub import ModelCard
+
+    card = ModelCard.load(make_run(tmp_path) / "best" / "README.md")
+    assert card.data.model_name == "small-sv" and results(card.data)[0] == ("test", "Test WER", 18.34)
+    assert "## Results" in card.text
+
+
+def test_push_files_skip_the_readme_and_leftovers(tmp_path):
+    assert set(hub.push_files(make_run(tmp_path) / "best")) == set(BEST_FILES)
+    with pytest.raises(hub.HubError, match="not a finished run"):
+        hub.finished_run(tmp_path / "nothing")
+
+
+class FakeHub:
+    """HfApi's network calls, recording what a push sends; the repository keeps its files."""
+
+    def __init__(self):
+        self.files = {".gitattributes", "README.md", "old-weights.bin"}
+        self.calls: list[tuple] = []
+        self.commits: list[list] = []
+
+    def whoami(self, *args, **kwargs):
+        self.calls.append(("whoami",))
+        return {"name": "me", "auth": {"accessToken": {"role": "write"}}}
+
+    def create_repo(self, repo_id, **kwargs):
+        self.calls.append(("create_repo", repo_id, kwargs.get("private"), kwargs.get("exist_ok")))
+        return f"https://huggingface.co/{repo_id}"
+
+    def update_repo_settings(self, repo_id, **kwargs):
+        self.calls.append(("update_repo_settings", repo_id, kwargs.get("private")))
+
+    def list_repo_files(self, repo_id, **kwargs):
+        return sorted(self.files)
+
+    def create_commit(self, repo_id, operations, **kwargs):
+        from huggingface_hub import CommitOperationDelete
+
+        self.commits.append(list(operations))
+        for op in operations:
+            if isinstance(op, CommitOperationDelete):
+                self.files.discard(op.path_in_repo)
+            else:
+                self.files.add(op.path_in_repo)
+
+
+@pytest.fixture
+def fake_hub(monkeypatch):
+    from huggingface_hub import HfApi
+
+    fake = FakeHub()
+    for name in ("whoami", "create_repo", "update_repo_settings", "list_repo_files", "create_commit"):
+        monkeypatch.setattr(HfApi, name, getattr(fake, name))
+    monkeypatch.setenv("HF_TOKEN", "hf_test")
+    return fake
+
+
+def cli_args(root: Path, *extra: str) -> list[str]:
+    return ["--config", str(ROOT / "config.yaml"), "--set", f"training.output_dir={root}",
+            "--set", "training.run_name=small-sv", "--push-to-hub", REPO, *extra]
+
+
+def test_push_only_uploads_best_with_the_card_and_updates_in_place(tmp_path, fake_hub, capsys):
+    from huggingface_hub import CommitOperationAdd, CommitOperationDelete, ModelCard
+
+    import training_pipeline
+
+    run = make_run(tmp_path)
+    before = snapshot(run)
+    assert training_pipeline.main(cli_args(tmp_path, "--push-only", "--private")) == 0
+    assert f"https://huggingface.co/{REPO}" in capsys.readouterr().out
+    assert ("create_repo", REPO, True, True) in fake_hub.calls
+    assert ("update_repo_settings", REPO, True) in fake_hub.calls
+    added = {op.path_in_repo: op for op in fake_hub.commits[0] if isinstance(op, CommitOperationAdd)}
+    assert set(added) == set(BEST_FILES) | {"README.md"}
+    deleted = [op.path_in_repo for op in fake_hub.commits[0] if isinstance(op, CommitOperationDelete)]
+    assert deleted == ["old-weights.bin"]  # what the run no longer has; .gitattributes stays
+    card = ModelCard(added["README.md"].path_or_fileobj.decode())
+    assert card.data.model_name == REPO and card.data.base_model == "openai/whisper-small"
+    assert results(card.data)[0] == ("test", "Test WER", 18.34) and "## Results" in card.text
+    assert snapshot(run) == before  # the local run is left as it was
+    # a re-push (public this time) commits the same files to the same repository and deletes nothing
+    assert training_pipeline.main(cli_args(tmp_path, "--push-only")) == 0
+    assert fake_hub.calls[-1] == ("create_repo", REPO, False, True)
+    assert not [op for op in fake_hub.commits[1] if isinstance(op, CommitOperationDelete)]
+    assert {op.path_in_repo for op in fake_hub.commits[1]} == set(added)
+
+
+@pytest.fixture
+def trainings(tmp_path, monkeypatch) -> list[str]:
+    """training_pipeline's run_training replaced by one that leaves a finished run in tmp_path."""
+    import training_pipeline
+
+    calls = []
+
+    def fake_training(cfg, fresh=False):
+        calls.append(cfg.training.run_name)
+        return json.loads((make_run(tmp_path) / "metrics.json").read_text())
+
+    monkeypatch.setattr(training_pipeline, "run_training", fake_training)
+    return calls
+
+
+def test_push_after_training_and_a_refusal_says_how_to_retry(tmp_path, fake_hub, trainings, monkeypatch):
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import HfHubHTTPError
+    from huggingface_hub.utils import httpx
+
+    import training_pipeline
+
+    assert training_pipeline.main(cli_args(tmp_path)) == 0
+    assert trainings == ["small-sv"] and fake_hub.calls[0] == ("whoami",) and len(fake_hub.commits) == 1
+
+    def refuse(*args, **kwargs):
+        raise HfHubHTTPError("403 Forbidden", response=httpx.Response(403, request=httpx.Request("POST", "http://x")))
+
+    monkeypatch.setattr(HfApi, "create_commit", refuse)
+    with pytest.raises(hub.HubError, match=r"may not write there \(403\).*rerun the same command with --push-only"):
+        training_pipeline.main(cli_args(tmp_path))
+
+
+def test_no_token_stops_before_training(tmp_path, trainings, monkeypatch):
+    from huggingface_hub import constants
+
+    import training_pipeline
+
+    monkeypatch.setenv("HF_TOKEN", "")
+    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "no-token"))
+    with pytest.raises(hub.HubError, match="no Hugging Face token"):
+        training_pipeline.main(cli_args(tmp_path))
+    assert trainings == []
+
+
+class RefusingHub(http.server.BaseHTTPRequestHandler):
+    """A Hub endpoint on 127.0.0.1 that refuses every token, as huggingface.co does a revoked one."""
+
+    def do_GET(self):
+        self.send_response(401)
+        self.send_header("Content-Type", "application/json")
+        self.end_headers()
+        self.wfile.write(b'{"error": "Invalid credentials in Authorization header"}')
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def refusing_endpoint():
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), RefusingHub)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def test_push_errors_are_one_line_fast_and_leave_the_run_alone(tmp_path):
+    """The command line without a token, and without a connection: exit 2, one line, seconds."""
+    run = make_run(tmp_path)
+    before = snapshot(run)
+    no_login = {"HF_HOME": str(tmp_path / "hf-home"), "HUGGING_FACE_HUB_TOKEN": ""}
+    cases = {"no Hugging Face token to publish with: run `hf auth login`": {"HF_TOKEN": ""},
+             "cannot reach http://127.0.0.1": {"HF_TOKEN": "hf_test", "HF_HUB_OFFLINE": "0",
+                                               "HF_ENDPOINT": f"http://127.0.0.1:{free_port()}"}}
+    for message, env in cases.items():
+        start = time.monotonic()
+        proc = run_cli("training_pipeline.py", *cli_args(tmp_path, "--push-only"), env={**no_login, **env}, timeout=120)
+        assert proc.returncode == 2, proc.stderr[-2000:]
+        assert proc.stderr.strip().splitlines()[-1].startswith("error: ") and message in proc.stderr, proc.stderr
+        assert "Traceback" not in proc.stderr and time.monotonic() - start < 60
+    assert snapshot(run) == before
+
+
+def test_offline_refused_and_missing_runs_are_said_plainly(tmp_path, refusing_endpoint, monkeypatch):
+    from huggingface_hub import constants
+
+    import training_pipeline
+
+    with pytest.raises(hub.HubError, match="HF_HUB_OFFLINE is set"):  # the tests run with HF_HUB_OFFLINE=1
+        hub.check_access("hf_test")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "ENDPOINT", refusing_endpoint)
+    with pytest.raises(hub.HubError, match=r"the Hub does not accept the token \(401\): run `hf auth login`"):
+        hub.check_access("hf_revoked")
+    monkeypatch.setenv("HF_TOKEN", "")  # a missing run is said before the token is looked for
+    with pytest.raises(hub.HubError, match="is not a finished run"):
+        training_pipeline.main(cli_args(tmp_path / "elsewhere", "--push-only"))
+
+
+def test_local_model_is_a_folder_or_a_cached_download(tmp_path):
+    assert hub.local_model(str(tmp_path)) == str(tmp_path)
+    with pytest.raises(hub.HubError, match="neither a local folder nor in the Hugging Face cache.*HF_HUB_OFFLINE"):
+        hub.local_model("me/not-downloaded-anywhere")

@@ -1,0 +1,118 @@
+"""The Hugging Face Space export: the folder's files and front matter, and the folder alone,
+copied away from the checkout, serving the page (gradio_client transcribes a Swedish clip)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+
+from app_helpers import fast_model, free_port, speech_wav
+from conftest import ROOT, run_cli
+from whisper_ft import space
+from whisper_ft.config import ConfigError, load_config
+
+
+def front_matter(readme: Path) -> dict:
+    from huggingface_hub import SpaceCard
+
+    return SpaceCard.load(readme).data.to_dict()
+
+
+def test_export_for_a_hub_id(tmp_path):
+    import gradio
+
+    cfg = load_config(None, ["app.model=me/whisper-sv", "app.cookies_file=/home/x/cookies.txt",
+                             "app.auth_file=/home/x/logins"])
+    out = space.export(tmp_path / "space", cfg)
+    meta = front_matter(out / "README.md")
+    assert (meta["sdk"], meta["sdk_version"], meta["app_file"]) == ("gradio", gradio.__version__, "app.py")
+    assert meta["models"] == ["me/whisper-sv"] and meta["python_version"] == "3.11" and meta["title"]
+    reqs = (out / "requirements.txt").read_text().splitlines()
+    assert "--extra-index-url https://download.pytorch.org/whl/cpu" in reqs
+    project = (ROOT / "requirements.txt").read_text().splitlines()
+    for name in ("torch", "transformers", "gradio", "ctranslate2", "faster-whisper"):
+        pinned = [line for line in reqs if line.startswith(name)]
+        assert pinned and pinned[0] in project, name  # same pin as the project
+    assert (out / "packages.txt").read_text().split() == ["ffmpeg"]
+    cfg = load_config(out / "config.yaml")
+    assert cfg.app.model == "me/whisper-sv" and cfg.model.language == "sv"
+    assert cfg.app.cookies_file == cfg.app.auth_file == ""  # local secrets stay here
+    modules = {p.stem for p in (out / "whisper_ft").glob("*.py")}
+    assert {"app", "transcribe", "audio", "ct2", "hub", "cli", "config"} <= modules
+    assert not modules & {"train", "features", "sweep", "decoding", "collator"}  # training code stays home
+    assert (out / "inference_app.py").read_text() == (ROOT / "inference_app.py").read_text()
+    # an earlier export is replaced in place; a folder with anything else is refused
+    (out / "whisper_ft" / "stale.py").write_text("")
+    assert space.export(out, load_config(None, ["app.model=me/other"])) == out
+    assert not (out / "whisper_ft" / "stale.py").exists() and front_matter(out / "README.md")["models"] == ["me/other"]
+    with pytest.raises(space.SpaceError, match="holds other files"):
+        space.export(ROOT, load_config(None, ["app.model=me/whisper-sv"]))
+
+
+def test_export_model_defaults_to_the_push_target_and_rejects_nonsense(tmp_path):
+    cfg = load_config(None, ["training.push_to_hub=me/pushed", f"training.output_dir={tmp_path}"])
+    assert space.space_model(cfg) == "me/pushed"
+    with pytest.raises(ConfigError, match="--model"):
+        space.space_model(load_config(None, ["app.model=/no/such/folder"]))
+
+
+@pytest.fixture
+def exported_elsewhere(tiny_model_dir, tmp_path) -> tuple[Path, Path]:
+    """The Space of a local tiny model, exported by the command line and moved out of the export folder."""
+    model = fast_model(tiny_model_dir, tmp_path / "model")
+    proc = run_cli("inference_app.py", "--export-space", str(tmp_path / "export"), "--model", str(model), timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    space_dir = shutil.copytree(tmp_path / "export", tmp_path / "elsewhere" / "space")
+    shutil.rmtree(tmp_path / "export")
+    return space_dir, model
+
+
+@pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="espeak-ng is needed for synthetic speech")
+def test_exported_space_serves_the_page_on_its_own(exported_elsewhere, tmp_path):
+    from gradio_client import Client, handle_file
+
+    space_dir, model = exported_elsewhere
+    assert front_matter(space_dir / "README.md").get("models") is None  # a local folder is no hub model
+    assert yaml.safe_load((space_dir / "config.yaml").read_text())["app"]["model"] == str(model)
+    for path in space_dir.rglob("*.py"):  # nothing points back into the checkout
+        assert str(ROOT) not in path.read_text(), path
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(HF_HUB_OFFLINE="1", GRADIO_ANALYTICS_ENABLED="False", GRADIO_SERVER_PORT=str(port))
+    proc = subprocess.Popen([sys.executable, str(space_dir / "app.py")], cwd=tmp_path, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        url = wait_for(proc, f"http://127.0.0.1:{port}")
+        client = Client(url, verbose=False)
+        assert {"/transcribe_file", "/transcribe_microphone", "/transcribe_url"} <= set(
+            client.view_api(print_info=False, return_format="dict")["named_endpoints"])
+        clip = speech_wav("Hej, jag heter Anna och jag bor i Stockholm.", tmp_path / "speech.wav")
+        text, translation, status, files, chat = client.predict(handle_file(str(clip)), "No translation", "en", False,
+                                                               api_name="/transcribe_file")
+        assert text and translation == "" and "real-time factor" in status
+        page = urllib.request.urlopen(f"{url}/config", timeout=10).read().decode()
+        assert str(model) in page  # the page names the model it serves
+    finally:
+        proc.terminate()
+        proc.communicate(timeout=30)
+
+
+def wait_for(proc: subprocess.Popen, url: str, seconds: float = 120) -> str:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"the exported app.py exited: {proc.stderr.read().decode()[-2000:]}")
+        try:
+            urllib.request.urlopen(url, timeout=2)
+            return url
+        except OSError:
+            time.sleep(0.5)
+    pytest.fail(f"the exported app.py did not serve {url} within {seconds:.0f} s")
