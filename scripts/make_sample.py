@@ -2,6 +2,8 @@
 data/sample/cv-corpus-sample/sv-SE, spoken by espeak-ng with varied voices.
 
     python scripts/make_sample.py --sentences path/to/sv-SE-sentences.txt
+    python scripts/make_sample.py --sentences ... --out data/synthetic-cv --train 320 --dev 80 --test 160 \
+        --speakers 24 --snr 5 25        # a larger, noisier release for experiments (docs/improving.md)
 
 The sentences are CC0 Common Voice Swedish sentences, one per line.
 """
@@ -28,11 +30,14 @@ def main() -> int:
     parser.add_argument("--dev", type=int, default=24)
     parser.add_argument("--test", type=int, default=32)
     parser.add_argument("--seed", type=int, default=2223)
+    parser.add_argument("--speakers", type=int, default=11, help="speakers, split between train, dev and test")
+    parser.add_argument("--snr", type=float, nargs=2, metavar=("LOW", "HIGH"),
+                        help="add white noise at a signal-to-noise ratio (dB) drawn from this range per clip")
     args = parser.parse_args()
     sentences = args.sentences.read_text(encoding="utf-8").splitlines()
     shutil.rmtree(args.out, ignore_errors=True)
     root = make_release(args.out, sentences, {"train": args.train, "dev": args.dev, "test": args.test},
-                        seed=args.seed, n_speakers=11)
+                        seed=args.seed, n_speakers=args.speakers, snr_db=tuple(args.snr) if args.snr else None)
     size = sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
     print(f"wrote {root}: {args.train + args.dev + args.test} clips, {size / 1e6:.2f} MB")
     return 0

@@ -11,11 +11,11 @@ bash scripts/setup.sh
 
 if .venv/bin/python -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)"; then
   model=${WHISPER_MODEL:-openai/whisper-small}
-  short=(--set training.max_steps=200 --set training.warmup_steps=20 --set training.eval_steps=100
+  short=(--set training.max_steps=200 --set training.eval_steps=100
          --set training.save_steps=100)
 else
   model=${WHISPER_MODEL:-openai/whisper-tiny}
-  short=(--set training.max_steps=30 --set training.warmup_steps=5 --set training.eval_steps=15
+  short=(--set training.max_steps=30 --set training.eval_steps=15
          --set training.save_steps=15 --set training.batch_size=8 --set training.eval_batch_size=16
          --set training.dataloader_workers=0)
 fi

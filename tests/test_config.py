@@ -82,3 +82,16 @@ def test_user_errors_are_one_line_and_bugs_keep_their_traceback(capsys):
 
     with pytest.raises(ValueError, match="a bug"):
         cli.run(bug, [])
+
+
+def test_learning_rate_is_a_number_or_auto_and_warmup_a_count_or_null():
+    t = load_config(CONFIG).training
+    assert (t.learning_rate, t.warmup_steps, t.warmup_fraction) == ("auto", None, 0.1)
+    t = load_config(CONFIG, ["training.learning_rate=2e-5", "training.warmup_steps=50"]).training
+    assert (t.learning_rate, t.warmup_steps) == (2e-5, 50)
+    with pytest.raises(ConfigError, match=r"training\.learning_rate: expected a number or auto, got 'fast'"):
+        load_config(CONFIG, ["training.learning_rate=fast"])
+    for bad in ("training.learning_rate=0", "training.warmup_fraction=1.5", "training.warmup_steps=-1",
+                "training.average_checkpoints=1", "training.average_mode=median"):
+        with pytest.raises(ConfigError, match=bad.split("=")[0].replace(".", r"\.")):
+            load_config(CONFIG, [bad])

@@ -104,7 +104,7 @@ def test_trainer_evaluation_matches_generate(tmp_path, tiny_model_dir, features_
     cfg = load_config(ROOT / "config.yaml", overrides(features_dir, tiny_model_dir, tmp_path))
     data = load_data(cfg)
     model = prepare_model(cfg, data.processor.tokenizer)
-    args = training_arguments(cfg, tmp_path / "run", 30, eval_on_start=False)
+    args = training_arguments(cfg, tmp_path / "run", 30, eval_on_start=False, d_model=model.config.d_model)
     out = {}
     for fast in (True, False):
         trainer = make_trainer(model, args, data, data.test_model, fast_generation=fast)

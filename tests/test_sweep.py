@@ -220,3 +220,28 @@ def test_warmup_in_samples_is_the_same_for_every_batch_size(tmp_path):
         cfg = trial_config(base_config(tmp_path), spec, {"training.batch_size": batch}, tmp_path, 0,
                            str(ROOT / "config.yaml"), [])
         assert (cfg.training.warmup_steps, cfg.training.max_steps) == (steps, 640 // batch)
+
+
+def test_named_variants_apply_their_overrides_and_are_listed_in_the_report(tmp_path):
+    spec = load_spec(write_spec(tmp_path, method="grid", budget_samples=64, eval_every_samples=32, prune=False,
+                                variants={"blog": {"training.learning_rate": 1e-5, "training.warmup_steps": 500},
+                                          "defaults": {}},
+                                space={"training.batch_size": [8, 16]}))
+    scripted = ScriptedTrainer(lambda t, step: 50.0 - step / 10 if t.learning_rate == "auto" else 60.0)
+    folder = run_sweep(spec, base_config(tmp_path), str(ROOT / "config.yaml"),
+                       [f"training.output_dir={tmp_path / 'ck'}"], scripted, log=lambda s: None)
+    trials = read_trials(folder)
+    assert sorted((t["params"]["variant"], t["params"]["training.batch_size"]) for t in trials) == [
+        ("blog", 8), ("blog", 16), ("defaults", 8), ("defaults", 16)]
+    for t in trials:
+        blog = t["params"]["variant"] == "blog"
+        assert (t["config"]["learning_rate"], t["config"]["warmup_steps"]) == ((1e-5, 500) if blog else ("auto", None))
+        assert t["max_steps"] * t["samples_per_step"] == 64
+    report = (folder / "report.md").read_text()
+    assert "- `blog`: training.learning_rate=1e-05, training.warmup_steps=500" in report
+    assert "- `defaults`: the defaults" in report and re.search(r"Winner: trial \d+\*\* \(variant=defaults", report)
+
+
+def test_a_variant_must_be_a_mapping(tmp_path):
+    with pytest.raises(ConfigError, match="variants.blog"):
+        load_spec(write_spec(tmp_path, method="grid", variants={"blog": "lr=1e-5"}))

@@ -18,7 +18,7 @@ from conftest import ROOT, run_cli
 from whisper_ft import checkpoints
 from whisper_ft.cli import run as cli_run
 from whisper_ft.config import load_config
-from whisper_ft.train import TrainingError, generation_max_length, resolve_precision
+from whisper_ft.train import TrainingError, auto_learning_rate, generation_max_length, resolve_precision, schedule
 
 PREFIX = [50258, 50273, 50359, 50363]  # <|startoftranscript|><|sv|><|transcribe|><|notimestamps|>
 
@@ -57,7 +57,7 @@ def tiny_run(tmp_path_factory, features_dir, tiny_model_dir):
             self.steps.append(state.global_step)
 
     out = tmp_path_factory.mktemp("runs")
-    cfg = load_config(ROOT / "config.yaml", overrides(features_dir, tiny_model_dir, out))
+    cfg = load_config(ROOT / "config.yaml", overrides(features_dir, tiny_model_dir, out, average_checkpoints=2))
     seen = Seen()
     summary = run_training(cfg, callbacks=[seen])
     return out / "tiny", summary, seen.steps
@@ -104,15 +104,37 @@ def test_run_writes_checkpoints_reports_and_summary(tiny_run):
     assert json.loads((run_dir / "metrics.json").read_text())["served"] == served
     assert "## The served model" in card and "long form (1 pieces" in card
     rows = [json.loads(line) for line in (run_dir / "predictions.jsonl").read_text().splitlines()]
-    assert len(rows) == 10 and set(rows[0]) == {"id", "source", "speaker", "reference", "prediction"}
+    assert len(rows) == 10 and set(rows[0]) == {"id", "source", "speaker", "gender", "accents", "age", "reference",
+                                                "prediction"}
     assert all(r["reference"] for r in rows)
     groups = json.loads((run_dir / "wer_breakdown.json").read_text())
     assert sum(g["clips"] for g in groups["speaker"]) == 10 and groups["source"][0]["source"] == "sample"
-    assert "## Who it fails" in card and "### By speaker" in card
+    for key in ("gender", "age", "accents"):  # the synthetic release records them, like Common Voice
+        assert sum(g["clips"] for g in groups[key]) == 10
+        assert {g[key] for g in groups[key]} <= {r[key] or "unknown" for r in rows}
+    assert {g["gender"] for g in groups["gender"]} <= {"male_masculine", "female_feminine"}
+    assert "## Who it fails" in card and "### By speaker" in card and "### By age" in card
     # the app's fast CPU path is exported beside the best model, newer than its weights
     from whisper_ft.ct2 import find_export
 
     assert find_export(run_dir / "best") == run_dir / "best" / "ct2"
+
+
+def test_run_averages_the_last_checks_and_keeps_the_winner(tiny_run):
+    run_dir, summary, _ = tiny_run
+    avg = summary["averaging"]
+    assert (avg["mode"], avg["n"], avg["steps"]) == ("last", 2, [2, 4])
+    assert sorted(p.name for p in (run_dir / "averaging").iterdir()) == ["candidates.json", "step-2.safetensors",
+                                                                        "step-4.safetensors"]
+    [event] = [e for e in events(run_dir) if e["event"] == "average"]
+    assert event["split"] == "validation" and event["averaged_steps"] == [2, 4] and event["eval_clips"] == 3
+    checks = {e["step"]: e["wer"] for e in events(run_dir) if e["event"] == "eval" and e["purpose"] == "selection"}
+    assert avg["single_wer"] == min(checks[2], checks[4]) and avg["wer"] == event["wer"]
+    assert avg["chosen"] == (avg["wer"] < avg["single_wer"])
+    best = json.loads((run_dir / "best" / "best.json").read_text())
+    assert best.get("averaged_steps") == ([2, 4] if avg["chosen"] else None)
+    assert best["wer"] == min(avg["wer"], avg["single_wer"]) == summary["best_wer"]
+    assert "Checkpoint averaging" in (run_dir / "README.md").read_text()
 
 
 def test_best_export_loads_alone_and_generates_swedish_prefix(tiny_run, features_dir):
@@ -416,3 +438,17 @@ def test_store_without_validation_selects_on_test_and_says_so(tmp_path, cv_relea
     # the zero-shot score and the first periodic check both ran on the test split at step 0
     assert summary["baseline"]["purpose"] == "report" and summary["selection_baseline"]["purpose"] == "selection"
     assert "the fine-tuned test WER is optimistic" in (tmp_path / "tiny" / "README.md").read_text()
+
+
+@pytest.mark.parametrize("d_model, rate", [(384, 3.75e-5), (512, 2.5e-5), (768, 1.25e-5), (1024, 6.25e-6),
+                                           (1280, 4.375e-6), (800, 1.25e-5)])
+def test_auto_learning_rate_is_a_fortieth_of_pretraining_by_width(d_model, rate):
+    assert auto_learning_rate(d_model) == pytest.approx(rate)
+
+
+def test_schedule_resolves_auto_and_takes_warmup_as_a_fraction_unless_set():
+    t = load_config(ROOT / "config.yaml", ["training.max_steps=60"]).training
+    assert schedule(t, 512) == (pytest.approx(2.5e-5), 6)
+    t = load_config(ROOT / "config.yaml", ["training.max_steps=60", "training.learning_rate=1e-5",
+                                           "training.warmup_steps=500"]).training
+    assert schedule(t, 512) == (1e-5, 500)

@@ -1,4 +1,5 @@
-"""Who the model fails: WER per source and per speaker from a run's `predictions.jsonl`."""
+"""Who the model fails: WER per source, speaker, gender, accent and age group from a run's
+`predictions.jsonl` (the groups the source records; Common Voice has all of them)."""
 
 from __future__ import annotations
 
@@ -48,7 +49,8 @@ def markdown_table(rows: list[dict], key: str, limit: int = 20) -> str:
     return "\n".join(lines)
 
 
-GROUP_KEYS = ("source", "speaker")
+SPEAKER_METADATA = ("gender", "accents", "age")  # feature-store columns copied into predictions.jsonl
+GROUP_KEYS = ("source", "speaker", *SPEAKER_METADATA)
 
 
 def breakdowns(records: list[dict]) -> dict[str, list[dict]]:
@@ -61,7 +63,8 @@ def markdown_section(groups: dict[str, list[dict]], limit: int = 10) -> str:
     if not groups:
         return ""
     parts = ["", "## Who it fails", "",
-             "WER of the final evaluation by source and by speaker (worst first; from `predictions.jsonl`)."]
+             "WER of the final evaluation on the test split by source, speaker and, where the source records "
+             "them, gender, accent and age group (worst first; `unknown`: not given; from `predictions.jsonl`)."]
     for key, rows in groups.items():
         title = f"By {key}" + (f" (the {limit} worst of {len(rows)})" if len(rows) > limit else "")
         parts += ["", f"### {title}", "", markdown_table(rows, key, limit)]

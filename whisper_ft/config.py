@@ -14,7 +14,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
@@ -54,6 +54,7 @@ class SourceConfig:
 
 SOURCE_KINDS = ("common_voice", "mdc", "hf")
 OVERLAP_POLICIES = ("refuse", "drop", "keep")
+AVERAGE_MODES = ("last", "best")
 
 
 @dataclass(frozen=True)
@@ -70,6 +71,7 @@ class FeaturesConfig:
     workers: int = 0
     on_overlap: str = "refuse"
     served_clips: int = 200
+    claim_stale_seconds: float = 300.0
 
 
 @dataclass(frozen=True)
@@ -94,9 +96,10 @@ class SpecAugmentConfig:
 class TrainingConfig:
     run_name: str = "whisper-small-sv"
     output_dir: str = "checkpoints"
-    learning_rate: float = 1e-5
+    learning_rate: float | Literal["auto"] = "auto"
     lr_scheduler: str = "linear"
-    warmup_steps: int = 500
+    warmup_steps: int | None = None
+    warmup_fraction: float = 0.1
     max_steps: int = 4000
     batch_size: int = 16
     gradient_accumulation_steps: int = 1
@@ -111,6 +114,8 @@ class TrainingConfig:
     generation_max_length: int = 0
     num_beams: int = 1
     save_total_limit: int = 2
+    average_checkpoints: int = 0
+    average_mode: str = "last"
     precision: str = "auto"
     gradient_checkpointing: bool = False
     torch_compile: bool = False
@@ -119,6 +124,8 @@ class TrainingConfig:
     seed: int = 42
     export_ctranslate2: bool = True
     score_served: bool = True
+    push_to_hub: str | None = None
+    hub_private: bool = False
     dropout: float = 0.0
     freeze_encoder: bool = False
     lora: LoraConfig = field(default_factory=LoraConfig)
@@ -136,10 +143,17 @@ class AppConfig:
     stride_seconds: float = 5.0
     batch_size: int = 8
     translate_to: str = "en"
-    translate_timeout_seconds: float = 15.0
+    translate_timeout_seconds: float = 60.0
     cookies_file: str = ""
     use_ctranslate2: bool = True
     beam_size: int = 5
+    workers: int = 4
+    queue_size: int = 64
+    allow_private_urls: bool = False
+    max_download_mb: float = 500.0
+    download_timeout_seconds: float = 300.0
+    request_timeout_seconds: float = 900.0
+    auth_file: str = ""
 
 
 @dataclass(frozen=True)
@@ -236,8 +250,21 @@ def _convert(tp: Any, value: Any, where: str) -> Any:
             raise ConfigError(f"{where}: expected a list, got {value!r}")
         item_tp = typing.get_args(tp)[0]
         return tuple(_convert(item_tp, v, f"{where}.{i}") for i, v in enumerate(value))
-    if origin in (typing.Union, types.UnionType):
-        raise TypeError(f"{where}: union types are not supported in config classes")
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            raise ConfigError(f"{where}: expected {' or '.join(map(str, typing.get_args(tp)))}, got {value!r}")
+        return value
+    if origin in (typing.Union, types.UnionType):  # the first member type that takes the value
+        members = typing.get_args(tp)
+        if value is None and type(None) in members:
+            return None
+        wanted = []
+        for member in (m for m in members if m is not type(None)):
+            try:
+                return _convert(member, value, where)
+            except ConfigError as e:  # "<where>: expected <what>, got <value>"
+                wanted.append(str(e).split(": expected ", 1)[1].rsplit(", got ", 1)[0])
+        raise ConfigError(f"{where}: expected {' or '.join(wanted)}, got {value!r}")
     if tp is bool:
         if not isinstance(value, bool):
             raise ConfigError(f"{where}: expected true or false, got {value!r}")
@@ -284,6 +311,8 @@ def validate(cfg: Config) -> None:
     for name, value in (("shard_size", f.shard_size), ("batch_size", f.batch_size)):
         if value < 1:
             raise ConfigError(f"features.{name}: must be at least 1, got {value}")
+    if not f.claim_stale_seconds > 0:
+        raise ConfigError(f"features.claim_stale_seconds: must be above 0, got {f.claim_stale_seconds}")
     if not f.sources:
         raise ConfigError("features.sources: at least one source is needed")
     seen = set()
@@ -304,12 +333,49 @@ def validate(cfg: Config) -> None:
     if cfg.model.task not in ("transcribe", "translate"):
         raise ConfigError(f"model.task: expected transcribe or translate, got {cfg.model.task!r}")
     t = cfg.training
+    if t.learning_rate != "auto" and not t.learning_rate > 0:
+        raise ConfigError(f"training.learning_rate: must be auto or above 0, got {t.learning_rate}")
+    if t.warmup_steps is not None and t.warmup_steps < 0:
+        raise ConfigError(f"training.warmup_steps: must be at least 0 (or null: use warmup_fraction), got {t.warmup_steps}")
+    if not 0 <= t.warmup_fraction < 1:
+        raise ConfigError(f"training.warmup_fraction: must be in [0, 1), got {t.warmup_fraction}")
+    if t.average_checkpoints == 1 or t.average_checkpoints < 0:
+        raise ConfigError(f"training.average_checkpoints: 0 (off) or at least 2, got {t.average_checkpoints}")
+    if t.average_mode not in AVERAGE_MODES:
+        raise ConfigError(f"training.average_mode: expected last or best, got {t.average_mode!r}")
     if t.precision not in ("auto", "bf16", "fp16", "fp32"):
         raise ConfigError(f"training.precision: expected auto, bf16, fp16 or fp32, got {t.precision!r}")
+    if t.push_to_hub:
+        check_repo_id(t.push_to_hub, "training.push_to_hub")
     for name in ("max_steps", "batch_size", "eval_steps", "save_steps", "eval_batch_size",
                  "gradient_accumulation_steps", "logging_steps"):
         if getattr(t, name) < 1:
             raise ConfigError(f"training.{name}: must be at least 1, got {getattr(t, name)}")
+    validate_app(cfg.app)
+
+
+def validate_app(app: AppConfig) -> None:
+    """Limits of the app must be positive: a zero would refuse everything, a negative makes no sense."""
+    for name in ("max_media_seconds", "max_download_mb", "download_timeout_seconds", "request_timeout_seconds",
+                 "translate_timeout_seconds"):
+        if getattr(app, name) <= 0:
+            raise ConfigError(f"app.{name}: must be above 0, got {getattr(app, name)}")
+    for name in ("workers", "queue_size"):
+        if getattr(app, name) < 1:
+            raise ConfigError(f"app.{name}: must be at least 1, got {getattr(app, name)}")
+
+
+def check_repo_id(repo_id: str, key: str) -> None:
+    """A Hugging Face Hub repository id with its owner: USER/NAME."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as e:
+        raise ConfigError(f"{key}: {repo_id!r} is not a Hub repository id ({str(e).splitlines()[0]})") from e
+    if "/" not in repo_id:
+        raise ConfigError(f"{key}: expected USER/NAME (owner, then repository), got {repo_id!r}")
 
 
 def to_dict(cfg: Any) -> dict:

@@ -1,6 +1,7 @@
 """Hyperparameter and data-mix search over config keys, fair by construction.
 
-A sweep file declares a search space of dotted config keys. Every trial is a normal
+A sweep file declares a search space of dotted config keys, and/or named `variants` (each a
+set of overrides, e.g. a whole recipe), searched as one more key, `variant`. Every trial is a normal
 training run (`whisper_ft.train.run_training`) in `<output_dir>/sweeps/<name>/trial-NNN/`,
 trained on the same budget of samples and evaluated on the same evaluation set at the same
 points, so trials with other batch sizes still see the same data. Grid, random and Bayesian
@@ -47,6 +48,15 @@ class SweepSpec:
     prune_warmup_evals: int = 1
     base: dict = field(default_factory=dict)
     space: dict = field(default_factory=dict)
+    variants: dict = field(default_factory=dict)
+
+
+VARIANT = "variant"  # the search key of named variants
+
+
+def search_space(spec: SweepSpec) -> dict:
+    """The keys searched: `variant` (the names of the variants) first, then `space`."""
+    return {**({VARIANT: list(spec.variants)} if spec.variants else {}), **spec.space}
 
 
 def load_spec(path: str | Path) -> SweepSpec:
@@ -64,8 +74,11 @@ def load_spec(path: str | Path) -> SweepSpec:
         raise ConfigError(f"{path}: method: expected one of {', '.join(METHODS)}, got {spec.method!r}")
     if spec.metric not in METRICS:
         raise ConfigError(f"{path}: metric: expected one of {', '.join(METRICS)}, got {spec.metric!r}")
-    if not spec.space:
-        raise ConfigError(f"{path}: space: at least one key to search is needed")
+    if not spec.space and not spec.variants:
+        raise ConfigError(f"{path}: space or variants: at least one key or variant to search is needed")
+    for name, overrides in spec.variants.items():
+        if not isinstance(overrides, dict):
+            raise ConfigError(f"{path}: variants.{name}: expected a mapping of config keys to values")
     for key, values in spec.space.items():
         if spec.method == "grid" and not isinstance(values, list):
             raise ConfigError(f"{path}: space.{key}: grid search needs a list of values")
@@ -81,7 +94,7 @@ def distributions(spec: SweepSpec) -> dict:
     import optuna.distributions as d
 
     out = {}
-    for key, values in spec.space.items():
+    for key, values in search_space(spec).items():
         if isinstance(values, list):
             out[key] = d.CategoricalDistribution(values)
         elif isinstance(values["low"], int) and isinstance(values["high"], int) and not values.get("log"):
@@ -93,8 +106,8 @@ def distributions(spec: SweepSpec) -> dict:
 
 def grid_points(spec: SweepSpec) -> list[dict]:
     """Every combination of the grid, in a stable order."""
-    keys = list(spec.space)
-    return [dict(zip(keys, combo)) for combo in itertools.product(*(spec.space[k] for k in keys))]
+    space = search_space(spec)
+    return [dict(zip(space, combo)) for combo in itertools.product(*space.values())]
 
 
 def n_trials(spec: SweepSpec) -> int:
@@ -122,9 +135,12 @@ def make_study(spec: SweepSpec, folder: Path):
 
 def trial_config(base: Config, spec: SweepSpec, params: dict, folder: Path, number: int,
                  config_path: str | None, overrides: list[str]) -> Config:
-    """The config of one trial: base config, sweep `base`, trial params, then the equal budget."""
+    """The config of one trial: base config, sweep `base`, the trial's variant, its other
+    params, then the equal budget."""
+    variant = spec.variants.get(params.get(VARIANT), {})
     items = [*overrides, *(f"{k}={_yaml(v)}" for k, v in spec.base.items()),
-             *(f"{k}={_yaml(v)}" for k, v in params.items()),
+             *(f"{k}={_yaml(v)}" for k, v in variant.items()),
+             *(f"{k}={_yaml(v)}" for k, v in params.items() if k != VARIANT),
              f"training.output_dir={folder}", f"training.run_name=trial-{number:03d}"]
     cfg = load_config(config_path, items)
     t = cfg.training
@@ -278,11 +294,14 @@ def write_report(folder: Path, spec: SweepSpec) -> Path:
     rows.sort(key=lambda r: (r["status"] != "complete", r["best"].get(spec.metric, math.inf)))
     split = next((r["split"] for r in rows if r["best"]), "validation")
     lines = [f"# Sweep {spec.name}", "",
-             f"{spec.method} search over {', '.join(spec.space)}; metric {spec.metric} on the {split} split (lower is "
+             f"{spec.method} search over {', '.join(search_space(spec))}; metric {spec.metric} on the {split} split (lower is "
              f"better); {len(trials)} trials; every trial trained on "
              f"{spec.budget_samples or 'the configured steps x batch'} samples and evaluated on the same set. "
              "Trials are ranked on the periodic checks; the test column is each trial's best/ on the test split, "
              "reported only.", ""]
+    if spec.variants:
+        lines += ["Variants:", ""] + [f"- `{name}`: " + (", ".join(f"{k}={v}" for k, v in o.items()) or "the defaults")
+                                     for name, o in spec.variants.items()] + [""]
     if split in ("test", "eval"):
         lines += ["**Note:** the feature store has no validation split, so trials were ranked on the test split and "
                   "the winner's test WER is optimistic.", ""]

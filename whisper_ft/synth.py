@@ -2,7 +2,8 @@
 
 Builds the embedded sample (`scripts/make_sample.py`) and the test fixtures: a
 `<out>/sv-SE/` folder with train/dev/test/validated TSVs, `clip_durations.tsv` and
-`clips/common_voice_sv-SE_<n>.mp3` (48 kHz mono), speakers varied by voice, rate and pitch.
+`clips/common_voice_sv-SE_<n>.mp3` (48 kHz mono), speakers varied by voice, rate and pitch,
+optionally with background noise at a random signal-to-noise ratio per clip.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import soundfile as sf
 
 CV_COLUMNS = ("client_id", "path", "sentence_id", "sentence", "sentence_domain", "up_votes", "down_votes", "age",
@@ -55,24 +57,38 @@ def make_speakers(n: int, rng: random.Random) -> list[Speaker]:
     return speakers
 
 
-def speak(text: str, speaker: Speaker, mp3: Path, bitrate: str = "48k") -> float:
-    """Synthesize `text` into a 48 kHz mono MP3; returns its duration in seconds."""
+def speak(text: str, speaker: Speaker, mp3: Path, bitrate: str = "48k", snr_db: float | None = None,
+          seed: int = 0) -> float:
+    """Synthesize `text` into a 48 kHz mono MP3, with white noise at `snr_db` if given;
+    returns its duration in seconds."""
     with tempfile.TemporaryDirectory() as tmp:
         wav = Path(tmp) / "x.wav"
         subprocess.run(["espeak-ng", "-v", speaker.voice, "-s", str(speaker.rate), "-p", str(speaker.pitch),
                         "-w", str(wav), text], check=True, capture_output=True)
         seconds = sf.info(str(wav)).duration
+        if snr_db is not None:
+            add_noise(wav, snr_db, np.random.default_rng(seed))
         subprocess.run(["ffmpeg", "-nostdin", "-v", "error", "-y", "-i", str(wav), "-ar", "48000", "-ac", "1",
                         "-c:a", "libmp3lame", "-b:a", bitrate, str(mp3)], check=True, capture_output=True)
     return seconds
 
 
+def add_noise(wav: Path, snr_db: float, rng: np.random.Generator) -> None:
+    """Mix white noise into a WAV file in place at `snr_db` dB below the speech's power."""
+    audio, rate = sf.read(str(wav), dtype="float32")
+    power = float(np.mean(audio ** 2)) or 1e-8
+    noise = rng.standard_normal(audio.shape).astype(np.float32) * np.sqrt(power / 10 ** (snr_db / 10))
+    sf.write(str(wav), np.clip(audio + noise, -1.0, 1.0), rate)
+
+
 def make_release(out: Path, sentences: list[str], counts: dict[str, int], seed: int = 0, n_speakers: int = 12,
-                 bitrate: str = "48k", max_words: int = 14, jobs: int | None = None) -> Path:
+                 bitrate: str = "48k", max_words: int = 14, jobs: int | None = None,
+                 snr_db: tuple[float, float] | None = None) -> Path:
     """Write a Common Voice style release to `out/sv-SE`; returns that folder.
 
     `counts` maps split name (train, dev, test) to a number of clips. Speakers do not cross
-    splits, as in Common Voice.
+    splits, as in Common Voice. `snr_db` (low, high) adds white noise to every clip at a
+    signal-to-noise ratio drawn uniformly from that range.
     """
     require_tools()
     rng = random.Random(seed)
@@ -90,12 +106,14 @@ def make_release(out: Path, sentences: list[str], counts: dict[str, int], seed: 
     for split, count in counts.items():
         for i in range(count):
             spk = per_split[split][i % len(per_split[split])]
-            jobs_list.append((split, n, pool[n], spk))
+            snr = rng.uniform(*snr_db) if snr_db else None
+            jobs_list.append((split, n, pool[n], spk, snr))
             n += 1
     with ThreadPoolExecutor(jobs or os.cpu_count() or 2) as ex:
-        durations = list(ex.map(lambda j: speak(j[2], j[3], root / "clips" / _clip_name(j[1]), bitrate), jobs_list))
+        durations = list(ex.map(lambda j: speak(j[2], j[3], root / "clips" / _clip_name(j[1]), bitrate, j[4],
+                                                seed=seed * 1_000_003 + j[1]), jobs_list))
     rows_by_split: dict[str, list[dict]] = {s: [] for s in counts}
-    for (split, idx, text, spk), _ in zip(jobs_list, durations):
+    for (split, idx, text, spk, _), _ in zip(jobs_list, durations):
         rows_by_split[split].append({
             "client_id": spk.client_id, "path": _clip_name(idx), "sentence_id": hashlib.sha256(text.encode()).hexdigest(),
             "sentence": text, "sentence_domain": "", "up_votes": "2", "down_votes": "0", "age": spk.age,

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 from transformers import Seq2SeqTrainer, TrainerCallback
 
-from whisper_ft import breakdown, checkpoints, report, served
+from whisper_ft import averaging, breakdown, checkpoints, report, served
 from whisper_ft.collator import IGNORE_INDEX, SpeechCollator, expand
 from whisper_ft.config import Config, save_config, to_dict
 from whisper_ft.errors import UserError
@@ -173,6 +173,26 @@ def compile_layers(model) -> int:
 
 # --------------------------------------------------------------------------- trainer
 
+# Whisper's peak pre-training learning rate by model width (d_model): Radford et al. 2022,
+# "Robust Speech Recognition via Large-Scale Weak Supervision", appendix F. Fine-tuning at a
+# fortieth of it is the rule of thumb behind `learning_rate: auto` (docs/improving.md).
+PRETRAINING_LEARNING_RATE = {384: 1.5e-3, 512: 1.0e-3, 768: 5.0e-4, 1024: 2.5e-4, 1280: 1.75e-4}
+FINE_TUNING_DIVISOR = 40
+
+
+def auto_learning_rate(d_model: int) -> float:
+    """The fine-tuning rate for a Whisper of this width (the nearest listed size)."""
+    width = min(PRETRAINING_LEARNING_RATE, key=lambda w: abs(w - d_model))
+    return PRETRAINING_LEARNING_RATE[width] / FINE_TUNING_DIVISOR
+
+
+def schedule(t, d_model: int) -> tuple[float, int]:
+    """(peak learning rate, warm-up steps) of a run: `auto` resolved by model width, warm-up
+    from `warmup_fraction` of the run unless `warmup_steps` is set."""
+    lr = auto_learning_rate(d_model) if t.learning_rate == "auto" else float(t.learning_rate)
+    warmup = t.warmup_steps if t.warmup_steps is not None else math.ceil(t.warmup_fraction * t.max_steps)
+    return lr, warmup
+
 
 def resolve_precision(precision: str, cuda: bool, bf16_ok: bool) -> str:
     """auto -> bf16 where the GPU supports it, fp16 on other GPUs, fp32 on CPU."""
@@ -185,21 +205,23 @@ def resolve_precision(precision: str, cuda: bool, bf16_ok: bool) -> str:
     return precision
 
 
-def training_arguments(cfg: Config, run_dir: Path, max_gen_length: int, eval_on_start: bool):
-    """Seq2SeqTrainingArguments for the config on the device torch sees."""
+def training_arguments(cfg: Config, run_dir: Path, max_gen_length: int, eval_on_start: bool, d_model: int):
+    """Seq2SeqTrainingArguments for the config on the device torch sees (`d_model`: the
+    model's width, for `learning_rate: auto`)."""
     import torch
     from transformers import Seq2SeqTrainingArguments
 
     t = cfg.training
     cuda = torch.cuda.is_available()
     precision = resolve_precision(t.precision, cuda, cuda and torch.cuda.is_bf16_supported())
+    learning_rate, warmup_steps = schedule(t, d_model)
     if cuda:
         torch.backends.cudnn.benchmark = True  # the encoder's convolutions always see 3000 frames
     return Seq2SeqTrainingArguments(
         output_dir=str(run_dir), run_name=t.run_name, seed=t.seed,
         max_steps=t.max_steps, per_device_train_batch_size=t.batch_size,
         gradient_accumulation_steps=t.gradient_accumulation_steps,
-        learning_rate=t.learning_rate, lr_scheduler_type=t.lr_scheduler, warmup_steps=t.warmup_steps,
+        learning_rate=learning_rate, lr_scheduler_type=t.lr_scheduler, warmup_steps=warmup_steps,
         weight_decay=t.weight_decay, optim="adamw_torch_fused" if cuda else "adamw_torch",
         bf16=precision == "bf16", fp16=precision == "fp16",
         tf32=True if cuda and torch.cuda.get_device_capability()[0] >= 8 else None,
@@ -399,31 +421,39 @@ def run_training(cfg: Config, fresh: bool = False, callbacks: Sequence[TrainerCa
     model = prepare_model(cfg, data.processor.tokenizer)
     gen_len = generation_max_length(cfg, [*data.test["labels"], *data.selection_model["labels"]])
     first = cfg.training.eval_before_training and resume is None
-    args = training_arguments(cfg, run_dir, gen_len, eval_on_start=first)
+    args = training_arguments(cfg, run_dir, gen_len, eval_on_start=first, d_model=model.config.d_model)
     meta = {"base_model": cfg.model.name_or_path, "language": cfg.model.language, "task": cfg.model.task,
             "features": data.manifest["name"]}
+    t = cfg.training
+    keeper = [averaging.Keeper(run_dir, t.average_checkpoints, t.average_mode)] if t.average_checkpoints else []
     trainer = make_trainer(model, args, data, data.selection_model,
-                           [EventLog(run_dir, data.processor, meta, data.selection_split), *callbacks],
-                           cfg.training.fast_generation)
+                           [EventLog(run_dir, data.processor, meta, data.selection_split), *keeper, *callbacks],
+                           t.fast_generation)
     if trainer.is_world_process_zero():
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
         checkpoints.append_event(run_dir, {"event": "start", "step": start_step, "resumed_from": resume and resume.name,
                                            "world_size": args.world_size, "train_clips": len(data.train),
                                            "test_clips": len(data.test), "selection_split": data.selection_split,
-                                           "selection_clips": len(data.selection_model), "generation_max_length": gen_len})
+                                           "selection_clips": len(data.selection_model), "generation_max_length": gen_len,
+                                           "learning_rate": args.learning_rate, "warmup_steps": args.warmup_steps})
         log.info("%s at step %d: %d training clips, %d %s clips for the periodic checks, %d test clips, generation "
-                 "capped at %d tokens", f"resuming from {resume}" if resume else "starting", start_step,
-                 len(data.train), len(data.selection_model), data.selection_split, len(data.test), gen_len)
+                 "capped at %d tokens, peak learning rate %.3g after %d warm-up steps",
+                 f"resuming from {resume}" if resume else "starting", start_step, len(data.train),
+                 len(data.selection_model), data.selection_split, len(data.test), gen_len, args.learning_rate,
+                 args.warmup_steps)
     if first:
         score_test(cfg, args, data, model, run_dir, step=0)
     result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     if checkpoints.read_best(run_dir) is None and trainer.is_world_process_zero():  # stopped before any evaluation
         checkpoints.export_best(trainer.model, data.processor, run_dir, {**meta, "step": trainer.state.global_step, "wer": None})
     trainer.accelerator.wait_for_everyone()
+    averaged = try_average(cfg, args, data, run_dir, meta, trainer.state.global_step) if t.average_checkpoints else None
+    trainer.accelerator.wait_for_everyone()
     best = load_model(str(run_dir / checkpoints.BEST_DIR), cfg.model.language, cfg.model.task, attn_implementation="sdpa")
     final = score_test(cfg, args, data, best, run_dir, step=checkpoints.read_best(run_dir)["step"], final=True)
     summary = summarize(trainer, result, final, run_dir, args, data.selection_split)
+    summary.update(learning_rate=args.learning_rate, warmup_steps=args.warmup_steps, averaging=averaged)
     if trainer.is_world_process_zero():
         if cfg.training.export_ctranslate2:
             export_ct2(run_dir / checkpoints.BEST_DIR)
@@ -433,6 +463,44 @@ def run_training(cfg: Config, fresh: bool = False, callbacks: Sequence[TrainerCa
                                              served.read_predictions(run_dir / "predictions.jsonl"))
         write_reports(cfg, data.manifest, summary, run_dir)
     return summary
+
+
+def try_average(cfg: Config, args, data: Data, run_dir: Path, meta: dict, step: int) -> dict:
+    """Average the kept checks' weights, score the average on the selection split and export
+    it as `best/` if it beats the best single check there. Returns what happened (the
+    `averaging` entry of metrics.json)."""
+    import dataclasses
+
+    t = cfg.training
+    folder = run_dir / averaging.FOLDER
+    steps = averaging.select(averaging.read_index(folder), t.average_checkpoints, t.average_mode)
+    outcome = {"mode": t.average_mode, "n": t.average_checkpoints, "steps": steps, "chosen": False}
+    if len(steps) < 2:
+        log.info("checkpoint averaging skipped: %d check(s) to average", len(steps))
+        return {**outcome, "skipped": f"{len(steps)} check(s) to average"}
+    model = load_model(str(run_dir / checkpoints.BEST_DIR), cfg.model.language, cfg.model.task,
+                       attn_implementation="sdpa")
+    model.load_state_dict(averaging.average([averaging.weights_path(folder, s) for s in steps]))
+    eval_args = dataclasses.replace(args, report_to=[], eval_on_start=False)
+    trainer = make_trainer(model, eval_args, data, data.selection_model, fast_generation=t.fast_generation)
+    metrics = trainer.predict(data.selection_model, metric_key_prefix="average").metrics
+    event = {**eval_event(metrics, "average", step, data.selection_split, SELECTION), "event": "average",
+             "averaged_steps": steps}
+    single = checkpoints.read_best(run_dir) or {}
+    wins = event["wer"] < (single.get("wer") if single.get("wer") is not None else math.inf)
+    outcome.update(wer=event["wer"], wer_normalized=event["wer_normalized"], cer=event["cer"],
+                   single_wer=single.get("wer"), single_step=single.get("step"), chosen=bool(wins))
+    if trainer.is_world_process_zero():
+        checkpoints.append_event(run_dir, event)
+        log.info("average of the checks at steps %s: %s WER %.2f%% vs %.2f%% for the best single check (step %s)%s",
+                 steps, data.selection_split, 100 * event["wer"], 100 * (single.get("wer") or math.nan),
+                 single.get("step"), ": exported as best/" if wins else "; best/ stays")
+        if wins:
+            info = {**meta, "step": step, "split": data.selection_split, "wer": event["wer"],
+                    "wer_normalized": event["wer_normalized"], "cer": event["cer"], "eval_clips": event["eval_clips"],
+                    "averaged_steps": steps}
+            checkpoints.export_best(model, data.processor, run_dir, info)
+    return outcome
 
 
 def export_ct2(best_dir: Path) -> None:
@@ -462,10 +530,10 @@ def score_test(cfg: Config, args, data: Data, model, run_dir: Path, step: int, f
     if trainer.is_world_process_zero():
         if final:
             tok = data.processor.tokenizer
-            rows = [{"id": ex["id"], "source": ex["source"], "speaker": ex["speaker"], "reference": ref,
-                     "prediction": hyp}
-                    for ex, ref, hyp in zip(data.test.select_columns(["id", "source", "speaker"]),
-                                            data.test["sentence"], decode(tok, out.predictions))]
+            columns = [c for c in ("id", "source", "speaker", *breakdown.SPEAKER_METADATA) if c in data.test.column_names]
+            rows = [{**ex, "reference": ref, "prediction": hyp}
+                    for ex, ref, hyp in zip(data.test.select_columns(columns), data.test["sentence"],
+                                            decode(tok, out.predictions))]
             _write_jsonl(run_dir / "predictions.jsonl", rows)
         checkpoints.append_event(run_dir, event)
         log.info("test split, %s: %s", f"best/ (step {step})" if final else "before training", scores_line(event))

@@ -1,0 +1,61 @@
+"""Checkpoint averaging: which checks an average uses, the mean of saved weights, and the
+callback that keeps only the candidates on disk (the whole flow runs in test_training)."""
+
+from __future__ import annotations
+
+import json
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from whisper_ft.averaging import Keeper, average, read_index, save_weights, select, weights_path
+
+
+@pytest.mark.parametrize("mode, n, expected", [
+    ("last", 3, [300, 400, 500]),
+    ("last", 9, [100, 200, 300, 400, 500]),
+    ("best", 2, [200, 400]),  # 0.30 and 0.31; NaN never counts as best
+    ("best", 3, [200, 400, 500]),  # the tie at 0.40 goes to the later check
+])
+def test_select_takes_the_newest_or_the_best_checks(mode, n, expected):
+    index = {100: 0.40, 200: 0.30, 300: math.nan, 400: 0.31, 500: 0.40}
+    assert select(index, n, mode) == expected
+
+
+def test_average_is_the_elementwise_mean_in_float32(tmp_path):
+    from safetensors.torch import save_file
+
+    for i, w in enumerate((1.0, 2.0, 6.0)):
+        save_file({"w": torch.full((2, 2), w, dtype=torch.bfloat16), "step": torch.tensor([i])},
+                  str(tmp_path / f"{i}.safetensors"))
+    mean = average([tmp_path / f"{i}.safetensors" for i in range(3)])
+    assert mean["w"].dtype == torch.float32 and torch.equal(mean["w"], torch.full((2, 2), 3.0))
+    assert torch.equal(mean["step"], torch.tensor([2]))  # integers are not averaged: the last file's
+
+
+def test_keeper_keeps_only_what_the_average_uses(tmp_path):
+    model = torch.nn.Linear(3, 2)
+    keeper = Keeper(tmp_path, n=2, mode="best")
+    control = SimpleNamespace()
+    for step, wer in ((0, 0.9), (10, 0.5), (20, 0.7), (30, 0.4), (40, 0.6)):
+        with torch.no_grad():
+            model.weight.fill_(step)
+        keeper.on_evaluate(None, SimpleNamespace(global_step=step, is_world_process_zero=True), control,
+                           metrics={"eval_wer": wer}, model=model)
+    folder = tmp_path / "averaging"
+    assert read_index(folder) == {10: 0.5, 30: 0.4}  # step 0 (the base model) is never a candidate
+    assert sorted(p.name for p in folder.glob("*.safetensors")) == ["step-10.safetensors", "step-30.safetensors"]
+    assert json.loads((folder / "candidates.json").read_text()) == {"10": 0.5, "30": 0.4}
+    mean = average([weights_path(folder, 10), weights_path(folder, 30)])
+    assert torch.equal(mean["weight"], torch.full((2, 3), 20.0))
+
+
+def test_saved_weights_are_float32_even_from_a_bf16_model(tmp_path):
+    from safetensors.torch import load_file
+
+    model = torch.nn.Linear(3, 2).to(torch.bfloat16)
+    save_weights(model, tmp_path / "w.safetensors")
+    assert {t.dtype for t in load_file(str(tmp_path / "w.safetensors")).values()} == {torch.float32}
+    assert not list(tmp_path.glob(".*tmp*"))

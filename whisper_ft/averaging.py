@@ -1,0 +1,103 @@
+"""Checkpoint averaging, the cheap ensemble: the weights of several of a run's periodic checks
+averaged into one model, which is then scored on the validation split like any other
+candidate and becomes `best/` only if it beats the best single check there.
+
+While training, `Keeper` saves the model of each check after step 0 and keeps only the ones
+the average may use (`last`: the newest N checks; `best`: the N best by validation WER):
+
+    <run>/averaging/step-<N>.safetensors   the model at check N (float32, LoRA merged)
+    <run>/averaging/candidates.json        {"<N>": validation WER} of the files kept
+
+Separate from the Trainer's `checkpoint-*/` folders, whose rotation keeps the newest and the
+single best, and which also hold optimizer state the average does not need.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+from transformers import TrainerCallback
+
+from whisper_ft.files import write_atomic
+
+FOLDER = "averaging"
+INDEX = "candidates.json"
+
+
+def read_index(folder: Path) -> dict[int, float]:
+    """{step: validation WER} of the saved candidates."""
+    path = folder / INDEX
+    return {int(k): v for k, v in json.loads(path.read_text()).items()} if path.is_file() else {}
+
+
+def select(index: dict[int, float], n: int, mode: str) -> list[int]:
+    """The steps an average of `n` uses, oldest first: the newest `n` (`last`) or the `n` with
+    the lowest WER (`best`; a tie goes to the later step). A NaN WER never counts as best."""
+    if mode == "last":
+        chosen = sorted(index)[-n:]
+    else:
+        key = lambda s: (index[s] if math.isfinite(index[s]) else math.inf, -s)  # noqa: E731
+        chosen = sorted(index, key=key)[:n]
+    return sorted(chosen)
+
+
+def weights_path(folder: Path, step: int) -> Path:
+    return folder / f"step-{step}.safetensors"
+
+
+def average(paths: list[Path]) -> dict:
+    """The element-wise mean of the floating-point tensors of several saved state dicts (in
+    float32, one file in memory at a time); other tensors are taken from the last file."""
+    from safetensors.torch import load_file
+
+    total: dict = {}
+    for path in paths:
+        for name, tensor in load_file(str(path)).items():
+            if not tensor.is_floating_point():
+                total[name] = tensor
+            elif name in total:
+                total[name] += tensor.float()
+            else:
+                total[name] = tensor.float().clone()
+    return {name: t / len(paths) if t.is_floating_point() else t for name, t in total.items()}
+
+
+def save_weights(model, path: Path) -> None:
+    """The plain Whisper weights of `model` (a LoRA model merged first) as float32
+    safetensors, written under a temporary name and renamed."""
+    from safetensors.torch import save_file
+
+    from whisper_ft.checkpoints import standalone
+
+    state = {k: v.detach().float().cpu().contiguous().clone() for k, v in standalone(model).state_dict().items()}
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    save_file(state, str(tmp))
+    os.replace(tmp, path)
+
+
+class Keeper(TrainerCallback):
+    """Saves the model of every periodic check after step 0 into `<run>/averaging/` and keeps
+    only the `n` an average in `mode` would use (see `select`)."""
+
+    def __init__(self, run_dir: Path, n: int, mode: str):
+        self.folder = Path(run_dir) / FOLDER
+        self.n = n
+        self.mode = mode
+
+    def on_evaluate(self, args, state, control, metrics=None, model=None, **kwargs):
+        wer = (metrics or {}).get("eval_wer")
+        if state.global_step == 0 or wer is None or not state.is_world_process_zero:
+            return
+        index = read_index(self.folder)
+        index[state.global_step] = float(wer)
+        keep = set(select(index, self.n, self.mode))
+        if state.global_step not in keep:
+            return
+        self.folder.mkdir(parents=True, exist_ok=True)
+        save_weights(model, weights_path(self.folder, state.global_step))
+        for step in set(index) - keep:
+            weights_path(self.folder, step).unlink(missing_ok=True)
+        write_atomic(self.folder / INDEX, json.dumps({str(s): index[s] for s in sorted(keep)}))
