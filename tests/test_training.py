@@ -430,7 +430,8 @@ def test_store_without_validation_selects_on_test_and_says_so(tmp_path, cv_relea
     assert "gives no validation rows" in proc.stdout
     store = tmp_path / "features" / "noval"
     cfg = load_config(ROOT / "config.yaml", overrides(store, tiny_model_dir, tmp_path, max_steps=2, eval_steps=2,
-                                                      save_steps=2, export_ctranslate2="false"))
+                                                      save_steps=2, export_ctranslate2="false",
+                                                      score_served="false"))
     with caplog.at_level("WARNING", logger="whisper_ft.train"):
         summary = run_training(cfg)
     assert "no validation split" in caplog.text
