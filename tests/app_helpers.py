@@ -38,6 +38,20 @@ def speech_wav(text: str, out: Path, voice: str = "sv", repeat: int = 1) -> Path
     return out
 
 
+FFMPEG = ["ffmpeg", "-nostdin", "-v", "error", "-y"]
+
+
+def speech_media(root: Path) -> Path:
+    """A short Swedish sentence as speech.wav, speech.mp3 (48 kHz) and video.mp4 (the speech under
+    a black picture) in `root`; returns the WAV."""
+    wav = speech_wav("Hej, jag heter Anna och jag bor i Stockholm.", root / "speech.wav")
+    subprocess.run([*FFMPEG, "-i", str(wav), "-ar", "48000", "-c:a", "libmp3lame", str(root / "speech.mp3")],
+                   check=True)
+    subprocess.run([*FFMPEG, "-f", "lavfi", "-i", "color=c=black:s=64x64:d=4", "-i", str(wav), "-shortest",
+                    "-c:v", "libx264", "-c:a", "aac", str(root / "video.mp4")], check=True)
+    return wav
+
+
 class Server:
     """`python -m http.server` in a thread, bound to 127.0.0.1, serving `root`, plus three MP3 streams
     that abuse a downloader: /stream/endless.mp3 (no length, never ends), /stream/trickle.mp3 (a byte

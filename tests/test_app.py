@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from app_helpers import Server, fast_model, free_port, route_through_refusing_proxy, speech_wav
+from app_helpers import FFMPEG, Server, fast_model, free_port, route_through_refusing_proxy, speech_media, speech_wav
 from conftest import ROOT, run_cli
 from whisper_ft import app, cli, translate
 from whisper_ft.app import BUSY, GOOGLE, NO_TRANSLATION, WHISPER, Handlers, find_model, newest_best
@@ -52,12 +52,8 @@ def handlers(model_dir, cfg, tmp_path_factory):
 def media(tmp_path_factory):
     """Speech as WAV, MP3 (48 kHz), MP4 video and 48 kHz stereo int16 (a browser recording)."""
     root = tmp_path_factory.mktemp("media")
-    wav = speech_wav("Hej, jag heter Anna och jag bor i Stockholm.", root / "speech.wav")
-    ff = ["ffmpeg", "-nostdin", "-v", "error", "-y"]
-    subprocess.run([*ff, "-i", str(wav), "-ar", "48000", "-c:a", "libmp3lame", str(root / "speech.mp3")], check=True)
-    subprocess.run([*ff, "-f", "lavfi", "-i", "color=c=black:s=64x64:d=4", "-i", str(wav), "-shortest",
-                    "-c:v", "libx264", "-c:a", "aac", str(root / "video.mp4")], check=True)
-    subprocess.run([*ff, "-i", str(wav), "-ar", "48000", "-ac", "2", str(root / "stereo48k.wav")], check=True)
+    wav = speech_media(root)
+    subprocess.run([*FFMPEG, "-i", str(wav), "-ar", "48000", "-ac", "2", str(root / "stereo48k.wav")], check=True)
     speech_wav("Det här är en lång inspelning som fortsätter.", root / "long.wav", repeat=14)  # about 40 s
     speech_wav("Det här är en lång inspelning som fortsätter.", root / "toolong.wav", repeat=25)  # about 72 s
     (root / "empty.wav").write_bytes(b"")

@@ -15,7 +15,6 @@ import ctypes
 import gc
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -30,7 +29,7 @@ import psutil
 import pytest
 import soundfile as sf
 
-from app_helpers import Server, call_api, fast_model, free_port, speech_wav
+from app_helpers import Server, call_api, fast_model, free_port, speech_media, speech_wav
 from whisper_ft.app import Handlers, build_app
 from whisper_ft.config import load_config
 from whisper_ft.transcribe import load_transcriber
@@ -50,11 +49,7 @@ RSS_SLACK_MB = 250  # allocator arenas of threads new to the work: +50 to +130 M
 def media(tmp_path_factory):
     """Speech (WAV, MP3, MP4), a 25 s recording (over the 20 s limit), noise, silence and a text file."""
     root = tmp_path_factory.mktemp("load-media")
-    wav = speech_wav("Hej, jag heter Anna och jag bor i Stockholm.", root / "speech.wav")
-    ff = ["ffmpeg", "-nostdin", "-v", "error", "-y"]
-    subprocess.run([*ff, "-i", str(wav), "-ar", "48000", "-c:a", "libmp3lame", str(root / "speech.mp3")], check=True)
-    subprocess.run([*ff, "-f", "lavfi", "-i", "color=c=black:s=64x64:d=4", "-i", str(wav), "-shortest",
-                    "-c:v", "libx264", "-c:a", "aac", str(root / "video.mp4")], check=True)
+    speech_media(root)
     speech_wav("Det här är en lång inspelning.", root / "long.wav", repeat=12)  # about 25 s
     (root / "noise.mp3").write_bytes(np.random.default_rng(0).bytes(4096))
     sf.write(root / "silence.wav", np.zeros(3 * 16000, np.float32), 16000)
