@@ -469,8 +469,6 @@ def try_average(cfg: Config, args, data: Data, run_dir: Path, meta: dict, step: 
     """Average the kept checks' weights, score the average on the selection split and export
     it as `best/` if it beats the best single check there. Returns what happened (the
     `averaging` entry of metrics.json)."""
-    import dataclasses
-
     t = cfg.training
     folder = run_dir / averaging.FOLDER
     steps = averaging.select(averaging.read_index(folder), t.average_checkpoints, t.average_mode)
@@ -481,10 +479,8 @@ def try_average(cfg: Config, args, data: Data, run_dir: Path, meta: dict, step: 
     model = load_model(str(run_dir / checkpoints.BEST_DIR), cfg.model.language, cfg.model.task,
                        attn_implementation="sdpa")
     model.load_state_dict(averaging.average([averaging.weights_path(folder, s) for s in steps]))
-    eval_args = dataclasses.replace(args, report_to=[], eval_on_start=False)
-    trainer = make_trainer(model, eval_args, data, data.selection_model, fast_generation=t.fast_generation)
-    metrics = trainer.predict(data.selection_model, metric_key_prefix="average").metrics
-    event = {**eval_event(metrics, "average", step, data.selection_split, SELECTION), "event": "average",
+    trainer, out = predict(cfg, args, data, model, data.selection_model, "average")
+    event = {**eval_event(out.metrics, "average", step, data.selection_split, SELECTION), "event": "average",
              "averaged_steps": steps}
     single = checkpoints.read_best(run_dir) or {}
     wins = event["wer"] < (single.get("wer") if single.get("wer") is not None else math.inf)
@@ -493,7 +489,7 @@ def try_average(cfg: Config, args, data: Data, run_dir: Path, meta: dict, step: 
     if trainer.is_world_process_zero():
         checkpoints.append_event(run_dir, event)
         log.info("average of the checks at steps %s: %s WER %.2f%% vs %.2f%% for the best single check (step %s)%s",
-                 steps, data.selection_split, 100 * event["wer"], 100 * (single.get("wer") or math.nan),
+                 steps, data.selection_split, 100 * event["wer"], 100 * (single["wer"] if single.get("wer") is not None else math.nan),
                  single.get("step"), ": exported as best/" if wins else "; best/ stays")
         if wins:
             info = {**meta, "step": step, "split": data.selection_split, "wer": event["wer"],
@@ -515,15 +511,21 @@ def export_ct2(best_dir: Path) -> None:
         log.warning("CTranslate2 export of %s failed (%s); the app falls back to transformers", best_dir, e)
 
 
+def predict(cfg: Config, args, data: Data, model, dataset, prefix: str):
+    """Score `model` on `dataset` outside training (no TensorBoard, no step-0 check); returns
+    the Trainer that did it and its PredictionOutput, with metrics named `<prefix>_wer` etc."""
+    import dataclasses
+
+    eval_args = dataclasses.replace(args, report_to=[], eval_on_start=False)
+    trainer = make_trainer(model, eval_args, data, dataset, fast_generation=cfg.training.fast_generation)
+    return trainer, trainer.predict(dataset, metric_key_prefix=prefix)
+
+
 def score_test(cfg: Config, args, data: Data, model, run_dir: Path, step: int, final: bool = False) -> dict:
     """Score `model` on every test clip and log a `test` eval event: the base model before
     training (step 0), and `best/`, exactly what is shipped, at the end (`final`, which also
     writes predictions.jsonl)."""
-    import dataclasses
-
-    eval_args = dataclasses.replace(args, report_to=[], eval_on_start=False)
-    trainer = make_trainer(model, eval_args, data, data.test_model, fast_generation=cfg.training.fast_generation)
-    out = trainer.predict(data.test_model, metric_key_prefix="test")
+    trainer, out = predict(cfg, args, data, model, data.test_model, "test")
     event = eval_event(out.metrics, "test", step, ROLE[EVAL], REPORT)
     if final:
         event["final"] = True
