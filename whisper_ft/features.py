@@ -335,7 +335,8 @@ def read_manifest(root: str | Path) -> dict:
     manifest = json.loads(path.read_text())
     if manifest.get("format_version") not in READABLE_VERSIONS:
         raise FeaturesError(f"{root} was written by another version of the feature format "
-                            f"({manifest.get('format_version')} != {FORMAT_VERSION}): rerun python feature_pipeline.py")
+                            f"(version {manifest.get('format_version')}; this code reads versions "
+                            f"{' and '.join(map(str, READABLE_VERSIONS))}): rerun python feature_pipeline.py")
     return manifest
 
 
