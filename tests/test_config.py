@@ -95,3 +95,29 @@ def test_learning_rate_is_a_number_or_auto_and_warmup_a_count_or_null():
                 "training.average_checkpoints=1", "training.average_mode=median"):
         with pytest.raises(ConfigError, match=bad.split("=")[0].replace(".", r"\.")):
             load_config(CONFIG, [bad])
+
+
+def test_typed_values_come_after_overrides_and_keep_their_type():
+    lora = {"enabled": True}
+    cfg = load_config(CONFIG, ["training.learning_rate=1e-4", "features.sources.0.path=/x"],
+                      [("training.learning_rate", 1e-5), ("app.cookies_file", "yes"),
+                       ("features.sources.0.train_splits", ["train"]),
+                       ("features.sources.1", {"name": "extra", "kind": "hf", "path": "/y"}),
+                       ("training.lora", lora), ("training.lora.rank", 8)])
+    assert cfg.training.learning_rate == 1e-5 and cfg.app.cookies_file == "yes"
+    assert cfg.features.sources[0].path == "/x" and cfg.features.sources[0].train_splits == ("train",)
+    assert [s.name for s in cfg.features.sources] == ["sample", "extra"]
+    assert (cfg.training.lora.enabled, cfg.training.lora.rank) == (True, 8)
+    assert lora == {"enabled": True}  # the caller's value is copied, not set inside
+
+
+@pytest.mark.parametrize("values, key", [
+    ({"features.nmae": "x"}, "features.nmae"),
+    ({"features.shard_size": "many"}, "features.shard_size"),
+    ({"training.gradient_checkpointing": "yes"}, "training.gradient_checkpointing"),  # a string, not YAML's true
+    ({"features.sources.0.colour": "red"}, "features.sources.0.colour"),
+    ({"features.sources.3.path": "/x"}, "features.sources.3"),
+])
+def test_bad_typed_values_name_the_key(values, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_config(CONFIG, values=values)

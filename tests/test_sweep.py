@@ -245,3 +245,22 @@ def test_named_variants_apply_their_overrides_and_are_listed_in_the_report(tmp_p
 def test_a_variant_must_be_a_mapping(tmp_path):
     with pytest.raises(ConfigError, match="variants.blog"):
         load_spec(write_spec(tmp_path, method="grid", variants={"blog": "lr=1e-5"}))
+
+
+def test_trial_config_layers_typed_values_over_the_command_line(tmp_path):
+    from whisper_ft.sweep import trial_config
+
+    spec = load_spec(write_spec(tmp_path, method="grid", budget_samples=64,
+                                base={"training.dropout": 0.2, "training.seed": 2, "training.output_dir": "elsewhere"},
+                                variants={"v": {"training.seed": 3, "training.num_beams": 2, "app.cookies_file": "yes",
+                                                "training.learning_rate": 1e-5,
+                                                "training.lora.target_modules": ["q_proj", "k_proj"]}},
+                                space={"training.num_beams": [4]}))
+    overrides = ["training.weight_decay=0.3", "training.dropout=0.3", "training.max_steps=7", "training.batch_size=16"]
+    cfg = trial_config(base_config(tmp_path), spec, {"variant": "v", "training.num_beams": 4}, tmp_path, 5,
+                       str(ROOT / "config.yaml"), overrides)
+    t = cfg.training
+    assert (t.weight_decay, t.dropout, t.seed, t.num_beams) == (0.3, 0.2, 3, 4)
+    assert (t.output_dir, t.run_name, t.max_steps) == (str(tmp_path), "trial-005", 4)
+    assert t.learning_rate == 1e-5 and t.lora.target_modules == ("q_proj", "k_proj")
+    assert cfg.app.cookies_file == "yes"

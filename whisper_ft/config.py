@@ -5,13 +5,16 @@ names and types and raises `ConfigError` naming the offending key; the command-l
 front end (`whisper_ft.cli`) turns that into a one-line error with exit code 2.
 
     cfg = load_config("config.yaml", overrides=["training.learning_rate=3e-5"])
+    cfg = load_config("config.yaml", values={"training.learning_rate": 3e-5})  # typed, no YAML
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import types
 import typing
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -164,8 +167,10 @@ class Config:
     app: AppConfig = field(default_factory=AppConfig)
 
 
-def load_config(path: str | Path | None = "config.yaml", overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Read a YAML file (None: defaults only), apply `section.key=value` overrides, type-check."""
+def load_config(path: str | Path | None = "config.yaml", overrides: list[str] | tuple[str, ...] = (),
+                values: Mapping[str, Any] | Iterable[tuple[str, Any]] = ()) -> Config:
+    """Read a YAML file (None: defaults only), apply `section.key=value` overrides, then typed
+    `values` by dotted key (a mapping or (key, value) pairs, in order), type-check."""
     raw: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
@@ -179,21 +184,34 @@ def load_config(path: str | Path | None = "config.yaml", overrides: list[str] | 
             raise ConfigError(f"{path} must hold a mapping of sections")
     for item in overrides:
         apply_override(raw, item)
+    for key, value in values.items() if isinstance(values, Mapping) else values:
+        set_value(raw, key, value)
     cfg = _build(Config, raw, "")
     validate(cfg)
     return cfg
 
 
 def apply_override(raw: dict, item: str) -> None:
-    """Set `a.b.c=value` in a nested dict in place; list elements are addressed by index."""
+    """Set `a.b.c=value` in a nested dict in place, the value read as YAML."""
+    set_value(raw, *parse_override(item))
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """`a.b.c=value` as its dotted key and its value read as YAML."""
     key, sep, text = item.partition("=")
     if not sep or not key.strip():
         raise ConfigError(f"override {item!r} is not of the form section.key=value")
     try:
-        value = yaml.safe_load(text) if text.strip() else ""
+        return key.strip(), yaml.safe_load(text) if text.strip() else ""
     except yaml.YAMLError as e:
         raise ConfigError(f"override {key}: cannot parse value {text!r}") from e
-    parts = key.strip().split(".")
+
+
+def set_value(raw: dict, key: str, value: Any) -> None:
+    """Set the dotted `key` to a typed value in a nested dict in place; list elements are
+    addressed by index (`features.sources.1.path`), the next index appends."""
+    value = copy.deepcopy(value)  # a later key may set inside it; the caller's value stays as it was
+    parts = key.split(".")
     node: Any = raw
     for i, part in enumerate(parts[:-1]):
         if isinstance(node, list):

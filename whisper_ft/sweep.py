@@ -21,7 +21,6 @@ import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import yaml
 
@@ -135,29 +134,22 @@ def make_study(spec: SweepSpec, folder: Path):
 
 def trial_config(base: Config, spec: SweepSpec, params: dict, folder: Path, number: int,
                  config_path: str | None, overrides: list[str]) -> Config:
-    """The config of one trial: base config, sweep `base`, the trial's variant, its other
-    params, then the equal budget."""
+    """The config of one trial: the command-line overrides, then as typed values (later wins)
+    the sweep `base`, the trial's variant, its other params, its folder, and the equal budget."""
     variant = spec.variants.get(params.get(VARIANT), {})
-    items = [*overrides, *(f"{k}={_yaml(v)}" for k, v in spec.base.items()),
-             *(f"{k}={_yaml(v)}" for k, v in variant.items()),
-             *(f"{k}={_yaml(v)}" for k, v in params.items() if k != VARIANT),
-             f"training.output_dir={folder}", f"training.run_name=trial-{number:03d}"]
-    cfg = load_config(config_path, items)
-    t = cfg.training
-    per_step = samples_per_step(t)
-    extra = []
+    values = [*spec.base.items(), *variant.items(), *((k, v) for k, v in params.items() if k != VARIANT),
+              ("training.output_dir", str(folder)), ("training.run_name", f"trial-{number:03d}")]
+    cfg = load_config(config_path, overrides, values)
+    per_step = samples_per_step(cfg.training)
+    budget = []
     if spec.budget_samples:
-        extra.append(f"training.max_steps={max(1, math.ceil(spec.budget_samples / per_step))}")
+        budget.append(("training.max_steps", max(1, math.ceil(spec.budget_samples / per_step))))
     if spec.eval_every_samples:
         every = max(1, math.ceil(spec.eval_every_samples / per_step))
-        extra += [f"training.eval_steps={every}", f"training.save_steps={every}"]
+        budget += [("training.eval_steps", every), ("training.save_steps", every)]
     if spec.warmup_samples:  # the same warm-up in clips seen, whatever the batch size
-        extra.append(f"training.warmup_steps={math.ceil(spec.warmup_samples / per_step)}")
-    return load_config(config_path, items + extra) if extra else cfg
-
-
-def _yaml(value: Any) -> str:
-    return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
+        budget.append(("training.warmup_steps", math.ceil(spec.warmup_samples / per_step)))
+    return load_config(config_path, overrides, values + budget) if budget else cfg
 
 
 def samples_per_step(t) -> int:
