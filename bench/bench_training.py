@@ -8,9 +8,11 @@ side in one run on the same random-weight Whisper, on the device given.
 blog:     fp16 on GPU (fp32 on CPU), gradient checkpointing, SDPA attention (today's transformers
           default), unfused AdamW, padded float32 batches from the CPU, batch 16; evaluation
           with `generate`, batch 8, max_length 225
-pipeline: config.yaml defaults: bf16 (fp16 without bf16, fp32 on CPU), SDPA, no gradient
-          checkpointing, fused AdamW on GPU, compact float16 batches padded on the device,
-          batch 16 (--compile: compiled layers); evaluation with `whisper_ft.decoding`
+pipeline: config.yaml defaults: bf16 on a bf16 copy of the weights (`whisper_ft.precision`;
+          fp16 autocast without bf16, fp32 on CPU), SDPA, no gradient checkpointing, fused
+          AdamW on GPU, compact float16 batches padded on the device, batch 16 (--compile:
+          compiled layers; "pipeline+autocast": bf16 by autocast instead of the weight copy,
+          training only); evaluation with `whisper_ft.decoding`
           (static KV cache, CUDA graph on GPU), batch 64, generation capped at the longest
           label + 10%
 
@@ -43,6 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from whisper_ft.collator import SpeechCollator, expand  # noqa: E402
 from whisper_ft.config import Config  # noqa: E402
 from whisper_ft.decoding import GreedyDecoder, max_new_tokens  # noqa: E402
+from whisper_ft.precision import seq2seq_loss  # noqa: E402
 from whisper_ft.train import compile_layers, generation_max_length, resolve_precision  # noqa: E402
 
 SIZES = {  # d_model, layers (encoder = decoder), heads, ffn: the released Whisper shapes
@@ -71,17 +74,23 @@ class Recipe:
     compact_batches: bool = False  # float16 frames + lengths, padded on the device
     fast_decoding: bool = False  # whisper_ft.decoding instead of generate
     compile: bool = False
+    weight_copy: bool = False  # bf16 on a copy of the weights instead of autocast
 
 
-def recipes(device: str, rows: list[dict], compile_model: bool) -> list[Recipe]:
+def recipes(device: str, rows: list[dict], compile_model: bool, precision: str = "") -> list[Recipe]:
+    """The blog's recipe and the pipeline's (`precision`: the pipeline's, default the config's)."""
     cuda = device == "cuda"
     bf16_ok = cuda and torch.cuda.is_bf16_supported()
     cfg = Config()
     defaults = cfg.training
     cap = generation_max_length(cfg, [r["labels"] for r in rows])  # what run_training would cap these labels at
-    pipeline = Recipe("pipeline", resolve_precision(defaults.precision, cuda, bf16_ok), defaults.gradient_checkpointing,
-                      "sdpa", cuda, defaults.batch_size, defaults.eval_batch_size, cap, True, defaults.fast_generation)
+    chosen = resolve_precision(precision or defaults.precision, cuda, bf16_ok)
+    copy = chosen == "bf16" and not defaults.autocast and not defaults.gradient_checkpointing  # as train.weights_dtype
+    pipeline = Recipe("pipeline", chosen, defaults.gradient_checkpointing, "sdpa", cuda, defaults.batch_size,
+                      defaults.eval_batch_size, cap, True, defaults.fast_generation, weight_copy=copy)
     out = [Recipe("blog", "fp16" if cuda else "fp32", True, "sdpa", False, 16, 8, 225), pipeline]
+    if copy:
+        out.append(dataclasses.replace(pipeline, name="pipeline+autocast", weight_copy=False))
     if compile_model:
         out.append(dataclasses.replace(pipeline, name="pipeline+compile", compile=True))
     return out
@@ -180,8 +189,11 @@ def bench_train(recipe: Recipe, size: str, device: str, rows: list[dict], steps:
             t0 = time.perf_counter()
             first_steps = t0 - start
         batch = expand({k: v.to(device, non_blocking=True) for k, v in batches[i % len(batches)].items()})
-        with autocast(device, recipe.precision):
-            loss = model(**batch).loss
+        if recipe.weight_copy:
+            loss = seq2seq_loss(model, batch, torch.bfloat16, PREFIX[0], EOT)[0]
+        else:
+            with autocast(device, recipe.precision):
+                loss = model(**batch).loss
         scaler.scale(loss).backward()
         scaler.step(opt)
         scaler.update()
@@ -266,6 +278,7 @@ def parse_args(argv=None):
     p.add_argument("--eval-batch-sizes", default="", help="extra evaluation batch sizes to time for the pipeline, e.g. 128,256")
     p.add_argument("--agreement", type=int, default=0, help="clips to decode with both engines (fp32 and bf16)")
     p.add_argument("--skip-blog", action="store_true", help="time the pipeline only")
+    p.add_argument("--precision", choices=("bf16", "fp16", "fp32"), help="the pipeline's (default: config.yaml's)")
     p.add_argument("--peak-tflops", type=float, default=0.0, help="device peak for MFU (default: datasheet / estimate)")
     p.add_argument("--json", type=Path, help="also write the results here")
     return p.parse_args(argv)
@@ -286,7 +299,7 @@ def main(argv=None) -> int:
           f"{torch.get_num_threads()} threads", flush=True)
     results: dict = {}
     out = {"device": where, "size": args.size, "torch": torch.__version__, "results": results}
-    for r in recipes(args.device, rows[:args.eval_clips], args.compile):
+    for r in recipes(args.device, rows[:args.eval_clips], args.compile, args.precision or ""):
         if args.skip_blog and r.name == "blog":
             continue
         print(f"{r.name}: {r}", flush=True)
@@ -294,8 +307,8 @@ def main(argv=None) -> int:
         print(f"  train {res['train_samples_per_s']:.2f} samples/s, MFU {100 * res['mfu']:.1f}% ({res['peak']}); "
               f"first {args.warmup} steps {res['first_steps_s']:.1f} s", flush=True)
         _save(args.json, out)
-        if r.compile:
-            continue  # evaluation does not use the compiled training layers
+        if r.compile or r.name == "pipeline+autocast":
+            continue  # evaluation uses neither the compiled training layers nor autocast
         # The blog's generate is slow: time it on fewer clips (clips/s does not depend on the count).
         clips = rows[:args.eval_clips if r.fast_decoding else max(r.eval_batch_size, args.eval_clips // 8)]
         res["eval_clips_per_s_to_cap"] = bench_eval(r, args.size, args.device, clips, None)

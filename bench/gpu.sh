@@ -24,7 +24,7 @@ step() {  # name, time limit (s), command...
   echo "== $name"
   timeout "$limit" "$@" >"$out/$name.log" 2>&1
   local rc=$?
-  grep -E '^(  |pipeline|blog|identical|\{)' "$out/$name.log" | cut -c1-400
+  grep -E '^(  |pipeline|blog|identical|GPU|\{)' "$out/$name.log" | cut -c1-400
   [ $rc = 0 ] || { echo "$name failed (exit $rc):"; tail -n 15 "$out/$name.log"; }
 }
 e2e() {  # name, time limit, bench_e2e arguments...
@@ -38,4 +38,5 @@ step bare 170 "$py" bench/bench_training.py --size small --device cuda --steps 3
 e2e e2e-pipeline 130 --recipe pipeline --steps 300 --skip 20
 e2e e2e-blog 120 --recipe blog --steps 60 --skip 10
 e2e e2e-pipeline-compile 200 --recipe pipeline --steps 300 --skip 30 --set training.torch_compile=true
+step profile 90 "$py" bench/profile_step.py --size small
 "$py" bench/gpu_report.py "$out"

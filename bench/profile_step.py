@@ -1,7 +1,7 @@
 """Where a training step's GPU time goes: torch.profiler over a few steps of the pipeline's
-bare loop (random-weight Whisper, bf16, compact batches), kernels grouped by kind.
+bare loop (random-weight Whisper, bf16 on a weight copy, compact batches), kernels grouped by kind.
 
-    python bench/profile_step.py --size small [--batch 16] [--compile]
+    python bench/profile_step.py --size small [--batch 16] [--compile] [--autocast]
 """
 
 from __future__ import annotations
@@ -15,8 +15,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_training import PREFIX, SIZES, build_model, examples  # noqa: E402
+from bench_training import EOT, PREFIX, SIZES, build_model, examples  # noqa: E402
 from whisper_ft.collator import SpeechCollator, expand  # noqa: E402
+from whisper_ft.precision import seq2seq_loss  # noqa: E402
 from whisper_ft.train import compile_layers  # noqa: E402
 
 KINDS = (("gemm", ("gemm", "matmul", "cutlass", "sm90_xmma", "nvjet", "cublas")), ("attention", ("flash", "fmha", "attention", "efficient")),
@@ -35,6 +36,7 @@ def main() -> int:
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--compile", action="store_true")
+    p.add_argument("--autocast", action="store_true", help="bf16 by autocast instead of on a bf16 weight copy")
     args = p.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     torch.backends.cudnn.benchmark = True
@@ -46,8 +48,11 @@ def main() -> int:
 
     def step():
         inputs = expand({k: v.to("cuda", non_blocking=True) for k, v in batch.items()})
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = model(**inputs).loss
+        if args.autocast:
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                loss = model(**inputs).loss
+        else:
+            loss = seq2seq_loss(model, inputs, torch.bfloat16, PREFIX[0], EOT)[0]
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
@@ -69,7 +74,8 @@ def main() -> int:
         if t > 0 and e.self_cpu_time_total == 0:  # kernels only: operators would count their kernels again
             by_kind[kind(e.key)] += t
             total += t
-    print(f"GPU kernel time per step: {total / args.steps / 1000:.1f} ms (batch {args.batch}, {args.size})")
+    mode = "autocast" if args.autocast else "weight copy"
+    print(f"GPU kernel time per step: {total / args.steps / 1000:.1f} ms (batch {args.batch}, {args.size}, bf16 {mode})")
     for k, t in sorted(by_kind.items(), key=lambda kv: -kv[1]):
         print(f"  {k:20s} {t / args.steps / 1000:7.2f} ms  {100 * t / total:5.1f}%")
     print(prof.key_averages().table(sort_by="self_device_time_total", row_limit=18, max_name_column_width=70))

@@ -216,9 +216,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_torchrun_two_processes_share_the_work(tmp_path, features_dir, tiny_model_dir):
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])  # bf16: DDP over the bf16 weight copy
+def test_torchrun_two_processes_share_the_work(tmp_path, features_dir, tiny_model_dir, precision):
     sets = overrides(features_dir, tiny_model_dir, tmp_path, max_steps=2, eval_steps=2, save_steps=2,
-                     eval_before_training="false", batch_size=2, eval_batch_size=5)
+                     eval_before_training="false", batch_size=2, eval_batch_size=5, precision=precision)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
            "--master_port", str(_free_port()), str(ROOT / "training_pipeline.py"), *cli_args(sets)]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
@@ -226,7 +227,8 @@ def test_torchrun_two_processes_share_the_work(tmp_path, features_dir, tiny_mode
     assert proc.returncode == 0, proc.stderr[-4000:]
     run_dir = tmp_path / "tiny"
     log = events(run_dir)
-    assert [e["world_size"] for e in log if e["event"] == "start"] == [2]  # one writer: rank 0
+    assert [(e["world_size"], e["mixed_precision"]) for e in log if e["event"] == "start"] == [
+        (2, "bf16 weight copy" if precision == "bf16" else "fp32")]  # one writer: rank 0
     assert all(e["loss"] < 12 for e in log if e["event"] == "train")  # ~ln(vocab), not scaled by the process count
     summary = json.loads((run_dir / "metrics.json").read_text())
     assert summary["samples_seen"] == 2 * 2 * 2  # steps x per-device batch x processes

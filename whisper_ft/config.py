@@ -120,6 +120,7 @@ class TrainingConfig:
     average_checkpoints: int = 0
     average_mode: str = "last"
     precision: str = "auto"
+    autocast: bool = False
     gradient_checkpointing: bool = False
     torch_compile: bool = False
     fast_generation: bool = True

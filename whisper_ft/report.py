@@ -66,7 +66,8 @@ def model_card(summary: dict, config: dict, manifest: dict) -> str:
     data = "\n".join(f"- {split}: {s['clips']} clips, {s['hours']:.2f} h ({', '.join(f'{k} {v}' for k, v in s['by_source'].items())})"
                      for split, s in manifest["splits"].items())
     resolved = {"learning_rate": _resolved(t["learning_rate"], summary.get("learning_rate")),
-                "warmup_steps": _resolved(t["warmup_steps"], summary.get("warmup_steps"))}
+                "warmup_steps": _resolved(t["warmup_steps"], summary.get("warmup_steps")),
+                "precision": summary.get("mixed_precision") or t["precision"]}
     hyper = "\n".join(f"| {k} | {resolved.get(k, t[k])} |" for k in (
         "learning_rate", "lr_scheduler", "warmup_steps", "max_steps", "batch_size", "gradient_accumulation_steps",
         "weight_decay", "dropout", "precision", "gradient_checkpointing", "freeze_encoder", "seed"))

@@ -12,6 +12,7 @@ Run folder layout: `whisper_ft.checkpoints`.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -33,6 +34,7 @@ from whisper_ft.features import EVAL, ROLE, VALIDATION, FeatureStore, FeaturesEr
 from whisper_ft.files import write_atomic
 from whisper_ft.metrics import scores
 from whisper_ft.model import load_model, resolve
+from whisper_ft.precision import forward, seq2seq_loss
 
 log = logging.getLogger("whisper_ft.train")
 
@@ -205,15 +207,45 @@ def resolve_precision(precision: str, cuda: bool, bf16_ok: bool) -> str:
     return precision
 
 
+def precision_of(cfg: Config) -> str:
+    """`training.precision` resolved for the device torch sees."""
+    import torch
+
+    cuda = torch.cuda.is_available()
+    return resolve_precision(cfg.training.precision, cuda, cuda and torch.cuda.is_bf16_supported())
+
+
+def weights_dtype(cfg: Config):
+    """The dtype of the weight copy the model runs on (`whisper_ft.precision`), or None for
+    the Trainer's own precision handling: autocast for fp16 (its loss scaling lives in the
+    Trainer), with gradient checkpointing (the recomputation in the backward pass runs outside
+    the copy) or when `training.autocast` asks for it; nothing for fp32."""
+    import torch
+
+    t = cfg.training
+    if precision_of(cfg) != "bf16" or t.autocast or t.gradient_checkpointing:
+        return None
+    return torch.bfloat16
+
+
+def mixed_precision(cfg: Config) -> str:
+    """How a run computes, in words (the start event, the log, the model card)."""
+    precision = precision_of(cfg)
+    if precision == "fp32":
+        return "fp32"
+    return f"{precision} weight copy" if weights_dtype(cfg) is not None else f"{precision} autocast"
+
+
 def training_arguments(cfg: Config, run_dir: Path, max_gen_length: int, eval_on_start: bool, d_model: int):
     """Seq2SeqTrainingArguments for the config on the device torch sees (`d_model`: the
-    model's width, for `learning_rate: auto`)."""
+    model's width, for `learning_rate: auto`). With a bf16 weight copy the Trainer's own mixed
+    precision is off: `WhisperTrainer` runs the model in bf16 itself."""
     import torch
     from transformers import Seq2SeqTrainingArguments
 
     t = cfg.training
     cuda = torch.cuda.is_available()
-    precision = resolve_precision(t.precision, cuda, cuda and torch.cuda.is_bf16_supported())
+    precision = "fp32" if weights_dtype(cfg) is not None else precision_of(cfg)
     learning_rate, warmup_steps = schedule(t, d_model)
     if cuda:
         torch.backends.cudnn.benchmark = True  # the encoder's convolutions always see 3000 frames
@@ -263,6 +295,8 @@ class WhisperTrainer(Seq2SeqTrainer):
     """Seq2SeqTrainer for the compact feature batches, with fast greedy evaluation.
 
     - Batches arrive compact (`whisper_ft.collator`) and are padded on the device.
+    - With `weights_dtype` (bf16), training and evaluation run on a copy of the weights in that
+      dtype (`whisper_ft.precision`) instead of under autocast.
     - With `fast_generation`, greedy evaluation runs the encoder once per batch for both the
       loss and `whisper_ft.decoding.GreedyDecoder`; beam search and LoRA models use `generate`.
     - Evaluation under torchrun keeps each clip once: the last batch of each process is padded
@@ -270,8 +304,9 @@ class WhisperTrainer(Seq2SeqTrainer):
       `gather_for_metrics`) and would count twice in WER and in predictions.jsonl.
     """
 
-    def __init__(self, *args, fast_generation: bool = False, **kwargs):
+    def __init__(self, *args, fast_generation: bool = False, weights_dtype=None, **kwargs):
         super().__init__(*args, **kwargs)
+        self.weights_dtype = weights_dtype
         # Whisper's loss is already the mean over a batch's label tokens (it ignores
         # num_items_in_batch); counting them would also copy a scalar to the GPU every step, a
         # host synchronisation, and skip dividing the loss by the accumulation steps.
@@ -290,6 +325,23 @@ class WhisperTrainer(Seq2SeqTrainer):
     def _prepare_inputs(self, inputs):
         return expand(super()._prepare_inputs(inputs))
 
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if self.weights_dtype is None:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        config = self.accelerator.unwrap_model(model).config
+        loss, outputs = seq2seq_loss(model, inputs, self.weights_dtype, config.decoder_start_token_id,
+                                     config.pad_token_id)
+        return (loss, outputs) if return_outputs else loss
+
+    def _autocast(self):
+        """Autocast for the paths that run the model as it is (`generate`): in the weight
+        copy's dtype when there is one, else the Trainer's own."""
+        import torch
+
+        if self.weights_dtype is None:
+            return self.accelerator.autocast()
+        return torch.autocast(self.args.device.type, dtype=self.weights_dtype)
+
     def evaluation_loop(self, *args, **kwargs):
         self._decoder = None  # built from the weights as they are at this evaluation
         try:
@@ -303,13 +355,20 @@ class WhisperTrainer(Seq2SeqTrainer):
         whisper = self.accelerator.unwrap_model(model)
         if (prediction_loss_only or not self.args.predict_with_generate or not self.fast_generation
                 or type(whisper) is not WhisperForConditionalGeneration or (self.args.generation_num_beams or 1) > 1):
-            return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys, **gen_kwargs)
+            with self._autocast():
+                return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys, **gen_kwargs)
         import torch
 
         inputs = self._prepare_inputs(inputs)
-        with torch.no_grad(), self.accelerator.autocast():
-            encoded = whisper.model.encoder(inputs["input_features"]).last_hidden_state
-            loss = whisper(encoder_outputs=(encoded,), labels=inputs["labels"]).loss
+        dtype = self.weights_dtype
+        with torch.no_grad(), self._autocast() if dtype is None else contextlib.nullcontext():
+            if dtype is None:
+                encoded = whisper.model.encoder(inputs["input_features"]).last_hidden_state
+                loss = whisper(encoder_outputs=(encoded,), labels=inputs["labels"]).loss
+            else:
+                encoded = forward(whisper.model.encoder, dtype, input_features=inputs["input_features"]).last_hidden_state
+                loss, _ = seq2seq_loss(whisper, {"encoder_outputs": (encoded,), "labels": inputs["labels"]}, dtype,
+                                       whisper.config.decoder_start_token_id, whisper.config.pad_token_id)
             tokens = self._greedy_decoder(whisper).generate(encoded)
         return loss.detach(), tokens, inputs["labels"]
 
@@ -320,19 +379,19 @@ class WhisperTrainer(Seq2SeqTrainer):
 
         if self._decoder is None:
             prefix = list(self.processing_class.tokenizer.prefix_tokens)
-            dtype = torch.bfloat16 if self.args.bf16 else torch.float16 if self.args.fp16 else None
+            dtype = self.weights_dtype or (torch.bfloat16 if self.args.bf16 else torch.float16 if self.args.fp16 else None)
             self._decoder = GreedyDecoder(whisper, prefix, max_new_tokens(self.args.generation_max_length, len(prefix),
                                                                           whisper.config.max_target_positions), dtype)
         return self._decoder
 
 
 def make_trainer(model, args, data: Data, eval_dataset, callbacks: Sequence = (),
-                 fast_generation: bool = True) -> Seq2SeqTrainer:
+                 fast_generation: bool = True, weights_dtype=None) -> Seq2SeqTrainer:
     return WhisperTrainer(
         model=model, args=args, data_collator=SpeechCollator(model.config.decoder_start_token_id),
         train_dataset=data.train_model, eval_dataset=eval_dataset, processing_class=data.processor,
         compute_metrics=partial(compute_metrics, data.processor.tokenizer), callbacks=list(callbacks),
-        fast_generation=fast_generation)
+        fast_generation=fast_generation, weights_dtype=weights_dtype)
 
 
 class EventLog(TrainerCallback):
@@ -428,7 +487,7 @@ def run_training(cfg: Config, fresh: bool = False, callbacks: Sequence[TrainerCa
     keeper = [averaging.Keeper(run_dir, t.average_checkpoints, t.average_mode)] if t.average_checkpoints else []
     trainer = make_trainer(model, args, data, data.selection_model,
                            [EventLog(run_dir, data.processor, meta, data.selection_split), *keeper, *callbacks],
-                           t.fast_generation)
+                           t.fast_generation, weights_dtype(cfg))
     if trainer.is_world_process_zero():
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
@@ -436,12 +495,13 @@ def run_training(cfg: Config, fresh: bool = False, callbacks: Sequence[TrainerCa
                                            "world_size": args.world_size, "train_clips": len(data.train),
                                            "test_clips": len(data.test), "selection_split": data.selection_split,
                                            "selection_clips": len(data.selection_model), "generation_max_length": gen_len,
-                                           "learning_rate": args.learning_rate, "warmup_steps": args.warmup_steps})
+                                           "learning_rate": args.learning_rate, "warmup_steps": args.warmup_steps,
+                                           "mixed_precision": mixed_precision(cfg)})
         log.info("%s at step %d: %d training clips, %d %s clips for the periodic checks, %d test clips, generation "
-                 "capped at %d tokens, peak learning rate %.3g after %d warm-up steps",
+                 "capped at %d tokens, peak learning rate %.3g after %d warm-up steps, %s",
                  f"resuming from {resume}" if resume else "starting", start_step, len(data.train),
                  len(data.selection_model), data.selection_split, len(data.test), gen_len, args.learning_rate,
-                 args.warmup_steps)
+                 args.warmup_steps, mixed_precision(cfg))
     if first:
         score_test(cfg, args, data, model, run_dir, step=0)
     result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
@@ -453,7 +513,8 @@ def run_training(cfg: Config, fresh: bool = False, callbacks: Sequence[TrainerCa
     best = load_model(str(run_dir / checkpoints.BEST_DIR), cfg.model.language, cfg.model.task, attn_implementation="sdpa")
     final = score_test(cfg, args, data, best, run_dir, step=checkpoints.read_best(run_dir)["step"], final=True)
     summary = summarize(trainer, result, final, run_dir, args, data.selection_split)
-    summary.update(learning_rate=args.learning_rate, warmup_steps=args.warmup_steps, averaging=averaged)
+    summary.update(learning_rate=args.learning_rate, warmup_steps=args.warmup_steps, mixed_precision=mixed_precision(cfg),
+                   averaging=averaged)
     if trainer.is_world_process_zero():
         if cfg.training.export_ctranslate2:
             export_ct2(run_dir / checkpoints.BEST_DIR)
@@ -517,7 +578,8 @@ def predict(cfg: Config, args, data: Data, model, dataset, prefix: str):
     import dataclasses
 
     eval_args = dataclasses.replace(args, report_to=[], eval_on_start=False)
-    trainer = make_trainer(model, eval_args, data, dataset, fast_generation=cfg.training.fast_generation)
+    trainer = make_trainer(model, eval_args, data, dataset, fast_generation=cfg.training.fast_generation,
+                           weights_dtype=weights_dtype(cfg))
     return trainer, trainer.predict(dataset, metric_key_prefix=prefix)
 
 

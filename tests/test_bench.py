@@ -1,0 +1,32 @@
+"""The GPU benchmark's training loop (`bench/bench_training.py`) runs on CPU too: the recipes it
+compares and one step of each bf16 variant of the pipeline."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+
+from conftest import ROOT
+
+sys.path.insert(0, str(ROOT / "bench"))
+
+import bench_training  # noqa: E402
+
+
+def test_bf16_pipeline_is_timed_on_the_weight_copy_and_under_autocast():
+    rows = bench_training.examples(8, 10)
+    by_name = {r.name: r for r in bench_training.recipes("cpu", rows, compile_model=False, precision="bf16")}
+    assert set(by_name) == {"blog", "pipeline", "pipeline+autocast"}
+    assert by_name["pipeline"].weight_copy and not by_name["pipeline+autocast"].weight_copy
+    assert {r.name for r in bench_training.recipes("cpu", rows, compile_model=False)} == {"blog", "pipeline"}  # fp32
+
+
+@pytest.mark.parametrize("name", ["pipeline", "pipeline+autocast"])
+def test_one_bf16_training_step_of_each_pipeline_variant(name):
+    import dataclasses
+
+    rows = bench_training.examples(4, 10)
+    recipe = next(r for r in bench_training.recipes("cpu", rows, False, "bf16") if r.name == name)
+    result = bench_training.bench_train(dataclasses.replace(recipe, batch_size=2), "tiny", "cpu", rows, steps=1, warmup=1)
+    assert result["train_samples_per_s"] > 0 and result["warmup_steps"] == 1

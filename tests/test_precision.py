@@ -1,0 +1,161 @@
+"""bf16 on a copy of the weights (`whisper_ft.precision`): the same loss and gradients as the
+model's own, float32 gradients on float32 weights, bf16 activations between the layers, far
+fewer casts than autocast, compiled layers that do not recompile, and a whole training run."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from conftest import ROOT
+from whisper_ft.collator import SpeechCollator, expand
+from whisper_ft.config import load_config
+from whisper_ft.features import load_split
+from whisper_ft.model import load_model
+from whisper_ft.precision import forward, seq2seq_loss, shift_right
+from whisper_ft.train import mixed_precision, weights_dtype
+
+START, PAD = 50258, 50257
+
+
+@pytest.fixture(scope="module")
+def batch(features_dir):
+    ds = load_split(features_dir, "train").with_format("numpy", columns=["input_features", "fill", "labels"])
+    return expand(SpeechCollator(START)([ds[i] for i in range(4)]))
+
+
+def model_of(tiny_model_dir):
+    model = load_model(str(tiny_model_dir)).train()
+    model.config.dropout = 0.0
+    return model
+
+
+def loss_and_grads(model, fn):
+    model.zero_grad(set_to_none=True)
+    loss = fn()
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_shift_right_starts_with_the_decoder_start_and_reads_ignored_labels_as_padding():
+    labels = torch.tensor([[7, 8, 9], [5, -100, -100]])
+    assert shift_right(labels, START, PAD).tolist() == [[START, 7, 8], [START, 5, PAD]]
+
+
+def test_float32_copy_gives_the_models_own_loss_and_gradients(tiny_model_dir, batch):
+    model = model_of(tiny_model_dir)
+    ref, ref_grads = loss_and_grads(model, lambda: model(**batch).loss)
+    ours, grads = loss_and_grads(model, lambda: seq2seq_loss(model, batch, torch.float32, START, PAD)[0])
+    assert ours.item() == pytest.approx(ref.item(), rel=1e-6)
+    assert grads.keys() == ref_grads.keys()
+    for name in ref_grads:
+        torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-4, atol=1e-6)
+
+
+def test_bf16_copy_trains_the_float32_weights_like_autocast(tiny_model_dir, batch):
+    model = model_of(tiny_model_dir)
+
+    def autocast():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return model(**batch).loss
+
+    ref, ref_grads = loss_and_grads(model, autocast)
+    ours, grads = loss_and_grads(model, lambda: seq2seq_loss(model, batch, torch.bfloat16, START, PAD)[0])
+    assert ours.dtype == torch.float32 and ours.item() == pytest.approx(ref.item(), rel=2e-2)
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert grads.keys() == ref_grads.keys()  # every weight gets its gradient, in float32
+    assert all(g.dtype == torch.float32 for g in grads.values())
+    flat = lambda gs: torch.cat([g.flatten() for g in gs.values()])  # noqa: E731
+    assert torch.nn.functional.cosine_similarity(flat(grads), flat(ref_grads), dim=0) > 0.99
+    # The output projection is tied to the token embedding: one weight, both gradients.
+    assert model.proj_out.weight is model.model.decoder.embed_tokens.weight
+
+
+def test_bf16_copy_keeps_the_residual_stream_in_bf16_with_few_casts(tiny_model_dir, batch):
+    from torch.profiler import ProfilerActivity, profile
+
+    model = model_of(tiny_model_dir)
+    seen = []
+    model.model.encoder.layers[0].register_forward_hook(lambda m, i, out: seen.append(out[0].dtype))
+
+    def activation_casts(fn) -> int:  # casts of tensors with the batch dimension first (no weight has 4 rows)
+        with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+            fn().backward()
+        return sum(1 for e in prof.events() if e.name == "aten::_to_copy" and e.input_shapes[0][:1] == [4])
+
+    def autocast():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return model(**batch).loss
+
+    n_autocast = activation_casts(autocast)
+    n_copy = activation_casts(lambda: seq2seq_loss(model, batch, torch.bfloat16, START, PAD)[0])
+    assert seen == [torch.float32, torch.bfloat16]  # the layer's output: autocast, then the weight copy
+    assert n_copy == 3  # the input features to bf16, the logits to float32 for the loss and their gradient back
+    assert n_autocast >= 4 * 4  # several per layer (4 layers), forward and backward
+
+
+def test_compiled_layers_run_on_the_copy_without_recompiling(tiny_model_dir, batch):
+    from torch._dynamo.utils import counters
+
+    from whisper_ft.train import compile_layers
+
+    if not (shutil.which("cc") or shutil.which("gcc")):
+        pytest.skip("torch.compile on CPU needs a C compiler (apt-get install gcc)")
+    torch._dynamo.reset()
+    eager = model_of(tiny_model_dir)
+    compiled = model_of(tiny_model_dir)
+    compile_layers(compiled)
+    ref, ref_grads = loss_and_grads(eager, lambda: seq2seq_loss(eager, batch, torch.bfloat16, START, PAD)[0])
+    for _ in range(2):
+        ours, grads = loss_and_grads(compiled, lambda: seq2seq_loss(compiled, batch, torch.bfloat16, START, PAD)[0])
+    frames = counters["stats"]["unique_graphs"]
+    loss_and_grads(compiled, lambda: seq2seq_loss(compiled, batch, torch.bfloat16, START, PAD)[0])
+    assert counters["stats"]["unique_graphs"] == frames  # a third step compiles nothing new
+    assert ours.item() == pytest.approx(ref.item(), rel=2e-2)
+    name = "model.encoder.layers.0.fc1.weight"
+    assert torch.nn.functional.cosine_similarity(grads[name].flatten(), ref_grads[name].flatten(), dim=0) > 0.98
+
+
+def test_encoder_alone_runs_on_the_copy(tiny_model_dir, batch):
+    model = model_of(tiny_model_dir).eval()
+    with torch.no_grad():
+        ours = forward(model.model.encoder, torch.bfloat16, input_features=batch["input_features"]).last_hidden_state
+        ref = model.model.encoder(batch["input_features"]).last_hidden_state
+    assert ours.dtype == torch.bfloat16
+    assert torch.nn.functional.cosine_similarity(ours.float().flatten(), ref.flatten(), dim=0) > 0.99
+
+
+def test_which_runs_use_the_copy(tmp_path):
+    def cfg(**training):
+        return load_config(ROOT / "config.yaml", [f"training.{k}={v}" for k, v in training.items()])
+
+    assert weights_dtype(cfg(precision="bf16")) == torch.bfloat16
+    assert mixed_precision(cfg(precision="bf16")) == "bf16 weight copy"
+    assert weights_dtype(cfg(precision="bf16", autocast="true")) is None
+    assert mixed_precision(cfg(precision="bf16", autocast="true")) == "bf16 autocast"
+    assert weights_dtype(cfg(precision="bf16", gradient_checkpointing="true")) is None
+    assert weights_dtype(cfg(precision="fp32")) is None and mixed_precision(cfg(precision="fp32")) == "fp32"
+
+
+def test_a_bf16_run_keeps_float32_weights_and_says_how_it_computed(tmp_path, features_dir, tiny_model_dir):
+    from safetensors.torch import load_file
+
+    from test_training import events, overrides
+    from whisper_ft.train import run_training
+
+    cfg = load_config(ROOT / "config.yaml", overrides(features_dir, tiny_model_dir, tmp_path, precision="bf16",
+                                                      eval_before_training="false"))
+    summary = run_training(cfg)
+    run_dir = tmp_path / "tiny"
+    log = events(run_dir)
+    assert [e["mixed_precision"] for e in log if e["event"] == "start"] == ["bf16 weight copy"]
+    losses = [e["loss"] for e in log if e["event"] == "train"]
+    assert len(losses) == 4 and losses[-1] < losses[0]  # learning_rate 1e-3 on a tiny model: the loss falls
+    assert summary["wer"] is not None
+    for path in (run_dir / "checkpoint-4" / "model.safetensors", run_dir / "best" / "model.safetensors"):
+        assert {t.dtype for t in load_file(path).values()} == {torch.float32}
+    assert json.loads((run_dir / "metrics.json").read_text())["mixed_precision"] == "bf16 weight copy"
+    assert "| precision | bf16 weight copy |" in (run_dir / "README.md").read_text()
