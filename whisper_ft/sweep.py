@@ -186,7 +186,7 @@ def run_sweep(spec: SweepSpec, base: Config, config_path: str | None, overrides:
 
     folder = Path(base.training.output_dir) / "sweeps" / spec.name
     study = make_study(spec, folder)
-    (folder / "sweep.yaml").write_text(yaml.safe_dump(dataclasses.asdict(spec), sort_keys=False))
+    write_atomic(folder / "sweep.yaml", yaml.safe_dump(dataclasses.asdict(spec), sort_keys=False))
     dists = distributions(spec)
     for ft in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         log(f"resuming trial {ft.number}")
@@ -221,7 +221,7 @@ def _run_one(study, trial, spec: SweepSpec, base: Config, folder: Path, config_p
         result = train(cfg, callbacks=[callback])
     except Exception as e:  # one trial's failure must not end the sweep: recorded, reported, not retried
         record.update(status="failed", error=f"{type(e).__name__}: {first_line(e)}")
-        (record_path.parent / "error.txt").write_text(traceback.format_exc(), encoding="utf-8")
+        write_atomic(record_path.parent / "error.txt", traceback.format_exc())
         study.tell(number, state=TrialState.FAIL)
         log(f"trial {number}: failed ({record['error']}); traceback in {record_path.parent / 'error.txt'}")
         return
@@ -319,7 +319,7 @@ def write_report(folder: Path, spec: SweepSpec) -> Path:
         lines += ["", "Failed trials (not retried; tracebacks in each trial's error.txt):", ""]
         lines += [f"- trial {t['number']} ({_params(t['params'])}): {t.get('error', '')}" for t in failed]
     report = folder / "report.md"
-    report.write_text("\n".join(lines) + "\n\n![WER against samples seen](wer.png)\n", encoding="utf-8")
+    write_atomic(report, "\n".join(lines) + "\n\n![WER against samples seen](wer.png)\n")
     _plot(folder / "wer.png", trials, spec.metric)
     return report
 
