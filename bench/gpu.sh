@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU benchmark in one command (about 7 minutes on an H100/H200; installs nothing from the
+# The GPU benchmark in one command (about 8 minutes on an H100/H200; installs nothing from the
 # network): the blog recipe and this pipeline side by side on a random-weight whisper-small.
 #   bash bench/gpu.sh [OUT_DIR]          # default bench/results/gpu; logs and JSON land there
 # Needs: python3 with torch (CUDA), transformers, datasets, jiwer, librosa, soundfile. Where they
@@ -39,4 +39,5 @@ e2e e2e-pipeline 130 --recipe pipeline --steps 300 --skip 20
 e2e e2e-blog 120 --recipe blog --steps 60 --skip 10
 e2e e2e-pipeline-compile 200 --recipe pipeline --steps 300 --skip 30 --set training.torch_compile=true
 step profile 90 "$py" bench/profile_step.py --size small
+step saves 90 "$py" bench/bench_saves.py --size small --saves 3 --out "$work" --json "$out/saves.json"
 "$py" bench/gpu_report.py "$out"

@@ -1,8 +1,9 @@
-"""The GPU benchmark's training loop (`bench/bench_training.py`) runs on CPU too: the recipes it
-compares and one step of each bf16 variant of the pipeline."""
+"""The GPU benchmark's parts run on CPU too: the training loop (`bench/bench_training.py`), its
+recipes and one step of each bf16 variant of the pipeline, and the save timing (`bench/bench_saves.py`)."""
 
 from __future__ import annotations
 
+import json
 import sys
 
 import pytest
@@ -30,3 +31,17 @@ def test_one_bf16_training_step_of_each_pipeline_variant(name):
     recipe = next(r for r in bench_training.recipes("cpu", rows, False, "bf16") if r.name == name)
     result = bench_training.bench_train(dataclasses.replace(recipe, batch_size=2), "tiny", "cpu", rows, steps=1, warmup=1)
     assert result["train_samples_per_s"] > 0 and result["warmup_steps"] == 1
+
+
+def test_save_benchmark_times_both_modes(tmp_path):
+    import bench_saves
+
+    out = tmp_path / "saves.json"
+    assert bench_saves.main(["--size", "tiny", "--device", "cpu", "--saves", "2", "--out", str(tmp_path),
+                             "--json", str(out)]) == 0
+    results = json.loads(out.read_text())["results"]
+    assert set(results) == {"synchronous", "background"}
+    for r in results.values():
+        assert len(r["held_s"]) == 2 and r["checkpoint_bytes"] > 0
+        assert all(h <= c for h, c in zip(r["held_s"], r["complete_s"]))
+    assert [p.name for p in tmp_path.iterdir()] == ["saves.json"]  # the checkpoints are removed

@@ -4,6 +4,7 @@ and the append-only `metrics.jsonl` event log.
 Layout of `<training.output_dir>/<training.run_name>/`:
 
     checkpoint-<step>/   HF Trainer checkpoints (model, processor, optimizer, scheduler, RNG, state)
+    .checkpoint-<step>.tmp-<pid>/   one being written in the background (`whisper_ft.saving`)
     best/                best model by WER + processor + best.json; replaced atomically
     metrics.jsonl        one JSON object per event: start, train, eval (append-only)
     metrics.json         final summary; config.yaml; runs/ (TensorBoard); plot; README.md
@@ -13,11 +14,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 import shutil
 import time
 from pathlib import Path
+
+from whisper_ft.files import replace_dir, staging_dir
 
 BEST_DIR = "best"
 BEST_INFO = "best.json"
@@ -40,6 +42,17 @@ def checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
+def remove_leftovers(run_dir: str | Path) -> list[Path]:
+    """Delete the staging folders a killed process left behind (`.checkpoint-<step>.tmp-<pid>`,
+    `.best.tmp-<pid>`, `.best.old-<pid>`); a run folder has one writer at a time. Returns them."""
+    run_dir = Path(run_dir)
+    found = [p for pattern in (".checkpoint-*.tmp-*", f".{BEST_DIR}.tmp-*", f".{BEST_DIR}.old-*")
+             for p in run_dir.glob(pattern) if p.is_dir()] if run_dir.is_dir() else []
+    for p in found:
+        shutil.rmtree(p, ignore_errors=True)
+    return found
+
+
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
     """The newest complete checkpoint, skipping one a killed process left half-written."""
     found = checkpoints(run_dir)
@@ -59,18 +72,13 @@ def export_best(model, processor, run_dir: str | Path, info: dict) -> Path:
     `*/best/` by modification time and must never see a half-written one. A LoRA model is
     saved merged, so the folder loads with plain `from_pretrained`.
     """
-    run_dir = Path(run_dir)
-    final = run_dir / BEST_DIR
-    tmp = run_dir / f".{BEST_DIR}.tmp-{os.getpid()}"
+    final = Path(run_dir) / BEST_DIR
+    tmp = staging_dir(final)
     shutil.rmtree(tmp, ignore_errors=True)
     standalone(model).save_pretrained(tmp)
     processor.save_pretrained(tmp)
     (tmp / BEST_INFO).write_text(json.dumps(info, indent=1))
-    old = run_dir / f".{BEST_DIR}.old-{os.getpid()}"
-    if final.exists():
-        os.replace(final, old)  # a directory cannot replace a non-empty one: move the old aside first
-    os.replace(tmp, final)
-    shutil.rmtree(old, ignore_errors=True)
+    replace_dir(tmp, final)
     return final
 
 

@@ -117,6 +117,7 @@ class TrainingConfig:
     generation_max_length: int = 0
     num_beams: int = 1
     save_total_limit: int = 2
+    background_saves: bool = True
     average_checkpoints: int = 0
     average_mode: str = "last"
     precision: str = "auto"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 
@@ -16,3 +17,23 @@ def write_atomic(path: str | Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
+
+
+def staging_dir(final: str | Path) -> Path:
+    """The temporary folder to fill before `replace_dir(tmp, final)`: `.<name>.tmp-<pid>`."""
+    final = Path(final)
+    return final.with_name(f".{final.name}.tmp-{os.getpid()}")
+
+
+def replace_dir(tmp: str | Path, final: str | Path) -> None:
+    """Rename the complete folder `tmp` to `final`, replacing an older `final`: a reader sees
+    the old folder or the new one (a directory cannot replace a non-empty one, so the old
+    one is moved aside first)."""
+    tmp, final = Path(tmp), Path(final)
+    if final.exists():
+        old = final.with_name(f".{final.name}.old-{os.getpid()}")
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)

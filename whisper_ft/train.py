@@ -31,10 +31,11 @@ from whisper_ft.collator import IGNORE_INDEX, SpeechCollator, expand
 from whisper_ft.config import Config, save_config, to_dict
 from whisper_ft.errors import UserError
 from whisper_ft.features import EVAL, ROLE, VALIDATION, FeatureStore, FeaturesError
-from whisper_ft.files import write_atomic
+from whisper_ft.files import replace_dir, staging_dir, write_atomic
 from whisper_ft.metrics import scores
 from whisper_ft.model import load_model, resolve
 from whisper_ft.precision import forward, seq2seq_loss
+from whisper_ft.saving import BackgroundSaver, to_host
 
 log = logging.getLogger("whisper_ft.train")
 
@@ -297,6 +298,9 @@ class WhisperTrainer(Seq2SeqTrainer):
     - Batches arrive compact (`whisper_ft.collator`) and are padded on the device.
     - With `weights_dtype` (bf16), training and evaluation run on a copy of the weights in that
       dtype (`whisper_ft.precision`) instead of under autocast.
+    - With `background_saves`, a single process writes its checkpoints on a thread while
+      training goes on (`whisper_ft.saving`); under torchrun and for LoRA models saves stay
+      synchronous.
     - With `fast_generation`, greedy evaluation runs the encoder once per batch for both the
       loss and `whisper_ft.decoding.GreedyDecoder`; beam search and LoRA models use `generate`.
     - Evaluation under torchrun keeps each clip once: the last batch of each process is padded
@@ -304,9 +308,13 @@ class WhisperTrainer(Seq2SeqTrainer):
       `gather_for_metrics`) and would count twice in WER and in predictions.jsonl.
     """
 
-    def __init__(self, *args, fast_generation: bool = False, weights_dtype=None, **kwargs):
+    def __init__(self, *args, fast_generation: bool = False, weights_dtype=None, background_saves: bool = False,
+                 **kwargs):
         super().__init__(*args, **kwargs)
         self.weights_dtype = weights_dtype
+        self.background_saves = background_saves
+        self.saver = BackgroundSaver()
+        self._host: tuple = (None, None)  # host copies of weights and optimizer state of the last save
         # Whisper's loss is already the mean over a batch's label tokens (it ignores
         # num_items_in_batch); counting them would also copy a scalar to the GPU every step, a
         # host synchronisation, and skip dividing the loss by the accumulation steps.
@@ -341,6 +349,63 @@ class WhisperTrainer(Seq2SeqTrainer):
         if self.weights_dtype is None:
             return self.accelerator.autocast()
         return torch.autocast(self.args.device.type, dtype=self.weights_dtype)
+
+    def train(self, *args, **kwargs):
+        try:
+            return super().train(*args, **kwargs)
+        finally:
+            self.saver.wait()  # the last checkpoint is on disk when training returns
+
+    def _save_checkpoint(self, model, trial) -> None:
+        """The HF checkpoint of this step, its weights and optimizer state written on a thread."""
+        from transformers import PreTrainedModel
+
+        if not (self.background_saves and self.args.world_size == 1 and isinstance(self.model, PreTrainedModel)):
+            return super()._save_checkpoint(model, trial)
+        self.saver.wait()  # the previous checkpoint is on disk before this one starts
+        self.store_flos()
+        run_dir = Path(self._get_output_dir(trial=trial))
+        final = run_dir / f"checkpoint-{self.state.global_step}"
+        if self.state.best_global_step:  # as the Trainer does: protects the best checkpoint from rotation
+            best = run_dir / f"checkpoint-{self.state.best_global_step}"
+            if best == final or best.exists():
+                self.state.best_model_checkpoint = str(best)
+        tmp = staging_dir(final)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        # The small files now, the large ones from host copies of this step's state later.
+        self._save_small_checkpoint_files(tmp)
+        # The previous save's host copies (written by now) are reused as buffers.
+        self._host = weights, optimizer = (to_host(self.model.state_dict(), self._host[0]),
+                                           to_host(self.optimizer.state_dict(), self._host[1]))
+        self.saver.submit(partial(self._write_checkpoint, tmp, final, weights, optimizer, self.state.best_model_checkpoint))
+
+    def _save_small_checkpoint_files(self, folder: Path) -> None:
+        import torch
+        from transformers.trainer import SCHEDULER_NAME, TRAINER_STATE_NAME
+        from transformers.trainer_callback import ExportableState
+
+        torch.save(self.lr_scheduler.state_dict(), folder / SCHEDULER_NAME)
+        self._save_scaler(str(folder))
+        self._save_rng_state(str(folder))
+        for cb in [cb for cb in [*self.callback_handler.callbacks, self.control] if isinstance(cb, ExportableState)]:
+            name, state = cb.__class__.__name__, cb.state()
+            if isinstance(self.state.stateful_callbacks[name], list):
+                self.state.stateful_callbacks[name].append(state)
+            else:
+                self.state.stateful_callbacks[name] = state
+        self.state.save_to_json(str(folder / TRAINER_STATE_NAME))
+
+    def _write_checkpoint(self, tmp: Path, final: Path, weights: dict, optimizer: dict, best: str | None) -> None:
+        import torch
+        from transformers.trainer import OPTIMIZER_NAME
+        from transformers.trainer_utils import rotate_checkpoints
+
+        self._save(str(tmp), state_dict=weights)
+        torch.save(optimizer, tmp / OPTIMIZER_NAME)
+        replace_dir(tmp, final)
+        rotate_checkpoints(output_dir=str(final.parent), save_total_limit=self.args.save_total_limit,
+                           best_model_checkpoint=best, use_mtime=True)
 
     def evaluation_loop(self, *args, **kwargs):
         self._decoder = None  # built from the weights as they are at this evaluation
@@ -386,12 +451,12 @@ class WhisperTrainer(Seq2SeqTrainer):
 
 
 def make_trainer(model, args, data: Data, eval_dataset, callbacks: Sequence = (),
-                 fast_generation: bool = True, weights_dtype=None) -> Seq2SeqTrainer:
+                 fast_generation: bool = True, weights_dtype=None, background_saves: bool = False) -> Seq2SeqTrainer:
     return WhisperTrainer(
         model=model, args=args, data_collator=SpeechCollator(model.config.decoder_start_token_id),
         train_dataset=data.train_model, eval_dataset=eval_dataset, processing_class=data.processor,
         compute_metrics=partial(compute_metrics, data.processor.tokenizer), callbacks=list(callbacks),
-        fast_generation=fast_generation, weights_dtype=weights_dtype)
+        fast_generation=fast_generation, weights_dtype=weights_dtype, background_saves=background_saves)
 
 
 class EventLog(TrainerCallback):
@@ -476,6 +541,9 @@ def run_training(cfg: Config, fresh: bool = False, callbacks: Sequence[TrainerCa
     start_step, resume = found[-1] if found else (0, None)
     if fresh and is_main_process() and run_dir.exists():
         shutil.rmtree(run_dir)
+    if is_main_process():
+        for leftover in checkpoints.remove_leftovers(run_dir):
+            log.info("removed %s, left half-written by an earlier process", leftover)
     data = load_data(cfg)
     model = prepare_model(cfg, data.processor.tokenizer)
     gen_len = generation_max_length(cfg, [*data.test["labels"], *data.selection_model["labels"]])
@@ -487,7 +555,7 @@ def run_training(cfg: Config, fresh: bool = False, callbacks: Sequence[TrainerCa
     keeper = [averaging.Keeper(run_dir, t.average_checkpoints, t.average_mode)] if t.average_checkpoints else []
     trainer = make_trainer(model, args, data, data.selection_model,
                            [EventLog(run_dir, data.processor, meta, data.selection_split), *keeper, *callbacks],
-                           t.fast_generation, weights_dtype(cfg))
+                           t.fast_generation, weights_dtype(cfg), t.background_saves)
     if trainer.is_world_process_zero():
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")

@@ -1,0 +1,124 @@
+"""Checkpoints written in the background (`whisper_ft.saving`): the same files and contents as
+the Trainer's own synchronous save, host copies that training cannot change, a failed write
+that surfaces and leaves no folder that looks complete, leftovers removed on the next start."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import ROOT
+from test_training import overrides
+from whisper_ft import checkpoints
+from whisper_ft.config import load_config
+from whisper_ft.saving import BackgroundSaver, to_host
+
+
+def test_host_copy_is_independent_and_keeps_tied_tensors_tied():
+    weight = torch.randn(3, 2)
+    state = {"a": weight, "b": weight, "opt": {"state": {0: {"exp_avg": torch.ones(2), "step": torch.tensor(3.0)}},
+                                               "param_groups": [{"lr": 0.1, "params": [0]}]}}
+    copy = to_host(state)
+    weight.add_(1.0)  # the next training step
+    state["opt"]["state"][0]["exp_avg"].mul_(5)
+    assert copy["a"] is copy["b"] and not torch.equal(copy["a"], weight)
+    assert copy["opt"]["state"][0]["exp_avg"].tolist() == [1.0, 1.0]
+    assert copy["opt"]["param_groups"] == [{"lr": 0.1, "params": [0]}]
+
+
+def test_host_copy_reuses_the_previous_copy_as_its_buffers():
+    state = {"w": torch.randn(4, 3), "groups": [{"lr": 0.1}], "step": torch.tensor(1.0)}
+    first = to_host(state)
+    state["w"].add_(1.0)
+    state["step"].add_(1.0)
+    second = to_host(state, reuse=first)
+    assert second["w"] is first["w"] and torch.equal(second["w"], state["w"])  # refilled in place
+    assert second["step"].item() == 2.0
+    third = to_host({"w": torch.randn(2, 2)}, reuse=first)  # another shape: a new buffer
+    assert third["w"] is not first["w"]
+
+
+def test_saver_runs_one_write_at_a_time_and_raises_a_failure_on_wait():
+    saver, order = BackgroundSaver(), []
+    saver.submit(lambda: order.append(1))
+    saver.submit(lambda: order.append(2))  # waits for the first
+    saver.wait()
+    assert order == [1, 2] and not saver.busy
+
+    def fail():
+        raise OSError("No space left on device")
+
+    saver.submit(fail)
+    with pytest.raises(RuntimeError, match="writing a checkpoint failed: No space left on device"):
+        saver.wait()
+    saver.wait()  # raised once
+
+
+def _run(tmp_path: Path, features_dir, tiny_model_dir, name: str, **training) -> Path:
+    from whisper_ft.train import run_training
+
+    cfg = load_config(ROOT / "config.yaml", overrides(features_dir, tiny_model_dir, tmp_path, run_name=name,
+                                                      eval_before_training="false", score_served="false",
+                                                      export_ctranslate2="false", **training))
+    run_training(cfg)
+    return tmp_path / name
+
+
+def test_background_checkpoint_equals_the_trainers_own(tmp_path, features_dir, tiny_model_dir, monkeypatch):
+    import threading
+
+    from safetensors.torch import load_file
+
+    from whisper_ft.train import WhisperTrainer
+
+    writers = []
+    write = WhisperTrainer._write_checkpoint
+
+    def spy(self, tmp, final, *args):
+        writers.append((final.name, threading.current_thread().name))
+        return write(self, tmp, final, *args)
+
+    monkeypatch.setattr(WhisperTrainer, "_write_checkpoint", spy)
+    runs = {flag: _run(tmp_path, features_dir, tiny_model_dir, f"saves-{flag}", background_saves=flag)
+            for flag in ("true", "false")}
+    assert writers == [("checkpoint-2", "checkpoint-writer"), ("checkpoint-4", "checkpoint-writer")]  # the "true" run
+    bg, sync = (runs["true"] / "checkpoint-4", runs["false"] / "checkpoint-4")
+    assert sorted(p.name for p in bg.iterdir()) == sorted(p.name for p in sync.iterdir())
+    assert [s for s, _ in checkpoints.checkpoints(runs["true"])] == [s for s, _ in checkpoints.checkpoints(runs["false"])]
+    a, b = load_file(bg / "model.safetensors"), load_file(sync / "model.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
+    opt_a, opt_b = (torch.load(p / "optimizer.pt", weights_only=True) for p in (bg, sync))
+    assert opt_a["param_groups"] == opt_b["param_groups"]
+    for i in opt_b["state"]:
+        for k in opt_b["state"][i]:
+            torch.testing.assert_close(opt_a["state"][i][k], opt_b["state"][i][k], rtol=1e-5, atol=1e-6)
+    assert torch.load(bg / "scheduler.pt") == torch.load(sync / "scheduler.pt")
+    state_a, state_b = (json.loads((p / "trainer_state.json").read_text()) for p in (bg, sync))
+    assert state_a["global_step"] == state_b["global_step"] == 4
+    assert Path(state_a["best_model_checkpoint"]).name == Path(state_b["best_model_checkpoint"]).name
+    assert not list(runs["true"].glob(".checkpoint-*"))  # nothing left staged
+
+
+def test_a_failed_write_raises_and_leaves_no_checkpoint_then_the_next_start_cleans_up(
+        tmp_path, features_dir, tiny_model_dir, monkeypatch):
+    from whisper_ft.train import WhisperTrainer
+
+    def no_space(self, *args, **kwargs):
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(WhisperTrainer, "_write_checkpoint", lambda self, tmp, *a: no_space(self))
+    with pytest.raises(RuntimeError, match="writing a checkpoint failed: No space left on device"):
+        _run(tmp_path, features_dir, tiny_model_dir, "full-disk", max_steps=2)
+    run_dir = tmp_path / "full-disk"
+    assert checkpoints.checkpoints(run_dir) == []
+    staged = list(run_dir.glob(".checkpoint-2.tmp-*"))
+    assert len(staged) == 1 and (staged[0] / "trainer_state.json").is_file()  # half a checkpoint, hidden
+    monkeypatch.undo()
+    _run(tmp_path, features_dir, tiny_model_dir, "full-disk", max_steps=2)
+    assert [s for s, _ in checkpoints.checkpoints(run_dir)] == [2]
+    assert not list(run_dir.glob(".checkpoint-*"))

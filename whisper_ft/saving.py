@@ -1,0 +1,86 @@
+"""Checkpoints written in the background, so training goes on while they reach the disk.
+
+    saver = BackgroundSaver()
+    saver.submit(write_files)         # waits for the previous write first; one write in flight
+    saver.wait()                      # at the end; re-raises a failed write
+
+A whisper-small checkpoint (float32 weights and AdamW's two moments) is about 3 GB; written by
+the training thread, the GPU idles for as long as the disk takes, at every save. The Trainer
+subclass (`whisper_ft.train.WhisperTrainer`) copies the state to host memory at the save step,
+which is what must be consistent, and hands the writing to this thread. The files are those
+of an HF Trainer checkpoint, written into `.checkpoint-<step>.tmp-<pid>` and renamed to
+`checkpoint-<step>` when complete (`whisper_ft.files.replace_dir`), so a process killed
+mid-write leaves nothing that looks like a checkpoint. torch.save and safetensors release the GIL while they write.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+
+import torch
+
+
+class BackgroundSaver:
+    """Runs one write at a time on a thread; `wait` joins it and raises what it raised."""
+
+    def __init__(self) -> None:
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+
+    def submit(self, write: Callable[[], None]) -> None:
+        self.wait()
+        self._thread = threading.Thread(target=self._run, args=(write,), name="checkpoint-writer")
+        self._thread.start()
+
+    def _run(self, write: Callable[[], None]) -> None:
+        try:
+            write()
+        except BaseException as e:  # handed to the training thread by wait()
+            self._error = e
+
+    def wait(self) -> None:
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise RuntimeError(f"writing a checkpoint failed: {error}") from error
+
+    @property
+    def busy(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+
+def to_host(obj, reuse=None, _memo: dict | None = None):
+    """A copy of a nested dict/list/tuple of tensors with every tensor copied to CPU memory
+    (what training may change next step). `reuse`, the copy of the previous save (already
+    written), lends its tensors as buffers, so later saves allocate nothing; copies of GPU
+    tensors go to pinned memory, and the GPU is synchronised before this returns. Tensors
+    sharing storage (tied weights) share their copy too."""
+    memo = {} if _memo is None else _memo
+    if torch.is_tensor(obj):
+        key = (obj.untyped_storage().data_ptr(), obj.storage_offset(), tuple(obj.shape), tuple(obj.stride()), obj.dtype)
+        if key not in memo:
+            memo[key] = _copy(obj.detach(), reuse)
+        out = memo[key]
+    elif isinstance(obj, dict):
+        get = reuse.get if isinstance(reuse, dict) else lambda k: None
+        out = type(obj)((k, to_host(v, get(k), memo)) for k, v in obj.items())
+    elif isinstance(obj, (list, tuple)):
+        same = isinstance(reuse, (list, tuple)) and len(reuse) == len(obj)
+        out = type(obj)(to_host(v, reuse[i] if same else None, memo) for i, v in enumerate(obj))
+    else:
+        out = obj
+    if _memo is None and torch.cuda.is_available():
+        torch.cuda.synchronize()  # the non-blocking copies have landed
+    return out
+
+
+def _copy(t: torch.Tensor, reuse) -> torch.Tensor:
+    if (isinstance(reuse, torch.Tensor) and reuse.device.type == "cpu" and reuse.shape == t.shape
+            and reuse.dtype == t.dtype and reuse.is_contiguous()):
+        return reuse.copy_(t, non_blocking=True)
+    if t.is_cuda:
+        return torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True)
+    return t.to("cpu", copy=True)
