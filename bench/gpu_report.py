@@ -45,6 +45,11 @@ def main(argv: list[str]) -> int:
                 print(f"{precision}: {100 * data[f'agreement_{precision}']:.1f}% identical transcripts, "
                       f"whisper_ft.decoding vs generate (generate against itself at another batch size: "
                       f"{100 * data[f'agreement_{precision}_generate_batch16_vs_64']:.1f}%)")
+    saves = folder / "saves.json"
+    if saves.is_file():
+        data = json.loads(saves.read_text())["results"]
+        print("checkpoint saves (" + f"{data['synchronous']['checkpoint_bytes'] / 1e9:.2f} GB): training held "
+              + "; ".join(f"{mode} {' '.join(f'{x:.2f}' for x in r['held_s'])} s" for mode, r in data.items()))
     return 0
 
 
