@@ -159,3 +159,22 @@ def test_a_bf16_run_keeps_float32_weights_and_says_how_it_computed(tmp_path, fea
         assert {t.dtype for t in load_file(path).values()} == {torch.float32}
     assert json.loads((run_dir / "metrics.json").read_text())["mixed_precision"] == "bf16 weight copy"
     assert "| precision | bf16 weight copy |" in (run_dir / "README.md").read_text()
+
+
+def test_a_bf16_lora_run_with_beam_search_evaluates_through_generate(tmp_path, features_dir, tiny_model_dir):
+    """LoRA and beam search evaluate with `generate` (under autocast in the copy's dtype), and
+    a LoRA model's checkpoints are saved synchronously by the Trainer."""
+    from test_training import events, overrides
+    from whisper_ft import checkpoints
+    from whisper_ft.train import run_training
+
+    cfg = load_config(ROOT / "config.yaml", overrides(
+        features_dir, tiny_model_dir, tmp_path, precision="bf16", max_steps=2, eval_steps=2, save_steps=2,
+        eval_before_training="false", num_beams=2, **{"lora.enabled": "true", "lora.rank": 4}))
+    summary = run_training(cfg)
+    run_dir = tmp_path / "tiny"
+    assert [e["mixed_precision"] for e in events(run_dir) if e["event"] == "start"] == ["bf16 weight copy"]
+    assert summary["wer"] is not None and summary["eval_clips"] > 0
+    assert [s for s, _ in checkpoints.checkpoints(run_dir)] == [2]
+    assert (run_dir / "checkpoint-2" / "adapter_model.safetensors").is_file()
+    assert (run_dir / "best" / "model.safetensors").is_file()  # merged
