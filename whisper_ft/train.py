@@ -557,19 +557,7 @@ def run_training(cfg: Config, fresh: bool = False, callbacks: Sequence[TrainerCa
                            [EventLog(run_dir, data.processor, meta, data.selection_split), *keeper, *callbacks],
                            t.fast_generation, weights_dtype(cfg), t.background_saves)
     if trainer.is_world_process_zero():
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir / "config.yaml")
-        checkpoints.append_event(run_dir, {"event": "start", "step": start_step, "resumed_from": resume and resume.name,
-                                           "world_size": args.world_size, "train_clips": len(data.train),
-                                           "test_clips": len(data.test), "selection_split": data.selection_split,
-                                           "selection_clips": len(data.selection_model), "generation_max_length": gen_len,
-                                           "learning_rate": args.learning_rate, "warmup_steps": args.warmup_steps,
-                                           "mixed_precision": mixed_precision(cfg)})
-        log.info("%s at step %d: %d training clips, %d %s clips for the periodic checks, %d test clips, generation "
-                 "capped at %d tokens, peak learning rate %.3g after %d warm-up steps, %s",
-                 f"resuming from {resume}" if resume else "starting", start_step, len(data.train),
-                 len(data.selection_model), data.selection_split, len(data.test), gen_len, args.learning_rate,
-                 args.warmup_steps, mixed_precision(cfg))
+        announce_start(cfg, run_dir, args, data, start_step, resume, gen_len)
     if first:
         score_test(cfg, args, data, model, run_dir, step=0)
     result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
@@ -592,6 +580,22 @@ def run_training(cfg: Config, fresh: bool = False, callbacks: Sequence[TrainerCa
                                              served.read_predictions(run_dir / "predictions.jsonl"))
         write_reports(cfg, data.manifest, summary, run_dir)
     return summary
+
+
+def announce_start(cfg: Config, run_dir: Path, args, data: Data, step: int, resume: Path | None, gen_len: int) -> None:
+    """Save the resolved config beside the run and log its `start` event and line."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, run_dir / "config.yaml")
+    checkpoints.append_event(run_dir, {"event": "start", "step": step, "resumed_from": resume and resume.name,
+                                       "world_size": args.world_size, "train_clips": len(data.train),
+                                       "test_clips": len(data.test), "selection_split": data.selection_split,
+                                       "selection_clips": len(data.selection_model), "generation_max_length": gen_len,
+                                       "learning_rate": args.learning_rate, "warmup_steps": args.warmup_steps,
+                                       "mixed_precision": mixed_precision(cfg)})
+    log.info("%s at step %d: %d training clips, %d %s clips for the periodic checks, %d test clips, generation "
+             "capped at %d tokens, peak learning rate %.3g after %d warm-up steps, %s",
+             f"resuming from {resume}" if resume else "starting", step, len(data.train), len(data.selection_model),
+             data.selection_split, len(data.test), gen_len, args.learning_rate, args.warmup_steps, mixed_precision(cfg))
 
 
 def try_average(cfg: Config, args, data: Data, run_dir: Path, meta: dict, step: int) -> dict:
