@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from collections import defaultdict
 from pathlib import Path
 
@@ -61,6 +62,11 @@ def main() -> int:
     for _ in range(8):
         step()
     torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(args.steps):
+        step()
+    torch.cuda.synchronize()
+    wall = (time.perf_counter() - t0) / args.steps
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
@@ -69,13 +75,18 @@ def main() -> int:
         torch.cuda.synchronize()
     by_kind: dict[str, float] = defaultdict(float)
     total = 0.0
+    kernels = 0
     for e in prof.key_averages():
         t = e.self_device_time_total
         if t > 0 and e.self_cpu_time_total == 0:  # kernels only: operators would count their kernels again
             by_kind[kind(e.key)] += t
             total += t
+            kernels += e.count
     mode = "autocast" if args.autocast else "weight copy"
-    print(f"GPU kernel time per step: {total / args.steps / 1000:.1f} ms (batch {args.batch}, {args.size}, bf16 {mode})")
+    busy = total / args.steps / 1e6 / wall
+    print(f"GPU kernel time per step: {total / args.steps / 1000:.1f} ms (batch {args.batch}, {args.size}, bf16 {mode}); "
+          f"{kernels // args.steps} kernels per step; unprofiled {1000 * wall:.1f} ms per step, with the GPU busy "
+          f"{100 * busy:.0f}% of it (less: the host cannot issue the kernels as fast as the GPU runs them)")
     for k, t in sorted(by_kind.items(), key=lambda kv: -kv[1]):
         print(f"  {k:20s} {t / args.steps / 1000:7.2f} ms  {100 * t / total:5.1f}%")
     print(prof.key_averages().table(sort_by="self_device_time_total", row_limit=18, max_name_column_width=70))
