@@ -81,10 +81,11 @@ def test_bf16_copy_keeps_the_residual_stream_in_bf16_with_few_casts(tiny_model_d
     seen = []
     model.model.encoder.layers[0].register_forward_hook(lambda m, i, out: seen.append(out[0].dtype))
 
-    def activation_casts(fn) -> int:  # casts of tensors with the batch dimension first (no weight has 4 rows)
+    def activation_casts(fn) -> int:  # casts of (batch, ..., ...) tensors: no weight has 4 rows or 3 dimensions
         with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
             fn().backward()
-        return sum(1 for e in prof.events() if e.name == "aten::_to_copy" and e.input_shapes[0][:1] == [4])
+        return sum(1 for e in prof.events() if e.name == "aten::_to_copy" and e.input_shapes[0][:1] == [4]
+                   and len(e.input_shapes[0]) == 3)
 
     def autocast():
         with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -97,7 +98,10 @@ def test_bf16_copy_keeps_the_residual_stream_in_bf16_with_few_casts(tiny_model_d
     assert n_autocast >= 4 * 4  # several per layer (4 layers), forward and backward
 
 
-def test_compiled_layers_run_on_the_copy_without_recompiling(tiny_model_dir, batch):
+def test_compiled_layers_run_on_the_copy_without_recompiling(tiny_model_dir, batch, tmp_path):
+    """Same loss and gradients as eager; with a decoder deeper than torch.compile's recompile
+    limit (8) and labels of changing lengths, a handful of graphs and no new one later (a KV
+    cache in the forward pass would give each decoder layer its own graph, then eager mode)."""
     from torch._dynamo.utils import counters
 
     from whisper_ft.train import compile_layers
@@ -105,15 +109,19 @@ def test_compiled_layers_run_on_the_copy_without_recompiling(tiny_model_dir, bat
     if not (shutil.which("cc") or shutil.which("gcc")):
         pytest.skip("torch.compile on CPU needs a C compiler (apt-get install gcc)")
     torch._dynamo.reset()
-    eager = model_of(tiny_model_dir)
-    compiled = model_of(tiny_model_dir)
+    counters.clear()
+    deep = deeper_decoder(tiny_model_dir, tmp_path / "model", layers=10)
+    eager, compiled = model_of(deep), model_of(deep)
     compile_layers(compiled)
     ref, ref_grads = loss_and_grads(eager, lambda: seq2seq_loss(eager, batch, torch.bfloat16, START, PAD)[0])
-    for _ in range(2):
-        ours, grads = loss_and_grads(compiled, lambda: seq2seq_loss(compiled, batch, torch.bfloat16, START, PAD)[0])
-    frames = counters["stats"]["unique_graphs"]
-    loss_and_grads(compiled, lambda: seq2seq_loss(compiled, batch, torch.bfloat16, START, PAD)[0])
-    assert counters["stats"]["unique_graphs"] == frames  # a third step compiles nothing new
+    ours, grads = loss_and_grads(compiled, lambda: seq2seq_loss(compiled, batch, torch.bfloat16, START, PAD)[0])
+    for cut in (-1, -2, -3):  # shorter labels
+        shorter = {**batch, "labels": batch["labels"][:, :cut]}
+        loss_and_grads(compiled, lambda: seq2seq_loss(compiled, shorter, torch.bfloat16, START, PAD)[0])
+    graphs = counters["stats"]["unique_graphs"]
+    loss_and_grads(compiled, lambda: seq2seq_loss(compiled, {**batch, "labels": batch["labels"][:, :-4]},
+                                                  torch.bfloat16, START, PAD)[0])
+    assert counters["stats"]["unique_graphs"] == graphs <= 4  # encoder, decoder, decoder for any length
     assert ours.item() == pytest.approx(ref.item(), rel=2e-2)
     name = "model.encoder.layers.0.fc1.weight"
     assert torch.nn.functional.cosine_similarity(grads[name].flatten(), ref_grads[name].flatten(), dim=0) > 0.98
@@ -178,3 +186,42 @@ def test_a_bf16_lora_run_with_beam_search_evaluates_through_generate(tmp_path, f
     assert [s for s, _ in checkpoints.checkpoints(run_dir)] == [2]
     assert (run_dir / "checkpoint-2" / "adapter_model.safetensors").is_file()
     assert (run_dir / "best" / "model.safetensors").is_file()  # merged
+
+
+@pytest.mark.parametrize("weight_copy", [True, False])
+def test_compiled_layers_stay_compiled_over_label_lengths_and_evaluation(tmp_path, features_dir, tiny_model_dir,
+                                                                         weight_copy):
+    """A whole compiled run (training steps with labels of many lengths, then evaluations)
+    stays within torch.compile's recompile limit, past which layers silently run eager."""
+    from torch._dynamo.utils import counters
+
+    from whisper_ft.train import run_training
+
+    if not (shutil.which("cc") or shutil.which("gcc")):
+        pytest.skip("torch.compile on CPU needs a C compiler (apt-get install gcc)")
+    from test_training import overrides
+
+    torch._dynamo.reset()
+    counters.clear()
+    deep = deeper_decoder(tiny_model_dir, tmp_path / "model", layers=10)  # more layers than the limit (8)
+    cfg = load_config(ROOT / "config.yaml", overrides(
+        features_dir, deep, tmp_path, precision="bf16", autocast=str(not weight_copy).lower(),
+        torch_compile="true", max_steps=6, eval_steps=3, save_steps=3, eval_before_training="false",
+        score_served="false", export_ctranslate2="false"))
+    run_training(cfg)
+    # Encoder layers (training, evaluation) and decoder layers (training and evaluation, each
+    # for one label length and then any): a handful of graphs, not one per decoder layer.
+    assert 2 <= counters["stats"]["unique_graphs"] <= 6
+
+
+def deeper_decoder(model_dir, out, layers: int):
+    """The tiny test model with a decoder of `layers` layers (random weights), saved to `out`."""
+    from transformers import WhisperConfig, WhisperForConditionalGeneration
+
+    torch.manual_seed(0)
+    model = WhisperForConditionalGeneration(WhisperConfig.from_pretrained(model_dir, decoder_layers=layers))
+    model.save_pretrained(out)
+    for f in model_dir.iterdir():
+        if f.suffix in (".json", ".txt") and f.name != "config.json":
+            shutil.copy(f, out / f.name)
+    return out

@@ -42,11 +42,12 @@ def seq2seq_loss(model: torch.nn.Module, inputs: dict, dtype: torch.dtype, decod
     """(float32 mean cross-entropy over the label tokens, model outputs) of a Whisper batch
     {"input_features" or "encoder_outputs", "labels" (B, T) padded with -100} run in `dtype`.
     The decoder inputs are the labels shifted right behind the decoder-start token, as the
-    model builds them itself when given labels."""
+    model builds them itself when given labels. No KV cache: teacher forcing needs none, and
+    its per-layer state would make compiled decoder layers recompile for each layer."""
     labels = inputs["labels"]
     decoder_input_ids = shift_right(labels, decoder_start_token_id, pad_token_id)
     rest = {k: v for k, v in inputs.items() if k != "labels"}
-    outputs = forward(model, dtype, **rest, decoder_input_ids=decoder_input_ids)
+    outputs = forward(model, dtype, **rest, decoder_input_ids=decoder_input_ids, use_cache=False)
     logits = outputs.logits
     loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX)
     return loss, outputs
