@@ -193,7 +193,7 @@ def bench_train(recipe: Recipe, size: str, device: str, rows: list[dict], steps:
             loss = seq2seq_loss(model, batch, torch.bfloat16, PREFIX[0], EOT)[0]
         else:
             with autocast(device, recipe.precision):
-                loss = model(**batch).loss
+                loss = model(**batch, use_cache=False).loss  # as the Trainer runs it (args.use_cache)
         scaler.scale(loss).backward()
         scaler.step(opt)
         scaler.update()

@@ -45,7 +45,7 @@ def loss_of(model, batch: dict, mode: str) -> torch.Tensor:
         cfg = model.config
         return seq2seq_loss(model, batch, torch.bfloat16, cfg.decoder_start_token_id, cfg.pad_token_id)[0]
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=mode == "autocast"):
-        return model(**batch).loss
+        return model(**batch, use_cache=False).loss
 
 
 def train(model_dir: str, train_batches: list[dict], held_out: list[dict], mode: str, lr: float) -> dict:

@@ -51,7 +51,7 @@ def main() -> int:
         inputs = expand({k: v.to("cuda", non_blocking=True) for k, v in batch.items()})
         if args.autocast:
             with torch.autocast("cuda", dtype=torch.bfloat16):
-                loss = model(**inputs).loss
+                loss = model(**inputs, use_cache=False).loss
         else:
             loss = seq2seq_loss(model, inputs, torch.bfloat16, PREFIX[0], EOT)[0]
         loss.backward()
