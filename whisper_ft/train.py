@@ -146,7 +146,6 @@ def prepare_model(cfg: Config, tokenizer):
     FeatureStore.of(cfg).check_model(config, tokenizer)  # before minutes of loading weights
     model = load_model(cfg.model.name_or_path, cfg.model.language, cfg.model.task, config=config,
                        attn_implementation="sdpa")
-    model.config.use_cache = not t.gradient_checkpointing  # the KV cache is useless (and warns) with checkpointing
     if t.freeze_encoder:
         model.freeze_encoder()
     if t.lora.enabled:
