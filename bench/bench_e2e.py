@@ -80,7 +80,7 @@ def make_store(data_dir: Path, model_dir: Path, n_train: int, n_eval: int, seed:
             frames = int(rng.integers(200, 800))
             sentence = sentences[(i + (0 if split == "train" else n_train)) % len(sentences)]
             examples.append({"id": f"{split}-{i}", "source": "synthetic", "speaker": f"s{i % 20}", "sentence": sentence,
-                             "gender": "", "accents": "", "duration": frames / 100,
+                             "gender": "", "accents": "", "age": "", "duration": frames / 100,
                              "input_features": rng.normal(size=(frames, 80)).astype(np.float16), "fill": -1.0,
                              "labels": processor.tokenizer(sentence).input_ids})
         shard = Shard(split, 0, 1, ())

@@ -45,3 +45,15 @@ def test_save_benchmark_times_both_modes(tmp_path):
         assert len(r["held_s"]) == 2 and r["checkpoint_bytes"] > 0
         assert all(h <= c for h, c in zip(r["held_s"], r["complete_s"]))
     assert [p.name for p in tmp_path.iterdir()] == ["saves.json"]  # the checkpoints are removed
+
+
+def test_end_to_end_benchmark_builds_a_store_the_pipeline_reads(tmp_path, tiny_model_dir):
+    """bench/bench_e2e.py's synthetic store has every column of the current store format."""
+    import bench_e2e
+
+    from whisper_ft.features import FeatureStore, load_split
+
+    name = bench_e2e.make_store(tmp_path / "data", tiny_model_dir, n_train=4, n_eval=2)
+    root = tmp_path / "data" / "features" / name
+    assert len(load_split(root, "train")) == 4 and len(load_split(root, "eval")) == 2
+    assert FeatureStore(root).manifest()["name"] == name
