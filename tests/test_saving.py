@@ -122,3 +122,29 @@ def test_a_failed_write_raises_and_leaves_no_checkpoint_then_the_next_start_clea
     _run(tmp_path, features_dir, tiny_model_dir, "full-disk", max_steps=2)
     assert [s for s, _ in checkpoints.checkpoints(run_dir)] == [2]
     assert not list(run_dir.glob(".checkpoint-*"))
+
+
+def test_without_room_for_the_host_copy_saves_are_synchronous(tmp_path, features_dir, tiny_model_dir, monkeypatch,
+                                                               caplog):
+    from whisper_ft import saving, train
+
+    monkeypatch.setattr(saving, "available_memory", lambda: 1000)  # 1 kB free
+    monkeypatch.setattr(train, "available_memory", lambda: 1000)
+    writes = []
+    monkeypatch.setattr(train.WhisperTrainer, "_write_checkpoint", lambda self, *a: writes.append(a))
+    with caplog.at_level("WARNING", logger="whisper_ft.train"):
+        run_dir = _run(tmp_path, features_dir, tiny_model_dir, "low-memory", max_steps=2)
+    assert writes == []  # the Trainer's own save
+    assert [s for s, _ in checkpoints.checkpoints(run_dir)] == [2]
+    assert "checkpoints are saved synchronously" in caplog.text and "free memory (0.0 GB)" in caplog.text
+
+
+def test_room_for_a_copy_is_half_of_the_free_memory(monkeypatch):
+    from whisper_ft import saving
+
+    monkeypatch.setattr(saving, "available_memory", lambda: 8_000)
+    assert saving.fits_in_memory(4_000) and not saving.fits_in_memory(4_001)
+    monkeypatch.setattr(saving, "available_memory", lambda: None)  # unknown: allowed
+    assert saving.fits_in_memory(10**15)
+    assert saving.nbytes({"a": torch.zeros(4, dtype=torch.float32), "b": [torch.zeros(2, dtype=torch.bfloat16), 3]}) == 20
+    assert saving.available_memory() is None or saving.available_memory() > 0

@@ -15,6 +15,7 @@ mid-write leaves nothing that looks like a checkpoint. torch.save and safetensor
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Callable
 
@@ -84,3 +85,36 @@ def _copy(t: torch.Tensor, reuse) -> torch.Tensor:
     if t.is_cuda:
         return torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True)
     return t.to("cpu", copy=True)
+
+
+def nbytes(obj) -> int:
+    """Bytes of the tensors in a nested dict/list/tuple (what `to_host` copies)."""
+    if torch.is_tensor(obj):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(nbytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(nbytes(v) for v in obj)
+    return 0
+
+
+def available_memory() -> int | None:
+    """Bytes of RAM the system can still give (Linux MemAvailable), or None where unknown."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def fits_in_memory(size: int, share: float = 0.5) -> bool:
+    """Whether a host copy of `size` bytes leaves the system at least half of what it has
+    free (a copy that pushes it into swap or the OOM killer would lose the run it protects)."""
+    free = available_memory()
+    return free is None or size <= share * free

@@ -35,7 +35,7 @@ from whisper_ft.files import replace_dir, staging_dir, write_atomic
 from whisper_ft.metrics import scores
 from whisper_ft.model import load_model, resolve
 from whisper_ft.precision import forward, seq2seq_loss
-from whisper_ft.saving import BackgroundSaver, to_host
+from whisper_ft.saving import BackgroundSaver, available_memory, fits_in_memory, nbytes, to_host
 
 log = logging.getLogger("whisper_ft.train")
 
@@ -359,6 +359,8 @@ class WhisperTrainer(Seq2SeqTrainer):
         """The HF checkpoint of this step, its weights and optimizer state written on a thread."""
         from transformers import PreTrainedModel
 
+        if self.background_saves and self._host[0] is None:
+            self.background_saves = self._room_for_host_copies()
         if not (self.background_saves and self.args.world_size == 1 and isinstance(self.model, PreTrainedModel)):
             return super()._save_checkpoint(model, trial)
         self.saver.wait()  # the previous checkpoint is on disk before this one starts
@@ -378,6 +380,14 @@ class WhisperTrainer(Seq2SeqTrainer):
         self._host = weights, optimizer = (to_host(self.model.state_dict(), self._host[0]),
                                            to_host(self.optimizer.state_dict(), self._host[1]))
         self.saver.submit(partial(self._write_checkpoint, tmp, final, weights, optimizer, self.state.best_model_checkpoint))
+
+    def _room_for_host_copies(self) -> bool:
+        size = nbytes(self.model.state_dict()) + nbytes(self.optimizer.state_dict())
+        if fits_in_memory(size):
+            return True
+        log.warning("checkpoints are saved synchronously: a host copy of the training state (%.1f GB) would take "
+                    "more than half of the free memory (%.1f GB)", size / 1e9, (available_memory() or 0) / 1e9)
+        return False
 
     def _save_small_checkpoint_files(self, folder: Path) -> None:
         import torch
