@@ -13,9 +13,10 @@ blog:     "Fine-Tune Whisper For Multilingual ASR with Transformers": padded flo
           fp16, gradient checkpointing, batch 16, evaluation batch 8, generation_max_length 225.
 
 Prints one JSON line: steady-state training samples/s and MFU (timed from step --skip to the
-last step, GPU synchronised at both ends, so data loading, logging and the optimizer count
-but start-up and compilation do not), the time to step --skip, evaluation clips/s of the
-Trainer's evaluation (metrics included), and wall-clock seconds.
+last step, or to the last --profile-steps, which are profiled instead; GPU synchronised at both
+ends, so data loading, logging and the optimizer count but start-up and compilation do not),
+the time to step --skip, evaluation clips/s of the Trainer's evaluation (metrics included),
+wall-clock seconds, and with --profile-steps how busy the GPU is in the real command.
 """
 
 from __future__ import annotations
@@ -93,26 +94,69 @@ def make_store(data_dir: Path, model_dir: Path, n_train: int, n_eval: int, seed:
 
 
 class StepTimer(TrainerCallback):
-    """Wall time from the end of step `skip` to the end of the last step, GPU synchronised at both."""
+    """Wall time from the end of step `skip` to the end of step `stop` (default: the last),
+    GPU synchronised at both."""
 
-    def __init__(self, skip: int):
-        self.skip = skip
+    def __init__(self, skip: int, stop: int = 0):
+        self.skip, self.stop = skip, stop
         self.begin = self.start = self.end = 0.0
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.begin = time.perf_counter()
+        self.stop = self.stop or state.max_steps
 
     def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step in (self.skip, state.max_steps):
-            if torch.cuda.is_available():
-                torch.cuda.synchronize()
+        if state.global_step in (self.skip, self.stop):
+            _sync()
             now = time.perf_counter()
             self.start, self.end = (now, self.end) if state.global_step == self.skip else (self.start, now)
 
 
+class StepProfiler(TrainerCallback):
+    """torch.profiler over the steps after step `start` up to the last one (the evaluation and
+    save of the last step come after it): how busy the GPU is, and the host's time per step in
+    the data loader and the optimizer, the parts of the real command a bare loop does not have."""
+
+    def __init__(self, start: int):
+        self.start = start
+        self.prof = None
+        self.result: dict = {}
+        self.t0 = 0.0
+
+    def on_step_end(self, args, state, control, **kwargs):
+        from torch.profiler import ProfilerActivity, profile
+
+        if state.global_step == self.start:
+            _sync()
+            activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+            self.prof = profile(activities=activities)
+            self.prof.__enter__()
+            self.t0 = time.perf_counter()
+        elif state.global_step == state.max_steps and self.prof is not None:
+            _sync()
+            wall = time.perf_counter() - self.t0
+            self.prof.__exit__(None, None, None)
+            self.result = profile_summary(self.prof.key_averages(), state.max_steps - self.start, wall)
+
+
+def profile_summary(events, steps: int, wall: float) -> dict:
+    """Per step: wall ms, GPU kernel ms and busy share, host ms in the data loader and in the optimizer."""
+    kernels = sum(e.self_device_time_total for e in events if e.self_device_time_total > 0 and e.self_cpu_time_total == 0)
+    ranges = lambda prefix: sum(e.cpu_time_total for e in events if e.key.startswith(prefix))  # noqa: E731
+    per_step = lambda us: us / 1000 / steps  # noqa: E731
+    return {"profiled_steps": steps, "wall_ms": 1000 * wall / steps, "gpu_kernel_ms": per_step(kernels),
+            "gpu_busy": kernels / 1e6 / wall if kernels else None, "data_loader_ms": per_step(ranges("enumerate(DataLoader)")),
+            "optimizer_ms": per_step(ranges("Optimizer.step"))}
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def train_stats(timer: StepTimer, steps: int, batch: int, config, label_len: float, precision: str) -> dict:
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    samples_s = (steps - timer.skip) * batch / (timer.end - timer.start)
+    samples_s = (timer.stop - timer.skip) * batch / (timer.end - timer.start)
     peak, peak_src = peak_flops(device, precision, 0.0)
     return {"train_samples_per_s": samples_s, "mfu": 3 * forward_flops(config, label_len) * samples_s / peak,
             "peak": peak_src, "first_steps_s": timer.start - timer.begin, "skip_steps": timer.skip}
@@ -131,9 +175,10 @@ def run_pipeline(model_dir: Path, data_dir: Path, store: str, work: Path, args) 
             f"training.eval_steps={args.steps}", f"training.save_steps={args.steps}", "training.warmup_steps=10",
             "training.eval_before_training=false", "training.export_ctranslate2=false", *args.set]
     cfg = load_config(ROOT / "config.yaml", sets)
-    timer = StepTimer(args.skip)
+    timer = StepTimer(args.skip, args.steps - args.profile_steps)
+    profiler = StepProfiler(args.steps - args.profile_steps) if args.profile_steps else None
     t0 = time.perf_counter()
-    summary = run_training(cfg, fresh=True, callbacks=[timer])
+    summary = run_training(cfg, fresh=True, callbacks=[timer, *([profiler] if profiler else [])])
     wall = time.perf_counter() - t0
     cuda = torch.cuda.is_available()
     precision = resolve_precision(cfg.training.precision, cuda, cuda and torch.cuda.is_bf16_supported())
@@ -145,6 +190,7 @@ def run_pipeline(model_dir: Path, data_dir: Path, store: str, work: Path, args) 
     final = summary["final"]
     return {**out, "eval_clips": final["eval_clips"], "eval_clips_per_s": final["clips_per_second"],
             "train_runtime_s": summary["train_runtime_seconds"], "wall_s": wall,
+            **({"profile": profiler.result} if profiler else {}),
             "settings": {k: v for k, v in vars(cfg.training).items() if isinstance(v, (int, float, str, bool))}}
 
 
@@ -232,6 +278,9 @@ def parse_args(argv=None):
     p.add_argument("--work", type=Path, default=ROOT / "bench" / "results" / "e2e", help="model, store and runs")
     p.add_argument("--set", action="append", default=[], help="extra config override for the pipeline")
     p.add_argument("--label", default="", help="name of this run in the output")
+    p.add_argument("--profile-steps", type=int, default=0,
+                   help="pipeline: profile the last N steps (outside the timed window): GPU busy share, host time "
+                        "in data loading and the optimizer")
     return p.parse_args(argv)
 
 

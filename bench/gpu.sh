@@ -35,7 +35,7 @@ e2e() {  # name, time limit, bench_e2e arguments...
 
 step bare 170 "$py" bench/bench_training.py --size small --device cuda --steps 30 --warmup 5 --eval-clips 256 \
   --eval-batch-sizes 128 --agreement 64 --json "$out/bare.json"
-e2e e2e-pipeline 130 --recipe pipeline --steps 300 --skip 20
+e2e e2e-pipeline 130 --recipe pipeline --steps 300 --skip 20 --profile-steps 20
 e2e e2e-blog 120 --recipe blog --steps 60 --skip 10
 e2e e2e-pipeline-compile 200 --recipe pipeline --steps 300 --skip 30 --set training.torch_compile=true
 step profile 90 "$py" bench/profile_step.py --size small

@@ -45,6 +45,12 @@ def main(argv: list[str]) -> int:
                 print(f"{precision}: {100 * data[f'agreement_{precision}']:.1f}% identical transcripts, "
                       f"whisper_ft.decoding vs generate (generate against itself at another batch size: "
                       f"{100 * data[f'agreement_{precision}_generate_batch16_vs_64']:.1f}%)")
+    for path in sorted(folder.glob("e2e-*.json")):
+        prof = json.loads(path.read_text()).get("profile")
+        if prof and prof.get("gpu_busy") is not None:
+            print(f"{path.stem}, last {prof['profiled_steps']} steps profiled: {prof['wall_ms']:.1f} ms per step, GPU busy "
+                  f"{100 * prof['gpu_busy']:.0f}%, host in the data loader {prof['data_loader_ms']:.1f} ms and in the "
+                  f"optimizer {prof['optimizer_ms']:.1f} ms per step")
     saves = folder / "saves.json"
     if saves.is_file():
         data = json.loads(saves.read_text())["results"]

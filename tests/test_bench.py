@@ -57,3 +57,18 @@ def test_end_to_end_benchmark_builds_a_store_the_pipeline_reads(tmp_path, tiny_m
     root = tmp_path / "data" / "features" / name
     assert len(load_split(root, "train")) == 4 and len(load_split(root, "eval")) == 2
     assert FeatureStore(root).manifest()["name"] == name
+
+
+def test_profile_summary_per_step():
+    from types import SimpleNamespace as Event
+
+    import bench_e2e
+
+    events = [Event(key="enumerate(DataLoader)#_MultiProcessingDataLoaderIter.__next__", cpu_time_total=4000,
+                    self_cpu_time_total=4000, self_device_time_total=0),
+              Event(key="Optimizer.step#AdamW.step", cpu_time_total=2000, self_cpu_time_total=100, self_device_time_total=0),
+              Event(key="void gemm_kernel<...>", cpu_time_total=0, self_cpu_time_total=0, self_device_time_total=150_000),
+              Event(key="aten::mm", cpu_time_total=500, self_cpu_time_total=500, self_device_time_total=150_000)]
+    out = bench_e2e.profile_summary(events, steps=2, wall=0.2)  # a kernel counts once, not again under its operator
+    assert out == pytest.approx({"profiled_steps": 2, "wall_ms": 100.0, "gpu_kernel_ms": 75.0, "gpu_busy": 0.75,
+                                 "data_loader_ms": 2.0, "optimizer_ms": 1.0})
