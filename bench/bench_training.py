@@ -45,7 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from whisper_ft.collator import SpeechCollator, expand  # noqa: E402
 from whisper_ft.config import Config  # noqa: E402
 from whisper_ft.decoding import GreedyDecoder, max_new_tokens  # noqa: E402
-from whisper_ft.precision import seq2seq_loss  # noqa: E402
+from whisper_ft.precision import seq2seq_loss, with_causal_mask  # noqa: E402
 from whisper_ft.train import compile_layers, generation_max_length, resolve_precision  # noqa: E402
 
 SIZES = {  # d_model, layers (encoder = decoder), heads, ffn: the released Whisper shapes
@@ -193,7 +193,9 @@ def bench_train(recipe: Recipe, size: str, device: str, rows: list[dict], steps:
             loss = seq2seq_loss(model, batch, torch.bfloat16, PREFIX[0], EOT)[0]
         else:
             with autocast(device, recipe.precision):
-                loss = model(**batch, use_cache=False).loss  # as the Trainer runs it (args.use_cache)
+                # As the Trainers run it: no KV cache; the pipeline also gives the decoder's mask (no host sync).
+                inputs = batch if recipe.name == "blog" else with_causal_mask(batch)
+                loss = model(**inputs, use_cache=False).loss
         scaler.scale(loss).backward()
         scaler.step(opt)
         scaler.update()

@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from whisper_ft.collator import SpeechCollator, expand  # noqa: E402
 from whisper_ft.features import load_split  # noqa: E402
 from whisper_ft.model import load_model  # noqa: E402
-from whisper_ft.precision import seq2seq_loss  # noqa: E402
+from whisper_ft.precision import seq2seq_loss, with_causal_mask  # noqa: E402
 
 COLUMNS = ["input_features", "fill", "labels"]
 MODES = ("fp32", "autocast", "copy")
@@ -45,7 +45,7 @@ def loss_of(model, batch: dict, mode: str) -> torch.Tensor:
         cfg = model.config
         return seq2seq_loss(model, batch, torch.bfloat16, cfg.decoder_start_token_id, cfg.pad_token_id)[0]
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=mode == "autocast"):
-        return model(**batch, use_cache=False).loss
+        return model(**with_causal_mask(batch), use_cache=False).loss
 
 
 def train(model_dir: str, train_batches: list[dict], held_out: list[dict], mode: str, lr: float) -> dict:

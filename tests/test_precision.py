@@ -225,3 +225,21 @@ def deeper_decoder(model_dir, out, layers: int):
         if f.suffix in (".json", ".txt") and f.name != "config.json":
             shutil.copy(f, out / f.name)
     return out
+
+
+def test_a_training_step_never_waits_for_the_device(tiny_model_dir, batch):
+    """Meta tensors have no data, so anything that reads a value on the host (`.item()`, a
+    tensor's truth value: on a GPU, a synchronisation) raises. transformers' own decoder mask
+    does that; with the causal mask given, forward and backward run through, on the weight
+    copy and under autocast alike."""
+    from whisper_ft.precision import with_causal_mask
+
+    model = model_of(tiny_model_dir).to("meta")
+    on_meta = {k: v.to("meta") for k, v in batch.items()}
+    with pytest.raises(RuntimeError, match="meta tensors"):
+        model(**on_meta, use_cache=False)
+    seq2seq_loss(model, on_meta, torch.bfloat16, START, PAD)[0].backward()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(**with_causal_mask(on_meta), use_cache=False).loss
+    loss.backward()
+    assert model.model.encoder.layers[0].fc1.weight.grad.device.type == "meta"

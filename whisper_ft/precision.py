@@ -43,10 +43,11 @@ def seq2seq_loss(model: torch.nn.Module, inputs: dict, dtype: torch.dtype, decod
     {"input_features" or "encoder_outputs", "labels" (B, T) padded with -100} run in `dtype`.
     The decoder inputs are the labels shifted right behind the decoder-start token, as the
     model builds them itself when given labels. No KV cache: teacher forcing needs none, and
-    its per-layer state would make compiled decoder layers recompile for each layer."""
+    its per-layer state would make compiled decoder layers recompile for each layer. The
+    decoder's causal mask is given (`with_causal_mask`)."""
     labels = inputs["labels"]
     decoder_input_ids = shift_right(labels, decoder_start_token_id, pad_token_id)
-    rest = {k: v for k, v in inputs.items() if k != "labels"}
+    rest = {k: v for k, v in with_causal_mask(inputs).items() if k != "labels"}
     outputs = forward(model, dtype, **rest, decoder_input_ids=decoder_input_ids, use_cache=False)
     logits = outputs.logits
     loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX)
@@ -60,3 +61,13 @@ def shift_right(labels: torch.Tensor, decoder_start_token_id: int, pad_token_id:
     out[:, 0] = decoder_start_token_id
     out[:, 1:] = labels[:, :-1]
     return out.masked_fill_(out == IGNORE_INDEX, pad_token_id)
+
+
+def with_causal_mask(inputs: dict) -> dict:
+    """`inputs` with the decoder's causal mask for its labels, (1, 1, T, T) booleans built on
+    their device. Without one, transformers checks the decoder positions for packed sequences
+    with a tensor's truth value, which waits for the GPU at every forward pass."""
+    labels = inputs["labels"]
+    n = labels.shape[1]
+    mask = torch.ones(n, n, dtype=torch.bool, device=labels.device).tril()
+    return {**inputs, "decoder_attention_mask": mask[None, None]}

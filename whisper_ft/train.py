@@ -34,7 +34,7 @@ from whisper_ft.features import EVAL, ROLE, VALIDATION, FeatureStore, FeaturesEr
 from whisper_ft.files import replace_dir, staging_dir, write_atomic
 from whisper_ft.metrics import scores
 from whisper_ft.model import load_model, resolve
-from whisper_ft.precision import forward, seq2seq_loss
+from whisper_ft.precision import forward, seq2seq_loss, with_causal_mask
 from whisper_ft.saving import BackgroundSaver, available_memory, fits_in_memory, nbytes, to_host
 
 log = logging.getLogger("whisper_ft.train")
@@ -334,7 +334,7 @@ class WhisperTrainer(Seq2SeqTrainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if self.weights_dtype is None:
-            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            return super().compute_loss(model, with_causal_mask(inputs), return_outputs, num_items_in_batch)
         config = self.accelerator.unwrap_model(model).config
         loss, outputs = seq2seq_loss(model, inputs, self.weights_dtype, config.decoder_start_token_id,
                                      config.pad_token_id)
@@ -438,7 +438,7 @@ class WhisperTrainer(Seq2SeqTrainer):
         with torch.no_grad(), self._autocast() if dtype is None else contextlib.nullcontext():
             if dtype is None:
                 encoded = whisper.model.encoder(inputs["input_features"]).last_hidden_state
-                loss = whisper(encoder_outputs=(encoded,), labels=inputs["labels"]).loss
+                loss = whisper(encoder_outputs=(encoded,), **with_causal_mask({"labels": inputs["labels"]})).loss
             else:
                 encoded = forward(whisper.model.encoder, dtype, input_features=inputs["input_features"]).last_hidden_state
                 loss, _ = seq2seq_loss(whisper, {"encoder_outputs": (encoded,), "labels": inputs["labels"]}, dtype,
