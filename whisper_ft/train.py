@@ -359,9 +359,10 @@ class WhisperTrainer(Seq2SeqTrainer):
         """The HF checkpoint of this step, its weights and optimizer state written on a thread."""
         from transformers import PreTrainedModel
 
-        if self.background_saves and self._host[0] is None:
-            self.background_saves = self._room_for_host_copies()
-        if not (self.background_saves and self.args.world_size == 1 and isinstance(self.model, PreTrainedModel)):
+        background = self.background_saves and self.args.world_size == 1 and isinstance(self.model, PreTrainedModel)
+        if background and self._host[0] is None and not self._room_for_host_copies():
+            self.background_saves = background = False
+        if not background:
             return super()._save_checkpoint(model, trial)
         self.saver.wait()  # the previous checkpoint is on disk before this one starts
         self.store_flos()
