@@ -46,7 +46,7 @@ from whisper_ft.collator import SpeechCollator, expand  # noqa: E402
 from whisper_ft.config import Config  # noqa: E402
 from whisper_ft.decoding import GreedyDecoder, max_new_tokens  # noqa: E402
 from whisper_ft.precision import seq2seq_loss, with_causal_mask  # noqa: E402
-from whisper_ft.train import compile_layers, generation_max_length, resolve_precision  # noqa: E402
+from whisper_ft.train import compile_layers, generation_max_length, resolve_precision, uses_weight_copy  # noqa: E402
 
 SIZES = {  # d_model, layers (encoder = decoder), heads, ffn: the released Whisper shapes
     "tiny": (384, 4, 6, 1536), "base": (512, 6, 8, 2048), "small": (768, 12, 12, 3072), "medium": (1024, 24, 16, 4096),
@@ -85,7 +85,7 @@ def recipes(device: str, rows: list[dict], compile_model: bool, precision: str =
     defaults = cfg.training
     cap = generation_max_length(cfg, [r["labels"] for r in rows])  # what run_training would cap these labels at
     chosen = resolve_precision(precision or defaults.precision, cuda, bf16_ok)
-    copy = chosen == "bf16" and not defaults.autocast and not defaults.gradient_checkpointing  # as train.weights_dtype
+    copy = uses_weight_copy(chosen, defaults)
     pipeline = Recipe("pipeline", chosen, defaults.gradient_checkpointing, "sdpa", cuda, defaults.batch_size,
                       defaults.eval_batch_size, cap, True, defaults.fast_generation, weight_copy=copy)
     out = [Recipe("blog", "fp16" if cuda else "fp32", True, "sdpa", False, 16, 8, 225), pipeline]

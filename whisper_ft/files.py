@@ -13,14 +13,14 @@ def write_atomic(path: str | Path, text: str) -> None:
     The temporary name carries the process id, so concurrent writers never share one and a
     killed writer's leftover can be told apart (`.<name>.tmp-<pid>`).
     """
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = staging_dir(path)
     tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
 
 
 def staging_dir(final: str | Path) -> Path:
-    """The temporary folder to fill before `replace_dir(tmp, final)`: `.<name>.tmp-<pid>`."""
+    """The temporary name beside `final` to write before renaming into place (a file for
+    `write_atomic`, a folder for `replace_dir`): `.<name>.tmp-<pid>`."""
     final = Path(final)
     return final.with_name(f".{final.name}.tmp-{os.getpid()}")
 

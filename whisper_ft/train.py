@@ -215,17 +215,20 @@ def precision_of(cfg: Config) -> str:
     return resolve_precision(cfg.training.precision, cuda, cuda and torch.cuda.is_bf16_supported())
 
 
+def uses_weight_copy(precision: str, t) -> bool:
+    """Whether a run in the resolved `precision` computes on a bf16 weight copy
+    (`whisper_ft.precision`) rather than with the Trainer's own precision handling: autocast
+    for fp16 (its loss scaling lives in the Trainer), with gradient checkpointing (the
+    recomputation in the backward pass runs outside the copy) or when `training.autocast`
+    asks for it; nothing for fp32."""
+    return precision == "bf16" and not t.autocast and not t.gradient_checkpointing
+
+
 def weights_dtype(cfg: Config):
-    """The dtype of the weight copy the model runs on (`whisper_ft.precision`), or None for
-    the Trainer's own precision handling: autocast for fp16 (its loss scaling lives in the
-    Trainer), with gradient checkpointing (the recomputation in the backward pass runs outside
-    the copy) or when `training.autocast` asks for it; nothing for fp32."""
+    """The dtype of the weight copy the model runs on, or None (`uses_weight_copy`)."""
     import torch
 
-    t = cfg.training
-    if precision_of(cfg) != "bf16" or t.autocast or t.gradient_checkpointing:
-        return None
-    return torch.bfloat16
+    return torch.bfloat16 if uses_weight_copy(precision_of(cfg), cfg.training) else None
 
 
 def mixed_precision(cfg: Config) -> str:
