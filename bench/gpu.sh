@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU benchmark in one command (about 8 minutes on an H100/H200; installs nothing from the
+# The GPU benchmark in one command (under 5 minutes on an H100/H200; installs nothing from the
 # network): the blog recipe and this pipeline side by side on a random-weight whisper-small.
 #   bash bench/gpu.sh [OUT_DIR]          # default bench/results/gpu; logs and JSON land there
 # Needs: python3 with torch (CUDA), transformers, datasets, jiwer, librosa, soundfile. Where they
@@ -20,10 +20,11 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | 
 "$py" -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)" | tee -a "$out/gpu.txt"
 
 step() {  # name, time limit (s), command...
-  local name=$1 limit=$2; shift 2
+  local name=$1 limit=$2 start=$SECONDS; shift 2
   echo "== $name"
   timeout "$limit" "$@" >"$out/$name.log" 2>&1
   local rc=$?
+  echo "   ($((SECONDS - start)) s)"
   grep -E '^(  |pipeline|blog|identical|GPU|\{)' "$out/$name.log" | cut -c1-400
   [ $rc = 0 ] || { echo "$name failed (exit $rc):"; tail -n 15 "$out/$name.log"; }
 }
@@ -33,11 +34,12 @@ e2e() {  # name, time limit, bench_e2e arguments...
   grep -h '^{' "$out/$name.log" | tail -n 1 >"$out/$name.json"
 }
 
-step bare 170 "$py" bench/bench_training.py --size small --device cuda --steps 30 --warmup 5 --eval-clips 256 \
+step bare 120 "$py" bench/bench_training.py --size small --device cuda --steps 30 --warmup 5 --eval-clips 128 \
   --eval-batch-sizes 128 --agreement 64 --json "$out/bare.json"
-e2e e2e-pipeline 130 --recipe pipeline --steps 300 --skip 20 --profile-steps 20
-e2e e2e-blog 120 --recipe blog --steps 60 --skip 10
-e2e e2e-pipeline-compile 200 --recipe pipeline --steps 300 --skip 30 --set training.torch_compile=true
-step profile 90 "$py" bench/profile_step.py --size small
-step saves 90 "$py" bench/bench_saves.py --size small --saves 3 --out "$work" --json "$out/saves.json"
+e2e e2e-pipeline 120 --recipe pipeline --steps 180 --skip 20 --profile-steps 20
+e2e e2e-blog 60 --recipe blog --steps 40 --skip 10 --blog-eval-clips 8
+e2e e2e-pipeline-compile 130 --recipe pipeline --steps 180 --skip 30 --set training.torch_compile=true
+step profile 60 "$py" bench/profile_step.py --size small
+step saves 60 "$py" bench/bench_saves.py --size small --saves 2 --out "$work" --json "$out/saves.json"
 "$py" bench/gpu_report.py "$out"
+echo "gpu.sh: $SECONDS s in all"

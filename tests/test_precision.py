@@ -98,6 +98,43 @@ def test_bf16_copy_keeps_the_residual_stream_in_bf16_with_few_casts(tiny_model_d
     assert n_autocast >= 4 * 4  # several per layer (4 layers), forward and backward
 
 
+def test_weights_are_cast_a_layer_at_a_time_with_the_same_gradients_as_one_cast_each(tiny_model_dir, batch,
+                                                                                     monkeypatch):
+    """One foreach cast per layer each way instead of one per tensor: the same bits as casting
+    each weight on its own; frozen weights are cast without a gradient."""
+    from torch.profiler import ProfilerActivity, profile
+
+    import whisper_ft.precision
+    from whisper_ft.precision import layer_groups, weights_in
+
+    model = model_of(tiny_model_dir)
+    model.model.encoder.conv1.weight.requires_grad_(False)
+    groups = layer_groups(model)
+    assert len(groups) == model.config.encoder_layers + model.config.decoder_layers + 1  # and the rest
+    assert sum(len(g) for g in groups) == sum(1 for p in model.parameters() if p.is_floating_point())
+
+    def loss():
+        return seq2seq_loss(model, batch, torch.bfloat16, START, PAD)[0]
+
+    def forward_casts(fn):
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            loss, grads = loss_and_grads(model, fn)
+        return loss, grads, [e.name for e in prof.events()]
+
+    ours, grads, names = forward_casts(loss)
+    monkeypatch.setattr(whisper_ft.precision, "weights_in",
+                        lambda m, dtype: {n: p.to(dtype) for n, p in m.named_parameters()})
+    ref, ref_grads, ref_names = forward_casts(loss)
+    assert "aten::_foreach_copy_" not in ref_names and weights_in is not whisper_ft.precision.weights_in
+    assert ours.item() == ref.item()
+    assert grads.keys() == ref_grads.keys() and "model.encoder.conv1.weight" not in grads
+    for name in ref_grads:
+        assert torch.equal(grads[name], ref_grads[name]), name
+    # forward: one group cast per layer with trainable weights plus one of the frozen conv1;
+    # backward: one per group
+    assert names.count("aten::_foreach_copy_") == 2 * len(groups) + 1
+
+
 def test_compiled_layers_run_on_the_copy_without_recompiling(tiny_model_dir, batch, tmp_path):
     """Same loss and gradients as eager; with a decoder deeper than torch.compile's recompile
     limit (8) and labels of changing lengths, a handful of graphs and no new one later (a KV

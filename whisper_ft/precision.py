@@ -25,8 +25,65 @@ from whisper_ft.collator import IGNORE_INDEX
 
 def weights_in(model: torch.nn.Module, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """Every floating-point parameter of `model` cast to `dtype`, by name (differentiable:
-    gradients of the copies reach the parameters in their own dtype)."""
-    return {name: p.to(dtype) if p.is_floating_point() else p for name, p in model.named_parameters()}
+    gradients of the copies reach the parameters in their own dtype).
+
+    The parameters are cast a layer at a time (`layer_groups`), each group by one foreach copy
+    and its gradients back by another, as Megatron-LM copies its float32 main weights to the
+    model's: whisper-small has 479 parameter tensors, so one cast each way per tensor would
+    launch ~960 small kernels and build as many autograd nodes per step; grouped, it is 25
+    foreach copies each way. Layers rather than the whole model, so that under DDP a layer's gradients
+    are ready (and all-reduced) while the backward pass goes on."""
+    out, training = {}, torch.is_grad_enabled()
+    for group in layer_groups(model):
+        grad = [(n, p) for n, p in group if training and p.requires_grad]
+        frozen = [(n, p) for n, p in group if not (training and p.requires_grad)]
+        if grad:
+            out.update(zip([n for n, _ in grad], _Cast.apply(dtype, *[p for _, p in grad])))
+        if frozen:
+            with torch.no_grad():
+                out.update(zip([n for n, _ in frozen], cast_all([p for _, p in frozen], dtype)))
+    out.update((n, p) for n, p in model.named_parameters() if not p.is_floating_point())
+    return out
+
+
+def layer_groups(model: torch.nn.Module) -> list[list[tuple[str, torch.Tensor]]]:
+    """`model`'s floating-point parameters (name, tensor) grouped by layer: one group per
+    element of a `layers` list (`model.encoder.layers.3.`), one for everything else."""
+    groups: dict[str, list] = {}
+    for name, p in model.named_parameters():
+        if p.is_floating_point():
+            parts = name.split(".")
+            at = parts.index("layers") + 2 if "layers" in parts[:-2] else 0
+            groups.setdefault(".".join(parts[:at]), []).append((name, p))
+    return list(groups.values())
+
+
+def cast_all(tensors, dtypes) -> list[torch.Tensor]:
+    """`tensors` cast to `dtypes` (one dtype, or one per tensor) by `torch._foreach_copy_`: on
+    a GPU one kernel for the group where the source dtypes and the target dtypes agree."""
+    dtypes = dtypes if isinstance(dtypes, (list, tuple)) else [dtypes] * len(tensors)
+    out = [torch.empty_like(t, dtype=d) for t, d in zip(tensors, dtypes)]
+    torch._foreach_copy_(out, list(tensors))
+    return out
+
+
+class _Cast(torch.autograd.Function):
+    """A group of tensors cast to `dtype` as one autograd node; the gradients cast back to the
+    tensors' own dtypes. Gradients that never arrive (an unused parameter) stay None."""
+
+    @staticmethod
+    def forward(ctx, dtype, *tensors):
+        ctx.set_materialize_grads(False)
+        ctx.dtypes = [t.dtype for t in tensors]
+        return tuple(cast_all(tensors, dtype))
+
+    @staticmethod
+    def backward(ctx, *grads):
+        given = [i for i, g in enumerate(grads) if g is not None]
+        out = [None] * len(grads)
+        for i, g in zip(given, cast_all([grads[i] for i in given], [ctx.dtypes[i] for i in given])):
+            out[i] = g
+        return (None, *out)
 
 
 def forward(model: torch.nn.Module, dtype: torch.dtype, **inputs):
