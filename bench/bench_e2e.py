@@ -16,7 +16,8 @@ Prints one JSON line: steady-state training samples/s and MFU (timed from step -
 last step, or to the last --profile-steps, which are profiled instead; GPU synchronised at both
 ends, so data loading, logging and the optimizer count but start-up and compilation do not),
 the time to step --skip, evaluation clips/s of the Trainer's evaluation (metrics included),
-wall-clock seconds, and with --profile-steps how busy the GPU is in the real command.
+wall-clock seconds, and with --profile-steps how busy the GPU is in the real command and
+which lines make the host wait for it.
 """
 
 from __future__ import annotations
@@ -114,12 +115,14 @@ class StepTimer(TrainerCallback):
 
 class StepProfiler(TrainerCallback):
     """torch.profiler over the steps after step `start` up to the last one (the evaluation and
-    save of the last step come after it): how busy the GPU is, and the host's time per step in
-    the data loader and the optimizer, the parts of the real command a bare loop does not have."""
+    save of the last step come after it): how busy the GPU is, the host's time per step in the
+    data loader and the optimizer (the parts of the real command a bare loop does not have), and
+    on a GPU the host's waits for it (`SyncCounter`)."""
 
     def __init__(self, start: int):
         self.start = start
         self.prof = None
+        self.syncs = SyncCounter()
         self.result: dict = {}
         self.t0 = 0.0
 
@@ -131,12 +134,49 @@ class StepProfiler(TrainerCallback):
             activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
             self.prof = profile(activities=activities)
             self.prof.__enter__()
+            self.syncs.__enter__()
             self.t0 = time.perf_counter()
         elif state.global_step == state.max_steps and self.prof is not None:
+            self.syncs.__exit__(None, None, None)
             _sync()
             wall = time.perf_counter() - self.t0
             self.prof.__exit__(None, None, None)
-            self.result = profile_summary(self.prof.key_averages(), state.max_steps - self.start, wall)
+            steps = state.max_steps - self.start
+            self.result = {**profile_summary(self.prof.key_averages(), steps, wall), **self.syncs.summary(steps)}
+
+
+class SyncCounter:
+    """Counts the operations that make the host wait for the GPU (a tensor read by `.item()`,
+    `bool()`, `nonzero`, a blocking copy to the host) while it is entered, by source line:
+    torch.cuda's sync debug mode warns at each. Off the GPU it counts nothing."""
+
+    def __init__(self):
+        self.sites: Counter = Counter()
+        self._catch = None
+
+    def __enter__(self):
+        import warnings
+
+        self._catch = warnings.catch_warnings(record=True)
+        self.caught = self._catch.__enter__()
+        warnings.simplefilter("always")
+        if torch.cuda.is_available():
+            torch.cuda.set_sync_debug_mode("warn")
+        return self
+
+    def __exit__(self, *exc):
+        if torch.cuda.is_available():
+            torch.cuda.set_sync_debug_mode("default")
+        self._catch.__exit__(*exc)
+        self.sites.update(f"{Path(w.filename).name}:{w.lineno}" for w in self.caught
+                          if "synchroniz" in str(w.message))
+
+    def summary(self, steps: int) -> dict:
+        """Waits per step and the five lines that waited most."""
+        if not torch.cuda.is_available() and not self.sites:
+            return {}
+        return {"host_syncs_per_step": sum(self.sites.values()) / steps,
+                "host_sync_sites": [f"{site} x{n}" for site, n in self.sites.most_common(5)]}
 
 
 def profile_summary(events, steps: int, wall: float) -> dict:
@@ -280,7 +320,7 @@ def parse_args(argv=None):
     p.add_argument("--label", default="", help="name of this run in the output")
     p.add_argument("--profile-steps", type=int, default=0,
                    help="pipeline: profile the last N steps (outside the timed window): GPU busy share, host time "
-                        "in data loading and the optimizer")
+                        "in data loading and the optimizer, waits for the GPU")
     return p.parse_args(argv)
 
 

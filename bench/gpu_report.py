@@ -51,6 +51,9 @@ def main(argv: list[str]) -> int:
             print(f"{path.stem}, last {prof['profiled_steps']} steps profiled: {prof['wall_ms']:.1f} ms per step, GPU busy "
                   f"{100 * prof['gpu_busy']:.0f}%, host in the data loader {prof['data_loader_ms']:.1f} ms and in the "
                   f"optimizer {prof['optimizer_ms']:.1f} ms per step")
+            if "host_syncs_per_step" in prof:
+                print(f"  waits for the GPU: {prof['host_syncs_per_step']:.2f} per step "
+                      f"({', '.join(prof['host_sync_sites']) or 'none'})")
     saves = folder / "saves.json"
     if saves.is_file():
         data = json.loads(saves.read_text())["results"]

@@ -72,3 +72,33 @@ def test_profile_summary_per_step():
     out = bench_e2e.profile_summary(events, steps=2, wall=0.2)  # a kernel counts once, not again under its operator
     assert out == pytest.approx({"profiled_steps": 2, "wall_ms": 100.0, "gpu_kernel_ms": 75.0, "gpu_busy": 0.75,
                                  "data_loader_ms": 2.0, "optimizer_ms": 1.0})
+
+
+def test_sync_counter_counts_waits_for_the_gpu_by_source_line():
+    import warnings
+
+    import bench_e2e
+
+    with bench_e2e.SyncCounter() as counter:
+        for _ in range(3):
+            warnings.warn("called a synchronizing CUDA operation")
+        warnings.warn("something else")
+    sites = dict(site.rsplit(" x", 1) for site in counter.summary(steps=2)["host_sync_sites"])
+    assert counter.summary(steps=2)["host_syncs_per_step"] == 1.5
+    assert list(sites.values()) == ["3"] and next(iter(sites)).startswith("test_bench.py:")
+
+
+def test_end_to_end_benchmark_times_and_profiles_the_real_command(tmp_path, capsys):
+    """The part of bench/gpu.sh that runs `run_training`: its JSON line has the timed window,
+    the evaluation and the profile of the last steps."""
+    import bench_e2e
+
+    assert bench_e2e.main(["--recipe", "pipeline", "--size", "tiny", "--steps", "5", "--skip", "1",
+                           "--profile-steps", "2", "--train-clips", "24", "--eval-clips", "4", "--work", str(tmp_path),
+                           "--set", "training.batch_size=4", "--set", "training.dataloader_workers=0"]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["steps"] == 5 and out["skip_steps"] == 1 and out["train_samples_per_s"] > 0
+    assert out["eval_clips"] == 4 and out["eval_clips_per_s"] > 0
+    prof = out["profile"]
+    assert prof["profiled_steps"] == 2 and prof["wall_ms"] > 0 and prof["optimizer_ms"] > 0
+    assert prof["gpu_busy"] is None and "host_syncs_per_step" not in prof  # no GPU here
