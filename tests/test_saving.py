@@ -102,6 +102,10 @@ def test_background_checkpoint_equals_the_trainers_own(tmp_path, features_dir, t
     assert state_a["global_step"] == state_b["global_step"] == 4
     assert Path(state_a["best_model_checkpoint"]).name == Path(state_b["best_model_checkpoint"]).name
     assert not list(runs["true"].glob(".checkpoint-*"))  # nothing left staged
+    for flag, run_dir in runs.items():
+        saves = [e for e in checkpoints.read_events(run_dir) if e["event"] == "checkpoint"]
+        assert [(e["step"], e["background"]) for e in saves] == [(2, flag == "true"), (4, flag == "true")]
+        assert all(e["held_s"] >= 0 for e in saves)
 
 
 def test_a_failed_write_raises_and_leaves_no_checkpoint_then_the_next_start_cleans_up(

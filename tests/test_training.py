@@ -218,7 +218,7 @@ def _free_port() -> int:
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])  # bf16: DDP over the bf16 weight copy
 def test_torchrun_two_processes_share_the_work(tmp_path, features_dir, tiny_model_dir, precision):
-    sets = overrides(features_dir, tiny_model_dir, tmp_path, max_steps=2, eval_steps=2, save_steps=2,
+    sets = overrides(features_dir, tiny_model_dir, tmp_path, max_steps=2, eval_steps=2, save_steps=1,
                      eval_before_training="false", batch_size=2, eval_batch_size=5, precision=precision)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
            "--master_port", str(_free_port()), str(ROOT / "training_pipeline.py"), *cli_args(sets)]
@@ -237,6 +237,19 @@ def test_torchrun_two_processes_share_the_work(tmp_path, features_dir, tiny_mode
     assert len((run_dir / "predictions.jsonl").read_text().splitlines()) == 10
     assert (run_dir / "checkpoint-2" / "trainer_state.json").is_file() and (run_dir / "best" / "model.safetensors").is_file()
     assert proc.stdout.count("done: 2 steps") == 1
+    # Checkpoints written by rank 0's writer thread, each with both ranks' RNG state.
+    assert [(e["step"], e["background"]) for e in log if e["event"] == "checkpoint"] == [(1, True), (2, True)]
+    for step in (1, 2):
+        assert {"rng_state_0.pth", "rng_state_1.pth", "model.safetensors", "optimizer.pt"} <= {
+            p.name for p in (run_dir / f"checkpoint-{step}").iterdir()}
+    assert not list(run_dir.glob(".checkpoint-*"))
+    if precision == "fp32":  # both ranks resume from it
+        again = subprocess.run([*cmd, "--set", "training.max_steps=3"], cwd=tmp_path, env=env, capture_output=True,
+                               text=True, timeout=400)
+        assert again.returncode == 0, again.stderr[-4000:]
+        starts = [e for e in events(run_dir) if e["event"] == "start"]
+        assert [(e["resumed_from"], e["world_size"]) for e in starts] == [(None, 2), ("checkpoint-2", 2)]
+        assert json.loads((run_dir / "checkpoint-3" / "trainer_state.json").read_text())["global_step"] == 3
 
 
 # --------------------------------------------------------------------------- errors: one line, exit code 2

@@ -8,9 +8,10 @@ A whisper-small checkpoint (float32 weights and AdamW's two moments) is about 3 
 the training thread, the GPU idles for as long as the disk takes, at every save. The Trainer
 subclass (`whisper_ft.train.WhisperTrainer`) copies the state to host memory at the save step,
 which is what must be consistent, and hands the writing to this thread. The files are those
-of an HF Trainer checkpoint, written into `.checkpoint-<step>.tmp-<pid>` and renamed to
-`checkpoint-<step>` when complete (`whisper_ft.files.replace_dir`), so a process killed
-mid-write leaves nothing that looks like a checkpoint. torch.save and safetensors release the GIL while they write.
+of an HF Trainer checkpoint, written into `.checkpoint-<step>.tmp-<pid>` (rank 0's pid under
+torchrun) and renamed to `checkpoint-<step>` when complete (`whisper_ft.files.replace_dir`),
+so a process killed mid-write leaves nothing that looks like a checkpoint. torch.save and
+safetensors release the GIL while they write.
 """
 
 from __future__ import annotations
@@ -118,3 +119,10 @@ def fits_in_memory(size: int, share: float = 0.5) -> bool:
     free (a copy that pushes it into swap or the OOM killer would lose the run it protects)."""
     free = available_memory()
     return free is None or size <= share * free
+
+
+def broadcast(obj):
+    """Rank 0's `obj` (picklable) on every rank of the torch.distributed job."""
+    box = [obj]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]

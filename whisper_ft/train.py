@@ -18,6 +18,7 @@ import logging
 import math
 import os
 import shutil
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -35,7 +36,7 @@ from whisper_ft.files import replace_dir, staging_dir, write_atomic
 from whisper_ft.metrics import scores
 from whisper_ft.model import load_model, resolve
 from whisper_ft.precision import forward, seq2seq_loss, with_causal_mask
-from whisper_ft.saving import BackgroundSaver, available_memory, fits_in_memory, nbytes, to_host
+from whisper_ft.saving import BackgroundSaver, available_memory, broadcast, fits_in_memory, nbytes, to_host
 
 log = logging.getLogger("whisper_ft.train")
 
@@ -300,9 +301,8 @@ class WhisperTrainer(Seq2SeqTrainer):
     - Batches arrive compact (`whisper_ft.collator`) and are padded on the device.
     - With `weights_dtype` (bf16), training and evaluation run on a copy of the weights in that
       dtype (`whisper_ft.precision`) instead of under autocast.
-    - With `background_saves`, a single process writes its checkpoints on a thread while
-      training goes on (`whisper_ft.saving`); under torchrun and for LoRA models saves stay
-      synchronous.
+    - With `background_saves`, checkpoints are written on a thread while training goes on
+      (`whisper_ft.saving`), by rank 0 under torchrun; for LoRA models saves stay synchronous.
     - With `fast_generation`, greedy evaluation runs the encoder once per batch for both the
       loss and `whisper_ft.decoding.GreedyDecoder`; beam search and LoRA models use `generate`.
     - Evaluation under torchrun keeps each clip once: the last batch of each process is padded
@@ -317,6 +317,7 @@ class WhisperTrainer(Seq2SeqTrainer):
         self.background_saves = background_saves
         self.saver = BackgroundSaver()
         self._host: tuple = (None, None)  # host copies of weights and optimizer state of the last save
+        self._room: bool | None = None  # room in host memory for them (decided at the first save)
         # Whisper's loss is already the mean over a batch's label tokens (it ignores
         # num_items_in_batch); counting them would also copy a scalar to the GPU every step, a
         # host synchronisation, and skip dividing the loss by the accumulation steps.
@@ -359,31 +360,67 @@ class WhisperTrainer(Seq2SeqTrainer):
             self.saver.wait()  # the last checkpoint is on disk when training returns
 
     def _save_checkpoint(self, model, trial) -> None:
-        """The HF checkpoint of this step, its weights and optimizer state written on a thread."""
-        from transformers import PreTrainedModel
+        """The HF checkpoint of this step, in the background where it can be; a `checkpoint`
+        event in metrics.jsonl says how and for how long training was held."""
+        start = time.perf_counter()
+        background = self._saves_in_background()
+        if background:
+            self._save_checkpoint_in_background(trial)
+        else:
+            super()._save_checkpoint(model, trial)
+        if self.args.should_save:
+            checkpoints.append_event(self.args.output_dir, {
+                "event": "checkpoint", "step": self.state.global_step, "background": background,
+                "held_s": round(time.perf_counter() - start, 3)})
 
-        background = self.background_saves and self.args.world_size == 1 and isinstance(self.model, PreTrainedModel)
-        if background and self._host[0] is None and not self._room_for_host_copies():
-            self.background_saves = background = False
-        if not background:
-            return super()._save_checkpoint(model, trial)
-        self.saver.wait()  # the previous checkpoint is on disk before this one starts
+    def _save_checkpoint_in_background(self, trial) -> None:
+        """The HF checkpoint of this step, its weights and optimizer state written on a thread.
+
+        Under torchrun (DDP) rank 0 writes, as in the Trainer; every rank writes its own RNG
+        state into the staging folder first, and the ranks wait for each other around that, so
+        the folder is complete before rank 0 renames it."""
+        import torch
+
+        main, distributed = self.args.should_save, self.args.world_size > 1
+        if main:
+            self.saver.wait()  # the previous checkpoint is on disk before this one starts
         self.store_flos()
         run_dir = Path(self._get_output_dir(trial=trial))
         final = run_dir / f"checkpoint-{self.state.global_step}"
+        tmp = staging_dir(final) if not distributed else final.with_name(broadcast(staging_dir(final).name))
+        if main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        if distributed:
+            torch.distributed.barrier()  # the folder exists, the previous checkpoint is complete
         if self.state.best_global_step:  # as the Trainer does: protects the best checkpoint from rotation
             best = run_dir / f"checkpoint-{self.state.best_global_step}"
             if best == final or best.exists():
                 self.state.best_model_checkpoint = str(best)
-        tmp = staging_dir(final)
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
         # The small files now, the large ones from host copies of this step's state later.
         self._save_small_checkpoint_files(tmp)
+        if distributed:
+            torch.distributed.barrier()  # every rank's RNG state is in the folder
+        if not main:
+            return
         # The previous save's host copies (written by now) are reused as buffers.
         self._host = weights, optimizer = (to_host(self.model.state_dict(), self._host[0]),
                                            to_host(self.optimizer.state_dict(), self._host[1]))
         self.saver.submit(partial(self._write_checkpoint, tmp, final, weights, optimizer, self.state.best_model_checkpoint))
+
+    def _saves_in_background(self) -> bool:
+        """Whether this save goes to the writer thread: `background_saves`, a full model (not
+        LoRA), DDP or a single process, and room in host memory for the copy (decided by rank
+        0 at the first save, for every rank)."""
+        from transformers import PreTrainedModel
+
+        if not (self.background_saves and isinstance(self.model, PreTrainedModel)
+                and not (self.is_fsdp_enabled or self.is_deepspeed_enabled)):
+            return False
+        if self._room is None:  # the first save
+            room = self._room_for_host_copies() if self.args.should_save else True
+            self._room = broadcast(room) if self.args.world_size > 1 else room
+        return self._room
 
     def _room_for_host_copies(self) -> bool:
         size = nbytes(self.model.state_dict()) + nbytes(self.optimizer.state_dict())
