@@ -21,7 +21,7 @@ from whisper_ft.collator import SpeechCollator, expand  # noqa: E402
 from whisper_ft.precision import seq2seq_loss, with_causal_mask  # noqa: E402
 from whisper_ft.train import compile_layers  # noqa: E402
 
-KINDS = (("gemm", ("gemm", "matmul", "cutlass", "sm90_xmma", "nvjet", "cublas")), ("attention", ("flash", "fmha", "attention", "efficient")),
+KINDS = (("copy/cast", ("copyfunctor", "direct_copy")), ("gemm", ("gemm", "matmul", "cutlass", "sm90_xmma", "nvjet", "cublas")), ("attention", ("flash", "fmha", "attention", "efficient")),
          ("convolution", ("conv", "cudnn", "implicit")), ("optimizer", ("adam", "multi_tensor", "foreach")),
          ("norm", ("layer_norm", "layernorm")), ("loss/softmax", ("softmax", "nll", "cross_entropy", "log_softmax")))
 

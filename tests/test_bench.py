@@ -102,3 +102,15 @@ def test_end_to_end_benchmark_times_and_profiles_the_real_command(tmp_path, caps
     prof = out["profile"]
     assert prof["profiled_steps"] == 2 and prof["wall_ms"] > 0 and prof["optimizer_ms"] > 0
     assert prof["gpu_busy"] is None and "host_syncs_per_step" not in prof  # no GPU here
+
+
+def test_profile_kinds_tell_the_weight_casts_from_the_optimizer():
+    import profile_step
+
+    cast = "void at::native::(anonymous namespace)::multi_tensor_apply_kernel<at::native::(anonymous namespace)::" \
+           "TensorListMetadata<2>, at::native::(anonymous namespace)::CopyFunctor<c10::BFloat16, float, 2, 1, 1>>"
+    adam = "void at::native::(anonymous namespace)::multi_tensor_apply_kernel<FusedAdamMathFunctor<float, 4>>"
+    assert profile_step.kind(cast) == "copy/cast" and profile_step.kind(adam) == "optimizer"
+    assert profile_step.kind("void at::native::unrolled_elementwise_kernel<at::native::direct_copy_kernel_cuda>") \
+        == "copy/cast"
+    assert profile_step.kind("nvjet_sm90_tst_192x192_64x3_2x1_v_bz_coopB_NNN") == "gemm"
