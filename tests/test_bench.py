@@ -114,3 +114,24 @@ def test_profile_kinds_tell_the_weight_casts_from_the_optimizer():
     assert profile_step.kind("void at::native::unrolled_elementwise_kernel<at::native::direct_copy_kernel_cuda>") \
         == "copy/cast"
     assert profile_step.kind("nvjet_sm90_tst_192x192_64x3_2x1_v_bz_coopB_NNN") == "gemm"
+
+
+def test_gpu_report_prints_every_result_of_a_run(tmp_path, capsys):
+    import shutil
+
+    import gpu_report
+
+    shutil.copytree(ROOT / "bench" / "results" / "h200-2026-11-26", tmp_path, dirs_exist_ok=True)
+    e2e = json.loads((tmp_path / "e2e-pipeline.json").read_text())
+    e2e["profile"] = {"profiled_steps": 20, "wall_ms": 60.0, "gpu_kernel_ms": 57.0, "gpu_busy": 0.95,
+                      "data_loader_ms": 0.4, "optimizer_ms": 1.5, "host_syncs_per_step": 0.05,
+                      "host_sync_sites": ["trainer.py:2249 x1"]}
+    (tmp_path / "e2e-pipeline.json").write_text(json.dumps(e2e))
+    (tmp_path / "saves.json").write_text(json.dumps({"results": {
+        "synchronous": {"checkpoint_bytes": 2.89e9, "held_s": [5.2, 5.0]},
+        "background": {"checkpoint_bytes": 2.89e9, "held_s": [0.3, 0.2]}}}))
+    assert gpu_report.main([str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "| pipeline | bare loop | 168.3 | 20.3% |" in out and "| e2e-blog | end to end, 60 steps | 25.8 |" in out
+    assert "GPU busy 95%" in out and "waits for the GPU: 0.05 per step (trainer.py:2249 x1)" in out
+    assert "checkpoint saves (2.89 GB): training held synchronous 5.20 5.00 s; background 0.30 0.20 s" in out
