@@ -63,14 +63,18 @@ def time_saves(model, out: Path, background: bool, saves: int, device: str) -> d
     return {"held_s": held, "complete_s": complete, "checkpoint_bytes": size}
 
 
-def main(argv=None) -> int:
+def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--size", choices=SIZES, default="small")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=("cpu", "cuda"))
     p.add_argument("--saves", type=int, default=3)
     p.add_argument("--out", type=Path, help="where to write the checkpoints (default: a temporary folder)")
     p.add_argument("--json", type=Path)
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
     model = build_model(args.size, "sdpa", args.device).train()
     where = torch.cuda.get_device_name() if args.device == "cuda" else "CPU"
     results = {}

@@ -31,14 +31,18 @@ def kind(name: str) -> str:
     return next((k for k, keys in KINDS if any(key in low for key in keys)), "elementwise/other")
 
 
-def main() -> int:
-    p = argparse.ArgumentParser()
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--size", choices=SIZES, default="small")
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--compile", action="store_true")
     p.add_argument("--autocast", action="store_true", help="bf16 by autocast instead of on a bf16 weight copy")
-    args = p.parse_args()
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     torch.backends.cudnn.benchmark = True
     model = build_model(args.size, "sdpa", "cuda").train()
