@@ -157,3 +157,17 @@ def test_gpu_sh_passes_each_benchmark_arguments_it_accepts_within_one_device_cal
             script, argv = "bench_e2e", ["--size", "small", "--work", "w", "--label", name, *words[3:]]
         importlib.import_module(script).parse_args(argv)  # exits on an unknown argument
     assert sum(int(words[2]) for words in commands) <= 560  # time limits, within the device's 600 s per call
+
+
+def test_host_step_times_each_variant(capsys):
+    import re
+
+    import host_step
+
+    assert host_step.main(["--size", "tiny", "--rounds", "1", "--steps", "1"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("host time per training step, tiny's 8 layers")
+    rows = {m[1]: (float(m[2]), int(m[3])) for m in (re.match(r"  (.+?) +([\d.]+) ms .*, (\d+) operators", line)
+                                                     for line in lines[1:])}
+    assert list(rows) == list(host_step.VARIANTS) and all(ms > 0 for ms, _ in rows.values())
+    assert rows["bf16 weight copy"][1] > rows["fp32"][1]  # its casts and their gradients

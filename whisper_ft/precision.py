@@ -31,30 +31,36 @@ def weights_in(model: torch.nn.Module, dtype: torch.dtype) -> dict[str, torch.Te
     and its gradients back by another, as Megatron-LM copies its float32 main weights to the
     model's: whisper-small has 479 parameter tensors, so one cast each way per tensor would
     launch ~960 small kernels and build as many autograd nodes per step; grouped, it is 25
-    foreach copies each way. Layers rather than the whole model, so that under DDP a layer's gradients
-    are ready (and all-reduced) while the backward pass goes on."""
-    out, training = {}, torch.is_grad_enabled()
-    for group in layer_groups(model):
-        grad = [(n, p) for n, p in group if training and p.requires_grad]
-        frozen = [(n, p) for n, p in group if not (training and p.requires_grad)]
+    foreach copies each way. Layers rather than the whole model, so that under DDP a layer's
+    gradients are ready (and all-reduced) while the backward pass goes on. A tied weight is
+    cast once and given under each of its names."""
+    copies: dict[int, torch.Tensor] = {}  # by id of the parameter
+    training, groups = torch.is_grad_enabled(), layer_groups(model)
+    for group in groups:
+        grad = [p for _, p in group if p.is_floating_point() and training and p.requires_grad]
+        frozen = [p for _, p in group if p.is_floating_point() and not (training and p.requires_grad)]
         if grad:
-            out.update(zip([n for n, _ in grad], _Cast.apply(dtype, *[p for _, p in grad])))
+            copies.update(zip(map(id, grad), _Cast.apply(dtype, *grad)))
         if frozen:
             with torch.no_grad():
-                out.update(zip([n for n, _ in frozen], cast_all([p for _, p in frozen], dtype)))
-    out.update((n, p) for n, p in model.named_parameters() if not p.is_floating_point())
-    return out
+                copies.update(zip(map(id, frozen), cast_all(frozen, dtype)))
+    return {name: copies.get(id(p), p) for group in groups for names, p in group for name in names}
 
 
-def layer_groups(model: torch.nn.Module) -> list[list[tuple[str, torch.Tensor]]]:
-    """`model`'s floating-point parameters (name, tensor) grouped by layer: one group per
-    element of a `layers` list (`model.encoder.layers.3.`), one for everything else."""
+def layer_groups(model: torch.nn.Module) -> list[list[tuple[list[str], torch.Tensor]]]:
+    """`model`'s parameters grouped by layer: one group per element of a `layers` list
+    (`model.encoder.layers.3.`), one for everything else. Each parameter comes once, with all
+    its names: a tied weight has several (Whisper's output projection is its token embedding)."""
+    names: dict[int, list[str]] = {}
     groups: dict[str, list] = {}
-    for name, p in model.named_parameters():
-        if p.is_floating_point():
-            parts = name.split(".")
-            at = parts.index("layers") + 2 if "layers" in parts[:-2] else 0
-            groups.setdefault(".".join(parts[:at]), []).append((name, p))
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if id(p) in names:
+            names[id(p)].append(name)
+            continue
+        names[id(p)] = [name]
+        parts = name.split(".")
+        at = parts.index("layers") + 2 if "layers" in parts[:-2] else 0
+        groups.setdefault(".".join(parts[:at]), []).append((names[id(p)], p))
     return list(groups.values())
 
 
@@ -88,9 +94,10 @@ class _Cast(torch.autograd.Function):
 
 def forward(model: torch.nn.Module, dtype: torch.dtype, **inputs):
     """`model(**inputs)` computed on `dtype` copies of its weights; floating-point tensor inputs
-    are cast too. Tied weights (Whisper's output projection) stay tied."""
+    are cast too. Tied weights (Whisper's output projection) stay tied: one copy under all
+    their names (`weights_in`)."""
     inputs = {k: v.to(dtype) if torch.is_tensor(v) and v.is_floating_point() else v for k, v in inputs.items()}
-    return torch.func.functional_call(model, weights_in(model, dtype), args=(), kwargs=inputs, tie_weights=True,
+    return torch.func.functional_call(model, weights_in(model, dtype), args=(), kwargs=inputs, tie_weights=False,
                                       strict=False)
 
 

@@ -1,0 +1,113 @@
+"""How long the host takes to issue one training step, without a GPU: a Whisper with the layers
+and operators of a real size (whisper-small: 12 + 12 layers, 479 parameter tensors) at toy width
+(d_model 16, one head, 8 encoder positions, a 64-token vocabulary), so the arithmetic is
+negligible and what is left is the host's own work per step: Python, the module calls, the
+dispatcher, autograd, gradient clipping and the fused AdamW.
+
+    python bench/host_step.py [--size small] [--compile]
+
+On a GPU the host issues these operators while the GPU runs earlier ones, and each kernel
+launch adds a few microseconds on top; the GPU waits whenever the host's time per step is the
+longer. So compare these figures with the GPU time a step should take (whisper-small, batch
+16: about 55 ms at 35% MFU on an H100/H200). Each variant is timed in rounds, interleaved with
+the others, and the median round is printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_training import SIZES  # noqa: E402
+from whisper_ft.precision import seq2seq_loss, with_causal_mask  # noqa: E402
+from whisper_ft.train import compile_layers  # noqa: E402
+
+START, PAD = 2, 1
+VARIANTS = ("fp32", "bf16 weight copy", "bf16 autocast")
+
+
+def toy_model(size: str):
+    """Whisper with `size`'s layer counts at toy width."""
+    from transformers import WhisperConfig, WhisperForConditionalGeneration
+
+    _, layers, _, _ = SIZES[size]
+    config = WhisperConfig(vocab_size=64, num_mel_bins=8, d_model=16, encoder_layers=layers, decoder_layers=layers,
+                           encoder_attention_heads=1, decoder_attention_heads=1, encoder_ffn_dim=32, decoder_ffn_dim=32,
+                           max_source_positions=4, max_target_positions=64, pad_token_id=PAD, bos_token_id=PAD,
+                           eos_token_id=PAD, decoder_start_token_id=START, attn_implementation="sdpa")
+    torch.manual_seed(0)
+    return WhisperForConditionalGeneration(config).train()
+
+
+def training_step(model, optimizer, inputs: dict, variant: str):
+    """What the pipeline's bare loop does per step, on the CPU."""
+    def step() -> None:
+        if variant == "bf16 weight copy":
+            loss = seq2seq_loss(model, inputs, torch.bfloat16, START, PAD)[0]
+        else:
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=variant == "bf16 autocast"):
+                loss = model(**with_causal_mask(inputs), use_cache=False).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return step
+
+
+def operators(step) -> int:
+    """Operators called from Python or autograd in one step, forward and backward (not those
+    they call in turn)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        step()
+    return sum(1 for e in prof.events() if e.name.startswith("aten::")
+               and not (e.cpu_parent is not None and e.cpu_parent.name.startswith("aten::")))
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--size", choices=SIZES, default="small")
+    p.add_argument("--compile", action="store_true", help="compile the layers (training.torch_compile)")
+    p.add_argument("--rounds", type=int, default=7)
+    p.add_argument("--steps", type=int, default=10, help="steps per round")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    torch.set_num_threads(1)
+    model = toy_model(args.size)
+    if args.compile:
+        compile_layers(model)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
+    inputs = {"input_features": torch.randn(1, 8, 8), "labels": torch.randint(3, 60, (1, 8))}
+    steps = {v: training_step(model, optimizer, inputs, v) for v in VARIANTS}
+    for step in steps.values():
+        for _ in range(3):  # compilation, allocator, autograd caches
+            step()
+    rounds: dict[str, list[float]] = {v: [] for v in VARIANTS}
+    for _ in range(args.rounds):
+        for v, step in steps.items():
+            t = time.perf_counter()
+            for _ in range(args.steps):
+                step()
+            rounds[v].append(1000 * (time.perf_counter() - t) / args.steps)
+    layers = sum(SIZES[args.size][1:2]) * 2
+    print(f"host time per training step, {args.size}'s {layers} layers at toy width{', compiled layers' * args.compile}:")
+    for v in VARIANTS:
+        print(f"  {v:18s} {statistics.median(rounds[v]):6.1f} ms  (rounds {min(rounds[v]):.1f}-{max(rounds[v]):.1f}), "
+              f"{operators(steps[v])} operators")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
