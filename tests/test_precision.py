@@ -138,6 +138,17 @@ def test_weights_are_cast_a_layer_at_a_time_with_the_same_gradients_as_one_cast_
     assert names.count("aten::_foreach_copy_") == 2 * len(groups) + 1
 
 
+def test_a_group_cast_gives_float32_gradients_to_the_used_tensors_only():
+    from whisper_ft.precision import _Cast
+
+    a, b = torch.randn(3, requires_grad=True), torch.randn(2, 2, requires_grad=True)
+    ca, cb = _Cast.apply(torch.bfloat16, a, b)
+    assert ca.dtype == cb.dtype == torch.bfloat16 and torch.equal(ca, a.detach().to(torch.bfloat16))
+    (ca.float() * 2).sum().backward()
+    assert a.grad.dtype == torch.float32 and torch.equal(a.grad, torch.full((3,), 2.0))
+    assert b.grad is None
+
+
 def test_compiled_layers_run_on_the_copy_without_recompiling(tiny_model_dir, batch, tmp_path):
     """Same loss and gradients as eager; with a decoder deeper than torch.compile's recompile
     limit (8) and labels of changing lengths, a handful of graphs and no new one later (a KV

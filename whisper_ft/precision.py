@@ -87,8 +87,9 @@ class _Cast(torch.autograd.Function):
     def backward(ctx, *grads):
         given = [i for i, g in enumerate(grads) if g is not None]
         out = [None] * len(grads)
-        for i, g in zip(given, cast_all([grads[i] for i in given], [ctx.dtypes[i] for i in given])):
-            out[i] = g
+        if given:
+            for i, g in zip(given, cast_all([grads[i] for i in given], [ctx.dtypes[i] for i in given])):
+                out[i] = g
         return (None, *out)
 
 

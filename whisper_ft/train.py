@@ -431,13 +431,16 @@ class WhisperTrainer(Seq2SeqTrainer):
         return False
 
     def _save_small_checkpoint_files(self, folder: Path) -> None:
+        """This rank's RNG state; on rank 0 also the scheduler, the scaler and the trainer state."""
         import torch
         from transformers.trainer import SCHEDULER_NAME, TRAINER_STATE_NAME
         from transformers.trainer_callback import ExportableState
 
+        self._save_rng_state(str(folder))
+        if not self.args.should_save:
+            return
         torch.save(self.lr_scheduler.state_dict(), folder / SCHEDULER_NAME)
         self._save_scaler(str(folder))
-        self._save_rng_state(str(folder))
         for cb in [cb for cb in [*self.callback_handler.callbacks, self.control] if isinstance(cb, ExportableState)]:
             name, state = cb.__class__.__name__, cb.state()
             if isinstance(self.state.stateful_callbacks[name], list):
