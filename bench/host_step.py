@@ -1,6 +1,6 @@
 """How long the host takes to issue one training step, without a GPU: a Whisper with the layers
 and operators of a real size (whisper-small: 12 + 12 layers, 479 parameter tensors) at toy width
-(d_model 16, one head, 8 encoder positions, a 64-token vocabulary), so the arithmetic is
+(d_model 16, two heads, 8 encoder positions, a 64-token vocabulary), so the arithmetic is
 negligible and what is left is the host's own work per step: Python, the module calls, the
 dispatcher, autograd, gradient clipping and the fused AdamW.
 
@@ -40,7 +40,7 @@ def toy_model(size: str):
 
     _, layers, _, _ = SIZES[size]
     config = WhisperConfig(vocab_size=64, num_mel_bins=8, d_model=16, encoder_layers=layers, decoder_layers=layers,
-                           encoder_attention_heads=1, decoder_attention_heads=1, encoder_ffn_dim=32, decoder_ffn_dim=32,
+                           encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32,
                            max_source_positions=4, max_target_positions=64, pad_token_id=PAD, bos_token_id=PAD,
                            eos_token_id=PAD, decoder_start_token_id=START, attn_implementation="sdpa")
     torch.manual_seed(0)
