@@ -159,6 +159,17 @@ def autocast(device: str, precision: str):
     return torch.autocast(device, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
 
 
+def pipeline_loss(model, batch: dict, device: str, precision: str, weight_copy: bool):
+    """The pipeline's training loss of a batch, as `WhisperTrainer` computes it: on a bf16 copy
+    of the weights, or under autocast in `precision` (none for fp32) with the decoder's causal
+    mask (no host sync) and no KV cache."""
+    if weight_copy:
+        config = model.config
+        return seq2seq_loss(model, batch, torch.bfloat16, config.decoder_start_token_id, config.pad_token_id)[0]
+    with autocast(device, precision):
+        return model(**with_causal_mask(batch), use_cache=False).loss
+
+
 def sync(device: str) -> None:
     if device == "cuda":
         torch.cuda.synchronize()
@@ -189,13 +200,11 @@ def bench_train(recipe: Recipe, size: str, device: str, rows: list[dict], steps:
             t0 = time.perf_counter()
             first_steps = t0 - start
         batch = expand({k: v.to(device, non_blocking=True) for k, v in batches[i % len(batches)].items()})
-        if recipe.weight_copy:
-            loss = seq2seq_loss(model, batch, torch.bfloat16, PREFIX[0], EOT)[0]
+        if recipe.name == "blog":
+            with autocast(device, recipe.precision):  # as its Trainer runs it: no KV cache
+                loss = model(**batch, use_cache=False).loss
         else:
-            with autocast(device, recipe.precision):
-                # As the Trainers run it: no KV cache; the pipeline also gives the decoder's mask (no host sync).
-                inputs = batch if recipe.name == "blog" else with_causal_mask(batch)
-                loss = model(**inputs, use_cache=False).loss
+            loss = pipeline_loss(model, batch, device, recipe.precision, recipe.weight_copy)
         scaler.scale(loss).backward()
         scaler.step(opt)
         scaler.update()

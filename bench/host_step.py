@@ -26,8 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_training import SIZES  # noqa: E402
-from whisper_ft.precision import seq2seq_loss, with_causal_mask  # noqa: E402
+from bench_training import SIZES, pipeline_loss  # noqa: E402
 from whisper_ft.train import compile_layers  # noqa: E402
 
 START, PAD = 2, 1
@@ -50,11 +49,7 @@ def toy_model(size: str):
 def training_step(model, optimizer, inputs: dict, variant: str):
     """What the pipeline's bare loop does per step, on the CPU."""
     def step() -> None:
-        if variant == "bf16 weight copy":
-            loss = seq2seq_loss(model, inputs, torch.bfloat16, START, PAD)[0]
-        else:
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=variant == "bf16 autocast"):
-                loss = model(**with_causal_mask(inputs), use_cache=False).loss
+        loss = pipeline_loss(model, inputs, "cpu", variant.split()[0], weight_copy=variant == "bf16 weight copy")
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
@@ -101,8 +96,7 @@ def main(argv=None) -> int:
             for _ in range(args.steps):
                 step()
             rounds[v].append(1000 * (time.perf_counter() - t) / args.steps)
-    layers = sum(SIZES[args.size][1:2]) * 2
-    print(f"host time per training step, {args.size}'s {layers} layers at toy width{', compiled layers' * args.compile}:")
+    print(f"host time per training step, {args.size}'s {2 * SIZES[args.size][1]} layers at toy width{', compiled layers' * args.compile}:")
     for v in VARIANTS:
         print(f"  {v:18s} {statistics.median(rounds[v]):6.1f} ms  (rounds {min(rounds[v]):.1f}-{max(rounds[v]):.1f}), "
               f"{operators(steps[v])} operators")

@@ -16,9 +16,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_training import EOT, PREFIX, SIZES, build_model, examples  # noqa: E402
+from bench_training import PREFIX, SIZES, build_model, examples, pipeline_loss  # noqa: E402
 from whisper_ft.collator import SpeechCollator, expand  # noqa: E402
-from whisper_ft.precision import seq2seq_loss, with_causal_mask  # noqa: E402
 from whisper_ft.train import compile_layers  # noqa: E402
 
 KINDS = (("copy/cast", ("copyfunctor", "direct_copy")), ("gemm", ("gemm", "matmul", "cutlass", "sm90_xmma", "nvjet", "cublas")), ("attention", ("flash", "fmha", "attention", "efficient")),
@@ -53,11 +52,7 @@ def main(argv=None) -> int:
 
     def step():
         inputs = expand({k: v.to("cuda", non_blocking=True) for k, v in batch.items()})
-        if args.autocast:
-            with torch.autocast("cuda", dtype=torch.bfloat16):
-                loss = model(**with_causal_mask(inputs), use_cache=False).loss
-        else:
-            loss = seq2seq_loss(model, inputs, torch.bfloat16, PREFIX[0], EOT)[0]
+        loss = pipeline_loss(model, inputs, "cuda", "bf16", weight_copy=not args.autocast)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()

@@ -387,7 +387,8 @@ class WhisperTrainer(Seq2SeqTrainer):
         self.store_flos()
         run_dir = Path(self._get_output_dir(trial=trial))
         final = run_dir / f"checkpoint-{self.state.global_step}"
-        tmp = staging_dir(final) if not distributed else final.with_name(broadcast(staging_dir(final).name))
+        name = staging_dir(final).name  # under torchrun rank 0's, for every rank
+        tmp = final.with_name(broadcast(name) if distributed else name)
         if main:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
@@ -639,16 +640,17 @@ def announce_start(cfg: Config, run_dir: Path, args, data: Data, step: int, resu
     """Save the resolved config beside the run and log its `start` event and line."""
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, run_dir / "config.yaml")
+    how = mixed_precision(cfg)
     checkpoints.append_event(run_dir, {"event": "start", "step": step, "resumed_from": resume and resume.name,
                                        "world_size": args.world_size, "train_clips": len(data.train),
                                        "test_clips": len(data.test), "selection_split": data.selection_split,
                                        "selection_clips": len(data.selection_model), "generation_max_length": gen_len,
                                        "learning_rate": args.learning_rate, "warmup_steps": args.warmup_steps,
-                                       "mixed_precision": mixed_precision(cfg)})
+                                       "mixed_precision": how})
     log.info("%s at step %d: %d training clips, %d %s clips for the periodic checks, %d test clips, generation "
              "capped at %d tokens, peak learning rate %.3g after %d warm-up steps, %s",
              f"resuming from {resume}" if resume else "starting", step, len(data.train), len(data.selection_model),
-             data.selection_split, len(data.test), gen_len, args.learning_rate, args.warmup_steps, mixed_precision(cfg))
+             data.selection_split, len(data.test), gen_len, args.learning_rate, args.warmup_steps, how)
 
 
 def try_average(cfg: Config, args, data: Data, run_dir: Path, meta: dict, step: int) -> dict:
