@@ -16,7 +16,7 @@ from __future__ import annotations
 import sys
 
 from whisper_ft import cli
-from whisper_ft.features import ROLE, build
+from whisper_ft.features import ROLE, VALIDATION_VS_TEST, build
 
 
 def parse_args(argv: list[str] | None):
@@ -48,9 +48,10 @@ def main(argv: list[str] | None = None) -> int:
     for split, s in result.manifest["splits"].items():
         dropped = ", ".join(f"{k} {v}" for k, v in s["dropped"].items()) or "none"
         print(f"{split}: {s['clips']} of {s['rows']} clips kept, {s['hours']:.2f} h; dropped: {dropped}")
-    for split, o in result.manifest.get("overlap", {}).items():
+    for key, o in result.manifest.get("overlap", {}).items():
         if isinstance(o, dict) and o["speakers"]:
-            print(f"note: {o['speakers']} {ROLE[split]} speakers also speak in the training data")
+            held, of = ("test", "validation") if key == VALIDATION_VS_TEST else (ROLE[key], "training")
+            print(f"note: {o['speakers']} {held} speakers also speak in the {of} data")
     print(f"features ready in {root}")
     return 0
 

@@ -388,7 +388,8 @@ def test_training_on_validated_is_refused_with_the_overlap_count(tmp_path, cv_re
     assert cli.run(feature_pipeline.main, args) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1
-    assert "shares clips with 10 of 10 test clips (sample `validated`: " in err and "on_overlap=drop" in err
+    assert "training data shares 10 clips and 10 sentences with the 10 test clips (sample `validated`: " in err
+    assert "on_overlap=drop" in err
     assert not (tmp_path / "features" / "leaky" / "manifest.json").exists()
 
 
@@ -399,10 +400,12 @@ def test_dropping_the_overlap_trains_on_the_rest(tmp_path, cv_release):
     overlap = manifest["overlap"]
     assert overlap["eval"]["clips"] == 10 and overlap["dropped_training_rows"] >= 10
     splits = manifest["splits"]
-    assert splits["train"]["rows"] + splits["validation"]["rows"] == 40 - overlap["dropped_training_rows"]
+    dropped = overlap["dropped_training_rows"] + overlap["dropped_validation_rows"]
+    assert splits["train"]["rows"] + splits["validation"]["rows"] == 40 - dropped
+    validation_ids = {i.split("/", 1)[1] for i in load_split(tmp_path / "features" / "dropped", "validation")["id"]}
     test_ids = {i.split("/", 1)[1] for i in load_split(tmp_path / "features" / "dropped", "eval")["id"]}
     train_ids = {i.split("/", 1)[1] for i in load_split(tmp_path / "features" / "dropped", "train")["id"]}
-    assert not test_ids & train_ids
+    assert not test_ids & train_ids and not test_ids & validation_ids
 
 
 def test_sentence_overlap_is_refused_and_speaker_overlap_only_counted():
@@ -414,13 +417,40 @@ def test_sentence_overlap_is_refused_and_speaker_overlap_only_counted():
 
     train = [row("train", 0, "Hej, hur mår du?", "a"), row("train", 1, "Vad heter du", "b")]
     test = [row("test", 0, "hej hur mår du", "c"), row("test", 1, "Något helt annat.", "b")]
-    with pytest.raises(FeaturesError, match="shares sentences with 1 of 2 test clips"):
+    with pytest.raises(FeaturesError, match="shares 1 sentence with the 2 test clips"):
         check_leakage({"train": train, "validation": [], "eval": test})
     kept, report = check_leakage({"train": train, "validation": [], "eval": test}, "drop")
     assert [r.id for r in kept["train"]] == ["train/1"]
     assert report["eval"] == {"rows": 2, "clips": 0, "sentences": 1, "speakers": 1, "training_rows": 1}
     _, report = check_leakage({"train": train[1:], "validation": [], "eval": test})  # speakers alone: no refusal
     assert report["eval"]["speakers"] == 1 and report["dropped_training_rows"] == 0
+
+
+def test_validation_sharing_test_clips_is_refused_or_dropped():
+    """Validation carved from a split that holds the test clips (validated.tsv) must not score
+    test clips: refused, or dropped from validation with on_overlap=drop."""
+    from whisper_ft.features import FeaturesError, check_leakage
+    from whisper_ft.sources import Row
+
+    def row(split, i, sentence, speaker, clip=None):
+        return Row("s", split, f"validated/{clip or split + str(i)}", f"/c/{clip or split + str(i)}.mp3", sentence,
+                   speaker)
+
+    train = [row("train", 0, "En mening.", "a")]
+    validation = [row("validation", 0, "Två meningar.", "b", clip="t0"), row("validation", 1, "Tre.", "c"),
+                  row("validation", 2, "fyra", "d")]
+    test = [row("eval", 0, "Två meningar.", "b", clip="t0"), row("eval", 1, "Fyra!", "e"), row("eval", 2, "Fem.", "f")]
+    rows = {"train": train, "validation": validation, "eval": test}
+    with pytest.raises(FeaturesError, match=r"validation data shares 1 clip and 2 sentences with the 3 test clips "
+                                            r"\(s `validated`: 2 rows\): carve validation"):
+        check_leakage(rows)
+    kept, report = check_leakage(rows, "drop")
+    assert [r.id for r in kept["validation"]] == ["validated/validation1"] and kept["train"] == train
+    assert report["validation_vs_test"] == {"rows": 3, "clips": 1, "sentences": 2, "speakers": 1,
+                                            "validation_rows": 2}
+    assert report["dropped_validation_rows"] == 2 and report["dropped_training_rows"] == 0
+    kept, report = check_leakage(rows, "keep")
+    assert kept["validation"] == validation and report["kept_overlapping_validation_rows"] == 2
 
 
 def test_stores_of_the_previous_format_still_read_and_older_ones_are_refused(tmp_path):

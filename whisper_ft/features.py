@@ -500,73 +500,90 @@ def clip_key(row: Row) -> str | None:
 
 @dataclass(frozen=True)
 class Overlap:
-    """Training rows against one held-out split: how many held-out rows share a clip or a
-    (normalized) sentence with training, how many held-out speakers also speak in training,
-    and which training rows are involved, by (source, source split)."""
+    """Rows of split `of` (training, or validation) against a split held out from them: how
+    many held-out rows share a clip or a (normalized) sentence with `of`, how many held-out
+    speakers also speak in `of`, and which rows of `of` are involved, by (source, source split)."""
 
     split: str
     rows: int
     clips: int
     sentences: int
     speakers: int
-    train_ids: frozenset
-    train_by_origin: dict
+    involved: frozenset
+    by_origin: dict
+    of: str = TRAIN
 
     def as_dict(self) -> dict:
         return {"rows": self.rows, "clips": self.clips, "sentences": self.sentences, "speakers": self.speakers,
-                "training_rows": len(self.train_ids)}
+                f"{ROLE[self.of]}_rows": len(self.involved)}
+
+    def refusal(self) -> str:
+        """The one-line reason to refuse this overlap, with what to do."""
+        shared = " and ".join(f"{n:,} {word}{'s' * (n != 1)}" for n, word in ((self.clips, "clip"),
+                                                                            (self.sentences, "sentence")) if n)
+        origins = ", ".join(f"{k}: {v:,} rows" for k, v in sorted(self.by_origin.items(), key=lambda kv: -kv[1]))
+        remedy = ("take those splits out of train_splits" if self.of == TRAIN else
+                  "carve validation from splits without test clips (validation_from, validation_splits)")
+        return (f"the {ROLE[self.of]} data shares {shared} with the {self.rows:,} {ROLE[self.split]} clips "
+                f"({origins}): {remedy}, or set features.on_overlap=drop to drop the {len(self.involved):,} "
+                f"{ROLE[self.of]} rows involved")
 
 
 def _row_key(row: Row) -> tuple[str, str]:
     return row.source, row.id
 
 
-def find_overlap(train: list[Row], held: list[Row], split: str) -> Overlap:
+def find_overlap(rows: list[Row], held: list[Row], split: str, of: str = TRAIN) -> Overlap:
+    """What `rows` (of split `of`) share with the held-out rows `held` (of split `split`)."""
     clips = {k: r for r in held if (k := clip_key(r))}
     sentences = {normalize(r.sentence) for r in held} - {""}
     speakers = {r.speaker for r in held if r.speaker}
-    train_clips: set[str] = set()
-    train_sentences: set[str] = set()
+    shared_clips: set[str] = set()
+    shared_sentences: set[str] = set()
     involved: set[tuple[str, str]] = set()
     origin: Counter = Counter()
-    for r in train:
+    for r in rows:
         clip, sentence = clip_key(r), normalize(r.sentence)
         hit = False
         if clip in clips:
-            train_clips.add(clip)
+            shared_clips.add(clip)
             hit = True
         if sentence in sentences:
-            train_sentences.add(sentence)
+            shared_sentences.add(sentence)
             hit = True
         if hit:
             involved.add(_row_key(r))
             origin[f"{r.source} `{r.id.split('/', 1)[0]}`"] += 1
-    train_speakers = {r.speaker for r in train if r.speaker}
-    return Overlap(split, len(held), sum(1 for k in clips if k in train_clips),
-                   sum(1 for r in held if normalize(r.sentence) in train_sentences),
-                   len(speakers & train_speakers), frozenset(involved), dict(origin))
+    their_speakers = {r.speaker for r in rows if r.speaker}
+    return Overlap(split, len(held), sum(1 for k in clips if k in shared_clips),
+                   sum(1 for r in held if normalize(r.sentence) in shared_sentences),
+                   len(speakers & their_speakers), frozenset(involved), dict(origin), of)
+
+
+# held-out pairs: the rows of the first split must share nothing with the second's
+LEAKAGE_PAIRS = ((TRAIN, VALIDATION), (TRAIN, EVAL), (VALIDATION, EVAL))
+VALIDATION_VS_TEST = "validation_vs_test"  # the manifest's key for the last pair
 
 
 def check_leakage(rows: dict[str, list[Row]], policy: str = "refuse") -> tuple[dict[str, list[Row]], dict]:
-    """Training rows that share a clip or a sentence with validation or test rows: `refuse`
-    (FeaturesError with the counts), `drop` them from training, or `keep` them. Speaker overlap
-    is only reported. Returns the rows and the manifest's `overlap` record."""
-    found = [find_overlap(rows[TRAIN], rows[split], split) for split in (VALIDATION, EVAL) if rows.get(split)]
-    involved = frozenset().union(*(o.train_ids for o in found)) if found else frozenset()
-    report = {o.split: o.as_dict() for o in found}
-    if involved and policy == "refuse":
-        worst = max((o for o in found if o.train_ids), key=lambda o: o.clips + o.sentences)
-        kind = "clips" if worst.clips else "sentences"
-        origins = ", ".join(f"{k}: {v:,} rows" for k, v in sorted(worst.train_by_origin.items(), key=lambda kv: -kv[1]))
-        raise FeaturesError(f"the training data shares {kind} with {max(worst.clips, worst.sentences):,} of "
-                            f"{worst.rows:,} {ROLE[worst.split]} clips ({origins}): take those splits out of "
-                            f"train_splits, or set features.on_overlap=drop to drop the {len(involved):,} training "
-                            "rows involved")
-    dropped = involved if policy == "drop" else frozenset()
-    if dropped:
-        rows = {**rows, TRAIN: [r for r in rows[TRAIN] if _row_key(r) not in dropped]}
-    report["dropped_training_rows"] = len(dropped)
-    report["kept_overlapping_training_rows"] = len(involved) - len(dropped)
+    """Training rows that share a clip or a sentence with validation or test rows, and
+    validation rows that share one with test rows: `refuse` (FeaturesError with the counts),
+    `drop` those rows, or `keep` them. Speaker overlap is only reported. Returns the rows and
+    the manifest's `overlap` record."""
+    found = [find_overlap(rows[of], rows[split], split, of) for of, split in LEAKAGE_PAIRS
+             if rows.get(of) and rows.get(split)]
+    involved = {of: frozenset().union(*(o.involved for o in found if o.of == of)) for of in (TRAIN, VALIDATION)}
+    report = {(o.split if o.of == TRAIN else VALIDATION_VS_TEST): o.as_dict() for o in found}
+    if policy == "refuse" and any(involved.values()):
+        worst = max((o for o in found if o.involved), key=lambda o: (o.of == TRAIN, o.clips + o.sentences))
+        raise FeaturesError(worst.refusal())
+    rows = dict(rows)
+    for of in (TRAIN, VALIDATION):
+        dropped = involved[of] if policy == "drop" else frozenset()
+        if dropped:
+            rows[of] = [r for r in rows[of] if _row_key(r) not in dropped]
+        report[f"dropped_{ROLE[of]}_rows"] = len(dropped)
+        report[f"kept_overlapping_{ROLE[of]}_rows"] = len(involved[of]) - len(dropped)
     return rows, report
 
 
@@ -674,12 +691,13 @@ def build(cfg, num_shards: int = 1, shard_index: int = 0, workers: int | None = 
     rows = collect_rows(cfg, echo)
     rows, overlap = check_leakage(rows, fc.on_overlap)
     rows[EVAL] = mark_served_clips(rows[EVAL], fc.served_clips)
-    if overlap["dropped_training_rows"]:
-        echo(f"dropped {overlap['dropped_training_rows']} training rows that share a clip or a sentence with "
-             "validation or test rows (features.on_overlap=drop)")
-    if overlap["kept_overlapping_training_rows"]:
-        echo(f"warning: {overlap['kept_overlapping_training_rows']} training rows share a clip or a sentence with "
-             "validation or test rows (features.on_overlap=keep): their scores are not held-out scores")
+    for role, held_out in (("training", "validation or test"), ("validation", "test")):
+        if overlap[f"dropped_{role}_rows"]:
+            echo(f"dropped {overlap[f'dropped_{role}_rows']} {role} rows that share a clip or a sentence with "
+                 f"{held_out} rows (features.on_overlap=drop)")
+        if overlap[f"kept_overlapping_{role}_rows"]:
+            echo(f"warning: {overlap[f'kept_overlapping_{role}_rows']} {role} rows share a clip or a sentence with "
+                 f"{held_out} rows (features.on_overlap=keep): the {held_out} scores are not held-out scores")
     shards = plan_shards(rows, fc.shard_size)
     settings = store_settings(cfg)
     fp = fingerprint(settings, shards)
