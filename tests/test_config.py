@@ -34,6 +34,8 @@ def test_dotted_overrides_reach_list_elements():
     (["features.sources.0.colour=red"], "features.sources.0.colour"),
     (["features.sources.3.path=/x"], "features.sources.3"),
     (["features.dtype=int8"], "features.dtype"),
+    (["features.sources.0.limit=-5"], "features.sources.0.limit"),
+    (["features.sources.0.validation_max_clips=-1"], "features.sources.0.validation_max_clips"),
 ])
 def test_bad_values_name_the_key(overrides, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):

@@ -426,6 +426,20 @@ def test_sentence_overlap_is_refused_and_speaker_overlap_only_counted():
     assert report["eval"]["speakers"] == 1 and report["dropped_training_rows"] == 0
 
 
+def test_served_clips_are_spread_over_the_whole_split():
+    from whisper_ft.features import KEEP_AUDIO, mark_served_clips
+    from whisper_ft.sources import Row
+
+    for n_rows, n in ((399, 200), (10, 3), (5, 5), (3, 10), (1000, 7)):
+        rows = [Row("a" if i < n_rows // 2 else "b", "eval", f"test/{i}", f"/c/{i}.mp3", "x") for i in range(n_rows)]
+        marked = [i for i, r in enumerate(mark_served_clips(rows, n)) if r.meta.get(KEEP_AUDIO)]
+        assert len(marked) == min(n, n_rows)
+        gaps = {b - a for a, b in zip(marked, marked[1:])}
+        assert max(gaps, default=1) - min(gaps, default=1) <= 1, (n_rows, n, gaps)  # evenly spaced
+        assert n_rows - 1 - marked[-1] < n_rows / min(n, n_rows)  # down to the end of the split
+    assert mark_served_clips(rows, 0) == rows
+
+
 def test_validation_sharing_test_clips_is_refused_or_dropped():
     """Validation carved from a split that holds the test clips (validated.tsv) must not score
     test clips: refused, or dropped from validation with on_overlap=drop."""

@@ -90,6 +90,37 @@ def test_common_voice_folder_parent_and_tarball_agree(cv_release, cv_tarball, tm
     assert rows_summary(again) == rows_summary(folder)
 
 
+def test_processes_started_together_unpack_a_tarball_once(cv_tarball, cv_release, tmp_path, monkeypatch):
+    """Two takers at once (feature_pipeline.py --num-shards 2): one unpacks, the other waits for
+    its marker; neither sees a half-unpacked release."""
+    import threading
+    import time
+
+    from whisper_ft.sources import extract_tarball
+
+    calls = []
+    real = tarfile.TarFile.extractall
+
+    def slow_extractall(self, *args, **kwargs):
+        calls.append(1)
+        time.sleep(1.0)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(tarfile.TarFile, "extractall", slow_extractall)
+    results: list = []
+    threads = [threading.Thread(target=lambda: results.append(extract_tarball(cv_tarball, tmp_path, poll=0.05)))
+               for _ in range(2)]
+    for t in threads:
+        t.start()
+        time.sleep(0.2)
+    for t in threads:
+        t.join()
+    assert len(calls) == 1 and len(results) == 2 and results[0] == results[1]
+    clips = sorted(p.name for p in results[0].glob("*/*/clips/*"))
+    assert clips and clips == sorted(p.name for p in (cv_release / "clips").iterdir())
+    assert sorted(p.name for p in tmp_path.iterdir()) == [results[0].name]  # no claim or partial folder left
+
+
 def test_common_voice_sentences_keep_quote_marks(tmp_path, cv_release):
     release = tmp_path / "rel"
     shutil.copytree(cv_release, release)
@@ -207,6 +238,7 @@ def test_mixed_sources_keep_their_names(tmp_path, cv_tarball, audiofolder, saved
     without_torchcodec(monkeypatch)  # the pipeline must never need it
     sets = [
         "features.sources.0.name=cv", f"features.sources.0.path={cv_tarball}", "features.sources.0.limit=5",
+        "features.sources.0.train_splits=[train]",
         "features.sources.1.name=af", "features.sources.1.kind=hf", f"features.sources.1.path={audiofolder}",
         "features.sources.1.text_column=transcription", "features.sources.1.train_splits=[train]",
         "features.sources.2.name=saved", "features.sources.2.kind=hf", f"features.sources.2.path={saved_dataset}",
@@ -236,6 +268,41 @@ def test_hf_hub_id_offline_is_a_source_error(monkeypatch, tmp_path):
     src = SourceConfig(name="hub", kind="hf", path="mozilla-foundation/common_voice_17_0", hf_config="sv-SE")
     with pytest.raises(SourceError, match="cannot load split 'train'.*local folder"):
         read_source(src, tmp_path)
+
+
+def test_common_voice_tsv_with_a_byte_order_mark_keeps_its_speakers(tmp_path, cv_release):
+    release = tmp_path / "rel"
+    shutil.copytree(cv_release, release)
+    for split in ("train", "dev", "test"):
+        tsv = release / f"{split}.tsv"
+        tsv.write_bytes(b"\xef\xbb\xbf" + tsv.read_bytes())
+    got = read_source(SourceConfig(name="cv", path=str(release)), tmp_path)
+    want = read_source(SourceConfig(name="cv", path=str(cv_release)), tmp_path)
+    assert [(r.id, r.speaker) for rows in got.values() for r in rows] == \
+        [(r.id, r.speaker) for rows in want.values() for r in rows]
+    assert all(r.speaker for rows in got.values() for r in rows)
+
+
+def test_unreadable_common_voice_tsvs_are_source_errors(tmp_path, cv_release):
+    release = tmp_path / "rel"
+    shutil.copytree(cv_release, release)
+    tsv = release / "test.tsv"
+    tsv.write_bytes(tsv.read_bytes().replace("ä".encode(), b"\xe4", 1))  # one Latin-1 byte
+    with pytest.raises(SourceError, match=r"test.tsv: cannot read it as UTF-8"):
+        read_source(SourceConfig(name="cv", path=str(release)), tmp_path)
+    tsv.write_text("client_id\tfile\ttext\nabc\tx.mp3\thej\n", encoding="utf-8")
+    with pytest.raises(SourceError, match=r"test.tsv has no path or sentence column: not a Common Voice TSV"):
+        read_source(SourceConfig(name="cv", path=str(release)), tmp_path)
+
+
+def test_limit_applies_to_each_source_split_before_validation_is_carved(tmp_path, cv_release):
+    """limit=5 keeps 5 rows of train, dev and test each, and validation is still carved from dev's."""
+    full = {split: read_cv_tsv(cv_release / f"{split}.tsv") for split in ("train", "dev", "test")}
+    rows = read_source(SourceConfig(name="cv", path=str(cv_release), limit=5, validation_fraction=0.4), tmp_path)
+    assert len(rows[TRAIN]) + len(rows[VALIDATION]) == 10 and len(rows[EVAL]) == 5 and rows[VALIDATION]
+    assert {r.id for r in rows[TRAIN] + rows[VALIDATION]} == \
+        {f"{split}/{r['path']}" for split in ("train", "dev") for r in full[split][:5]}
+    assert all(r.id.startswith("dev/") for r in rows[VALIDATION])
 
 
 def test_common_voice_11_columns(tmp_path, cv_release):
@@ -268,6 +335,10 @@ def test_validation_is_carved_from_whole_speakers_of_one_split():
     assert carve_validation(train, "dev", 0.2, 1000, seed="cv") == (rest, validation)  # reruns pick the same
     _, capped = carve_validation(train, "dev", 0.9, 4, seed="cv")
     assert len(capped) <= 4  # a speaker who would overshoot the cap is skipped
+    for seed in map(str, range(20)):  # a prolific speaker never swamps validation: it stays near its target
+        dev = _rows("dev", ["big"] * 60 + [f"s{i // 2}" for i in range(40)])
+        _, validation = carve_validation(dev, "dev", 0.1, 1000, seed=seed)
+        assert 8 <= len(validation) <= 12 and "big" not in {r.speaker for r in validation}
     assert carve_validation(train, "nosuch", 0.2, 1000) == (train, [])
     assert carve_validation(train, "dev", 0.0, 1000) == (train, [])
 

@@ -346,6 +346,9 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"features.sources.{i}.dataset_id: needed for kind mdc")
         if s.kind in ("common_voice", "hf") and not s.path:
             raise ConfigError(f"features.sources.{i}.path: needed for kind {s.kind}")
+        for key in ("limit", "validation_max_clips"):
+            if getattr(s, key) < 0:
+                raise ConfigError(f"features.sources.{i}.{key}: must be at least 0, got {getattr(s, key)}")
         if not 0 <= s.validation_fraction < 1:
             raise ConfigError(f"features.sources.{i}.validation_fraction: must be in [0, 1), "
                               f"got {s.validation_fraction}")

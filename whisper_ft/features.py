@@ -150,8 +150,8 @@ def mark_served_clips(rows: list[Row], n: int) -> list[Row]:
     model is scored on them after training: `whisper_ft.served`)."""
     if n <= 0 or not rows:
         return rows
-    step = max(1, len(rows) // n)
-    chosen = set(range(0, len(rows), step)[:n])
+    m = min(n, len(rows))
+    chosen = {i * len(rows) // m for i in range(m)}
     return [replace(r, meta={**r.meta, KEEP_AUDIO: True}) if i in chosen else r for i, r in enumerate(rows)]
 
 
@@ -741,7 +741,7 @@ def collect_rows(cfg, echo=print) -> dict[str, list[Row]]:
     rows: dict[str, list[Row]] = {split: [] for split in SPLITS}
     for i, src in enumerate(cfg.features.sources):
         try:
-            got = read_source(src, Path(cfg.features.data_dir))
+            got = read_source(src, Path(cfg.features.data_dir), cfg.features.claim_stale_seconds)
         except SourceError as e:
             raise SourceError(f"features.sources.{i} ({src.name}): {e}") from e
         for split in rows:
@@ -749,8 +749,15 @@ def collect_rows(cfg, echo=print) -> dict[str, list[Row]]:
         echo(f"source {src.name} ({src.kind}): {len(got[TRAIN])} train rows, {len(got[VALIDATION])} validation rows, "
              f"{len(got[EVAL])} test rows")
         if got[TRAIN] and not got[VALIDATION]:
-            echo(f"note: source {src.name} gives no validation rows (validation_splits is empty and validation_from "
-                 f"{src.validation_from!r} names none of its train_splits {list(src.train_splits)})")
+            if src.validation_splits:
+                why = f"its validation_splits {list(src.validation_splits)} hold no rows"
+            elif src.validation_from == "all" or src.validation_from in src.train_splits:
+                why = (f"carving validation_fraction {src.validation_fraction:g} of {src.validation_from!r} gave no "
+                       "rows: too few rows, or speakers with more clips than that")
+            else:
+                why = (f"validation_splits is empty and validation_from {src.validation_from!r} names none of its "
+                       f"train_splits {list(src.train_splits)}")
+            echo(f"note: source {src.name} gives no validation rows ({why})")
     if not any(rows.values()):
         raise SourceError("the configured sources hold no rows")
     return rows

@@ -9,16 +9,21 @@ from __future__ import annotations
 
 import csv
 import functools
+import gzip
 import hashlib
+import itertools
 import json
 import os
 import shutil
 import sys
 import tarfile
+import time
+import zlib
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from whisper_ft.claims import ClaimSet, read_holder
 from whisper_ft.config import SourceConfig
 from whisper_ft.errors import UserError
 
@@ -43,16 +48,15 @@ class Row:
     meta: dict = field(default_factory=dict)
 
 
-def read_source(src: SourceConfig, data_dir: Path) -> dict[str, list[Row]]:
+def read_source(src: SourceConfig, data_dir: Path, stale_seconds: float = 300.0) -> dict[str, list[Row]]:
     """All rows of one source, as {"train": [...], "validation": [...], "eval": [...]} in a
-    stable order; validation is carved out of training when the source names no split for it."""
+    stable order; validation is carved out of training when the source names no split for it.
+    `stale_seconds`: when a claim on unpacking a tarball counts as abandoned (`extract_tarball`)."""
     if src.kind == "hf":
         rows = _read_hf(src)
     else:
         root = download_mdc(src.dataset_id, data_dir / "raw") if src.kind == "mdc" else Path(src.path).expanduser()
-        rows = _read_common_voice(src, locate_release(root, data_dir / "raw"))
-    if src.limit:
-        rows = {split: r[: src.limit] for split, r in rows.items()}
+        rows = _read_common_voice(src, locate_release(root, data_dir / "raw", stale_seconds))
     if not src.validation_splits and src.validation_from:
         rows[TRAIN], rows[VALIDATION] = carve_validation(rows[TRAIN], src.validation_from, src.validation_fraction,
                                                          src.validation_max_clips, seed=src.name)
@@ -62,7 +66,9 @@ def read_source(src: SourceConfig, data_dir: Path) -> dict[str, list[Row]]:
 def carve_validation(train: list[Row], from_split: str, fraction: float, max_clips: int,
                      seed: str = "") -> tuple[list[Row], list[Row]]:
     """Move whole speakers from the training rows of source split `from_split` ("all": any) to
-    validation until it holds about `fraction` of that split's rows (at most `max_clips`).
+    validation until it holds about `fraction` of that split's rows (at most `max_clips`):
+    speakers in a seeded hash order, skipping those that would land further from the target
+    than stopping (a prolific speaker never swamps it), and at least the smallest speaker.
 
     Taking whole speakers keeps validation speaker-disjoint from training wherever the source's
     own splits are (Common Voice's are). Rows without a speaker count as speakers of their own.
@@ -81,10 +87,14 @@ def carve_validation(train: list[Row], from_split: str, fraction: float, max_cli
     for speaker in order:
         if taken >= target:
             break
-        if taken + len(by_speaker[speaker]) > max_clips:
-            continue  # this speaker would overshoot the cap; try smaller ones
+        n = len(by_speaker[speaker])
+        if taken + n > max_clips or taken + n - target > target - taken:
+            continue  # over the cap, or further from the target than stopping here: try smaller speakers
         chosen.add(speaker)
-        taken += len(by_speaker[speaker])
+        taken += n
+    if not chosen:  # every speaker overshoots the target (a small split): the smallest one within the cap
+        fits = [s for s in order if len(by_speaker[s]) <= max_clips]
+        chosen = {min(fits, key=lambda s: len(by_speaker[s]))} if fits else set()
     picked = {r.id for s in chosen for r in by_speaker[s]}
     validation = [replace(r, split=VALIDATION) for r in pool if r.id in picked]
     return [r for r in train if r.id not in picked], validation
@@ -96,14 +106,14 @@ def carve_validation(train: list[Row], from_split: str, fraction: float, max_cli
 CV_METADATA = ("gender", "age", "accents", "variant")
 
 
-def locate_release(path: Path, extract_dir: Path) -> Path:
+def locate_release(path: Path, extract_dir: Path, stale_seconds: float = 300.0) -> Path:
     """The folder holding train.tsv/test.tsv and clips/, given it, a parent of it, or a .tar.gz."""
     if not path.exists():
         raise SourceError(f"no such file or folder: {path}")
     if path.is_file():
         if not path.name.endswith((".tar.gz", ".tgz", ".tar")):
             raise SourceError(f"{path} is neither a Common Voice folder nor a .tar.gz release")
-        path = extract_tarball(path, extract_dir)
+        path = extract_tarball(path, extract_dir, stale_seconds)
     hits = sorted({p.parent for pattern in ("test.tsv", "*/test.tsv", "*/*/test.tsv") for p in path.glob(pattern)})
     if not hits:
         raise SourceError(f"no Common Voice test.tsv under {path}: expected a cv-corpus-*/<locale> folder")
@@ -112,32 +122,67 @@ def locate_release(path: Path, extract_dir: Path) -> Path:
     return hits[0]
 
 
-def extract_tarball(archive: Path, extract_dir: Path) -> Path:
-    """Unpack a release once into extract_dir/<archive name>; a marker file records completion."""
+def extract_tarball(archive: Path, extract_dir: Path, stale_seconds: float = 300.0, poll: float = 1.0) -> Path:
+    """Unpack a release once into extract_dir/<archive name>; a marker file records completion.
+
+    Processes started together on one tarball (`feature_pipeline.py --num-shards N`) unpack it
+    once: the first claims the work (`whisper_ft.claims`), the others wait for its marker, and
+    a claim whose holder died goes stale after `stale_seconds` and is taken over.
+    """
     name = archive.name.removesuffix(".gz").removesuffix(".tgz").removesuffix(".tar")
     dest = extract_dir / name
     if (dest / DONE_MARK).is_file():
         return dest
-    tmp = extract_dir / f".{name}.partial"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    print(f"extracting {archive} -> {dest} (once)", file=sys.stderr, flush=True)
-    try:
-        with tarfile.open(archive) as tar:
-            tar.extractall(tmp, filter="data")
-    except (tarfile.TarError, EOFError, OSError) as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise SourceError(f"cannot unpack {archive}: {e} (incomplete download? delete it and fetch again)") from e
-    (tmp / DONE_MARK).write_text(str(archive.resolve()))
-    shutil.rmtree(dest, ignore_errors=True)
-    os.replace(tmp, dest)
+    extract_dir.mkdir(parents=True, exist_ok=True)
+    claim = extract_dir / f".{name}.claim"
+    with ClaimSet(stale_seconds, "features.claim_stale_seconds") as claims:
+        announced = False
+        while not claims.take(claim):
+            if (dest / DONE_MARK).is_file():
+                return dest
+            if not announced:
+                holder = read_holder(claim)
+                print(f"waiting for {holder.who if holder else 'another process'} to unpack {archive}",
+                      file=sys.stderr, flush=True)
+                announced = True
+            time.sleep(poll)
+        if (dest / DONE_MARK).is_file():  # unpacked while this process waited
+            return dest
+        tmp = extract_dir / f".{name}.partial"
+        shutil.rmtree(tmp, ignore_errors=True)  # left by a process that died unpacking
+        tmp.mkdir()
+        print(f"extracting {archive} -> {dest} (once)", file=sys.stderr, flush=True)
+        try:
+            with tarfile.open(archive) as tar:
+                tar.extractall(tmp, filter="data")
+        except (tarfile.TarError, EOFError, OSError) as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            unreadable = isinstance(e, (tarfile.TarError, EOFError, gzip.BadGzipFile, zlib.error))
+            hint = "incomplete download? delete it and fetch again" if unreadable else f"writing to {extract_dir}"
+            raise SourceError(f"cannot unpack {archive}: {e} ({hint})") from e
+        claims.confirm(claim)
+        (tmp / DONE_MARK).write_text(str(archive.resolve()))
+        shutil.rmtree(dest, ignore_errors=True)
+        os.replace(tmp, dest)
     return dest
 
 
-def read_cv_tsv(path: Path) -> list[dict[str, str]]:
-    """Rows of a Common Voice TSV; quoting is off because sentences contain quote marks."""
-    with open(path, encoding="utf-8", newline="") as f:
-        return list(csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
+CV_COLUMNS = ("path", "sentence")  # what every Common Voice TSV has; client_id (the speaker) since release 1 too
+
+
+def read_cv_tsv(path: Path, limit: int = 0) -> list[dict[str, str]]:
+    """The first `limit` (0: all) rows of a Common Voice TSV; quoting is off because sentences
+    contain quote marks, and a byte-order mark (a file re-saved by an editor) is skipped."""
+    try:
+        with open(path, encoding="utf-8-sig", newline="") as f:
+            reader = csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
+            missing = [c for c in CV_COLUMNS if c not in (reader.fieldnames or ())]
+            if missing:
+                raise SourceError(f"{path} has no {' or '.join(missing)} column: not a Common Voice TSV "
+                                  f"(header: {' '.join(reader.fieldnames or ()) or 'empty'})")
+            return list(itertools.islice(reader, limit or None))
+    except (UnicodeDecodeError, csv.Error) as e:
+        raise SourceError(f"{path}: cannot read it as UTF-8 tab-separated text ({e})") from e
 
 
 def _targets(src: SourceConfig) -> tuple[tuple[str, tuple[str, ...]], ...]:
@@ -152,7 +197,7 @@ def _read_common_voice(src: SourceConfig, release: Path) -> dict[str, list[Row]]
             tsv = release / f"{split}.tsv"
             if not tsv.is_file():
                 raise SourceError(f"source {src.name}: no {split}.tsv in {release}")
-            for r in read_cv_tsv(tsv):
+            for r in read_cv_tsv(tsv, src.limit):
                 clip = r.get("path") or ""
                 meta = {k: r[k] for k in CV_METADATA if r.get(k)}
                 out[target].append(Row(src.name, target, f"{split}/{clip}", str(release / "clips" / clip),
@@ -196,9 +241,9 @@ def _read_hf(src: SourceConfig) -> dict[str, list[Row]]:
             has_speaker = src.speaker_column in columns
             audio = _audio_refs(examples, src.audio_column)
             if audio is None:
-                audio = [_audio_value(ex[src.audio_column]) for ex in examples]
+                audio = (_audio_value(ex[src.audio_column]) for ex in examples)
             texts = _text_columns(examples, [c for c in (src.text_column, src.speaker_column) if c in columns])
-            for i, (data, ex) in enumerate(zip(audio, texts)):
+            for i, (data, ex) in enumerate(itertools.islice(zip(audio, texts), src.limit or None)):
                 speaker = str(ex[src.speaker_column] or "") if has_speaker else ""
                 out[target].append(Row(src.name, target, f"{split}/{i}", data, ex[src.text_column] or "", speaker))
     return out
