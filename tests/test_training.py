@@ -207,6 +207,71 @@ def test_killed_run_resumes_at_its_last_checkpoint(tmp_path, features_dir, tiny_
     assert [e["event"] for e in events(run_dir)].count("start") == 1
 
 
+def test_rerunning_a_finished_run_trains_no_more_and_changed_settings_are_refused(tmp_path, features_dir,
+                                                                                  tiny_model_dir, monkeypatch):
+    """A rerun (after a kill in the final phase, say) finishes from the last checkpoint without an
+    extra step; save_total_limit 1 with a background write still in flight at the end of training
+    keeps the best checkpoint; a resume with another learning rate is refused, a longer one runs."""
+    from whisper_ft.train import WhisperTrainer, run_training
+
+    write = WhisperTrainer._write_checkpoint
+
+    def slow_write(self, *args, **kwargs):
+        time.sleep(1.0)  # still writing when the Trainer's end-of-training cleanup runs
+        return write(self, *args, **kwargs)
+
+    monkeypatch.setattr(WhisperTrainer, "_write_checkpoint", slow_write)
+    sets = overrides(features_dir, tiny_model_dir, tmp_path, max_steps=2, eval_steps=2, save_steps=2,
+                     save_total_limit=1, eval_before_training="false", export_ctranslate2="false",
+                     score_served="false")
+    first = run_training(load_config(ROOT / "config.yaml", sets))
+    run_dir = tmp_path / "tiny"
+    assert first["steps"] == 2 and [s for s, _ in checkpoints.checkpoints(run_dir)] == [2]
+    again = run_training(load_config(ROOT / "config.yaml", sets))
+    assert again["steps"] == 2 and [s for s, _ in checkpoints.checkpoints(run_dir)] == [2]
+    assert [e["step"] for e in events(run_dir) if e["event"] == "train"] == [1, 2]
+    assert again["best_step"] == first["best_step"] and again["wer"] == first["wer"]
+    assert again["train_loss"] == first["train_loss"]  # the figures of the run that trained
+
+    with pytest.raises(TrainingError, match=r"trained to checkpoint-2 with other settings \(training.learning_rate "
+                                            r"0.001 -> 0.01\): a resumed run keeps its own"):
+        run_training(load_config(ROOT / "config.yaml", [*sets, "training.learning_rate=1e-2"]))
+    longer = run_training(load_config(ROOT / "config.yaml", [*sets, "training.max_steps=3"]))
+    assert longer["steps"] == 3 and [e["step"] for e in events(run_dir) if e["event"] == "train"] == [1, 2, 3]
+
+
+def test_leftovers_are_removed_and_an_interrupted_best_replacement_restored(tmp_path):
+    def folder(name: str, *files: str) -> Path:
+        (tmp_path / name).mkdir(parents=True)
+        for f in files:
+            (tmp_path / name / f).write_text("x")
+        return tmp_path / name
+
+    folder(".best.tmp-99", "model.safetensors", checkpoints.BEST_INFO)  # complete: killed between the renames
+    folder(".best.old-99", "model.safetensors", checkpoints.BEST_INFO)
+    folder(".checkpoint-4.tmp-99", "model.safetensors")
+    folder(".checkpoint-2.old-99", "model.safetensors")
+    (tmp_path / ".metrics.json.tmp-99").write_text("{")
+    folder("averaging")
+    (tmp_path / "averaging" / ".step-2.safetensors.tmp-99").write_text("x")
+    removed = checkpoints.remove_leftovers(tmp_path)
+    assert (tmp_path / "best" / checkpoints.BEST_INFO).is_file()
+    assert sorted(p.name for p in removed) == [".best.old-99", ".checkpoint-2.old-99", ".checkpoint-4.tmp-99",
+                                               ".metrics.json.tmp-99", ".step-2.safetensors.tmp-99"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["averaging", "best"]
+    folder(".best.tmp-98", "model.safetensors")  # incomplete, with a best/ in place: removed, best/ kept
+    assert [p.name for p in checkpoints.remove_leftovers(tmp_path)] == [".best.tmp-98"]
+
+
+def test_a_line_cut_short_in_metrics_jsonl_is_skipped_and_not_joined(tmp_path, caplog):
+    checkpoints.append_event(tmp_path, {"event": "train", "step": 1, "loss": 3.0})
+    with open(tmp_path / checkpoints.METRICS_LOG, "a") as f:
+        f.write('{"event": "train", "st')  # killed while writing
+    checkpoints.append_event(tmp_path, {"event": "train", "step": 2, "loss": 2.0})
+    assert [(e["step"], e["loss"]) for e in checkpoints.read_events(tmp_path)] == [(1, 3.0), (2, 2.0)]
+    assert "skipped 1 line(s) cut short" in caplog.text
+
+
 # --------------------------------------------------------------------------- several processes
 
 

@@ -13,17 +13,21 @@ Layout of `<training.output_dir>/<training.run_name>/`:
 from __future__ import annotations
 
 import json
+import logging
 import math
+import os
 import re
 import shutil
 import time
 from pathlib import Path
 
+from whisper_ft import averaging
 from whisper_ft.files import replace_dir, staging_dir
 
 BEST_DIR = "best"
 BEST_INFO = "best.json"
 METRICS_LOG = "metrics.jsonl"
+log = logging.getLogger("whisper_ft.checkpoints")
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 # HF Trainer writes trainer_state.json last, after model, optimizer, scheduler and RNG state.
 _COMPLETE_MARK = "trainer_state.json"
@@ -43,13 +47,27 @@ def checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
 
 
 def remove_leftovers(run_dir: str | Path) -> list[Path]:
-    """Delete the staging folders a killed process left behind (`.checkpoint-<step>.tmp-<pid>`,
-    `.best.tmp-<pid>`, `.best.old-<pid>`); a run folder has one writer at a time. Returns them."""
+    """Delete what a killed process left half-written: staging folders and files
+    (`.<name>.tmp-<pid>`, as `whisper_ft.files` names them) and folders moved aside to be
+    replaced (`.<name>.old-<pid>`), in the run folder and its averaging/ folder; a run folder
+    has one writer at a time. A kill between the two renames of replacing `best/` leaves no
+    `best/`: the complete new one (or else the old one) is put back first. Returns what was
+    deleted."""
     run_dir = Path(run_dir)
-    found = [p for pattern in (".checkpoint-*.tmp-*", f".{BEST_DIR}.tmp-*", f".{BEST_DIR}.old-*")
-             for p in run_dir.glob(pattern) if p.is_dir()] if run_dir.is_dir() else []
+    if not run_dir.is_dir():
+        return []
+    best = run_dir / BEST_DIR
+    if not best.exists():
+        complete = [p for p in run_dir.glob(f".{BEST_DIR}.tmp-*") if (p / BEST_INFO).is_file()]
+        for candidate in [*complete, *run_dir.glob(f".{BEST_DIR}.old-*")][:1]:
+            os.replace(candidate, best)
+    found = [p for folder in (run_dir, run_dir / averaging.FOLDER) for pattern in (".*.tmp-*", ".*.old-*")
+             for p in folder.glob(pattern)]
     for p in found:
-        shutil.rmtree(p, ignore_errors=True)
+        if p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
     return found
 
 
@@ -92,23 +110,37 @@ def standalone(model):
 
 
 def append_event(run_dir: str | Path, event: dict) -> None:
-    """Append one event (with a wall-clock time) to metrics.jsonl; NaN/inf become null."""
+    """Append one event (with a wall-clock time) to metrics.jsonl; NaN/inf become null. After a
+    line cut short (a process killed while writing it, a full disk) the event starts a new line."""
     record = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in event.items()}
     record.setdefault("time", round(time.time(), 3))
-    with open(Path(run_dir) / METRICS_LOG, "a", encoding="utf-8") as f:
-        f.write(json.dumps(record, ensure_ascii=False) + "\n")
+    line = (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8")
+    with open(Path(run_dir) / METRICS_LOG, "a+b") as f:
+        if f.seek(0, os.SEEK_END) > 0:
+            f.seek(-1, os.SEEK_END)
+            if f.read(1) != b"\n":
+                line = b"\n" + line
+        f.write(line)
 
 
 def read_events(run_dir: str | Path) -> list[dict]:
     """Events of metrics.jsonl; a resumed run repeats steps after its checkpoint, and for a
     repeated (event, split, purpose, step) only the last one is kept, so the list describes one
-    trajectory."""
+    trajectory. A line cut short by a killed process is skipped with a warning."""
     path = Path(run_dir) / METRICS_LOG
     if not path.is_file():
         return []
     latest: dict[tuple, dict] = {}
-    for line in path.read_text(encoding="utf-8").splitlines():
-        if line.strip():
+    unreadable = 0
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        if not line.strip():
+            continue
+        try:
             e = json.loads(line)
-            latest[(e.get("event"), e.get("split"), e.get("purpose"), e.get("step"), e.get("final", False))] = e
+        except json.JSONDecodeError:
+            unreadable += 1
+            continue
+        latest[(e.get("event"), e.get("split"), e.get("purpose"), e.get("step"), e.get("final", False))] = e
+    if unreadable:
+        log.warning("%s: skipped %d line(s) cut short by a process killed while writing", path, unreadable)
     return sorted(latest.values(), key=lambda e: (e.get("step", 0), e.get("time", 0)))

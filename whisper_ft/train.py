@@ -25,7 +25,8 @@ from functools import partial
 from pathlib import Path
 
 import numpy as np
-from transformers import Seq2SeqTrainer, TrainerCallback
+from transformers import Seq2SeqTrainer, TrainerCallback, TrainerState
+from transformers.trainer import TRAINER_STATE_NAME
 
 from whisper_ft import averaging, breakdown, checkpoints, report, served
 from whisper_ft.collator import IGNORE_INDEX, SpeechCollator, expand
@@ -359,6 +360,10 @@ class WhisperTrainer(Seq2SeqTrainer):
         finally:
             self.saver.wait()  # the last checkpoint is on disk when training returns
 
+    def _finalize_training(self, *args, **kwargs):
+        self.saver.wait()  # the last checkpoint is on disk before the Trainer's cleanup looks at the folder
+        return super()._finalize_training(*args, **kwargs)
+
     def _save_checkpoint(self, model, trial) -> None:
         """The HF checkpoint of this step, in the background where it can be; a `checkpoint`
         event in metrics.jsonl says how and for how long training was held."""
@@ -434,7 +439,7 @@ class WhisperTrainer(Seq2SeqTrainer):
     def _save_small_checkpoint_files(self, folder: Path) -> None:
         """This rank's RNG state; on rank 0 also the scheduler, the scaler and the trainer state."""
         import torch
-        from transformers.trainer import SCHEDULER_NAME, TRAINER_STATE_NAME
+        from transformers.trainer import SCHEDULER_NAME
         from transformers.trainer_callback import ExportableState
 
         self._save_rng_state(str(folder))
@@ -593,6 +598,8 @@ def run_training(cfg: Config, fresh: bool = False, callbacks: Sequence[TrainerCa
     run_dir = run_dir_of(cfg)
     found = [] if fresh else checkpoints.checkpoints(run_dir)
     start_step, resume = found[-1] if found else (0, None)
+    if resume is not None:
+        check_resumable(cfg, run_dir, resume)
     if fresh and is_main_process() and run_dir.exists():
         shutil.rmtree(run_dir)
     if is_main_process():
@@ -614,7 +621,14 @@ def run_training(cfg: Config, fresh: bool = False, callbacks: Sequence[TrainerCa
         announce_start(cfg, run_dir, args, data, start_step, resume, gen_len)
     if first:
         score_test(cfg, args, data, model, run_dir, step=0)
-    result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    if resume is not None and start_step >= t.max_steps:  # trained already; its final phase was cut short
+        log.info("%s is at or past training.max_steps (%d): no training left, finishing the run", resume.name,
+                 t.max_steps)
+        trainer._load_from_checkpoint(str(resume))
+        trainer.state = TrainerState.load_from_json(str(resume / TRAINER_STATE_NAME))
+        train_metrics = earlier_train_metrics(run_dir)
+    else:
+        train_metrics = trainer.train(resume_from_checkpoint=str(resume) if resume else None).metrics
     if checkpoints.read_best(run_dir) is None and trainer.is_world_process_zero():  # stopped before any evaluation
         checkpoints.export_best(trainer.model, data.processor, run_dir, {**meta, "step": trainer.state.global_step, "wer": None})
     trainer.accelerator.wait_for_everyone()
@@ -622,7 +636,7 @@ def run_training(cfg: Config, fresh: bool = False, callbacks: Sequence[TrainerCa
     trainer.accelerator.wait_for_everyone()
     best = load_model(str(run_dir / checkpoints.BEST_DIR), cfg.model.language, cfg.model.task, attn_implementation="sdpa")
     final = score_test(cfg, args, data, best, run_dir, step=checkpoints.read_best(run_dir)["step"], final=True)
-    summary = summarize(trainer, result, final, run_dir, args, data.selection_split)
+    summary = summarize(trainer, train_metrics, final, run_dir, args, data.selection_split)
     summary.update(learning_rate=args.learning_rate, warmup_steps=args.warmup_steps, mixed_precision=mixed_precision(cfg),
                    averaging=averaged)
     if trainer.is_world_process_zero():
@@ -634,6 +648,56 @@ def run_training(cfg: Config, fresh: bool = False, callbacks: Sequence[TrainerCa
                                              served.read_predictions(run_dir / "predictions.jsonl"))
         write_reports(cfg, data.manifest, summary, run_dir)
     return summary
+
+
+# What a resumed run may not change: its checkpoint restores the optimizer and the schedule (so
+# a new rate, decay or warm-up would be ignored), and the rest defines the trajectory or what its
+# checks measure. Everything else (max_steps, the check and save cadence, speed and precision
+# switches, exports) may change between runs.
+FIXED_ON_RESUME = (
+    "model.name_or_path", "model.language", "model.task", "features.name", "training.eval_features",
+    "training.learning_rate", "training.lr_scheduler", "training.warmup_steps", "training.warmup_fraction",
+    "training.batch_size", "training.gradient_accumulation_steps", "training.weight_decay", "training.seed",
+    "training.dropout", "training.freeze_encoder", "training.lora", "training.spec_augment", "training.eval_subset",
+    "training.generation_max_length", "training.num_beams",
+)
+
+
+def check_resumable(cfg: Config, run_dir: Path, resume: Path) -> None:
+    """Refuse to resume `run_dir` from `resume` with settings that differ from the run's own
+    (its config.yaml) in `FIXED_ON_RESUME`: the change would be ignored or would mix two runs."""
+    import yaml
+
+    saved_path = run_dir / "config.yaml"
+    if not saved_path.is_file():
+        return
+    saved, now = yaml.safe_load(saved_path.read_text(encoding="utf-8")) or {}, to_dict(cfg)
+
+    def get(tree: dict, key: str):
+        for part in key.split("."):
+            if not isinstance(tree, dict) or part not in tree:
+                return KeyError
+            tree = tree[part]
+        return tree
+
+    changed = [f"{key} {get(saved, key)!r} -> {get(now, key)!r}" for key in FIXED_ON_RESUME
+               if get(saved, key) is not KeyError and get(saved, key) != get(now, key)]
+    if changed:
+        raise TrainingError(f"{run_dir} was trained to {resume.name} with other settings ({'; '.join(changed)}): "
+                            "a resumed run keeps its own; set them back, pass --fresh to start it over, or use "
+                            "another training.run_name")
+    if get(saved, "training.max_steps") not in (KeyError, cfg.training.max_steps):
+        log.info("training.max_steps changed from %s to %d: the learning-rate schedule runs to the new end from here",
+                 get(saved, "training.max_steps"), cfg.training.max_steps)
+
+
+def earlier_train_metrics(run_dir: Path) -> dict:
+    """The training figures of the run's earlier metrics.json, for a rerun that trains no more."""
+    path = run_dir / "metrics.json"
+    earlier = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    return {"train_runtime": earlier.get("train_runtime_seconds", 0.0),
+            "train_samples_per_second": earlier.get("train_samples_per_second"),
+            "train_loss": earlier.get("train_loss")}
 
 
 def announce_start(cfg: Config, run_dir: Path, args, data: Data, step: int, resume: Path | None, gen_len: int) -> None:
@@ -735,7 +799,7 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
     write_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 
 
-def summarize(trainer, result, final: dict, run_dir: Path, args, selection_split: str) -> dict:
+def summarize(trainer, train_metrics: dict, final: dict, run_dir: Path, args, selection_split: str) -> dict:
     """The metrics.json summary (also returned by run_training). `best_*` and
     `selection_baseline` come from the selection split (`selection_split`); `wer`,
     `wer_normalized`, `cer`, `final` and `baseline` (zero-shot) from the test split."""
@@ -752,9 +816,9 @@ def summarize(trainer, result, final: dict, run_dir: Path, args, selection_split
         "wer": final["wer"], "wer_normalized": final["wer_normalized"], "cer": final["cer"],
         "eval_clips": final["eval_clips"], "final": final, "baseline": baseline,
         "steps": steps, "samples_seen": steps * args.train_batch_size * args.gradient_accumulation_steps * args.world_size,
-        "train_runtime_seconds": result.metrics.get("train_runtime", 0.0),
-        "train_samples_per_second": result.metrics.get("train_samples_per_second"),
-        "train_loss": result.metrics.get("train_loss"), "run_dir": str(run_dir),
+        "train_runtime_seconds": train_metrics.get("train_runtime", 0.0),
+        "train_samples_per_second": train_metrics.get("train_samples_per_second"),
+        "train_loss": train_metrics.get("train_loss"), "run_dir": str(run_dir),
     }
 
 
