@@ -134,6 +134,9 @@ def test_cut_loop_keeps_the_text_up_to_where_the_loop_starts(sentences, tokenize
                     "ckholm. Jag bor i") == "Hej. Jag bor i Stockholm"
     assert cut_loop([5, 6, 7, 8, 9, 8, 9, 8, 9, 8, 9, 8]) == [5, 6, 7, 8, 9]
     assert find_loop("ja ja ja och nej") is None  # three in a row is speech, not a loop
+    # the loop that runs to the end is cut, not an earlier "000000" in a number
+    speech = "Priset var 1000000 kronor och sedan gick vi hem till mormor för att äta middag. "
+    assert cut_loop(speech + "Tack för att ni tittade. " * 12) == speech + "Tack för att ni tittade"
     for i in range(0, len(sentences), 10):  # about a 30 s window of normal Swedish each
         text = " ".join(sentences[i:i + 10])
         ids = tokenizer(text, add_special_tokens=False).input_ids

@@ -76,24 +76,27 @@ def compression_ratio(text: str) -> float:
 
 
 def find_loop(seq: Sequence, min_repeats: int = MIN_LOOP_REPEATS) -> tuple[int, int] | None:
-    """(start, period) of the earliest run in `seq` (tokens or a string) where a unit of `period`
-    items repeats at least `min_repeats` times in a row, or None."""
-    best = None
+    """(start, period) of the longest run in `seq` (tokens or a string) where a unit of `period`
+    items repeats at least `min_repeats` times in a row, or None; among equally long runs the
+    earliest, with the shortest unit. The longest, not the first: a loop that ran to the token
+    cap outweighs a "1000000" earlier in the text."""
+    best = None  # (items covered, -start, -period)
     for period in range(1, len(seq) // min_repeats + 1):
         need = period * (min_repeats - 1)  # positions in a row where seq[i] == seq[i + period]
         run = 0
-        for i in range(len(seq) - period):
-            run = run + 1 if seq[i] == seq[i + period] else 0
-            if run == need:
-                start = i - need + 1
-                if best is None or start < best[0]:
-                    best = (start, period)
-                break
-    return best
+        for i in range(len(seq) - period + 1):
+            if i < len(seq) - period and seq[i] == seq[i + period]:
+                run += 1
+                continue
+            if run >= need:
+                key = (run + period, run - i, -period)
+                best = key if best is None or key > best else best
+            run = 0
+    return None if best is None else (-best[1], -best[2])
 
 
 def cut_loop(seq: Sequence, min_repeats: int = MIN_LOOP_REPEATS) -> Sequence:
-    """`seq` up to where its first loop starts, keeping one copy of the repeated unit
+    """`seq` up to where its loop (`find_loop`) starts, keeping one copy of the repeated unit
     (hand-written: openai/whisper, faster-whisper and transformers return a loop as it is)."""
     loop = find_loop(seq, min_repeats)
     return seq if loop is None else seq[:loop[0] + loop[1]]
