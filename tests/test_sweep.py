@@ -211,6 +211,38 @@ def test_a_failing_trial_is_recorded_and_not_rerun(tmp_path):
     assert len(scripted.calls) == calls  # finished and failed trials are not run again
 
 
+def test_a_trial_with_an_invalid_value_fails_and_the_sweep_goes_on(tmp_path):
+    spec = load_spec(write_spec(tmp_path, method="grid", budget_samples=32, eval_every_samples=32, prune=False,
+                                space={"training.gradient_accumulation_steps": [0, 1]}))
+    trainer = ScriptedTrainer(lambda t, step: 50.0)
+    sets = [f"training.output_dir={tmp_path / 'ck'}"]
+    folder = run_sweep(spec, base_config(tmp_path), str(ROOT / "config.yaml"), sets, trainer, log=lambda s: None)
+    trials = {t["params"]["training.gradient_accumulation_steps"]: t for t in read_trials(folder)}
+    assert trials[0]["status"] == "failed" and "gradient_accumulation_steps" in trials[0]["error"]
+    assert trials[1]["status"] == "complete" and len(trainer.calls) == 1
+    run_sweep(spec, base_config(tmp_path), str(ROOT / "config.yaml"), sets, trainer, log=lambda s: None)
+    assert len(trainer.calls) == 1  # nothing left running to resume
+
+
+def test_trials_of_any_batch_size_report_their_checks_at_the_same_steps(tmp_path):
+    """ceil(80 / 48) = 2 steps of 48 clips is 96 clips a check, not 80: each check is reported at
+    the nearest multiple of 80, where the other trials report theirs."""
+    import whisper_ft.sweep as sweep
+
+    spec = load_spec(write_spec(tmp_path, method="grid", budget_samples=480, eval_every_samples=80, prune=True,
+                                space={"training.batch_size": [16, 48]}))
+    reported: dict[int, list[int]] = {}
+    for batch in (16, 48):
+        trial = SimpleNamespace(report=lambda value, step, b=batch: reported.setdefault(b, []).append(step),
+                                should_prune=lambda: False)
+        cfg = sweep.trial_config(base_config(tmp_path), spec, {"training.batch_size": batch}, tmp_path, 0,
+                                 str(ROOT / "config.yaml"), [])
+        ScriptedTrainer(lambda t, step: 50.0)(cfg, callbacks=[sweep.pruning_callback(
+            trial, "wer", batch, 0, spec.eval_every_samples)])
+    assert reported[16] == [80, 160, 240, 320, 400, 480]
+    assert reported[48] == [80, 160, 320, 400, 480]  # checks at 96, 192, 288, 384 and 480 clips
+
+
 def test_warmup_in_samples_is_the_same_for_every_batch_size(tmp_path):
     from whisper_ft.sweep import trial_config
 

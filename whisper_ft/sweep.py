@@ -157,8 +157,12 @@ def samples_per_step(t) -> int:
     return t.batch_size * t.gradient_accumulation_steps * int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def pruning_callback(trial, metric: str, per_step: int, warmup_evals: int = 0):
-    """A TrainerCallback that reports each evaluation to Optuna and stops a hopeless trial."""
+def pruning_callback(trial, metric: str, per_step: int, warmup_evals: int = 0, every_samples: int = 0):
+    """A TrainerCallback that reports each evaluation to Optuna and stops a hopeless trial.
+
+    Each check is reported at the clips seen, rounded to a multiple of the sweep's
+    `every_samples` when it has one: a trial whose batch does not divide it checks every
+    ceil(8000 / 48) steps = 8016 clips, and Optuna's pruners only compare equal steps."""
     from transformers import TrainerCallback
 
     class Pruning(TrainerCallback):
@@ -170,7 +174,8 @@ def pruning_callback(trial, metric: str, per_step: int, warmup_evals: int = 0):
             if value is None or state.global_step == 0:
                 return
             self.checks += 1
-            trial.report(float(value), step=state.global_step * per_step)  # samples seen: comparable across batches
+            seen = state.global_step * per_step  # samples seen: comparable across batches
+            trial.report(float(value), step=round(seen / every_samples) * every_samples if every_samples else seen)
             if self.checks > warmup_evals and trial.should_prune():
                 self.pruned = True
                 control.should_training_stop = True
@@ -206,18 +211,19 @@ def _run_one(study, trial, spec: SweepSpec, base: Config, folder: Path, config_p
     from optuna.trial import TrialState
 
     number, params = trial.number, trial.params
-    cfg = trial_config(base, spec, params, folder, number, config_path, overrides)
-    t = cfg.training
-    per_step = samples_per_step(t)
     record_path = folder / f"trial-{number:03d}" / TRIAL_FILE
     record = json.loads(record_path.read_text()) if record_path.is_file() else {"wall_seconds": 0.0}
-    record.update(number=number, params=params, status="running", max_steps=t.max_steps,
-                  samples_per_step=per_step, config=to_dict(cfg.training))
-    _write_json(record_path, record)
-    log(f"trial {number}: {params} ({t.max_steps} steps x {per_step} samples)")
-    callback = pruning_callback(trial, spec.metric, per_step, spec.prune_warmup_evals)
+    record.update(number=number, params=params, status="running")
+    record_path.parent.mkdir(parents=True, exist_ok=True)
     start = time.monotonic()
     try:
+        cfg = trial_config(base, spec, params, folder, number, config_path, overrides)  # a bad value fails the trial
+        t = cfg.training
+        per_step = samples_per_step(t)
+        record.update(max_steps=t.max_steps, samples_per_step=per_step, config=to_dict(cfg.training))
+        _write_json(record_path, record)
+        log(f"trial {number}: {params} ({t.max_steps} steps x {per_step} samples)")
+        callback = pruning_callback(trial, spec.metric, per_step, spec.prune_warmup_evals, spec.eval_every_samples)
         result = train(cfg, callbacks=[callback])
     except Exception as e:  # one trial's failure must not end the sweep: recorded, reported, not retried
         record.update(status="failed", error=f"{type(e).__name__}: {first_line(e)}")
@@ -281,7 +287,7 @@ def write_report(folder: Path, spec: SweepSpec) -> Path:
         rows.append({"trial": t["number"], "status": t["status"], "params": t["params"], "best": best,
                      "test": (t.get("result") or {}).get("wer"), "split": best.get("split", "eval"),
                      "steps": max((e["step"] for e in t["evals"]), default=0),
-                     "samples": max((e["step"] for e in t["evals"]), default=0) * t["samples_per_step"],
+                     "samples": max((e["step"] for e in t["evals"]), default=0) * t.get("samples_per_step", 0),
                      "wall": t.get("wall_seconds", 0.0)})
     rows.sort(key=lambda r: (r["status"] != "complete", r["best"].get(spec.metric, math.inf)))
     split = next((r["split"] for r in rows if r["best"]), "validation")
