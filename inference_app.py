@@ -39,11 +39,8 @@ def parse_args(argv: list[str] | None):
     parser.add_argument("--export-space", metavar="DIR",
                         help="write a folder that runs this page as a Hugging Face Space (for --model), then exit")
     args = parser.parse_args(argv)
-    for key in ("model", "host", "port", "auth_file"):
-        if getattr(args, key) is not None:
-            args.overrides.append(f"app.{key}={getattr(args, key)}")
-    if args.share:
-        args.overrides.append("app.share=true")
+    args.values = [(f"app.{key}", getattr(args, key)) for key in ("model", "host", "port", "auth_file")
+                   if getattr(args, key) is not None] + ([("app.share", True)] if args.share else [])
     return args
 
 

@@ -29,10 +29,8 @@ def parse_args(argv: list[str] | None):
                              "(default: training.push_to_hub; token: HF_TOKEN or hf auth login)")
     parser.add_argument("--private", action="store_true", help="make that repository private (training.hub_private)")
     args = parser.parse_args(argv)
-    if args.push_to_hub:
-        args.overrides.append(f"training.push_to_hub={args.push_to_hub}")
-    if args.private:
-        args.overrides.append("training.hub_private=true")
+    args.values = ([("training.push_to_hub", args.push_to_hub)] if args.push_to_hub else []) + \
+        ([("training.hub_private", True)] if args.private else [])
     return args
 
 

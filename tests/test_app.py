@@ -272,7 +272,7 @@ def test_main_binds_localhost_and_shares_only_on_request(model_dir, launches, ca
     assert (launches[-1]["server_name"], launches[-1]["server_port"], launches[-1]["share"]) == ("0.0.0.0", 8123, True)
 
 
-@pytest.mark.parametrize("flags", [["--share"], ["--host", "0.0.0.0"], ["--host", "192.168.1.20"]])
+@pytest.mark.parametrize("flags", [["--share"], ["--host", "0.0.0.0"], ["--host", "192.168.1.20"], ["--host", "::"]])
 def test_sharing_without_a_login_warns_loudly(model_dir, launches, caplog, flags):
     import inference_app
 
@@ -280,6 +280,8 @@ def test_sharing_without_a_login_warns_loudly(model_dir, launches, caplog, flags
         assert inference_app.main(["--model", str(model_dir), "--config", str(ROOT / "config.yaml"), *flags]) == 0
     assert "WITHOUT A LOGIN" in caplog.text and "--auth-file" in caplog.text
     assert launches[-1]["auth"] is None
+    if flags[0] == "--host":
+        assert launches[-1]["server_name"] == flags[1]  # as typed, not read as YAML ("::" is a mapping there)
 
 
 def test_logins_from_the_flag_a_file_or_the_environment(model_dir, launches, caplog, tmp_path, monkeypatch):

@@ -14,6 +14,12 @@ def test_wer_by_groups_worst_first_and_skips_empty_references():
     assert by_source[1]["clips"] == 2 and by_source[1]["wer"] == 2 / 6 * 100 and by_source[1]["wer_normalized"] == 0.0
 
 
+def test_a_group_of_punctuation_only_references_has_no_normalized_wer():
+    rows = wer_by([{"source": "a", "reference": "...", "prediction": "bla bla"}], "source")
+    assert rows[0]["wer_normalized"] is None and rows[0]["wer"] == 200.0
+    assert "| a | 1 | 1 | 200.00 | n/a |" in markdown_section({"source": rows})
+
+
 def test_markdown_section_lists_every_group_key_present():
     records = [{"source": "cv", "speaker": f"s{i}", "reference": "ett två", "prediction": "ett"} for i in range(12)]
     groups = breakdowns(records)

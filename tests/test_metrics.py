@@ -26,6 +26,7 @@ def test_empty_references_are_skipped():
     assert wer_normalized(["...", "en"], ["x", "en"]) == 0.0  # empty once normalized
     assert math.isnan(wer([""], ["x"]))
     assert math.isnan(cer([" "], ["x"]))
+    assert scores(["", "hej du", "  "], ["a", "hej du", "b"])["clips"] == 1  # the clips scored
 
 
 def test_empty_prediction_counts_as_deletions():

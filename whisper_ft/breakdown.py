@@ -21,7 +21,8 @@ def read_predictions(path: str | Path) -> list[dict]:
 def wer_by(records: list[dict], key: str) -> list[dict]:
     """Orthographic and normalized WER per value of `key`, worst first; empty references skipped.
 
-    Each result: {key, clips, words, wer, wer_normalized}; WER is a percentage.
+    Each result: {key, clips, words, wer, wer_normalized}; WER is a percentage (normalized WER None
+    for a group whose references are all punctuation).
     """
     groups: dict[str, list[dict]] = defaultdict(list)
     for r in records:
@@ -35,7 +36,8 @@ def wer_by(records: list[dict], key: str) -> list[dict]:
         rows.append({
             key: value, "clips": len(items), "words": sum(len(r.split()) for r in refs),
             "wer": 100 * jiwer.wer(refs, hyps),
-            "wer_normalized": 100 * jiwer.wer([a for a, _ in norm_pairs], [b for _, b in norm_pairs]) if norm_pairs else 0.0,
+            "wer_normalized": (100 * jiwer.wer([a for a, _ in norm_pairs], [b for _, b in norm_pairs])
+                               if norm_pairs else None),  # no reference left after normalization: undefined
         })
     return sorted(rows, key=lambda r: (-r["wer"], r[key]))
 
@@ -45,7 +47,8 @@ def markdown_table(rows: list[dict], key: str, limit: int = 20) -> str:
     lines = [f"| {key} | clips | words | WER | normalized WER |", "|---|---:|---:|---:|---:|"]
     for r in rows[:limit]:
         name = r[key] if len(r[key]) <= 16 else r[key][:12] + "..."
-        lines.append(f"| {name} | {r['clips']} | {r['words']} | {r['wer']:.2f} | {r['wer_normalized']:.2f} |")
+        normalized = "n/a" if r["wer_normalized"] is None else f"{r['wer_normalized']:.2f}"
+        lines.append(f"| {name} | {r['clips']} | {r['words']} | {r['wer']:.2f} | {normalized} |")
     return "\n".join(lines)
 
 

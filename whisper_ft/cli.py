@@ -19,11 +19,14 @@ def base_parser(description: str) -> argparse.ArgumentParser:
     parser.add_argument("--config", default="config.yaml", help="YAML config (default: config.yaml)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="override one config value, e.g. --set training.learning_rate=3e-5 (repeatable)")
+    parser.set_defaults(values=[])
     return parser
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
-    return load_config(args.config, args.overrides)
+    """The config file, its `--set` overrides (read as YAML), then `args.values`: the (dotted
+    key, value) pairs of a script's own flags, taken as they are (`--host ::` is a string)."""
+    return load_config(args.config, args.overrides, args.values)
 
 
 def run(main: Callable[[list[str] | None], int | None], argv: list[str] | None = None) -> int:

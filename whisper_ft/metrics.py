@@ -42,6 +42,6 @@ def wer_normalized(references: Sequence[str], predictions: Sequence[str]) -> flo
 
 
 def scores(references: Sequence[str], predictions: Sequence[str]) -> dict[str, float]:
-    """All three scores plus the number of clips they were computed on."""
+    """All three scores plus the number of clips they were computed on (those with a non-empty reference)."""
     return {"wer": wer(references, predictions), "wer_normalized": wer_normalized(references, predictions),
-            "cer": cer(references, predictions), "clips": len(references)}
+            "cer": cer(references, predictions), "clips": len(_nonempty(references, predictions)[0])}
