@@ -111,6 +111,22 @@ def test_translation_offline_still_shows_the_transcript(handlers, media, monkeyp
     assert "Translation failed" in status and "could not be reached" in status and WHISPER in status
 
 
+def test_crashed_network_processes_keep_the_transcript_and_say_so(handlers, media, monkeypatch, caplog):
+    """A crash of the translation or download process is a bug: logged as an error; the visitor
+    keeps the transcript, or gets a message instead of Gradio's bare "Error"."""
+    from whisper_ft import child
+
+    def crash(module, request, timeout):
+        raise child.ChildFailed(f"python -m {module} exited with 1: KeyError: 'x'")
+
+    monkeypatch.setattr(child, "run", crash)
+    with caplog.at_level(logging.ERROR):
+        text, translation, status, *_ = handlers.from_file(str(media["speech.mp3"]), GOOGLE, "en", False, [])
+    assert text and translation == "" and "translation process crashed" in status
+    assert "KeyError: 'x'" in caplog.text
+    assert "download failed unexpectedly" in error_message(lambda: handlers.from_url("https://example.com/v"))
+
+
 def test_whisper_translate_task_is_the_offline_option(handlers, media, fake_google, monkeypatch):
     tasks = []
     transcribe = handlers.transcriber.transcribe

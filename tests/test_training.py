@@ -363,10 +363,19 @@ def test_bad_config_exit_2(tmp_path, capsys):
 
 
 def test_generation_length_capped_from_labels():
+    from datasets import Dataset
+
+    from whisper_ft.train import longest_label
+
     cfg = load_config(None)
-    assert generation_max_length(cfg, [[1] * 20, [1] * 40]) == 45
-    assert generation_max_length(cfg, [[1] * 440]) == 448
-    assert generation_max_length(load_config(None, ["training.generation_max_length=100"]), [[1] * 20]) == 100
+    assert generation_max_length(cfg, 40) == 45
+    assert generation_max_length(cfg, 440) == 448
+    assert generation_max_length(load_config(None, ["training.generation_max_length=100"]), 20) == 100
+    train = Dataset.from_dict({"labels": [[1] * 20, [1] * 40, [1] * 7]})
+    validation = Dataset.from_dict({"labels": [[1] * 50, [1] * 3]})
+    assert longest_label(train, validation) == 50
+    assert longest_label(train, validation.select([1])) == 40  # a subset counts only its rows
+    assert longest_label(train.select([])) == 0
 
 
 def test_precision_per_device():

@@ -25,7 +25,7 @@ from pathlib import Path
 import gradio as gr
 import numpy as np
 
-from whisper_ft import translate, youtube
+from whisper_ft import child, translate, youtube
 from whisper_ft.audio import SAMPLE_RATE, AudioError, TooLong, is_silent, load_audio, probe_seconds
 from whisper_ft.config import AppConfig, Config
 from whisper_ft.errors import UserError
@@ -131,6 +131,10 @@ class Handlers:
             media = youtube.download_audio(url, limits, self._left(deadline), app.cookies_file)
         except youtube.MediaError as e:
             raise gr.Error(str(e)) from e
+        except child.ChildFailed as e:  # a bug, for the log
+            log.error("the download process crashed: %s", e)
+            raise gr.Error("The download failed unexpectedly (the app's log says why); try again, or download "
+                           "the video yourself and upload the file.") from e
         return self._run(media.wave, f"{media.title} ({media.url})", translator, target, timestamps, history,
                          deadline)
 
@@ -189,9 +193,13 @@ class Handlers:
             return translate.translate(text, target, self.language, timeout), ""
         except translate.TranslationError as e:
             log.warning("translation failed: %s", e)
-            gr.Warning(f"Translation failed: {e}")
-            return "", (f"**Translation failed:** {e}. The transcript above is complete; choose "
-                        f"“{WHISPER}” to translate without network access.")
+            reason = str(e)
+        except child.ChildFailed as e:  # a bug, for the log; the visitor still gets the transcript
+            log.error("the translation process crashed: %s", e)
+            reason = "the translation process crashed (the app's log says why)"
+        gr.Warning(f"Translation failed: {reason}")
+        return "", (f"**Translation failed:** {reason}. The transcript above is complete; choose "
+                    f"“{WHISPER}” to translate without network access.")
 
     def _write_files(self, result: Transcript) -> list[str]:
         _remove_old(self.out_dir, DOWNLOAD_MAX_AGE)

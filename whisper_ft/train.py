@@ -117,16 +117,25 @@ def _model_view(ds):
     return ds.with_format("numpy", columns=MODEL_COLUMNS)
 
 
-def generation_max_length(cfg: Config, eval_labels: Sequence[Sequence[int]]) -> int:
-    """Token cap for generation: the configured one, or the longest eval label + 10%.
+def generation_max_length(cfg: Config, longest_label: int) -> int:
+    """Token cap for generation: the configured one, or the longest label + 10% (`longest_label`:
+    of the training and selection splits, never of the test split's references where the store
+    has a validation split, so that the test WER owes nothing to them).
 
     A model that loops (common early in fine-tuning) would otherwise generate 448 tokens for
     every clip and stretch an evaluation from minutes into hours.
     """
     if cfg.training.generation_max_length > 0:
         return min(cfg.training.generation_max_length, MAX_TARGET_POSITIONS)
-    longest = max((len(x) for x in eval_labels), default=MAX_TARGET_POSITIONS)
-    return min(MAX_TARGET_POSITIONS, math.ceil(longest * 1.1) + 1)
+    return min(MAX_TARGET_POSITIONS, math.ceil((longest_label or MAX_TARGET_POSITIONS) * 1.1) + 1)
+
+
+def longest_label(*splits) -> int:
+    """Tokens in the longest label of these datasets (read as Arrow, not as Python lists)."""
+    import pyarrow.compute as pc
+
+    return max((pc.max(pc.list_value_length(ds.with_format("arrow")["labels"])).as_py() or 0 for ds in splits
+                if len(ds)), default=0)
 
 
 # --------------------------------------------------------------------------- model
@@ -607,7 +616,7 @@ def run_training(cfg: Config, fresh: bool = False, callbacks: Sequence[TrainerCa
             log.info("removed %s, left half-written by an earlier process", leftover)
     data = load_data(cfg)
     model = prepare_model(cfg, data.processor.tokenizer)
-    gen_len = generation_max_length(cfg, [*data.test["labels"], *data.selection_model["labels"]])
+    gen_len = generation_max_length(cfg, longest_label(data.train_model, data.selection_model))
     first = cfg.training.eval_before_training and resume is None
     args = training_arguments(cfg, run_dir, gen_len, eval_on_start=first, d_model=model.config.d_model)
     meta = {"base_model": cfg.model.name_or_path, "language": cfg.model.language, "task": cfg.model.task,
