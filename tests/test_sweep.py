@@ -8,6 +8,7 @@ logic is checked in seconds; one test runs real trainings on the tiny model.
 from __future__ import annotations
 
 import json
+import math
 import re
 from pathlib import Path
 from types import SimpleNamespace
@@ -182,9 +183,9 @@ def test_trial_objective_is_the_best_check_of_the_chosen_metric():
     from whisper_ft.sweep import best_value
 
     evals = [{"step": 0, "wer": 0.1, "cer": 0.05}, {"step": 2, "wer": 0.5, "cer": 0.3}, {"step": 4, "wer": 0.6, "cer": 0.2}]
-    assert best_value(evals, "wer", {}) == 0.5  # the zero-shot check is not the trial's result
-    assert best_value(evals, "cer", {}) == 0.2
-    assert best_value(evals[:1], "cer", {"cer": 0.4}) == 0.4  # stopped before a check: the final score
+    assert best_value(evals, "wer") == 0.5  # the zero-shot check is not the trial's result
+    assert best_value(evals, "cer") == 0.2
+    assert best_value(evals[:1], "cer") == math.inf  # stopped before a check: never the test score
 
 
 def test_a_failing_trial_is_recorded_and_not_rerun(tmp_path):

@@ -234,7 +234,7 @@ def _run_one(study, trial, spec: SweepSpec, base: Config, folder: Path, config_p
     finally:
         record["wall_seconds"] += time.monotonic() - start
         _write_json(record_path, record)
-    value = best_value(_evals(record_path.parent), spec.metric, result)
+    value = best_value(_evals(record_path.parent), spec.metric)
     if callback.pruned:
         record["status"] = "pruned"
         study.tell(number, state=TrialState.PRUNED)
@@ -261,10 +261,11 @@ def _evals(run_dir: Path) -> list[dict]:
             if e.get("event") == "eval" and e.get("purpose", "selection") == "selection" and not e.get("final")]
 
 
-def best_value(evals: list[dict], metric: str, result: dict) -> float:
-    """A trial's objective: its best `metric` at a check after step 0, else the final score."""
+def best_value(evals: list[dict], metric: str) -> float:
+    """A trial's objective: its best `metric` at a check after step 0; inf without one, so that
+    it cannot win (its final score is on the test split, reported but never used to choose)."""
     scores = [e[metric] for e in evals if e.get("step", 0) > 0 and e.get(metric) is not None]
-    return float(min(scores)) if scores else float(result[metric])
+    return float(min(scores)) if scores else math.inf
 
 
 def read_trials(folder: Path) -> list[dict]:
