@@ -50,6 +50,8 @@ def test_keeper_keeps_only_what_the_average_uses(tmp_path):
     assert json.loads((folder / "candidates.json").read_text()) == {"10": 0.5, "30": 0.4}
     mean = average([weights_path(folder, 10), weights_path(folder, 30)])
     assert torch.equal(mean["weight"], torch.full((2, 3), 20.0))
+    weights_path(folder, 10).unlink()  # killed between deleting a dropped candidate and rewriting the index
+    assert read_index(folder) == {30: 0.4}
 
 
 def test_saved_weights_are_float32_even_from_a_bf16_model(tmp_path):

@@ -152,3 +152,27 @@ def test_room_for_a_copy_is_half_of_the_free_memory(monkeypatch):
     assert saving.fits_in_memory(10**15)
     assert saving.nbytes({"a": torch.zeros(4, dtype=torch.float32), "b": [torch.zeros(2, dtype=torch.bfloat16), 3]}) == 20
     assert saving.available_memory() is None or saving.available_memory() > 0
+
+
+def test_folders_and_files_reach_the_disk_before_their_new_name(tmp_path, monkeypatch):
+    """replace_dir and write_atomic flush the data before the rename and the name after it: a
+    power loss then leaves the old version or the new one, never a new name on empty files."""
+    import os
+
+    from whisper_ft import files
+
+    log: list[str] = []
+    fsync, replace = os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: log.append(f"fsync {Path(os.readlink(f'/proc/self/fd/{fd}')).name}")
+                        or fsync(fd))
+    monkeypatch.setattr(os, "replace", lambda a, b: log.append(f"replace {Path(b).name}") or replace(a, b))
+    tmp = tmp_path / ".best.tmp-1"
+    (tmp / "sub").mkdir(parents=True)
+    (tmp / "model.safetensors").write_bytes(b"w" * 10)
+    (tmp / "sub" / "config.json").write_text("{}")
+    files.replace_dir(tmp, tmp_path / "best")
+    assert log.index("replace best") > max(log.index(f"fsync {n}") for n in ("model.safetensors", "config.json", "sub"))
+    assert log[-1] == f"fsync {tmp_path.name}"  # the new name itself
+    log.clear()
+    files.write_atomic(tmp_path / "metrics.json", "{}")
+    assert log == [f"fsync .metrics.json.tmp-{os.getpid()}", "replace metrics.json", f"fsync {tmp_path.name}"]

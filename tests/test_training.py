@@ -387,11 +387,12 @@ def test_precision_per_device():
 
 
 def test_latest_checkpoint_skips_half_written(tmp_path):
-    for step, complete in ((2, True), (10, True), (12, False)):
+    """A kill before the Trainer's last file (12), or a power loss before it reached the disk (14, 16)."""
+    for step, state in ((2, "{}"), (10, '{"global_step": 10}'), (12, None), (14, ""), (16, '{"global_st')):
         d = tmp_path / f"checkpoint-{step}"
         d.mkdir()
-        if complete:
-            (d / "trainer_state.json").write_text("{}")
+        if state is not None:
+            (d / "trainer_state.json").write_text(state)
     (tmp_path / "checkpoint-x").mkdir()
     assert checkpoints.latest_checkpoint(tmp_path) == tmp_path / "checkpoint-10"
     assert checkpoints.latest_checkpoint(tmp_path / "missing") is None

@@ -28,9 +28,11 @@ INDEX = "candidates.json"
 
 
 def read_index(folder: Path) -> dict[int, float]:
-    """{step: validation WER} of the saved candidates."""
+    """{step: validation WER} of the saved candidates whose weights are on disk (a process killed
+    between deleting a dropped candidate and rewriting the index leaves it named there)."""
     path = folder / INDEX
-    return {int(k): v for k, v in json.loads(path.read_text()).items()} if path.is_file() else {}
+    index = {int(k): v for k, v in json.loads(path.read_text()).items()} if path.is_file() else {}
+    return {step: wer for step, wer in index.items() if weights_path(folder, step).is_file()}
 
 
 def select(index: dict[int, float], n: int, mode: str) -> list[int]:

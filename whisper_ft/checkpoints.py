@@ -41,9 +41,19 @@ def checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
     found = []
     for p in run_dir.iterdir():
         m = _CHECKPOINT.match(p.name)
-        if m and p.is_dir() and (p / _COMPLETE_MARK).is_file():
+        if m and p.is_dir() and _complete(p):
             found.append((int(m.group(1)), p))
     return sorted(found)
+
+
+def _complete(checkpoint: Path) -> bool:
+    """Whether the Trainer finished writing `checkpoint`: its last file is there and whole (an
+    empty or cut one is what a machine that lost power before flushing leaves behind)."""
+    try:
+        json.loads((checkpoint / _COMPLETE_MARK).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return True
 
 
 def remove_leftovers(run_dir: str | Path) -> list[Path]:

@@ -11,11 +11,16 @@ def write_atomic(path: str | Path, text: str) -> None:
     """Write `text` (UTF-8) to a temporary name beside `path`, then rename it into place.
 
     The temporary name carries the process id, so concurrent writers never share one and a
-    killed writer's leftover can be told apart (`.<name>.tmp-<pid>`).
+    killed writer's leftover can be told apart (`.<name>.tmp-<pid>`). The data reach the disk
+    before the rename, so that after a power loss the file is the old one or the new one.
     """
     tmp = staging_dir(path)
-    tmp.write_text(text, encoding="utf-8")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
+    fsync_dir(Path(path).parent)
 
 
 def staging_dir(final: str | Path) -> Path:
@@ -28,8 +33,11 @@ def staging_dir(final: str | Path) -> Path:
 def replace_dir(tmp: str | Path, final: str | Path) -> None:
     """Rename the complete folder `tmp` to `final`, replacing an older `final`: a reader sees
     the old folder or the new one (a directory cannot replace a non-empty one, so the old
-    one is moved aside first)."""
+    one is moved aside first). Its files reach the disk before the rename: without that, a
+    power loss or a preempted machine can leave the new name on empty files, after the older
+    copies are gone."""
     tmp, final = Path(tmp), Path(final)
+    fsync_tree(tmp)
     if final.exists():
         old = final.with_name(f".{final.name}.old-{os.getpid()}")
         os.replace(final, old)
@@ -37,3 +45,25 @@ def replace_dir(tmp: str | Path, final: str | Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(tmp, final)
+    fsync_dir(final.parent)
+
+
+def fsync_tree(folder: str | Path) -> None:
+    """Flush every file under `folder`, and the folders themselves, to the disk."""
+    for root, _, files in os.walk(folder):
+        for name in files:
+            fd = os.open(os.path.join(root, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        fsync_dir(root)
+
+
+def fsync_dir(folder: str | Path) -> None:
+    """Flush a folder's entries (new and renamed names) to the disk."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
