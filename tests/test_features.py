@@ -477,3 +477,18 @@ def test_stores_of_the_previous_format_still_read_and_older_ones_are_refused(tmp
     (tmp_path / MANIFEST).write_text(json.dumps({"format_version": 1, "name": "x"}))
     with pytest.raises(FeaturesError, match="rerun python feature_pipeline.py"):
         read_manifest(tmp_path)
+
+
+def test_a_long_recording_is_dropped_without_decoding_past_the_limit(tmp_path, monkeypatch):
+    import numpy as np
+    import soundfile as sf
+
+    from whisper_ft import features
+    from whisper_ft.sources import Row
+
+    sf.write(tmp_path / "long.wav", np.zeros(16000 * 40, np.float32), 16000)
+    asked = []
+    real = features.load_audio
+    monkeypatch.setattr(features, "load_audio", lambda *a, **k: asked.append(k.get("max_seconds")) or real(*a, **k))
+    assert features._decode(Row("s", "train", "train/long", str(tmp_path / "long.wav"), "x"), 30.0) == ("too_long", None)
+    assert asked == [30.0]

@@ -43,7 +43,7 @@ from typing import Any
 
 import numpy as np
 
-from whisper_ft.audio import SAMPLE_RATE, AudioError, load_audio, pad_features, trimmed_features
+from whisper_ft.audio import SAMPLE_RATE, AudioError, TooLong, load_audio, pad_features, trimmed_features
 from whisper_ft.claims import ClaimSet, live_claims, owner_tag, read_holder
 from whisper_ft.config import save_config, to_dict
 from whisper_ft.errors import UserError
@@ -119,7 +119,7 @@ def encode_batch(rows: Iterable[Row], feature_extractor, tokenizer, limits: Limi
         if len(labels) > limits.max_label_tokens:
             drops["labels_too_long"] += 1
             continue
-        reason, wave = _decode(row)
+        reason, wave = _decode(row, limits.max_seconds)
         if reason is None:
             seconds = len(wave) / SAMPLE_RATE
             reason = "too_long" if seconds > limits.max_seconds else "too_short" if seconds < limits.min_seconds else None
@@ -155,7 +155,9 @@ def mark_served_clips(rows: list[Row], n: int) -> list[Row]:
     return [replace(r, meta={**r.meta, KEEP_AUDIO: True}) if i in chosen else r for i, r in enumerate(rows)]
 
 
-def _decode(row: Row) -> tuple[str | None, np.ndarray | None]:
+def _decode(row: Row, max_seconds: float) -> tuple[str | None, np.ndarray | None]:
+    """(drop reason or None, 16 kHz mono audio); audio longer than `max_seconds` is not decoded
+    past it (a long-form recording in a dataset would otherwise be held whole in memory)."""
     audio = row.audio.read() if isinstance(row.audio, ArrowAudio) else row.audio
     if isinstance(audio, str):
         if not audio or not os.path.isfile(audio):
@@ -165,7 +167,9 @@ def _decode(row: Row) -> tuple[str | None, np.ndarray | None]:
     elif not audio:
         return "empty_file", None
     try:
-        wave = load_audio(audio)
+        wave = load_audio(audio, max_seconds=max_seconds)
+    except TooLong:
+        return "too_long", None
     except (AudioError, OSError, ValueError, RuntimeError):
         return "undecodable", None
     if wave.size == 0 or not np.isfinite(wave).all():
