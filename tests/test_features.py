@@ -417,11 +417,15 @@ def test_sentence_overlap_is_refused_and_speaker_overlap_only_counted():
 
     train = [row("train", 0, "Hej, hur mår du?", "a"), row("train", 1, "Vad heter du", "b")]
     test = [row("test", 0, "hej hur mår du", "c"), row("test", 1, "Något helt annat.", "b")]
-    with pytest.raises(FeaturesError, match="shares 1 sentence with the 2 test clips"):
-        check_leakage({"train": train, "validation": [], "eval": test})
-    kept, report = check_leakage({"train": train, "validation": [], "eval": test}, "drop")
-    assert [r.id for r in kept["train"]] == ["train/1"]
-    assert report["eval"] == {"rows": 2, "clips": 0, "sentences": 1, "speakers": 1, "training_rows": 1}
+    for policy in ("refuse", "drop"):  # a shared sentence alone is dropped, not refused
+        kept, report = check_leakage({"train": train, "validation": [], "eval": test}, policy)
+        assert [r.id for r in kept["train"]] == ["train/1"] and report["dropped_training_rows"] == 1
+        assert report["eval"] == {"rows": 2, "clips": 0, "sentences": 1, "speakers": 1, "training_rows": 1}
+    shared_clip = [*train, Row("s", "train", "train/2", "/c/test1.mp3", "Annan text.", "d")]
+    with pytest.raises(FeaturesError, match="shares 1 clip and 1 sentence with the 2 test clips"):
+        check_leakage({"train": shared_clip, "validation": [], "eval": test})
+    kept, report = check_leakage({"train": train, "validation": [], "eval": test}, "keep")
+    assert kept["train"] == train and report["kept_overlapping_training_rows"] == 1
     _, report = check_leakage({"train": train[1:], "validation": [], "eval": test})  # speakers alone: no refusal
     assert report["eval"]["speakers"] == 1 and report["dropped_training_rows"] == 0
 

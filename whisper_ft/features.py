@@ -571,19 +571,21 @@ VALIDATION_VS_TEST = "validation_vs_test"  # the manifest's key for the last pai
 
 def check_leakage(rows: dict[str, list[Row]], policy: str = "refuse") -> tuple[dict[str, list[Row]], dict]:
     """Training rows that share a clip or a sentence with validation or test rows, and
-    validation rows that share one with test rows: `refuse` (FeaturesError with the counts),
-    `drop` those rows, or `keep` them. Speaker overlap is only reported. Returns the rows and
-    the manifest's `overlap` record."""
+    validation rows that share one with test rows: `refuse` (FeaturesError with the counts)
+    where a clip is shared, a configuration mistake such as training on validated.tsv, and
+    drop the rows that share only a sentence (a sentence recorded again, or read in another
+    corpus); `drop` every such row; or `keep` them. Speaker overlap is only reported. Returns
+    the rows and the manifest's `overlap` record."""
     found = [find_overlap(rows[of], rows[split], split, of) for of, split in LEAKAGE_PAIRS
              if rows.get(of) and rows.get(split)]
     involved = {of: frozenset().union(*(o.involved for o in found if o.of == of)) for of in (TRAIN, VALIDATION)}
     report = {(o.split if o.of == TRAIN else VALIDATION_VS_TEST): o.as_dict() for o in found}
-    if policy == "refuse" and any(involved.values()):
-        worst = max((o for o in found if o.involved), key=lambda o: (o.of == TRAIN, o.clips + o.sentences))
+    if policy == "refuse" and any(o.clips for o in found):
+        worst = max((o for o in found if o.clips), key=lambda o: (o.of == TRAIN, o.clips + o.sentences))
         raise FeaturesError(worst.refusal())
     rows = dict(rows)
     for of in (TRAIN, VALIDATION):
-        dropped = involved[of] if policy == "drop" else frozenset()
+        dropped = involved[of] if policy in ("refuse", "drop") else frozenset()
         if dropped:
             rows[of] = [r for r in rows[of] if _row_key(r) not in dropped]
         report[f"dropped_{ROLE[of]}_rows"] = len(dropped)
@@ -697,8 +699,9 @@ def build(cfg, num_shards: int = 1, shard_index: int = 0, workers: int | None = 
     rows[EVAL] = mark_served_clips(rows[EVAL], fc.served_clips)
     for role, held_out in (("training", "validation or test"), ("validation", "test")):
         if overlap[f"dropped_{role}_rows"]:
-            echo(f"dropped {overlap[f'dropped_{role}_rows']} {role} rows that share a clip or a sentence with "
-                 f"{held_out} rows (features.on_overlap=drop)")
+            shared = "a sentence" if fc.on_overlap == "refuse" else "a clip or a sentence"
+            echo(f"dropped {overlap[f'dropped_{role}_rows']} {role} rows that share {shared} with {held_out} rows "
+                 f"(features.on_overlap={fc.on_overlap})")
         if overlap[f"kept_overlapping_{role}_rows"]:
             echo(f"warning: {overlap[f'kept_overlapping_{role}_rows']} {role} rows share a clip or a sentence with "
                  f"{held_out} rows (features.on_overlap=keep): the {held_out} scores are not held-out scores")
