@@ -78,6 +78,17 @@ def test_card_metadata_reports_test_and_names_every_split(tmp_path):
                                f"features.sources.0.path={tmp_path}"))
     data = report.card_data(SUMMARY, local, REPO)  # local folders are no Hub ids
     assert data.base_model is None and data.datasets is None and data.eval_results[0].dataset_type == "cv"
+    named = report.card_data(SUMMARY, to_dict(run_config(tmp_path, "model.language=swedish")), REPO)
+    assert named.language == "sv" and named.license == "apache-2.0"  # the Hub takes ISO codes only
+
+
+def test_card_text_says_what_was_scored_and_the_steps_used(tmp_path):
+    cfg = to_dict(run_config(tmp_path, "training.max_steps=12345"))
+    card = report.model_card({**SUMMARY, "warmup_steps": 1235}, cfg, MANIFEST)
+    assert "| warmup_steps | 1235 (from warmup_fraction) |" in card
+    assert "scored once before training and once on the shipped model" in card and "zero-shot (step 0)" in card
+    card = report.model_card({**SUMMARY, "baseline": None}, cfg, MANIFEST)  # eval_before_training: false
+    assert "scored on the shipped model." in card and "zero-shot" not in card
 
 
 def test_push_target_is_validated():

@@ -31,3 +31,25 @@ def test_model_card_calls_out_an_int8_cost_over_one_point():
     assert "within 1 WER point" in markdown_section(served(0.205, 0.2))
     assert "int8" not in markdown_section(served(0.3, 0.2, backend="transformers"))
     assert markdown_section(None) == ""
+
+
+def test_transformers_predictions_are_matched_by_source_and_id(tmp_path, monkeypatch):
+    """Ids are unique within a source only: two sources' `test/0` keep their own predictions."""
+    import json
+    from types import SimpleNamespace
+
+    import whisper_ft.transcribe
+    from whisper_ft import served
+    from whisper_ft.config import load_config
+
+    clips = [{"key": (source, "test/0"), "sentence": text, "wave": np.zeros(SAMPLE_RATE, np.float32)}
+             for source, text in (("a", "ett två"), ("b", "tre fyra"))]
+    texts = iter(["ett två", "tre fyra"] + ["ett två tre fyra"])  # served: both clips right, then the long form
+    monkeypatch.setattr(served, "stored_clips", lambda store: clips)
+    monkeypatch.setattr(whisper_ft.transcribe, "load_transcriber", lambda *a, **k: SimpleNamespace(
+        backend="ctranslate2", transcribe=lambda wave, task: SimpleNamespace(text=next(texts))))
+    (tmp_path / "predictions.jsonl").write_text("".join(
+        json.dumps({"source": s, "id": "test/0", "prediction": p}) + "\n" for s, p in (("a", "ett två"), ("b", "tre fyra"))))
+    result = served.score(tmp_path, None, load_config(None), served.read_predictions(tmp_path / "predictions.jsonl"))
+    assert result["short_form"]["wer"] == 0.0 and result["transformers_same_clips"]["wer"] == 0.0
+    assert result["transformers_same_clips"]["clips"] == 2

@@ -30,7 +30,7 @@ def test_export_for_a_hub_id(tmp_path):
     import gradio
 
     cfg = load_config(None, ["app.model=me/whisper-sv", "app.cookies_file=/home/x/cookies.txt",
-                             "app.auth_file=/home/x/logins"])
+                             "app.auth_file=/home/x/logins", "app.allow_private_urls=true"])
     out = space.export(tmp_path / "space", cfg)
     meta = front_matter(out / "README.md")
     assert (meta["sdk"], meta["sdk_version"], meta["app_file"]) == ("gradio", gradio.__version__, "app.py")
@@ -45,13 +45,16 @@ def test_export_for_a_hub_id(tmp_path):
     cfg = load_config(out / "config.yaml")
     assert cfg.app.model == "me/whisper-sv" and cfg.model.language == "sv"
     assert cfg.app.cookies_file == cfg.app.auth_file == ""  # local secrets stay here
+    assert cfg.app.allow_private_urls is False  # a public page never fetches this machine's network
     modules = {p.stem for p in (out / "whisper_ft").glob("*.py")}
     assert {"app", "transcribe", "audio", "ct2", "hub", "cli", "config"} <= modules
     assert not modules & {"train", "features", "sweep", "decoding", "collator"}  # training code stays home
     assert (out / "inference_app.py").read_text() == (ROOT / "inference_app.py").read_text()
     # an earlier export is replaced in place; a folder with anything else is refused
     (out / "whisper_ft" / "stale.py").write_text("")
+    (out / "__pycache__").mkdir()  # from running the export locally
     assert space.export(out, load_config(None, ["app.model=me/other"])) == out
+    assert not (out / "__pycache__").exists()
     assert not (out / "whisper_ft" / "stale.py").exists() and front_matter(out / "README.md")["models"] == ["me/other"]
     with pytest.raises(space.SpaceError, match="holds other files"):
         space.export(ROOT, load_config(None, ["app.model=me/whisper-sv"]))

@@ -97,6 +97,12 @@ def test_ct2_export_is_found_used_and_ignored_when_stale(model_dir, long_speech,
     result = tr.transcribe(long_speech, timestamps=True)
     assert result.audio_seconds == pytest.approx(len(long_speech) / SAMPLE_RATE) and result.elapsed_seconds > 0
     assert isinstance(load_transcriber(str(model), use_ctranslate2=False), PipelineTranscriber)
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    with pytest.MonkeyPatch.context() as mp:  # ctranslate2 installed, faster-whisper not: transformers, not a crash
+        mp.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "faster_whisper" else find_spec(name, *a))
+        assert isinstance(load_transcriber(str(model)), PipelineTranscriber)
 
     later = time.time() + 10
     os.utime(model / "model.safetensors", (later, later))  # weights retrained after the export

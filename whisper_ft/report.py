@@ -61,6 +61,7 @@ def model_card(summary: dict, config: dict, manifest: dict) -> str:
     base, final = summary.get("baseline") or {}, summary["final"]
     selection = summary.get("selection_split", "test")
     rows = [("zero-shot (step 0)" if base else None, base), (f"fine-tuned (best/, step {summary['best_step']})", final)]
+    scored = "once before training and once on the shipped model" if base else "on the shipped model"
     table = "\n".join(f"| {name} | {r.get('eval_clips')} | {_pct(r.get('wer'))} | {_pct(r.get('wer_normalized'))} "
                       f"| {_pct(r.get('cer'))} |" for name, r in rows if name)
     data = "\n".join(f"- {split}: {s['clips']} clips, {s['hours']:.2f} h ({', '.join(f'{k} {v}' for k, v in s['by_source'].items())})"
@@ -83,7 +84,7 @@ The generation config forces language `{m['language']}` and task `{m['task']}`.
 
 ## Results
 
-Test split, {final.get('eval_clips', 'n/a')} clips, scored once before training and once on the shipped model.
+Test split, {final.get('eval_clips', 'n/a')} clips, scored {scored}.
 WER and CER in %, lower is better. Orthographic WER compares the text as written; normalized WER
 lowercases and removes punctuation first.
 {_selection_note(summary, selection)}
@@ -116,7 +117,8 @@ def _resolved(configured, used) -> str:
     """A hyperparameter as used, and how the config set it when that differs (`auto`, null)."""
     if used is None or configured == used:
         return str(configured)
-    return f"{used:.3g} ({'from warmup_fraction' if configured is None else configured})"
+    shown = used if isinstance(used, int) else f"{used:.3g}"  # steps as counted, rates to 3 digits
+    return f"{shown} ({'from warmup_fraction' if configured is None else configured})"
 
 
 def averaging_section(averaging: dict | None, split: str) -> str:
@@ -147,10 +149,19 @@ def card_data(summary: dict, config: dict, model_name: str):
     dataset = ((eval_store, f"feature store {eval_store}") if eval_store else
                ("+".join(dict.fromkeys(t or n for t, n in sources)), " + ".join(n for _, n in sources)))
     return ModelCardData(
-        language=config["model"]["language"], base_model=_hub_id(config["model"]["name_or_path"]),
+        language=language_code(config["model"]["language"]), license="apache-2.0",  # Whisper's, which it inherits
+        base_model=_hub_id(config["model"]["name_or_path"]),
         datasets=list(dict.fromkeys(t for t, _ in sources if t)) or None, library_name="transformers",
         pipeline_tag=ASR_TASK[0], tags=["whisper", "speech-recognition"], metrics=["wer", "cer"],
         model_name=model_name, eval_results=_eval_results(summary, dataset) or None)
+
+
+def language_code(language: str) -> str:
+    """The ISO code the Hub's metadata wants for a Whisper language, given as a code or a name
+    ("sv" or "swedish": the tokenizer takes both)."""
+    from transformers.models.whisper.tokenization_whisper import TO_LANGUAGE_CODE
+
+    return TO_LANGUAGE_CODE.get(language.lower(), language)
 
 
 def _eval_results(summary: dict, dataset: tuple[str, str]) -> list:

@@ -37,8 +37,9 @@ def stored_clips(store: FeatureStore) -> list[dict]:
     ds = store.load(EVAL)
     if "audio" not in ds.column_names:
         return []
-    return [{"id": r["id"], "sentence": str(r["sentence"]), "wave": np.asarray(r["audio"], np.float32) / 32767}
-            for r in ds.select_columns(["id", "sentence", "audio"]).with_format("numpy") if len(r["audio"])]
+    return [{"key": (str(r["source"]), str(r["id"])), "sentence": str(r["sentence"]),
+             "wave": np.asarray(r["audio"], np.float32) / 32767}
+            for r in ds.select_columns(["source", "id", "sentence", "audio"]).with_format("numpy") if len(r["audio"])]
 
 
 def long_form_pieces(clips: list[dict], max_seconds: float = LONG_FORM_SECONDS,
@@ -61,7 +62,7 @@ def long_form_pieces(clips: list[dict], max_seconds: float = LONG_FORM_SECONDS,
 
 def score(model_dir: str | Path, store: FeatureStore, cfg, predictions: dict[str, str]) -> dict | None:
     """Short- and long-form scores of the served model on the stored test audio, beside the
-    transformers scores of the same clips (`predictions`: id -> transcript). None when the
+    transformers scores of the same clips (`predictions`: (source, id) -> transcript). None when the
     store keeps no audio."""
     from whisper_ft.transcribe import load_transcriber
 
@@ -74,8 +75,8 @@ def score(model_dir: str | Path, store: FeatureStore, cfg, predictions: dict[str
                                    app.batch_size, app.use_ctranslate2, app.beam_size)
     refs = [c["sentence"] for c in clips]
     short = scores(refs, [transcriber.transcribe(c["wave"], cfg.model.task).text for c in clips])
-    known = [c for c in clips if c["id"] in predictions]
-    reference = scores([c["sentence"] for c in known], [predictions[c["id"]] for c in known]) if known else None
+    known = [c for c in clips if c["key"] in predictions]
+    reference = scores([c["sentence"] for c in known], [predictions[c["key"]] for c in known]) if known else None
     pieces = long_form_pieces(clips)
     long_hyps = [transcriber.transcribe(wave, cfg.model.task).text for wave, _ in pieces]
     long = {**scores([text for _, text in pieces], long_hyps), "pieces": len(pieces),
@@ -88,11 +89,12 @@ def score(model_dir: str | Path, store: FeatureStore, cfg, predictions: dict[str
     return result
 
 
-def read_predictions(path: Path) -> dict[str, str]:
-    """id -> prediction of a predictions.jsonl."""
+def read_predictions(path: Path) -> dict[tuple[str, str], str]:
+    """(source, id) -> prediction of a predictions.jsonl (ids are unique within a source only)."""
     if not path.is_file():
         return {}
-    return {r["id"]: r["prediction"] for r in map(json.loads, path.read_text(encoding="utf-8").splitlines())}
+    return {(r.get("source", ""), r["id"]): r["prediction"]
+            for r in map(json.loads, path.read_text(encoding="utf-8").splitlines())}
 
 
 def markdown_section(served: dict | None) -> str:

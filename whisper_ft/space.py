@@ -37,6 +37,7 @@ SPACE_PACKAGES = ("torch", "transformers", "soundfile", "soxr", "gradio", "deep-
 PYTHON_VERSION = "3.11"  # the project's minimum; Spaces default to an older one
 WRITTEN = ("app.py", ENTRY, "whisper_ft", "config.yaml", "requirements.txt", "packages.txt", "README.md")
 KEPT = (".git", ".gitattributes")  # a clone of the Space repository may be the export folder
+GENERATED = ("__pycache__",)  # left by running the export here (python app.py): removed, never uploaded
 
 APP = '''"""Hugging Face Space: the Swedish speech-to-text page of whisper-ft's inference_app.py, serving
 the model that app.model names in config.yaml beside this file.
@@ -102,6 +103,8 @@ def export(out_dir: str | Path, cfg: Config) -> Path:
     out = Path(out_dir)
     check_target(out)
     out.mkdir(parents=True, exist_ok=True)
+    for name in GENERATED:
+        shutil.rmtree(out / name, ignore_errors=True)
     copy_code(out, package_modules([APP, (REPO_DIR / ENTRY).read_text(encoding="utf-8")]))
     write_atomic(out / "app.py", APP)
     write_atomic(out / "config.yaml", space_config(cfg, model))
@@ -136,7 +139,7 @@ def check_target(out: Path) -> None:
     """Refuse a folder that holds anything but an earlier export (or a clone of the Space repository)."""
     if out.exists() and not out.is_dir():
         raise SpaceError(f"--export-space: {out} is a file; name a folder")
-    foreign = sorted(p.name for p in out.iterdir() if p.name not in WRITTEN + KEPT) if out.is_dir() else []
+    foreign = sorted(p.name for p in out.iterdir() if p.name not in WRITTEN + KEPT + GENERATED) if out.is_dir() else []
     if foreign:
         raise SpaceError(f"--export-space: {out} holds other files ({', '.join(foreign[:3])}); name an empty folder "
                          "or an earlier export")
@@ -178,8 +181,12 @@ def copy_code(out: Path, modules: list[str]) -> None:
 
 def space_config(cfg: Config, model: str) -> str:
     """config.yaml of the Space: the model and `app:` sections, serving `model`. No local files
-    (cookies, logins): a Space takes its login from the secret $WHISPER_APP_AUTH."""
-    app = dataclasses.replace(cfg.app, model=model, cookies_file="", auth_file="", share=False)
+    (cookies, logins): a Space takes its login from the secret $WHISPER_APP_AUTH. A public page
+    never fetches private addresses, whatever `app.allow_private_urls` says here."""
+    if cfg.app.allow_private_urls:
+        log.warning("app.allow_private_urls is for local use: the Space refuses private addresses")
+    app = dataclasses.replace(cfg.app, model=model, cookies_file="", auth_file="", share=False,
+                              allow_private_urls=False)
     sections = {"model": to_dict(dataclasses.replace(cfg.model, name_or_path=model)), "app": to_dict(app)}
     return ("# Settings of the page; every key is documented in whisper-ft's config.yaml.\n"
             + yaml.safe_dump(sections, sort_keys=False, allow_unicode=True))

@@ -16,6 +16,7 @@ Two backends behind one `transcribe(wave, task, timestamps)` call, both taking m
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 import time
@@ -243,6 +244,10 @@ def load_transcriber(model_dir: str, language: str = "sv", chunk_seconds: float 
     from whisper_ft.model import load_model, load_processor
 
     export = ct2.find_export(model_dir) if use_ctranslate2 else None
+    if export is not None and importlib.util.find_spec("faster_whisper") is None:
+        log.warning("%s holds a CTranslate2 export, but faster-whisper is not installed (pip install faster-whisper): "
+                    "using transformers", model_dir)
+        export = None
     if export is not None:
         log.info("using the CTranslate2 int8 export at %s", export)
         return CT2Transcriber(export, language=language, batch_size=batch_size, beam_size=beam_size,
