@@ -164,6 +164,24 @@ def test_the_page_sends_the_recording_as_a_file(handlers):
     assert mics and all(m.type == "filepath" for m in mics)
 
 
+def test_file_inputs_take_uploads_only_and_the_three_endpoints_share_the_workers(handlers):
+    """Gradio would fetch a URL sent in place of a file, with no size or time limit, before any
+    handler runs; and a concurrency limit per endpoint would allow three times app.workers."""
+    import asyncio
+
+    demo = app.build_app(handlers, "m")
+    inputs = [b for b in demo.blocks.values() if isinstance(b, (gr.Audio, gr.File)) and b.interactive is not False
+              and getattr(b, "elem_id", None) != "downloads"]
+    assert sorted(b.get_block_name() for b in inputs) == ["audio", "file"]
+    for block in inputs:
+        for url in ("https://example.com/recording.mp3", "http://10.0.0.1/x.wav"):
+            with pytest.raises(gr.Error, match="Send the file itself"):
+                asyncio.run(block.async_move_resource_to_block_cache(url))
+    endpoints = [fn for fn in demo.fns.values() if fn.api_name and fn.api_name.startswith("transcribe_")]
+    assert len(endpoints) == 3
+    assert {(fn.concurrency_id, fn.concurrency_limit) for fn in endpoints} == {("transcribe", handlers.cfg.app.workers)}
+
+
 def test_bad_files(handlers, media, monkeypatch):
     assert "Upload an audio or video file first" in error_message(lambda: handlers.from_file(None))
     assert "empty file" in error_message(lambda: handlers.from_file(str(media["empty.wav"])))
@@ -408,3 +426,13 @@ def test_real_model_two_minutes_end_to_end(real_model_dir, tmp_path, fake_google
     assert error < 0.8, text  # whisper-base on espeak-ng speech is poor, but it must follow the speech
     assert translation == f"[en] {text}"
     assert Path(files[1]).read_text(encoding="utf-8").count("-->") > 5
+
+
+def test_cleanup_tolerates_a_transcript_another_request_removed(tmp_path, monkeypatch):
+    old = tmp_path / "transcript-old.txt"
+    old.write_text("x")
+    os.utime(old, (0, 0))
+    gone = tmp_path / "transcript-gone.txt"  # listed, then removed by a request cleaning up at the same moment
+    monkeypatch.setattr(Path, "glob", lambda self, pattern: iter([gone, old]))
+    app._remove_old(tmp_path, 3600)
+    assert not old.exists()

@@ -135,3 +135,41 @@ def test_a_playlist_file_cannot_make_ffmpeg_fetch_urls(tmp_path):
             load_audio(playlist)
         assert probe_seconds(playlist) is None
         assert len(Server.requests()) == asked
+
+
+@needs_ffmpeg
+@pytest.mark.parametrize("name", ["upload.mp3", "upload.m3u8", "upload.m3u"])
+def test_a_playlist_file_cannot_make_ffmpeg_read_other_local_files(tmp_path, name):
+    """A playlist naming a file of this machine (training clips have predictable names) would
+    have ffmpeg decode it for the visitor: only media containers are opened (-format_whitelist)."""
+    secret = tmp_path / "secret.mp3"
+    subprocess.run(["ffmpeg", "-v", "error", "-f", "lavfi", "-i", "sine=frequency=300:duration=3", str(secret)],
+                   check=True)
+    assert load_audio(secret).shape[0] == pytest.approx(48_000, abs=2000)  # a real mp3 still decodes
+    for line in (f"file://{secret}", str(secret)):
+        playlist = tmp_path / name
+        playlist.write_text(f"#EXTM3U\n#EXT-X-TARGETDURATION:10\n#EXTINF:3,\n{line}\n#EXT-X-ENDLIST\n")
+        with pytest.raises(AudioError):
+            load_audio(playlist)
+        assert probe_seconds(playlist) is None
+
+
+def test_many_channels_at_a_huge_rate_are_mixed_down_in_blocks(tmp_path, monkeypatch):
+    """A small FLAC of 8 channels at 96 kHz (a decompression bomb when read whole as float32) is
+    decoded in blocks: memory follows the 16 kHz mono output, and the result is the same."""
+    import whisper_ft.audio as audio
+
+    rng = np.random.default_rng(0)
+    frames = (rng.standard_normal((96_000 * 4, 8)) * 0.1).astype(np.float32)
+    sf.write(tmp_path / "wide.flac", frames, 96_000)
+    whole = load_audio(tmp_path / "wide.flac")
+    reads = []
+    real_read = sf.SoundFile.read
+    monkeypatch.setattr(sf.SoundFile, "read", lambda self, frames=-1, *a, **k: reads.append(frames)
+                        or real_read(self, frames, *a, **k))
+    monkeypatch.setattr(audio, "MONO_AT_ONCE", 96_000)  # as if the file were long
+    blocked = load_audio(tmp_path / "wide.flac")
+    assert blocked.shape == whole.shape == (64_000,) and np.abs(blocked - whole).max() < 1e-3
+    assert reads and max(reads) <= 1 << 16 and -1 not in reads  # never the whole file at once
+    with pytest.raises(AudioError, match="decoding took longer"):
+        load_audio(tmp_path / "wide.flac", timeout=0.0)

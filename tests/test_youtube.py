@@ -136,8 +136,11 @@ def test_cookies_file(site, tmp_path):
     with pytest.raises(MediaError, match="cookies file"):
         download_audio(f"{site.url}/speech.mp3", LOCAL, 60, cookies_file=str(tmp_path / "missing.txt"))
     cookies = tmp_path / "cookies.txt"
-    cookies.write_text("# Netscape HTTP Cookie File\n127.0.0.1\tFALSE\t/\tFALSE\t0\tconsent\tyes\n")
+    cookies.write_text("# Netscape HTTP Cookie File\n# the operator's note\n"
+                       "127.0.0.1\tFALSE\t/\tFALSE\t0\tconsent\tyes\n")
+    before = cookies.read_bytes()
     assert download_audio(f"{site.url}/speech.mp3", LOCAL, 60, cookies_file=str(cookies)).seconds > 2
+    assert cookies.read_bytes() == before  # yt-dlp saved its cookie jar into a copy, not into this file
 
 
 @pytest.mark.parametrize("address, problem", [
@@ -145,7 +148,8 @@ def test_cookies_file(site, tmp_path):
     ("192.168.0.10", "private"), ("172.16.5.4", "private"), ("169.254.169.254", "link-local"),
     ("fe80::1%eth0", "link-local"), ("224.0.0.1", "multicast"), ("0.0.0.0", "unspecified"),
     ("240.0.0.1", "reserved"), ("100.64.0.1", "not globally routable"), ("fd00::1", "private"),
-    ("8.8.8.8", None), ("2001:4860:4860::8888", None)])
+    ("2002:7f00:1::1", "loopback"), ("2002:c0a8:101::1", "private"), ("64:ff9b::a9fe:a9fe", "link-local"),
+    ("8.8.8.8", None), ("2001:4860:4860::8888", None), ("2002:808:808::1", None)])
 def test_address_problems(address, problem):
     assert urls.address_problem(address) == problem
 

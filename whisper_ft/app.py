@@ -24,6 +24,7 @@ from pathlib import Path
 
 import gradio as gr
 import numpy as np
+from gradio_client import utils as client_utils
 
 from whisper_ft import child, translate, youtube
 from whisper_ft.audio import SAMPLE_RATE, AudioError, TooLong, is_silent, load_audio, probe_seconds
@@ -227,8 +228,27 @@ def _append_history(history, label: str, seconds: float, text: str, translation:
 def _remove_old(folder: Path, max_age: float) -> None:
     cutoff = time.time() - max_age
     for p in folder.glob("transcript-*"):
-        if p.stat().st_mtime < cutoff:
-            p.unlink(missing_ok=True)
+        try:
+            if p.stat().st_mtime < cutoff:
+                p.unlink(missing_ok=True)
+        except FileNotFoundError:  # removed by a request cleaning up at the same moment
+            pass
+
+
+def uploads_only(component):
+    """`component` (a file input of the page) refusing a URL sent in its place: Gradio fetches such
+    a URL, with no limit on size or time, before any handler runs. A URL goes in the Video URL
+    tab, with its limits (`whisper_ft.youtube`). Set on the instance: a subclass of a Gradio
+    component would make Gradio write a type stub beside this module."""
+    move = component.async_move_resource_to_block_cache
+
+    async def checked(url_or_file_path):
+        if url_or_file_path is not None and client_utils.is_http_url_like(str(url_or_file_path)):
+            raise gr.Error("Send the file itself: a URL goes in the Video URL tab.")
+        return await move(url_or_file_path)
+
+    component.async_move_resource_to_block_cache = checked
+    return component
 
 
 def build_app(handlers: Handlers, model_name: str, notice: str = "") -> gr.Blocks:
@@ -244,11 +264,12 @@ def build_app(handlers: Handlers, model_name: str, notice: str = "") -> gr.Block
             with gr.Column(scale=3):
                 with gr.Tab("Microphone"):
                     # a file path, decoded like an upload: anyone can post any file to this endpoint
-                    mic = gr.Audio(sources=["microphone"], type="filepath", label="Record Swedish speech")
+                    mic = uploads_only(gr.Audio(sources=["microphone"], type="filepath",
+                                                label="Record Swedish speech"))
                     mic_button = gr.Button("Transcribe recording", variant="primary")
                 with gr.Tab("File"):
-                    upload = gr.File(label="Audio or video file", file_types=["audio", "video"], type="filepath",
-                                     elem_id="upload")
+                    upload = uploads_only(gr.File(label="Audio or video file", file_types=["audio", "video"],
+                                                  type="filepath", elem_id="upload"))
                     file_button = gr.Button("Transcribe file", variant="primary", elem_id="transcribe-file")
                 with gr.Tab("Video URL"):
                     url = gr.Textbox(label="YouTube or other video URL",
@@ -266,11 +287,12 @@ def build_app(handlers: Handlers, model_name: str, notice: str = "") -> gr.Block
         chat = gr.Chatbot(label="History", elem_id="history")
         options = [translator, target, timestamps, history]
         outputs = [transcript, translation, status, downloads, chat, history]
-        mic_button.click(handlers.from_microphone, [mic, *options], outputs, api_name="transcribe_microphone")
-        file_button.click(handlers.from_file, [upload, *options], outputs, api_name="transcribe_file")
-        url_button.click(handlers.from_url, [url, *options], outputs, api_name="transcribe_url")
-    # app.workers requests at once (Handlers transcribes one at a time); a full queue answers "busy, try again".
-    demo.queue(default_concurrency_limit=cfg.workers, max_size=cfg.queue_size)
+        # app.workers requests at once over the three (Handlers transcribes one at a time)
+        shared = {"concurrency_id": "transcribe", "concurrency_limit": cfg.workers}
+        mic_button.click(handlers.from_microphone, [mic, *options], outputs, api_name="transcribe_microphone", **shared)
+        file_button.click(handlers.from_file, [upload, *options], outputs, api_name="transcribe_file", **shared)
+        url_button.click(handlers.from_url, [url, *options], outputs, api_name="transcribe_url", **shared)
+    demo.queue(max_size=cfg.queue_size)  # a full queue answers "busy, try again"
     return demo
 
 

@@ -4,8 +4,10 @@ so that training and serving can never drift.
 Decoding uses soundfile (libsndfile reads WAV, FLAC, OGG and MP3) and falls back to the
 ffmpeg command for anything else (video containers, AAC, ...); resampling uses soxr.
 Nothing here depends on torchcodec. For the app, `load_audio` takes a length cap (nothing longer
-is ever decoded into memory) and a time limit, and ffmpeg and ffprobe read local files only:
-a file that points elsewhere (an HLS playlist, say) cannot make them fetch a URL.
+is ever decoded into memory; long or many-channel audio is mixed down and resampled in blocks)
+and a time limit, and ffmpeg and ffprobe read media containers from local files only: a file
+that points elsewhere (an HLS playlist, say) can make them neither fetch a URL nor read
+another file of this machine.
 
 Whisper pads every input to 30 s. Most clips are far shorter, so features are stored
 trimmed to the frames that hold audio plus one fill value, and `pad_features` rebuilds the
@@ -17,6 +19,7 @@ from __future__ import annotations
 import io
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +32,13 @@ N_FFT = 400
 CHUNK_SECONDS = 30
 N_SAMPLES = CHUNK_SECONDS * SAMPLE_RATE  # 480_000 samples in a Whisper input
 N_FRAMES = N_SAMPLES // HOP_LENGTH  # 3000 frames in a Whisper input
-LOCAL_ONLY = ["-protocol_whitelist", "file,pipe"]  # ffmpeg/ffprobe input option: no network protocols
+# ffmpeg/ffprobe input options: no network protocols, and media containers only. An HLS playlist
+# (hls), a concat script or a DASH manifest could make ffmpeg read other files of this machine,
+# whatever the upload's name says.
+MEDIA_DEMUXERS = ("mov", "matroska", "webm", "mp3", "ogg", "wav", "w64", "flac", "aac", "ac3", "eac3", "mpegts",
+                  "mpeg", "asf", "avi", "flv", "amr", "aiff", "caf", "au", "wv", "ape")
+LOCAL_ONLY = ["-protocol_whitelist", "file,pipe", "-format_whitelist", ",".join(MEDIA_DEMUXERS)]
+MONO_AT_ONCE = 60 * 48_000 * 2  # samples decoded in one piece; longer audio is mixed down and resampled in blocks
 
 
 class AudioError(ValueError):
@@ -61,19 +70,36 @@ def load_audio(source: str | Path | bytes, sample_rate: int = SAMPLE_RATE, max_s
         if path.stat().st_size == 0:
             raise AudioError(f"empty file: {path}")
     try:
-        wave, sr = _soundfile_decode(io.BytesIO(data) if data is not None else str(source), max_seconds)
-    except TooLong:
+        return _soundfile_decode(io.BytesIO(data) if data is not None else str(source), sample_rate, max_seconds,
+                                 timeout)
+    except AudioError:
         raise
     except (sf.LibsndfileError, RuntimeError, TypeError, ValueError):
-        wave, sr = _ffmpeg_decode(source, sample_rate, max_seconds, timeout), sample_rate
-    return to_mono(wave, sr, sample_rate)
+        return to_mono(_ffmpeg_decode(source, sample_rate, max_seconds, timeout), sample_rate, sample_rate)
 
 
-def _soundfile_decode(source, max_seconds: float | None) -> tuple[np.ndarray, int]:
+def _soundfile_decode(source, sample_rate: int, max_seconds: float | None, timeout: float | None) -> np.ndarray:
+    """Mono float32 at `sample_rate` through libsndfile. Audio of more than MONO_AT_ONCE samples
+    (a long recording, or a small FLAC of many channels at a huge rate) is mixed down and
+    resampled in blocks, so memory follows the output's length, within `timeout` seconds."""
     with sf.SoundFile(source) as f:
         if max_seconds is not None and f.frames > max_seconds * f.samplerate:
             raise TooLong(f.frames / f.samplerate, max_seconds)
-        return f.read(dtype="float32", always_2d=True), f.samplerate
+        if f.frames * f.channels <= MONO_AT_ONCE:
+            return to_mono(f.read(dtype="float32", always_2d=True), f.samplerate, sample_rate)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        same_rate = f.samplerate == sample_rate
+        stream = None if same_rate else soxr.ResampleStream(f.samplerate, sample_rate, 1, dtype="float32",
+                                                            quality="HQ")
+        parts = []
+        for block in f.blocks(blocksize=1 << 16, dtype="float32", always_2d=True):
+            if deadline is not None and time.monotonic() > deadline:
+                raise AudioError(f"decoding took longer than {timeout:.3g} s")
+            mono = block.mean(axis=1, dtype=np.float32)
+            parts.append(mono if same_rate else stream.resample_chunk(mono))
+        if not same_rate:
+            parts.append(stream.resample_chunk(np.zeros(0, np.float32), last=True))
+        return np.ascontiguousarray(np.concatenate(parts), dtype=np.float32)
 
 
 def to_mono(wave: np.ndarray, sr: int, sample_rate: int = SAMPLE_RATE) -> np.ndarray:

@@ -39,11 +39,15 @@ def check_scheme(url: str) -> str:
     return url
 
 
+NAT64 = ipaddress.ip_network("64:ff9b::/96")  # the well-known NAT64 prefix: the last 32 bits are an IPv4 address
+
+
 def address_problem(address: str) -> str | None:
     """Why an IP address is not on the public internet ("loopback", "private", ...), or None if it is."""
     ip = ipaddress.ip_address(address.split("%")[0])  # drop an IPv6 zone ("fe80::1%eth0")
-    if ip.version == 6 and ip.ipv4_mapped:
-        ip = ip.ipv4_mapped
+    if ip.version == 6:  # an IPv4 address inside (::ffff:, 6to4, NAT64) is the one that counts
+        nat64 = ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF) if ip in NAT64 else None
+        ip = ip.ipv4_mapped or ip.sixtofour or nat64 or ip
     for problem in ("loopback", "link_local", "multicast", "unspecified", "reserved", "private"):
         if getattr(ip, f"is_{problem}"):
             return problem.replace("_", "-")

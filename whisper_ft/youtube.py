@@ -15,6 +15,7 @@ One of the two modules with network access (the other is `translate`).
 from __future__ import annotations
 
 import logging
+import shutil
 import sys
 import tempfile
 import time
@@ -86,8 +87,10 @@ def download_audio(url: str, limits: Limits, timeout: float, cookies_file: str =
     deadline = time.monotonic() + timeout
     seconds = min(limits.download_seconds, timeout)
     key = "app.download_timeout_seconds" if limits.download_seconds <= timeout else "app.request_timeout_seconds"
-    cookies = str(Path(cookies_file).resolve()) if cookies_file else ""
     with tempfile.TemporaryDirectory(prefix="whisper-ft-media-") as tmp:
+        # yt-dlp writes its cookie jar back when it closes: it gets a copy, so that the sites a
+        # visitor picks never add to the operator's file and parallel downloads never race on it
+        cookies = str(shutil.copy(cookies_file, Path(tmp) / "cookies.txt")) if cookies_file else ""
         reply = _run_download({"url": url, "out_dir": tmp, "cookies_file": cookies, **asdict(limits)}, seconds, key)
         try:
             wave = load_audio(reply["path"], max_seconds=limits.max_seconds,
