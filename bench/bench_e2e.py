@@ -12,12 +12,14 @@ blog:     "Fine-Tune Whisper For Multilingual ASR with Transformers": padded flo
           in a datasets.Dataset, its DataCollatorSpeechSeq2SeqWithPadding, Seq2SeqTrainer with
           fp16, gradient checkpointing, batch 16, evaluation batch 8, generation_max_length 225.
 
-Prints one JSON line: steady-state training samples/s and MFU (timed from step --skip to the
+Prints a JSON line with `"partial": true` as soon as the timed window ends (training figures
+only: a part cut short later keeps them), then the whole line at the end: steady-state
+training samples/s and MFU (timed from step --skip to the
 last step, or to the last --profile-steps, which are profiled instead; GPU synchronised at both
 ends, so data loading, logging and the optimizer count but start-up and compilation do not),
 the time to step --skip, evaluation clips/s of the Trainer's evaluation (metrics included),
-wall-clock seconds, and with --profile-steps how busy the GPU is in the real command and
-which lines make the host wait for it.
+the generation cap and mean label length, wall-clock seconds, and with --profile-steps how
+busy the GPU is in the real command and which lines make the host wait for it.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ from bench_training import EOT, SIZES, build_model, forward_flops, peak_flops  #
 from transformers import TrainerCallback  # noqa: E402
 
 FIXTURES = ROOT / "tests" / "fixtures"
+SENTENCES_PER_LABEL = 3  # fixture sentences average 10 text tokens
 
 
 def make_model(out: Path, size: str) -> Path:
@@ -61,12 +64,13 @@ def make_model(out: Path, size: str) -> Path:
 
 
 def make_store(data_dir: Path, model_dir: Path, n_train: int, n_eval: int, seed: int = 0) -> str:
-    """A feature store of random log-Mel frames (2-8 s clips) with real Swedish labels."""
+    """A feature store of random log-Mel frames (2-8 s clips) with real Swedish labels of about
+    30 text tokens (three fixture sentences each; Common Voice sv-SE averages about 28)."""
     from whisper_ft.config import load_config
     from whisper_ft.features import (PROCESSOR_DIR, Shard, build_manifest, load_feature_processor, manifest_header,
                                      store_settings, write_shard)
 
-    name = f"synthetic-{n_train}-{n_eval}"
+    name = f"synthetic-x{SENTENCES_PER_LABEL}-{n_train}-{n_eval}"
     root = data_dir / "features" / name
     if (root / "manifest.json").is_file():
         return name
@@ -80,7 +84,8 @@ def make_store(data_dir: Path, model_dir: Path, n_train: int, n_eval: int, seed:
         examples = []
         for i in range(n):
             frames = int(rng.integers(200, 800))
-            sentence = sentences[(i + (0 if split == "train" else n_train)) % len(sentences)]
+            first = SENTENCES_PER_LABEL * (i + (0 if split == "train" else n_train))
+            sentence = " ".join(sentences[(first + k) % len(sentences)] for k in range(SENTENCES_PER_LABEL))
             examples.append({"id": f"{split}-{i}", "source": "synthetic", "speaker": f"s{i % 20}", "sentence": sentence,
                              "gender": "", "accents": "", "age": "", "duration": frames / 100,
                              "input_features": rng.normal(size=(frames, 80)).astype(np.float16), "fill": -1.0,
@@ -98,9 +103,10 @@ class StepTimer(TrainerCallback):
     """Wall time from the end of step `skip` to the end of step `stop` (default: the last),
     GPU synchronised at both."""
 
-    def __init__(self, skip: int, stop: int = 0):
+    def __init__(self, skip: int, stop: int = 0, on_window=None):
         self.skip, self.stop = skip, stop
         self.begin = self.start = self.end = 0.0
+        self.on_window = on_window  # called once the window has ended (a part cut short later keeps it)
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.begin = time.perf_counter()
@@ -111,6 +117,8 @@ class StepTimer(TrainerCallback):
             _sync()
             now = time.perf_counter()
             self.start, self.end = (now, self.end) if state.global_step == self.skip else (self.start, now)
+            if state.global_step == self.stop and self.on_window is not None:
+                self.on_window(self)
 
 
 class StepProfiler(TrainerCallback):
@@ -206,6 +214,9 @@ def train_stats(timer: StepTimer, steps: int, batch: int, config, label_len: flo
 
 
 def run_pipeline(model_dir: Path, data_dir: Path, store: str, work: Path, args) -> dict:
+    from transformers import WhisperConfig
+
+    from whisper_ft import checkpoints
     from whisper_ft.config import load_config
     from whisper_ft.features import load_split
     from whisper_ft.train import resolve_precision, run_training
@@ -215,23 +226,35 @@ def run_pipeline(model_dir: Path, data_dir: Path, store: str, work: Path, args) 
             f"training.eval_steps={args.steps}", f"training.save_steps={args.steps}", "training.warmup_steps=10",
             "training.eval_before_training=false", "training.export_ctranslate2=false", *args.set]
     cfg = load_config(ROOT / "config.yaml", sets)
-    timer = StepTimer(args.skip, args.steps - args.profile_steps)
+    cuda = torch.cuda.is_available()
+    precision = resolve_precision(cfg.training.precision, cuda, cuda and torch.cuda.is_bf16_supported())
+    labels = load_split(data_dir / "features" / store, "train")["labels"]
+    label_len = float(np.mean([len(x) - 1 for x in labels]))
+    config = WhisperConfig.from_pretrained(model_dir)
+
+    def stats(timer: StepTimer) -> dict:
+        return train_stats(timer, args.steps, cfg.training.batch_size, config, label_len, precision)
+
+    timer = StepTimer(args.skip, args.steps - args.profile_steps, lambda t: emit(args, {**stats(t), "partial": True}))
     profiler = StepProfiler(args.steps - args.profile_steps) if args.profile_steps else None
     t0 = time.perf_counter()
     summary = run_training(cfg, fresh=True, callbacks=[timer, *([profiler] if profiler else [])])
     wall = time.perf_counter() - t0
-    cuda = torch.cuda.is_available()
-    precision = resolve_precision(cfg.training.precision, cuda, cuda and torch.cuda.is_bf16_supported())
-    from transformers import WhisperConfig
-
-    labels = load_split(data_dir / "features" / store, "train")["labels"]
-    out = train_stats(timer, args.steps, cfg.training.batch_size, WhisperConfig.from_pretrained(model_dir),
-                      float(np.mean([len(x) - 1 for x in labels])), precision)
     final = summary["final"]
-    return {**out, "eval_clips": final["eval_clips"], "eval_clips_per_s": final["clips_per_second"],
+    start = next(e for e in checkpoints.read_events(work / "pipeline") if e["event"] == "start")
+    return {**stats(timer), "eval_clips": final["eval_clips"], "eval_clips_per_s": final["clips_per_second"],
+            "generation_max_length": start["generation_max_length"], "label_tokens": label_len,
             "train_runtime_s": summary["train_runtime_seconds"], "wall_s": wall,
             **({"profile": profiler.result} if profiler else {}),
             "settings": {k: v for k, v in vars(cfg.training).items() if isinstance(v, (int, float, str, bool))}}
+
+
+def emit(args, result: dict) -> None:
+    """One JSON line of results (gpu.sh keeps the last): after the timed window with
+    `"partial": true`, then whole at the end."""
+    where = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
+    print(json.dumps({"recipe": args.label or args.recipe, "size": args.size, "device": where, "steps": args.steps,
+                      **result}), flush=True)
 
 
 @dataclass
@@ -290,7 +313,11 @@ def run_blog(model_dir: Path, data_dir: Path, store: str, work: Path, args) -> d
         predict_with_generate=True, generation_max_length=225, save_steps=args.steps, eval_steps=args.steps,
         logging_steps=25, report_to=["tensorboard"], load_best_model_at_end=True, metric_for_best_model="wer",
         greater_is_better=False, push_to_hub=False)
-    timer = StepTimer(args.skip)
+    labels = [len(x) - 1 for x in train["labels"]]
+    config = WhisperConfig.from_pretrained(model_dir)
+    precision = "fp16" if torch.cuda.is_available() else "fp32"
+    timer = StepTimer(args.skip, 0, lambda t: emit(args, {**train_stats(t, args.steps, 16, config, float(np.mean(labels)),
+                                                                        precision), "partial": True}))
     trainer = Seq2SeqTrainer(args=training_args, model=model, train_dataset=train, eval_dataset=evaluation,
                              data_collator=BlogCollator(processor, model.config.decoder_start_token_id),
                              compute_metrics=compute_metrics, processing_class=processor.feature_extractor,
@@ -299,10 +326,9 @@ def run_blog(model_dir: Path, data_dir: Path, store: str, work: Path, args) -> d
     result = trainer.train()  # evaluates and saves at the last step
     wall = time.perf_counter() - t0
     metrics = next(m for m in reversed(trainer.state.log_history) if "eval_samples_per_second" in m)
-    labels = [len(x) - 1 for x in train["labels"]]
-    out = train_stats(timer, args.steps, 16, WhisperConfig.from_pretrained(model_dir), float(np.mean(labels)),
-                      "fp16" if torch.cuda.is_available() else "fp32")
+    out = train_stats(timer, args.steps, 16, config, float(np.mean(labels)), precision)
     return {**out, "eval_clips": len(evaluation), "eval_clips_per_s": metrics["eval_samples_per_second"],
+            "generation_max_length": training_args.generation_max_length, "label_tokens": float(np.mean(labels)),
             "train_runtime_s": result.metrics["train_runtime"], "wall_s": wall}
 
 
@@ -335,10 +361,7 @@ def main(argv=None) -> int:
     data_dir = args.work / "data"
     store = make_store(data_dir, model_dir, args.train_clips, args.eval_clips)
     run = run_pipeline if args.recipe == "pipeline" else run_blog
-    result = run(model_dir, data_dir, store, args.work / "runs", args)
-    where = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
-    print(json.dumps({"recipe": args.label or args.recipe, "size": args.size, "device": where, "steps": args.steps,
-                      **result}), flush=True)
+    emit(args, run(model_dir, data_dir, store, args.work / "runs", args))
     return 0
 
 

@@ -9,7 +9,12 @@ cd "$(dirname "$0")/.."
 out=${1:-bench/results/gpu}
 mkdir -p "$out"
 py=${PYTHON:-python3}
-if ! "$py" -c "import datasets, jiwer, librosa, soundfile" 2>/dev/null && compgen -G ".whl/*.whl" >/dev/null; then
+if ! "$py" -c "import datasets, jiwer, librosa, soundfile" 2>/dev/null; then
+  if ! compgen -G ".whl/*.whl" >/dev/null; then
+    echo "gpu.sh: datasets, jiwer, librosa or soundfile is missing and .whl/ holds no wheels:" \
+         "run bash ../shared/tools/device_wheels.sh here and carry .whl" >&2
+    exit 1
+  fi
   site=$(mktemp -d)
   "$py" -m pip install -q --no-index --no-deps --no-compile --target "$site" .whl/*.whl || exit 1
   export PYTHONPATH=$site
@@ -18,6 +23,7 @@ export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false GRADIO_A
 work=$(mktemp -d)
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/gpu.txt"
 "$py" -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)" | tee -a "$out/gpu.txt"
+date -u +"%Y-%m-%d %H:%M UTC" | tee -a "$out/gpu.txt"
 
 step() {  # name, time limit (s), command...
   local name=$1 limit=$2 start=$SECONDS; shift 2
@@ -31,15 +37,17 @@ step() {  # name, time limit (s), command...
 e2e() {  # name, time limit, bench_e2e arguments...
   local name=$1 limit=$2; shift 2
   step "$name" "$limit" "$py" bench/bench_e2e.py --size small --work "$work" --label "$name" "$@"
-  grep -h '^{' "$out/$name.log" | tail -n 1 >"$out/$name.json"
+  # the whole result, or the timed window's if the part was cut short after it
+  grep -h '^{"recipe"' "$out/$name.log" | tail -n 1 >"$out/$name.json"
+  [ -s "$out/$name.json" ] || rm -f "$out/$name.json"
 }
 
 step bare 120 "$py" bench/bench_training.py --size small --device cuda --steps 30 --warmup 5 --eval-clips 128 \
   --eval-batch-sizes 128 --agreement 64 --json "$out/bare.json"
 e2e e2e-pipeline 120 --recipe pipeline --steps 180 --skip 20 --profile-steps 20
-e2e e2e-blog 60 --recipe blog --steps 40 --skip 10 --blog-eval-clips 8
+e2e e2e-blog 90 --recipe blog --steps 40 --skip 10 --blog-eval-clips 8
 e2e e2e-pipeline-compile 130 --recipe pipeline --steps 180 --skip 30 --set training.torch_compile=true
-step profile 60 "$py" bench/profile_step.py --size small
-step saves 60 "$py" bench/bench_saves.py --size small --saves 2 --out "$work" --json "$out/saves.json"
+step profile 50 "$py" bench/profile_step.py --size small
+step saves 40 "$py" bench/bench_saves.py --size small --saves 2 --out "$work" --json "$out/saves.json"
 "$py" bench/gpu_report.py "$out"
 echo "gpu.sh: $SECONDS s in all"

@@ -10,22 +10,43 @@ import sys
 from pathlib import Path
 
 
+def read(path: Path) -> dict | None:
+    """A part's JSON result, or None (with a line saying so) when the part left none."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        print(f"({path.name}: no result; see {path.with_suffix('.log').name})")
+        return None
+
+
 def rows(folder: Path) -> list[str]:
     out = ["| recipe | path | samples/s | MFU | first steps (s) | eval clips/s to cap | eval clips/s, same length |",
            "|---|---|---|---|---|---|---|"]
-    bare = folder / "bare.json"
-    if bare.is_file():
-        data = json.loads(bare.read_text())
-        for name, r in data["results"].items():
+    bare = read(folder / "bare.json") if (folder / "bare.json").exists() else None
+    if bare:
+        for name, r in bare["results"].items():
+            batch128 = r.get("eval_clips_per_s_same_length_batch128")
             out.append(f"| {name} | bare loop | {r['train_samples_per_s']:.1f} | {100 * r['mfu']:.1f}% | "
                        f"{r['first_steps_s']:.1f} ({r['warmup_steps']} steps) | {_f(r.get('eval_clips_per_s_to_cap'))} | "
-                       f"{_f(r.get('eval_clips_per_s_same_length'))} |")
+                       f"{_f(r.get('eval_clips_per_s_same_length'))}"
+                       + ("" if batch128 is None else f" ({batch128:.1f} at batch 128)") + " |")
     for path in sorted(folder.glob("e2e-*.json")):
-        r = json.loads(path.read_text())
+        r = read(path)
+        if r is None:
+            continue
+        evaluation = ("(cut short after training)" if r.get("partial") else
+                      f"{r['eval_clips_per_s']:.1f} ({r['eval_clips']} clips, cap {r.get('generation_max_length', '?')} "
+                      "tokens)")
         out.append(f"| {r['recipe']} | end to end, {r['steps']} steps | {r['train_samples_per_s']:.1f} | "
-                   f"{100 * r['mfu']:.1f}% | {r['first_steps_s']:.1f} ({r['skip_steps']} steps) | "
-                   f"{r['eval_clips_per_s']:.1f} ({r['eval_clips']} clips) | |")
+                   f"{100 * r['mfu']:.1f}% | {r['first_steps_s']:.1f} ({r['skip_steps']} steps) | {evaluation} | |")
     return out
+
+
+def _quiet(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
 
 
 def _f(x) -> str:
@@ -34,12 +55,14 @@ def _f(x) -> str:
 
 def main(argv: list[str]) -> int:
     folder = Path(argv[0]) if argv else Path("bench/results/gpu")
-    device = next((json.loads(p.read_text()).get("device") for p in folder.glob("*.json")), "?")
-    print(f"whisper-small shape, random weights, {device}")
+    machine = folder / "gpu.txt"  # nvidia-smi's card line, the versions and the date, from gpu.sh
+    print("whisper-small shape, random weights; " + ("; ".join(machine.read_text().split("\n")).strip("; ")
+                                                      if machine.is_file() else "machine not recorded"))
+    peaks = {r.get("peak") for p in folder.glob("*.json") if (d := _quiet(p)) for r in [d, *d.get("results", {}).values()]}
+    print("MFU peak: " + ("; ".join(sorted(p for p in peaks if p)) or "?"))
     print("\n".join(rows(folder)))
-    bare = folder / "bare.json"
-    if bare.is_file():
-        data = json.loads(bare.read_text())
+    data = read(folder / "bare.json") if (folder / "bare.json").exists() else None
+    if data:
         for precision in ("fp32", "bf16"):
             if f"agreement_{precision}" in data:
                 floor = data.get(f"agreement_{precision}_generate_batch16_vs_64")
@@ -47,7 +70,7 @@ def main(argv: list[str]) -> int:
                       "whisper_ft.decoding vs generate" + ("" if floor is None else
                       f" (generate against itself at another batch size: {100 * floor:.1f}%)"))
     for path in sorted(folder.glob("e2e-*.json")):
-        prof = json.loads(path.read_text()).get("profile")
+        prof = (_quiet(path) or {}).get("profile")
         if prof and prof.get("gpu_busy") is not None:
             print(f"{path.stem}, last {prof['profiled_steps']} steps profiled: {prof['wall_ms']:.1f} ms per step, GPU busy "
                   f"{100 * prof['gpu_busy']:.0f}%, host in the data loader {prof['data_loader_ms']:.1f} ms and in the "
@@ -55,9 +78,9 @@ def main(argv: list[str]) -> int:
             if "host_syncs_per_step" in prof:
                 print(f"  waits for the GPU: {prof['host_syncs_per_step']:.2f} per step "
                       f"({', '.join(prof['host_sync_sites']) or 'none'})")
-    saves = folder / "saves.json"
-    if saves.is_file():
-        data = json.loads(saves.read_text())["results"]
+    saves = _quiet(folder / "saves.json")
+    if saves:
+        data = saves["results"]
         print("checkpoint saves (" + f"{data['synchronous']['checkpoint_bytes'] / 1e9:.2f} GB): training held "
               + "; ".join(f"{mode} {' '.join(f'{x:.2f}' for x in r['held_s'])} s" for mode, r in data.items()))
     return 0

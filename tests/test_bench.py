@@ -97,9 +97,12 @@ def test_end_to_end_benchmark_times_and_profiles_the_real_command(tmp_path, caps
     assert bench_e2e.main(["--recipe", "pipeline", "--size", "tiny", "--steps", "5", "--skip", "1",
                            "--profile-steps", "2", "--train-clips", "24", "--eval-clips", "4", "--work", str(tmp_path),
                            "--set", "training.batch_size=4", "--set", "training.dataloader_workers=0"]) == 0
-    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith('{"recipe"')]
+    partial, out = lines  # the timed window as soon as it ends (a part cut short keeps it), then everything
+    assert partial["partial"] is True and partial["train_samples_per_s"] == out["train_samples_per_s"]
     assert out["steps"] == 5 and out["skip_steps"] == 1 and out["train_samples_per_s"] > 0
-    assert out["eval_clips"] == 4 and out["eval_clips_per_s"] > 0
+    assert out["eval_clips"] == 4 and out["eval_clips_per_s"] > 0 and "partial" not in out
+    assert 25 < out["label_tokens"] < 40 and out["generation_max_length"] > out["label_tokens"]  # ~28 like CV
     prof = out["profile"]
     assert prof["profiled_steps"] == 2 and prof["wall_ms"] > 0 and prof["optimizer_ms"] > 0
     assert prof["gpu_busy"] is None and "host_syncs_per_step" not in prof  # no GPU here
@@ -131,9 +134,18 @@ def test_gpu_report_prints_every_result_of_a_run(tmp_path, capsys):
     (tmp_path / "saves.json").write_text(json.dumps({"results": {
         "synchronous": {"checkpoint_bytes": 2.89e9, "held_s": [5.2, 5.0]},
         "background": {"checkpoint_bytes": 2.89e9, "held_s": [0.3, 0.2]}}}))
+    (tmp_path / "gpu.txt").write_text("NVIDIA H200, 143771 MiB, 580.95\ntorch 2.11.0 transformers 5.23.0\n"
+                                      "2026-11-26 10:00 UTC\n")
+    (tmp_path / "e2e-broken.json").write_text('{"recipe": "e2e-bro')  # a part cut short, with nothing whole
+    partial = {**json.loads((tmp_path / "e2e-blog.json").read_text()), "recipe": "e2e-cut", "partial": True}
+    (tmp_path / "e2e-cut.json").write_text(json.dumps(partial))
     assert gpu_report.main([str(tmp_path)]) == 0
     out = capsys.readouterr().out
+    assert "NVIDIA H200, 143771 MiB, 580.95; torch 2.11.0 transformers 5.23.0; 2026-11-26 10:00 UTC" in out
+    assert "MFU peak: NVIDIA H200 datasheet" in out and "(e2e-broken.json: no result" in out
+    assert "| e2e-cut | end to end, 60 steps | 25.8 | 3.1% | 10.0 (10 steps) | (cut short after training) |" in out
     assert "| pipeline | bare loop | 168.3 | 20.3% |" in out and "| e2e-blog | end to end, 60 steps | 25.8 |" in out
+    assert "394.3 (423.1 at batch 128)" in out
     assert "GPU busy 95%" in out and "waits for the GPU: 0.05 per step (trainer.py:2249 x1)" in out
     assert "checkpoint saves (2.89 GB): training held synchronous 5.20 5.00 s; background 0.30 0.20 s" in out
 
@@ -171,3 +183,29 @@ def test_host_step_times_each_variant(capsys):
                                                      for line in lines[1:])}
     assert list(rows) == list(host_step.VARIANTS) and all(ms > 0 for ms, _ in rows.values())
     assert rows["bf16 weight copy"][1] > rows["fp32"][1]  # its casts and their gradients
+
+
+@pytest.mark.parametrize("name, tflops", [("NVIDIA H100 80GB HBM3", 989), ("NVIDIA H100 PCIe", 756),
+                                          ("NVIDIA H100 NVL", 835), ("NVIDIA H200", 989), ("NVIDIA H200 NVL", 835),
+                                          ("NVIDIA A100-SXM4-80GB", 312)])
+def test_mfu_peak_is_the_cards_own(monkeypatch, name, tflops):
+    """The PCIe and NVL cards have lower bf16 peaks than the SXM ones whose names they contain."""
+    import bench_training
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: name)
+    peak, source = bench_training.peak_flops("cuda", "bf16", 0.0)
+    assert peak == tflops * 1e12 and f"{tflops:g} TFLOP/s bf16" in source
+
+
+def test_evaluation_timing_keeps_the_warm_up_decoder(monkeypatch):
+    """The warm-up builds the decoder (caches, CUDA graph) that the timed run then uses."""
+    import bench_training
+
+    built = []
+    real = bench_training.GreedyDecoder
+    monkeypatch.setattr(bench_training, "GreedyDecoder", lambda *a, **k: built.append(1) or real(*a, **k))
+    rows = bench_training.examples(6, 5)
+    pipeline = {r.name: r for r in bench_training.recipes("cpu", rows, compile_model=False, precision="fp32")}["pipeline"]
+    assert bench_training.bench_eval(pipeline, "tiny", "cpu", rows, new_tokens=4, batch_size=4) > 0
+    assert built == [1]
