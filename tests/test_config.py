@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from conftest import ROOT, run_cli
 
@@ -123,3 +125,30 @@ def test_typed_values_come_after_overrides_and_keep_their_type():
 def test_bad_typed_values_name_the_key(values, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         load_config(CONFIG, values=values)
+
+
+def test_set_values_keep_the_text_typed_for_strings():
+    """YAML 1.1 would read no, 010, 1:30 and ~ as false, 8, 90 and null; string keys keep the text."""
+    cfg = load_config(CONFIG, ["features.name=010", "training.run_name=1:30", "model.language=no",
+                               "training.lora.target_modules=q_proj,v_proj", "training.learning_rate=1e-5",
+                               "training.warmup_steps=null", "features.data_dir=~/feat", "app.cookies_file=~/c.txt"])
+    assert (cfg.features.name, cfg.training.run_name, cfg.model.language) == ("010", "1:30", "no")
+    assert cfg.training.lora.target_modules == ("q_proj", "v_proj") and cfg.training.learning_rate == 1e-5
+    assert cfg.training.warmup_steps is None
+    home = str(Path.home())
+    assert cfg.features.data_dir == f"{home}/feat" and cfg.app.cookies_file == f"{home}/c.txt"  # ~ as a shell would
+
+
+@pytest.mark.parametrize("override, message", [
+    ("training.max_steps.x=1", "training.max_steps.x: training.max_steps is a value, not a section"),
+    ("training.lr_scheduler=cosin", "training.lr_scheduler: expected one of linear, cosine"),
+    ("training.dataloader_workers=-1", "training.dataloader_workers: must be at least 0"),
+    ("training.dropout=1.5", r"training.dropout: must be in \[0, 1\)"),
+    ("training.lora.rank=0", "training.lora.rank: must be at least 1"),
+    ("training.learning_rate=.inf", "training.learning_rate: must be a finite number"),
+    ("features.claim_stale_seconds=.inf", "features.claim_stale_seconds: must be a finite number"),
+    ("app.stride_seconds=20", "app.stride_seconds: must be at least 0 and under half of app.chunk_seconds"),
+])
+def test_values_that_would_fail_late_are_refused_with_their_key(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(CONFIG, [override])

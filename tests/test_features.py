@@ -496,3 +496,23 @@ def test_a_long_recording_is_dropped_without_decoding_past_the_limit(tmp_path, m
     monkeypatch.setattr(features, "load_audio", lambda *a, **k: asked.append(k.get("max_seconds")) or real(*a, **k))
     assert features._decode(Row("s", "train", "train/long", str(tmp_path / "long.wav"), "x"), 30.0) == ("too_long", None)
     assert asked == [30.0]
+
+
+def test_no_manifest_describes_a_store_rebuilt_meanwhile(tmp_path, cv_release, monkeypatch):
+    """Between a process's last shard and its manifest, another one's --overwrite may rebuild the
+    store: the plan is checked again under the manifest's claim, and nothing is written."""
+    from whisper_ft.features import MANIFEST, FeatureStore, FeaturesError
+
+    calls = []
+    check = FeatureStore.check_unchanged
+
+    def rebuilt_before_the_manifest(self, fp):
+        calls.append(fp)
+        if len(calls) == 2:  # the first check is at the start, the second under the manifest's claim
+            (self.root / "plan.json").write_text(json.dumps({"fingerprint": "another build"}))
+        return check(self, fp)
+
+    monkeypatch.setattr(FeatureStore, "check_unchanged", rebuilt_before_the_manifest)
+    with pytest.raises(FeaturesError, match="removed or rebuilt by another process"):
+        run_main(tmp_path, "raced", cv_release)
+    assert len(calls) == 2 and not (tmp_path / "features" / "raced" / MANIFEST).exists()

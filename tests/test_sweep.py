@@ -212,17 +212,29 @@ def test_a_failing_trial_is_recorded_and_not_rerun(tmp_path):
     assert len(scripted.calls) == calls  # finished and failed trials are not run again
 
 
-def test_a_trial_with_an_invalid_value_fails_and_the_sweep_goes_on(tmp_path):
-    spec = load_spec(write_spec(tmp_path, method="grid", budget_samples=32, eval_every_samples=32, prune=False,
-                                space={"training.gradient_accumulation_steps": [0, 1]}))
-    trainer = ScriptedTrainer(lambda t, step: 50.0)
+def test_a_sweep_that_cannot_make_a_config_is_refused_before_any_trial(tmp_path):
+    """A key misspelt or a value out of range at any grid point, a range's bound, a count YAML
+    reads as a string, or a key --set sets too: one line before any trial runs."""
     sets = [f"training.output_dir={tmp_path / 'ck'}"]
-    folder = run_sweep(spec, base_config(tmp_path), str(ROOT / "config.yaml"), sets, trainer, log=lambda s: None)
-    trials = {t["params"]["training.gradient_accumulation_steps"]: t for t in read_trials(folder)}
-    assert trials[0]["status"] == "failed" and "gradient_accumulation_steps" in trials[0]["error"]
-    assert trials[1]["status"] == "complete" and len(trainer.calls) == 1
-    run_sweep(spec, base_config(tmp_path), str(ROOT / "config.yaml"), sets, trainer, log=lambda s: None)
-    assert len(trainer.calls) == 1  # nothing left running to resume
+    for space, message in (({"training.gradient_accumulation_steps": [1, 0]},
+                            "gradient_accumulation_steps=0: training.gradient_accumulation_steps: must be at least 1"),
+                           ({"training.learning_rat": [1e-5]}, "unknown config key: training.learning_rat")):
+        spec = load_spec(write_spec(tmp_path, method="grid", budget_samples=32, space=space))
+        trainer = ScriptedTrainer(lambda t, step: 50.0)
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            run_sweep(spec, base_config(tmp_path), str(ROOT / "config.yaml"), sets, trainer, log=lambda s: None)
+        assert trainer.calls == [] and not (tmp_path / "ck" / "sweeps").exists()
+    spec = load_spec(write_spec(tmp_path, method="random", trials=3, space={"training.dropout": {"low": 0.0, "high": 1.5}}))
+    with pytest.raises(ConfigError, match=r"dropout=1.5: training.dropout: must be in \[0, 1\)"):
+        run_sweep(spec, base_config(tmp_path), str(ROOT / "config.yaml"), sets, ScriptedTrainer(lambda t, s: 1.0))
+    spec = load_spec(write_spec(tmp_path, method="grid", budget_samples="3.2e4", space={"training.seed": [1]}))
+    assert spec.budget_samples == 32000
+    with pytest.raises(ConfigError, match="budget_samples: expected a whole number"):
+        load_spec(write_spec(tmp_path, method="grid", budget_samples="lots", space={"training.seed": [1]}))
+    spec = load_spec(write_spec(tmp_path, method="grid", base={"training.eval_subset": 100}, space={"training.seed": [1]}))
+    with pytest.raises(ConfigError, match="training.eval_subset is set by the sweep file and by --set; keep one"):
+        run_sweep(spec, base_config(tmp_path), str(ROOT / "config.yaml"), [*sets, "training.eval_subset=0"],
+                  ScriptedTrainer(lambda t, s: 1.0))
 
 
 def test_trials_of_any_batch_size_report_their_checks_at_the_same_steps(tmp_path):

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
+import os
 import types
 import typing
 from collections.abc import Iterable, Mapping
@@ -198,13 +200,23 @@ def apply_override(raw: dict, item: str) -> None:
     set_value(raw, *parse_override(item))
 
 
-def parse_override(item: str) -> tuple[str, Any]:
-    """`a.b.c=value` as its dotted key and its value read as YAML."""
+@dataclasses.dataclass(frozen=True)
+class Override:
+    """A `--set` value as typed and as YAML reads it: a string field takes the text (`no`, `010`,
+    `1:30` and `~/data` stay as typed, where YAML 1.1 would make them false, 8, 90 and null),
+    any other field the YAML value."""
+
+    text: str
+    parsed: Any
+
+
+def parse_override(item: str) -> tuple[str, Override]:
+    """`a.b.c=value` as its dotted key and its value (`Override`)."""
     key, sep, text = item.partition("=")
     if not sep or not key.strip():
         raise ConfigError(f"override {item!r} is not of the form section.key=value")
     try:
-        return key.strip(), yaml.safe_load(text) if text.strip() else ""
+        return key.strip(), Override(text.strip(), yaml.safe_load(text) if text.strip() else "")
     except yaml.YAMLError as e:
         raise ConfigError(f"override {key}: cannot parse value {text!r}") from e
 
@@ -220,10 +232,14 @@ def set_value(raw: dict, key: str, value: Any) -> None:
             node = _list_item(node, part, ".".join(parts[: i + 1]))
             continue
         child = node.get(part)
+        if isinstance(child, Override):  # set whole by an earlier override, now set inside
+            child = node[part] = child.parsed
         if child is None:
             child = node[part] = [] if part == "sources" else {}
         if part == "sources" and not isinstance(child, list):
             raise ConfigError(f"{'.'.join(parts[: i + 1])} must be a list")
+        if not isinstance(child, (dict, list)):
+            raise ConfigError(f"{key}: {'.'.join(parts[: i + 1])} is a value, not a section")
         node = child
     last = parts[-1]
     if isinstance(node, list):
@@ -261,11 +277,13 @@ def _build(cls: type, raw: Any, where: str) -> Any:
 
 def _convert(tp: Any, value: Any, where: str) -> Any:
     origin = typing.get_origin(tp)
+    if isinstance(value, Override) and origin not in (typing.Union, types.UnionType):
+        value = value.text if tp is str else value.parsed
     if dataclasses.is_dataclass(tp):
         return _build(tp, value if value is not None else {}, where)
     if origin is tuple:
-        if isinstance(value, str):
-            value = [value]
+        if isinstance(value, str):  # "q_proj,v_proj" as well as [q_proj, v_proj]
+            value = [v.strip() for v in value.split(",")] if "," in value else [value]
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{where}: expected a list, got {value!r}")
         item_tp = typing.get_args(tp)[0]
@@ -276,7 +294,8 @@ def _convert(tp: Any, value: Any, where: str) -> Any:
         return value
     if origin in (typing.Union, types.UnionType):  # the first member type that takes the value
         members = typing.get_args(tp)
-        if value is None and type(None) in members:
+        plain = value.parsed if isinstance(value, Override) else value
+        if plain is None and type(None) in members:
             return None
         wanted = []
         for member in (m for m in members if m is not type(None)):
@@ -284,7 +303,7 @@ def _convert(tp: Any, value: Any, where: str) -> Any:
                 return _convert(member, value, where)
             except ConfigError as e:  # "<where>: expected <what>, got <value>"
                 wanted.append(str(e).split(": expected ", 1)[1].rsplit(", got ", 1)[0])
-        raise ConfigError(f"{where}: expected {' or '.join(wanted)}, got {value!r}")
+        raise ConfigError(f"{where}: expected {' or '.join(wanted)}, got {plain!r}")
     if tp is bool:
         if not isinstance(value, bool):
             raise ConfigError(f"{where}: expected true or false, got {value!r}")
@@ -307,8 +326,14 @@ def _convert(tp: Any, value: Any, where: str) -> Any:
             return ""
         if not isinstance(value, (str, int, float)) or isinstance(value, bool):
             raise ConfigError(f"{where}: expected a string, got {value!r}")
-        return str(value)
+        value = str(value)
+        if where.rsplit(".", 1)[-1] in PATH_KEYS and value.startswith("~"):  # the shell leaves key=~/x alone
+            value = os.path.expanduser(value)
+        return value
     raise TypeError(f"{where}: unsupported config type {tp}")
+
+
+PATH_KEYS = ("data_dir", "output_dir", "cookies_file", "auth_file", "path", "name_or_path", "model")  # ~ expanded
 
 
 def _join(where: str, name: str) -> str:
@@ -317,6 +342,7 @@ def _join(where: str, name: str) -> str:
 
 def validate(cfg: Config) -> None:
     """Checks that span fields; each error names the key."""
+    check_finite(cfg, "")
     f = cfg.features
     if f.on_overlap not in OVERLAP_POLICIES:
         raise ConfigError(f"features.on_overlap: expected one of {', '.join(OVERLAP_POLICIES)}, got {f.on_overlap!r}")
@@ -371,10 +397,46 @@ def validate(cfg: Config) -> None:
     if t.push_to_hub:
         check_repo_id(t.push_to_hub, "training.push_to_hub")
     for name in ("max_steps", "batch_size", "eval_steps", "save_steps", "eval_batch_size",
-                 "gradient_accumulation_steps", "logging_steps"):
+                 "gradient_accumulation_steps", "logging_steps", "num_beams"):
         if getattr(t, name) < 1:
             raise ConfigError(f"training.{name}: must be at least 1, got {getattr(t, name)}")
+    if t.lr_scheduler not in LR_SCHEDULERS:
+        raise ConfigError(f"training.lr_scheduler: expected one of {', '.join(LR_SCHEDULERS)}, got {t.lr_scheduler!r}")
+    for name, value in (("dataloader_workers", t.dataloader_workers), ("save_total_limit", t.save_total_limit),
+                        ("eval_subset", t.eval_subset), ("generation_max_length", t.generation_max_length),
+                        ("weight_decay", t.weight_decay)):
+        if value < 0:
+            raise ConfigError(f"training.{name}: must be at least 0, got {value}")
+    for name, value in (("dropout", t.dropout), ("lora.dropout", t.lora.dropout),
+                        ("spec_augment.mask_time_prob", t.spec_augment.mask_time_prob),
+                        ("spec_augment.mask_feature_prob", t.spec_augment.mask_feature_prob)):
+        if not 0 <= value < 1:
+            raise ConfigError(f"training.{name}: must be in [0, 1), got {value}")
+    for name, value in (("lora.rank", t.lora.rank), ("lora.alpha", t.lora.alpha),
+                        ("spec_augment.mask_time_length", t.spec_augment.mask_time_length),
+                        ("spec_augment.mask_feature_length", t.spec_augment.mask_feature_length)):
+        if value < 1:
+            raise ConfigError(f"training.{name}: must be at least 1, got {value}")
     validate_app(cfg.app)
+
+
+# transformers' scheduler names (transformers.trainer_utils.SchedulerType), without importing it here
+LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
+                 "inverse_sqrt", "reduce_lr_on_plateau", "cosine_with_min_lr", "cosine_warmup_with_min_lr",
+                 "warmup_stable_decay")
+
+
+def check_finite(cfg: Any, where: str) -> None:
+    """No number of the config is infinite or NaN (`inf` reads as a float and passes `> 0`)."""
+    for field in dataclasses.fields(cfg):
+        value, key = getattr(cfg, field.name), _join(where, field.name)
+        items = value if isinstance(value, tuple) else (value,)
+        for i, item in enumerate(items):
+            item_key = f"{key}.{i}" if isinstance(value, tuple) else key
+            if dataclasses.is_dataclass(item):
+                check_finite(item, item_key)
+            elif isinstance(item, float) and not math.isfinite(item):
+                raise ConfigError(f"{item_key}: must be a finite number, got {item}")
 
 
 def validate_app(app: AppConfig) -> None:
@@ -383,9 +445,12 @@ def validate_app(app: AppConfig) -> None:
                  "translate_timeout_seconds"):
         if getattr(app, name) <= 0:
             raise ConfigError(f"app.{name}: must be above 0, got {getattr(app, name)}")
-    for name in ("workers", "queue_size"):
+    for name in ("workers", "queue_size", "batch_size", "beam_size"):
         if getattr(app, name) < 1:
             raise ConfigError(f"app.{name}: must be at least 1, got {getattr(app, name)}")
+    if not 0 <= 2 * app.stride_seconds < app.chunk_seconds:  # the overlap on both sides of a window
+        raise ConfigError(f"app.stride_seconds: must be at least 0 and under half of app.chunk_seconds "
+                          f"({app.chunk_seconds:g}), got {app.stride_seconds:g}")
 
 
 def check_repo_id(repo_id: str, key: str) -> None:

@@ -47,7 +47,7 @@ from whisper_ft.audio import SAMPLE_RATE, AudioError, TooLong, load_audio, pad_f
 from whisper_ft.claims import ClaimSet, live_claims, owner_tag, read_holder
 from whisper_ft.config import save_config, to_dict
 from whisper_ft.errors import UserError
-from whisper_ft.files import write_atomic
+from whisper_ft.files import fsync_tree, write_atomic
 from whisper_ft.sources import EVAL, TRAIN, VALIDATION, ArrowAudio, Row, SourceError, describe, read_source
 from whisper_ft.text import normalize, tidy_sentence
 
@@ -213,6 +213,7 @@ def write_shard(path: Path, examples: list[dict], drops: Counter, n_rows: int, n
     shutil.rmtree(tmp, ignore_errors=True)
     ds.save_to_disk(str(tmp))
     (tmp / STATS).write_text(json.dumps(stats, indent=1))
+    fsync_tree(tmp)  # on the disk before its name: a power loss never leaves a complete-looking empty shard
     try:
         confirm()
         os.replace(tmp, path)
@@ -313,13 +314,17 @@ def build_manifest(root: Path, shards: list[Shard], header: dict) -> dict:
     return manifest
 
 
-def write_manifest_once(root: Path, shards: list[Shard], header: dict, claims: ClaimSet) -> dict:
+def write_manifest_once(root: Path, shards: list[Shard], header: dict, claims: ClaimSet,
+                        check_unchanged=lambda: None) -> dict:
     """The manifest, written under its claim by one of the processes that find every shard on
-    disk; the others wait for it (a stalled writer's claim goes stale and is taken over)."""
+    disk; the others wait for it (a stalled writer's claim goes stale and is taken over).
+    `check_unchanged()` runs under the claim and raises when the store was rebuilt meanwhile
+    (another process's --overwrite), so that no manifest describes another build's shards."""
     claim = claim_file(root, MANIFEST)
     while not claims.take(claim):
         time.sleep(0.2)
     try:
+        check_unchanged()
         if (root / MANIFEST).is_file():
             return read_manifest(root)
         for tmp in root.glob(f".{MANIFEST}.tmp-*"):  # a killed writer's: only the claim's holder writes one
@@ -728,7 +733,8 @@ def build(cfg, num_shards: int = 1, shard_index: int = 0, workers: int | None = 
         if waiting:
             return BuildResult(store, None, dict(waiting), n_rows)
         header = {**manifest_header(cfg, processor, settings), "overlap": overlap}
-        return BuildResult(store, write_manifest_once(store.root, shards, header, claims), {}, n_rows)
+        return BuildResult(store, write_manifest_once(store.root, shards, header, claims,
+                                                      partial(store.check_unchanged, fp)), {}, n_rows)
 
 
 def encode_shards(root: Path, todo: list[Shard], processor: Processor, fc, workers: int, claims: ClaimSet) -> None:

@@ -68,6 +68,14 @@ def load_spec(path: str | Path) -> SweepSpec:
     unknown = sorted(set(raw) - names)
     if unknown:
         raise ConfigError(f"{path}: unknown sweep key: {unknown[0]}")
+    for key in ("trials", "seed", "budget_samples", "eval_every_samples", "warmup_samples", "prune_warmup_evals"):
+        if key in raw:
+            raw[key] = _count(raw[key], f"{path}: {key}")
+    for key in ("base", "space", "variants"):
+        if not isinstance(raw.get(key, {}), dict):
+            raise ConfigError(f"{path}: {key}: expected a mapping of config keys")
+    if not isinstance(raw.get("prune", True), bool):
+        raise ConfigError(f"{path}: prune: expected true or false, got {raw['prune']!r}")
     spec = SweepSpec(**{"name": path.stem, **raw})
     if spec.method not in METHODS:
         raise ConfigError(f"{path}: method: expected one of {', '.join(METHODS)}, got {spec.method!r}")
@@ -86,6 +94,42 @@ def load_spec(path: str | Path) -> SweepSpec:
     if spec.method != "grid" and spec.trials < 1:
         raise ConfigError(f"{path}: trials: {spec.method} search needs trials >= 1")
     return spec
+
+
+def _count(value, where: str) -> int:
+    """A whole number of the sweep file; YAML reads 3.2e4 (no dot) as a string, so it is parsed."""
+    try:
+        number = float(value) if isinstance(value, str) else value
+    except ValueError:
+        number = None
+    if isinstance(number, bool) or not isinstance(number, (int, float)) or number != int(number) or number < 0:
+        raise ConfigError(f"{where}: expected a whole number of at least 0, got {value!r}")
+    return int(number)
+
+
+def check_trials(spec: SweepSpec, base: Config, config_path: str | None, overrides: list[str]) -> None:
+    """Refuse, before any trial runs, a sweep whose settings cannot make a config (an unknown
+    key, a value out of range: every grid point and variant, a range's bounds) or that sets a
+    key the command line sets too (`--set` would lose to it)."""
+    ours = set(spec.base) | set(spec.space) | {k for v in spec.variants.values() for k in v}
+    ours |= ({"training.max_steps"} if spec.budget_samples else set()) | \
+        ({"training.eval_steps", "training.save_steps"} if spec.eval_every_samples else set()) | \
+        ({"training.warmup_steps"} if spec.warmup_samples else set())
+    both = sorted(ours & {item.partition("=")[0].strip() for item in overrides})
+    if both:
+        raise ConfigError(f"sweep {spec.name}: {both[0]} is set by the sweep file and by --set; keep one")
+    if spec.method == "grid":
+        points = grid_points(spec)
+    else:
+        space = search_space(spec)
+        points = [{k: (v if isinstance(v, list) else [v["low"], v["high"]])[i] for k, v in space.items()}
+                  for i in (0, -1)]
+        points += [{**points[0], VARIANT: name} for name in spec.variants]
+    for params in points:
+        try:
+            trial_config(base, spec, params, Path(base.training.output_dir), 0, config_path, overrides)
+        except ConfigError as e:
+            raise ConfigError(f"sweep {spec.name}, trial {_params(params)}: {e}") from e
 
 
 def distributions(spec: SweepSpec) -> dict:
@@ -189,6 +233,7 @@ def run_sweep(spec: SweepSpec, base: Config, config_path: str | None, overrides:
     import optuna
     from optuna.trial import TrialState
 
+    check_trials(spec, base, config_path, overrides)
     folder = Path(base.training.output_dir) / "sweeps" / spec.name
     study = make_study(spec, folder)
     write_atomic(folder / "sweep.yaml", yaml.safe_dump(dataclasses.asdict(spec), sort_keys=False))
