@@ -137,6 +137,17 @@ def test_run_averages_the_last_checks_and_keeps_the_winner(tiny_run):
     assert "Checkpoint averaging" in (run_dir / "README.md").read_text()
 
 
+def test_the_encoders_position_table_stays_fixed(tiny_run, tiny_model_dir):
+    """Whisper's sinusoidal encoder positions are not trained (transformers 5 loads them trainable)."""
+    from safetensors.torch import load_file
+
+    run_dir, *_ = tiny_run
+    key = "model.encoder.embed_positions.weight"
+    trained, base = load_file(run_dir / "best" / "model.safetensors"), load_file(tiny_model_dir / "model.safetensors")
+    assert (trained[key] == base[key]).all()
+    assert not (trained["model.decoder.embed_positions.weight"] == base["model.decoder.embed_positions.weight"]).all()
+
+
 def test_best_export_loads_alone_and_generates_swedish_prefix(tiny_run, features_dir):
     import torch
     from transformers import WhisperForConditionalGeneration, WhisperProcessor

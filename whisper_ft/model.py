@@ -77,13 +77,17 @@ def set_language(tokenizer, language: str, task: str) -> None:
 
 
 def load_model(name_or_path: str, language: str = "sv", task: str = "transcribe", **kwargs):
-    """WhisperForConditionalGeneration with the generation config fixed to `language`/`task`."""
+    """WhisperForConditionalGeneration with the generation config fixed to `language`/`task`, and
+    the encoder's fixed sinusoidal position table frozen again: Whisper never trains it, but
+    transformers 5 loads every weight with requires_grad=True, and fine-tuning on short clips
+    would then change the positions past them by padding alone."""
     from transformers import WhisperForConditionalGeneration
 
     try:
         model = WhisperForConditionalGeneration.from_pretrained(resolve(name_or_path), **kwargs)
     except OSError as e:
         raise ModelNotFound(f"cannot load a Whisper model from {name_or_path}: {first_line(e)}") from e
+    model.model.encoder.embed_positions.requires_grad_(False)
     set_generation_language(model, language, task)
     return model
 
