@@ -67,8 +67,8 @@ def make_store(data_dir: Path, model_dir: Path, n_train: int, n_eval: int, seed:
     """A feature store of random log-Mel frames (2-8 s clips) with real Swedish labels of about
     30 text tokens (three fixture sentences each; Common Voice sv-SE averages about 28)."""
     from whisper_ft.config import load_config
-    from whisper_ft.features import (PROCESSOR_DIR, Shard, build_manifest, load_feature_processor, manifest_header,
-                                     store_settings, write_shard)
+    from whisper_ft.features import (PROCESSOR_DIR, Shard, build_manifest, label_ids, load_feature_processor,
+                                     manifest_header, store_settings, write_shard)
 
     name = f"synthetic-x{SENTENCES_PER_LABEL}-{n_train}-{n_eval}"
     root = data_dir / "features" / name
@@ -89,7 +89,7 @@ def make_store(data_dir: Path, model_dir: Path, n_train: int, n_eval: int, seed:
             examples.append({"id": f"{split}-{i}", "source": "synthetic", "speaker": f"s{i % 20}", "sentence": sentence,
                              "gender": "", "accents": "", "age": "", "duration": frames / 100,
                              "input_features": rng.normal(size=(frames, 80)).astype(np.float16), "fill": -1.0,
-                             "labels": processor.tokenizer(sentence).input_ids})
+                             "labels": label_ids(processor.tokenizer, sentence)})
         shard = Shard(split, 0, 1, ())
         shard.path(root).parent.mkdir(parents=True, exist_ok=True)
         write_shard(shard.path(root), examples, Counter(), n, 80, "float16")

@@ -175,7 +175,9 @@ def test_labels_carry_prefix_and_orthographic_text(messy_stores, messy_release):
     by_id = {ex["id"]: ex for ex in ds}
     for ex in ds:
         assert ex["labels"][:4] == PREFIX and ex["labels"][-1] == EOT
-        assert tok.decode(ex["labels"], skip_special_tokens=True) == ex["sentence"]
+        assert tok.decode(ex["labels"], skip_special_tokens=True) == " " + ex["sentence"]  # as Whisper writes text
+        assert tok.convert_ids_to_tokens(ex["labels"][4]).startswith("Ġ")  # the first word's token has the space
+    assert read_manifest(messy_stores["float16"])["labels"] == {"leading_space": True}
     tidy = [ex for ex in ds if ex["gender"] == "female_feminine"][0]
     assert tidy["sentence"] == '"Hej", sa hon – "välkommen"!' and tidy["accents"] == "Skåne"
     quoted = [ex for ex in ds if ex["id"].startswith("dev/")][0]

@@ -103,6 +103,13 @@ class Shard:
 # --------------------------------------------------------------------------- encoding
 
 
+def label_ids(tokenizer, sentence: str, leading_space: bool = True) -> list[int]:
+    """Token ids of a label: the prefix (<|startoftranscript|><|sv|><|transcribe|><|notimestamps|>),
+    the sentence after a space, as Whisper writes the first word (" Jag" is one token, "Jag" is
+    "J" + "ag"; bench/label_space.py), then <|endoftext|>."""
+    return tokenizer((" " if leading_space else "") + sentence).input_ids
+
+
 def encode_batch(rows: Iterable[Row], feature_extractor, tokenizer, limits: Limits) -> tuple[list[dict], Counter]:
     """Decode, filter, featurize and tokenize rows. Returns (examples, drops by reason).
 
@@ -115,7 +122,7 @@ def encode_batch(rows: Iterable[Row], feature_extractor, tokenizer, limits: Limi
         if not sentence:
             drops["empty_sentence"] += 1
             continue
-        labels = tokenizer(sentence).input_ids
+        labels = label_ids(tokenizer, sentence)
         if len(labels) > limits.max_label_tokens:
             drops["labels_too_long"] += 1
             continue
@@ -793,6 +800,7 @@ def manifest_header(cfg, processor: Processor, settings: dict) -> dict:
         "feature_extractor": {"n_mels": fe.feature_size, "sampling_rate": fe.sampling_rate,
                               "hop_length": fe.hop_length, "n_frames": fe.nb_max_frames},
         "tokenizer": {"vocab_size": len(tok), "prefix_tokens": list(tok.prefix_tokens)},
+        "labels": {"leading_space": True},  # label_ids; stores without this key have none
         "dtype": cfg.features.dtype,
         "config": settings,
         "processor": PROCESSOR_DIR,
