@@ -68,9 +68,10 @@ def remove_leftovers(run_dir: str | Path) -> list[Path]:
         return []
     best = run_dir / BEST_DIR
     if not best.exists():
-        complete = [p for p in run_dir.glob(f".{BEST_DIR}.tmp-*") if (p / BEST_INFO).is_file()]
-        for candidate in [*complete, *run_dir.glob(f".{BEST_DIR}.old-*")][:1]:
-            os.replace(candidate, best)
+        candidates = [p for p in run_dir.glob(f".{BEST_DIR}.tmp-*") if (p / BEST_INFO).is_file()]
+        candidates += sorted(run_dir.glob(f".{BEST_DIR}.old-*"))
+        if candidates:
+            os.replace(candidates[0], best)
     found = [p for folder in (run_dir, run_dir / averaging.FOLDER) for pattern in (".*.tmp-*", ".*.old-*")
              for p in folder.glob(pattern)]
     for p in found:

@@ -682,22 +682,28 @@ def check_resumable(cfg: Config, run_dir: Path, resume: Path) -> None:
         return
     saved, now = yaml.safe_load(saved_path.read_text(encoding="utf-8")) or {}, to_dict(cfg)
 
+    missing = object()  # a key the run's config.yaml predates
+
     def get(tree: dict, key: str):
         for part in key.split("."):
             if not isinstance(tree, dict) or part not in tree:
-                return KeyError
+                return missing
             tree = tree[part]
         return tree
 
-    changed = [f"{key} {get(saved, key)!r} -> {get(now, key)!r}" for key in FIXED_ON_RESUME
-               if get(saved, key) is not KeyError and get(saved, key) != get(now, key)]
+    changed = []
+    for key in FIXED_ON_RESUME:
+        before, after = get(saved, key), get(now, key)
+        if before is not missing and before != after:
+            changed.append(f"{key} {before!r} -> {after!r}")
     if changed:
         raise TrainingError(f"{run_dir} was trained to {resume.name} with other settings ({'; '.join(changed)}): "
                             "a resumed run keeps its own; set them back, pass --fresh to start it over, or use "
                             "another training.run_name")
-    if get(saved, "training.max_steps") not in (KeyError, cfg.training.max_steps):
+    steps = get(saved, "training.max_steps")
+    if steps is not missing and steps != cfg.training.max_steps:
         log.info("training.max_steps changed from %s to %d: the learning-rate schedule runs to the new end from here",
-                 get(saved, "training.max_steps"), cfg.training.max_steps)
+                 steps, cfg.training.max_steps)
 
 
 def earlier_train_metrics(run_dir: Path) -> dict:
