@@ -102,7 +102,8 @@ def _count(value, where: str) -> int:
         number = float(value) if isinstance(value, str) else value
     except ValueError:
         number = None
-    if isinstance(number, bool) or not isinstance(number, (int, float)) or number != int(number) or number < 0:
+    if (isinstance(number, bool) or not isinstance(number, (int, float)) or not math.isfinite(number)
+            or number != int(number) or number < 0):
         raise ConfigError(f"{where}: expected a whole number of at least 0, got {value!r}")
     return int(number)
 
@@ -112,9 +113,7 @@ def check_trials(spec: SweepSpec, base: Config, config_path: str | None, overrid
     key, a value out of range: every grid point and variant, a range's bounds) or that sets a
     key the command line sets too (`--set` would lose to it)."""
     ours = set(spec.base) | set(spec.space) | {k for v in spec.variants.values() for k in v}
-    ours |= ({"training.max_steps"} if spec.budget_samples else set()) | \
-        ({"training.eval_steps", "training.save_steps"} if spec.eval_every_samples else set()) | \
-        ({"training.warmup_steps"} if spec.warmup_samples else set())
+    ours |= {key for key, _ in budget(spec, 1)}
     both = sorted(ours & {item.partition("=")[0].strip() for item in overrides})
     if both:
         raise ConfigError(f"sweep {spec.name}: {both[0]} is set by the sweep file and by --set; keep one")
@@ -184,16 +183,22 @@ def trial_config(base: Config, spec: SweepSpec, params: dict, folder: Path, numb
     values = [*spec.base.items(), *variant.items(), *((k, v) for k, v in params.items() if k != VARIANT),
               ("training.output_dir", str(folder)), ("training.run_name", f"trial-{number:03d}")]
     cfg = load_config(config_path, overrides, values)
-    per_step = samples_per_step(cfg.training)
-    budget = []
+    steps = budget(spec, samples_per_step(cfg.training))
+    return load_config(config_path, overrides, values + steps) if steps else cfg
+
+
+def budget(spec: SweepSpec, per_step: int) -> list[tuple[str, int]]:
+    """The step counts that give every trial the sweep's budgets in clips seen, for a trial of
+    `per_step` clips per optimizer step."""
+    out = []
     if spec.budget_samples:
-        budget.append(("training.max_steps", max(1, math.ceil(spec.budget_samples / per_step))))
+        out.append(("training.max_steps", max(1, math.ceil(spec.budget_samples / per_step))))
     if spec.eval_every_samples:
         every = max(1, math.ceil(spec.eval_every_samples / per_step))
-        budget += [("training.eval_steps", every), ("training.save_steps", every)]
+        out += [("training.eval_steps", every), ("training.save_steps", every)]
     if spec.warmup_samples:  # the same warm-up in clips seen, whatever the batch size
-        budget.append(("training.warmup_steps", math.ceil(spec.warmup_samples / per_step)))
-    return load_config(config_path, overrides, values + budget) if budget else cfg
+        out.append(("training.warmup_steps", math.ceil(spec.warmup_samples / per_step)))
+    return out
 
 
 def samples_per_step(t) -> int:
