@@ -253,6 +253,7 @@ def emit(args, result: dict) -> None:
     """One JSON line of results (gpu.sh keeps the last): after the timed window with
     `"partial": true`, then whole at the end."""
     where = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
+    print()  # the Trainer's progress bar ends its lines with a carriage return only
     print(json.dumps({"recipe": args.label or args.recipe, "size": args.size, "device": where, "steps": args.steps,
                       **result}), flush=True)
 

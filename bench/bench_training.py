@@ -304,6 +304,7 @@ def parse_args(argv=None):
     p.add_argument("--compile", action="store_true", help="also time the pipeline with compiled layers")
     p.add_argument("--eval-batch-sizes", default="", help="extra evaluation batch sizes to time for the pipeline, e.g. 128,256")
     p.add_argument("--agreement", type=int, default=0, help="clips to decode with both engines (fp32 and bf16)")
+    p.add_argument("--agreement-only", action="store_true", help="only the --agreement check, no timings")
     p.add_argument("--skip-blog", action="store_true", help="time the pipeline only")
     p.add_argument("--precision", choices=("bf16", "fp16", "fp32"), help="the pipeline's (default: config.yaml's)")
     p.add_argument("--peak-tflops", type=float, default=0.0, help="device peak for MFU (default: datasheet / estimate)")
@@ -326,7 +327,7 @@ def main(argv=None) -> int:
           f"{torch.get_num_threads()} threads", flush=True)
     results: dict = {}
     out = {"device": where, "size": args.size, "torch": torch.__version__, "results": results}
-    for r in recipes(args.device, rows[:args.eval_clips], args.compile, args.precision or ""):
+    for r in [] if args.agreement_only else recipes(args.device, rows[:args.eval_clips], args.compile, args.precision or ""):
         if args.skip_blog and r.name == "blog":
             continue
         print(f"{r.name}: {r}", flush=True)

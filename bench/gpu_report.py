@@ -37,7 +37,8 @@ def rows(folder: Path) -> list[str]:
         evaluation = ("(cut short after training)" if r.get("partial") else
                       f"{r['eval_clips_per_s']:.1f} ({r['eval_clips']} clips, cap {r.get('generation_max_length', '?')} "
                       "tokens)")
-        out.append(f"| {r['recipe']} | end to end, {r['steps']} steps | {r['train_samples_per_s']:.1f} | "
+        batch = r.get("settings", {}).get("batch_size", 16)
+        out.append(f"| {r['recipe']} | end to end, {r['steps']} steps, batch {batch} | {r['train_samples_per_s']:.1f} | "
                    f"{100 * r['mfu']:.1f}% | {r['first_steps_s']:.1f} ({r['skip_steps']} steps) | {evaluation} | |")
     return out
 
@@ -61,8 +62,8 @@ def main(argv: list[str]) -> int:
     peaks = {r.get("peak") for p in folder.glob("*.json") if (d := _quiet(p)) for r in [d, *d.get("results", {}).values()]}
     print("MFU peak: " + ("; ".join(sorted(p for p in peaks if p)) or "?"))
     print("\n".join(rows(folder)))
-    data = read(folder / "bare.json") if (folder / "bare.json").exists() else None
-    if data:
+    # the agreement check: its own part (agreement.json), or inside the bare loop's (older runs)
+    for data in filter(None, map(_quiet, (folder / "agreement.json", folder / "bare.json"))):
         for precision in ("fp32", "bf16"):
             if f"agreement_{precision}" in data:
                 floor = data.get(f"agreement_{precision}_generate_batch16_vs_64")

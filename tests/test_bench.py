@@ -97,7 +97,9 @@ def test_end_to_end_benchmark_times_and_profiles_the_real_command(tmp_path, caps
     assert bench_e2e.main(["--recipe", "pipeline", "--size", "tiny", "--steps", "5", "--skip", "1",
                            "--profile-steps", "2", "--train-clips", "24", "--eval-clips", "4", "--work", str(tmp_path),
                            "--set", "training.batch_size=4", "--set", "training.dataloader_workers=0"]) == 0
-    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith('{"recipe"')]
+    text = capsys.readouterr().out
+    lines = [json.loads(line) for line in text.splitlines() if line.startswith('{"recipe"')]
+    assert text.count('\n{"recipe"') == 2  # each on a line of its own: gpu.sh reads them from logs full of \r
     partial, out = lines  # the timed window as soon as it ends (a part cut short keeps it), then everything
     assert partial["partial"] is True and partial["train_samples_per_s"] == out["train_samples_per_s"]
     assert out["steps"] == 5 and out["skip_steps"] == 1 and out["train_samples_per_s"] > 0
@@ -143,11 +145,20 @@ def test_gpu_report_prints_every_result_of_a_run(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "NVIDIA H200, 143771 MiB, 580.95; torch 2.11.0 transformers 5.23.0; 2026-11-26 10:00 UTC" in out
     assert "MFU peak: NVIDIA H200 datasheet" in out and "(e2e-broken.json: no result" in out
-    assert "| e2e-cut | end to end, 60 steps | 25.8 | 3.1% | 10.0 (10 steps) | (cut short after training) |" in out
-    assert "| pipeline | bare loop | 168.3 | 20.3% |" in out and "| e2e-blog | end to end, 60 steps | 25.8 |" in out
+    assert "| e2e-cut | end to end, 60 steps, batch 16 | 25.8 | 3.1% | 10.0 (10 steps) | (cut short after training) |" in out
+    assert "| pipeline | bare loop | 168.3 | 20.3% |" in out and "| e2e-blog | end to end, 60 steps, batch 16 | 25.8 |" in out
     assert "394.3 (423.1 at batch 128)" in out
     assert "GPU busy 95%" in out and "waits for the GPU: 0.05 per step (trainer.py:2249 x1)" in out
     assert "checkpoint saves (2.89 GB): training held synchronous 5.20 5.00 s; background 0.30 0.20 s" in out
+
+
+def test_agreement_only_checks_the_decoders_without_timing_them(tmp_path, capsys):
+    out = tmp_path / "agreement.json"
+    assert bench_training.main(["--size", "tiny", "--device", "cpu", "--agreement", "4", "--agreement-only",
+                                "--label-tokens", "6", "--json", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert data["results"] == {} and 0 <= data["agreement_fp32"] <= 1 and "agreement_bf16" in data
+    assert "train" not in capsys.readouterr().out
 
 
 def test_gpu_sh_passes_each_benchmark_arguments_it_accepts_within_one_device_call():
