@@ -11,8 +11,9 @@ blog:     fp16 on GPU (fp32 on CPU), gradient checkpointing, SDPA attention and 
 pipeline: config.yaml defaults: bf16 on a bf16 copy of the weights (`whisper_ft.precision`;
           fp16 autocast without bf16, fp32 on CPU), SDPA, no gradient checkpointing, fused
           AdamW on GPU, compact float16 batches padded on the device, batch 16 (--compile:
-          compiled layers; "pipeline+autocast": bf16 by autocast instead of the weight copy,
-          training only); evaluation with `whisper_ft.decoding`
+          compiled layers; "pipeline+autocast": bf16 by autocast instead of the weight copy;
+          "pipeline+stock-layout": transformers' Whisper with its layout copies instead of
+          `whisper_ft.layout`; both training only); evaluation with `whisper_ft.decoding`
           (static KV cache, CUDA graph on GPU), batch 64, generation capped at the longest
           label + 10%
 
@@ -45,6 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from whisper_ft.collator import SpeechCollator, expand  # noqa: E402
 from whisper_ft.config import Config  # noqa: E402
 from whisper_ft.decoding import GreedyDecoder, max_new_tokens  # noqa: E402
+from whisper_ft.layout import use_contiguous_layout  # noqa: E402
 from whisper_ft.precision import seq2seq_loss, with_causal_mask  # noqa: E402
 from whisper_ft.train import compile_layers, generation_max_length, resolve_precision, uses_weight_copy  # noqa: E402
 
@@ -77,6 +79,7 @@ class Recipe:
     fast_decoding: bool = False  # whisper_ft.decoding instead of generate
     compile: bool = False
     weight_copy: bool = False  # bf16 on a copy of the weights instead of autocast
+    contiguous_layout: bool = False  # encoder and attention without layout copies (whisper_ft.layout)
 
 
 def recipes(device: str, rows: list[dict], compile_model: bool, precision: str = "") -> list[Recipe]:
@@ -89,11 +92,13 @@ def recipes(device: str, rows: list[dict], compile_model: bool, precision: str =
     chosen = resolve_precision(precision or defaults.precision, cuda, bf16_ok)
     copy = uses_weight_copy(chosen, defaults)
     pipeline = Recipe("pipeline", chosen, defaults.gradient_checkpointing, "sdpa", cuda, defaults.batch_size,
-                      defaults.eval_batch_size, cap, True, defaults.fast_generation, weight_copy=copy)
+                      defaults.eval_batch_size, cap, True, defaults.fast_generation, weight_copy=copy,
+                      contiguous_layout=True)
     # the blog's Trainer today: fused AdamW (transformers' default with torch >= 2.8)
     out = [Recipe("blog", "fp16" if cuda else "fp32", True, "sdpa", cuda, 16, 8, 225), pipeline]
     if copy:
         out.append(dataclasses.replace(pipeline, name="pipeline+autocast", weight_copy=False))
+    out.append(dataclasses.replace(pipeline, name="pipeline+stock-layout", contiguous_layout=False))
     if compile_model:
         out.append(dataclasses.replace(pipeline, name="pipeline+compile", compile=True))
     return out
@@ -182,6 +187,8 @@ def sync(device: str) -> None:
 def bench_train(recipe: Recipe, size: str, device: str, rows: list[dict], steps: int, warmup: int,
                 peak_tflops: float = 0.0) -> dict:
     model = build_model(size, recipe.attention, device)
+    if recipe.contiguous_layout:
+        use_contiguous_layout(model)
     model.train()
     if recipe.gradient_checkpointing:
         model.activation_checkpointing_enable()
@@ -263,6 +270,8 @@ def bench_eval(recipe: Recipe, size: str, device: str, rows: list[dict], new_tok
                batch_size: int = 0) -> float:
     """Clips/s of batched greedy generation; `new_tokens` fixes the length, else run to the cap."""
     model = build_model(size, recipe.attention, device).eval().to(precision_dtype(recipe.precision))
+    if recipe.contiguous_layout:
+        use_contiguous_layout(model)
     batch_size = batch_size or recipe.eval_batch_size
     cap = max_new_tokens(recipe.max_length, len(PREFIX))  # what generate(max_length=...) allows
 
@@ -335,8 +344,8 @@ def main(argv=None) -> int:
         print(f"  train {res['train_samples_per_s']:.2f} samples/s, MFU {100 * res['mfu']:.1f}% ({res['peak']}); "
               f"first {args.warmup} steps {res['first_steps_s']:.1f} s", flush=True)
         _save(args.json, out)
-        if r.compile or r.name == "pipeline+autocast":
-            continue  # evaluation uses neither the compiled training layers nor autocast
+        if r.compile or r.name in ("pipeline+autocast", "pipeline+stock-layout"):
+            continue  # evaluation uses neither the compiled training layers nor autocast (timed with the pipeline)
         # The blog's generate is slow: time it on fewer clips (clips/s does not depend on the count).
         clips = rows[:args.eval_clips if r.fast_decoding else max(r.eval_batch_size, args.eval_clips // 8)]
         res["eval_clips_per_s_to_cap"] = bench_eval(r, args.size, args.device, clips, None)

@@ -1,7 +1,7 @@
 """Where a training step's GPU time goes: torch.profiler over a few steps of the pipeline's
 bare loop (random-weight Whisper, bf16 on a weight copy, compact batches), kernels grouped by kind.
 
-    python bench/profile_step.py --size small [--batch 16] [--compile] [--autocast]
+    python bench/profile_step.py --size small [--batch 16] [--compile] [--autocast] [--stock-layout]
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_training import PREFIX, SIZES, build_model, examples, pipeline_loss  # noqa: E402
+from whisper_ft.layout import use_contiguous_layout  # noqa: E402
 from whisper_ft.collator import SpeechCollator, expand  # noqa: E402
 from whisper_ft.train import compile_layers  # noqa: E402
 
@@ -37,6 +38,8 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--compile", action="store_true")
     p.add_argument("--autocast", action="store_true", help="bf16 by autocast instead of on a bf16 weight copy")
+    p.add_argument("--stock-layout", action="store_true",
+                   help="transformers' Whisper with its layout copies instead of whisper_ft.layout")
     return p.parse_args(argv)
 
 
@@ -45,6 +48,8 @@ def main(argv=None) -> int:
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     torch.backends.cudnn.benchmark = True
     model = build_model(args.size, "sdpa", "cuda").train()
+    if not args.stock_layout:
+        use_contiguous_layout(model)
     if args.compile:
         compile_layers(model)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
@@ -81,7 +86,7 @@ def main(argv=None) -> int:
             by_kind[kind(e.key)] += t
             total += t
             kernels += e.count
-    mode = "autocast" if args.autocast else "weight copy"
+    mode = ("autocast" if args.autocast else "weight copy") + (", stock layout" if args.stock_layout else "")
     busy = total / args.steps / 1e6 / wall
     print(f"GPU kernel time per step: {total / args.steps / 1000:.1f} ms (batch {args.batch}, {args.size}, bf16 {mode}); "
           f"{kernels // args.steps} kernels per step; unprofiled {1000 * wall:.1f} ms per step, with the GPU busy "

@@ -19,12 +19,15 @@ import bench_training  # noqa: E402
 def test_bf16_pipeline_is_timed_on_the_weight_copy_and_under_autocast():
     rows = bench_training.examples(8, 10)
     by_name = {r.name: r for r in bench_training.recipes("cpu", rows, compile_model=False, precision="bf16")}
-    assert set(by_name) == {"blog", "pipeline", "pipeline+autocast"}
+    assert set(by_name) == {"blog", "pipeline", "pipeline+autocast", "pipeline+stock-layout"}
     assert by_name["pipeline"].weight_copy and not by_name["pipeline+autocast"].weight_copy
-    assert {r.name for r in bench_training.recipes("cpu", rows, compile_model=False)} == {"blog", "pipeline"}  # fp32
+    assert by_name["pipeline"].contiguous_layout and not by_name["pipeline+stock-layout"].contiguous_layout
+    assert not by_name["blog"].contiguous_layout  # the blog runs transformers' own attention
+    fp32 = {r.name for r in bench_training.recipes("cpu", rows, compile_model=False)}
+    assert fp32 == {"blog", "pipeline", "pipeline+stock-layout"}
 
 
-@pytest.mark.parametrize("name", ["pipeline", "pipeline+autocast"])
+@pytest.mark.parametrize("name", ["pipeline", "pipeline+autocast", "pipeline+stock-layout"])
 def test_one_bf16_training_step_of_each_pipeline_variant(name):
     import dataclasses
 

@@ -77,10 +77,12 @@ def set_language(tokenizer, language: str, task: str) -> None:
 
 
 def load_model(name_or_path: str, language: str = "sv", task: str = "transcribe", **kwargs):
-    """WhisperForConditionalGeneration with the generation config fixed to `language`/`task`, and
-    the encoder's fixed sinusoidal position table frozen again: Whisper never trains it, but
+    """WhisperForConditionalGeneration with the generation config fixed to `language`/`task`,
+    the encoder's fixed sinusoidal position table frozen again (Whisper never trains it, but
     transformers 5 loads every weight with requires_grad=True, and fine-tuning on short clips
-    would then change the positions past them by padding alone."""
+    would then change the positions past them by padding alone), and the encoder and attention
+    without their layout copies (`whisper_ft.layout`)."""
+    from whisper_ft.layout import use_contiguous_layout
     from transformers import WhisperForConditionalGeneration
 
     try:
@@ -88,6 +90,7 @@ def load_model(name_or_path: str, language: str = "sv", task: str = "transcribe"
     except OSError as e:
         raise ModelNotFound(f"cannot load a Whisper model from {name_or_path}: {first_line(e)}") from e
     model.model.encoder.embed_positions.requires_grad_(False)
+    use_contiguous_layout(model)
     set_generation_language(model, language, task)
     return model
 
