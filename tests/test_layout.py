@@ -73,6 +73,20 @@ def test_same_loss_and_gradients_as_transformers_whisper_with_fewer_copies(dtype
     assert ops2["aten.clone"] <= ops["aten.clone"] - 2 * 6
 
 
+@pytest.mark.parametrize("dtype", [None, torch.bfloat16])
+def test_training_takes_the_copy_free_path_in_every_attention_layer(monkeypatch, dtype):
+    """No keyword of the model's own calls sends a layer back to the stock forward pass."""
+    from transformers.models.whisper.modeling_whisper import WhisperAttention
+
+    stock_calls = []
+    stock = WhisperAttention.forward
+    monkeypatch.setattr(WhisperAttention, "forward", lambda self, *a, **k: stock_calls.append(1) or stock(self, *a, **k))
+    model = tiny().train()
+    use_contiguous_layout(model)
+    loss_and_grads(model, batch(), dtype)
+    assert stock_calls == []
+
+
 def test_the_encoder_residual_stream_is_contiguous():
     """Stock, it stays in the convolutions' channels-first order, and each layer norm copies it
     (inside its kernel, so no operator count shows it)."""

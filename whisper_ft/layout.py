@@ -52,8 +52,10 @@ _ORDERED = "_contiguous_residual_stream"
 
 
 def _contiguous_input(layer, args):
-    """Forward pre-hook: the layer's hidden states in contiguous memory order."""
-    return (args[0].contiguous(), *args[1:])
+    """Forward pre-hook: the layer's hidden states (its first argument) in contiguous memory order."""
+    if args and torch.is_tensor(args[0]):
+        return (args[0].contiguous(), *args[1:])
+    return None
 
 
 class ProjectionLayoutAttention(WhisperAttention):
@@ -63,8 +65,10 @@ class ProjectionLayoutAttention(WhisperAttention):
     def forward(self, hidden_states: torch.Tensor, key_value_states: torch.Tensor | None = None,
                 past_key_values=None, attention_mask: torch.Tensor | None = None, output_attentions: bool = False,
                 **kwargs):
-        if (past_key_values is not None or output_attentions or any(v is not None for v in kwargs.values())
-                or self.config is None or self.config._attn_implementation != "sdpa"):
+        # `use_cache` (the encoder passes it on) means nothing without a cache to use
+        extra = [k for k, v in kwargs.items() if v is not None and k != "use_cache"]
+        if (past_key_values is not None or output_attentions or extra or self.config is None
+                or self.config._attn_implementation != "sdpa"):
             return super().forward(hidden_states, key_value_states, past_key_values, attention_mask,
                                    output_attentions, **kwargs)
         batch, length = hidden_states.shape[:2]
