@@ -223,3 +223,13 @@ def test_evaluation_timing_keeps_the_warm_up_decoder(monkeypatch):
     pipeline = {r.name: r for r in bench_training.recipes("cpu", rows, compile_model=False, precision="fp32")}["pipeline"]
     assert bench_training.bench_eval(pipeline, "tiny", "cpu", rows, new_tokens=4, batch_size=4) > 0
     assert built == [1]
+
+
+def test_layout_copies_counts_the_copies_whisper_ft_layout_removes():
+    import layout_copies
+
+    stock = layout_copies.copies("tiny", 1, "cpu", contiguous=False, min_elements=1500 * 384)
+    ours = layout_copies.copies("tiny", 1, "cpu", contiguous=True, min_elements=1500 * 384)
+    callers = lambda found: {caller for _, caller in found}  # noqa: E731
+    assert "aten::native_layer_norm" in callers(stock) and "aten::native_layer_norm" not in callers(ours)
+    assert sum(ours.values()) <= sum(stock.values()) - 30  # 4 encoder layers: 18 norm copies, 16+ attention copies

@@ -11,8 +11,8 @@ Two places where transformers' Whisper moves activations around for nothing:
   backward: 50 copies per whisper-small training step, and every residual addition mixes two
   memory orders. One copy at the first layer puts the stream in order.
 - **Attention.** `WhisperAttention` copies q, k and v into heads-first order before SDPA and
-  the output back after it, and the backward pass copies each gradient back again: up to
-  eight copies per attention layer and step, 36 layers in whisper-small. SDPA takes the
+  the output back after it, and the backward pass copies gradients back: 72 copies in
+  whisper-small's encoder per training step (`bench/layout_copies.py`). SDPA takes the
   projections as views with the heads split off, and on a GPU cuDNN's and flash attention
   work in that layout and write their output and gradients in it
   (`ProjectionLayoutAttention`). Calls that the stock module handles differently go to it
