@@ -4,7 +4,7 @@ and operators of a real size (whisper-small: 12 + 12 layers, 479 parameter tenso
 negligible and what is left is the host's own work per step: Python, the module calls, the
 dispatcher, autograd, gradient clipping and the fused AdamW.
 
-    python bench/host_step.py [--size small] [--compile]
+    python bench/host_step.py [--size small] [--compile] [--stock-layout]
 
 On a GPU the host issues these operators while the GPU runs earlier ones, and each kernel
 launch adds a few microseconds on top; the GPU waits whenever the host's time per step is the
@@ -27,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_training import SIZES, pipeline_loss  # noqa: E402
+from whisper_ft.layout import use_contiguous_layout  # noqa: E402
 from whisper_ft.train import compile_layers  # noqa: E402
 
 START, PAD = 2, 1
@@ -72,6 +73,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--size", choices=SIZES, default="small")
     p.add_argument("--compile", action="store_true", help="compile the layers (training.torch_compile)")
+    p.add_argument("--stock-layout", action="store_true",
+                   help="transformers' Whisper with its layout copies instead of whisper_ft.layout")
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--steps", type=int, default=10, help="steps per round")
     return p.parse_args(argv)
@@ -81,6 +84,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(1)
     model = toy_model(args.size)
+    if not args.stock_layout:  # as `whisper_ft.model.load_model` loads it
+        use_contiguous_layout(model)
     if args.compile:
         compile_layers(model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
@@ -96,7 +101,8 @@ def main(argv=None) -> int:
             for _ in range(args.steps):
                 step()
             rounds[v].append(1000 * (time.perf_counter() - t) / args.steps)
-    print(f"host time per training step, {args.size}'s {2 * SIZES[args.size][1]} layers at toy width{', compiled layers' * args.compile}:")
+    print(f"host time per training step, {args.size}'s {2 * SIZES[args.size][1]} layers at toy width"
+          f"{', compiled layers' * args.compile}{', transformers layout' * args.stock_layout}:")
     for v in VARIANTS:
         print(f"  {v:18s} {statistics.median(rounds[v]):6.1f} ms  (rounds {min(rounds[v]):.1f}-{max(rounds[v]):.1f}), "
               f"{operators(steps[v])} operators")

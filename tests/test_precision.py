@@ -260,9 +260,11 @@ def test_compiled_layers_stay_compiled_over_label_lengths_and_evaluation(tmp_pat
         torch_compile="true", max_steps=6, eval_steps=3, save_steps=3, eval_before_training="false",
         score_served="false", export_ctranslate2="false"))
     run_training(cfg)
-    # Encoder layers (training, evaluation) and decoder layers (training and evaluation, each
-    # for one label length and then any): a handful of graphs, not one per decoder layer.
-    assert 2 <= counters["stats"]["unique_graphs"] <= 6
+    # Encoder layers (training, evaluation; the first layer apart, as it takes the convolutions'
+    # channels-first output that `whisper_ft.layout` makes contiguous) and decoder layers
+    # (training and evaluation, each for one label length and then any): a handful of graphs,
+    # not one per decoder layer.
+    assert 2 <= counters["stats"]["unique_graphs"] <= 7
 
 
 def deeper_decoder(model_dir, out, layers: int):
