@@ -49,6 +49,9 @@ def use_contiguous_layout(model: torch.nn.Module) -> int:
 
 
 _ORDERED = "_contiguous_residual_stream"
+# keywords the layers pass on that only the model reads (`generate` passes output_hidden_states
+# to the encoder; the encoder passes use_cache on): no reason for the stock path
+_PASSED_ON = frozenset({"use_cache", "output_hidden_states", "return_dict"})
 
 
 def _contiguous_input(layer, args):
@@ -65,8 +68,7 @@ class ProjectionLayoutAttention(WhisperAttention):
     def forward(self, hidden_states: torch.Tensor, key_value_states: torch.Tensor | None = None,
                 past_key_values=None, attention_mask: torch.Tensor | None = None, output_attentions: bool = False,
                 **kwargs):
-        # `use_cache` (the encoder passes it on) means nothing without a cache to use
-        extra = [k for k, v in kwargs.items() if v is not None and k != "use_cache"]
+        extra = [k for k, v in kwargs.items() if v is not None and k not in _PASSED_ON]
         if (past_key_values is not None or output_attentions or extra or self.config is None
                 or self.config._attn_implementation != "sdpa"):
             return super().forward(hidden_states, key_value_states, past_key_values, attention_mask,
@@ -77,8 +79,10 @@ class ProjectionLayoutAttention(WhisperAttention):
         # scaled before the product, as the stock module does (and so SDPA's scale is 1)
         q = heads(self.q_proj(hidden_states) * self.scaling)
         k, v = heads(self.k_proj(source)), heads(self.v_proj(source))
-        # transformers' SDPA rule: causal only where no mask is given and more than one position is queried
-        causal = self.is_causal and attention_mask is None and length > 1
+        # transformers' SDPA rule: causal only where no mask is given and more than one position
+        # is queried; the length first, so that under torch.compile with dynamic shapes `causal`
+        # is a Python bool (the last operand), not a symbolic one SDPA refuses
+        causal = length > 1 and attention_mask is None and self.is_causal
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask, scale=1.0, is_causal=causal,
                                              dropout_p=self.dropout if self.training else 0.0)
         return self.out_proj(out.transpose(1, 2).reshape(batch, length, self.embed_dim)), None
