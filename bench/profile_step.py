@@ -17,8 +17,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_training import PREFIX, SIZES, build_model, examples, pipeline_loss  # noqa: E402
-from whisper_ft.layout import use_contiguous_layout  # noqa: E402
 from whisper_ft.collator import SpeechCollator, expand  # noqa: E402
+from whisper_ft.layout import use_contiguous_layout  # noqa: E402
 from whisper_ft.train import compile_layers  # noqa: E402
 
 KINDS = (("copy/cast", ("copyfunctor", "direct_copy")), ("gemm", ("gemm", "matmul", "cutlass", "sm90_xmma", "nvjet", "cublas")), ("attention", ("flash", "fmha", "attention", "efficient")),
