@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# The GPU benchmark in one command (about 8 minutes on an H100, within one 10-minute device call;
-# installs nothing from the network): the blog recipe and this pipeline side by side on a
-# random-weight whisper-small.
+# The GPU benchmark in one command: the blog recipe and this pipeline side by side on a
+# random-weight whisper-small. Installs nothing from the network; its parts are limited to 560 s
+# in all, within one 10-minute device call (an earlier version took 486 s on an H100).
 #   bash bench/gpu.sh [OUT_DIR]          # default bench/results/gpu; logs and JSON land there
 # Needs: python3 with torch (CUDA), transformers, datasets, jiwer, librosa, soundfile. Where they
 # are missing, wheels in .whl/ (bash ../shared/tools/device_wheels.sh) are installed to a scratch folder.

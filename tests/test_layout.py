@@ -155,6 +155,12 @@ def test_other_attention_and_cached_generation_use_the_stock_path():
     with torch.no_grad(), OpCounter() as counter:
         out = ours(input_features=x, decoder_input_ids=torch.tensor([[START, 50273]])).logits
     assert counter.ops["aten._softmax"] > 0  # eager attention, not SDPA
+
+    sdpa = tiny().eval()
+    use_contiguous_layout(sdpa)
+    with torch.no_grad(), StockCalls() as calls:  # asked for attention weights, every layer goes the stock way
+        sdpa(input_features=x, decoder_input_ids=torch.tensor([[START, 50273]]), output_attentions=True)
+    assert calls.encoder == 2 and calls.decoder == 4
     torch.testing.assert_close(out, eager(input_features=x, decoder_input_ids=torch.tensor([[START, 50273]])).logits)
 
     stock = tiny().eval()

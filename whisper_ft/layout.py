@@ -11,13 +11,13 @@ Two places where transformers' Whisper moves activations around for nothing:
   backward: 50 copies per whisper-small training step, and every residual addition mixes two
   memory orders. One copy at the first layer puts the stream in order.
 - **Attention.** `WhisperAttention` copies q, k and v into heads-first order before SDPA and
-  the output back after it, and the backward pass copies gradients back: 72 copies in
-  whisper-small's encoder per training step (`bench/layout_copies.py`). SDPA takes the
-  projections as views with the heads split off, and on a GPU cuDNN's and flash attention
-  work in that layout and write their output and gradients in it
-  (`ProjectionLayoutAttention`). Calls that the stock module handles differently go to it
-  unchanged: a KV cache (`generate`), attention weights asked for, an attention other than
-  SDPA, any extra keyword.
+  the output back after it, and the backward pass copies gradients back: 72 copies of
+  encoder-sized tensors per whisper-small training step, counting the decoder's cross-attention
+  keys and values (`bench/layout_copies.py`). SDPA takes the projections as views with the
+  heads split off, and on a GPU cuDNN's and flash attention work in that layout and write
+  their output and gradients in it (`ProjectionLayoutAttention`). Calls that the stock module
+  handles differently go to it unchanged: a KV cache (`generate`), attention weights asked
+  for, an attention other than SDPA, a keyword other than those the layers only pass on.
 
 An encoder activation of whisper-small at batch 16 is 37 MB in bf16.
 `tests/test_layout.py` checks the same loss and gradients as the stock model, with fewer copies.
