@@ -104,7 +104,9 @@ def recipes(device: str, rows: list[dict], compile_model: bool, precision: str =
     return out
 
 
-def build_model(size: str, attention: str, device: str):
+def build_model(size: str, attention: str, device: str, contiguous_layout: bool = False):
+    """A random-weight Whisper of `size`, as the pipeline loads one with `contiguous_layout`
+    (`whisper_ft.layout`), else as transformers builds it."""
     from transformers import WhisperConfig, WhisperForConditionalGeneration
 
     d, layers, heads, ffn = SIZES[size]
@@ -121,6 +123,8 @@ def build_model(size: str, attention: str, device: str):
     # decodes a second segment; a trained model with <|notimestamps|> does not. Suppressed,
     # both engines do plain greedy decoding and can be compared.
     gen.suppress_tokens = list(range(TIMESTAMP_BEGIN, config.vocab_size))
+    if contiguous_layout:
+        use_contiguous_layout(model)
     return model
 
 
@@ -186,9 +190,7 @@ def sync(device: str) -> None:
 
 def bench_train(recipe: Recipe, size: str, device: str, rows: list[dict], steps: int, warmup: int,
                 peak_tflops: float = 0.0) -> dict:
-    model = build_model(size, recipe.attention, device)
-    if recipe.contiguous_layout:
-        use_contiguous_layout(model)
+    model = build_model(size, recipe.attention, device, recipe.contiguous_layout)
     model.train()
     if recipe.gradient_checkpointing:
         model.activation_checkpointing_enable()
@@ -269,9 +271,8 @@ def decode_batches(model, rows: list[dict], batch_size: int, device: str, fast: 
 def bench_eval(recipe: Recipe, size: str, device: str, rows: list[dict], new_tokens: int | None,
                batch_size: int = 0) -> float:
     """Clips/s of batched greedy generation; `new_tokens` fixes the length, else run to the cap."""
-    model = build_model(size, recipe.attention, device).eval().to(precision_dtype(recipe.precision))
-    if recipe.contiguous_layout:
-        use_contiguous_layout(model)
+    model = build_model(size, recipe.attention, device, recipe.contiguous_layout).eval()
+    model = model.to(precision_dtype(recipe.precision))
     batch_size = batch_size or recipe.eval_batch_size
     cap = max_new_tokens(recipe.max_length, len(PREFIX))  # what generate(max_length=...) allows
 

@@ -24,8 +24,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_training import PREFIX, SIZES, build_model, examples, pipeline_loss  # noqa: E402
 from whisper_ft.collator import SpeechCollator, expand  # noqa: E402
-from whisper_ft.layout import use_contiguous_layout  # noqa: E402
-
 
 PLUMBING = {"aten::copy_", "aten::clone", "aten::contiguous", "aten::_to_copy", "aten::to", "aten::reshape"}
 
@@ -34,9 +32,7 @@ def copies(size: str, batch: int, device: str, contiguous: bool, min_elements: i
     """(shape, asked for by) -> count of the large copies in one training step."""
     from torch.profiler import ProfilerActivity, profile
 
-    model = build_model(size, "sdpa", device).train()
-    if contiguous:
-        use_contiguous_layout(model)
+    model = build_model(size, "sdpa", device, contiguous).train()
     inputs = expand({k: v.to(device) for k, v in SpeechCollator(PREFIX[0])(examples(batch, 28)).items()})
     with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
         pipeline_loss(model, inputs, device, "bf16", weight_copy=True).backward()

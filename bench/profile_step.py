@@ -18,7 +18,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_training import PREFIX, SIZES, build_model, examples, pipeline_loss  # noqa: E402
 from whisper_ft.collator import SpeechCollator, expand  # noqa: E402
-from whisper_ft.layout import use_contiguous_layout  # noqa: E402
 from whisper_ft.train import compile_layers  # noqa: E402
 
 KINDS = (("copy/cast", ("copyfunctor", "direct_copy")), ("gemm", ("gemm", "matmul", "cutlass", "sm90_xmma", "nvjet", "cublas")), ("attention", ("flash", "fmha", "attention", "efficient")),
@@ -47,9 +46,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     torch.backends.cudnn.benchmark = True
-    model = build_model(args.size, "sdpa", "cuda").train()
-    if not args.stock_layout:
-        use_contiguous_layout(model)
+    model = build_model(args.size, "sdpa", "cuda", contiguous_layout=not args.stock_layout).train()
     if args.compile:
         compile_layers(model)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
