@@ -19,7 +19,8 @@ last step, or to the last --profile-steps, which are profiled instead; GPU synch
 ends, so data loading, logging and the optimizer count but start-up and compilation do not),
 the time to step --skip, evaluation clips/s of the Trainer's evaluation (metrics included),
 the generation cap and mean label length, wall-clock seconds, and with --profile-steps how
-busy the GPU is in the real command and which lines make the host wait for it.
+busy the GPU is in the real command, the host's time per step in each part of the Trainer's
+loop, and which lines make the host wait for the GPU (`StepProfiler`).
 """
 
 from __future__ import annotations
@@ -122,10 +123,15 @@ class StepTimer(TrainerCallback):
 
 
 class StepProfiler(TrainerCallback):
-    """torch.profiler over the steps after step `start` up to the last one (the evaluation and
-    save of the last step come after it): how busy the GPU is, the host's time per step in the
-    data loader and the optimizer (the parts of the real command a bare loop does not have), and
-    on a GPU the host's waits for it (`SyncCounter`)."""
+    """The steps after step `start` up to the last one (the evaluation and save of the last step
+    come after them): how busy the GPU is, where the host's time goes in each step, and on a
+    GPU the host's waits for it (`SyncCounter`).
+
+    The GPU's kernels are recorded by torch.profiler without the host's operators (recording
+    those, some 5,000 a step, and summing them afterwards took longer than the steps). The
+    host's time is split by the Trainer's callbacks (`HOST_PARTS`). If the GPU is busy for
+    less than about 95% of a step, the host holds it back and those parts say where; if it is
+    busy throughout, the host waits on a full launch queue somewhere in them instead."""
 
     def __init__(self, start: int):
         self.start = start
@@ -133,24 +139,60 @@ class StepProfiler(TrainerCallback):
         self.syncs = SyncCounter()
         self.result: dict = {}
         self.t0 = 0.0
+        self.host: Counter = Counter()  # seconds in each host part, over the profiled steps
+        self._last: tuple[str, float] | None = None  # the last callback in the window and when
+
+    def _lap(self, event: str) -> None:
+        if self._last is not None:
+            now = time.perf_counter()
+            part = HOST_PARTS.get((self._last[0], event))
+            if part:
+                self.host[part] += now - self._last[1]
+            self._last = (event, now)
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self._lap("step_begin")
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        self._lap("pre_optimizer")
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        self._lap("optimizer")
 
     def on_step_end(self, args, state, control, **kwargs):
         from torch.profiler import ProfilerActivity, profile
 
         if state.global_step == self.start:
             _sync()
-            activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
-            self.prof = profile(activities=activities)
-            self.prof.__enter__()
+            if torch.cuda.is_available():
+                self.prof = profile(activities=[ProfilerActivity.CUDA])
+                self.prof.__enter__()
             self.syncs.__enter__()
             self.t0 = time.perf_counter()
-        elif state.global_step == state.max_steps and self.prof is not None:
+            self._last = ("step_end", self.t0)
+        elif state.global_step == state.max_steps and self._last is not None:
+            self._lap("step_end")
+            self._last = None
             self.syncs.__exit__(None, None, None)
             _sync()
             wall = time.perf_counter() - self.t0
-            self.prof.__exit__(None, None, None)
             steps = state.max_steps - self.start
-            self.result = {**profile_summary(self.prof.key_averages(), steps, wall), **self.syncs.summary(steps)}
+            kernels = None
+            if self.prof is not None:
+                self.prof.__exit__(None, None, None)
+                kernels = kernel_seconds(self.prof.key_averages())
+            self.result = {**profile_summary(kernels, dict(self.host), steps, wall), **self.syncs.summary(steps)}
+        else:
+            self._lap("step_end")
+
+
+# (callback before, callback after) -> the host's work between them, in the Trainer's loop
+HOST_PARTS = {
+    ("step_begin", "pre_optimizer"): "forward_backward_ms",  # forward, backward, gradient clipping
+    ("pre_optimizer", "optimizer"): "optimizer_ms",
+    ("optimizer", "step_end"): "after_optimizer_ms",  # learning-rate schedule, zeroing the gradients
+    ("step_end", "step_begin"): "between_steps_ms",  # logging, the next batch from the data loader to the GPU
+}
 
 
 class SyncCounter:
@@ -187,14 +229,21 @@ class SyncCounter:
                 "host_sync_sites": [f"{site} x{n}" for site, n in self.sites.most_common(5)]}
 
 
-def profile_summary(events, steps: int, wall: float) -> dict:
-    """Per step: wall ms, GPU kernel ms and busy share, host ms in the data loader and in the optimizer."""
-    kernels = sum(e.self_device_time_total for e in events if e.self_device_time_total > 0 and e.self_cpu_time_total == 0)
-    ranges = lambda prefix: sum(e.cpu_time_total for e in events if e.key.startswith(prefix))  # noqa: E731
-    per_step = lambda us: us / 1000 / steps  # noqa: E731
-    return {"profiled_steps": steps, "wall_ms": 1000 * wall / steps, "gpu_kernel_ms": per_step(kernels),
-            "gpu_busy": kernels / 1e6 / wall if kernels else None, "data_loader_ms": per_step(ranges("enumerate(DataLoader)")),
-            "optimizer_ms": per_step(ranges("Optimizer.step"))}
+def kernel_seconds(events) -> float:
+    """GPU kernel time in the profiler's averages (a kernel counts once, not again under the
+    operator that launched it)."""
+    return sum(e.self_device_time_total for e in events if e.self_device_time_total > 0
+               and e.self_cpu_time_total == 0) / 1e6
+
+
+def profile_summary(kernels: float | None, host: dict[str, float], steps: int, wall: float) -> dict:
+    """Per step: wall ms, GPU kernel ms and busy share (None without a GPU), and the host's ms
+    in each of `HOST_PARTS`, from `host` (seconds over all `steps`)."""
+    per_step = lambda seconds: 1000 * seconds / steps  # noqa: E731
+    return {"profiled_steps": steps, "wall_ms": per_step(wall),
+            "gpu_kernel_ms": per_step(kernels) if kernels else None,
+            "gpu_busy": kernels / wall if kernels else None,
+            **{part: per_step(host.get(part, 0.0)) for part in HOST_PARTS.values()}}
 
 
 def _sync() -> None:
@@ -347,7 +396,7 @@ def parse_args(argv=None):
     p.add_argument("--label", default="", help="name of this run in the output")
     p.add_argument("--profile-steps", type=int, default=0,
                    help="pipeline: profile the last N steps (outside the timed window): GPU busy share, host time "
-                        "in data loading and the optimizer, waits for the GPU")
+                        "per part of the Trainer's loop, waits for the GPU")
     return p.parse_args(argv)
 
 

@@ -32,7 +32,7 @@ step() {  # name, time limit (s), command...
   timeout "$limit" "$@" >"$out/$name.log" 2>&1
   local rc=$?
   echo "   ($((SECONDS - start)) s)"
-  grep -E '^(  |pipeline|blog|identical|GPU|\{)' "$out/$name.log" | cut -c1-400
+  grep -E '^(  |pipeline|blog|identical|GPU|host|\{)' "$out/$name.log" | cut -c1-400
   [ $rc = 0 ] || { echo "$name failed (exit $rc):"; tail -n 15 "$out/$name.log"; }
 }
 e2e() {  # name, time limit, bench_e2e arguments...
@@ -46,10 +46,12 @@ e2e() {  # name, time limit, bench_e2e arguments...
 step bare 110 "$py" bench/bench_training.py --size small --device cuda --steps 30 --warmup 5 --eval-clips 128 \
   --eval-batch-sizes 128 --json "$out/bare.json"
 # 1024 evaluation clips: a Common Voice sv-SE dev or test split has about 5,000, so an evaluation's
-# fixed costs (workers, decoder set-up, graph capture) weigh as little as they would there
-e2e e2e-pipeline 90 --recipe pipeline --steps 180 --skip 20 --eval-clips 1024
+# fixed costs (workers, decoder set-up, graph capture) weigh as little as they would there.
+# The last 8 steps are profiled after the timed window: is the GPU busy, or is the host behind?
+e2e e2e-pipeline 90 --recipe pipeline --steps 180 --skip 20 --eval-clips 1024 --profile-steps 8
 e2e e2e-blog 85 --recipe blog --steps 40 --skip 10 --blog-eval-clips 8
-e2e e2e-pipeline-compile 125 --recipe pipeline --steps 180 --skip 30 --eval-clips 1024 --set training.torch_compile=true
+e2e e2e-pipeline-compile 125 --recipe pipeline --steps 180 --skip 30 --eval-clips 1024 --profile-steps 8 \
+  --set training.torch_compile=true
 step profile 40 "$py" bench/profile_step.py --size small
 step saves 40 "$py" bench/bench_saves.py --size small --saves 2 --out "$work" --json "$out/saves.json"
 # last (a part cut short loses only itself): the decoding engine's transcripts against

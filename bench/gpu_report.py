@@ -9,6 +9,11 @@ import json
 import sys
 from pathlib import Path
 
+# the host's parts of a profiled end-to-end step (bench_e2e.HOST_PARTS; data_loader_ms in older runs)
+HOST_PARTS = {"forward_backward_ms": "forward+backward", "optimizer_ms": "optimizer",
+              "after_optimizer_ms": "schedule+zeroing", "between_steps_ms": "between steps (data, logging)",
+              "data_loader_ms": "data loader"}
+
 
 def read(path: Path) -> dict | None:
     """A part's JSON result, or None (with a line saying so) when the part left none."""
@@ -73,9 +78,9 @@ def main(argv: list[str]) -> int:
     for path in sorted(folder.glob("e2e-*.json")):
         prof = (_quiet(path) or {}).get("profile")
         if prof and prof.get("gpu_busy") is not None:
+            host = ", ".join(f"{name} {prof[key]:.1f}" for key, name in HOST_PARTS.items() if key in prof)
             print(f"{path.stem}, last {prof['profiled_steps']} steps profiled: {prof['wall_ms']:.1f} ms per step, GPU busy "
-                  f"{100 * prof['gpu_busy']:.0f}%, host in the data loader {prof['data_loader_ms']:.1f} ms and in the "
-                  f"optimizer {prof['optimizer_ms']:.1f} ms per step")
+                  f"{100 * prof['gpu_busy']:.0f}% ({prof['gpu_kernel_ms']:.1f} ms of kernels); host ms per step: {host}")
             if "host_syncs_per_step" in prof:
                 print(f"  waits for the GPU: {prof['host_syncs_per_step']:.2f} per step "
                       f"({', '.join(prof['host_sync_sites']) or 'none'})")

@@ -75,10 +75,11 @@ def main(argv=None) -> int:
             step()
         torch.cuda.synchronize()
     by_kind: dict[str, float] = defaultdict(float)
-    total = 0.0
+    total = host = 0.0
     kernels = 0
     for e in prof.key_averages():
         t = e.self_device_time_total
+        host += e.self_cpu_time_total  # operators and CUDA runtime calls, each counted once
         if t > 0 and e.self_cpu_time_total == 0:  # kernels only: operators would count their kernels again
             by_kind[kind(e.key)] += t
             total += t
@@ -88,6 +89,8 @@ def main(argv=None) -> int:
     print(f"GPU kernel time per step: {total / args.steps / 1000:.1f} ms (batch {args.batch}, {args.size}, bf16 {mode}); "
           f"{kernels // args.steps} kernels per step; unprofiled {1000 * wall:.1f} ms per step, with the GPU busy "
           f"{100 * busy:.0f}% of it (less: the host cannot issue the kernels as fast as the GPU runs them)")
+    print(f"host time in operators and CUDA calls: {host / args.steps / 1000:.1f} ms per step (profiled, so somewhat "
+          f"more than unprofiled)")
     for k, t in sorted(by_kind.items(), key=lambda kv: -kv[1]):
         print(f"  {k:20s} {t / args.steps / 1000:7.2f} ms  {100 * t / total:5.1f}%")
     print(prof.key_averages().table(sort_by="self_device_time_total", row_limit=18, max_name_column_width=70))

@@ -68,14 +68,36 @@ def test_profile_summary_per_step():
 
     import bench_e2e
 
-    events = [Event(key="enumerate(DataLoader)#_MultiProcessingDataLoaderIter.__next__", cpu_time_total=4000,
-                    self_cpu_time_total=4000, self_device_time_total=0),
-              Event(key="Optimizer.step#AdamW.step", cpu_time_total=2000, self_cpu_time_total=100, self_device_time_total=0),
-              Event(key="void gemm_kernel<...>", cpu_time_total=0, self_cpu_time_total=0, self_device_time_total=150_000),
-              Event(key="aten::mm", cpu_time_total=500, self_cpu_time_total=500, self_device_time_total=150_000)]
-    out = bench_e2e.profile_summary(events, steps=2, wall=0.2)  # a kernel counts once, not again under its operator
+    events = [Event(key="void gemm_kernel<...>", self_cpu_time_total=0, self_device_time_total=150_000),
+              Event(key="aten::mm", self_cpu_time_total=500, self_device_time_total=150_000)]
+    kernels = bench_e2e.kernel_seconds(events)  # a kernel counts once, not again under its operator
+    out = bench_e2e.profile_summary(kernels, {"optimizer_ms": 0.002, "between_steps_ms": 0.004}, steps=2, wall=0.2)
     assert out == pytest.approx({"profiled_steps": 2, "wall_ms": 100.0, "gpu_kernel_ms": 75.0, "gpu_busy": 0.75,
-                                 "data_loader_ms": 2.0, "optimizer_ms": 1.0})
+                                 "forward_backward_ms": 0.0, "optimizer_ms": 1.0, "after_optimizer_ms": 0.0,
+                                 "between_steps_ms": 2.0})
+    assert bench_e2e.profile_summary(None, {}, steps=2, wall=0.2)["gpu_busy"] is None  # no GPU
+
+
+def test_step_profiler_splits_the_host_time_of_each_step_by_the_trainers_callbacks(monkeypatch):
+    """Each profiled step adds once to each part, from the end of step `start` to the last step."""
+    from types import SimpleNamespace
+
+    import bench_e2e
+
+    clock = iter(range(100))
+    monkeypatch.setattr(bench_e2e.time, "perf_counter", lambda: float(next(clock)))
+    prof = bench_e2e.StepProfiler(start=1)
+    state = SimpleNamespace(global_step=0, max_steps=3)
+    for step in range(1, 4):  # each callback one second after the one before
+        for event in ("on_step_begin", "on_pre_optimizer_step", "on_optimizer_step"):
+            getattr(prof, event)(None, state, None)
+        state.global_step = step
+        prof.on_step_end(None, state, None)
+    out = prof.result
+    assert out["profiled_steps"] == 2
+    assert {k: out[k] for k in bench_e2e.HOST_PARTS.values()} == {
+        "forward_backward_ms": 1000.0, "optimizer_ms": 1000.0, "after_optimizer_ms": 1000.0, "between_steps_ms": 1000.0}
+    assert out["wall_ms"] >= 4000.0  # the four parts cover each step whole
 
 
 def test_sync_counter_counts_waits_for_the_gpu_by_source_line():
@@ -110,6 +132,7 @@ def test_end_to_end_benchmark_times_and_profiles_the_real_command(tmp_path, caps
     assert 25 < out["label_tokens"] < 40 and out["generation_max_length"] > out["label_tokens"]  # ~28 like CV
     prof = out["profile"]
     assert prof["profiled_steps"] == 2 and prof["wall_ms"] > 0 and prof["optimizer_ms"] > 0
+    assert prof["forward_backward_ms"] > prof["optimizer_ms"] and prof["between_steps_ms"] > 0
     assert prof["gpu_busy"] is None and "host_syncs_per_step" not in prof  # no GPU here
 
 
@@ -133,7 +156,8 @@ def test_gpu_report_prints_every_result_of_a_run(tmp_path, capsys):
     shutil.copytree(ROOT / "bench" / "results" / "h200-2026-11-26", tmp_path, dirs_exist_ok=True)
     e2e = json.loads((tmp_path / "e2e-pipeline.json").read_text())
     e2e["profile"] = {"profiled_steps": 20, "wall_ms": 60.0, "gpu_kernel_ms": 57.0, "gpu_busy": 0.95,
-                      "data_loader_ms": 0.4, "optimizer_ms": 1.5, "host_syncs_per_step": 0.05,
+                      "forward_backward_ms": 50.0, "optimizer_ms": 1.5, "after_optimizer_ms": 0.3,
+                      "between_steps_ms": 0.4, "host_syncs_per_step": 0.05,
                       "host_sync_sites": ["trainer.py:2249 x1"]}
     (tmp_path / "e2e-pipeline.json").write_text(json.dumps(e2e))
     (tmp_path / "saves.json").write_text(json.dumps({"results": {
@@ -151,6 +175,7 @@ def test_gpu_report_prints_every_result_of_a_run(tmp_path, capsys):
     assert "| e2e-cut | end to end, 60 steps, batch 16 | 25.8 | 3.1% | 10.0 (10 steps) | (cut short after training) |" in out
     assert "| pipeline | bare loop | 168.3 | 20.3% |" in out and "| e2e-blog | end to end, 60 steps, batch 16 | 25.8 |" in out
     assert "394.3 (423.1 at batch 128)" in out
+    assert "GPU busy 95% (57.0 ms of kernels); host ms per step: forward+backward 50.0, optimizer 1.5" in out
     assert "GPU busy 95%" in out and "waits for the GPU: 0.05 per step (trainer.py:2249 x1)" in out
     assert "checkpoint saves (2.89 GB): training held synchronous 5.20 5.00 s; background 0.30 0.20 s" in out
 
