@@ -348,3 +348,41 @@ def test_named_validation_split_replaces_the_carving(cv_release, tmp_path):
     rows = read_source(src, tmp_path)
     assert [len(rows[TRAIN]), len(rows[VALIDATION]), len(rows[EVAL])] == [24, 6, 10]
     assert [r.sentence for r in rows[VALIDATION]] == [r["sentence"] for r in read_cv_tsv(cv_release / "dev.tsv")]
+
+
+def test_a_newer_download_under_the_same_name_is_unpacked_again(cv_release, tmp_path, capsys):
+    """The marker records which archive was unpacked: a release fetched again under the same
+    name (a newer one, or a finished download of a cut one) replaces the old files; the same
+    archive is not unpacked twice, and a marker of an older version (the path only) is trusted."""
+    import os
+
+    from whisper_ft.sources import DONE_MARK, extract_tarball
+
+    archive = tmp_path / "dl" / "cv-corpus-sv-SE.tar.gz"
+    archive.parent.mkdir()
+
+    def pack(extra: str, mtime: int) -> None:
+        release = tmp_path / f"release-{mtime}"
+        shutil.copytree(cv_release, release)
+        (release / "extra.txt").write_text(extra)
+        with tarfile.open(archive, "w:gz") as tar:
+            tar.add(release, arcname="cv-corpus/sv-SE")
+        os.utime(archive, (mtime, mtime))
+
+    out = tmp_path / "raw"
+    pack("first", 1_700_000_000)
+    dest = extract_tarball(archive, out)
+    assert (dest / "cv-corpus" / "sv-SE" / "extra.txt").read_text() == "first"
+    assert "extracting" in capsys.readouterr().err
+    assert extract_tarball(archive, out) == dest and capsys.readouterr().err == ""  # unpacked once
+
+    pack("second", 1_700_000_100)
+    assert extract_tarball(archive, out) == dest
+    assert (dest / "cv-corpus" / "sv-SE" / "extra.txt").read_text() == "second"
+    assert "has changed since it was unpacked" in capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == [dest.name]  # no partial folder or claim left
+
+    (dest / DONE_MARK).write_text(str(archive))  # a marker from before it recorded size and time
+    pack("third", 1_700_000_200)
+    assert extract_tarball(archive, out) == dest and capsys.readouterr().err == ""
+    assert (dest / "cv-corpus" / "sv-SE" / "extra.txt").read_text() == "second"

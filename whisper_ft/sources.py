@@ -123,7 +123,9 @@ def locate_release(path: Path, extract_dir: Path, stale_seconds: float = 300.0) 
 
 
 def extract_tarball(archive: Path, extract_dir: Path, stale_seconds: float = 300.0, poll: float = 1.0) -> Path:
-    """Unpack a release once into extract_dir/<archive name>; a marker file records completion.
+    """Unpack a release once into extract_dir/<archive name>; a marker file records completion
+    and which archive it was (its size and modification time), so that a newer download under
+    the same name is unpacked again instead of the old files being read.
 
     Processes started together on one tarball (`feature_pipeline.py --num-shards N`) unpack it
     once: the first claims the work (`whisper_ft.claims`), the others wait for its marker, and
@@ -131,14 +133,15 @@ def extract_tarball(archive: Path, extract_dir: Path, stale_seconds: float = 300
     """
     name = archive.name.removesuffix(".gz").removesuffix(".tgz").removesuffix(".tar")
     dest = extract_dir / name
-    if (dest / DONE_MARK).is_file():
+    state = unpacked_state(dest, archive)
+    if state == "done":
         return dest
     extract_dir.mkdir(parents=True, exist_ok=True)
     claim = extract_dir / f".{name}.claim"
     with ClaimSet(stale_seconds, "features.claim_stale_seconds") as claims:
         announced = False
         while not claims.take(claim):
-            if (dest / DONE_MARK).is_file():
+            if unpacked_state(dest, archive) == "done":
                 return dest
             if not announced:
                 holder = read_holder(claim)
@@ -146,12 +149,15 @@ def extract_tarball(archive: Path, extract_dir: Path, stale_seconds: float = 300
                       file=sys.stderr, flush=True)
                 announced = True
             time.sleep(poll)
-        if (dest / DONE_MARK).is_file():  # unpacked while this process waited
+        state = unpacked_state(dest, archive)
+        if state == "done":  # unpacked while this process waited
             return dest
         tmp = extract_dir / f".{name}.partial"
         shutil.rmtree(tmp, ignore_errors=True)  # left by a process that died unpacking
         tmp.mkdir()
-        print(f"extracting {archive} -> {dest} (once)", file=sys.stderr, flush=True)
+        why = f"{archive} has changed since it was unpacked; unpacking it again" if state == "changed" else \
+            f"extracting {archive} -> {dest} (once)"
+        print(why, file=sys.stderr, flush=True)
         try:
             with tarfile.open(archive) as tar:
                 tar.extractall(tmp, filter="data")
@@ -161,10 +167,35 @@ def extract_tarball(archive: Path, extract_dir: Path, stale_seconds: float = 300
             hint = "incomplete download? delete it and fetch again" if unreadable else f"writing to {extract_dir}"
             raise SourceError(f"cannot unpack {archive}: {e} ({hint})") from e
         claims.confirm(claim)
-        (tmp / DONE_MARK).write_text(str(archive.resolve()))
+        (tmp / DONE_MARK).write_text(json.dumps(archive_identity(archive)))
         shutil.rmtree(dest, ignore_errors=True)
         os.replace(tmp, dest)
     return dest
+
+
+def archive_identity(archive: Path) -> dict:
+    """What the unpacking marker records of the archive: its path, size and modification time."""
+    st = archive.stat()
+    return {"archive": str(archive.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def unpacked_state(dest: Path, archive: Path) -> str:
+    """"done" when `dest` holds a complete unpack of `archive` as it is now (the same size and
+    modification time, wherever it was moved), "changed" when it holds one of an earlier file
+    of that name, "missing" when there is none. A marker written before it recorded size and
+    time holds the path only and is taken as done."""
+    try:
+        text = (dest / DONE_MARK).read_text()
+    except FileNotFoundError:
+        return "missing"
+    try:
+        recorded = json.loads(text)
+    except ValueError:
+        return "done"
+    if not isinstance(recorded, dict):
+        return "done"
+    now = archive_identity(archive)
+    return "done" if all(recorded.get(k) == now[k] for k in ("size", "mtime_ns")) else "changed"
 
 
 CV_COLUMNS = ("path", "sentence")  # what every Common Voice TSV has; client_id (the speaker) since release 1 too
