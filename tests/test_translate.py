@@ -26,6 +26,22 @@ def test_chunk_text_keeps_every_word_under_the_limit():
     assert chunk_text("   ") == []
 
 
+def test_chunks_fit_in_a_url_in_any_script():
+    """deep-translator puts the text in a GET request's URL, where a Chinese or Russian character
+    takes 6 to 9: such text is cut shorter, Swedish is not."""
+    from urllib.parse import quote_plus
+
+    chinese = "我们今天去商店买了很多东西。" * 300  # no spaces to cut at
+    russian = " ".join(["Привет, мир, это проверка."] * 400)
+    for text, glue in ((chinese, ""), (russian, " ")):
+        chunks = chunk_text(text)
+        assert len(chunks) > 1 and all(len(quote_plus(c)) <= translate.MAX_URL_CHARS for c in chunks)
+        assert glue.join(chunks) == text
+    assert len(quote_plus(chunk_text(chinese)[0])) > translate.MAX_URL_CHARS - 9  # cut anywhere: as long as fits
+    swedish = " ".join(f"Det här är mening nummer {i}, på svenska: åäö." for i in range(90))[:4490]
+    assert chunk_text(swedish) == [swedish]
+
+
 def test_translation_success_with_the_call_replaced(monkeypatch):
     calls = []
 

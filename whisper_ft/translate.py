@@ -1,24 +1,29 @@
 """Translation of transcripts with deep-translator (Google Translate), for the app.
 
-`translate(text, target, source, timeout)` cuts text over the service's 5000-character limit
-into chunks at sentence or word boundaries and translates them in a child process
-(`python -m whisper_ft.translate`, see `whisper_ft.child`) that is killed when the whole
-transcript is not done after `timeout` seconds: deep-translator sets no socket timeout, so a
-server that never answers would otherwise block a thread for the life of the app. Failures
-(offline, timeout, refused) raise `TranslationError` with a message fit to show the user; the
-app then still shows the transcript. One of the two modules with network access (the other
-is `youtube`).
+`translate(text, target, source, timeout)` cuts text over the service's 5000-character limit,
+or too long for a URL once encoded, into chunks at sentence or word boundaries and translates
+them in a child process (`python -m whisper_ft.translate`, see `whisper_ft.child`) that is
+killed when the whole transcript is not done after `timeout` seconds: deep-translator sets no
+socket timeout, so a server that never answers would otherwise block a thread for the life of
+the app. Failures (offline, timeout, refused) raise `TranslationError` with a message fit to
+show the user; the app then still shows the transcript. One of the two modules with network
+access (the other is `youtube`).
 """
 
 from __future__ import annotations
 
 import re
+from urllib.parse import quote_plus
 
 from deep_translator.constants import GOOGLE_LANGUAGES_TO_CODES
 
 from whisper_ft import child
 
 MAX_CHARS = 4500  # under deep-translator's 5000-character limit, with room for multi-byte surprises
+# deep-translator sends the text in the URL of a GET request (`q=`), where a character takes 1
+# to 12: 4,500 characters of Swedish about 6,000, of Chinese 40,500. Google answers 400 past
+# about 16,000 (deep-translator issue 224: Chinese text failed from 1,900 characters, not 1,800).
+MAX_URL_CHARS = 12_000
 LANGUAGES = dict(sorted((name.title(), code) for name, code in GOOGLE_LANGUAGES_TO_CODES.items()))
 
 
@@ -26,33 +31,53 @@ class TranslationError(RuntimeError):
     """Translation failed; the message says why and is meant for the user."""
 
 
-def chunk_text(text: str, max_chars: int = MAX_CHARS) -> list[str]:
-    """Split `text` into pieces of at most `max_chars`, at sentence ends, else spaces, else anywhere."""
+def chunk_text(text: str, max_chars: int = MAX_CHARS, max_url_chars: int = MAX_URL_CHARS) -> list[str]:
+    """Split `text` into pieces of at most `max_chars` characters and `max_url_chars` once
+    URL-encoded, at sentence ends, else spaces, else anywhere."""
+    limits = (max_chars, max_url_chars)
     sentences = re.split(r"(?<=[.!?…])\s+", text.strip())
-    return _pack([part for sentence in sentences for part in _split_long(sentence, max_chars)], max_chars)
+    return _pack([part for sentence in sentences for part in _split_long(sentence, limits)], limits)
 
 
-def _split_long(sentence: str, max_chars: int) -> list[str]:
-    if len(sentence) <= max_chars:
+def _size(text: str) -> tuple[int, int]:
+    """(characters, characters URL-encoded); both add up over concatenation (a space is one `+`)."""
+    return len(text), len(quote_plus(text))
+
+
+def _split_long(sentence: str, limits: tuple[int, int]) -> list[str]:
+    if all(n <= limit for n, limit in zip(_size(sentence), limits)):
         return [sentence] if sentence else []
-    # a "word" longer than the limit is cut into pieces of the limit
-    words = [w[i:i + max_chars] for w in sentence.split() for i in range(0, len(w), max_chars)]
-    return _pack(words, max_chars)
+    # a "word" over the limits (text without spaces: Chinese, Japanese) is cut anywhere
+    return _pack([piece for word in sentence.split() for piece in _cut(word, limits)], limits)
 
 
-def _pack(parts: list[str], max_chars: int) -> list[str]:
-    """Join parts with spaces, greedily, into pieces of at most `max_chars` (each part fits)."""
+def _cut(word: str, limits: tuple[int, int]) -> list[str]:
+    """`word` in consecutive pieces within `limits`, each as long as fits."""
+    pieces, start, used = [], 0, (0, 0)
+    for i, size in enumerate(map(_size, word)):
+        grown = (used[0] + size[0], used[1] + size[1])
+        if i > start and any(n > limit for n, limit in zip(grown, limits)):
+            pieces.append(word[start:i])
+            start, grown = i, size
+        used = grown
+    return [*pieces, word[start:]] if word else pieces
+
+
+def _pack(parts: list[str], limits: tuple[int, int]) -> list[str]:
+    """Join parts with spaces, greedily, into pieces within `limits` (each part fits)."""
     pieces: list[str] = []
-    current = ""
+    current: list[str] = []
+    used = (0, 0)
     for part in parts:
-        joined = f"{current} {part}" if current else part
-        if len(joined) <= max_chars:
-            current = joined
-        else:
-            pieces.append(current)
-            current = part
+        size = _size(part)
+        joined = (used[0] + 1 + size[0], used[1] + 1 + size[1]) if current else size
+        if current and any(n > limit for n, limit in zip(joined, limits)):
+            pieces.append(" ".join(current))
+            current, joined = [], size
+        current.append(part)
+        used = joined
     if current:
-        pieces.append(current)
+        pieces.append(" ".join(current))
     return pieces
 
 
