@@ -518,3 +518,45 @@ def test_no_manifest_describes_a_store_rebuilt_meanwhile(tmp_path, cv_release, m
     with pytest.raises(FeaturesError, match="removed or rebuilt by another process"):
         run_main(tmp_path, "raced", cv_release)
     assert len(calls) == 2 and not (tmp_path / "features" / "raced" / MANIFEST).exists()
+
+
+def test_processes_starting_a_new_store_at_once_agree_on_its_plan(tmp_path, monkeypatch):
+    """Two processes both find no store and create it: the first plan stands. A process with
+    another plan (other settings) stops before writing anything into the store; one with the
+    same plan goes on, and the processor is written whole by one of them."""
+    from whisper_ft import features
+    from whisper_ft.config import load_config
+    from whisper_ft.features import FeaturesError, FeatureStore
+
+    cfg = load_config(ROOT / "config.yaml", [f"features.data_dir={tmp_path}"])
+
+    class Processor:
+        def __init__(self, marker: str):
+            self.marker = marker
+
+        def save_pretrained(self, folder: str) -> None:
+            Path(folder).mkdir(parents=True)
+            (Path(folder) / "processor.txt").write_text(self.marker)
+
+    real_create = features.create_atomic
+    peer_fp = "other"
+
+    def peer_creates_first(path, text):  # the other process wrote its plan after this one's check
+        real_create(path, json.dumps({"fingerprint": peer_fp, "settings": {}}))
+        return real_create(path, text)
+
+    monkeypatch.setattr(features, "create_atomic", peer_creates_first)
+    store = FeatureStore(tmp_path / "features" / "racy")
+    with pytest.raises(FeaturesError, match="other inputs or settings"):
+        store.prepare(cfg, Processor("mine"), {}, "mine", overwrite=False)
+    assert sorted(p.name for p in store.root.iterdir()) == ["plan.json"]  # nothing of this process's written
+    assert json.loads((store.root / "plan.json").read_text())["fingerprint"] == "other"
+
+    shutil.rmtree(store.root)
+    peer_fp = "same"
+    store.prepare(cfg, Processor("this one"), {}, "same", overwrite=False)  # the same plan: goes on
+    assert (store.root / features.PROCESSOR_DIR / "processor.txt").read_text() == "this one"
+    assert (store.root / "config.yaml").is_file()
+    store.prepare(cfg, Processor("a later one"), {}, "same", overwrite=False)  # the processor stands
+    assert (store.root / features.PROCESSOR_DIR / "processor.txt").read_text() == "this one"
+    assert not [p for p in store.root.iterdir() if ".tmp-" in p.name]

@@ -176,3 +176,23 @@ def test_folders_and_files_reach_the_disk_before_their_new_name(tmp_path, monkey
     log.clear()
     files.write_atomic(tmp_path / "metrics.json", "{}")
     assert log == [f"fsync .metrics.json.tmp-{os.getpid()}", "replace metrics.json", f"fsync {tmp_path.name}"]
+
+
+@pytest.mark.parametrize("hard_links", [True, False])
+def test_create_atomic_writes_a_file_whole_unless_it_exists(tmp_path, monkeypatch, hard_links):
+    """The first writer's content stands; with or without hard links on the file system, and no
+    temporary file is left."""
+    import errno
+    import os
+
+    from whisper_ft import files
+
+    if not hard_links:
+        def no_links(src, dst):
+            raise OSError(errno.EPERM, "hard links not supported")
+
+        monkeypatch.setattr(os, "link", no_links)
+    path = tmp_path / "plan.json"
+    assert files.create_atomic(path, "first") is True
+    assert files.create_atomic(path, "second") is False
+    assert path.read_text() == "first" and [p.name for p in tmp_path.iterdir()] == ["plan.json"]

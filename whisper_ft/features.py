@@ -47,7 +47,7 @@ from whisper_ft.audio import SAMPLE_RATE, AudioError, TooLong, load_audio, pad_f
 from whisper_ft.claims import ClaimSet, live_claims, owner_tag, read_holder
 from whisper_ft.config import save_config, to_dict
 from whisper_ft.errors import UserError
-from whisper_ft.files import fsync_tree, write_atomic
+from whisper_ft.files import create_atomic, fsync_tree, staging_dir, write_atomic
 from whisper_ft.sources import EVAL, TRAIN, VALIDATION, ArrowAudio, Row, SourceError, describe, read_source
 from whisper_ft.text import normalize, tidy_sentence
 
@@ -651,21 +651,34 @@ class FeatureStore:
                                 "python feature_pipeline.py --set model.name_or_path=<the model>")
 
     def prepare(self, cfg, processor: Processor, settings: dict, fp: str, overwrite: bool) -> None:
-        """Create the folder, or check that an existing one was made from the same inputs."""
+        """Create the folder, or check that an existing one was made from the same inputs.
+
+        Of processes starting a new store at once, the first to create its plan decides what
+        the store holds: the others go on when their plan is the same and stop (FeaturesError)
+        when it is not, before writing anything into it. The processor and the config are
+        written whole, by whichever process finds them missing."""
         stale_seconds = cfg.features.claim_stale_seconds
         if overwrite and self.root.exists():
             self.remove(stale_seconds)
         plan_path = self.root / PLAN
-        if plan_path.is_file():
-            if json.loads(plan_path.read_text())["fingerprint"] != fp:
-                raise FeaturesError(f"{self.root} holds features built from other inputs or settings; choose "
-                                    "another features.name or pass --overwrite to rebuild it")
-            clean_partial(self.root, stale_seconds)
-            return
-        self.root.mkdir(parents=True, exist_ok=True)
-        processor.save_pretrained(str(self.root / PROCESSOR_DIR))
-        save_config(cfg, self.root / "config.yaml")
-        write_atomic(plan_path, json.dumps({"fingerprint": fp, "settings": settings}, indent=2))
+        if not plan_path.is_file():
+            self.root.mkdir(parents=True, exist_ok=True)
+            create_atomic(plan_path, json.dumps({"fingerprint": fp, "settings": settings}, indent=2))
+        if json.loads(plan_path.read_text())["fingerprint"] != fp:
+            raise FeaturesError(f"{self.root} holds features built from other inputs or settings; choose "
+                                "another features.name or pass --overwrite to rebuild it")
+        clean_partial(self.root, stale_seconds)
+        if not (self.root / PROCESSOR_DIR).is_dir():
+            tmp = staging_dir(self.root / PROCESSOR_DIR)
+            shutil.rmtree(tmp, ignore_errors=True)
+            processor.save_pretrained(str(tmp))
+            fsync_tree(tmp)
+            try:
+                os.rename(tmp, self.root / PROCESSOR_DIR)
+            except OSError:  # another process of the same plan wrote it first
+                shutil.rmtree(tmp, ignore_errors=True)
+        if not (self.root / "config.yaml").is_file():
+            save_config(cfg, self.root / "config.yaml")
 
     def remove(self, stale_seconds: float) -> None:
         """Delete the store (--overwrite); refused while a running process, here or on another

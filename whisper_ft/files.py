@@ -23,6 +23,36 @@ def write_atomic(path: str | Path, text: str) -> None:
     fsync_dir(Path(path).parent)
 
 
+def create_atomic(path: str | Path, text: str) -> bool:
+    """Write `text` to `path` whole unless `path` exists: False when it does (another process
+    created it first, and its content stands). Written under a temporary name and hard-linked
+    into place, which fails on an existing name; where the file system has no hard links, the
+    file is created exclusively and written in place."""
+    path = Path(path)
+    tmp = staging_dir(path)
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        return False
+    except OSError:  # no hard links here (some network and FUSE file systems)
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+    finally:
+        tmp.unlink(missing_ok=True)
+    fsync_dir(path.parent)
+    return True
+
+
 def staging_dir(final: str | Path) -> Path:
     """The temporary name beside `final` to write before renaming into place (a file for
     `write_atomic`, a folder for `replace_dir`): `.<name>.tmp-<pid>`."""
