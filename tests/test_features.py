@@ -523,10 +523,12 @@ def test_no_manifest_describes_a_store_rebuilt_meanwhile(tmp_path, cv_release, m
 def test_processes_starting_a_new_store_at_once_agree_on_its_plan(tmp_path, monkeypatch):
     """Two processes both find no store and create it: the first plan stands. A process with
     another plan (other settings) stops before writing anything into the store; one with the
-    same plan goes on, and the processor is written whole by one of them."""
+    same plan goes on. The process that starts the store writes the processor and config over
+    leftovers of a killed start; a later one writes the processor only if it is missing, and
+    one that loses that race to a peer keeps the peer's."""
     from whisper_ft import features
     from whisper_ft.config import load_config
-    from whisper_ft.features import FeaturesError, FeatureStore
+    from whisper_ft.features import PROCESSOR_DIR, FeaturesError, FeatureStore
 
     cfg = load_config(ROOT / "config.yaml", [f"features.data_dir={tmp_path}"])
 
@@ -541,22 +543,53 @@ def test_processes_starting_a_new_store_at_once_agree_on_its_plan(tmp_path, monk
     real_create = features.create_atomic
     peer_fp = "other"
 
-    def peer_creates_first(path, text):  # the other process wrote its plan after this one's check
+    def peer_creates_first(path, text, tag=""):  # the other process wrote its plan after this one's check
         real_create(path, json.dumps({"fingerprint": peer_fp, "settings": {}}))
-        return real_create(path, text)
+        return real_create(path, text, tag)
 
-    monkeypatch.setattr(features, "create_atomic", peer_creates_first)
     store = FeatureStore(tmp_path / "features" / "racy")
-    with pytest.raises(FeaturesError, match="other inputs or settings"):
-        store.prepare(cfg, Processor("mine"), {}, "mine", overwrite=False)
-    assert sorted(p.name for p in store.root.iterdir()) == ["plan.json"]  # nothing of this process's written
-    assert json.loads((store.root / "plan.json").read_text())["fingerprint"] == "other"
+    processor = lambda: (store.root / PROCESSOR_DIR / "processor.txt").read_text()  # noqa: E731
+    with monkeypatch.context() as m:
+        m.setattr(features, "create_atomic", peer_creates_first)
+        with pytest.raises(FeaturesError, match="other inputs or settings"):
+            store.prepare(cfg, Processor("mine"), {}, "mine", overwrite=False)
+        assert sorted(p.name for p in store.root.iterdir()) == ["plan.json"]  # nothing of this process's
+        shutil.rmtree(store.root)
+        peer_fp = "same"
+        store.prepare(cfg, Processor("this one"), {}, "same", overwrite=False)  # the same plan: goes on
+        assert processor() == "this one" and (store.root / "config.yaml").is_file()
 
-    shutil.rmtree(store.root)
-    peer_fp = "same"
-    store.prepare(cfg, Processor("this one"), {}, "same", overwrite=False)  # the same plan: goes on
-    assert (store.root / features.PROCESSOR_DIR / "processor.txt").read_text() == "this one"
-    assert (store.root / "config.yaml").is_file()
     store.prepare(cfg, Processor("a later one"), {}, "same", overwrite=False)  # the processor stands
-    assert (store.root / features.PROCESSOR_DIR / "processor.txt").read_text() == "this one"
+    assert processor() == "this one"
+
+    shutil.rmtree(store.root / PROCESSOR_DIR)  # missing: a later process of the same plan writes it ...
+    real_rename = os.rename
+
+    def peer_renames_first(src, dst):  # ... unless a peer renamed its own into place first
+        Processor("the peer").save_pretrained(str(Path(dst).with_name("peer")))
+        real_rename(Path(dst).with_name("peer"), dst)
+        return real_rename(src, dst)
+
+    monkeypatch.setattr(os, "rename", peer_renames_first)
+    store.prepare(cfg, Processor("loser"), {}, "same", overwrite=False)
+    monkeypatch.setattr(os, "rename", real_rename)
+    assert processor() == "the peer"
     assert not [p for p in store.root.iterdir() if ".tmp-" in p.name]
+
+    shutil.rmtree(store.root)  # a start killed before its plan, by an earlier version: processor first
+    Processor("half of another model's").save_pretrained(str(store.root / PROCESSOR_DIR))
+    store.prepare(cfg, Processor("new"), {}, "same", overwrite=False)
+    assert processor() == "new"
+
+    from whisper_ft.claims import host_name
+
+    killed = store.root / f".{PROCESSOR_DIR}.tmp-{host_name()}-{dead_pid()}"  # a writer killed on this machine
+    elsewhere = store.root / f".{PROCESSOR_DIR}.tmp-node-2-{os.getpid()}"  # another machine's: cannot tell
+    for folder in (killed, elsewhere):
+        Processor("half").save_pretrained(str(folder))
+    store.prepare(cfg, Processor("new"), {}, "same", overwrite=False)
+    assert not killed.exists() and elsewhere.exists()
+
+    (store.root / "plan.json").write_text("")  # a start killed between creating its plan and writing it
+    with pytest.raises(FeaturesError, match="empty or cut short.*--overwrite"):
+        features.read_plan(store.root / "plan.json", patience=0.1)

@@ -386,3 +386,34 @@ def test_a_newer_download_under_the_same_name_is_unpacked_again(cv_release, tmp_
     pack("third", 1_700_000_200)
     assert extract_tarball(archive, out) == dest and capsys.readouterr().err == ""
     assert (dest / "cv-corpus" / "sv-SE" / "extra.txt").read_text() == "second"
+
+
+def test_a_download_landing_while_the_old_file_is_unpacked_is_unpacked_next(tmp_path, monkeypatch, capsys):
+    """The marker describes the file that was unpacked, not the one found at its name after."""
+    import io
+    import os
+
+    from whisper_ft.sources import extract_tarball, unpacked_state
+
+    archive = tmp_path / "rel.tar.gz"
+
+    def pack(path: Path, text: str, mtime: int) -> None:
+        with tarfile.open(path, "w:gz") as tar:
+            info = tarfile.TarInfo("v.txt")
+            info.size = len(text)
+            tar.addfile(info, io.BytesIO(text.encode()))
+        os.utime(path, (mtime, mtime))
+
+    pack(archive, "old", 1_700_000_000)
+    real = tarfile.TarFile.extractall
+
+    def and_a_new_download_lands(self, *args, **kwargs):
+        real(self, *args, **kwargs)
+        pack(tmp_path / "rel.part", "new", 1_700_000_500)
+        os.replace(tmp_path / "rel.part", archive)
+
+    monkeypatch.setattr(tarfile.TarFile, "extractall", and_a_new_download_lands)
+    dest = extract_tarball(archive, tmp_path / "raw")
+    monkeypatch.setattr(tarfile.TarFile, "extractall", real)
+    assert (dest / "v.txt").read_text() == "old" and unpacked_state(dest, archive) == "changed"
+    assert (extract_tarball(archive, tmp_path / "raw") / "v.txt").read_text() == "new"

@@ -44,10 +44,10 @@ from typing import Any
 import numpy as np
 
 from whisper_ft.audio import SAMPLE_RATE, AudioError, TooLong, load_audio, pad_features, trimmed_features
-from whisper_ft.claims import ClaimSet, live_claims, owner_tag, read_holder
+from whisper_ft.claims import ClaimSet, host_name, live_claims, owner_tag, pid_alive, read_holder
 from whisper_ft.config import save_config, to_dict
 from whisper_ft.errors import UserError
-from whisper_ft.files import create_atomic, fsync_tree, staging_dir, write_atomic
+from whisper_ft.files import create_atomic, fsync_tree, replace_dir, staging_dir, write_atomic
 from whisper_ft.sources import EVAL, TRAIN, VALIDATION, ArrowAudio, Row, SourceError, describe, read_source
 from whisper_ft.text import normalize, tidy_sentence
 
@@ -257,13 +257,18 @@ def is_done(root: Path, shard: Shard) -> bool:
 
 def clean_partial(root: Path, stale_seconds: float) -> None:
     """Remove temporary shards whose writer no longer holds the shard's claim (killed, or taken
-    over); a shard in progress elsewhere, on this machine or another, is left alone."""
+    over); a shard in progress elsewhere, on this machine or another, is left alone. Likewise
+    the temporary processor folder and plan of a process on this machine that is gone."""
     for split in SPLITS:
         for tmp in (root / split).glob(".shard-*.tmp-*"):
             name, writer = tmp.name[1:].split(".tmp-", 1)
             holder = read_holder(claim_file(root / split, name))
             if holder is None or holder.tag != writer or holder.is_stale(stale_seconds):
                 shutil.rmtree(tmp, ignore_errors=True)
+    for tmp in [*root.glob(f".{PROCESSOR_DIR}.tmp-*"), *root.glob(f".{PLAN}.tmp-*")]:
+        host, _, pid = tmp.name.split(".tmp-", 1)[1].rpartition("-")
+        if host == host_name() and pid.isdigit() and not pid_alive(int(pid)):
+            shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
 
 
 def claim_shards(root: Path, shards: list[Shard], claims: ClaimSet) -> list[Shard]:
@@ -654,30 +659,37 @@ class FeatureStore:
         """Create the folder, or check that an existing one was made from the same inputs.
 
         Of processes starting a new store at once, the first to create its plan decides what
-        the store holds: the others go on when their plan is the same and stop (FeaturesError)
-        when it is not, before writing anything into it. The processor and the config are
-        written whole, by whichever process finds them missing."""
+        the store holds and writes its processor and config (over any left by a process killed
+        before it wrote a plan); the others go on when their plan is the same, writing the
+        processor only if it is still missing, and stop (FeaturesError) when it is not, before
+        writing anything into the store."""
         stale_seconds = cfg.features.claim_stale_seconds
         if overwrite and self.root.exists():
             self.remove(stale_seconds)
         plan_path = self.root / PLAN
+        started = False
         if not plan_path.is_file():
             self.root.mkdir(parents=True, exist_ok=True)
-            create_atomic(plan_path, json.dumps({"fingerprint": fp, "settings": settings}, indent=2))
-        if json.loads(plan_path.read_text())["fingerprint"] != fp:
+            started = create_atomic(plan_path, json.dumps({"fingerprint": fp, "settings": settings}, indent=2),
+                                    owner_tag())
+        if read_plan(plan_path)["fingerprint"] != fp:
             raise FeaturesError(f"{self.root} holds features built from other inputs or settings; choose "
                                 "another features.name or pass --overwrite to rebuild it")
         clean_partial(self.root, stale_seconds)
-        if not (self.root / PROCESSOR_DIR).is_dir():
-            tmp = staging_dir(self.root / PROCESSOR_DIR)
+        final = self.root / PROCESSOR_DIR
+        if started or not final.is_dir():
+            tmp = staging_dir(final, owner_tag())
             shutil.rmtree(tmp, ignore_errors=True)
             processor.save_pretrained(str(tmp))
-            fsync_tree(tmp)
-            try:
-                os.rename(tmp, self.root / PROCESSOR_DIR)
-            except OSError:  # another process of the same plan wrote it first
-                shutil.rmtree(tmp, ignore_errors=True)
-        if not (self.root / "config.yaml").is_file():
+            if started:
+                replace_dir(tmp, final)
+            else:
+                fsync_tree(tmp)
+                try:
+                    os.rename(tmp, final)
+                except OSError:  # another process of the same plan wrote it first
+                    shutil.rmtree(tmp, ignore_errors=True)
+        if started or not (self.root / "config.yaml").is_file():
             save_config(cfg, self.root / "config.yaml")
 
     def remove(self, stale_seconds: float) -> None:
@@ -698,9 +710,24 @@ class FeatureStore:
         """Refuse to write shards planned for a store that another process removed or rebuilt
         (--overwrite) after this one's `prepare`."""
         plan = self.root / PLAN
-        if not plan.is_file() or json.loads(plan.read_text())["fingerprint"] != fp:
+        if not plan.is_file() or read_plan(plan)["fingerprint"] != fp:
             raise FeaturesError(f"{self.root} was removed or rebuilt by another process (--overwrite) while this one "
                                 "was starting: rerun")
+
+
+def read_plan(path: Path, patience: float = 5.0) -> dict:
+    """A store's plan.json. Where the file system has no hard links, a plan is created and then
+    written (`create_atomic`), so an empty one is waited for a moment; one that stays empty was
+    left by a process killed while starting the store."""
+    deadline = time.monotonic() + patience
+    while True:
+        try:
+            return json.loads(path.read_text())
+        except ValueError:
+            if time.monotonic() > deadline:
+                raise FeaturesError(f"{path} is empty or cut short: a process was killed while starting this store; "
+                                    "pass --overwrite to rebuild it") from None
+            time.sleep(0.05)
 
 
 @dataclass(frozen=True)

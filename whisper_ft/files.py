@@ -23,13 +23,14 @@ def write_atomic(path: str | Path, text: str) -> None:
     fsync_dir(Path(path).parent)
 
 
-def create_atomic(path: str | Path, text: str) -> bool:
+def create_atomic(path: str | Path, text: str, tag: str = "") -> bool:
     """Write `text` to `path` whole unless `path` exists: False when it does (another process
-    created it first, and its content stands). Written under a temporary name and hard-linked
-    into place, which fails on an existing name; where the file system has no hard links, the
-    file is created exclusively and written in place."""
+    created it first, and its content stands). Written under a temporary name (`staging_dir`,
+    with `tag`) and hard-linked into place, which fails on an existing name; where the file
+    system has no hard links, the file is created exclusively and written in place, so that a
+    reader may find it empty for a moment (or for good, if the writer is killed then)."""
     path = Path(path)
-    tmp = staging_dir(path)
+    tmp = staging_dir(path, tag)
     with open(tmp, "w", encoding="utf-8") as f:
         f.write(text)
         f.flush()
@@ -53,11 +54,12 @@ def create_atomic(path: str | Path, text: str) -> bool:
     return True
 
 
-def staging_dir(final: str | Path) -> Path:
+def staging_dir(final: str | Path, tag: str = "") -> Path:
     """The temporary name beside `final` to write before renaming into place (a file for
-    `write_atomic`, a folder for `replace_dir`): `.<name>.tmp-<pid>`."""
+    `write_atomic`, a folder for `replace_dir`): `.<name>.tmp-<tag>`, by default the process
+    id; in folders that several machines share, `whisper_ft.claims.owner_tag()` (host and pid)."""
     final = Path(final)
-    return final.with_name(f".{final.name}.tmp-{os.getpid()}")
+    return final.with_name(f".{final.name}.tmp-{tag or os.getpid()}")
 
 
 def replace_dir(tmp: str | Path, final: str | Path) -> None:

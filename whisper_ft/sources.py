@@ -159,7 +159,10 @@ def extract_tarball(archive: Path, extract_dir: Path, stale_seconds: float = 300
             f"extracting {archive} -> {dest} (once)"
         print(why, file=sys.stderr, flush=True)
         try:
-            with tarfile.open(archive) as tar:
+            # the identity of the file this process opens: a download renamed into place
+            # meanwhile is another file, and is unpacked by the next run
+            with open(archive, "rb") as f, tarfile.open(fileobj=f) as tar:
+                identity = archive_identity(archive, os.fstat(f.fileno()))
                 tar.extractall(tmp, filter="data")
         except (tarfile.TarError, EOFError, OSError) as e:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -167,15 +170,16 @@ def extract_tarball(archive: Path, extract_dir: Path, stale_seconds: float = 300
             hint = "incomplete download? delete it and fetch again" if unreadable else f"writing to {extract_dir}"
             raise SourceError(f"cannot unpack {archive}: {e} ({hint})") from e
         claims.confirm(claim)
-        (tmp / DONE_MARK).write_text(json.dumps(archive_identity(archive)))
+        (tmp / DONE_MARK).write_text(json.dumps(identity))
         shutil.rmtree(dest, ignore_errors=True)
         os.replace(tmp, dest)
     return dest
 
 
-def archive_identity(archive: Path) -> dict:
-    """What the unpacking marker records of the archive: its path, size and modification time."""
-    st = archive.stat()
+def archive_identity(archive: Path, st: os.stat_result | None = None) -> dict:
+    """What the unpacking marker records of the archive: its path, size and modification time
+    (from `st` when given: the status of the file as opened)."""
+    st = st or archive.stat()
     return {"archive": str(archive.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
 
 
