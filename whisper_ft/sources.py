@@ -125,7 +125,9 @@ def locate_release(path: Path, extract_dir: Path, stale_seconds: float = 300.0) 
 def extract_tarball(archive: Path, extract_dir: Path, stale_seconds: float = 300.0, poll: float = 1.0) -> Path:
     """Unpack a release once into extract_dir/<archive name>; a marker file records completion
     and which archive it was (its size and modification time), so that a newer download under
-    the same name is unpacked again instead of the old files being read.
+    the same name is unpacked again instead of the old files being read. That removes the old
+    files: replace a tarball while no process reads its release (a feature store begun on the
+    old one then refuses the new one, as its plan lists every clip and sentence).
 
     Processes started together on one tarball (`feature_pipeline.py --num-shards N`) unpack it
     once: the first claims the work (`whisper_ft.claims`), the others wait for its marker, and
