@@ -14,7 +14,7 @@ from __future__ import annotations
 import sys
 
 from whisper_ft import cli
-from whisper_ft.sweep import load_spec, run_sweep, write_report
+from whisper_ft.sweep import TRIAL_FILE, load_spec, run_sweep, write_report
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -27,7 +27,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.report_only:
         from pathlib import Path
 
-        report = write_report(Path(base.training.output_dir) / "sweeps" / spec.name, spec)
+        folder = Path(base.training.output_dir) / "sweeps" / spec.name
+        if not list(folder.glob(f"trial-*/{TRIAL_FILE}")):
+            raise cli.UserError(f"--report-only: no trials in {folder}; run python sweep.py {args.sweep} first "
+                                "(or pass the training.output_dir it ran with)")
+        report = write_report(folder, spec)
     else:
         from whisper_ft.train import run_training
 

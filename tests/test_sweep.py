@@ -99,6 +99,26 @@ def test_random_search_with_a_seed_is_reproducible(tmp_path):
     assert len({p["training.learning_rate"] for p in params[0]}) == 3
 
 
+@pytest.mark.parametrize("method", ["random", "bayes"])
+def test_a_resumed_search_draws_what_an_uninterrupted_one_would(tmp_path, method):
+    """Killed during its third trial and rerun, a seeded search goes on where it was: no trial
+    repeats an earlier one's values."""
+    space = {"training.learning_rate": {"low": 1e-6, "high": 1e-3, "log": True}}
+    drawn = []
+    for run, crash_on in (("whole", None), ("killed", 3)):
+        spec = load_spec(write_spec(tmp_path, file=f"s{method}", method=method, trials=5, seed=7, budget_samples=32,
+                                    eval_every_samples=32, prune=False, space=space))
+        out = [f"training.output_dir={tmp_path / run}"]
+        trainer = ScriptedTrainer(lambda t, step: 50.0 + 1e4 * t.learning_rate, crash_on=crash_on)
+        args = (spec, load_config(ROOT / "config.yaml", out), str(ROOT / "config.yaml"), out, trainer)
+        if crash_on:
+            with pytest.raises(KeyboardInterrupt):
+                run_sweep(*args, log=lambda s: None)
+        folder = run_sweep(*args, log=lambda s: None)
+        drawn.append([t["params"]["training.learning_rate"] for t in read_trials(folder)])
+    assert drawn[1] == drawn[0] and len(set(drawn[0])) == 5
+
+
 def test_killed_search_resumes_without_rerunning_finished_trials(tmp_path):
     spec = load_spec(write_spec(tmp_path, method="grid", budget_samples=32, eval_every_samples=16, prune=False,
                                 space={"training.learning_rate": [1e-5, 2e-5, 3e-5]}))
@@ -309,3 +329,39 @@ def test_trial_config_layers_typed_values_over_the_command_line(tmp_path):
     assert (t.output_dir, t.run_name, t.max_steps) == (str(tmp_path), "trial-005", 4)
     assert t.learning_rate == 1e-5 and t.lora.target_modules == ("q_proj", "k_proj")
     assert cfg.app.cookies_file == "yes"
+
+
+def test_a_metrics_line_cut_short_by_a_kill_does_not_stop_the_sweep(tmp_path):
+    """A trial killed while writing metrics.jsonl is resumed and reported from its whole lines."""
+    import whisper_ft.sweep as sweep
+
+    run = tmp_path / "trial-000"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text(json.dumps({"event": "eval", "step": 2, "wer": 0.5}) + "\n"
+                                       + json.dumps({"event": "eval", "step": 2, "wer": 0.4}) + "\n"  # resumed
+                                       + '{"event": "eval", "step": 4, "spl')
+    assert [e["wer"] for e in sweep._evals(run)] == [0.4]
+
+
+@pytest.mark.parametrize("name", ["runs?x", "runs%41", "runs#1"])
+def test_the_study_database_lies_in_the_sweep_folder_whatever_its_path(tmp_path, monkeypatch, name):
+    import whisper_ft.sweep as sweep
+
+    monkeypatch.chdir(tmp_path)
+    spec = load_spec(write_spec(tmp_path, method="random", trials=2, budget_samples=64, eval_every_samples=32,
+                                space={"training.learning_rate": {"low": 1e-5, "high": 1e-4, "log": True}}))
+    folder = tmp_path / name / "sweeps" / "lr"
+    sweep.make_study(spec, folder)
+    assert (folder / "study.db").is_file() and sorted(p.name for p in tmp_path.iterdir()) == sorted([name, "sw.yaml"])
+
+
+def test_report_only_on_a_sweep_that_never_ran_is_a_one_line_error(tmp_path, capsys):
+    import sweep as entry
+
+    from whisper_ft import cli
+
+    args = [str(ROOT / "sweeps" / "lr.yaml"), "--report-only", "--set", f"training.output_dir={tmp_path / 'typo'}"]
+    assert cli.run(entry.main, args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --report-only: no trials in ") and "python sweep.py" in err
+    assert err.count("\n") == 1 and not (tmp_path / "typo").exists()

@@ -18,12 +18,14 @@ import math
 import os
 import time
 import traceback
+import urllib.parse
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
+from whisper_ft.checkpoints import read_events
 from whisper_ft.config import Config, ConfigError, load_config, to_dict
 from whisper_ft.files import write_atomic
 from whisper_ft.model import first_line
@@ -158,20 +160,31 @@ def n_trials(spec: SweepSpec) -> int:
     return spec.trials
 
 
+def sampler(spec: SweepSpec, number: int = 0):
+    """The sampler that draws trial `number`, seeded by the sweep's seed and that number: a
+    sweep resumed after a kill draws what an uninterrupted one would, and never an earlier
+    trial's values again (a sampler seeded once per run would start over). TPE reads the
+    finished trials from the study, so a fresh one per trial loses nothing. Grid points are
+    enqueued one by one (`grid_points`) and need no sampling."""
+    import optuna
+
+    seed = spec.seed * 1_000_003 + number
+    if spec.method == "bayes":
+        return optuna.samplers.TPESampler(seed=seed, n_startup_trials=min(5, max(1, spec.trials // 3)))
+    return optuna.samplers.RandomSampler(seed=seed)
+
+
 def make_study(spec: SweepSpec, folder: Path):
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    samplers = {  # grid points are enqueued one by one (see grid_points): no sampling needed
-        "grid": lambda: optuna.samplers.RandomSampler(seed=spec.seed),
-        "random": lambda: optuna.samplers.RandomSampler(seed=spec.seed),
-        "bayes": lambda: optuna.samplers.TPESampler(seed=spec.seed, n_startup_trials=min(5, max(1, spec.trials // 3))),
-    }
     pruner = (optuna.pruners.MedianPruner(n_startup_trials=1, n_warmup_steps=0, interval_steps=1)
               if spec.prune else optuna.pruners.NopPruner())
     folder.mkdir(parents=True, exist_ok=True)
-    return optuna.create_study(study_name=spec.name, storage=f"sqlite:///{folder / 'study.db'}",
-                               load_if_exists=True, direction="minimize", sampler=samplers[spec.method](),
+    # the path URL-quoted: a "?" or "%" in it would otherwise start a query or an escape
+    storage = "sqlite:///" + urllib.parse.quote(str((folder / "study.db").resolve()))
+    return optuna.create_study(study_name=spec.name, storage=storage,
+                               load_if_exists=True, direction="minimize", sampler=sampler(spec),
                                pruner=pruner)
 
 
@@ -251,6 +264,8 @@ def run_sweep(spec: SweepSpec, base: Config, config_path: str | None, overrides:
         if spec.method == "grid":
             seen = [t.params for t in study.get_trials(deepcopy=False)]
             study.enqueue_trial(next(p for p in grid_points(spec) if p not in seen))
+        else:
+            study.sampler = sampler(spec, len(study.get_trials(deepcopy=False)))
         _run_one(study, study.ask(dists), spec, base, folder, config_path, overrides, train, log)
     write_report(folder, spec)
     return folder
@@ -304,10 +319,7 @@ def _write_json(path: Path, obj: dict) -> None:
 def _evals(run_dir: Path) -> list[dict]:
     """The periodic checks in a run's metrics.jsonl: the validation split's (the test split's
     scores are reported, never used to choose)."""
-    history = run_dir / "metrics.jsonl"
-    if not history.is_file():
-        return []
-    return [e for e in map(json.loads, history.read_text().splitlines())
+    return [e for e in read_events(run_dir)  # a line cut short by a kill is skipped, a resume's repeats merged
             if e.get("event") == "eval" and e.get("purpose", "selection") == "selection" and not e.get("final")]
 
 
