@@ -554,3 +554,21 @@ def test_schedule_resolves_auto_and_takes_warmup_as_a_fraction_unless_set():
     t = load_config(ROOT / "config.yaml", ["training.max_steps=60", "training.learning_rate=1e-5",
                                            "training.warmup_steps=500"]).training
     assert schedule(t, 512) == (1e-5, 500)
+
+
+def test_a_rerun_compares_the_average_with_the_best_single_check_not_with_itself(tmp_path):
+    """Killed after its average was exported as best/ (during the final test scoring, say), a
+    rerun averages again: the single-check baseline comes from the log, not from best/."""
+    from whisper_ft import checkpoints
+    from whisper_ft.train import best_single_check
+
+    (tmp_path / "best").mkdir()
+    for step, wer in ((0, 0.9), (2, 0.6), (4, 0.55)):
+        checkpoints.append_event(tmp_path, {"event": "eval", "split": "validation", "purpose": "selection",
+                                            "step": step, "wer": wer})
+    checkpoints.append_event(tmp_path, {"event": "eval", "split": "test", "purpose": "report", "step": 4, "wer": 0.1,
+                                        "final": True})
+    (tmp_path / "best" / "best.json").write_text(json.dumps({"step": 4, "wer": 0.55}))
+    assert best_single_check(tmp_path)["wer"] == 0.55  # best/ is the best single check
+    (tmp_path / "best" / "best.json").write_text(json.dumps({"step": 4, "wer": 0.5, "averaged_steps": [2, 4]}))
+    assert (best_single_check(tmp_path)["step"], best_single_check(tmp_path)["wer"]) == (4, 0.55)

@@ -749,7 +749,7 @@ def try_average(cfg: Config, args, data: Data, run_dir: Path, meta: dict, step: 
     trainer, out = predict(cfg, args, data, model, data.selection_model, "average")
     event = {**eval_event(out.metrics, "average", step, data.selection_split, SELECTION), "event": "average",
              "averaged_steps": steps}
-    single = checkpoints.read_best(run_dir) or {}
+    single = best_single_check(run_dir)
     wins = event["wer"] < (single.get("wer") if single.get("wer") is not None else math.inf)
     outcome.update(wer=event["wer"], wer_normalized=event["wer_normalized"], cer=event["cer"],
                    single_wer=single.get("wer"), single_step=single.get("step"), chosen=bool(wins))
@@ -764,6 +764,18 @@ def try_average(cfg: Config, args, data: Data, run_dir: Path, meta: dict, step: 
                     "averaged_steps": steps}
             checkpoints.export_best(model, data.processor, run_dir, info)
     return outcome
+
+
+def best_single_check(run_dir: Path) -> dict:
+    """{"step", "wer"} of the best single check: `best/` as the Trainer exported it, or, when
+    `best/` holds an average already (a rerun of a run killed after its average won), the best
+    selection check in metrics.jsonl; {} before any."""
+    best = checkpoints.read_best(run_dir) or {}
+    if not best.get("averaged_steps"):
+        return best
+    checks = [e for e in checkpoints.read_events(run_dir) if e.get("event") == "eval" and e.get("purpose") == SELECTION
+              and e.get("step", 0) > 0 and not e.get("final") and e.get("wer") is not None]
+    return min(checks, key=lambda e: e["wer"], default={})
 
 
 def export_ct2(best_dir: Path) -> None:
