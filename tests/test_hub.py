@@ -291,3 +291,6 @@ def test_local_model_is_a_folder_or_a_cached_download(tmp_path):
     assert hub.local_model(str(tmp_path)) == str(tmp_path)
     with pytest.raises(hub.HubError, match="neither a local folder nor in the Hugging Face cache.*HF_HUB_OFFLINE"):
         hub.local_model("me/not-downloaded-anywhere")
+    for missing in (str(tmp_path / "gone" / "best"), "checkpoints/x/best"):  # a folder that is not there
+        with pytest.raises(hub.HubError, match="neither a local folder nor a Hugging Face Hub id"):
+            hub.local_model(missing)

@@ -53,8 +53,9 @@ def test_export_for_a_hub_id(tmp_path):
     # an earlier export is replaced in place; a folder with anything else is refused
     (out / "whisper_ft" / "stale.py").write_text("")
     (out / "__pycache__").mkdir()  # from running the export locally
+    (out / ".README.md.tmp-4242").write_text("half a card")  # an export killed while writing
     assert space.export(out, load_config(None, ["app.model=me/other"])) == out
-    assert not (out / "__pycache__").exists()
+    assert not (out / "__pycache__").exists() and not (out / ".README.md.tmp-4242").exists()
     assert not (out / "whisper_ft" / "stale.py").exists() and front_matter(out / "README.md")["models"] == ["me/other"]
     with pytest.raises(space.SpaceError, match="holds other files"):
         space.export(ROOT, load_config(None, ["app.model=me/whisper-sv"]))

@@ -145,7 +145,7 @@ def local_model(name_or_path: str) -> str:
     if Path(name_or_path).expanduser().is_dir():
         return name_or_path
     from huggingface_hub import constants, snapshot_download
-    from huggingface_hub.errors import LocalEntryNotFoundError
+    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
 
     with hub_errors(f"cannot download {name_or_path}"):
         try:
@@ -155,6 +155,9 @@ def local_model(name_or_path: str) -> str:
             why = "HF_HUB_OFFLINE is set" if constants.is_offline_mode() else f"no connection to {constants.ENDPOINT}"
             raise HubError(f"{name_or_path} is neither a local folder nor in the Hugging Face cache, and the Hub "
                            f"cannot be asked ({why})") from e
+        except HFValidationError as e:  # a path that is not there reads as a malformed Hub id
+            raise HubError(f"{name_or_path} is neither a local folder nor a Hugging Face Hub id "
+                           "(owner/name)") from e
 
 
 @contextmanager

@@ -136,9 +136,13 @@ def space_model(cfg: Config) -> str:
 
 
 def check_target(out: Path) -> None:
-    """Refuse a folder that holds anything but an earlier export (or a clone of the Space repository)."""
+    """Refuse a folder that holds anything but an earlier export (or a clone of the Space
+    repository). The temporary files of an export killed while writing are its own: removed."""
     if out.exists() and not out.is_dir():
         raise SpaceError(f"--export-space: {out} is a file; name a folder")
+    for leftover in out.glob(".*.tmp-*") if out.is_dir() else []:
+        if leftover.name[1:].split(".tmp-", 1)[0] in WRITTEN and leftover.is_file():
+            leftover.unlink()
     foreign = sorted(p.name for p in out.iterdir() if p.name not in WRITTEN + KEPT + GENERATED) if out.is_dir() else []
     if foreign:
         raise SpaceError(f"--export-space: {out} holds other files ({', '.join(foreign[:3])}); name an empty folder "
