@@ -173,3 +173,27 @@ def test_many_channels_at_a_huge_rate_are_mixed_down_in_blocks(tmp_path, monkeyp
     assert reads and max(reads) <= 1 << 16 and -1 not in reads  # never the whole file at once
     with pytest.raises(AudioError, match="decoding took longer"):
         load_audio(tmp_path / "wide.flac", timeout=0.0)
+
+
+def test_an_mp3_cut_short_is_refused_where_its_header_counts_its_frames(tmp_path):
+    """A Common Voice MP3 (LAME's Info frame counts its frames) cut to 30% would give the whole
+    transcript to a third of the speech: refused. A VBR file without such a frame, whose length
+    libsndfile only estimates (too long), still decodes whole."""
+    from pathlib import Path
+
+    clip = sorted((Path(__file__).parents[1] / "data" / "sample").rglob("clips/*.mp3"))[0]
+    data = clip.read_bytes()
+    cut = tmp_path / "cut.mp3"
+    cut.write_bytes(data[: len(data) * 3 // 10])
+    for source in (cut, cut.read_bytes()):
+        with pytest.raises(AudioError, match="cut short: its header says 2.50 s, it holds 0.70 s"):
+            load_audio(source)
+    assert abs(len(load_audio(data[: len(data) * 19 // 20])) - len(load_audio(clip))) < 0.5 * SAMPLE_RATE  # a little short
+    if shutil.which("ffmpeg") is None:
+        pytest.skip("ffmpeg is not installed: the VBR file cannot be made")
+    vbr = tmp_path / "vbr.mp3"
+    subprocess.run(["ffmpeg", "-v", "error", "-f", "lavfi", "-i", "anullsrc=r=48000:cl=mono:d=2", "-f", "lavfi", "-i",
+                    "sine=frequency=440:sample_rate=48000:duration=4", "-filter_complex", "[0][1]concat=n=2:v=0:a=1",
+                    "-c:a", "libmp3lame", "-q:a", "2", "-write_xing", "0", str(vbr)], check=True)
+    assert sf.info(str(vbr)).frames > 2 * 6 * 48000  # libsndfile's estimate: far too long
+    assert abs(len(load_audio(vbr)) / SAMPLE_RATE - 6.0) < 0.1

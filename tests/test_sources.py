@@ -417,3 +417,58 @@ def test_a_download_landing_while_the_old_file_is_unpacked_is_unpacked_next(tmp_
     monkeypatch.setattr(tarfile.TarFile, "extractall", real)
     assert (dest / "v.txt").read_text() == "old" and unpacked_state(dest, archive) == "changed"
     assert (extract_tarball(archive, tmp_path / "raw") / "v.txt").read_text() == "new"
+
+
+def test_a_dataset_without_splits_is_not_every_split_at_once(saved_dataset, tmp_path):
+    """A plain Dataset saved with save_to_disk has no split names: as the source of training and
+    test at once it would train on the test clips; as one split of a source it is read."""
+    import datasets
+
+    plain = tmp_path / "plain"
+    datasets.load_from_disk(str(saved_dataset))["train"].save_to_disk(str(plain))
+    columns = {"audio_column": "speech", "text_column": "text", "speaker_column": "spk"}
+    with pytest.raises(SourceError, match="one Dataset, without splits, but the source asks for 2"):
+        read_source(SourceConfig(name="p", kind="hf", path=str(plain), train_splits=("train",), eval_splits=("test",),
+                                 validation_from="", **columns), tmp_path)
+    rows = read_source(SourceConfig(name="p", kind="hf", path=str(plain), train_splits=(), eval_splits=("test",),
+                                    validation_from="", **columns), tmp_path)
+    assert len(rows[EVAL]) == 3 and not rows[TRAIN]
+
+
+def test_embedded_audio_in_training_and_test_is_a_shared_clip(saved_dataset, tmp_path):
+    """Audio inside Arrow files is not hashed: the same source, speaker and sentence in training
+    and test is taken as the same clip (a configuration mistake: refused), not as a sentence
+    recorded again (dropped)."""
+    from whisper_ft.features import FeaturesError, check_leakage
+
+    src = SourceConfig(name="saved", kind="hf", path=str(saved_dataset), audio_column="speech", text_column="text",
+                       speaker_column="spk", train_splits=("train",), eval_splits=("train",), validation_from="")
+    rows = read_source(src, tmp_path)
+    with pytest.raises(FeaturesError, match="shares 3 clips and 3 sentences with the 3 test clips"):
+        check_leakage(rows, "refuse")
+
+
+def test_audiofolder_metadata_quirks(audiofolder, tmp_path):
+    """A spreadsheet's byte-order mark is read past; a JSON line that is broken, or that lacks
+    file_name, is a one-line error; a record without the text has an empty sentence (dropped later)."""
+    import csv
+
+    folder = tmp_path / "af"
+    shutil.copytree(audiofolder, folder)
+    meta = folder / "train" / "metadata.csv"
+    meta.write_text("\ufeff" + meta.read_text(encoding="utf-8"), encoding="utf-8")
+    src = SourceConfig(name="af", kind="hf", path=str(folder), text_column="transcription", speaker_column="who",
+                       train_splits=("train",), eval_splits=(), validation_from="")
+    assert len(read_source(src, tmp_path)[TRAIN]) == 4
+    with open(meta, encoding="utf-8-sig", newline="") as f:
+        records = list(csv.DictReader(f))
+    meta.unlink()
+    jsonl = folder / "train" / "metadata.jsonl"
+    lines = [json.dumps(r) for r in records]
+    jsonl.write_text("\n".join([lines[0], json.dumps({"file_name": records[1]["file_name"], "who": "x"}), *lines[2:]]))
+    rows = read_source(src, tmp_path)[TRAIN]
+    assert [r.sentence for r in rows] == [records[0]["transcription"], "", *(r["transcription"] for r in records[2:])]
+    for bad, message in (("{not json", "line 2 is not JSON"), ('{"who": "x"}', "no file_name for record 2")):
+        jsonl.write_text("\n".join([lines[0], bad]))
+        with pytest.raises(SourceError, match=message):
+            read_source(src, tmp_path)

@@ -86,7 +86,11 @@ def _soundfile_decode(source, sample_rate: int, max_seconds: float | None, timeo
         if max_seconds is not None and f.frames > max_seconds * f.samplerate:
             raise TooLong(f.frames / f.samplerate, max_seconds)
         if f.frames * f.channels <= MONO_AT_ONCE:
-            return to_mono(f.read(dtype="float32", always_2d=True), f.samplerate, sample_rate)
+            wave = f.read(dtype="float32", always_2d=True)
+            if f.format == "MP3" and _cut_short(len(wave), f.frames, f.samplerate) and _exact_mp3_length(source):
+                raise AudioError(f"cut short: its header says {f.frames / f.samplerate:.2f} s, it holds "
+                                 f"{len(wave) / f.samplerate:.2f} s")
+            return to_mono(wave, f.samplerate, sample_rate)
         deadline = None if timeout is None else time.monotonic() + timeout
         same_rate = f.samplerate == sample_rate
         stream = None if same_rate else soxr.ResampleStream(f.samplerate, sample_rate, 1, dtype="float32",
@@ -100,6 +104,30 @@ def _soundfile_decode(source, sample_rate: int, max_seconds: float | None, timeo
         if not same_rate:
             parts.append(stream.resample_chunk(np.zeros(0, np.float32), last=True))
         return np.ascontiguousarray(np.concatenate(parts), dtype=np.float32)
+
+
+def _cut_short(decoded: int, declared: int, sr: int) -> bool:
+    """Whether `decoded` frames fall well short of the `declared` length (by a tenth and half a second)."""
+    return decoded < 0.9 * declared and declared - decoded > 0.5 * sr
+
+
+def _exact_mp3_length(source) -> bool:
+    """Whether an MP3 (a path or a BytesIO) opens, after its ID3 tag, with a Xing, Info or VBRI
+    frame, which counts its frames: only then is libsndfile's length exact, not estimated from
+    the first frame's bitrate (a VBR file without one can read 2.5 times too long)."""
+    def read(offset: int, n: int) -> bytes:
+        if isinstance(source, io.BytesIO):
+            return source.getbuffer()[offset:offset + n].tobytes()
+        with open(source, "rb") as f:
+            f.seek(offset)
+            return f.read(n)
+
+    head = read(0, 10)
+    start = 0
+    if head[:3] == b"ID3" and len(head) == 10:  # ID3v2: its size is in four 7-bit bytes
+        start = 10 + (head[6] << 21 | head[7] << 14 | head[8] << 7 | head[9])
+    frame = read(start, 200)  # the tag sits within the first frame's side information
+    return any(tag in frame for tag in (b"Xing", b"Info", b"VBRI"))
 
 
 def to_mono(wave: np.ndarray, sr: int, sample_rate: int = SAMPLE_RATE) -> np.ndarray:

@@ -509,13 +509,16 @@ def build_shards(root: Path, todo: list[Shard], processor: Processor, limits: Li
 
 
 def clip_key(row: Row) -> str | None:
-    """What identifies a row's recording: its file, or a hash of its bytes. None for audio
-    embedded in Arrow files, which is compared by sentence and speaker only (hashing it would
-    read the whole dataset)."""
+    """What identifies a row's recording: its file, or a hash of its bytes. Audio embedded in
+    Arrow files (hashing it would read the whole dataset) is identified by its source, speaker
+    and normalized sentence, when it names a speaker; else None, and it is compared by sentence
+    only."""
     if isinstance(row.audio, str):
         return os.path.realpath(row.audio) if row.audio else None
     if isinstance(row.audio, bytes):
         return hashlib.sha1(row.audio).hexdigest()
+    if row.speaker and normalize(row.sentence):
+        return f"{row.source}, speaker {row.speaker}: {normalize(row.sentence)}"
     return None
 
 

@@ -281,8 +281,10 @@ def _read_hf(src: SourceConfig) -> dict[str, list[Row]]:
                 audio = (_audio_value(ex[src.audio_column]) for ex in examples)
             texts = _text_columns(examples, [c for c in (src.text_column, src.speaker_column) if c in columns])
             for i, (data, ex) in enumerate(itertools.islice(zip(audio, texts), src.limit or None)):
-                speaker = str(ex[src.speaker_column] or "") if has_speaker else ""
-                out[target].append(Row(src.name, target, f"{split}/{i}", data, ex[src.text_column] or "", speaker))
+                speaker = str(ex.get(src.speaker_column) or "") if has_speaker else ""
+                # a record without the text (audiofolder JSON lines may omit keys) has an empty
+                # sentence, which the encoder drops and counts
+                out[target].append(Row(src.name, target, f"{split}/{i}", data, ex.get(src.text_column) or "", speaker))
     return out
 
 
@@ -352,12 +354,21 @@ def _read_audiofolder_split(src: SourceConfig, root: Path, split: str) -> tuple[
         raise SourceError(f"source {src.name}: audiofolder {root} has no split {split!r} "
                           f"(expected {root}/{split}/metadata.csv or metadata.jsonl)")
     if meta.suffix == ".csv":
-        with open(meta, encoding="utf-8", newline="") as f:
+        with open(meta, encoding="utf-8-sig", newline="") as f:  # -sig: a spreadsheet's byte-order mark
             records = list(csv.DictReader(f))
     else:
-        records = [json.loads(line) for line in meta.read_text(encoding="utf-8").splitlines() if line.strip()]
-    if records and "file_name" not in records[0]:
-        raise SourceError(f"source {src.name}: {meta} has no file_name column")
+        records = []
+        for n, line in enumerate(meta.read_text(encoding="utf-8-sig").splitlines(), 1):
+            try:
+                record = json.loads(line) if line.strip() else None
+            except ValueError as e:
+                raise SourceError(f"source {src.name}: {meta} line {n} is not JSON ({e})") from e
+            if record is not None and not isinstance(record, dict):
+                raise SourceError(f"source {src.name}: {meta} line {n} is not a JSON object")
+            records += [record] if record is not None else []
+    missing = next((i for i, r in enumerate(records) if "file_name" not in r), None)
+    if missing is not None:
+        raise SourceError(f"source {src.name}: {meta} has no file_name for record {missing + 1}")
     columns = ["audio"] + [c for c in (records[0] if records else {}) if c != "file_name"]
     examples = [{**{k: v for k, v in r.items() if k != "file_name"}, "audio": str(folder / r["file_name"])}
                 for r in records]
@@ -374,6 +385,12 @@ def _load_hf_split(src: SourceConfig, split: str):
             loaded = datasets.load_from_disk(str(path))
             if isinstance(loaded, datasets.DatasetDict) and split not in loaded:
                 raise KeyError(f"no split {split!r} (has {', '.join(loaded)})")
+            asked = {*src.train_splits, *src.validation_splits, *src.eval_splits}
+            if not isinstance(loaded, datasets.DatasetDict) and len(asked) > 1:
+                # one Dataset would be every split at once: training on the test clips
+                raise KeyError(f"it is one Dataset, without splits, but the source asks for {len(asked)} "
+                               f"({', '.join(sorted(asked))}): save a DatasetDict with them, or name one split "
+                               "per source")
             ds = loaded[split] if isinstance(loaded, datasets.DatasetDict) else loaded
         else:
             ds = datasets.load_dataset(str(path) if path.exists() else src.path, src.hf_config or None, split=split)
