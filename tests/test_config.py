@@ -142,6 +142,9 @@ def test_set_values_keep_the_text_typed_for_strings():
 @pytest.mark.parametrize("override, message", [
     ("training.max_steps.x=1", "training.max_steps.x: training.max_steps is a value, not a section"),
     ("training.lr_scheduler=cosin", "training.lr_scheduler: expected one of linear, cosine"),
+    ("training.lr_scheduler=cosine_with_min_lr", "training.lr_scheduler: expected one of"),  # needs min_lr
+    ("training.lr_scheduler=warmup_stable_decay", "training.lr_scheduler: expected one of"),  # needs decay steps
+    ("training.save_total_limit=1", "training.save_total_limit: 1 cannot keep both the newest checkpoint"),
     ("training.dataloader_workers=-1", "training.dataloader_workers: must be at least 0"),
     ("training.dropout=1.5", r"training.dropout: must be in \[0, 1\)"),
     ("training.lora.rank=0", "training.lora.rank: must be at least 1"),

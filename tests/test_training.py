@@ -9,10 +9,12 @@ import signal
 import socket
 import subprocess
 import sys
+import shutil
 import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from conftest import ROOT, run_cli
 from whisper_ft import checkpoints
@@ -221,8 +223,8 @@ def test_killed_run_resumes_at_its_last_checkpoint(tmp_path, features_dir, tiny_
 def test_rerunning_a_finished_run_trains_no_more_and_changed_settings_are_refused(tmp_path, features_dir,
                                                                                   tiny_model_dir, monkeypatch):
     """A rerun (after a kill in the final phase, say) finishes from the last checkpoint without an
-    extra step; save_total_limit 1 with a background write still in flight at the end of training
-    keeps the best checkpoint; a resume with another learning rate is refused, a longer one runs."""
+    extra step; a background write still in flight at the end of training keeps its checkpoint;
+    a resume with another learning rate is refused, a longer one runs."""
     from whisper_ft.train import WhisperTrainer, run_training
 
     write = WhisperTrainer._write_checkpoint
@@ -233,7 +235,7 @@ def test_rerunning_a_finished_run_trains_no_more_and_changed_settings_are_refuse
 
     monkeypatch.setattr(WhisperTrainer, "_write_checkpoint", slow_write)
     sets = overrides(features_dir, tiny_model_dir, tmp_path, max_steps=2, eval_steps=2, save_steps=2,
-                     save_total_limit=1, eval_before_training="false", export_ctranslate2="false",
+                     save_total_limit=2, eval_before_training="false", export_ctranslate2="false",
                      score_served="false")
     first = run_training(load_config(ROOT / "config.yaml", sets))
     run_dir = tmp_path / "tiny"
@@ -435,6 +437,14 @@ def test_freeze_encoder_and_lora(tiny_model_dir, features_dir):
     merged = checkpoints.standalone(lora)
     assert type(merged).__name__ == "WhisperForConditionalGeneration"
     assert not any("lora_" in n for n, _ in merged.named_parameters())
+    # the adapters start from training.seed: two runs of one config start alike
+    torch.manual_seed(12345)  # whatever state the process is in
+    again = prepare_model(load_config(None, [*sets, "training.lora.enabled=true", "training.lora.rank=4"]), tok)
+    first = {n: p for n, p in lora.named_parameters() if "lora_A" in n}
+    assert all(torch.equal(p, dict(again.named_parameters())[n]) for n, p in first.items())
+    with pytest.raises(TrainingError, match=r"target_modules \['query'\].*q_proj"):
+        prepare_model(load_config(None, [*sets, "training.lora.enabled=true", "training.lora.target_modules=[query]"]),
+                      tok)
 
 
 def test_eval_subset_for_periodic_checks(features_dir, tiny_model_dir):
@@ -572,3 +582,41 @@ def test_a_rerun_compares_the_average_with_the_best_single_check_not_with_itself
     assert best_single_check(tmp_path)["wer"] == 0.55  # best/ is the best single check
     (tmp_path / "best" / "best.json").write_text(json.dumps({"step": 4, "wer": 0.5, "averaged_steps": [2, 4]}))
     assert (best_single_check(tmp_path)["step"], best_single_check(tmp_path)["wer"]) == (4, 0.55)
+
+
+def test_a_run_without_a_checkpoint_starts_over_without_the_earlier_best(tiny_run, tmp_path, monkeypatch):
+    """A run stopped before its first checkpoint was complete left best/ behind: rerun with the
+    same settings, it starts over without it (it must not stand against the new checks); with
+    other settings it is refused rather than deleted."""
+    import whisper_ft.train as train
+
+    run_dir, *_ = tiny_run
+    copy = tmp_path / "tiny"
+    shutil.copytree(run_dir, copy)
+    for folder in copy.glob("checkpoint-*"):
+        shutil.rmtree(folder)
+    cfg = load_config(copy / "config.yaml", [f"training.output_dir={tmp_path}"])
+    with pytest.raises(TrainingError, match="holds a best/ model trained with other settings.*learning_rate"):
+        train.run_training(load_config(copy / "config.yaml", [f"training.output_dir={tmp_path}",
+                                                              "training.learning_rate=5e-4"]))
+    assert (copy / "best").is_dir()
+
+    def stop(_cfg):
+        raise RuntimeError("stopped after the start")
+
+    monkeypatch.setattr(train, "load_data", stop)
+    with pytest.raises(RuntimeError, match="stopped after the start"):
+        train.run_training(cfg)
+    assert not (copy / "best").exists() and not (copy / "averaging").exists()
+
+
+def test_a_longer_resumed_run_keeps_its_warmup(tmp_path):
+    """warmup_steps null makes the warm-up a fraction of max_steps; resumed with more steps, the
+    run keeps the warm-up it started with rather than warming up again."""
+    from whisper_ft.train import first_warmup
+
+    checkpoints.append_event(tmp_path, {"event": "start", "step": 0, "warmup_steps": 400})
+    checkpoints.append_event(tmp_path, {"event": "start", "step": 2000, "warmup_steps": 600})
+    longer = load_config(ROOT / "config.yaml", ["training.max_steps=6000"])
+    assert longer.training.warmup_steps is None and first_warmup(longer, tmp_path) == 400
+    assert first_warmup(load_config(ROOT / "config.yaml", ["training.warmup_steps=50"]), tmp_path) is None

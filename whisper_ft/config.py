@@ -407,6 +407,9 @@ def validate(cfg: Config) -> None:
                         ("weight_decay", t.weight_decay)):
         if value < 0:
             raise ConfigError(f"training.{name}: must be at least 0, got {value}")
+    if t.save_total_limit == 1:  # the Trainer would then delete the newest checkpoint at the end when it is not the best
+        raise ConfigError("training.save_total_limit: 1 cannot keep both the newest checkpoint (to resume from) and "
+                          "the best check's; use 2 or more, or 0 to keep every checkpoint")
     for name, value in (("dropout", t.dropout), ("lora.dropout", t.lora.dropout),
                         ("spec_augment.mask_time_prob", t.spec_augment.mask_time_prob),
                         ("spec_augment.mask_feature_prob", t.spec_augment.mask_feature_prob)):
@@ -421,9 +424,10 @@ def validate(cfg: Config) -> None:
 
 
 # transformers' scheduler names (transformers.trainer_utils.SchedulerType), without importing it here
+# (those that need arguments of their own, such as cosine_with_min_lr's min_lr or warmup_stable_decay's
+# decay steps, are not offered: the config has no key for them)
 LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
-                 "inverse_sqrt", "reduce_lr_on_plateau", "cosine_with_min_lr", "cosine_warmup_with_min_lr",
-                 "warmup_stable_decay")
+                 "inverse_sqrt", "reduce_lr_on_plateau")
 
 
 def check_finite(cfg: Any, where: str) -> None:

@@ -35,7 +35,7 @@ from whisper_ft.errors import UserError
 from whisper_ft.features import EVAL, ROLE, VALIDATION, FeatureStore, FeaturesError
 from whisper_ft.files import replace_dir, staging_dir, write_atomic
 from whisper_ft.metrics import scores
-from whisper_ft.model import load_model, resolve
+from whisper_ft.model import first_line, load_model, resolve
 from whisper_ft.precision import forward, seq2seq_loss, with_causal_mask
 from whisper_ft.saving import BackgroundSaver, available_memory, broadcast, fits_in_memory, nbytes, to_host
 
@@ -161,9 +161,17 @@ def prepare_model(cfg: Config, tokenizer):
         model.freeze_encoder()
     if t.lora.enabled:
         from peft import LoraConfig, get_peft_model
+        from transformers import set_seed
 
-        model = get_peft_model(model, LoraConfig(r=t.lora.rank, lora_alpha=t.lora.alpha, lora_dropout=t.lora.dropout,
-                                                 target_modules=list(t.lora.target_modules), bias="none"))
+        set_seed(t.seed)  # the adapters' random start: the Trainer seeds only after the model is built
+        try:
+            model = get_peft_model(model, LoraConfig(r=t.lora.rank, lora_alpha=t.lora.alpha,
+                                                     lora_dropout=t.lora.dropout,
+                                                     target_modules=list(t.lora.target_modules), bias="none"))
+        except ValueError as e:  # peft's NoMatchingPeftModuleError among them
+            raise TrainingError(f"training.lora.target_modules {list(t.lora.target_modules)}: {first_line(e)} "
+                                "(Whisper's attention projections are q_proj, k_proj, v_proj, out_proj; its "
+                                "feed-forward layers fc1, fc2)") from e
     if t.torch_compile:
         compile_layers(model)
     return model
@@ -250,17 +258,20 @@ def mixed_precision(cfg: Config) -> str:
     return f"{precision} weight copy" if weights_dtype(cfg) is not None else f"{precision} autocast"
 
 
-def training_arguments(cfg: Config, run_dir: Path, max_gen_length: int, eval_on_start: bool, d_model: int):
+def training_arguments(cfg: Config, run_dir: Path, max_gen_length: int, eval_on_start: bool, d_model: int,
+                       warmup_steps: int | None = None):
     """Seq2SeqTrainingArguments for the config on the device torch sees (`d_model`: the
-    model's width, for `learning_rate: auto`). With a bf16 weight copy the Trainer's own mixed
-    precision is off: `WhisperTrainer` runs the model in bf16 itself."""
+    model's width, for `learning_rate: auto`; `warmup_steps`: a resumed run's own, instead of
+    the config's). With a bf16 weight copy the Trainer's own mixed precision is off:
+    `WhisperTrainer` runs the model in bf16 itself."""
     import torch
     from transformers import Seq2SeqTrainingArguments
 
     t = cfg.training
     cuda = torch.cuda.is_available()
     precision = "fp32" if weights_dtype(cfg) is not None else precision_of(cfg)
-    learning_rate, warmup_steps = schedule(t, d_model)
+    learning_rate, warmup = schedule(t, d_model)
+    warmup_steps = warmup if warmup_steps is None else warmup_steps
     if cuda:
         torch.backends.cudnn.benchmark = True  # the encoder's convolutions always see 3000 frames
     return Seq2SeqTrainingArguments(
@@ -609,6 +620,15 @@ def run_training(cfg: Config, fresh: bool = False, callbacks: Sequence[TrainerCa
     start_step, resume = found[-1] if found else (0, None)
     if resume is not None:
         check_resumable(cfg, run_dir, resume)
+    elif not fresh and (run_dir / checkpoints.BEST_DIR).is_dir():
+        # an earlier run stopped before its first checkpoint was complete: this one starts over,
+        # and that run's best/ must not stand against its checks
+        check_resumable(cfg, run_dir, None)
+        if is_main_process():
+            for name in (checkpoints.BEST_DIR, averaging.FOLDER):
+                shutil.rmtree(run_dir / name, ignore_errors=True)
+            log.info("%s has no checkpoint to resume from: starting it over (removed the earlier attempt's best/)",
+                     run_dir)
     if fresh and is_main_process() and run_dir.exists():
         shutil.rmtree(run_dir)
     if is_main_process():
@@ -618,7 +638,8 @@ def run_training(cfg: Config, fresh: bool = False, callbacks: Sequence[TrainerCa
     model = prepare_model(cfg, data.processor.tokenizer)
     gen_len = generation_max_length(cfg, longest_label(data.train_model, data.selection_model))
     first = cfg.training.eval_before_training and resume is None
-    args = training_arguments(cfg, run_dir, gen_len, eval_on_start=first, d_model=model.config.d_model)
+    args = training_arguments(cfg, run_dir, gen_len, eval_on_start=first, d_model=model.config.d_model,
+                              warmup_steps=first_warmup(cfg, run_dir) if resume is not None else None)
     meta = {"base_model": cfg.model.name_or_path, "language": cfg.model.language, "task": cfg.model.task,
             "features": data.manifest["name"]}
     t = cfg.training
@@ -672,9 +693,11 @@ FIXED_ON_RESUME = (
 )
 
 
-def check_resumable(cfg: Config, run_dir: Path, resume: Path) -> None:
+def check_resumable(cfg: Config, run_dir: Path, resume: Path | None) -> None:
     """Refuse to resume `run_dir` from `resume` with settings that differ from the run's own
-    (its config.yaml) in `FIXED_ON_RESUME`: the change would be ignored or would mix two runs."""
+    (its config.yaml) in `FIXED_ON_RESUME`: the change would be ignored or would mix two runs.
+    Without a checkpoint (`resume` None), refuse to start over a run whose best/ came from
+    other settings, rather than delete it."""
     import yaml
 
     saved_path = run_dir / "config.yaml"
@@ -696,14 +719,32 @@ def check_resumable(cfg: Config, run_dir: Path, resume: Path) -> None:
         before, after = get(saved, key), get(now, key)
         if before is not missing and before != after:
             changed.append(f"{key} {before!r} -> {after!r}")
+    if changed and resume is None:
+        raise TrainingError(f"{run_dir} holds a best/ model trained with other settings ({'; '.join(changed)}) and no "
+                            "checkpoint to resume from: set them back, pass --fresh to start it over (deleting it), "
+                            "or use another training.run_name")
     if changed:
         raise TrainingError(f"{run_dir} was trained to {resume.name} with other settings ({'; '.join(changed)}): "
                             "a resumed run keeps its own; set them back, pass --fresh to start it over, or use "
                             "another training.run_name")
     steps = get(saved, "training.max_steps")
-    if steps is not missing and steps != cfg.training.max_steps:
+    if resume is not None and steps is not missing and steps != cfg.training.max_steps:
         log.info("training.max_steps changed from %s to %d: the learning-rate schedule runs to the new end from here",
                  steps, cfg.training.max_steps)
+
+
+def first_warmup(cfg: Config, run_dir: Path) -> int | None:
+    """The warm-up `run_dir` started with, for resuming it where the warm-up is a fraction of
+    max_steps (`warmup_steps: null`): a longer run keeps its warm-up rather than warming up
+    again from where it is. None where the config sets the steps, or for a new run."""
+    t = cfg.training
+    first = next((e for e in checkpoints.read_events(run_dir) if e.get("event") == "start"), {})
+    if t.warmup_steps is not None or first.get("warmup_steps") is None:
+        return None
+    if math.ceil(t.warmup_fraction * t.max_steps) != first["warmup_steps"]:
+        log.info("keeping the run's warm-up of %d steps (training.warmup_fraction of the new max_steps would give %d)",
+                 first["warmup_steps"], math.ceil(t.warmup_fraction * t.max_steps))
+    return first["warmup_steps"]
 
 
 def earlier_train_metrics(run_dir: Path) -> dict:
