@@ -151,6 +151,7 @@ def test_set_values_keep_the_text_typed_for_strings():
     ("training.learning_rate=.inf", "training.learning_rate: must be a finite number"),
     ("features.claim_stale_seconds=.inf", "features.claim_stale_seconds: must be a finite number"),
     ("app.stride_seconds=20", "app.stride_seconds: must be at least 0 and under half of app.chunk_seconds"),
+    ("app.chunk_seconds=40", r"app.chunk_seconds: must be above 0 and at most 30 \(Whisper's window\)"),
 ])
 def test_values_that_would_fail_late_are_refused_with_their_key(override, message):
     with pytest.raises(ConfigError, match=message):

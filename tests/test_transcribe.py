@@ -67,6 +67,22 @@ def test_pipeline_transcribes_long_audio_in_batched_windows(model_dir, long_spee
     assert result.text and result.text == result.text.strip()
     assert result.audio_seconds == pytest.approx(len(long_speech) / SAMPLE_RATE)
     assert 0 < result.rtf < 5 and result.segments == ()
+    # windows are joined by their timestamps even when none are asked for: joined on a common
+    # word sequence, a window that ended early lost whole sentences of the next
+    assert all(kw.get("return_timestamps") for kw in calls(tr, long_speech))
+    assert not any(kw.get("return_timestamps") for kw in calls(tr, long_speech[:10 * SAMPLE_RATE]))  # one window
+
+
+def calls(tr, wave) -> list[dict]:
+    """The generate keyword arguments of each batch that transcribing `wave` runs."""
+    seen = []
+    generate = tr.pipe.model.generate
+    tr.pipe.model.generate = lambda *args, **kwargs: seen.append(kwargs) or generate(*args, **kwargs)
+    try:
+        tr.transcribe(wave)
+    finally:
+        tr.pipe.model.generate = generate
+    return seen
 
 
 def test_pipeline_timestamps(model_dir, long_speech):

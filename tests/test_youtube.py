@@ -141,6 +141,10 @@ def test_cookies_file(site, tmp_path):
     before = cookies.read_bytes()
     assert download_audio(f"{site.url}/speech.mp3", LOCAL, 60, cookies_file=str(cookies)).seconds > 2
     assert cookies.read_bytes() == before  # yt-dlp saved its cookie jar into a copy, not into this file
+    with open(cookies, "a") as f:  # a cookie export larger than the download is not taken for it
+        f.writelines(f".example.com\tTRUE\t/\tFALSE\t0\tc{i}\t{'x' * 200}\n" for i in range(2000))
+    assert cookies.stat().st_size > 300_000  # speech.mp3, 3 s at 48 kHz, is some 50 kB
+    assert download_audio(f"{site.url}/speech.mp3", LOCAL, 60, cookies_file=str(cookies)).seconds > 2
 
 
 @pytest.mark.parametrize("address, problem", [

@@ -452,6 +452,9 @@ def validate_app(app: AppConfig) -> None:
     for name in ("workers", "queue_size", "batch_size", "beam_size"):
         if getattr(app, name) < 1:
             raise ConfigError(f"app.{name}: must be at least 1, got {getattr(app, name)}")
+    if not 0 < app.chunk_seconds <= 30:  # Whisper's input: a longer window would be cut to its first 30 s
+        raise ConfigError(f"app.chunk_seconds: must be above 0 and at most 30 (Whisper's window), got "
+                          f"{app.chunk_seconds:g}")
     if not 0 <= 2 * app.stride_seconds < app.chunk_seconds:  # the overlap on both sides of a window
         raise ConfigError(f"app.stride_seconds: must be at least 0 and under half of app.chunk_seconds "
                           f"({app.chunk_seconds:g}), got {app.stride_seconds:g}")

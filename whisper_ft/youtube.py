@@ -90,7 +90,10 @@ def download_audio(url: str, limits: Limits, timeout: float, cookies_file: str =
     with tempfile.TemporaryDirectory(prefix="whisper-ft-media-") as tmp:
         # yt-dlp writes its cookie jar back when it closes: it gets a copy, so that the sites a
         # visitor picks never add to the operator's file and parallel downloads never race on it
-        cookies = str(shutil.copy(cookies_file, Path(tmp) / "cookies.txt")) if cookies_file else ""
+        # (in a folder of its own: the download is the largest file of `tmp`)
+        if cookies_file:
+            (Path(tmp) / "cookies").mkdir()
+        cookies = str(shutil.copy(cookies_file, Path(tmp) / "cookies" / "cookies.txt")) if cookies_file else ""
         reply = _run_download({"url": url, "out_dir": tmp, "cookies_file": cookies, **asdict(limits)}, seconds, key)
         try:
             wave = load_audio(reply["path"], max_seconds=limits.max_seconds,
