@@ -267,8 +267,12 @@ def clean_partial(root: Path, stale_seconds: float) -> None:
                 shutil.rmtree(tmp, ignore_errors=True)
     for tmp in [*root.glob(f".{PROCESSOR_DIR}.tmp-*"), *root.glob(f".{PLAN}.tmp-*")]:
         host, _, pid = tmp.name.split(".tmp-", 1)[1].rpartition("-")
-        if host == host_name() and pid.isdigit() and not pid_alive(int(pid)):
-            shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
+        if host != host_name() or not pid.isdigit() or pid_alive(int(pid)):
+            continue  # a live writer's, or another machine's, whose process cannot be looked up from here
+        if tmp.is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            tmp.unlink(missing_ok=True)
 
 
 def claim_shards(root: Path, shards: list[Shard], claims: ClaimSet) -> list[Shard]:
