@@ -197,3 +197,16 @@ def test_an_mp3_cut_short_is_refused_where_its_header_counts_its_frames(tmp_path
                     "-c:a", "libmp3lame", "-q:a", "2", "-write_xing", "0", str(vbr)], check=True)
     assert sf.info(str(vbr)).frames > 2 * 6 * 48000  # libsndfile's estimate: far too long
     assert abs(len(load_audio(vbr)) / SAMPLE_RATE - 6.0) < 0.1
+    loud_first = tmp_path / "loud-first.mp3"  # estimated too short: libsndfile alone stopped at 5 s
+    subprocess.run(["ffmpeg", "-v", "error", "-f", "lavfi", "-i", "sine=frequency=440:sample_rate=48000:duration=4",
+                    "-f", "lavfi", "-i", "anullsrc=r=48000:cl=mono:d=8", "-filter_complex", "[0][1]concat=n=2:v=0:a=1",
+                    "-c:a", "libmp3lame", "-q:a", "2", "-write_xing", "0", str(loud_first)], check=True)
+    assert sf.info(str(loud_first)).frames < 9 * 48000
+    assert abs(len(load_audio(loud_first)) / SAMPLE_RATE - 12.0) < 0.1  # decoded by ffmpeg, whole
+    long = tmp_path / "long.mp3"  # decoded in blocks: over MONO_AT_ONCE samples
+    subprocess.run(["ffmpeg", "-v", "error", "-f", "lavfi", "-i", "sine=frequency=440:sample_rate=48000:duration=70",
+                    "-ac", "2", "-c:a", "libmp3lame", "-b:a", "64k", str(long)], check=True)
+    data = long.read_bytes()
+    with pytest.raises(AudioError, match="cut short: its header says 70"):
+        load_audio(data[: len(data) * 4 // 10])
+    assert abs(len(load_audio(long)) / SAMPLE_RATE - 70.0) < 0.1

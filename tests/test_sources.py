@@ -465,9 +465,11 @@ def test_audiofolder_metadata_quirks(audiofolder, tmp_path):
     meta.unlink()
     jsonl = folder / "train" / "metadata.jsonl"
     lines = [json.dumps(r) for r in records]
-    jsonl.write_text("\n".join([lines[0], json.dumps({"file_name": records[1]["file_name"], "who": "x"}), *lines[2:]]))
+    keyless = json.dumps({"file_name": records[1]["file_name"]})  # first: the columns are every record's keys
+    jsonl.write_text("\n".join([keyless, lines[0], *lines[2:]]))
     rows = read_source(src, tmp_path)[TRAIN]
-    assert [r.sentence for r in rows] == [records[0]["transcription"], "", *(r["transcription"] for r in records[2:])]
+    assert [r.sentence for r in rows] == ["", records[0]["transcription"], *(r["transcription"] for r in records[2:])]
+    assert [r.speaker for r in rows] == ["", *(r["who"] for r in [records[0], *records[2:]])]
     for bad, message in (("{not json", "line 2 is not JSON"), ('{"who": "x"}', "no file_name for record 2")):
         jsonl.write_text("\n".join([lines[0], bad]))
         with pytest.raises(SourceError, match=message):

@@ -585,9 +585,10 @@ def test_a_rerun_compares_the_average_with_the_best_single_check_not_with_itself
 
 
 def test_a_run_without_a_checkpoint_starts_over_without_the_earlier_best(tiny_run, tmp_path, monkeypatch):
-    """A run stopped before its first checkpoint was complete left best/ behind: rerun with the
-    same settings, it starts over without it (it must not stand against the new checks); with
-    other settings it is refused rather than deleted."""
+    """A run stopped before its first checkpoint was complete left best/ behind (here cut off
+    between its two renames): rerun with the same settings, it starts over without it (it must
+    not stand against the new checks); with other settings it is refused rather than deleted,
+    and so is a finished run whose checkpoints were deleted."""
     import whisper_ft.train as train
 
     run_dir, *_ = tiny_run
@@ -596,10 +597,16 @@ def test_a_run_without_a_checkpoint_starts_over_without_the_earlier_best(tiny_ru
     for folder in copy.glob("checkpoint-*"):
         shutil.rmtree(folder)
     cfg = load_config(copy / "config.yaml", [f"training.output_dir={tmp_path}"])
+    with pytest.raises(TrainingError, match="is a finished run with no checkpoint left.*--push-only"):
+        train.run_training(cfg)
+    assert (copy / "best").is_dir()
+
+    (copy / "metrics.json").unlink()  # stopped early: no summary was written
+    (copy / "best").rename(copy / ".best.tmp-123")  # killed between the renames of its export
     with pytest.raises(TrainingError, match="holds a best/ model trained with other settings.*learning_rate"):
         train.run_training(load_config(copy / "config.yaml", [f"training.output_dir={tmp_path}",
                                                               "training.learning_rate=5e-4"]))
-    assert (copy / "best").is_dir()
+    assert (copy / "best").is_dir()  # put back, not deleted
 
     def stop(_cfg):
         raise RuntimeError("stopped after the start")

@@ -369,7 +369,7 @@ def _read_audiofolder_split(src: SourceConfig, root: Path, split: str) -> tuple[
     missing = next((i for i, r in enumerate(records) if "file_name" not in r), None)
     if missing is not None:
         raise SourceError(f"source {src.name}: {meta} has no file_name for record {missing + 1}")
-    columns = ["audio"] + [c for c in (records[0] if records else {}) if c != "file_name"]
+    columns = ["audio"] + [c for c in dict.fromkeys(k for r in records for k in r) if c != "file_name"]  # any record's
     examples = [{**{k: v for k, v in r.items() if k != "file_name"}, "audio": str(folder / r["file_name"])}
                 for r in records]
     return columns, examples

@@ -616,24 +616,17 @@ def run_training(cfg: Config, fresh: bool = False, callbacks: Sequence[TrainerCa
 
     hf_logging.set_verbosity_warning()
     run_dir = run_dir_of(cfg)
+    if fresh and is_main_process() and run_dir.exists():
+        shutil.rmtree(run_dir)
+    if is_main_process():  # before looking at best/: a best/ cut off between its renames is put back here
+        for leftover in checkpoints.remove_leftovers(run_dir):
+            log.info("removed %s, left half-written by an earlier process", leftover)
     found = [] if fresh else checkpoints.checkpoints(run_dir)
     start_step, resume = found[-1] if found else (0, None)
     if resume is not None:
         check_resumable(cfg, run_dir, resume)
     elif not fresh and (run_dir / checkpoints.BEST_DIR).is_dir():
-        # an earlier run stopped before its first checkpoint was complete: this one starts over,
-        # and that run's best/ must not stand against its checks
-        check_resumable(cfg, run_dir, None)
-        if is_main_process():
-            for name in (checkpoints.BEST_DIR, averaging.FOLDER):
-                shutil.rmtree(run_dir / name, ignore_errors=True)
-            log.info("%s has no checkpoint to resume from: starting it over (removed the earlier attempt's best/)",
-                     run_dir)
-    if fresh and is_main_process() and run_dir.exists():
-        shutil.rmtree(run_dir)
-    if is_main_process():
-        for leftover in checkpoints.remove_leftovers(run_dir):
-            log.info("removed %s, left half-written by an earlier process", leftover)
+        start_over(cfg, run_dir)
     data = load_data(cfg)
     model = prepare_model(cfg, data.processor.tokenizer)
     gen_len = generation_max_length(cfg, longest_label(data.train_model, data.selection_model))
@@ -731,6 +724,22 @@ def check_resumable(cfg: Config, run_dir: Path, resume: Path | None) -> None:
     if resume is not None and steps is not missing and steps != cfg.training.max_steps:
         log.info("training.max_steps changed from %s to %d: the learning-rate schedule runs to the new end from here",
                  steps, cfg.training.max_steps)
+
+
+def start_over(cfg: Config, run_dir: Path) -> None:
+    """A run folder with best/ but no checkpoint to resume from. A finished run (its checkpoints
+    deleted afterwards) is refused: training it again would replace the model it shipped. A run
+    stopped before its first checkpoint was complete starts over, without that attempt's best/
+    and averaging/, which must not stand against the new checks (refused with other settings)."""
+    if (run_dir / "metrics.json").is_file():
+        raise TrainingError(f"{run_dir} is a finished run with no checkpoint left to resume from: --push-only "
+                            "publishes it as it is; --fresh trains it again (deleting it), or use another "
+                            "training.run_name")
+    check_resumable(cfg, run_dir, None)
+    if is_main_process():
+        for name in (checkpoints.BEST_DIR, averaging.FOLDER):
+            shutil.rmtree(run_dir / name, ignore_errors=True)
+        log.info("%s has no checkpoint to resume from: starting it over (removed the earlier attempt's best/)", run_dir)
 
 
 def first_warmup(cfg: Config, run_dir: Path) -> int | None:
