@@ -155,3 +155,10 @@ def read_events(run_dir: str | Path) -> list[dict]:
     if unreadable:
         log.warning("%s: skipped %d line(s) cut short by a process killed while writing", path, unreadable)
     return sorted(latest.values(), key=lambda e: (e.get("step", 0), e.get("time", 0)))
+
+
+def selection_checks(events: list[dict]) -> list[dict]:
+    """The periodic checks among metrics.jsonl `events`: the evaluations that choose (purpose
+    `selection`; logs older than that field hold no others) other than the final one."""
+    return [e for e in events if e.get("event") == "eval" and e.get("purpose", "selection") == "selection"
+            and not e.get("final")]

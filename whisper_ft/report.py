@@ -6,6 +6,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from whisper_ft.checkpoints import selection_checks
+
 PLOT_NAME = "training_curves.png"
 ASR_TASK = ("automatic-speech-recognition", "Automatic Speech Recognition")  # model-index task type and name
 
@@ -19,7 +21,7 @@ def plot_curves(events: list[dict], path: str | Path) -> Path:
 
     train = [e for e in events if e["event"] == "train" and e.get("loss") is not None]
     evals = [e for e in events if e["event"] == "eval"]
-    checks = [e for e in evals if e.get("purpose", "selection") == "selection" and not e.get("final")]
+    checks = selection_checks(evals)
     split = checks[0].get("split", "eval") if checks else "eval"
     tests = [e for e in evals if e.get("purpose") == "report" and e.get("wer") is not None]
     fig, (ax_loss, ax_wer) = plt.subplots(1, 2, figsize=(11, 4))

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import yaml
 
-from whisper_ft.checkpoints import read_events
+from whisper_ft.checkpoints import read_events, selection_checks
 from whisper_ft.config import Config, ConfigError, load_config, to_dict
 from whisper_ft.files import write_atomic
 from whisper_ft.model import first_line
@@ -319,8 +319,7 @@ def _write_json(path: Path, obj: dict) -> None:
 def _evals(run_dir: Path) -> list[dict]:
     """The periodic checks in a run's metrics.jsonl: the validation split's (the test split's
     scores are reported, never used to choose)."""
-    return [e for e in read_events(run_dir)  # a line cut short by a kill is skipped, a resume's repeats merged
-            if e.get("event") == "eval" and e.get("purpose", "selection") == "selection" and not e.get("final")]
+    return selection_checks(read_events(run_dir))  # a line cut short by a kill is skipped, a resume's repeats merged
 
 
 def best_value(evals: list[dict], metric: str) -> float:

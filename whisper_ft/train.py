@@ -823,8 +823,8 @@ def best_single_check(run_dir: Path) -> dict:
     best = checkpoints.read_best(run_dir) or {}
     if not best.get("averaged_steps"):
         return best
-    checks = [e for e in checkpoints.read_events(run_dir) if e.get("event") == "eval" and e.get("purpose") == SELECTION
-              and e.get("step", 0) > 0 and not e.get("final") and e.get("wer") is not None]
+    checks = [e for e in checkpoints.selection_checks(checkpoints.read_events(run_dir))
+              if e.get("step", 0) > 0 and e.get("wer") is not None]
     return min(checks, key=lambda e: e["wer"], default={})
 
 
