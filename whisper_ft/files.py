@@ -16,9 +16,7 @@ def write_atomic(path: str | Path, text: str) -> None:
     """
     tmp = staging_dir(path)
     with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
+        _write_to_disk(f, text)
     os.replace(tmp, path)
     fsync_dir(Path(path).parent)
 
@@ -32,9 +30,7 @@ def create_atomic(path: str | Path, text: str, tag: str = "") -> bool:
     path = Path(path)
     tmp = staging_dir(path, tag)
     with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
+        _write_to_disk(f, text)
     try:
         os.link(tmp, path)
     except FileExistsError:
@@ -45,13 +41,18 @@ def create_atomic(path: str | Path, text: str, tag: str = "") -> bool:
         except FileExistsError:
             return False
         with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
+            _write_to_disk(f, text)
     finally:
         tmp.unlink(missing_ok=True)
     fsync_dir(path.parent)
     return True
+
+
+def _write_to_disk(f, text: str) -> None:
+    """Write `text` to the open file `f` and wait until it is on the disk."""
+    f.write(text)
+    f.flush()
+    os.fsync(f.fileno())
 
 
 def staging_dir(final: str | Path, tag: str = "") -> Path:
