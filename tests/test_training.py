@@ -627,3 +627,22 @@ def test_a_longer_resumed_run_keeps_its_warmup(tmp_path):
     longer = load_config(ROOT / "config.yaml", ["training.max_steps=6000"])
     assert longer.training.warmup_steps is None and first_warmup(longer, tmp_path) == 400
     assert first_warmup(load_config(ROOT / "config.yaml", ["training.warmup_steps=50"]), tmp_path) is None
+
+
+def test_a_resume_on_another_number_of_processes_is_refused(tmp_path, monkeypatch):
+    """Checkpointed on 2 processes, resumed on 1: the effective batch would halve, so it is
+    refused while there is training left; with as many processes, or nothing left to train, it
+    goes on."""
+    from whisper_ft.config import save_config
+    from whisper_ft.train import check_resumable
+
+    cfg = load_config(ROOT / "config.yaml", ["training.max_steps=12"])
+    save_config(cfg, tmp_path / "config.yaml")
+    checkpoints.append_event(tmp_path, {"event": "start", "step": 0, "world_size": 2})
+    resume = tmp_path / "checkpoint-9"
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    with pytest.raises(TrainingError, match=r"trained to checkpoint-9 on 2 process\(es\), this run has 1.*run it on 2"):
+        check_resumable(cfg, tmp_path, resume, 9)
+    check_resumable(cfg, tmp_path, resume, 12)  # only the final evaluation left
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    check_resumable(cfg, tmp_path, resume, 9)

@@ -58,6 +58,11 @@ def is_main_process() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
 
+def world_size() -> int:
+    """Processes of this run (torchrun and accelerate set WORLD_SIZE; 1 without them)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 # --------------------------------------------------------------------------- data
 
 
@@ -624,7 +629,7 @@ def run_training(cfg: Config, fresh: bool = False, callbacks: Sequence[TrainerCa
     found = [] if fresh else checkpoints.checkpoints(run_dir)
     start_step, resume = found[-1] if found else (0, None)
     if resume is not None:
-        check_resumable(cfg, run_dir, resume)
+        check_resumable(cfg, run_dir, resume, start_step)
     elif not fresh and (run_dir / checkpoints.BEST_DIR).is_dir():
         start_over(cfg, run_dir)
     data = load_data(cfg)
@@ -686,11 +691,12 @@ FIXED_ON_RESUME = (
 )
 
 
-def check_resumable(cfg: Config, run_dir: Path, resume: Path | None) -> None:
-    """Refuse to resume `run_dir` from `resume` with settings that differ from the run's own
-    (its config.yaml) in `FIXED_ON_RESUME`: the change would be ignored or would mix two runs.
-    Without a checkpoint (`resume` None), refuse to start over a run whose best/ came from
-    other settings, rather than delete it."""
+def check_resumable(cfg: Config, run_dir: Path, resume: Path | None, step: int = 0) -> None:
+    """Refuse to resume `run_dir` from `resume` (at `step`) with settings that differ from the
+    run's own (its config.yaml) in `FIXED_ON_RESUME`, or on another number of processes while
+    there is training left: the change would be ignored or would mix two runs. Without a
+    checkpoint (`resume` None), refuse to start over a run whose best/ came from other
+    settings, rather than delete it."""
     import yaml
 
     saved_path = run_dir / "config.yaml"
@@ -720,6 +726,8 @@ def check_resumable(cfg: Config, run_dir: Path, resume: Path | None) -> None:
         raise TrainingError(f"{run_dir} was trained to {resume.name} with other settings ({'; '.join(changed)}): "
                             "a resumed run keeps its own; set them back, pass --fresh to start it over, or use "
                             "another training.run_name")
+    if resume is not None and step < cfg.training.max_steps:
+        check_same_processes(run_dir, resume)
     steps = get(saved, "training.max_steps")
     if resume is not None and steps is not missing and steps != cfg.training.max_steps:
         log.info("training.max_steps changed from %s to %d: the learning-rate schedule runs to the new end from here",
@@ -754,6 +762,17 @@ def first_warmup(cfg: Config, run_dir: Path) -> int | None:
         log.info("keeping the run's warm-up of %d steps (training.warmup_fraction of the new max_steps would give %d)",
                  first["warmup_steps"], math.ceil(t.warmup_fraction * t.max_steps))
     return first["warmup_steps"]
+
+
+def check_same_processes(run_dir: Path, resume: Path) -> None:
+    """Refuse to go on training `run_dir` on another number of processes than its last start:
+    the effective batch (batch x accumulation x processes) and the order of the data would change."""
+    starts = [e for e in checkpoints.read_events(run_dir) if e.get("event") == "start" and e.get("world_size")]
+    before, now = (starts[-1]["world_size"], world_size()) if starts else (None, None)
+    if before is not None and before != now:
+        raise TrainingError(f"{run_dir} was trained to {resume.name} on {before} process(es), this run has {now}: the "
+                            f"effective batch (batch_size x gradient_accumulation_steps x processes) would change; "
+                            f"run it on {before}, pass --fresh to start it over, or use another training.run_name")
 
 
 def earlier_train_metrics(run_dir: Path) -> dict:
