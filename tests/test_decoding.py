@@ -123,3 +123,33 @@ def test_real_checkpoint_transcribes_identically(real_model_dir, features_dir):
     ref = model.generate(x, language="sv", task="transcribe", max_length=60)
     ours = GreedyDecoder(model, PREFIX, 60).generate(model.model.encoder(x).last_hidden_state)
     assert _text_tokens(ours) == _text_tokens(ref)
+
+
+def test_evaluation_loss_counts_each_label_token_once(tmp_path, tiny_model_dir, features_dir):
+    """The evaluation loss is the mean over every label token of the split, whatever the batch
+    size and the decoding path (the Trainer's own is a mean of batch means, so its last,
+    smaller batch weighs as much as a full one)."""
+    import torch.nn.functional as F
+
+    from whisper_ft.collator import IGNORE_INDEX, SpeechCollator, expand
+    from whisper_ft.config import load_config
+    from whisper_ft.train import load_data, make_trainer, prepare_model, training_arguments
+
+    from conftest import ROOT
+    from test_training import overrides
+
+    cfg = load_config(ROOT / "config.yaml", overrides(features_dir, tiny_model_dir, tmp_path))
+    data = load_data(cfg)
+    model = prepare_model(cfg, data.processor.tokenizer)
+    clips = expand(SpeechCollator(model.config.decoder_start_token_id)(list(data.test_model)))
+    with torch.no_grad():
+        logits = model(input_features=clips["input_features"], labels=clips["labels"]).logits
+    labels = clips["labels"]
+    expected = (F.cross_entropy(logits.transpose(1, 2), labels, ignore_index=IGNORE_INDEX, reduction="sum")
+                / (labels != IGNORE_INDEX).sum()).item()
+    assert len(data.test_model) % 3 and len(data.test_model) % 4  # uneven last batches
+    for batch, fast in ((3, True), (4, True), (3, False)):
+        args = training_arguments(cfg, tmp_path / "run", 30, eval_on_start=False, d_model=model.config.d_model)
+        args.per_device_eval_batch_size = batch
+        loss = make_trainer(model, args, data, data.test_model, fast_generation=fast).predict(data.test_model)
+        assert loss.metrics["test_loss"] == pytest.approx(expected, rel=1e-5), (batch, fast)

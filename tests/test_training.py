@@ -297,7 +297,7 @@ def _free_port() -> int:
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])  # bf16: DDP over the bf16 weight copy
 def test_torchrun_two_processes_share_the_work(tmp_path, features_dir, tiny_model_dir, precision):
     sets = overrides(features_dir, tiny_model_dir, tmp_path, max_steps=2, eval_steps=2, save_steps=1,
-                     eval_before_training="false", batch_size=2, eval_batch_size=5, precision=precision)
+                     eval_before_training="false", batch_size=2, eval_batch_size=3, precision=precision)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
            "--master_port", str(_free_port()), str(ROOT / "training_pipeline.py"), *cli_args(sets)]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
@@ -328,6 +328,19 @@ def test_torchrun_two_processes_share_the_work(tmp_path, features_dir, tiny_mode
         starts = [e for e in events(run_dir) if e["event"] == "start"]
         assert [(e["resumed_from"], e["world_size"]) for e in starts] == [(None, 2), ("checkpoint-2", 2)]
         assert json.loads((run_dir / "checkpoint-3" / "trainer_state.json").read_text())["global_step"] == 3
+        # On one process: training on is refused (the effective batch would halve), finishing is not;
+        # the same best/ scores the same loss there, though the two processes' last batches repeated clips.
+        single = [sys.executable, str(ROOT / "training_pipeline.py"), *cli_args(sets)]
+        refused = subprocess.run([*single, "--set", "training.max_steps=4"], cwd=tmp_path, env=env,
+                                 capture_output=True, text=True, timeout=400)
+        assert refused.returncode == 2 and "on 2 process(es), this run has 1" in refused.stderr, refused.stderr[-2000:]
+        finish = subprocess.run([*single, "--set", "training.max_steps=3"], cwd=tmp_path, env=env,
+                                capture_output=True, text=True, timeout=400)
+        assert finish.returncode == 0, finish.stderr[-4000:]
+        two, one = [e for e in events(run_dir) if e.get("final")][-2:]
+        assert (one["eval_clips"], one["wer"]) == (two["eval_clips"], two["wer"])
+        assert one["loss"] == pytest.approx(two["loss"], rel=1e-5)
+        assert json.loads((run_dir / "metrics.json").read_text())["samples_seen"] == 3 * 2 * 2
 
 
 # --------------------------------------------------------------------------- errors: one line, exit code 2

@@ -333,7 +333,8 @@ class WhisperTrainer(Seq2SeqTrainer):
       loss and `whisper_ft.decoding.GreedyDecoder`; beam search and LoRA models use `generate`.
     - Evaluation under torchrun keeps each clip once: the last batch of each process is padded
       with repeated clips, which Seq2SeqTrainer gathers with `gather` (not
-      `gather_for_metrics`) and would count twice in WER and in predictions.jsonl.
+      `gather_for_metrics`) and would count twice in WER and in predictions.jsonl. The loss
+      is taken over each clip's label tokens once too (`evaluation_loop`).
     """
 
     def __init__(self, *args, fast_generation: bool = False, weights_dtype=None, background_saves: bool = False,
@@ -350,6 +351,7 @@ class WhisperTrainer(Seq2SeqTrainer):
         self.model_accepts_loss_kwargs = False
         self.fast_generation = fast_generation
         self._decoder = None
+        self._clip_losses: list = []  # each evaluated clip's (summed token loss, tokens), gathered
 
     @property
     def gather_function(self):
@@ -492,34 +494,62 @@ class WhisperTrainer(Seq2SeqTrainer):
                            best_model_checkpoint=best, use_mtime=True)
 
     def evaluation_loop(self, *args, **kwargs):
+        """The Trainer's loop, with the loss taken over the label tokens of every clip once
+        (`_count_loss`): the Trainer's own is a mean of batch means, and under torchrun those of
+        the last batches include the clips repeated to pad them."""
+        import torch
+
         self._decoder = None  # built from the weights as they are at this evaluation
+        self._clip_losses = []
         try:
-            return super().evaluation_loop(*args, **kwargs)
+            output = super().evaluation_loop(*args, **kwargs)
         finally:
             self._decoder = None  # its caches and CUDA graph go back to training
+        prefix = kwargs.get("metric_key_prefix", args[4] if len(args) > 4 else "eval")
+        if self._clip_losses and f"{prefix}_loss" in output.metrics:
+            total, tokens = torch.cat(self._clip_losses).double().sum(0).tolist()
+            output.metrics[f"{prefix}_loss"] = total / max(tokens, 1)
+        self._clip_losses = []
+        return output
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None, **gen_kwargs):
+        import torch
         from transformers import WhisperForConditionalGeneration
 
         whisper = self.accelerator.unwrap_model(model)
-        if (prediction_loss_only or not self.args.predict_with_generate or not self.fast_generation
-                or type(whisper) is not WhisperForConditionalGeneration or (self.args.generation_num_beams or 1) > 1):
-            with self._autocast():
-                return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys, **gen_kwargs)
-        import torch
-
+        generate = self.args.predict_with_generate and not prediction_loss_only
+        fast = (generate and self.fast_generation and type(whisper) is WhisperForConditionalGeneration
+                and (self.args.generation_num_beams or 1) == 1)
         inputs = self._prepare_inputs(inputs)
         dtype = self.weights_dtype
         with torch.no_grad(), self._autocast() if dtype is None else contextlib.nullcontext():
-            if dtype is None:
-                encoded = whisper.model.encoder(inputs["input_features"]).last_hidden_state
-                loss = whisper(encoder_outputs=(encoded,), **with_causal_mask({"labels": inputs["labels"]})).loss
+            if fast:  # the encoder once, for the loss and the transcripts
+                encoded = encode(whisper, inputs["input_features"], dtype)
+                loss, outputs = self.compute_loss(model, {"encoder_outputs": (encoded,), "labels": inputs["labels"]},
+                                                  return_outputs=True)
+                tokens = self._greedy_decoder(whisper).generate(encoded)
             else:
-                encoded = forward(whisper.model.encoder, dtype, input_features=inputs["input_features"]).last_hidden_state
-                loss, _ = seq2seq_loss(whisper, {"encoder_outputs": (encoded,), "labels": inputs["labels"]}, dtype,
-                                       whisper.config.decoder_start_token_id, whisper.config.pad_token_id)
-            tokens = self._greedy_decoder(whisper).generate(encoded)
+                loss, outputs = self.compute_loss(model, inputs, return_outputs=True)
+        self._count_loss(outputs.logits, inputs["labels"])
+        if not generate:
+            return loss.detach(), None if prediction_loss_only else outputs.logits, inputs["labels"]
+        if not fast:  # beam search, LoRA: the model's own generate
+            with self._autocast():
+                _, tokens, _ = super().prediction_step(model, {k: v for k, v in inputs.items() if k != "labels"},
+                                                       False, ignore_keys, **gen_kwargs)
         return loss.detach(), tokens, inputs["labels"]
+
+    def _count_loss(self, logits, labels) -> None:
+        """Keep each clip's summed token loss and token count, gathered from every process with
+        the clips repeated to pad the last batches dropped (`gather_for_metrics`)."""
+        import torch
+        import torch.nn.functional as F
+
+        # a few clips at a time: float32 logits of a whole batch of 64 are ~800 MB for Whisper's vocabulary
+        summed = torch.cat([F.cross_entropy(x.float().transpose(1, 2), y, ignore_index=IGNORE_INDEX,
+                                            reduction="none").sum(1) for x, y in zip(logits.split(8), labels.split(8))])
+        counted = (labels != IGNORE_INDEX).sum(1).to(summed.dtype)
+        self._clip_losses.append(self.accelerator.gather_for_metrics(torch.stack([summed, counted], 1)))
 
     def _greedy_decoder(self, whisper):
         import torch
@@ -532,6 +562,14 @@ class WhisperTrainer(Seq2SeqTrainer):
             self._decoder = GreedyDecoder(whisper, prefix, max_new_tokens(self.args.generation_max_length, len(prefix),
                                                                           whisper.config.max_target_positions), dtype)
         return self._decoder
+
+
+def encode(whisper, features, dtype):
+    """The encoder's output for `features`: on a `dtype` copy of the weights, or with the
+    weights as they are (`dtype` None; under autocast where the caller sets it)."""
+    if dtype is None:
+        return whisper.model.encoder(features).last_hidden_state
+    return forward(whisper.model.encoder, dtype, input_features=features).last_hidden_state
 
 
 def make_trainer(model, args, data: Data, eval_dataset, callbacks: Sequence = (),
@@ -905,13 +943,16 @@ def summarize(trainer, train_metrics: dict, final: dict, run_dir: Path, args, se
     periodic = [e for e in evals if e.get("purpose") == SELECTION]
     best = checkpoints.read_best(run_dir) or {}
     steps = trainer.state.global_step
+    # the processes it trained on (a rerun that only finishes the run may have another number)
+    processes = next((e["world_size"] for e in events if e["event"] == "start" and e.get("world_size")),
+                     args.world_size)
     return {
         "selection_split": selection_split, "test_split": ROLE[EVAL],
         "best_wer": best.get("wer"), "best_step": best.get("step"),
         "selection_baseline": next((e for e in periodic if e["step"] == 0), None),
         "wer": final["wer"], "wer_normalized": final["wer_normalized"], "cer": final["cer"],
         "eval_clips": final["eval_clips"], "final": final, "baseline": baseline,
-        "steps": steps, "samples_seen": steps * args.train_batch_size * args.gradient_accumulation_steps * args.world_size,
+        "steps": steps, "samples_seen": steps * args.train_batch_size * args.gradient_accumulation_steps * processes,
         "train_runtime_seconds": train_metrics.get("train_runtime", 0.0),
         "train_samples_per_second": train_metrics.get("train_samples_per_second"),
         "train_loss": train_metrics.get("train_loss"), "run_dir": str(run_dir),
