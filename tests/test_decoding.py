@@ -43,6 +43,17 @@ def test_same_tokens_as_generate(tiny_model_dir, features_dir, max_length):
 
 
 @torch.no_grad()
+def test_scale_embedding_is_ignored_as_the_model_ignores_it(tiny_model_dir, features_dir):
+    """transformers' Whisper decoder reads `scale_embedding` into an `embed_scale` it never
+    applies; the decoder follows the model, not the flag."""
+    model = _model(tiny_model_dir)
+    model.config.scale_embedding = True
+    x = _inputs(features_dir, 4)
+    ours = GreedyDecoder(model, PREFIX, 12).generate(model.model.encoder(x).last_hidden_state)
+    assert ours.tolist() == model.generate(x, max_new_tokens=12).tolist()
+
+
+@torch.no_grad()
 def test_smaller_batches_reuse_the_buffers_and_a_larger_one_gets_new_ones(tiny_model_dir, features_dir):
     model = _model(tiny_model_dir)
     encoded = model.model.encoder(_inputs(features_dir, 6)).last_hidden_state

@@ -60,7 +60,6 @@ class GreedyDecoder:
                              f"{cfg.max_target_positions} positions")
         self.heads = cfg.decoder_attention_heads
         self.scale = (cfg.d_model // self.heads) ** -0.5
-        self.embed_scale = math.sqrt(cfg.d_model) if cfg.scale_embedding else 1.0
         self.w = _decoder_weights(model, self.dtype)
         self.n_prefix = len(self.prefix)
         self.suppress = self._bias(gen.suppress_tokens or [])
@@ -135,7 +134,8 @@ class GreedyDecoder:
         """Tokens (B, T) at positions `pos` (T,) -> float32 logits (B, vocab) of the last one;
         their keys and values go into the cache."""
         w, h = self.w, self.heads
-        x = F.embedding(tok, w["embed"]) * self.embed_scale + w["positions"].index_select(0, pos)
+        # unscaled whatever `scale_embedding` says: transformers' Whisper decoder never applies its embed_scale
+        x = F.embedding(tok, w["embed"]) + w["positions"].index_select(0, pos)
         visible = (s.positions.view(1, -1) <= pos.view(-1, 1)).view(1, 1, len(pos), -1)  # causal, over the cache
         for i, layer in enumerate(w["layers"]):
             y = self._norm(x, layer["ln1"])
