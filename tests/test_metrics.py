@@ -21,6 +21,13 @@ def test_normalized_ignores_case_and_punctuation_but_keeps_diacritics():
     assert wer_normalized(["Åsa är här."], ["asa ar har"]) == 1.0  # å/ä are letters, not accents
 
 
+def test_normalized_keeps_the_words_in_brackets():
+    """Whisper's normalizer drops bracketed spans as annotations; in Common Voice sentences they
+    are read aloud, so they are words like any other."""
+    assert wer_normalized(["Det var (som vanligt) för sent."], ["det var som vanligt för sent"]) == 0.0
+    assert wer_normalized(["Det var [enligt källan] för sent."], ["det var enligt ryktet för sent"]) == pytest.approx(1 / 6)
+
+
 def test_empty_references_are_skipped():
     assert wer(["", "en två"], ["något", "en två"]) == 0.0
     assert wer_normalized(["...", "en"], ["x", "en"]) == 0.0  # empty once normalized

@@ -11,6 +11,7 @@ _QUOTES = str.maketrans({"“": '"', "”": '"', "„": '"', "«": '"', "»": '"
                          "´": "'", "`": "'"})
 _SPACES = re.compile(r"\s+")
 _NORMALIZER = BasicTextNormalizer(remove_diacritics=False)
+_BRACKETS = str.maketrans({c: " " for c in "()[]<>{}"})
 
 
 def tidy_sentence(text: str) -> str:
@@ -27,5 +28,9 @@ def tidy_sentence(text: str) -> str:
 
 
 def normalize(text: str) -> str:
-    """Text for normalized WER: lowercase, punctuation and symbols removed, å/ä/ö kept."""
-    return _NORMALIZER(text).strip()
+    """Text for normalized WER: lowercase, punctuation and symbols removed, å/ä/ö kept.
+
+    Whisper's multilingual normalizer (`BasicTextNormalizer`), except that words in brackets
+    stay: it drops them as annotations ("[laughter]"), but in Common Voice sentences they are
+    read aloud."""
+    return _NORMALIZER(text.translate(_BRACKETS)).strip()
