@@ -172,7 +172,9 @@ def test_compiled_layers_run_on_the_copy_without_recompiling(tiny_model_dir, bat
     graphs = counters["stats"]["unique_graphs"]
     loss_and_grads(compiled, lambda: seq2seq_loss(compiled, {**batch, "labels": batch["labels"][:, :-4]},
                                                   torch.bfloat16, START, PAD)[0])
-    assert counters["stats"]["unique_graphs"] == graphs <= 4  # encoder, decoder, decoder for any length
+    # the first encoder layer's contiguity hook, the encoder layers, the decoder layers for any
+    # length (compiled so from the start: not first for one length, then again)
+    assert counters["stats"]["unique_graphs"] == graphs <= 3
     assert ours.item() == pytest.approx(ref.item(), rel=2e-2)
     name = "model.encoder.layers.0.fc1.weight"
     assert torch.nn.functional.cosine_similarity(grads[name].flatten(), ref_grads[name].flatten(), dim=0) > 0.98
@@ -260,11 +262,11 @@ def test_compiled_layers_stay_compiled_over_label_lengths_and_evaluation(tmp_pat
         torch_compile="true", max_steps=6, eval_steps=3, save_steps=3, eval_before_training="false",
         score_served="false", export_ctranslate2="false"))
     run_training(cfg)
-    # Encoder layers (training, evaluation; the first layer apart, as it takes the convolutions'
-    # channels-first output that `whisper_ft.layout` makes contiguous) and decoder layers
-    # (training and evaluation, each for one label length and then any): a handful of graphs,
-    # not one per decoder layer.
-    assert 2 <= counters["stats"]["unique_graphs"] <= 7
+    # Encoder layers (training, evaluation; the first layer's hook apart, which makes the
+    # convolutions' channels-first output contiguous for `whisper_ft.layout`) and decoder layers
+    # (training and evaluation, each for any label length): a handful of graphs, not one per
+    # decoder layer.
+    assert 2 <= counters["stats"]["unique_graphs"] <= 6
 
 
 def deeper_decoder(model_dir, out, layers: int):

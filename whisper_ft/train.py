@@ -182,18 +182,21 @@ def prepare_model(cfg: Config, tokenizer):
     return model
 
 
-def compile_layers(model) -> int:
+def compile_layers(model, dynamic_decoder: bool = True) -> int:
     """`torch.compile` each encoder and decoder layer in place ("regional" compilation).
 
     All layers of a stack share one compiled graph, so start-up costs two compilations
     instead of one of the whole model, and parameter names (checkpoints) stay the same.
-    Returns the number of layers compiled.
+    Decoder layers are compiled for any length from the start: the label length changes from
+    batch to batch, and torch.compile would otherwise compile them for the first length, then
+    once more for any (`dynamic_decoder=False`, for comparison). Returns the number of layers
+    compiled.
     """
     from transformers.models.whisper.modeling_whisper import WhisperDecoderLayer, WhisperEncoderLayer
 
     layers = [m for m in model.modules() if isinstance(m, (WhisperEncoderLayer, WhisperDecoderLayer))]
     for layer in layers:
-        layer.compile()
+        layer.compile(dynamic=True if dynamic_decoder and isinstance(layer, WhisperDecoderLayer) else None)
     return len(layers)
 
 
