@@ -659,3 +659,18 @@ def test_a_resume_on_another_number_of_processes_is_refused(tmp_path, monkeypatc
     check_resumable(cfg, tmp_path, resume, 12)  # only the final evaluation left
     monkeypatch.setenv("WORLD_SIZE", "2")
     check_resumable(cfg, tmp_path, resume, 9)
+
+
+def test_fresh_deletes_the_run_only_once_its_data_and_model_load(tmp_path, features_dir, tiny_model_dir):
+    from whisper_ft.features import FeaturesError
+    from whisper_ft.train import run_training
+
+    run_dir = tmp_path / "tiny"
+    (run_dir / "best").mkdir(parents=True)
+    sets = overrides(features_dir, tiny_model_dir, tmp_path)
+    with pytest.raises(FeaturesError):
+        run_training(load_config(ROOT / "config.yaml", [*sets, "features.name=no-such-store"]), fresh=True)
+    with pytest.raises(Exception, match="no-such-model"):
+        run_training(load_config(ROOT / "config.yaml", [*sets, f"model.name_or_path={tmp_path / 'no-such-model'}"]),
+                     fresh=True)
+    assert (run_dir / "best").is_dir()

@@ -662,8 +662,6 @@ def run_training(cfg: Config, fresh: bool = False, callbacks: Sequence[TrainerCa
 
     hf_logging.set_verbosity_warning()
     run_dir = run_dir_of(cfg)
-    if fresh and is_main_process() and run_dir.exists():
-        shutil.rmtree(run_dir)
     if is_main_process():  # before looking at best/: a best/ cut off between its renames is put back here
         for leftover in checkpoints.remove_leftovers(run_dir):
             log.info("removed %s, left half-written by an earlier process", leftover)
@@ -675,6 +673,8 @@ def run_training(cfg: Config, fresh: bool = False, callbacks: Sequence[TrainerCa
         start_over(cfg, run_dir)
     data = load_data(cfg)
     model = prepare_model(cfg, data.processor.tokenizer)
+    if fresh and is_main_process() and run_dir.exists():  # only now: a failure up to here deletes nothing
+        shutil.rmtree(run_dir)
     gen_len = generation_max_length(cfg, longest_label(data.train_model, data.selection_model))
     first = cfg.training.eval_before_training and resume is None
     args = training_arguments(cfg, run_dir, gen_len, eval_on_start=first, d_model=model.config.d_model,
