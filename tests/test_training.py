@@ -674,3 +674,25 @@ def test_fresh_deletes_the_run_only_once_its_data_and_model_load(tmp_path, featu
         run_training(load_config(ROOT / "config.yaml", [*sets, f"model.name_or_path={tmp_path / 'no-such-model'}"]),
                      fresh=True)
     assert (run_dir / "best").is_dir()
+
+
+def test_a_run_resumed_longer_trains_its_next_step_at_the_new_schedules_rate(tmp_path, features_dir, tiny_model_dir):
+    """Finished at step 2 of 2 (linear decay: the optimizer's rate is 0 there), resumed to 4:
+    step 3 trains at the new schedule's rate for step 2 (half the peak), not at the old end's."""
+    from transformers import TrainerCallback
+
+    from whisper_ft.train import run_training
+
+    class Rates(TrainerCallback):
+        seen: dict = {}
+
+        def on_step_begin(self, args, state, control, optimizer=None, **kwargs):
+            self.seen[state.global_step + 1] = optimizer.param_groups[0]["lr"]
+
+    sets = overrides(features_dir, tiny_model_dir, tmp_path, max_steps=2, eval_steps=2, save_steps=2,
+                     eval_before_training="false", export_ctranslate2="false", score_served="false",
+                     lr_scheduler="linear")
+    run_training(load_config(ROOT / "config.yaml", sets))
+    rates = Rates()
+    run_training(load_config(ROOT / "config.yaml", [*sets, "training.max_steps=4"]), callbacks=[rates])
+    assert rates.seen[3] == pytest.approx(1e-3 * 2 / 4) and rates.seen[4] == pytest.approx(1e-3 * 1 / 4)

@@ -384,6 +384,21 @@ class WhisperTrainer(Seq2SeqTrainer):
             return self.accelerator.autocast()
         return torch.autocast(self.args.device.type, dtype=self.weights_dtype)
 
+    def _load_optimizer_and_scheduler(self, checkpoint):
+        """The checkpoint's optimizer and schedule, with each group's learning rate taken from
+        the schedule as this run defines it: the optimizer's saved rate is the old schedule's,
+        which for a run resumed with more `max_steps` would train the first step at the rate of
+        the old end (0 after a linear decay) before the schedule takes over."""
+        super()._load_optimizer_and_scheduler(checkpoint)
+        from torch.optim.lr_scheduler import LambdaLR
+
+        sched = self.lr_scheduler
+        if checkpoint is None or not isinstance(sched, LambdaLR):
+            return
+        for group, base, factor in zip(self.optimizer.param_groups, sched.base_lrs, sched.lr_lambdas):
+            group["lr"] = base * factor(sched.last_epoch)
+        sched._last_lr = [group["lr"] for group in self.optimizer.param_groups]
+
     def train(self, *args, **kwargs):
         try:
             return super().train(*args, **kwargs)
