@@ -22,18 +22,41 @@ from whisper_ft.synth import make_release  # noqa: E402
 OUT = Path(__file__).resolve().parents[1] / "data" / "sample" / "cv-corpus-sample"
 
 
-def main() -> int:
+def replaceable(out: Path) -> bool:
+    """Whether `out` may be deleted and written anew: missing, empty, or an earlier release
+    (one `sv-SE` folder with its clips and TSVs, as `make_release` writes it)."""
+    if not out.exists():
+        return True
+    if not out.is_dir():
+        return False
+    entries = list(out.iterdir())
+    release = out / "sv-SE"
+    return not entries or (entries == [release] and (release / "clips").is_dir()
+                           and (release / "validated.tsv").is_file())
+
+
+def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sentences", required=True, type=Path, help="text file, one Swedish sentence per line")
-    parser.add_argument("--out", type=Path, default=OUT)
-    parser.add_argument("--train", type=int, default=96)
+    parser.add_argument("--out", type=Path, default=OUT,
+                        help="folder of the release (replaced: it must be empty or an earlier release)")
+    parser.add_argument("--train", type=int, default=160)
     parser.add_argument("--dev", type=int, default=24)
-    parser.add_argument("--test", type=int, default=32)
+    parser.add_argument("--test", type=int, default=56)
     parser.add_argument("--seed", type=int, default=2223)
     parser.add_argument("--speakers", type=int, default=11, help="speakers, split between train, dev and test")
     parser.add_argument("--snr", type=float, nargs=2, metavar=("LOW", "HIGH"),
                         help="add white noise at a signal-to-noise ratio (dB) drawn from this range per clip")
+    return parser
+
+
+def main() -> int:
+    parser = make_parser()
     args = parser.parse_args()
+    if not args.sentences.is_file():
+        parser.error(f"--sentences {args.sentences}: no such file")
+    if not replaceable(args.out):
+        parser.error(f"--out {args.out} holds other files than an earlier release: name an empty or new folder")
     sentences = args.sentences.read_text(encoding="utf-8").splitlines()
     shutil.rmtree(args.out, ignore_errors=True)
     root = make_release(args.out, sentences, {"train": args.train, "dev": args.dev, "test": args.test},

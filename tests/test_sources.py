@@ -474,3 +474,20 @@ def test_audiofolder_metadata_quirks(audiofolder, tmp_path):
         jsonl.write_text("\n".join([lines[0], bad]))
         with pytest.raises(SourceError, match=message):
             read_source(src, tmp_path)
+
+
+def test_make_sample_rebuilds_the_embedded_sample_and_replaces_only_a_release(tmp_path):
+    """Its defaults are the embedded sample's split sizes, and its --out is deleted only when it
+    is empty or an earlier release."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import make_sample
+
+    sample = ROOT / "data" / "sample" / "cv-corpus-sample"
+    rows = {split: len((sample / "sv-SE" / f"{split}.tsv").read_text(encoding="utf-8").splitlines()) - 1
+            for split in ("train", "dev", "test")}
+    parser_defaults = {a.dest: a.default for a in make_sample.make_parser()._actions}
+    assert rows == {split: parser_defaults[split] for split in rows}
+    assert make_sample.replaceable(sample) and make_sample.replaceable(tmp_path / "new")
+    assert make_sample.replaceable(tmp_path)  # empty
+    (tmp_path / "notes.txt").write_text("mine")
+    assert not make_sample.replaceable(tmp_path) and not make_sample.replaceable(tmp_path / "notes.txt")
