@@ -61,6 +61,28 @@ def test_export_for_a_hub_id(tmp_path):
         space.export(ROOT, load_config(None, ["app.model=me/whisper-sv"]))
 
 
+
+def test_export_refuses_a_folder_of_the_users_own_files_with_an_exports_names(tmp_path):
+    cfg = load_config(None, ["app.model=me/whisper-sv"])
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "README.md").write_text("# my notes\n")
+    (mine / "config.yaml").write_text("my: settings\n")
+    with pytest.raises(space.SpaceError, match=r"holds other files \(README.md, config.yaml\); name an empty folder"):
+        space.export(mine, cfg)
+    assert (mine / "README.md").read_text() == "# my notes\n" and (mine / "config.yaml").read_text() == "my: settings\n"
+    (mine / "app.py").write_text("print('my own app')\n")  # an app.py of its own is no export either
+    with pytest.raises(space.SpaceError, match="holds other files"):
+        space.export(mine, cfg)
+    assert sorted(p.name for p in mine.iterdir()) == ["README.md", "app.py", "config.yaml"]
+    killed = tmp_path / "killed"  # an export killed after its first file is its own, and finished by the next
+    killed.mkdir()
+    (killed / "app.py").write_text(space.APP)
+    (killed / ".config.yaml.tmp-4242").write_text("half a config")
+    assert space.export(killed, cfg) == killed and space.MARKER in (killed / "app.py").read_text()
+    assert load_config(killed / "config.yaml").app.model == "me/whisper-sv"
+
+
 def test_export_model_defaults_to_the_push_target_and_rejects_nonsense(tmp_path):
     cfg = load_config(None, ["training.push_to_hub=me/pushed", f"training.output_dir={tmp_path}"])
     assert space.space_model(cfg) == "me/pushed"

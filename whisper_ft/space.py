@@ -38,6 +38,8 @@ PYTHON_VERSION = "3.11"  # the project's minimum; Spaces default to an older one
 WRITTEN = ("app.py", ENTRY, "whisper_ft", "config.yaml", "requirements.txt", "packages.txt", "README.md")
 KEPT = (".git", ".gitattributes")  # a clone of the Space repository may be the export folder
 GENERATED = ("__pycache__",)  # left by running the export here (python app.py): removed, never uploaded
+# The line of app.py that tells an earlier export from a folder of the user's own files.
+MARKER = "Written by `python inference_app.py --export-space DIR` (whisper_ft/space.py)."
 
 APP = '''"""Hugging Face Space: the Swedish speech-to-text page of whisper-ft's inference_app.py, serving
 the model that app.model names in config.yaml beside this file.
@@ -46,7 +48,7 @@ the model that app.model names in config.yaml beside this file.
 
 A hub id is downloaded first, with its CTranslate2 export (the fast CPU path). On a Space the
 address and port come from GRADIO_SERVER_NAME and GRADIO_SERVER_PORT, which the Hub sets.
-Written by `python inference_app.py --export-space DIR` (whisper_ft/space.py).
+{marker}
 """
 
 import os
@@ -71,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(cli.run(main, sys.argv[1:]))
-'''
+'''.replace("{marker}", MARKER)
 
 README_BODY = """
 # Swedish speech to text
@@ -105,8 +107,8 @@ def export(out_dir: str | Path, cfg: Config) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     for name in GENERATED:
         shutil.rmtree(out / name, ignore_errors=True)
+    write_atomic(out / "app.py", APP)  # first: an export killed after it is still taken for one
     copy_code(out, package_modules([APP, (REPO_DIR / ENTRY).read_text(encoding="utf-8")]))
-    write_atomic(out / "app.py", APP)
     write_atomic(out / "config.yaml", space_config(cfg, model))
     write_atomic(out / "requirements.txt", requirements((REPO_DIR / "requirements.txt").read_text(encoding="utf-8")))
     write_atomic(out / "packages.txt", "ffmpeg\n")
@@ -136,17 +138,27 @@ def space_model(cfg: Config) -> str:
 
 
 def check_target(out: Path) -> None:
-    """Refuse a folder that holds anything but an earlier export (or a clone of the Space
-    repository). The temporary files of an export killed while writing are its own: removed."""
+    """Refuse a folder that holds anything but an earlier export (its app.py carries MARKER) or a
+    clone of the Space repository. The temporary files of an export killed while writing are its
+    own: removed."""
     if out.exists() and not out.is_dir():
         raise SpaceError(f"--export-space: {out} is a file; name a folder")
-    for leftover in out.glob(".*.tmp-*") if out.is_dir() else []:
-        if leftover.name[1:].split(".tmp-", 1)[0] in WRITTEN and leftover.is_file():
-            leftover.unlink()
-    foreign = sorted(p.name for p in out.iterdir() if p.name not in WRITTEN + KEPT + GENERATED) if out.is_dir() else []
+    if not out.is_dir():
+        return
+    leftovers = [p for p in out.glob(".*.tmp-*") if p.name[1:].split(".tmp-", 1)[0] in WRITTEN and p.is_file()]
+    names = sorted(p.name for p in out.iterdir() if p.name not in KEPT + GENERATED and p not in leftovers)
+    foreign = [name for name in names if name not in WRITTEN] if is_export(out) else names
     if foreign:
         raise SpaceError(f"--export-space: {out} holds other files ({', '.join(foreign[:3])}); name an empty folder "
                          "or an earlier export")
+    for leftover in leftovers:
+        leftover.unlink()
+
+
+def is_export(folder: Path) -> bool:
+    """True for a folder this module wrote: its app.py carries MARKER."""
+    app = folder / "app.py"
+    return app.is_file() and MARKER in app.read_text(encoding="utf-8", errors="replace")
 
 
 def package_modules(sources: list[str]) -> list[str]:
