@@ -269,7 +269,8 @@ def test_find_model(tmp_path):
 
 
 @pytest.mark.parametrize("override", ["app.max_download_mb=0", "app.request_timeout_seconds=-1", "app.workers=0",
-                                      "app.queue_size=0", "app.allow_private_urls=maybe"])
+                                      "app.queue_size=0", "app.allow_private_urls=maybe", "app.port=0",
+                                      "app.port=65536", "app.port=-1"])
 def test_app_limits_are_checked_with_the_key_named(override):
     with pytest.raises(ConfigError, match=override.split("=")[0].replace(".", r"\.")):
         load_config(None, [override])
@@ -346,6 +347,16 @@ def test_a_bad_login_setting_is_a_one_line_error(model_dir, launches, capsys, fl
     err = capsys.readouterr().err
     assert code == 2 and err.strip() == message + (", both parts non-empty" if "--auth:" in message else "")
     assert "hemligt" not in err and launches == []
+
+
+
+def test_a_port_out_of_range_is_refused_before_the_model_loads(capsys):
+    import inference_app
+
+    for port in ("99999", "-1"):
+        code = cli.run(inference_app.main, ["--model", "/no/such/model", "--config", str(ROOT / "config.yaml"),
+                                            "--port", port])
+        assert code == 2 and capsys.readouterr().err.strip() == f"error: app.port: must be from 1 to 65535, got {port}"
 
 
 @pytest.fixture(scope="module")

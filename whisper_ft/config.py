@@ -452,6 +452,8 @@ def validate_app(app: AppConfig) -> None:
     for name in ("workers", "queue_size", "batch_size", "beam_size"):
         if getattr(app, name) < 1:
             raise ConfigError(f"app.{name}: must be at least 1, got {getattr(app, name)}")
+    if not 1 <= app.port <= 65535:  # 0 would bind a random port that the page's address would not name
+        raise ConfigError(f"app.port: must be from 1 to 65535, got {app.port}")
     if not 0 < app.chunk_seconds <= 30:  # Whisper's input: a longer window would be cut to its first 30 s
         raise ConfigError(f"app.chunk_seconds: must be above 0 and at most 30 (Whisper's window), got "
                           f"{app.chunk_seconds:g}")
