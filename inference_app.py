@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"wrote the Space to {space.export(args.export_space, cfg)}")
         return 0
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
-    from whisper_ft.app import Handlers, build_app, exposure_warning, find_model, load_for_app, read_logins
+    from whisper_ft.app import Handlers, build_app, exposure_warning, find_model, load_for_app, read_logins, serve
 
     logins = read_logins(args.auth, cfg.app.auth_file, os.environ)
     if warning := exposure_warning(cfg.app, logins):
@@ -66,8 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     log.info("loading %s", choice.path)
     transcriber = load_for_app(choice, cfg)
     demo = build_app(Handlers(transcriber, cfg), choice.path, choice.notice)
-    demo.launch(server_name=cfg.app.host, server_port=cfg.app.port, share=cfg.app.share, max_file_size="1gb",
-                auth=logins or None, auth_message="Swedish speech to text: sign in")
+    serve(demo, cfg.app, logins)
     return 0
 
 

@@ -350,6 +350,24 @@ def test_a_bad_login_setting_is_a_one_line_error(model_dir, launches, capsys, fl
 
 
 
+def test_a_port_that_cannot_be_opened_is_a_one_line_error(model_dir, capsys):
+    import socket
+
+    import inference_app
+
+    with socket.socket() as taken:  # another program on the port
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        code = cli.run(inference_app.main, ["--model", str(model_dir), "--config", str(ROOT / "config.yaml"),
+                                            "--port", str(port)])
+    err = capsys.readouterr().err.strip()  # after the model's loading bar
+    assert code == 2 and "Traceback" not in err
+    assert err.splitlines()[-1] == (f"error: cannot serve the page on host 127.0.0.1, port {port}: another program "
+                                    "uses the port or the host is no address of this machine; choose another --port "
+                                    "(or --host)")
+
+
 def test_a_port_out_of_range_is_refused_before_the_model_loads(capsys):
     import inference_app
 

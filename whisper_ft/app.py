@@ -3,9 +3,9 @@ or a video URL, translate it, and offer the transcript as .txt and .srt.
 
 Built by `inference_app.py`: `find_model` picks the model, `load_transcriber` loads it once,
 `Handlers` holds the request logic (tested directly), `build_app` lays out the page,
-`read_logins` and `exposure_warning` decide about the login. Bad input raises `gr.Error` with a
-message for the user. The page is safe to share: each request has a deadline
-(`app.request_timeout_seconds`) and bounded work (length, download size and time, see
+`read_logins` and `exposure_warning` decide about the login, `serve` opens the page. Bad input
+raises `gr.Error` with a message for the user. The page is safe to share: each request has a
+deadline (`app.request_timeout_seconds`) and bounded work (length, download size and time, see
 `whisper_ft.youtube`); `app.workers` requests run at once, downloading and decoding side by
 side, transcribing one at a time; a full queue tells visitors the page is busy.
 """
@@ -294,6 +294,22 @@ def build_app(handlers: Handlers, model_name: str, notice: str = "") -> gr.Block
         url_button.click(handlers.from_url, [url, *options], outputs, api_name="transcribe_url", **shared)
     demo.queue(max_size=cfg.queue_size)  # a full queue answers "busy, try again"
     return demo
+
+
+class ServeError(UserError):
+    """The page cannot be served where asked."""
+
+
+def serve(demo: gr.Blocks, app: AppConfig, logins: list[tuple[str, str]]) -> None:
+    """Serve the page on app.host:app.port (and a gradio.live link with app.share) until stopped."""
+    try:
+        demo.launch(server_name=app.host, server_port=app.port, share=app.share, max_file_size="1gb",
+                    auth=logins or None, auth_message="Swedish speech to text: sign in")
+    except OSError as e:
+        if demo.is_running:  # the server was up: not a matter of the address
+            raise
+        raise ServeError(f"cannot serve the page on host {app.host}, port {app.port}: another program uses the port "
+                         "or the host is no address of this machine; choose another --port (or --host)") from e
 
 
 class AuthError(UserError):
