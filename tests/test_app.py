@@ -350,6 +350,18 @@ def test_a_bad_login_setting_is_a_one_line_error(model_dir, launches, capsys, fl
 
 
 
+def test_an_auth_file_in_another_encoding_is_a_one_line_error(model_dir, launches, capsys, tmp_path):
+    import inference_app
+
+    logins = tmp_path / "logins.txt"
+    logins.write_bytes("anna:hemligt-lösen\n".encode("latin-1"))  # saved by an editor in Latin-1
+    code = cli.run(inference_app.main, ["--model", str(model_dir), "--config", str(ROOT / "config.yaml"),
+                                        "--auth-file", str(logins)])
+    err = capsys.readouterr().err
+    assert code == 2 and err.strip() == f"error: app.auth_file: {logins} is not UTF-8 text; save it as UTF-8"
+    assert "hemligt" not in err and launches == []
+
+
 def test_a_port_that_cannot_be_opened_is_a_one_line_error(model_dir, capsys):
     import socket
 

@@ -325,7 +325,11 @@ def read_logins(auth: str | None, auth_file: str, environ) -> list[tuple[str, st
         path = Path(auth_file).expanduser()
         if not path.is_file():
             raise AuthError(f"app.auth_file: {auth_file} does not exist")
-        lines = [(i, line.strip()) for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1)]
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:  # the message would quote the bytes, perhaps of a password
+            raise AuthError(f"app.auth_file: {auth_file} is not UTF-8 text; save it as UTF-8") from e
+        lines = [(i, line.strip()) for i, line in enumerate(text.splitlines(), 1)]
         logins = [parse_login(line, f"{auth_file}, line {i}") for i, line in lines
                   if line and not line.startswith("#")]
         if not logins:
