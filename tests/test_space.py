@@ -81,6 +81,14 @@ def test_export_refuses_a_folder_of_the_users_own_files_with_an_exports_names(tm
     (killed / ".config.yaml.tmp-4242").write_text("half a config")
     assert space.export(killed, cfg) == killed and space.MARKER in (killed / "app.py").read_text()
     assert load_config(killed / "config.yaml").app.model == "me/whisper-sv"
+    clone = tmp_path / "clone"  # a new Space, cloned: its template card (kept by git) is replaced
+    (clone / ".git").mkdir(parents=True)
+    (clone / ".gitattributes").write_text("*.bin filter=lfs\n")
+    (clone / "README.md").write_text("---\ntitle: Whisper Sv\nsdk: gradio\n---\n")
+    assert space.export(clone, cfg) == clone and space.MARKER in (clone / "app.py").read_text()
+    (clone / "notes.txt").write_text("mine")
+    with pytest.raises(space.SpaceError, match=r"holds other files \(notes.txt\)"):
+        space.export(clone, cfg)
 
 
 def test_export_model_defaults_to_the_push_target_and_rejects_nonsense(tmp_path):

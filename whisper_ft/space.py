@@ -139,15 +139,17 @@ def space_model(cfg: Config) -> str:
 
 def check_target(out: Path) -> None:
     """Refuse a folder that holds anything but an earlier export (its app.py carries MARKER) or a
-    clone of the Space repository. The temporary files of an export killed while writing are its
-    own: removed."""
+    new clone of the Space repository (its git files and template README.md). The temporary
+    files of an export killed while writing are its own: removed."""
     if out.exists() and not out.is_dir():
         raise SpaceError(f"--export-space: {out} is a file; name a folder")
     if not out.is_dir():
         return
     leftovers = [p for p in out.glob(".*.tmp-*") if p.name[1:].split(".tmp-", 1)[0] in WRITTEN and p.is_file()]
     names = sorted(p.name for p in out.iterdir() if p.name not in KEPT + GENERATED and p not in leftovers)
-    foreign = [name for name in names if name not in WRITTEN] if is_export(out) else names
+    # a new Space's clone holds the Space's template card, which git keeps: it may be replaced
+    ours = WRITTEN if is_export(out) else ("README.md",) if (out / ".git").exists() else ()
+    foreign = [name for name in names if name not in ours]
     if foreign:
         raise SpaceError(f"--export-space: {out} holds other files ({', '.join(foreign[:3])}); name an empty folder "
                          "or an earlier export")
