@@ -19,6 +19,7 @@ import math
 import os
 import shutil
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -66,6 +67,14 @@ def world_size() -> int:
 # --------------------------------------------------------------------------- data
 
 
+def longest_first(split):
+    """`split` sorted by duration, longest first: clips of a batch then generate similar lengths,
+    and memory peaks at once."""
+    with warnings.catch_warnings():  # datasets' call into pyarrow, nothing a user can change
+        warnings.filterwarnings("ignore", "Specifying null_placement", FutureWarning)
+        return split.sort("duration", reverse=True)
+
+
 @dataclass(frozen=True)
 class Data:
     """The splits of a feature store, by role: training, selection (the periodic checks,
@@ -95,10 +104,9 @@ def load_data(cfg: Config) -> Data:
     if len(train) == 0 or len(test) == 0:
         raise FeaturesError(f"{store.root} has {len(train)} training and {len(test)} test clips; both are "
                             "needed: check features.sources (train_splits, eval_splits) and rerun python feature_pipeline.py")
-    # Longest first: clips of a batch then generate similar lengths, and memory peaks at once.
-    test = test.sort("duration", reverse=True)
+    test = longest_first(test)
     if held_out.has(VALIDATION):
-        split, selection = ROLE[VALIDATION], held_out.load(VALIDATION).sort("duration", reverse=True)
+        split, selection = ROLE[VALIDATION], longest_first(held_out.load(VALIDATION))
     else:
         log.warning("%s has no validation split: checkpoints are picked on the test split, so its final WER is "
                     "optimistic (rebuild the features to get one)", held_out.root)
