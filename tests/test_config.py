@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, run_cli
+from conftest import PROCESSOR_DIR, ROOT, run_cli
 
 from whisper_ft.config import ConfigError, load_config
 
@@ -156,3 +156,34 @@ def test_set_values_keep_the_text_typed_for_strings():
 def test_values_that_would_fail_late_are_refused_with_their_key(override, message):
     with pytest.raises(ConfigError, match=message):
         load_config(CONFIG, [override])
+
+
+@pytest.mark.parametrize("override", ["training.run_name=", "training.run_name=.", "training.run_name=..",
+                                      "training.run_name=a/b", "training.run_name=/tmp/x", r"training.run_name=a\b",
+                                      "features.name=", "features.name=.", "features.name=../x",
+                                      "training.eval_features=..", "training.eval_features=x/y"])
+def test_run_and_store_names_are_one_folder_name(override):
+    key = override.partition("=")[0]
+    with pytest.raises(ConfigError, match=rf"^{key}: must be one folder name"):
+        load_config(CONFIG, [override])
+
+
+def test_an_empty_run_or_store_name_deletes_nothing(tmp_path, cv_release, capsys):
+    """An empty name pointed at the parent folder, so that --fresh or --overwrite deleted every run or store there."""
+    import feature_pipeline
+    import training_pipeline
+
+    from whisper_ft import cli
+
+    for other in ("runs/other-run", "features/other-store"):
+        (tmp_path / other).mkdir(parents=True)
+        (tmp_path / other / "keep.txt").write_text("keep")
+    sets = ["--config", CONFIG, "--set", f"features.data_dir={tmp_path}", "--set", f"model.name_or_path={PROCESSOR_DIR}",
+            "--set", f"features.sources.0.path={cv_release}"]
+    code = cli.run(training_pipeline.main, [*sets, "--set", f"training.output_dir={tmp_path / 'runs'}",
+                                            "--set", "training.run_name=", "--fresh"])
+    assert (tmp_path / "runs/other-run/keep.txt").is_file()
+    assert code == 2 and capsys.readouterr().err.startswith("error: training.run_name: must be one folder name")
+    code = cli.run(feature_pipeline.main, [*sets, "--set", "features.name=", "--overwrite", "--workers", "1"])
+    assert (tmp_path / "features/other-store/keep.txt").is_file()
+    assert code == 2 and capsys.readouterr().err.startswith("error: features.name: must be one folder name")

@@ -344,6 +344,7 @@ def validate(cfg: Config) -> None:
     """Checks that span fields; each error names the key."""
     check_finite(cfg, "")
     f = cfg.features
+    check_folder_name(f.name, "features.name")
     if f.on_overlap not in OVERLAP_POLICIES:
         raise ConfigError(f"features.on_overlap: expected one of {', '.join(OVERLAP_POLICIES)}, got {f.on_overlap!r}")
     if f.dtype not in ("float16", "float32"):
@@ -382,6 +383,9 @@ def validate(cfg: Config) -> None:
     if cfg.model.task not in ("transcribe", "translate"):
         raise ConfigError(f"model.task: expected transcribe or translate, got {cfg.model.task!r}")
     t = cfg.training
+    check_folder_name(t.run_name, "training.run_name")
+    if t.eval_features:
+        check_folder_name(t.eval_features, "training.eval_features")
     if t.learning_rate != "auto" and not t.learning_rate > 0:
         raise ConfigError(f"training.learning_rate: must be auto or above 0, got {t.learning_rate}")
     if t.warmup_steps is not None and t.warmup_steps < 0:
@@ -428,6 +432,14 @@ def validate(cfg: Config) -> None:
 # decay steps, are not offered: the config has no key for them)
 LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
                  "inverse_sqrt", "reduce_lr_on_plateau")
+
+
+def check_folder_name(name: str, key: str) -> None:
+    """A name that is one folder under its parent: an empty name, `.` or `..` would point at the
+    parent (or above it), and --fresh or --overwrite would then delete every folder there."""
+    if name in ("", ".", "..") or "/" in name or "\\" in name:
+        raise ConfigError(f"{key}: must be one folder name (not empty, . or .., no / or \\), got {name!r}; "
+                          f"set it with --set {key}=NAME")
 
 
 def check_finite(cfg: Any, where: str) -> None:
