@@ -27,8 +27,12 @@ def parse_args(argv: list[str] | None):
     parser.add_argument("--overwrite", action="store_true",
                         help="delete an existing store of this name first (refused while a process writes to it)")
     args = parser.parse_args(argv)
+    if args.num_shards < 1:
+        parser.error(f"--num-shards must be at least 1, got {args.num_shards}")
     if not 0 <= args.shard_index < args.num_shards:
         parser.error(f"--shard-index must be in 0..{args.num_shards - 1}")
+    if args.workers is not None and args.workers < 0:
+        parser.error(f"--workers must be at least 0 (0 = all cores), got {args.workers}")
     return args
 
 

@@ -146,6 +146,8 @@ def test_set_values_keep_the_text_typed_for_strings():
     ("training.lr_scheduler=warmup_stable_decay", "training.lr_scheduler: expected one of"),  # needs decay steps
     ("training.save_total_limit=1", "training.save_total_limit: 1 cannot keep both the newest checkpoint"),
     ("training.dataloader_workers=-1", "training.dataloader_workers: must be at least 0"),
+    ("training.seed=-1", "training.seed: must be at least 0"),
+    ("features.workers=-1", "features.workers: must be at least 0"),
     ("training.dropout=1.5", r"training.dropout: must be in \[0, 1\)"),
     ("training.lora.rank=0", "training.lora.rank: must be at least 1"),
     ("training.learning_rate=.inf", "training.learning_rate: must be a finite number"),

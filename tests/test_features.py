@@ -362,6 +362,18 @@ def test_changed_config_on_an_existing_store_is_refused(reference_store, cv_rele
 # --------------------------------------------------------------------------- errors through the command line
 
 
+@pytest.mark.parametrize("flags, message", [
+    (["--num-shards", "0"], "--num-shards must be at least 1, got 0"),
+    (["--num-shards", "2", "--shard-index", "2"], "--shard-index must be in 0..1"),
+    (["--workers", "-1"], "--workers must be at least 0 (0 = all cores), got -1"),
+])
+def test_bad_process_counts_are_refused_before_any_work(tmp_path, flags, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        feature_pipeline.main(["--config", str(ROOT / "config.yaml"), "--set", f"features.data_dir={tmp_path}",
+                               "--set", f"model.name_or_path={tmp_path / 'no-model'}", *flags])
+    assert e.value.code == 2 and capsys.readouterr().err.strip().endswith(f"error: {message}")
+
+
 def test_unreachable_hub_id_offline_fails_fast(tmp_path, cv_release):
     start = time.time()
     proc = run_cli("feature_pipeline.py", "--config", str(ROOT / "config.yaml"),

@@ -358,6 +358,8 @@ def validate(cfg: Config) -> None:
     for name, value in (("shard_size", f.shard_size), ("batch_size", f.batch_size)):
         if value < 1:
             raise ConfigError(f"features.{name}: must be at least 1, got {value}")
+    if f.workers < 0:
+        raise ConfigError(f"features.workers: must be at least 0 (0 = all cores), got {f.workers}")
     if not f.claim_stale_seconds > 0:
         raise ConfigError(f"features.claim_stale_seconds: must be above 0, got {f.claim_stale_seconds}")
     if not f.sources:
@@ -408,7 +410,7 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"training.lr_scheduler: expected one of {', '.join(LR_SCHEDULERS)}, got {t.lr_scheduler!r}")
     for name, value in (("dataloader_workers", t.dataloader_workers), ("save_total_limit", t.save_total_limit),
                         ("eval_subset", t.eval_subset), ("generation_max_length", t.generation_max_length),
-                        ("weight_decay", t.weight_decay)):
+                        ("weight_decay", t.weight_decay), ("seed", t.seed)):
         if value < 0:
             raise ConfigError(f"training.{name}: must be at least 0, got {value}")
     if t.save_total_limit == 1:  # the Trainer would then delete the newest checkpoint at the end when it is not the best
