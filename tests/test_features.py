@@ -387,6 +387,15 @@ def test_unreachable_hub_id_offline_fails_fast(tmp_path, cv_release):
     assert not (tmp_path / "features").exists()
 
 
+@pytest.mark.parametrize("data_dir", ["a-file", "a-file/data"])
+def test_data_dir_on_a_file_is_one_line_exit_2(tmp_path, cv_release, data_dir, capsys):
+    (tmp_path / "a-file").write_text("not a folder")
+    assert cli.run(feature_pipeline.main, pipeline_args(tmp_path / data_dir, "x", cv_release)) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert err.startswith(f"error: features.data_dir: {tmp_path / 'a-file'}") and "is a file, not a folder" in err
+
+
 def test_missing_source_is_one_line_exit_2(tmp_path, capsys):
     assert cli.run(feature_pipeline.main, pipeline_args(tmp_path, "x", tmp_path / "no-such-release")) == 2
     err = capsys.readouterr().err.strip()

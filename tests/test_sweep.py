@@ -257,6 +257,15 @@ def test_a_sweep_that_cannot_make_a_config_is_refused_before_any_trial(tmp_path)
                   ScriptedTrainer(lambda t, s: 1.0))
 
 
+def test_an_output_dir_on_a_file_is_refused_before_any_trial(tmp_path):
+    (tmp_path / "ck").write_text("not a folder")
+    spec = load_spec(write_spec(tmp_path, method="grid", budget_samples=32, space={"training.seed": [1]}))
+    trainer = ScriptedTrainer(lambda t, step: 50.0)
+    with pytest.raises(ConfigError, match=re.escape(f"training.output_dir: {tmp_path / 'ck'} is a file, not a folder")):
+        run_sweep(spec, base_config(tmp_path), str(ROOT / "config.yaml"), [], trainer, log=lambda s: None)
+    assert trainer.calls == []
+
+
 def test_trials_of_any_batch_size_report_their_checks_at_the_same_steps(tmp_path):
     """ceil(80 / 48) = 2 steps of 48 clips is 96 clips a check, not 80: each check is reported at
     the nearest multiple of 80, where the other trials report theirs."""

@@ -363,6 +363,17 @@ def test_missing_features_exit_2(tmp_path, tiny_model_dir, capsys):
     assert "feature_pipeline.py" in err
 
 
+@pytest.mark.parametrize("key, folder", [("output_dir", "a-file"), ("output_dir", "a-file/runs"),
+                                         ("run_name", "runs")])
+def test_output_on_a_file_exit_2(tmp_path, features_dir, tiny_model_dir, key, folder, capsys):
+    (tmp_path / "a-file").write_text("not a folder")
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs" / "tiny").write_text("not a folder")
+    code, err = _main(cli_args(overrides(features_dir, tiny_model_dir, tmp_path / folder)), capsys)
+    assert code == 2 and len(err.splitlines()) == 1
+    assert err.startswith(f"error: training.{key}: ") and "is a file, not a folder" in err
+
+
 def test_features_for_another_model_exit_2(tmp_path, features_dir, capsys):
     from transformers import WhisperConfig, WhisperForConditionalGeneration
 

@@ -444,6 +444,17 @@ def check_folder_name(name: str, key: str) -> None:
                           f"set it with --set {key}=NAME")
 
 
+def check_folder(path: str | Path, key: str) -> None:
+    """`path` is a folder or can be made one: neither it nor a folder above it is a file. Checked
+    where the folder is used (the config is loaded by commands that never write there)."""
+    for p in (Path(path), *Path(path).parents):
+        if p.exists():
+            if not p.is_dir():
+                where = "" if p == Path(path) else f" (in {path})"
+                raise ConfigError(f"{key}: {p}{where} is a file, not a folder; set {key} to a folder")
+            return
+
+
 def check_finite(cfg: Any, where: str) -> None:
     """No number of the config is infinite or NaN (`inf` reads as a float and passes `> 0`)."""
     for field in dataclasses.fields(cfg):

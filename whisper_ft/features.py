@@ -45,7 +45,7 @@ import numpy as np
 
 from whisper_ft.audio import SAMPLE_RATE, AudioError, TooLong, load_audio, pad_features, trimmed_features
 from whisper_ft.claims import ClaimSet, host_name, live_claims, owner_tag, pid_alive, read_holder
-from whisper_ft.config import save_config, to_dict
+from whisper_ft.config import check_folder, save_config, to_dict
 from whisper_ft.errors import UserError
 from whisper_ft.files import create_atomic, fsync_tree, replace_dir, staging_dir, write_atomic
 from whisper_ft.sources import EVAL, TRAIN, VALIDATION, ArrowAudio, Row, SourceError, describe, read_source
@@ -751,6 +751,7 @@ def build(cfg, num_shards: int = 1, shard_index: int = 0, workers: int | None = 
     finished ones and those a running peer holds) and, once every shard is on disk, write the
     manifest. `echo` gets one line per event; a progress bar shows the encoding."""
     fc = cfg.features
+    check_folder(fc.data_dir, "features.data_dir")
     store = FeatureStore.of(cfg)
     processor = load_feature_processor(cfg.model.name_or_path, cfg.model.language, cfg.model.task)
     rows = collect_rows(cfg, echo)

@@ -26,7 +26,7 @@ from pathlib import Path
 import yaml
 
 from whisper_ft.checkpoints import read_events, selection_checks
-from whisper_ft.config import Config, ConfigError, load_config, to_dict
+from whisper_ft.config import Config, ConfigError, check_folder, load_config, to_dict
 from whisper_ft.files import write_atomic
 from whisper_ft.model import first_line
 
@@ -252,6 +252,7 @@ def run_sweep(spec: SweepSpec, base: Config, config_path: str | None, overrides:
     from optuna.trial import TrialState
 
     check_trials(spec, base, config_path, overrides)
+    check_folder(base.training.output_dir, "training.output_dir")
     folder = Path(base.training.output_dir) / "sweeps" / spec.name
     study = make_study(spec, folder)
     write_atomic(folder / "sweep.yaml", yaml.safe_dump(dataclasses.asdict(spec), sort_keys=False))
