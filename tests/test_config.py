@@ -66,6 +66,14 @@ def test_cli_config_errors_are_one_line_exit_2(args, needle, tmp_path):
     assert "Traceback" not in proc.stderr
 
 
+def test_config_file_that_is_not_utf8_is_one_line_exit_2(tmp_path):
+    latin1 = tmp_path / "latin1.yaml"
+    latin1.write_bytes("features:\n  name: x  # Malmö\n".encode("latin-1"))
+    proc = run_cli("feature_pipeline.py", "--config", str(latin1), cwd=tmp_path, timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr == f"error: {latin1} is not UTF-8 text (line 2): save it as UTF-8\n"
+
+
 def test_user_errors_are_one_line_and_bugs_keep_their_traceback(capsys):
     from whisper_ft import cli
     from whisper_ft.errors import UserError

@@ -182,6 +182,9 @@ def load_config(path: str | Path | None = "config.yaml", overrides: list[str] | 
             raise ConfigError(f"config file not found: {path}")
         try:
             raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except UnicodeDecodeError as e:
+            line = e.object[:e.start].count(b"\n") + 1
+            raise ConfigError(f"{path} is not UTF-8 text (line {line}): save it as UTF-8") from e
         except yaml.YAMLError as e:
             raise ConfigError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from e
         if not isinstance(raw, dict):
