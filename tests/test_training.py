@@ -383,12 +383,19 @@ def test_features_for_another_model_exit_2(tmp_path, features_dir, capsys):
         decoder_attention_heads=1, encoder_ffn_dim=16, decoder_ffn_dim=16)).save_pretrained(other)
     code, err = _main(cli_args(overrides(features_dir, other, tmp_path)), capsys)
     assert code == 2 and len(err.splitlines()) == 1
-    assert "128" in err and "mel bins" in err and "feature_pipeline.py" in err
+    assert "128" in err and "mel bins" in err
+    # the same features.name would be refused: it holds features built with other settings
+    assert ("python feature_pipeline.py --set model.name_or_path=<the model> --set features.name=NEW_NAME and train "
+            "with --set features.name=NEW_NAME (or, without a new name, pass --overwrite to replace fixture)") in err
 
 
 def test_features_for_another_language_exit_2(tmp_path, features_dir, tiny_model_dir, capsys):
     code, err = _main([*cli_args(overrides(features_dir, tiny_model_dir, tmp_path)), "--set", "model.language=da"], capsys)
-    assert code == 2 and len(err.splitlines()) == 1 and "prefix tokens" in err and "feature_pipeline.py" in err
+    assert code == 2 and len(err.splitlines()) == 1 and "prefix tokens" in err
+    assert "(model.language=sv), the tokenizer makes" in err and "model.name_or_path" not in err
+    assert err.endswith("python feature_pipeline.py --set model.language=da --set features.name=NEW_NAME and train with "
+                        "--set features.name=NEW_NAME (or, without a new name, pass --overwrite to replace fixture), "
+                        "or train with model.language=sv")
 
 
 def test_bad_config_exit_2(tmp_path, capsys):

@@ -388,20 +388,34 @@ def input_features(example: dict, n_frames: int = 3000) -> np.ndarray:
 
 
 def check_compatible(manifest: dict, model_config, tokenizer) -> None:
-    """Refuse features built for another model family, mel bin count or tokenizer."""
+    """Refuse features built for another model family, mel bin count, tokenizer, language or task."""
     fx = manifest["feature_extractor"]
     tk = manifest["tokenizer"]
-    rerun = ("rebuild them for this model: python feature_pipeline.py --set model.name_or_path=<the model>, "
-             "or train the model the features were built for")
+    rerun = rebuild_hint(manifest, ["model.name_or_path=<the model>"],
+                         f"train the model they were built for ({manifest['model']['name_or_path']})")
     if fx["n_mels"] != model_config.num_mel_bins:
         raise FeaturesError(f"features have {fx['n_mels']} mel bins but the model expects "
-                            f"{model_config.num_mel_bins} ({manifest['model']['name_or_path']}): {rerun}")
+                            f"{model_config.num_mel_bins}: {rerun}")
     if tk["vocab_size"] != len(tokenizer):
         raise FeaturesError(f"features were tokenized with a vocabulary of {tk['vocab_size']} tokens, the model's "
                             f"tokenizer has {len(tokenizer)}: {rerun}")
     if list(tk["prefix_tokens"]) != list(tokenizer.prefix_tokens):
-        raise FeaturesError(f"features carry the prefix tokens {tk['prefix_tokens']}, the tokenizer makes "
-                            f"{list(tokenizer.prefix_tokens)} (another language or task): {rerun}")
+        built = manifest["model"]
+        keys = [k for k in ("language", "task") if built[k] != getattr(tokenizer, k)] or ["language", "task"]
+        ours = [f"model.{k}={getattr(tokenizer, k)}" for k in keys]
+        theirs = " and ".join(f"model.{k}={built[k]}" for k in keys)
+        raise FeaturesError(f"features {manifest['name']} carry the prefix tokens {tk['prefix_tokens']} ({theirs}), "
+                            f"the tokenizer makes {list(tokenizer.prefix_tokens)} ({' and '.join(ours)}): "
+                            + rebuild_hint(manifest, ours, f"train with {theirs}"))
+
+
+def rebuild_hint(manifest: dict, sets: list[str], other_way: str) -> str:
+    """What to run when a store does not fit the model: build a store under a new name (the same
+    features.name is refused, its store being made with other settings), or `other_way`."""
+    new = " ".join(f"--set {s}" for s in sets)
+    return (f"build matching features with python feature_pipeline.py {new} --set features.name=NEW_NAME and train "
+            f"with --set features.name=NEW_NAME (or, without a new name, pass --overwrite to replace {manifest['name']}), "
+            f"or {other_way}")
 
 
 def iter_batches(rows: tuple[Row, ...], batch_size: int) -> Iterator[tuple[Row, ...]]:
@@ -659,8 +673,9 @@ class FeatureStore:
         vocab = manifest["tokenizer"]["vocab_size"]
         if vocab != model_config.vocab_size:
             raise FeaturesError(f"features were tokenized with a vocabulary of {vocab} tokens but the model has "
-                                f"{model_config.vocab_size} (another Whisper family): rebuild them with "
-                                "python feature_pipeline.py --set model.name_or_path=<the model>")
+                                f"{model_config.vocab_size} (another Whisper family): "
+                                + rebuild_hint(manifest, ["model.name_or_path=<the model>"],
+                                               f"train the model they were built for ({manifest['model']['name_or_path']})"))
 
     def prepare(self, cfg, processor: Processor, settings: dict, fp: str, overwrite: bool) -> None:
         """Create the folder, or check that an existing one was made from the same inputs.
