@@ -374,6 +374,13 @@ def test_output_on_a_file_exit_2(tmp_path, features_dir, tiny_model_dir, key, fo
     assert err.startswith(f"error: training.{key}: ") and "is a file, not a folder" in err
 
 
+def test_missing_eval_features_say_how_to_build_them(tmp_path, features_dir, tiny_model_dir, capsys):
+    code, err = _main(cli_args(overrides(features_dir, tiny_model_dir, tmp_path, eval_features="nope")), capsys)
+    assert code == 2 and len(err.splitlines()) == 1
+    assert err == (f"error: training.eval_features: no finished features in {features_dir.parent / 'nope'} (no "
+                   "manifest.json): build them first with python feature_pipeline.py --set features.name=nope")
+
+
 def test_features_for_another_model_exit_2(tmp_path, features_dir, capsys):
     from transformers import WhisperConfig, WhisperForConditionalGeneration
 

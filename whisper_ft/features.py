@@ -350,10 +350,14 @@ def write_manifest_once(root: Path, shards: list[Shard], header: dict, claims: C
         claims.release(claim)
 
 
-def read_manifest(root: str | Path) -> dict:
-    """The manifest of a complete feature store, or a FeaturesError saying what to run."""
+def read_manifest(root: str | Path, key: str = "features.name") -> dict:
+    """The manifest of a complete feature store, or a FeaturesError saying what to run (`key`:
+    the config key that names the store)."""
     root = Path(root)
     path = root / MANIFEST
+    if not path.is_file() and key != "features.name":  # the same config would build features.name, not this one
+        raise FeaturesError(f"{key}: no finished features in {root} (no {MANIFEST}): build them first with "
+                            f"python feature_pipeline.py --set features.name={root.name}")
     if not path.is_file():
         raise FeaturesError(f"no finished features in {root} (no {MANIFEST}): run python feature_pipeline.py "
                             "with the same config first")
@@ -640,18 +644,25 @@ class FeatureStore:
     read it. `build` writes it."""
 
     root: Path
+    key: str = "features.name"  # the config key that names it, for the messages
 
     @classmethod
-    def of(cls, cfg, name: str = "") -> FeatureStore:
-        """The store `name` (default `features.name`) under `features.data_dir`."""
-        return cls(Path(cfg.features.data_dir) / "features" / (name or cfg.features.name))
+    def of(cls, cfg) -> FeatureStore:
+        """The store `features.name` under `features.data_dir`."""
+        return cls(Path(cfg.features.data_dir) / "features" / cfg.features.name)
+
+    @classmethod
+    def held_out_of(cls, cfg) -> FeatureStore:
+        """The store of the validation and test splits: `training.eval_features`, else `features.name`."""
+        name = cfg.training.eval_features
+        return cls(Path(cfg.features.data_dir) / "features" / name, "training.eval_features") if name else cls.of(cfg)
 
     @property
     def name(self) -> str:
         return self.root.name
 
     def manifest(self) -> dict:
-        return read_manifest(self.root)
+        return read_manifest(self.root, self.key)
 
     def has(self, split: str) -> bool:
         """Whether the finished store holds clips of `split` (older stores have no validation)."""

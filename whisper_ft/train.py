@@ -98,7 +98,7 @@ def load_data(cfg: Config) -> Data:
     store = FeatureStore.of(cfg)
     manifest = store.manifest()
     processor = store.processor(cfg.model.language, cfg.model.task)
-    held_out = FeatureStore.of(cfg, cfg.training.eval_features) if cfg.training.eval_features else store
+    held_out = FeatureStore.held_out_of(cfg)
     check_same_encoding(manifest, held_out.manifest())
     train, test = store.load("train"), held_out.load(EVAL)
     if len(train) == 0 or len(test) == 0:
@@ -737,7 +737,7 @@ def run_training(cfg: Config, fresh: bool = False, callbacks: Sequence[TrainerCa
         if cfg.training.export_ctranslate2:
             export_ct2(run_dir / checkpoints.BEST_DIR)
         if cfg.training.score_served:
-            held_out = FeatureStore.of(cfg, cfg.training.eval_features)
+            held_out = FeatureStore.held_out_of(cfg)
             summary["served"] = served.score(run_dir / checkpoints.BEST_DIR, held_out, cfg,
                                              served.read_predictions(run_dir / "predictions.jsonl"))
         write_reports(cfg, data.manifest, summary, run_dir)
