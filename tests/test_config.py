@@ -197,3 +197,11 @@ def test_an_empty_run_or_store_name_deletes_nothing(tmp_path, cv_release, capsys
     code = cli.run(feature_pipeline.main, [*sets, "--set", "features.name=", "--overwrite", "--workers", "1"])
     assert (tmp_path / "features/other-store/keep.txt").is_file()
     assert code == 2 and capsys.readouterr().err.startswith("error: features.name: must be one folder name")
+
+
+def test_window_settings_say_they_apply_to_the_transformers_path_only():
+    """The default CTranslate2 path cuts at pauses and reads neither (docs/app.md)."""
+    lines = Path(CONFIG).read_text().splitlines()
+    for key in ("chunk_seconds", "stride_seconds"):
+        line = next(line for line in lines if line.strip().startswith(f"{key}:"))
+        assert "# transformers path only:" in line, line
