@@ -374,3 +374,25 @@ def test_report_only_on_a_sweep_that_never_ran_is_a_one_line_error(tmp_path, cap
     err = capsys.readouterr().err
     assert err.startswith("error: --report-only: no trials in ") and "python sweep.py" in err
     assert err.count("\n") == 1 and not (tmp_path / "typo").exists()
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"method: grid\nspace: {training.seed: [1\n", "is not valid YAML (line 3): expected ',' or ']'"),
+    (b"# Title\n\nA paragraph: with a colon\nand: another: one\n", "is not valid YAML (line 4)"),  # e.g. README.md
+    (b"\xff\xfemethod: grid\n", "is not UTF-8 text (invalid start byte at byte 0)"),
+    (b"method: grid\x00\n", "is not valid YAML"),
+    (b"just some words\n", "must hold a mapping of sweep keys (method, space, ...), got str"),
+    (b"- method\n- grid\n", "must hold a mapping of sweep keys (method, space, ...), got list"),
+    (b"1: a\nfoo: b\n", ": unknown sweep key: 1"),
+])
+def test_a_sweep_file_that_is_not_a_yaml_mapping_is_a_one_line_error(tmp_path, capsys, content, message):
+    import sweep as entry
+
+    from whisper_ft import cli
+
+    path = tmp_path / "sw.yaml"
+    path.write_bytes(content)
+    assert cli.run(entry.main, [str(path), "--set", f"training.output_dir={tmp_path / 'ck'}"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {path}") and message in err and err.count("\n") == 1
+    assert not (tmp_path / "ck").exists()

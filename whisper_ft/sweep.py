@@ -65,9 +65,18 @@ def load_spec(path: str | Path) -> SweepSpec:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"sweep file not found: {path}")
-    raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start}); a sweep file is YAML") from e
+    except yaml.YAMLError as e:
+        mark, problem = getattr(e, "problem_mark", None), getattr(e, "problem", None)
+        where = f" (line {mark.line + 1})" if mark else ""
+        raise ConfigError(f"{path} is not valid YAML{where}: {problem or str(e).splitlines()[0]}") from e
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path} must hold a mapping of sweep keys (method, space, ...), got {type(raw).__name__}")
     names = {f.name for f in dataclasses.fields(SweepSpec)}
-    unknown = sorted(set(raw) - names)
+    unknown = sorted(set(raw) - names, key=str)
     if unknown:
         raise ConfigError(f"{path}: unknown sweep key: {unknown[0]}")
     for key in ("trials", "seed", "budget_samples", "eval_every_samples", "warmup_samples", "prune_warmup_evals"):
