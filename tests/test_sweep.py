@@ -386,13 +386,52 @@ def test_report_only_on_a_sweep_that_never_ran_is_a_one_line_error(tmp_path, cap
     (b"1: a\nfoo: b\n", ": unknown sweep key: 1"),
 ])
 def test_a_sweep_file_that_is_not_a_yaml_mapping_is_a_one_line_error(tmp_path, capsys, content, message):
+    path = tmp_path / "sw.yaml"
+    path.write_bytes(content)
+    err = sweep_command_error(tmp_path, capsys, path)
+    assert err.startswith(f"error: {path}") and message in err
+
+
+def sweep_command_error(tmp_path: Path, capsys, path: Path) -> str:
+    """What `python sweep.py path` prints, checked to be one line with exit code 2 before any trial."""
     import sweep as entry
 
     from whisper_ft import cli
 
-    path = tmp_path / "sw.yaml"
-    path.write_bytes(content)
     assert cli.run(entry.main, [str(path), "--set", f"training.output_dir={tmp_path / 'ck'}"]) == 2
     err = capsys.readouterr().err
-    assert err.startswith(f"error: {path}") and message in err and err.count("\n") == 1
-    assert not (tmp_path / "ck").exists()
+    assert err.count("\n") == 1 and not (tmp_path / "ck").exists()
+    return err
+
+
+@pytest.mark.parametrize("space, message", [
+    ("{training.learning_rate: 3e-5}", "space.training.learning_rate: expected a list of values or a range "
+                                       "{low, high}, got '3e-5' (a value every trial shares goes in base)"),
+    ("{training.seed: 7}", "space.training.seed: expected a list of values or a range {low, high}, got 7"),
+    ("{training.seed: null}", "space.training.seed: expected a list of values or a range {low, high}, got None"),
+    ("{training.learning_rate: []}", "space.training.learning_rate: expected at least one value, got []"),
+    ("{training.learning_rate: {low: 1.0e-3, high: 1.0e-5}}", "space.training.learning_rate: low 0.001 is above "
+                                                              "high 1e-05"),
+    ("{training.batch_size: {low: 32, high: 8}}", "space.training.batch_size: low 32 is above high 8"),
+    ("{training.dropout: {low: 0.0, high: 0.5, log: true}}", "space.training.dropout: a log range needs low above "
+                                                             "0, got 0.0"),
+    ("{features.name: {low: a, high: b}}", "space.features.name.low: expected a number, got 'a'"),
+    ("{training.seed: {low: 1, high: true}}", "space.training.seed.high: expected a number, got True"),
+])
+@pytest.mark.parametrize("method", ["random", "bayes"])
+def test_a_space_optuna_cannot_search_is_a_one_line_error_naming_the_key(tmp_path, capsys, method, space, message):
+    path = tmp_path / "sw.yaml"
+    path.write_text(f"method: {method}\ntrials: 2\nspace: {space}\n")
+    assert sweep_command_error(tmp_path, capsys, path).startswith(f"error: {path}: {message}")
+
+
+def test_an_empty_grid_list_is_a_one_line_error(tmp_path, capsys):
+    path = write_spec(tmp_path, method="grid", space={"training.seed": [1, 2], "training.learning_rate": []})
+    assert sweep_command_error(tmp_path, capsys, path) == (f"error: {path}: space.training.learning_rate: expected "
+                                                           "at least one value, got []\n")
+
+
+def test_range_bounds_yaml_reads_as_strings_are_numbers(tmp_path):
+    path = tmp_path / "sw.yaml"
+    path.write_text("method: random\ntrials: 2\nspace: {training.learning_rate: {low: 1e-5, high: 1e-3, log: true}}\n")
+    assert load_spec(path).space == {"training.learning_rate": {"low": 1e-5, "high": 1e-3, "log": True}}

@@ -97,14 +97,43 @@ def load_spec(path: str | Path) -> SweepSpec:
     for name, overrides in spec.variants.items():
         if not isinstance(overrides, dict):
             raise ConfigError(f"{path}: variants.{name}: expected a mapping of config keys to values")
-    for key, values in spec.space.items():
-        if spec.method == "grid" and not isinstance(values, list):
-            raise ConfigError(f"{path}: space.{key}: grid search needs a list of values")
-        if isinstance(values, dict) and not {"low", "high"} <= set(values):
-            raise ConfigError(f"{path}: space.{key}: a range needs low and high (and optionally log: true)")
+    space = {key: _space_values(values, spec.method, f"{path}: space.{key}") for key, values in spec.space.items()}
     if spec.method != "grid" and spec.trials < 1:
         raise ConfigError(f"{path}: trials: {spec.method} search needs trials >= 1")
-    return spec
+    return dataclasses.replace(spec, space=space)
+
+
+def _space_values(values, method: str, where: str) -> list | dict:
+    """One key of `space`, checked: a list of values, or for random/bayes a range {low, high,
+    log} whose bounds are numbers (here, not in Optuna's traceback when the sweep starts)."""
+    if isinstance(values, list):
+        if not values:
+            raise ConfigError(f"{where}: expected at least one value, got []")
+        return values
+    if method == "grid":
+        raise ConfigError(f"{where}: grid search needs a list of values")
+    if not isinstance(values, dict):
+        raise ConfigError(f"{where}: expected a list of values or a range {{low, high}}, got {values!r} "
+                          "(a value every trial shares goes in base)")
+    if not {"low", "high"} <= set(values):
+        raise ConfigError(f"{where}: a range needs low and high (and optionally log: true)")
+    low, high = (_bound(values[end], f"{where}.{end}") for end in ("low", "high"))
+    if low > high:
+        raise ConfigError(f"{where}: low {low} is above high {high}")
+    if values.get("log") and low <= 0:
+        raise ConfigError(f"{where}: a log range needs low above 0, got {low}")
+    return {**values, "low": low, "high": high}
+
+
+def _bound(value, where: str) -> int | float:
+    """A range's end; YAML reads 3e-5 (no dot) as a string, so it is parsed."""
+    try:
+        number = float(value) if isinstance(value, str) else value
+    except ValueError:
+        number = None
+    if isinstance(number, bool) or not isinstance(number, (int, float)) or math.isnan(number):
+        raise ConfigError(f"{where}: expected a number, got {value!r}")
+    return number
 
 
 def _count(value, where: str) -> int:
