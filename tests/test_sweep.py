@@ -435,3 +435,30 @@ def test_range_bounds_yaml_reads_as_strings_are_numbers(tmp_path):
     path = tmp_path / "sw.yaml"
     path.write_text("method: random\ntrials: 2\nspace: {training.learning_rate: {low: 1e-5, high: 1e-3, log: true}}\n")
     assert load_spec(path).space == {"training.learning_rate": {"low": 1e-5, "high": 1e-3, "log": True}}
+
+
+@pytest.mark.parametrize("space, message", [
+    ("{training.learning_rate: {low: 1.0e-5, high: 1.0e-3, logg: true}}",
+     "space.training.learning_rate.logg: unknown range key (a range has low, high, log, step)"),
+    ("{training.learning_rate: {low: 1.0e-5, high: 1.0e-3, log: 'no'}}",
+     "space.training.learning_rate.log: expected true or false, got 'no'"),
+    ("{training.batch_size: {low: 8, high: 32, step: 0}}",
+     "space.training.batch_size.step: expected a whole number of at least 1, got 0"),
+    ("{training.dropout: {low: 0.0, high: 0.5, step: 0.25}}",
+     "space.training.dropout.step: only an integer range (integer low and high, no log) takes a step"),
+    ("{training.batch_size: {low: 8, high: 64, log: true, step: 8}}",
+     "space.training.batch_size.step: only an integer range (integer low and high, no log) takes a step"),
+])
+def test_a_range_key_optuna_would_ignore_or_refuse_is_a_one_line_error(tmp_path, capsys, space, message):
+    path = tmp_path / "sw.yaml"
+    path.write_text(f"method: random\ntrials: 2\nspace: {space}\n")
+    assert sweep_command_error(tmp_path, capsys, path) == f"error: {path}: {message}\n"
+
+
+def test_an_integer_range_with_a_step_draws_its_multiples(tmp_path):
+    from whisper_ft.sweep import distributions
+
+    spec = load_spec(write_spec(tmp_path, method="random", trials=2,
+                                space={"training.batch_size": {"low": 8, "high": 32, "step": 8}}))
+    dist = distributions(spec)["training.batch_size"]
+    assert (type(dist).__name__, dist.low, dist.high, dist.step) == ("IntDistribution", 8, 32, 8)

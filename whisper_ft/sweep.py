@@ -115,13 +115,34 @@ def _space_values(values, method: str, where: str) -> list | dict:
     if not isinstance(values, dict):
         raise ConfigError(f"{where}: expected a list of values or a range {{low, high}}, got {values!r} "
                           "(a value every trial shares goes in base)")
+    return _range(values, where)
+
+
+RANGE_KEYS = ("low", "high", "log", "step")
+
+
+def _range(values: dict, where: str) -> dict:
+    """A range {low, high, log, step}, checked; a key Optuna would not get (a typo, a step
+    of a float range) is refused rather than silently ignored."""
     if not {"low", "high"} <= set(values):
         raise ConfigError(f"{where}: a range needs low and high (and optionally log: true)")
+    unknown = sorted(set(values) - set(RANGE_KEYS), key=str)
+    if unknown:
+        raise ConfigError(f"{where}.{unknown[0]}: unknown range key (a range has {', '.join(RANGE_KEYS)})")
+    log = values.get("log", False)
+    if not isinstance(log, bool):
+        raise ConfigError(f"{where}.log: expected true or false, got {log!r}")
     low, high = (_bound(values[end], f"{where}.{end}") for end in ("low", "high"))
     if low > high:
         raise ConfigError(f"{where}: low {low} is above high {high}")
-    if values.get("log") and low <= 0:
+    if log and low <= 0:
         raise ConfigError(f"{where}: a log range needs low above 0, got {low}")
+    if "step" in values:
+        step = values["step"]
+        if log or not (isinstance(low, int) and isinstance(high, int)):
+            raise ConfigError(f"{where}.step: only an integer range (integer low and high, no log) takes a step")
+        if isinstance(step, bool) or not isinstance(step, int) or step < 1:
+            raise ConfigError(f"{where}.step: expected a whole number of at least 1, got {step!r}")
     return {**values, "low": low, "high": high}
 
 
