@@ -462,3 +462,13 @@ def test_an_integer_range_with_a_step_draws_its_multiples(tmp_path):
                                 space={"training.batch_size": {"low": 8, "high": 32, "step": 8}}))
     dist = distributions(spec)["training.batch_size"]
     assert (type(dist).__name__, dist.low, dist.high, dist.step) == ("IntDistribution", 8, 32, 8)
+
+
+@pytest.mark.parametrize("key, values, message", [
+    ("training.seed", [1, 2, 1], "1 repeats an earlier value"),
+    ("training.learning_rate", [1.0e-5, 3.0e-5, 1.0e-5], "1e-05 repeats an earlier value"),
+])
+def test_a_grid_value_listed_twice_is_a_one_line_error(tmp_path, capsys, key, values, message):
+    path = write_spec(tmp_path, method="grid", space={key: values})
+    assert sweep_command_error(tmp_path, capsys, path) == (f"error: {path}: space.{key}: {message}; "
+                                                           "a grid runs each value once\n")

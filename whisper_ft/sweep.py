@@ -109,6 +109,9 @@ def _space_values(values, method: str, where: str) -> list | dict:
     if isinstance(values, list):
         if not values:
             raise ConfigError(f"{where}: expected at least one value, got []")
+        for i, value in enumerate(values):  # a repeat looks already run: run_sweep found no point left
+            if method == "grid" and value in values[:i]:
+                raise ConfigError(f"{where}: {value!r} repeats an earlier value; a grid runs each value once")
         return values
     if method == "grid":
         raise ConfigError(f"{where}: grid search needs a list of values")
