@@ -472,3 +472,11 @@ def test_a_grid_value_listed_twice_is_a_one_line_error(tmp_path, capsys, key, va
     path = write_spec(tmp_path, method="grid", space={key: values})
     assert sweep_command_error(tmp_path, capsys, path) == (f"error: {path}: space.{key}: {message}; "
                                                            "a grid runs each value once\n")
+
+
+@pytest.mark.parametrize("variants", [{}, {"a": {"training.seed": 1}, "b": {"training.seed": 2}}])
+def test_variant_in_space_is_a_one_line_error(tmp_path, capsys, variants):
+    """It named no variant (every trial ran the same config) or replaced the ones defined."""
+    path = write_spec(tmp_path, method="grid", variants=variants, space={"variant": ["a", "c"]})
+    assert sweep_command_error(tmp_path, capsys, path) == (f"error: {path}: space.variant: this key searches the named "
+                                                           "variants; define them under variants\n")

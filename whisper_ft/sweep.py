@@ -97,6 +97,8 @@ def load_spec(path: str | Path) -> SweepSpec:
     for name, overrides in spec.variants.items():
         if not isinstance(overrides, dict):
             raise ConfigError(f"{path}: variants.{name}: expected a mapping of config keys to values")
+    if VARIANT in spec.space:  # it would be taken for a variant's name, and never set in a config
+        raise ConfigError(f"{path}: space.{VARIANT}: this key searches the named variants; define them under variants")
     space = {key: _space_values(values, spec.method, f"{path}: space.{key}") for key, values in spec.space.items()}
     if spec.method != "grid" and spec.trials < 1:
         raise ConfigError(f"{path}: trials: {spec.method} search needs trials >= 1")
