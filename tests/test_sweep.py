@@ -480,3 +480,12 @@ def test_variant_in_space_is_a_one_line_error(tmp_path, capsys, variants):
     path = write_spec(tmp_path, method="grid", variants=variants, space={"variant": ["a", "c"]})
     assert sweep_command_error(tmp_path, capsys, path) == (f"error: {path}: space.variant: this key searches the named "
                                                            "variants; define them under variants\n")
+
+
+@pytest.mark.parametrize("name", [5, "", ".", "..", "../lr"])
+def test_a_sweep_name_that_is_not_a_folder_name_is_a_one_line_error(tmp_path, capsys, name):
+    """5 raised a TypeError; "" and "." put the trials in <output_dir>/sweeps/ itself, ".." and
+    "../lr" outside it."""
+    path = write_spec(tmp_path, name=name, method="grid", space={"training.seed": [1]})
+    assert sweep_command_error(tmp_path, capsys, path) == (f"error: {path}: name: expected a folder name (the sweep's "
+                                                           f"is <output_dir>/sweeps/<name>), got {name!r}\n")

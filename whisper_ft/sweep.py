@@ -88,6 +88,9 @@ def load_spec(path: str | Path) -> SweepSpec:
     if not isinstance(raw.get("prune", True), bool):
         raise ConfigError(f"{path}: prune: expected true or false, got {raw['prune']!r}")
     spec = SweepSpec(**{"name": path.stem, **raw})
+    if not isinstance(spec.name, str) or spec.name in ("", "..") or Path(spec.name).name != spec.name:
+        raise ConfigError(f"{path}: name: expected a folder name (the sweep's is <output_dir>/sweeps/<name>), "
+                          f"got {spec.name!r}")
     if spec.method not in METHODS:
         raise ConfigError(f"{path}: method: expected one of {', '.join(METHODS)}, got {spec.method!r}")
     if spec.metric not in METRICS:
