@@ -464,6 +464,17 @@ def test_an_integer_range_with_a_step_draws_its_multiples(tmp_path):
     assert (type(dist).__name__, dist.low, dist.high, dist.step) == ("IntDistribution", 8, 32, 8)
 
 
+def test_an_integer_range_on_a_log_scale_draws_integers(tmp_path):
+    """batch_size {low: 8, high: 64, log: true} draws whole batch sizes (it drew 25.04, which
+    failed every trial on the config's integer type)."""
+    from whisper_ft.sweep import distributions
+
+    spec = load_spec(write_spec(tmp_path, method="random", trials=2,
+                                space={"training.batch_size": {"low": 8, "high": 64, "log": True}}))
+    dist = distributions(spec)["training.batch_size"]
+    assert (type(dist).__name__, dist.low, dist.high, dist.log) == ("IntDistribution", 8, 64, True)
+
+
 @pytest.mark.parametrize("key, values, message", [
     ("training.seed", [1, 2, 1], "1 repeats an earlier value"),
     ("training.learning_rate", [1.0e-5, 3.0e-5, 1.0e-5], "1e-05 repeats an earlier value"),

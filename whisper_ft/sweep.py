@@ -208,8 +208,9 @@ def distributions(spec: SweepSpec) -> dict:
     for key, values in search_space(spec).items():
         if isinstance(values, list):
             out[key] = d.CategoricalDistribution(values)
-        elif isinstance(values["low"], int) and isinstance(values["high"], int) and not values.get("log"):
-            out[key] = d.IntDistribution(values["low"], values["high"], step=values.get("step", 1))
+        elif isinstance(values["low"], int) and isinstance(values["high"], int):  # log-uniform with log
+            out[key] = d.IntDistribution(values["low"], values["high"], log=bool(values.get("log")),
+                                         step=values.get("step", 1))
         else:
             out[key] = d.FloatDistribution(float(values["low"]), float(values["high"]), log=bool(values.get("log")))
     return out
