@@ -500,3 +500,17 @@ def test_a_sweep_name_that_is_not_a_folder_name_is_a_one_line_error(tmp_path, ca
     path = write_spec(tmp_path, name=name, method="grid", space={"training.seed": [1]})
     assert sweep_command_error(tmp_path, capsys, path) == (f"error: {path}: name: expected a folder name (the sweep's "
                                                            f"is <output_dir>/sweeps/<name>), got {name!r}\n")
+
+
+def test_trials_checked_on_different_stores_are_refused(tmp_path, capsys):
+    """A sweep over feature stores ranks each trial on its own store's held-out splits unless
+    training.eval_features fixes one: refused before any trial."""
+    path = write_spec(tmp_path, method="grid", space={"features.name": ["cv-sv", "cv-sv-plus-nst"]})
+    err = sweep_command_error(tmp_path, capsys, path)
+    assert "held-out splits of different feature stores (cv-sv, cv-sv-plus-nst)" in err
+    assert "set training.eval_features" in err
+    fixed = write_spec(tmp_path, file="fixed", method="grid", base={"training.eval_features": "cv-sv"},
+                       space={"features.name": ["cv-sv", "cv-sv-plus-nst"]})
+    from whisper_ft.sweep import check_trials
+
+    check_trials(load_spec(fixed), load_config(ROOT / "config.yaml"), str(ROOT / "config.yaml"), [])

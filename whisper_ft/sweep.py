@@ -180,7 +180,8 @@ def _count(value, where: str) -> int:
 def check_trials(spec: SweepSpec, base: Config, config_path: str | None, overrides: list[str]) -> None:
     """Refuse, before any trial runs, a sweep whose settings cannot make a config (an unknown
     key, a value out of range: every grid point and variant, a range's bounds) or that sets a
-    key the command line sets too (`--set` would lose to it)."""
+    key the command line sets too (`--set` would lose to it), or whose trials would be checked on
+    different feature stores' held-out splits (`training.eval_features` makes them one)."""
     ours = set(spec.base) | set(spec.space) | {k for v in spec.variants.values() for k in v}
     ours |= {key for key, _ in budget(spec, 1)}
     both = sorted(ours & {item.partition("=")[0].strip() for item in overrides})
@@ -193,11 +194,17 @@ def check_trials(spec: SweepSpec, base: Config, config_path: str | None, overrid
         points = [{k: (v if isinstance(v, list) else [v["low"], v["high"]])[i] for k, v in space.items()}
                   for i in (0, -1)]
         points += [{**points[0], VARIANT: name} for name in spec.variants]
+    held_out = set()
     for params in points:
         try:
-            trial_config(base, spec, params, Path(base.training.output_dir), 0, config_path, overrides)
+            cfg = trial_config(base, spec, params, Path(base.training.output_dir), 0, config_path, overrides)
         except ConfigError as e:
             raise ConfigError(f"sweep {spec.name}, trial {_params(params)}: {e}") from e
+        held_out.add(cfg.training.eval_features or cfg.features.name)
+    if len(held_out) > 1:
+        raise ConfigError(f"sweep {spec.name}: its trials would be checked on the held-out splits of different feature "
+                          f"stores ({', '.join(sorted(held_out))}), so their scores would not compare; set "
+                          "training.eval_features in the sweep's base to the store every trial is checked on")
 
 
 def distributions(spec: SweepSpec) -> dict:
