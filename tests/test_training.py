@@ -538,6 +538,48 @@ def test_eval_features_from_another_store_must_share_the_encoding(tmp_path, feat
         shutil.rmtree(other)
 
 
+def _store_training_on_test_clips(features_dir: Path, name: str, speaker: str | None = None) -> Path:
+    """A copy of the fixture store whose training split is the fixture's test clips (read by
+    another `speaker`: the same sentences, other clips)."""
+    from datasets import load_from_disk
+
+    other = features_dir.parent / name
+    shutil.rmtree(other, ignore_errors=True)
+    shutil.copytree(features_dir, other)
+    manifest = json.loads((other / "manifest.json").read_text())
+    test_shards = manifest["splits"]["eval"]["shards"]
+    manifest["splits"]["train"] = manifest["splits"]["eval"]
+    if speaker is not None:
+        ds = load_from_disk(str(features_dir / test_shards[0])).map(lambda ex: {"speaker": speaker})
+        ds.save_to_disk(str(other / "train" / "shard-test"))
+        (other / "train" / "shard-test" / "stats.json").write_text(json.dumps({"clips": len(ds)}))
+        manifest["splits"]["train"] = {**manifest["splits"]["eval"], "shards": ["train/shard-test"]}
+    (other / "manifest.json").write_text(json.dumps(manifest))
+    return other
+
+
+def test_eval_features_store_sharing_clips_with_training_is_refused(tmp_path, features_dir, tiny_model_dir, caplog):
+    """Stage 1 keeps held-out clips out of training within a store; training.eval_features
+    brings in another store's, which load_data checks against the training split."""
+    from whisper_ft.features import FeaturesError
+    from whisper_ft.train import load_data
+
+    leaky = _store_training_on_test_clips(features_dir, "fixture-leaky")
+    sets = overrides(leaky, tiny_model_dir, tmp_path, eval_features=features_dir.name)
+    try:
+        with pytest.raises(FeaturesError, match=f"the training clips of features fixture-leaky include 10 test clips of "
+                                                f"{features_dir.name} \\(training.eval_features\\).*disjoint sources"):
+            load_data(load_config(None, sets))
+        assert len(load_data(load_config(None, [*sets, "features.on_overlap=keep"])).test) == 10
+        assert "include 10 test clips" in caplog.text and "not held-out scores" in caplog.text
+        caplog.clear()
+        _store_training_on_test_clips(features_dir, "fixture-leaky", speaker="someone else")
+        assert len(load_data(load_config(None, sets)).test) == 10  # only sentences shared: a warning
+        assert "10 test clips of fixture (training.eval_features) share a sentence" in caplog.text
+    finally:
+        shutil.rmtree(leaky)
+
+
 def test_compiled_layers_train_like_eager_ones(features_dir, tiny_model_dir):
     """training.torch_compile compiles each layer in place: same loss and gradients, same
     parameter names in checkpoints."""

@@ -606,6 +606,16 @@ def find_overlap(rows: list[Row], held: list[Row], split: str, of: str = TRAIN) 
                    len(speakers & their_speakers), frozenset(involved), dict(origin), of)
 
 
+def stored_rows(ds, split: str) -> list[Row]:
+    """The rows of a stored split (a `datasets.Dataset` of a store), read from their id, source,
+    speaker and sentence columns only, for `find_overlap` across stores. Shards keep no audio
+    path, so `clip_key` identifies a clip as it does audio embedded in Arrow files: by source,
+    speaker and normalized sentence."""
+    cols = ds.select_columns(["id", "source", "speaker", "sentence"]).to_dict()
+    return [Row(source, split, id_, None, sentence, speaker)
+            for id_, source, speaker, sentence in zip(cols["id"], cols["source"], cols["speaker"], cols["sentence"])]
+
+
 # held-out pairs: the rows of the first split must share nothing with the second's
 LEAKAGE_PAIRS = ((TRAIN, VALIDATION), (TRAIN, EVAL), (VALIDATION, EVAL))
 VALIDATION_VS_TEST = "validation_vs_test"  # the manifest's key for the last pair

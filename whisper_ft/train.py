@@ -33,7 +33,8 @@ from whisper_ft import averaging, breakdown, checkpoints, report, served
 from whisper_ft.collator import IGNORE_INDEX, SpeechCollator, expand
 from whisper_ft.config import Config, check_folder, save_config, to_dict
 from whisper_ft.errors import UserError
-from whisper_ft.features import EVAL, ROLE, VALIDATION, FeatureStore, FeaturesError
+from whisper_ft.features import (EVAL, ROLE, TRAIN, VALIDATION, FeatureStore, FeaturesError, find_overlap,
+                                 stored_rows)
 from whisper_ft.files import replace_dir, staging_dir, write_atomic
 from whisper_ft.metrics import scores
 from whisper_ft.model import first_line, load_model, resolve
@@ -104,6 +105,8 @@ def load_data(cfg: Config) -> Data:
     if len(train) == 0 or len(test) == 0:
         raise FeaturesError(f"{store.root} has {len(train)} training and {len(test)} test clips; both are "
                             "needed: check features.sources (train_splits, eval_splits) and rerun python feature_pipeline.py")
+    if held_out.root != store.root:  # stage 1 checked the splits of one store, not these
+        check_disjoint_stores(store, held_out, train, cfg.features.on_overlap)
     test = longest_first(test)
     if held_out.has(VALIDATION):
         split, selection = ROLE[VALIDATION], longest_first(held_out.load(VALIDATION))
@@ -124,6 +127,33 @@ def check_same_encoding(train_manifest: dict, eval_manifest: dict) -> None:
         if train_manifest[key] != eval_manifest[key]:
             raise FeaturesError(f"features {train_manifest['name']} and {eval_manifest['name']} (training.eval_features) "
                                 f"differ in {key.replace('_', ' ')}: build both with the same model.name_or_path")
+
+
+def check_disjoint_stores(store: FeatureStore, held_out: FeatureStore, train, policy: str) -> None:
+    """Training clips of `store` (`train`) that are validation or test clips of the
+    training.eval_features store `held_out`: a FeaturesError (features.on_overlap=keep: a
+    warning; `drop` refuses too, as rows cannot be dropped from built stores). Clips that share
+    only a sentence are a warning: stage 1 drops such training rows, across stores only a rebuild can."""
+    rows = stored_rows(train, TRAIN)
+    found = [find_overlap(rows, stored_rows(held_out.load(split), split), split)
+             for split in (VALIDATION, EVAL) if held_out.has(split)]
+    clips, sentences = _counts(found, "clips"), _counts(found, "sentences")
+    where = f"the training clips of features {store.name} include {clips} clips of {held_out.name} (training.eval_features)"
+    if clips and policy != "keep":
+        raise FeaturesError(f"{where}, so their scores would not be held-out scores: build the two stores from "
+                            "disjoint sources or splits, or use another training.eval_features "
+                            "(features.on_overlap=keep trains anyway)")
+    if clips:
+        log.warning("%s (features.on_overlap=keep): the validation and test scores are not held-out scores", where)
+    elif sentences:
+        log.warning("%s clips of %s (training.eval_features) share a sentence with training clips of %s: stage 1 "
+                    "drops such training rows within a store, across stores only rebuilding %s without them can; "
+                    "the validation and test scores may be optimistic", sentences, held_out.name, store.name, store.name)
+
+
+def _counts(found, attr: str) -> str:
+    """'6 validation and 10 test' for the Overlap counts `attr` that are not zero."""
+    return " and ".join(f"{getattr(o, attr):,} {ROLE[o.split]}" for o in found if getattr(o, attr))
 
 
 def _model_view(ds):
