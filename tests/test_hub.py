@@ -10,6 +10,7 @@ import json
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -68,9 +69,14 @@ def test_card_metadata_reports_test_and_names_every_split(tmp_path):
     assert results(data) == [("test", "Test WER", 18.34), ("test", "Test WER (normalized)", 12.03),
                              ("test", "Test CER", 6.11), ("validation", "Validation WER (checkpoint selection)", 21.04)]
     assert {r.dataset_name for r in data.eval_results} == {"Common Voice 23.0 (cv)"}
-    # picked on the test split (no validation split): only test numbers, no second claim
+    # picked on the test split (no validation split): only test numbers, each saying it is optimistic
     on_test = report.card_data({**SUMMARY, "selection_split": "test"}, config, REPO)
-    assert [split for split, *_ in results(on_test)] == ["test"] * 3
+    assert [(split, name) for split, name, _ in results(on_test)] == [
+        ("test", f"Test WER{report.OPTIMISTIC}"), ("test", f"Test WER (normalized){report.OPTIMISTIC}"),
+        ("test", f"Test CER{report.OPTIMISTIC}")]
+    assert "optimistic" not in hub.commit_message(SimpleNamespace(summary=SUMMARY, config=config))
+    assert hub.commit_message(SimpleNamespace(summary={**SUMMARY, "selection_split": "test"}, config=config)) == (
+        f"small-sv: best/ from step 3000, test WER 18.34%{report.OPTIMISTIC}")
     mixed = to_dict(run_config(tmp_path, "features.sources.1.name=nst", "features.sources.1.kind=hf",
                                "features.sources.1.path=someone/nst-sv"))
     assert report.card_data(SUMMARY, mixed, REPO).datasets == ["common_voice", "someone/nst-sv"]
