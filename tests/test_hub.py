@@ -97,6 +97,21 @@ def test_card_text_says_what_was_scored_and_the_steps_used(tmp_path):
     assert "scored on the shipped model." in card and "zero-shot" not in card
 
 
+def test_card_names_the_store_of_the_held_out_splits(tmp_path):
+    """With training.eval_features, validation and test come from that store: the card says so
+    and lists only the training split of the training store."""
+    splits = {"train": {"clips": 100, "hours": 0.1, "by_source": {"cv": 100}},
+              "validation": {"clips": 3, "hours": 0.01, "by_source": {"cv": 3}},
+              "eval": {"clips": 10, "hours": 0.02, "by_source": {"cv": 10}}}
+    manifest = {**MANIFEST, "splits": splits}
+    own = report.model_card(SUMMARY, to_dict(run_config(tmp_path)), manifest)
+    assert "Test split, 500 clips" in own and "- test: 10 clips" in own and "- validation: 3 clips" in own
+    other = report.model_card(SUMMARY, to_dict(run_config(tmp_path, "training.eval_features=cv-other")), manifest)
+    assert "Test split of feature store `cv-other`, 500 clips" in other
+    assert "- validation and test: feature store `cv-other`" in other
+    assert "- train: 100 clips" in other and "- test: 10 clips" not in other and "- validation: 3" not in other
+
+
 def test_push_target_is_validated():
     assert load_config(None, [f"training.push_to_hub={REPO}"]).training.push_to_hub == REPO
     for bad, message in (("whisper-sv", "expected USER/NAME"), ("me/whisper sv", "not a Hub repository id")):

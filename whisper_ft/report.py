@@ -45,6 +45,9 @@ def plot_curves(events: list[dict], path: str | Path) -> Path:
     return Path(path)
 
 
+STORE_SPLIT = {"eval": "test"}  # a feature store's split folder -> the split's name in the card
+
+
 def _pct(value) -> str:
     return "n/a" if value is None else f"{100 * value:.2f}"
 
@@ -66,8 +69,13 @@ def model_card(summary: dict, config: dict, manifest: dict) -> str:
     scored = "once before training and once on the shipped model" if base else "on the shipped model"
     table = "\n".join(f"| {name} | {r.get('eval_clips')} | {_pct(r.get('wer'))} | {_pct(r.get('wer_normalized'))} "
                       f"| {_pct(r.get('cer'))} |" for name, r in rows if name)
-    data = "\n".join(f"- {split}: {s['clips']} clips, {s['hours']:.2f} h ({', '.join(f'{k} {v}' for k, v in s['by_source'].items())})"
-                     for split, s in manifest["splits"].items())
+    held_out = t.get("eval_features") if t.get("eval_features") not in (None, "", manifest["name"]) else None
+    data = "\n".join(f"- {STORE_SPLIT.get(split, split)}: {s['clips']} clips, {s['hours']:.2f} h "
+                     f"({', '.join(f'{k} {v}' for k, v in s['by_source'].items())})"
+                     for split, s in manifest["splits"].items() if not held_out or split == "train")
+    if held_out:
+        data += f"\n- validation and test: feature store `{held_out}` (`training.eval_features`)"
+    test_of = f" of feature store `{held_out}`" if held_out else ""
     resolved = {"learning_rate": _resolved(t["learning_rate"], summary.get("learning_rate")),
                 "warmup_steps": _resolved(t["warmup_steps"], summary.get("warmup_steps")),
                 "precision": summary.get("mixed_precision") or t["precision"]}
@@ -86,7 +94,7 @@ The generation config forces language `{m['language']}` and task `{m['task']}`.
 
 ## Results
 
-Test split, {final.get('eval_clips', 'n/a')} clips, scored {scored}.
+Test split{test_of}, {final.get('eval_clips', 'n/a')} clips, scored {scored}.
 WER and CER in %, lower is better. Orthographic WER compares the text as written; normalized WER
 lowercases and removes punctuation first.
 {_selection_note(summary, selection)}
