@@ -726,6 +726,12 @@ def test_a_resume_on_another_number_of_processes_is_refused(tmp_path, monkeypatc
     check_resumable(cfg, tmp_path, resume, 12)  # only the final evaluation left
     monkeypatch.setenv("WORLD_SIZE", "2")
     check_resumable(cfg, tmp_path, resume, 9)
+    # finished at 9 on 1 process (a start that trained nothing): what trained up to checkpoint-9 counts
+    checkpoints.append_event(tmp_path, {"event": "start", "step": 9, "resumed_from": "checkpoint-9", "world_size": 1})
+    check_resumable(cfg, tmp_path, resume, 9)
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    with pytest.raises(TrainingError, match=r"on 2 process\(es\), this run has 1"):
+        check_resumable(cfg, tmp_path, resume, 9)
 
 
 def test_fresh_deletes_the_run_only_once_its_data_and_model_load(tmp_path, features_dir, tiny_model_dir):

@@ -823,7 +823,7 @@ def check_resumable(cfg: Config, run_dir: Path, resume: Path | None, step: int =
                             "a resumed run keeps its own; set them back, pass --fresh to start it over, or use "
                             "another training.run_name")
     if resume is not None and step < cfg.training.max_steps:
-        check_same_processes(run_dir, resume)
+        check_same_processes(run_dir, resume, step)
     steps = get(saved, "training.max_steps")
     if resume is not None and steps is not missing and steps != cfg.training.max_steps:
         log.info("training.max_steps changed from %s to %d: the learning-rate schedule runs to the new end from here",
@@ -860,10 +860,13 @@ def first_warmup(cfg: Config, run_dir: Path) -> int | None:
     return first["warmup_steps"]
 
 
-def check_same_processes(run_dir: Path, resume: Path) -> None:
-    """Refuse to go on training `run_dir` on another number of processes than its last start:
-    the effective batch (batch x accumulation x processes) and the order of the data would change."""
-    starts = [e for e in checkpoints.read_events(run_dir) if e.get("event") == "start" and e.get("world_size")]
+def check_same_processes(run_dir: Path, resume: Path, step: int) -> None:
+    """Refuse to go on training `run_dir` from `resume` (at `step`) on another number of processes
+    than trained up to it: the effective batch (batch x accumulation x processes) and the order of
+    the data would change. The starts before `step` count (a later one may only have finished the
+    run, on any number of processes)."""
+    starts = [e for e in checkpoints.read_events(run_dir)
+              if e.get("event") == "start" and e.get("world_size") and e.get("step", 0) < step]
     before, now = (starts[-1]["world_size"], world_size()) if starts else (None, None)
     if before is not None and before != now:
         raise TrainingError(f"{run_dir} was trained to {resume.name} on {before} process(es), this run has {now}: the "
