@@ -93,8 +93,8 @@ def commit_message(run: FinishedRun) -> str:
     """One line naming the run, the step of best/ and its test WER."""
     s = run.summary
     wer = "n/a" if s.get("wer") is None else f"{100 * s['wer']:.2f}%"
-    caveat = report.OPTIMISTIC if s.get("selection_split") == "test" else ""
-    return f"{run.config['training']['run_name']}: best/ from step {s.get('best_step')}, test WER {wer}{caveat}"
+    return (f"{run.config['training']['run_name']}: best/ from step {s.get('best_step')}, test WER {wer}"
+            f"{report.selection_caveat(s)}")
 
 
 def token() -> str:

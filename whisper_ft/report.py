@@ -178,12 +178,17 @@ def language_code(language: str) -> str:
 OPTIMISTIC = " (checkpoint chosen on test: optimistic)"
 
 
+def selection_caveat(summary: dict) -> str:
+    """OPTIMISTIC for the test figures of a run that picked its checkpoint on the test split, else ''."""
+    return OPTIMISTIC if summary.get("selection_split") == "test" else ""
+
+
 def _eval_results(summary: dict, dataset: tuple[str, str]) -> list:
     """model-index results in %: test WER, normalized WER and CER, then the validation WER."""
     from huggingface_hub import EvalResult
 
     final = summary["final"]
-    caveat = OPTIMISTIC if summary.get("selection_split") == "test" else ""
+    caveat = selection_caveat(summary)
     rows = [("test", "wer", f"Test WER{caveat}", final.get("wer")),
             ("test", "wer", f"Test WER (normalized){caveat}", final.get("wer_normalized")),
             ("test", "cer", f"Test CER{caveat}", final.get("cer"))]
