@@ -439,10 +439,16 @@ LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "cons
                  "inverse_sqrt", "reduce_lr_on_plateau")
 
 
+def is_folder_name(name: str) -> bool:
+    """Whether `name` is one folder under its parent: not empty, `.` or `..` (the parent or above
+    it) and no path separator."""
+    return name not in ("", ".", "..") and "/" not in name and "\\" not in name
+
+
 def check_folder_name(name: str, key: str) -> None:
-    """A name that is one folder under its parent: an empty name, `.` or `..` would point at the
-    parent (or above it), and --fresh or --overwrite would then delete every folder there."""
-    if name in ("", ".", "..") or "/" in name or "\\" in name:
+    """`name` is one folder name (`is_folder_name`): else it would point at the parent, where
+    --fresh or --overwrite would then delete every folder."""
+    if not is_folder_name(name):
         raise ConfigError(f"{key}: must be one folder name (not empty, . or .., no / or \\), got {name!r}; "
                           f"set it with --set {key}=NAME")
 

@@ -26,7 +26,7 @@ from pathlib import Path
 import yaml
 
 from whisper_ft.checkpoints import read_events, selection_checks
-from whisper_ft.config import Config, ConfigError, check_folder, load_config, to_dict
+from whisper_ft.config import Config, ConfigError, check_folder, is_folder_name, load_config, to_dict
 from whisper_ft.files import write_atomic
 from whisper_ft.model import first_line
 
@@ -88,7 +88,7 @@ def load_spec(path: str | Path) -> SweepSpec:
     if not isinstance(raw.get("prune", True), bool):
         raise ConfigError(f"{path}: prune: expected true or false, got {raw['prune']!r}")
     spec = SweepSpec(**{"name": path.stem, **raw})
-    if not isinstance(spec.name, str) or spec.name in ("", "..") or Path(spec.name).name != spec.name:
+    if not isinstance(spec.name, str) or not is_folder_name(spec.name):
         raise ConfigError(f"{path}: name: expected a folder name (the sweep's is <output_dir>/sweeps/<name>), "
                           f"got {spec.name!r}")
     if spec.method not in METHODS:
