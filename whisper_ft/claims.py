@@ -58,6 +58,13 @@ def owner_tag() -> str:
     return f"{host_name()}-{os.getpid()}"
 
 
+def gone_here(tag: str) -> bool:
+    """Whether `tag` (an `owner_tag`) names a process of this machine that no longer runs; False
+    for another machine's, whose processes cannot be looked up from here."""
+    host, _, pid = tag.rpartition("-")
+    return host == host_name() and pid.isdigit() and not pid_alive(int(pid))
+
+
 def pid_alive(pid: int) -> bool:
     """Whether a process `pid` runs on this machine."""
     if pid <= 0:

@@ -44,7 +44,7 @@ from typing import Any
 import numpy as np
 
 from whisper_ft.audio import SAMPLE_RATE, AudioError, TooLong, load_audio, pad_features, trimmed_features
-from whisper_ft.claims import ClaimSet, host_name, live_claims, owner_tag, pid_alive, read_holder
+from whisper_ft.claims import ClaimSet, gone_here, live_claims, owner_tag, read_holder
 from whisper_ft.config import check_folder, save_config, to_dict
 from whisper_ft.errors import UserError
 from whisper_ft.files import create_atomic, fsync_tree, replace_dir, staging_dir, write_atomic
@@ -266,9 +266,8 @@ def clean_partial(root: Path, stale_seconds: float) -> None:
             if holder is None or holder.tag != writer or holder.is_stale(stale_seconds):
                 shutil.rmtree(tmp, ignore_errors=True)
     for tmp in [*root.glob(f".{PROCESSOR_DIR}.tmp-*"), *root.glob(f".{PLAN}.tmp-*")]:
-        host, _, pid = tmp.name.split(".tmp-", 1)[1].rpartition("-")
-        if host != host_name() or not pid.isdigit() or pid_alive(int(pid)):
-            continue  # a live writer's, or another machine's, whose process cannot be looked up from here
+        if not gone_here(tmp.name.split(".tmp-", 1)[1]):
+            continue  # a live writer's, or another machine's
         if tmp.is_dir():
             shutil.rmtree(tmp, ignore_errors=True)
         else:
