@@ -315,8 +315,18 @@ def test_sharing_without_a_login_warns_loudly(model_dir, launches, caplog, flags
         assert inference_app.main(["--model", str(model_dir), "--config", str(ROOT / "config.yaml"), *flags]) == 0
     assert "WITHOUT A LOGIN" in caplog.text and "--auth-file" in caplog.text
     assert launches[-1]["auth"] is None
-    if flags[0] == "--host":
-        assert launches[-1]["server_name"] == flags[1]  # as typed, not read as YAML ("::" is a mapping there)
+    if flags[0] == "--host":  # as typed, not read as YAML ("::" is a mapping there); IPv6 in brackets for gradio
+        assert launches[-1]["server_name"] == ("[::]" if flags[1] == "::" else flags[1])
+
+
+@pytest.mark.parametrize("host, bound", [("::1", "[::1]"), ("[::1]", "[::1]"), ("localhost", "localhost")])
+def test_an_ipv6_loopback_host_is_served_in_brackets_without_a_warning(model_dir, launches, caplog, host, bound):
+    import inference_app
+
+    with caplog.at_level(logging.WARNING):
+        assert inference_app.main(["--model", str(model_dir), "--config", str(ROOT / "config.yaml"),
+                                   "--host", host]) == 0
+    assert launches[-1]["server_name"] == bound and "WITHOUT A LOGIN" not in caplog.text
 
 
 def test_logins_from_the_flag_a_file_or_the_environment(model_dir, launches, caplog, tmp_path, monkeypatch):
@@ -339,7 +349,8 @@ def test_logins_from_the_flag_a_file_or_the_environment(model_dir, launches, cap
 @pytest.mark.parametrize("flags, message", [
     (["--auth", "anna"], "error: --auth: expected USER:PASSWORD"),
     (["--auth", ":hemligt"], "error: --auth: expected USER:PASSWORD"),
-    (["--auth-file", "/no/such/logins.txt"], "error: app.auth_file: /no/such/logins.txt does not exist")])
+    (["--auth-file", "/no/such/logins.txt"], "error: app.auth_file: /no/such/logins.txt does not exist"),
+    (["--auth-file", "/"], "error: app.auth_file: cannot read /: Is a directory")])
 def test_a_bad_login_setting_is_a_one_line_error(model_dir, launches, capsys, flags, message):
     import inference_app
 

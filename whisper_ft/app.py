@@ -303,13 +303,21 @@ class ServeError(UserError):
 def serve(demo: gr.Blocks, app: AppConfig, logins: list[tuple[str, str]]) -> None:
     """Serve the page on app.host:app.port (and a gradio.live link with app.share) until stopped."""
     try:
-        demo.launch(server_name=app.host, server_port=app.port, share=app.share, max_file_size="1gb",
+        demo.launch(server_name=bind_name(app.host), server_port=app.port, share=app.share, max_file_size="1gb",
                     auth=logins or None, auth_message="Swedish speech to text: sign in")
     except OSError as e:
         if demo.is_running:  # the server was up: not a matter of the address
             raise
         raise ServeError(f"cannot serve the page on host {app.host}, port {app.port}: another program uses the port "
                          "or the host is no address of this machine; choose another --port (or --host)") from e
+
+
+def bind_name(host: str) -> str:
+    """`host` as gradio takes it: an IPv6 address in brackets (gradio writes its own URL from it)."""
+    try:
+        return f"[{host}]" if ipaddress.ip_address(host).version == 6 else host
+    except ValueError:  # a name, or already in brackets
+        return host
 
 
 class AuthError(UserError):
@@ -323,12 +331,14 @@ def read_logins(auth: str | None, auth_file: str, environ) -> list[tuple[str, st
         return [parse_login(auth, "--auth")]
     if auth_file:
         path = Path(auth_file).expanduser()
-        if not path.is_file():
+        if not path.exists():
             raise AuthError(f"app.auth_file: {auth_file} does not exist")
         try:
             text = path.read_text(encoding="utf-8")
         except UnicodeDecodeError as e:  # the message would quote the bytes, perhaps of a password
             raise AuthError(f"app.auth_file: {auth_file} is not UTF-8 text; save it as UTF-8") from e
+        except OSError as e:
+            raise AuthError(f"app.auth_file: cannot read {auth_file}: {e.strerror or e}") from e
         lines = [(i, line.strip()) for i, line in enumerate(text.splitlines(), 1)]
         logins = [parse_login(line, f"{auth_file}, line {i}") for i, line in lines
                   if line and not line.startswith("#")]
@@ -348,11 +358,11 @@ def parse_login(text: str, where: str) -> tuple[str, str]:
 
 
 def is_loopback(host: str) -> bool:
-    """True for addresses only this machine can reach (127.0.0.1, ::1, localhost)."""
+    """True for addresses only this machine can reach (127.0.0.1, ::1 or [::1], localhost)."""
     if host.lower() == "localhost":
         return True
     try:
-        return ipaddress.ip_address(host).is_loopback
+        return ipaddress.ip_address(host.removeprefix("[").removesuffix("]")).is_loopback
     except ValueError:
         return False
 
