@@ -60,7 +60,7 @@ def print_summary(summary: dict) -> None:
     print(f"done: {summary['steps']} steps; best {summary['selection_split']} WER {_pct(summary['best_wer'])} at step "
           f"{summary['best_step']}; test split ({summary['eval_clips']} clips): WER {_pct(summary['wer'])} "
           f"(zero-shot {_pct(base and base['wer'])}), normalized {_pct(summary['wer_normalized'])}, "
-          f"CER {_pct(summary['cer'])}{report.selection_caveat(summary)}")
+          f"CER {_pct(summary['cer'])}{report.score_caveat(summary)}")
     print(f"best model: {summary['run_dir']}/best")
 
 

@@ -77,6 +77,11 @@ def test_card_metadata_reports_test_and_names_every_split(tmp_path):
     assert "optimistic" not in hub.commit_message(SimpleNamespace(summary=SUMMARY, config=config))
     assert hub.commit_message(SimpleNamespace(summary={**SUMMARY, "selection_split": "test"}, config=config)) == (
         f"small-sv: best/ from step 3000, test WER 18.34%{report.OPTIMISTIC}")
+    # trained on held-out clips (features.on_overlap: keep): every test figure says so
+    leaky = {**SUMMARY, "overlapping_training_rows": 12}
+    assert [name for _, name, _ in results(report.card_data(leaky, config, REPO))][:3] == [
+        f"Test WER{report.NOT_HELD_OUT}", f"Test WER (normalized){report.NOT_HELD_OUT}", f"Test CER{report.NOT_HELD_OUT}"]
+    assert hub.commit_message(SimpleNamespace(summary=leaky, config=config)).endswith(report.NOT_HELD_OUT)
     mixed = to_dict(run_config(tmp_path, "features.sources.1.name=nst", "features.sources.1.kind=hf",
                                "features.sources.1.path=someone/nst-sv"))
     assert report.card_data(SUMMARY, mixed, REPO).datasets == ["common_voice", "someone/nst-sv"]
@@ -95,6 +100,10 @@ def test_card_text_says_what_was_scored_and_the_steps_used(tmp_path):
     assert "scored once before training and once on the shipped model" in card and "zero-shot (step 0)" in card
     card = report.model_card({**SUMMARY, "baseline": None}, cfg, MANIFEST)  # eval_before_training: false
     assert "scored on the shipped model." in card and "zero-shot" not in card
+    assert "not held-out scores" not in card
+    card = report.model_card({**SUMMARY, "overlapping_training_rows": 1234}, cfg, MANIFEST)
+    assert "1,234 training rows share a clip or a sentence with validation or test rows" in card
+    assert "not held-out scores" in card
 
 
 def test_card_names_the_store_of_the_held_out_splits(tmp_path):

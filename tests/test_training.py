@@ -538,6 +538,24 @@ def test_eval_features_from_another_store_must_share_the_encoding(tmp_path, feat
         shutil.rmtree(other)
 
 
+def test_a_store_built_keeping_overlap_counts_its_overlapping_rows(tmp_path, features_dir, tiny_model_dir):
+    """Stage 1 with features.on_overlap=keep records the training (and validation) rows it kept
+    that share a clip or a sentence with held-out rows; the run carries the count to its card."""
+    from whisper_ft.train import load_data
+
+    other = features_dir.parent / "fixture-kept"
+    shutil.rmtree(other, ignore_errors=True)
+    shutil.copytree(features_dir, other)
+    manifest = json.loads((other / "manifest.json").read_text())
+    manifest["overlap"] = {**manifest.get("overlap", {}), "kept_overlapping_training_rows": 7,
+                           "kept_overlapping_validation_rows": 2}
+    (other / "manifest.json").write_text(json.dumps(manifest))
+    try:
+        assert load_data(load_config(None, overrides(other, tiny_model_dir, tmp_path))).overlapping_training_rows == 9
+    finally:
+        shutil.rmtree(other)
+
+
 def _store_training_on_test_clips(features_dir: Path, name: str, speaker: str | None = None) -> Path:
     """A copy of the fixture store whose training split is the fixture's test clips (read by
     another `speaker`: the same sentences, other clips)."""
@@ -570,12 +588,15 @@ def test_eval_features_store_sharing_clips_with_training_is_refused(tmp_path, fe
         with pytest.raises(FeaturesError, match=f"the training clips of features fixture-leaky include 10 test clips of "
                                                 f"{features_dir.name} \\(training.eval_features\\).*disjoint sources"):
             load_data(load_config(None, sets))
-        assert len(load_data(load_config(None, [*sets, "features.on_overlap=keep"])).test) == 10
+        kept = load_data(load_config(None, [*sets, "features.on_overlap=keep"]))
+        assert len(kept.test) == 10 and kept.overlapping_training_rows == 10  # for the card's caveat
         assert "include 10 test clips" in caplog.text and "not held-out scores" in caplog.text
         caplog.clear()
         _store_training_on_test_clips(features_dir, "fixture-leaky", speaker="someone else")
-        assert len(load_data(load_config(None, sets)).test) == 10  # only sentences shared: a warning
+        shared = load_data(load_config(None, sets))  # only sentences shared: a warning
+        assert len(shared.test) == 10 and shared.overlapping_training_rows == 10
         assert "10 test clips of fixture (training.eval_features) share a sentence" in caplog.text
+        assert load_data(load_config(None, overrides(features_dir, tiny_model_dir, tmp_path))).overlapping_training_rows == 0
     finally:
         shutil.rmtree(leaky)
 

@@ -94,7 +94,7 @@ def commit_message(run: FinishedRun) -> str:
     s = run.summary
     wer = "n/a" if s.get("wer") is None else f"{100 * s['wer']:.2f}%"
     return (f"{run.config['training']['run_name']}: best/ from step {s.get('best_step')}, test WER {wer}"
-            f"{report.selection_caveat(s)}")
+            f"{report.score_caveat(s)}")
 
 
 def token() -> str:

@@ -54,10 +54,16 @@ def _pct(value) -> str:
 
 def _selection_note(summary: dict, selection: str) -> str:
     if selection != "test":
-        return (f"The checkpoint was chosen on the {selection} split (WER {_pct(summary.get('best_wer'))} at step "
+        note = (f"The checkpoint was chosen on the {selection} split (WER {_pct(summary.get('best_wer'))} at step "
                 f"{summary.get('best_step')}); no test number was used for any choice.")
-    return ("**Note:** the feature store has no validation split, so the checkpoint was chosen on the test split "
-            "and the fine-tuned test WER is optimistic. Rebuild the features to get a validation split.")
+    else:
+        note = ("**Note:** the feature store has no validation split, so the checkpoint was chosen on the test split "
+                "and the fine-tuned test WER is optimistic. Rebuild the features to get a validation split.")
+    if summary.get("overlapping_training_rows"):
+        note += (f"\n\n**Note:** {summary['overlapping_training_rows']:,} training rows share a clip or a sentence with "
+                 "validation or test rows and were trained on (see `features.on_overlap`), so these scores are not "
+                 "held-out scores.")
+    return note
 
 
 def model_card(summary: dict, config: dict, manifest: dict) -> str:
@@ -176,11 +182,15 @@ def language_code(language: str) -> str:
 
 # after a test figure of a run that had no validation split, so picked its checkpoint on test
 OPTIMISTIC = " (checkpoint chosen on test: optimistic)"
+# after a test figure of a run that trained on clips of its validation or test split (features.on_overlap: keep)
+NOT_HELD_OUT = " (training overlaps the held-out clips: not held out)"
 
 
-def selection_caveat(summary: dict) -> str:
-    """OPTIMISTIC for the test figures of a run that picked its checkpoint on the test split, else ''."""
-    return OPTIMISTIC if summary.get("selection_split") == "test" else ""
+def score_caveat(summary: dict) -> str:
+    """What the test figures of `summary` must carry: OPTIMISTIC for a run that picked its
+    checkpoint on the test split, NOT_HELD_OUT for one that trained on held-out clips, else ''."""
+    return ((OPTIMISTIC if summary.get("selection_split") == "test" else "")
+            + (NOT_HELD_OUT if summary.get("overlapping_training_rows") else ""))
 
 
 def _eval_results(summary: dict, dataset: tuple[str, str]) -> list:
@@ -188,7 +198,7 @@ def _eval_results(summary: dict, dataset: tuple[str, str]) -> list:
     from huggingface_hub import EvalResult
 
     final = summary["final"]
-    caveat = selection_caveat(summary)
+    caveat = score_caveat(summary)
     rows = [("test", "wer", f"Test WER{caveat}", final.get("wer")),
             ("test", "wer", f"Test WER (normalized){caveat}", final.get("wer_normalized")),
             ("test", "cer", f"Test CER{caveat}", final.get("cer"))]

@@ -91,6 +91,8 @@ class Data:
     selection_model: object  # the training.eval_subset clips of the selection split, longest first
     train_model: object
     test_model: object
+    # training rows sharing a clip or a sentence with validation or test rows (features.on_overlap: keep)
+    overlapping_training_rows: int = 0
 
 
 def load_data(cfg: Config) -> Data:
@@ -106,7 +108,10 @@ def load_data(cfg: Config) -> Data:
         raise FeaturesError(f"{store.root} has {len(train)} training and {len(test)} test clips; both are "
                             "needed: check features.sources (train_splits, eval_splits) and rerun python feature_pipeline.py")
     if held_out.root != store.root:  # stage 1 checked the splits of one store, not these
-        check_disjoint_stores(store, held_out, train, cfg.features.on_overlap)
+        overlapping = check_disjoint_stores(store, held_out, train, cfg.features.on_overlap)
+    else:
+        kept = manifest.get("overlap", {})
+        overlapping = kept.get("kept_overlapping_training_rows", 0) + kept.get("kept_overlapping_validation_rows", 0)
     test = longest_first(test)
     if held_out.has(VALIDATION):
         split, selection = ROLE[VALIDATION], longest_first(held_out.load(VALIDATION))
@@ -118,7 +123,8 @@ def load_data(cfg: Config) -> Data:
     if 0 < n < len(selection):
         picked = np.random.default_rng(cfg.training.seed).choice(len(selection), n, replace=False)
         selection = selection.select(sorted(picked.tolist()))
-    return Data(manifest, processor, train, test, split, _model_view(selection), _model_view(train), _model_view(test))
+    return Data(manifest, processor, train, test, split, _model_view(selection), _model_view(train), _model_view(test),
+                overlapping)
 
 
 def check_same_encoding(train_manifest: dict, eval_manifest: dict) -> None:
@@ -129,11 +135,12 @@ def check_same_encoding(train_manifest: dict, eval_manifest: dict) -> None:
                                 f"differ in {key.replace('_', ' ')}: build both with the same model.name_or_path")
 
 
-def check_disjoint_stores(store: FeatureStore, held_out: FeatureStore, train, policy: str) -> None:
+def check_disjoint_stores(store: FeatureStore, held_out: FeatureStore, train, policy: str) -> int:
     """Training clips of `store` (`train`) that are validation or test clips of the
     training.eval_features store `held_out`: a FeaturesError (features.on_overlap=keep: a
     warning; `drop` refuses too, as rows cannot be dropped from built stores). Clips that share
-    only a sentence are a warning: stage 1 drops such training rows, across stores only a rebuild can."""
+    only a sentence are a warning: stage 1 drops such training rows, across stores only a rebuild
+    can. Returns how many training rows share a clip or a sentence with `held_out`'s."""
     rows = stored_rows(train, TRAIN)
     found = [find_overlap(rows, stored_rows(held_out.load(split), split), split)
              for split in (VALIDATION, EVAL) if held_out.has(split)]
@@ -149,6 +156,7 @@ def check_disjoint_stores(store: FeatureStore, held_out: FeatureStore, train, po
         log.warning("%s clips of %s (training.eval_features) share a sentence with training clips of %s: stage 1 "
                     "drops such training rows within a store, across stores only rebuilding %s without them can; "
                     "the validation and test scores may be optimistic", sentences, held_out.name, store.name, store.name)
+    return len(frozenset().union(*(o.involved for o in found)))
 
 
 def _counts(found, attr: str) -> str:
@@ -762,7 +770,7 @@ def run_training(cfg: Config, fresh: bool = False, callbacks: Sequence[TrainerCa
     final = score_test(cfg, args, data, best, run_dir, step=checkpoints.read_best(run_dir)["step"], final=True)
     summary = summarize(trainer, train_metrics, final, run_dir, args, data.selection_split)
     summary.update(learning_rate=args.learning_rate, warmup_steps=args.warmup_steps, mixed_precision=mixed_precision(cfg),
-                   averaging=averaged)
+                   averaging=averaged, overlapping_training_rows=data.overlapping_training_rows)
     if trainer.is_world_process_zero():
         if cfg.training.export_ctranslate2:
             export_ct2(run_dir / checkpoints.BEST_DIR)
