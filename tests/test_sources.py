@@ -84,7 +84,7 @@ def test_common_voice_folder_parent_and_tarball_agree(cv_release, cv_tarball, tm
     packed = read_source(SourceConfig(name="cv", path=str(cv_tarball)), tmp_path)
     assert rows_summary(parent) == rows_summary(folder) == rows_summary(packed) == rows_summary(home)
     assert audio_bytes(packed) == audio_bytes(folder)
-    extracted = tmp_path / "raw" / "cv-corpus-99.0-2099-01-01-sv-SE"
+    [extracted] = (tmp_path / "raw").glob("cv-corpus-99.0-2099-01-01-sv-SE-*")
     assert (extracted / ".extracted").is_file()
     again = read_source(SourceConfig(name="cv", path=str(cv_tarball)), tmp_path)  # no second extraction
     assert rows_summary(again) == rows_summary(folder)
@@ -386,6 +386,47 @@ def test_a_newer_download_under_the_same_name_is_unpacked_again(cv_release, tmp_
     pack("third", 1_700_000_200)
     assert extract_tarball(archive, out) == dest and capsys.readouterr().err == ""
     assert (dest / "cv-corpus" / "sv-SE" / "extra.txt").read_text() == "second"
+
+
+def test_two_archives_of_one_name_unpack_apart(cv_release, tmp_path, capsys):
+    """/a/x.tar.gz and /b/x.tar.gz (two sources of one config) each keep their own unpacked
+    folder: neither replaces the other's clips, and a rerun unpacks neither again."""
+    from whisper_ft.sources import extract_tarball
+
+    archives = []
+    for folder in ("a", "b"):
+        release = tmp_path / f"release-{folder}"
+        shutil.copytree(cv_release, release)
+        (release / "which.txt").write_text(folder)
+        archive = tmp_path / folder / "cv-sv-SE.tar.gz"
+        archive.parent.mkdir()
+        with tarfile.open(archive, "w:gz") as tar:
+            tar.add(release, arcname="cv-corpus/sv-SE")
+        archives.append(archive)
+    out = tmp_path / "raw"
+    dests = [extract_tarball(a, out) for a in archives]
+    assert dests[0] != dests[1]
+    assert [(d / "cv-corpus" / "sv-SE" / "which.txt").read_text() for d in dests] == ["a", "b"]
+    capsys.readouterr()
+    assert [extract_tarball(a, out) for a in archives] == dests
+    assert capsys.readouterr().err == ""  # both still complete: nothing unpacked again
+
+
+def test_an_unpack_under_the_bare_archive_name_is_moved_not_unpacked_again(cv_release, tmp_path, capsys):
+    """A release unpacked into raw/<archive name> (the folder's name before it carried the
+    path's hash) is taken over when its marker names this very archive."""
+    from whisper_ft.sources import DONE_MARK, archive_identity, extract_tarball
+
+    archive = tmp_path / "rel.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(cv_release / "test.tsv", arcname="sv-SE/test.tsv")
+    old = tmp_path / "raw" / "rel"
+    (old / "sv-SE").mkdir(parents=True)
+    (old / "sv-SE" / "test.tsv").write_text("earlier")
+    (old / DONE_MARK).write_text(json.dumps(archive_identity(archive)))
+    dest = extract_tarball(archive, tmp_path / "raw")
+    assert (dest / "sv-SE" / "test.tsv").read_text() == "earlier" and not old.exists()
+    assert capsys.readouterr().err == ""
 
 
 def test_a_download_landing_while_the_old_file_is_unpacked_is_unpacked_next(tmp_path, monkeypatch, capsys):

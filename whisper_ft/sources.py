@@ -122,18 +122,31 @@ def locate_release(path: Path, extract_dir: Path, stale_seconds: float = 300.0) 
     return hits[0]
 
 
+def archive_stem(archive: Path) -> str:
+    """The archive's file name without .tar, .tar.gz or .tgz."""
+    return archive.name.removesuffix(".gz").removesuffix(".tgz").removesuffix(".tar")
+
+
+def unpack_folder_name(archive: Path) -> str:
+    """The folder under extract_dir that `archive` unpacks into: its name without the tar
+    suffixes and a short hash of its resolved path, so that two archives of one name in
+    different folders (/a/sv.tar.gz, /b/sv.tar.gz) never unpack over each other."""
+    return f"{archive_stem(archive)}-{hashlib.sha256(str(archive.resolve()).encode()).hexdigest()[:8]}"
+
+
 def extract_tarball(archive: Path, extract_dir: Path, stale_seconds: float = 300.0, poll: float = 1.0) -> Path:
-    """Unpack a release once into extract_dir/<archive name>; a marker file records completion
-    and which archive it was (its size and modification time), so that a newer download under
-    the same name is unpacked again instead of the old files being read. That removes the old
-    files: replace a tarball while no process reads its release (a feature store begun on the
-    old one then refuses the new one, as its plan lists every clip and sentence).
+    """Unpack a release once into extract_dir/<archive name>-<hash of its path>
+    (`unpack_folder_name`); a marker file records completion and which archive it was (its
+    size and modification time), so that a newer download at the same path is unpacked again
+    instead of the old files being read. That removes the old files: replace a tarball while
+    no process reads its release (a feature store begun on the old one then refuses the new
+    one, as its plan lists every clip and sentence).
 
     Processes started together on one tarball (`feature_pipeline.py --num-shards N`) unpack it
     once: the first claims the work (`whisper_ft.claims`), the others wait for its marker, and
     a claim whose holder died goes stale after `stale_seconds` and is taken over.
     """
-    name = archive.name.removesuffix(".gz").removesuffix(".tgz").removesuffix(".tar")
+    name = unpack_folder_name(archive)
     dest = extract_dir / name
     state = unpacked_state(dest, archive)
     if state == "done":
@@ -153,6 +166,8 @@ def extract_tarball(archive: Path, extract_dir: Path, stale_seconds: float = 300
             time.sleep(poll)
         state = unpacked_state(dest, archive)
         if state == "done":  # unpacked while this process waited
+            return dest
+        if adopt_earlier_unpack(archive, extract_dir, dest):
             return dest
         tmp = extract_dir / f".{name}.partial"
         shutil.rmtree(tmp, ignore_errors=True)  # left by a process that died unpacking
@@ -178,6 +193,23 @@ def extract_tarball(archive: Path, extract_dir: Path, stale_seconds: float = 300
     return dest
 
 
+def adopt_earlier_unpack(archive: Path, extract_dir: Path, dest: Path) -> bool:
+    """Move a complete unpack of this very archive from extract_dir/<archive name> (where
+    releases were unpacked before the folder name carried the path's hash) to `dest`, rather
+    than unpacking tens of gigabytes again beside it. True when it did."""
+    old = extract_dir / archive_stem(archive)
+    try:
+        recorded = json.loads((old / DONE_MARK).read_text())
+    except (OSError, ValueError):
+        return False
+    now = archive_identity(archive)
+    if not isinstance(recorded, dict) or any(recorded.get(k) != now[k] for k in ("archive", "size", "mtime_ns")):
+        return False
+    shutil.rmtree(dest, ignore_errors=True)
+    os.replace(old, dest)
+    return True
+
+
 def archive_identity(archive: Path, st: os.stat_result | None = None) -> dict:
     """What the unpacking marker records of the archive: its path, size and modification time
     (from `st` when given: the status of the file as opened)."""
@@ -187,9 +219,9 @@ def archive_identity(archive: Path, st: os.stat_result | None = None) -> dict:
 
 def unpacked_state(dest: Path, archive: Path) -> str:
     """"done" when `dest` holds a complete unpack of `archive` as it is now (the same size and
-    modification time, wherever it was moved), "changed" when it holds one of an earlier file
-    of that name, "missing" when there is none. A marker written before it recorded size and
-    time holds the path only and is taken as done."""
+    modification time), "changed" when it holds one of an earlier file at that path, "missing"
+    when there is none. A marker written before it recorded size and time holds the path only
+    and is taken as done."""
     try:
         text = (dest / DONE_MARK).read_text()
     except FileNotFoundError:
