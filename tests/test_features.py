@@ -402,6 +402,33 @@ def test_missing_source_is_one_line_exit_2(tmp_path, capsys):
     assert len(err.splitlines()) == 1 and "features.sources.0" in err and "no such file or folder" in err
 
 
+@pytest.mark.parametrize("keep", [0, 1], ids=["no-clips-folder", "partly-copied"])
+def test_a_release_missing_most_clips_is_refused_and_built_once_they_are_there(tmp_path, cv_release, keep, capsys):
+    """A clips/ folder that is absent or still being copied stops the run before the store is
+    begun, naming the split and the folder; with the copy finished, the same command builds it."""
+    release = tmp_path / "sv-SE"
+    shutil.copytree(cv_release, release)
+    clips = release / "clips"
+    test_clips = [r["path"] for r in read_cv_tsv(release / "test.tsv")][:3]
+    aside = tmp_path / "aside"
+    shutil.move(clips, aside)
+    if keep:  # one of the three test clips copied so far, and every other clip
+        shutil.copytree(aside, clips, ignore=lambda _d, names: [n for n in names if n in test_clips[keep:]])
+    args = pipeline_args(tmp_path, "late", release, "features.sources.0.limit=3")
+    assert cli.run(feature_pipeline.main, args) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    first = "3 of the 3 audio files of split 'train'" if not keep else "2 of the 3 audio files of split 'test'"
+    assert f"{first} are missing (looked in {clips})" in err
+    assert "finish copying" in err
+    assert not (tmp_path / "features" / "late").exists()
+    shutil.rmtree(clips, ignore_errors=True)
+    shutil.move(aside, clips)
+    assert cli.run(feature_pipeline.main, args) == 0
+    manifest = read_manifest(tmp_path / "features" / "late")
+    assert manifest["splits"]["eval"]["clips"] == 3 and not manifest["splits"]["eval"]["dropped"]
+
+
 # --------------------------------------------------------------------------- leakage between splits
 
 

@@ -63,6 +63,8 @@ KEEP_AUDIO = "keep_audio"  # Row.meta flag: store this test clip's 16 kHz audio 
 DROP_REASONS = ("missing_file", "empty_file", "undecodable", "empty_sentence", "too_short", "too_long",
                 "labels_too_long")
 
+MISSING_SHARE = 0.5  # more of a source split's files missing than this: a release not (fully) copied
+
 
 class FeaturesError(UserError, ValueError):
     """A feature store that is missing, incomplete or built for something else."""
@@ -182,6 +184,26 @@ def _decode(row: Row, max_seconds: float) -> tuple[str | None, np.ndarray | None
     if wave.size == 0 or not np.isfinite(wave).all():
         return "undecodable", None
     return None, wave
+
+
+def check_clips_present(rows: dict[str, list[Row]]) -> None:
+    """Refuse (FeaturesError) a source split more than `MISSING_SHARE` of whose audio files do
+    not exist: a release whose clips/ folder is absent or still being copied. Encoded, its rows
+    would be dropped one by one as missing_file and the store marked complete, and finishing the
+    copy would not rebuild it (the plan lists clips, not whether their files exist). A few
+    missing files are dropped and counted as usual. Audio held in bytes or Arrow files is not
+    checked."""
+    groups: dict[tuple[str, str], list[str]] = {}
+    for r in (r for split in SPLITS for r in rows.get(split, [])):
+        if isinstance(r.audio, str):
+            groups.setdefault((r.source, r.id.split("/", 1)[0]), []).append(r.audio)
+    for (source, split), paths in groups.items():
+        missing = [p for p in paths if not (p and os.path.isfile(p))]
+        if len(missing) > MISSING_SHARE * len(paths):
+            folder = os.path.dirname(missing[0]) or "(no file name)"
+            raise FeaturesError(f"source {source}: {len(missing)} of the {len(paths)} audio files of split {split!r} "
+                                f"are missing (looked in {folder}): finish copying the release, or point the "
+                                "source at the folder that holds them, and rerun")
 
 
 # --------------------------------------------------------------------------- shards on disk
@@ -748,6 +770,11 @@ class FeatureStore:
         os.rename(self.root, aside)
         shutil.rmtree(aside)
 
+    def is_complete(self, fp: str) -> bool:
+        """Whether the store is finished (it has a manifest) and was planned from the inputs `fp`."""
+        plan = self.root / PLAN
+        return (self.root / MANIFEST).is_file() and plan.is_file() and read_plan(plan)["fingerprint"] == fp
+
     def check_unchanged(self, fp: str) -> None:
         """Refuse to write shards planned for a store that another process removed or rebuilt
         (--overwrite) after this one's `prepare`."""
@@ -803,6 +830,8 @@ def build(cfg, num_shards: int = 1, shard_index: int = 0, workers: int | None = 
     shards = plan_shards(rows, fc.shard_size)
     settings = store_settings(cfg)
     fp = fingerprint(settings, shards)
+    if overwrite or not store.is_complete(fp):
+        check_clips_present(rows)  # before the store is begun: a rerun after the copy builds it
     store.prepare(cfg, processor, settings, fp, overwrite)
     mine = [s for i, s in enumerate(shards) if i % num_shards == shard_index]
     with ClaimSet(fc.claim_stale_seconds, "features.claim_stale_seconds") as claims:
