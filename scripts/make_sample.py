@@ -17,7 +17,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from whisper_ft.synth import make_release  # noqa: E402
+from whisper_ft import cli  # noqa: E402
+from whisper_ft.files import replace_dir, staging_dir  # noqa: E402
+from whisper_ft.synth import SynthError, make_release, require_tools, usable_sentences  # noqa: E402
 
 OUT = Path(__file__).resolve().parents[1] / "data" / "sample" / "cv-corpus-sample"
 
@@ -39,7 +41,8 @@ def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sentences", required=True, type=Path, help="text file, one Swedish sentence per line")
     parser.add_argument("--out", type=Path, default=OUT,
-                        help="folder of the release (replaced: it must be empty or an earlier release)")
+                        help="folder of the release (replaced once the new one is complete: it must be empty "
+                             "or an earlier release)")
     parser.add_argument("--train", type=int, default=160)
     parser.add_argument("--dev", type=int, default=24)
     parser.add_argument("--test", type=int, default=56)
@@ -50,21 +53,32 @@ def make_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main() -> int:
-    parser = make_parser()
-    args = parser.parse_args()
+def main(argv: list[str] | None = None) -> int:
+    """Check every input, build the release beside --out and only then put it in --out's place,
+    so that a failure (a missing tool, too few sentences, an interruption) keeps the old one."""
+    args = make_parser().parse_args(argv)
     if not args.sentences.is_file():
-        parser.error(f"--sentences {args.sentences}: no such file")
+        raise SynthError(f"--sentences {args.sentences}: no such file")
     if not replaceable(args.out):
-        parser.error(f"--out {args.out} holds other files than an earlier release: name an empty or new folder")
+        raise SynthError(f"--out {args.out} holds other files than an earlier release: name an empty or new folder")
+    counts = {"train": args.train, "dev": args.dev, "test": args.test}
     sentences = args.sentences.read_text(encoding="utf-8").splitlines()
-    shutil.rmtree(args.out, ignore_errors=True)
-    root = make_release(args.out, sentences, {"train": args.train, "dev": args.dev, "test": args.test},
-                        seed=args.seed, n_speakers=args.speakers, snr_db=tuple(args.snr) if args.snr else None)
+    usable_sentences(sentences, sum(counts.values()))
+    require_tools()
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = staging_dir(args.out)
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        make_release(tmp, sentences, counts, seed=args.seed, n_speakers=args.speakers,
+                     snr_db=tuple(args.snr) if args.snr else None)
+        replace_dir(tmp, args.out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # still there only when the build failed
+    root = args.out / "sv-SE"
     size = sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
-    print(f"wrote {root}: {args.train + args.dev + args.test} clips, {size / 1e6:.2f} MB")
+    print(f"wrote {root}: {sum(counts.values())} clips, {size / 1e6:.2f} MB")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli.run(main))

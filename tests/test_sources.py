@@ -532,3 +532,34 @@ def test_make_sample_rebuilds_the_embedded_sample_and_replaces_only_a_release(tm
     assert make_sample.replaceable(tmp_path)  # empty
     (tmp_path / "notes.txt").write_text("mine")
     assert not make_sample.replaceable(tmp_path) and not make_sample.replaceable(tmp_path / "notes.txt")
+
+
+def test_make_sample_checks_its_inputs_before_it_replaces_the_release(tmp_path, monkeypatch, capsys, sentences):
+    """Too few sentences, or espeak-ng or ffmpeg missing, is one line and exit 2, and the earlier
+    release in --out is still there; a complete build replaces it, leaving no staging folder."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import make_sample
+
+    from whisper_ft import cli
+
+    out = tmp_path / "cv-corpus-sample"
+    (out / "sv-SE" / "clips").mkdir(parents=True)
+    (out / "sv-SE" / "validated.tsv").write_text("earlier")
+    two = tmp_path / "two.txt"
+    two.write_text("Hej.\nHej då.\n", encoding="utf-8")
+    many = tmp_path / "many.txt"
+    many.write_text("\n".join(sentences), encoding="utf-8")
+    small = ["--train", "1", "--dev", "1", "--test", "1", "--speakers", "3", "--out", str(out)]
+    with monkeypatch.context() as m:
+        m.setenv("PATH", str(tmp_path / "no-tools"))
+        for text, message in ((two, "3 clips asked for, only 2 usable sentences"),
+                              (many, "needs espeak-ng and ffmpeg")):
+            assert cli.run(make_sample.main, ["--sentences", str(text), *small]) == 2
+            err = capsys.readouterr().err.strip()
+            assert len(err.splitlines()) == 1 and message in err
+            assert (out / "sv-SE" / "validated.tsv").read_text() == "earlier"
+    if shutil.which("espeak-ng") is None or shutil.which("ffmpeg") is None:
+        pytest.skip("espeak-ng and ffmpeg are needed to build a release")
+    assert cli.run(make_sample.main, ["--sentences", str(many), *small]) == 0
+    assert len(read_cv_tsv(out / "sv-SE" / "validated.tsv")) == 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cv-corpus-sample", "many.txt", "two.txt"]

@@ -22,6 +22,8 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 
+from whisper_ft.errors import UserError
+
 CV_COLUMNS = ("client_id", "path", "sentence_id", "sentence", "sentence_domain", "up_votes", "down_votes", "age",
               "gender", "accents", "variant", "locale", "segment")
 VOICES = tuple(f"sv+m{i}" for i in range(1, 8)) + tuple(f"sv+f{i}" for i in range(1, 5))
@@ -39,10 +41,24 @@ class Speaker:
     accents: str
 
 
+class SynthError(UserError, RuntimeError):
+    """Synthetic speech that cannot be made (a tool missing, too few sentences); the message says what to do."""
+
+
 def require_tools() -> None:
     missing = [t for t in ("espeak-ng", "ffmpeg") if shutil.which(t) is None]
     if missing:
-        raise RuntimeError(f"synthetic speech needs {' and '.join(missing)} (apt-get install espeak-ng ffmpeg)")
+        raise SynthError(f"synthetic speech needs {' and '.join(missing)} (apt-get install espeak-ng ffmpeg)")
+
+
+def usable_sentences(sentences: list[str], needed: int, max_words: int = 14) -> list[str]:
+    """The sentences of at most `max_words` words, in order; SynthError when there are fewer than
+    `needed` (one per clip), checked before anything is written."""
+    pool = [s for s in sentences if s.strip() and len(s.split()) <= max_words]
+    if needed > len(pool):
+        raise SynthError(f"{needed} clips asked for, only {len(pool)} usable sentences (non-empty, at most "
+                         f"{max_words} words): give more sentences or ask for fewer clips")
+    return pool
 
 
 def make_speakers(n: int, rng: random.Random) -> list[Speaker]:
@@ -92,11 +108,8 @@ def make_release(out: Path, sentences: list[str], counts: dict[str, int], seed: 
     """
     require_tools()
     rng = random.Random(seed)
-    pool = [s for s in sentences if s.strip() and len(s.split()) <= max_words]
+    pool = usable_sentences(sentences, sum(counts.values()), max_words)
     rng.shuffle(pool)
-    needed = sum(counts.values())
-    if needed > len(pool):
-        raise ValueError(f"{needed} clips asked for, only {len(pool)} usable sentences")
     speakers = make_speakers(n_speakers, rng)
     per_split = _assign_speakers(speakers, list(counts))
     root = out / "sv-SE"
