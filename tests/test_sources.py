@@ -517,6 +517,42 @@ def test_audiofolder_metadata_quirks(audiofolder, tmp_path):
             read_source(src, tmp_path)
 
 
+def audiofolder_records(audiofolder: Path, folder: Path) -> list[dict]:
+    """A copy of the audiofolder fixture at `folder`, its train metadata.csv removed; returns its records."""
+    shutil.copytree(audiofolder, folder)
+    meta = folder / "train" / "metadata.csv"
+    with open(meta, encoding="utf-8", newline="") as f:
+        records = list(csv.DictReader(f))
+    meta.unlink()
+    return records
+
+
+AF_SOURCE = {"name": "af", "kind": "hf", "text_column": "transcription", "speaker_column": "who",
+             "train_splits": ("train",), "eval_splits": (), "validation_from": ""}
+
+
+def test_audiofolder_null_file_names_short_rows_and_numeric_transcripts(audiofolder, tmp_path):
+    """A null or empty file_name is the one-line 'no file_name' error, a CSV row with fewer
+    fields than the header names its line, and a transcript that JSON reads as a number is
+    its text (a null one is empty and dropped later)."""
+    folder = tmp_path / "af"
+    records = audiofolder_records(audiofolder, folder)
+    src = SourceConfig(path=str(folder), **AF_SOURCE)
+    jsonl = folder / "train" / "metadata.jsonl"
+    for bad in (None, ""):
+        jsonl.write_text("\n".join(json.dumps(r) for r in [records[0], {**records[1], "file_name": bad}]))
+        with pytest.raises(SourceError, match="has no file_name for record 2"):
+            read_source(src, tmp_path)
+    jsonl.write_text("\n".join(json.dumps(r) for r in [{**records[0], "transcription": 1984},
+                                                      {**records[1], "transcription": None}, records[2]]))
+    assert [r.sentence for r in read_source(src, tmp_path)[TRAIN]] == ["1984", "", records[2]["transcription"]]
+    jsonl.unlink()
+    (folder / "train" / "metadata.csv").write_text(
+        f"file_name,transcription,who\n{records[0]['file_name']},Hej,a\n{records[1]['file_name']}\n", encoding="utf-8")
+    with pytest.raises(SourceError, match=r"metadata.csv line 3 has fewer fields than its header's 3"):
+        read_source(src, tmp_path)
+
+
 def test_make_sample_rebuilds_the_embedded_sample_and_replaces_only_a_release(tmp_path):
     """Its defaults are the embedded sample's split sizes, and its --out is deleted only when it
     is empty or an earlier release."""

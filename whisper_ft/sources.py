@@ -316,7 +316,8 @@ def _read_hf(src: SourceConfig) -> dict[str, list[Row]]:
                 speaker = str(ex.get(src.speaker_column) or "") if has_speaker else ""
                 # a record without the text (audiofolder JSON lines may omit keys) has an empty
                 # sentence, which the encoder drops and counts
-                out[target].append(Row(src.name, target, f"{split}/{i}", data, ex.get(src.text_column) or "", speaker))
+                out[target].append(Row(src.name, target, f"{split}/{i}", data, _sentence(ex.get(src.text_column)),
+                                       speaker))
     return out
 
 
@@ -386,8 +387,7 @@ def _read_audiofolder_split(src: SourceConfig, root: Path, split: str) -> tuple[
         raise SourceError(f"source {src.name}: audiofolder {root} has no split {split!r} "
                           f"(expected {root}/{split}/metadata.csv or metadata.jsonl)")
     if meta.suffix == ".csv":
-        with open(meta, encoding="utf-8-sig", newline="") as f:  # -sig: a spreadsheet's byte-order mark
-            records = list(csv.DictReader(f))
+        records = _read_metadata_csv(src, meta)
     else:
         records = []
         for n, line in enumerate(meta.read_text(encoding="utf-8-sig").splitlines(), 1):
@@ -398,13 +398,33 @@ def _read_audiofolder_split(src: SourceConfig, root: Path, split: str) -> tuple[
             if record is not None and not isinstance(record, dict):
                 raise SourceError(f"source {src.name}: {meta} line {n} is not a JSON object")
             records += [record] if record is not None else []
-    missing = next((i for i, r in enumerate(records) if "file_name" not in r), None)
+    missing = next((i for i, r in enumerate(records) if r.get("file_name") in (None, "")), None)
     if missing is not None:
         raise SourceError(f"source {src.name}: {meta} has no file_name for record {missing + 1}")
     columns = ["audio"] + [c for c in dict.fromkeys(k for r in records for k in r) if c != "file_name"]  # any record's
-    examples = [{**{k: v for k, v in r.items() if k != "file_name"}, "audio": str(folder / r["file_name"])}
+    examples = [{**{k: v for k, v in r.items() if k != "file_name"}, "audio": str(folder / str(r["file_name"]))}
                 for r in records]
     return columns, examples
+
+
+def _read_metadata_csv(src: SourceConfig, meta: Path) -> list[dict]:
+    """The records of an audiofolder metadata.csv. A row with fewer fields than the header is
+    refused with its line: csv would fill the rest with None, not with text."""
+    with open(meta, encoding="utf-8-sig", newline="") as f:  # -sig: a spreadsheet's byte-order mark
+        reader = csv.DictReader(f)
+        records = []
+        for r in reader:
+            if None in r.values():
+                raise SourceError(f"source {src.name}: {meta} line {reader.line_num} has fewer fields than its "
+                                  f"header's {len(reader.fieldnames)}: add the missing ones (empty, if need be)")
+            records.append(r)
+    return records
+
+
+def _sentence(value) -> str:
+    """A transcript as text: a number (a JSON line's `"sentence": 1984`) as written, a missing
+    or null one empty (the encoder drops and counts it)."""
+    return "" if value is None else str(value)
 
 
 def _load_hf_split(src: SourceConfig, split: str):
