@@ -553,6 +553,26 @@ def test_audiofolder_null_file_names_short_rows_and_numeric_transcripts(audiofol
         read_source(src, tmp_path)
 
 
+@pytest.mark.parametrize("header", ["file_name,transcription,who", "file_name,who"], ids=["text", "no-text-column"])
+def test_audiofolder_csv_row_with_an_unquoted_comma_is_refused(audiofolder, tmp_path, header):
+    """A sentence with an unquoted comma is more fields than the header: a one-line error with
+    the line and what to do, never a sentence cut at the comma (nor, without the text column,
+    a TypeError)."""
+    folder = tmp_path / "af"
+    records = audiofolder_records(audiofolder, folder)
+    src = SourceConfig(path=str(folder), **AF_SOURCE)
+    good = ",".join(records[0][c] for c in header.split(","))
+    (folder / "train" / "metadata.csv").write_text(
+        f"{header}\n{good}\n{records[1]['file_name']},Ja, tack,b\n", encoding="utf-8")
+    with pytest.raises(SourceError, match=r"metadata.csv line 3 has more fields than its header's "
+                                          f"{header.count(',') + 1}: put a field that holds a comma in double quotes"):
+        read_source(src, tmp_path)
+    if "transcription" in header:  # quoted, the comma is the sentence's
+        (folder / "train" / "metadata.csv").write_text(
+            f"{header}\n{good}\n{records[1]['file_name']},\"Ja, tack\",b\n", encoding="utf-8")
+        assert [r.sentence for r in read_source(src, tmp_path)[TRAIN]] == [records[0]["transcription"], "Ja, tack"]
+
+
 def test_make_sample_rebuilds_the_embedded_sample_and_replaces_only_a_release(tmp_path):
     """Its defaults are the embedded sample's split sizes, and its --out is deleted only when it
     is empty or an earlier release."""

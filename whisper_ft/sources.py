@@ -306,7 +306,7 @@ def _read_hf(src: SourceConfig) -> dict[str, list[Row]]:
             for col in (src.audio_column, src.text_column):
                 if col not in columns:
                     raise SourceError(f"source {src.name}: split {split} has no column {col!r} "
-                                      f"(columns: {', '.join(columns)})")
+                                      f"(columns: {', '.join(map(str, columns))})")
             has_speaker = src.speaker_column in columns
             audio = _audio_refs(examples, src.audio_column)
             if audio is None:
@@ -408,15 +408,21 @@ def _read_audiofolder_split(src: SourceConfig, root: Path, split: str) -> tuple[
 
 
 def _read_metadata_csv(src: SourceConfig, meta: Path) -> list[dict]:
-    """The records of an audiofolder metadata.csv. A row with fewer fields than the header is
-    refused with its line: csv would fill the rest with None, not with text."""
+    """The records of an audiofolder metadata.csv. A row with more or fewer fields than the
+    header is refused with its line, as datasets' audiofolder refuses it: csv would cut a
+    sentence at an unquoted comma (the rest going to a column without a name), or fill the
+    missing fields with None."""
     with open(meta, encoding="utf-8-sig", newline="") as f:  # -sig: a spreadsheet's byte-order mark
         reader = csv.DictReader(f)
         records = []
         for r in reader:
+            where = f"source {src.name}: {meta} line {reader.line_num}"
+            if None in r:
+                raise SourceError(f"{where} has more fields than its header's {len(reader.fieldnames)}: put a field "
+                                  'that holds a comma in double quotes ("Ja, tack.")')
             if None in r.values():
-                raise SourceError(f"source {src.name}: {meta} line {reader.line_num} has fewer fields than its "
-                                  f"header's {len(reader.fieldnames)}: add the missing ones (empty, if need be)")
+                raise SourceError(f"{where} has fewer fields than its header's {len(reader.fieldnames)}: add the "
+                                  "missing ones (empty, if need be)")
             records.append(r)
     return records
 
