@@ -29,6 +29,16 @@ def test_dotted_overrides_reach_list_elements():
     assert cfg.features.sources[1].eval_splits == ("test",)  # defaults fill the rest
 
 
+def test_an_empty_list_override_is_no_splits():
+    """`--set ...eval_splits=` is no test split, as `=[]` is (and as an empty validation_from is
+    no carving), not a split named ""."""
+    keys = ("train_splits", "eval_splits", "validation_splits")
+    cfg = load_config(CONFIG, [f"features.sources.0.{k}=" for k in keys] + ["features.sources.0.validation_from="])
+    src = cfg.features.sources[0]
+    assert [getattr(src, k) for k in keys] == [(), (), ()] and src.validation_from == ""
+    assert load_config(CONFIG, ["features.sources.0.eval_splits= test , "]).features.sources[0].eval_splits == ("test",)
+
+
 @pytest.mark.parametrize("overrides, key", [
     (["features.nmae=x"], "features.nmae"),
     (["features.shard_size=many"], "features.shard_size"),

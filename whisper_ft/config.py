@@ -285,8 +285,8 @@ def _convert(tp: Any, value: Any, where: str) -> Any:
     if dataclasses.is_dataclass(tp):
         return _build(tp, value if value is not None else {}, where)
     if origin is tuple:
-        if isinstance(value, str):  # "q_proj,v_proj" as well as [q_proj, v_proj]
-            value = [v.strip() for v in value.split(",")] if "," in value else [value]
+        if isinstance(value, str):  # "q_proj,v_proj" as well as [q_proj, v_proj]; "" (`--set key=`) as []
+            value = [v.strip() for v in value.split(",") if v.strip()]
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{where}: expected a list, got {value!r}")
         item_tp = typing.get_args(tp)[0]
