@@ -271,6 +271,43 @@ def test_resume_after_kill_equals_an_uninterrupted_run(tmp_path, cv_release, ref
     assert_same_store(root, reference_store)
 
 
+def running(pid: int) -> bool:
+    """Whether `pid` runs (a zombie no longer does: an orphan waits for init to reap it)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the kernel's parent-death signal is Linux's")
+def test_decoding_workers_die_with_a_killed_pipeline(tmp_path):
+    """After `kill -9` of the process that runs the decoding pool, its workers end within
+    seconds instead of living on, each holding a processor."""
+    script = (
+        "import multiprocessing, os, time\n"
+        "from whisper_ft.features import Limits, Processor, decoding_pool\n"
+        "pool = decoding_pool(2, Processor(None, None), Limits())\n"
+        "pool.submit(os.getpid).result()\n"
+        "print(' '.join(str(p.pid) for p in multiprocessing.active_children()), flush=True)\n"
+        "time.sleep(600)\n")
+    proc = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    workers: list[int] = []
+    try:
+        workers = [int(pid) for pid in proc.stdout.readline().split()]
+        assert len(workers) == 2 and all(running(pid) for pid in workers)
+        proc.kill()
+        proc.wait()
+        deadline = time.time() + 10
+        while any(running(pid) for pid in workers) and time.time() < deadline:
+            time.sleep(0.05)
+        assert not any(running(pid) for pid in workers)
+    finally:
+        proc.kill()
+        for pid in workers:  # left running only when the test fails
+            if running(pid):
+                os.kill(pid, signal.SIGKILL)
+
+
 def test_rerun_of_a_finished_store_does_nothing(reference_store, cv_release, capsys):
     files = {p: p.stat().st_mtime_ns for p in reference_store.rglob("*") if p.is_file()}
     data_dir = reference_store.parents[1]

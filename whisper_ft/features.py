@@ -490,6 +490,41 @@ def _init_worker(processor: Processor, limits: Limits) -> None:
     _WORKER.update(fe=processor.feature_extractor, tok=processor.tokenizer, limits=limits)
 
 
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def die_with_parent(parent: int) -> None:
+    """Ask the kernel to kill this process when the thread that forked it ends (Linux; other
+    systems skip it), so that decoding workers do not live on, each holding a processor and
+    a batch, after the pipeline is killed (`kill -9`, an out-of-memory kill) with no chance to
+    stop them. A parent that died before the request took effect is caught by `parent`, the
+    process id the worker was forked from, no longer being its parent."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import signal
+
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != parent:
+        os._exit(1)
+
+
+def _init_pool_worker(processor: Processor, limits: Limits, parent: int) -> None:
+    die_with_parent(parent)
+    _init_worker(processor, limits)
+
+
+def decoding_pool(workers: int, processor: Processor, limits: Limits):
+    """A pool of `workers` decoding processes, forked with the processor already loaded, that
+    end with the thread that uses it (`die_with_parent`). An executor, unlike
+    multiprocessing.Pool, fails loudly when a worker dies or cannot start."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    return ProcessPoolExecutor(workers, multiprocessing.get_context("fork"), _init_pool_worker,
+                               (processor, limits, os.getpid()))
+
+
 def _encode_in_worker(rows: tuple[Row, ...]) -> tuple[list[dict], Counter]:
     return encode_batch(rows, _WORKER["fe"], _WORKER["tok"], _WORKER["limits"])
 
@@ -511,21 +546,17 @@ def build_shards(root: Path, todo: list[Shard], processor: Processor, limits: Li
 
     Batches of every shard go through one process pool in order, so all cores stay busy even
     when there are fewer shards than cores. Workers are forked with the processor already
-    loaded. `progress(n_rows, n_kept)` is called per batch.
+    loaded and are killed with this process (`decoding_pool`). `progress(n_rows, n_kept)` is
+    called per batch.
     """
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
-
     jobs = [(shard, batch) for shard in todo for batch in iter_batches(shard.rows, batch_size)]
-    init_args = (processor, limits)
     n_mels = processor.feature_extractor.feature_size
     if workers <= 1:
-        _init_worker(*init_args)
+        _init_worker(processor, limits)
         results = map(_encode_in_worker, (batch for _, batch in jobs))
         pool = None
     else:
-        # An executor, unlike multiprocessing.Pool, fails loudly when a worker dies or cannot start.
-        pool = ProcessPoolExecutor(workers, multiprocessing.get_context("fork"), _init_worker, init_args)
+        pool = decoding_pool(workers, processor, limits)
         results = pool.map(_encode_in_worker, (batch for _, batch in jobs))
     try:
         pending: dict[tuple[str, int], tuple[list[dict], Counter, list[int]]] = {}
