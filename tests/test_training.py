@@ -790,3 +790,50 @@ def test_a_run_resumed_longer_trains_its_next_step_at_the_new_schedules_rate(tmp
     rates = Rates()
     run_training(load_config(ROOT / "config.yaml", [*sets, "training.max_steps=4"]), callbacks=[rates])
     assert rates.seen[3] == pytest.approx(1e-3 * 2 / 4) and rates.seen[4] == pytest.approx(1e-3 * 1 / 4)
+
+
+def _rebuilt_copy(features_dir: Path, name: str) -> Path:
+    """A copy of the fixture store; `_rebuild` then changes it as `--overwrite` with other sources would."""
+    other = features_dir.parent / name
+    shutil.rmtree(other, ignore_errors=True)
+    shutil.copytree(features_dir, other)
+    return other
+
+
+def _rebuild(store: Path) -> None:
+    """The store rebuilt under its name from fewer training rows: another plan, one training shard."""
+    (store / "plan.json").write_text(json.dumps({"fingerprint": "another build", "settings": {}}))
+    manifest = json.loads((store / "manifest.json").read_text())
+    train = manifest["splits"]["train"]
+    first = json.loads((store / train["shards"][0] / "stats.json").read_text())
+    manifest["splits"]["train"] = {**train, "clips": first["clips"], "shards": train["shards"][:1]}
+    (store / "manifest.json").write_text(json.dumps(manifest))
+
+
+def test_a_resume_on_a_rebuilt_store_is_refused(tmp_path, features_dir, tiny_model_dir):
+    """The same features.name rebuilt with other clips (--overwrite) after the run started: its
+    checkpoint's data order, token cap and best/ belong to the old store, so a resume is refused;
+    a run whose start predates the record of its stores still resumes."""
+    from whisper_ft.config import save_config
+    from whisper_ft.train import check_resumable, run_training
+
+    store = _rebuilt_copy(features_dir, "fixture-rebuilt")
+    try:
+        sets = overrides(store, tiny_model_dir, tmp_path, max_steps=2, eval_steps=2, save_steps=2,
+                         eval_before_training="false", export_ctranslate2="false", score_served="false")
+        run_training(load_config(ROOT / "config.yaml", sets))
+        _rebuild(store)
+        with pytest.raises(TrainingError, match=r"trained to checkpoint-2 on features fixture-rebuilt \(features.name\) "
+                                                r"as they were built then; they were rebuilt since \(training clips "
+                                                r"27 -> 16\): pass --fresh"):
+            run_training(load_config(ROOT / "config.yaml", [*sets, "training.max_steps=4"]))
+        assert [s for s, _ in checkpoints.checkpoints(tmp_path / "tiny")] == [2]
+
+        old = tmp_path / "old"  # started before the stores were recorded
+        old.mkdir()
+        cfg = load_config(ROOT / "config.yaml", sets)
+        save_config(cfg, old / "config.yaml")
+        checkpoints.append_event(old, {"event": "start", "step": 0, "world_size": 1})
+        check_resumable(cfg, old, old / "checkpoint-2", 2)
+    finally:
+        shutil.rmtree(store)

@@ -726,6 +726,22 @@ class FeatureStore:
     def manifest(self) -> dict:
         return read_manifest(self.root, self.key)
 
+    def identity(self) -> dict:
+        """{"name", "fingerprint", "clips"} of the finished store: the fingerprint changes when the
+        store is rebuilt from other inputs or settings under the same name (`--overwrite`), so a
+        run resumed on it can tell. It hashes the plan's fingerprint (stores without a readable
+        plan: none) and the manifest's splits; `clips` is per split, for the messages."""
+        manifest = self.manifest()
+        plan_path = self.root / PLAN
+        try:
+            plan = json.loads(plan_path.read_text()).get("fingerprint") if plan_path.is_file() else None
+        except ValueError:
+            plan = None
+        splits = manifest["splits"]
+        h = hashlib.sha256(json.dumps({"plan": plan, "splits": splits}, sort_keys=True).encode())
+        return {"name": self.name, "fingerprint": h.hexdigest()[:16],
+                "clips": {split: splits[split].get("clips", 0) for split in SPLITS if split in splits}}
+
     def has(self, split: str) -> bool:
         """Whether the finished store holds clips of `split` (older stores have no validation)."""
         return self.manifest()["splits"].get(split, {}).get("clips", 0) > 0

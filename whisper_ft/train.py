@@ -797,8 +797,9 @@ FIXED_ON_RESUME = (
 
 def check_resumable(cfg: Config, run_dir: Path, resume: Path | None, step: int = 0) -> None:
     """Refuse to resume `run_dir` from `resume` (at `step`) with settings that differ from the
-    run's own (its config.yaml) in `FIXED_ON_RESUME`, or on another number of processes while
-    there is training left: the change would be ignored or would mix two runs. Without a
+    run's own (its config.yaml) in `FIXED_ON_RESUME`, on a feature store rebuilt since, or on
+    another number of processes while there is training left: the change would be ignored or
+    would mix two runs. Without a
     checkpoint (`resume` None), refuse to start over a run whose best/ came from other
     settings, rather than delete it."""
     import yaml
@@ -830,12 +831,47 @@ def check_resumable(cfg: Config, run_dir: Path, resume: Path | None, step: int =
         raise TrainingError(f"{run_dir} was trained to {resume.name} with other settings ({'; '.join(changed)}): "
                             "a resumed run keeps its own; set them back, pass --fresh to start it over, or use "
                             "another training.run_name")
+    if resume is not None:
+        check_same_stores(cfg, run_dir, resume)
     if resume is not None and step < cfg.training.max_steps:
         check_same_processes(run_dir, resume, step)
     steps = get(saved, "training.max_steps")
     if resume is not None and steps is not missing and steps != cfg.training.max_steps:
         log.info("training.max_steps changed from %s to %d: the learning-rate schedule runs to the new end from here",
                  steps, cfg.training.max_steps)
+
+
+STORE_KEYS = {"train": "features.name", "held_out": "training.eval_features"}  # the stores a run reads, by role
+
+
+def store_identities(cfg: Config) -> dict:
+    """`FeatureStore.identity` of the training store and of the validation and test store, by
+    role (the start event records them)."""
+    return {"train": FeatureStore.of(cfg).identity(), "held_out": FeatureStore.held_out_of(cfg).identity()}
+
+
+def check_same_stores(cfg: Config, run_dir: Path, resume: Path) -> None:
+    """Refuse to resume `run_dir` from `resume` on a feature store rebuilt since the run's last
+    start (the same name, other clips: `--overwrite` with other sources, say): the data order,
+    the token cap and best/'s validation WER belong to the store as it was. Runs whose start
+    events predate the record are not checked."""
+    starts = [e for e in checkpoints.read_events(run_dir) if e.get("event") == "start" and e.get("stores")]
+    if not starts:
+        return
+    now = store_identities(cfg)
+    for role, key in STORE_KEYS.items():
+        before, after = starts[-1]["stores"].get(role), now[role]
+        if before and before["fingerprint"] != after["fingerprint"]:
+            raise TrainingError(f"{run_dir} was trained to {resume.name} on features {after['name']} ({key}) as they "
+                                f"were built then; they were rebuilt since ({store_change(before, after)}): pass --fresh "
+                                "to start the run over on them, or use another training.run_name")
+
+
+def store_change(before: dict, after: dict) -> str:
+    """'training clips 27 -> 15' for the split counts that differ between two identities."""
+    changed = [f"{ROLE.get(split, split)} clips {before['clips'].get(split, 0)} -> {after['clips'].get(split, 0)}"
+               for split in (TRAIN, VALIDATION, EVAL) if before["clips"].get(split, 0) != after["clips"].get(split, 0)]
+    return ", ".join(changed) or "the same clip counts, other clips or settings"
 
 
 def start_over(cfg: Config, run_dir: Path) -> None:
@@ -901,7 +937,7 @@ def announce_start(cfg: Config, run_dir: Path, args, data: Data, step: int, resu
                                        "test_clips": len(data.test), "selection_split": data.selection_split,
                                        "selection_clips": len(data.selection_model), "generation_max_length": gen_len,
                                        "learning_rate": args.learning_rate, "warmup_steps": args.warmup_steps,
-                                       "mixed_precision": how})
+                                       "mixed_precision": how, "stores": store_identities(cfg)})
     log.info("%s at step %d: %d training clips, %d %s clips for the periodic checks, %d test clips, generation "
              "capped at %d tokens, peak learning rate %.3g after %d warm-up steps, %s",
              f"resuming from {resume}" if resume else "starting", step, len(data.train), len(data.selection_model),
