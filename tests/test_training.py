@@ -837,3 +837,20 @@ def test_a_resume_on_a_rebuilt_store_is_refused(tmp_path, features_dir, tiny_mod
         check_resumable(cfg, old, old / "checkpoint-2", 2)
     finally:
         shutil.rmtree(store)
+
+
+def test_a_resumed_run_checks_saves_and_logs_at_its_new_cadence(tmp_path, features_dir, tiny_model_dir):
+    """The checkpoint's trainer state carries the cadence it was saved with; a resume with other
+    eval_steps, save_steps and logging_steps follows the new ones."""
+    from whisper_ft.train import run_training
+
+    sets = overrides(features_dir, tiny_model_dir, tmp_path, max_steps=2, eval_steps=2, save_steps=2, logging_steps=1,
+                     eval_before_training="false", export_ctranslate2="false", score_served="false")
+    run_training(load_config(ROOT / "config.yaml", sets))
+    run_training(load_config(ROOT / "config.yaml", [*sets, "training.max_steps=6", "training.eval_steps=3",
+                                                    "training.save_steps=3", "training.logging_steps=3"]))
+    log = events(tmp_path / "tiny")
+    resumed = log[[i for i, e in enumerate(log) if e["event"] == "start"][1]:]
+    assert [e["step"] for e in resumed if e["event"] == "eval" and e["purpose"] == "selection"] == [3, 6]
+    assert [e["step"] for e in resumed if e["event"] == "checkpoint"] == [3, 6]
+    assert [e["step"] for e in resumed if e["event"] == "train"] == [3, 6]

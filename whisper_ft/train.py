@@ -445,6 +445,13 @@ class WhisperTrainer(Seq2SeqTrainer):
             group["lr"] = base * factor(sched.last_epoch)
         sched._last_lr = [group["lr"] for group in self.optimizer.param_groups]
 
+    def _init_training_state(self, max_steps, *args, **kwargs):
+        """The Trainer's state, with the check, save and logging cadence of this run's arguments:
+        a resumed state carries the checkpoint's, which transformers reads over the arguments'."""
+        resumed = super()._init_training_state(max_steps, *args, **kwargs)
+        self.state.compute_steps(self.args, max_steps)
+        return resumed
+
     def train(self, *args, **kwargs):
         try:
             return super().train(*args, **kwargs)
