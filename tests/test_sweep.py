@@ -514,3 +514,16 @@ def test_trials_checked_on_different_stores_are_refused(tmp_path, capsys):
     from whisper_ft.sweep import check_trials
 
     check_trials(load_spec(fixed), load_config(ROOT / "config.yaml"), str(ROOT / "config.yaml"), [])
+
+
+def test_trials_checked_on_subsets_of_different_sizes_are_refused(tmp_path, capsys):
+    """training.eval_subset decides which validation clips the periodic checks score: trials that
+    differ in it would be ranked on different clips, so the sweep is refused before any trial."""
+    path = write_spec(tmp_path, method="grid", space={"training.eval_subset": [0, 200]})
+    assert "error: sweep sw: its trials would be checked on validation subsets of different sizes " \
+           "(training.eval_subset 0, 200)" in sweep_command_error(tmp_path, capsys, path)
+    from whisper_ft.sweep import check_trials
+
+    same = write_spec(tmp_path, file="same", method="grid", base={"training.eval_subset": 200},
+                      space={"training.seed": [1, 2]})
+    check_trials(load_spec(same), load_config(ROOT / "config.yaml"), str(ROOT / "config.yaml"), [])

@@ -496,6 +496,17 @@ def test_eval_subset_for_periodic_checks(features_dir, tiny_model_dir):
     assert durations == sorted(durations, reverse=True)  # longest first: batches generate similar lengths
 
 
+def test_eval_subset_is_the_same_clips_whatever_the_seed(features_dir, tiny_model_dir):
+    """Runs (sweep trials) that differ in training.seed are checked on the same validation clips."""
+    from whisper_ft.train import load_data
+
+    picked = set()
+    for seed in range(6):
+        sets = overrides(features_dir, tiny_model_dir, Path("unused"), eval_subset=2, seed=seed)
+        picked.add(tuple(load_data(load_config(None, sets)).selection_model.with_format(None)["id"]))
+    assert len(picked) == 1
+
+
 def test_callback_can_stop_a_run_early(tmp_path, features_dir, tiny_model_dir):
     """The sweep's pruning path: a callback ends training after an evaluation; the run still
     finishes with a best model, a final evaluation and a summary."""
@@ -709,7 +720,7 @@ def test_a_run_without_a_checkpoint_starts_over_without_the_earlier_best(tiny_ru
                                                               "training.learning_rate=5e-4"]))
     assert (copy / "best").is_dir()  # put back, not deleted
 
-    def stop(_cfg):
+    def stop(*_args):
         raise RuntimeError("stopped after the start")
 
     monkeypatch.setattr(train, "load_data", stop)
@@ -854,3 +865,18 @@ def test_a_resumed_run_checks_saves_and_logs_at_its_new_cadence(tmp_path, featur
     assert [e["step"] for e in resumed if e["event"] == "eval" and e["purpose"] == "selection"] == [3, 6]
     assert [e["step"] for e in resumed if e["event"] == "checkpoint"] == [3, 6]
     assert [e["step"] for e in resumed if e["event"] == "train"] == [3, 6]
+
+
+def test_a_resumed_run_checks_the_eval_subset_it_started_with(tmp_path):
+    """The eval_subset draw is recorded in the start event; a run started when the draw followed
+    training.seed keeps its clips when resumed."""
+    from whisper_ft.train import EVAL_SUBSET_SEED, eval_subset_seed
+
+    cfg = load_config(ROOT / "config.yaml", ["training.seed=7"])
+    assert eval_subset_seed(cfg, tmp_path) == EVAL_SUBSET_SEED  # a new run
+    old, new = tmp_path / "old", tmp_path / "new"
+    old.mkdir(), new.mkdir()
+    checkpoints.append_event(old, {"event": "start", "step": 0})
+    assert eval_subset_seed(cfg, old) == 7
+    checkpoints.append_event(new, {"event": "start", "step": 0, "eval_subset_seed": EVAL_SUBSET_SEED})
+    assert eval_subset_seed(cfg, new) == EVAL_SUBSET_SEED

@@ -181,7 +181,8 @@ def check_trials(spec: SweepSpec, base: Config, config_path: str | None, overrid
     """Refuse, before any trial runs, a sweep whose settings cannot make a config (an unknown
     key, a value out of range: every grid point and variant, a range's bounds) or that sets a
     key the command line sets too (`--set` would lose to it), or whose trials would be checked on
-    different feature stores' held-out splits (`training.eval_features` makes them one)."""
+    different clips: different feature stores' held-out splits (`training.eval_features` makes
+    them one), or subsets of different sizes (`training.eval_subset`)."""
     ours = set(spec.base) | set(spec.space) | {k for v in spec.variants.values() for k in v}
     ours |= {key for key, _ in budget(spec, 1)}
     both = sorted(ours & {item.partition("=")[0].strip() for item in overrides})
@@ -194,13 +195,18 @@ def check_trials(spec: SweepSpec, base: Config, config_path: str | None, overrid
         points = [{k: (v if isinstance(v, list) else [v["low"], v["high"]])[i] for k, v in space.items()}
                   for i in (0, -1)]
         points += [{**points[0], VARIANT: name} for name in spec.variants]
-    held_out = set()
+    held_out, subsets = set(), set()
     for params in points:
         try:
             cfg = trial_config(base, spec, params, Path(base.training.output_dir), 0, config_path, overrides)
         except ConfigError as e:
             raise ConfigError(f"sweep {spec.name}, trial {_params(params)}: {e}") from e
         held_out.add(cfg.training.eval_features or cfg.features.name)
+        subsets.add(cfg.training.eval_subset)
+    if len(subsets) > 1:
+        raise ConfigError(f"sweep {spec.name}: its trials would be checked on validation subsets of different sizes "
+                          f"(training.eval_subset {', '.join(map(str, sorted(subsets)))}), so their scores would not "
+                          "compare; set training.eval_subset once, in the sweep's base or with --set")
     if len(held_out) > 1:
         raise ConfigError(f"sweep {spec.name}: its trials would be checked on the held-out splits of different feature "
                           f"stores ({', '.join(sorted(held_out))}), so their scores would not compare; set "

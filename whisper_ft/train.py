@@ -45,6 +45,9 @@ log = logging.getLogger("whisper_ft.train")
 
 MAX_TARGET_POSITIONS = 448  # Whisper's decoder length
 MODEL_COLUMNS = ["input_features", "fill", "labels"]  # what the collator reads
+# The seed of the training.eval_subset draw, fixed rather than training.seed: runs and sweep
+# trials that differ in their seed are still checked on the same clips.
+EVAL_SUBSET_SEED = 0
 
 
 class TrainingError(UserError, ValueError):
@@ -95,9 +98,10 @@ class Data:
     overlapping_training_rows: int = 0
 
 
-def load_data(cfg: Config) -> Data:
+def load_data(cfg: Config, subset_seed: int = EVAL_SUBSET_SEED) -> Data:
     """Read and check the feature store of `cfg`; FeaturesError says which command to run.
-    With `training.eval_features`, validation and test come from that store."""
+    With `training.eval_features`, validation and test come from that store; `subset_seed`
+    draws the `training.eval_subset` clips (`eval_subset_seed`)."""
     store = FeatureStore.of(cfg)
     manifest = store.manifest()
     processor = store.processor(cfg.model.language, cfg.model.task)
@@ -121,7 +125,7 @@ def load_data(cfg: Config) -> Data:
         split, selection = ROLE[EVAL], test
     n = cfg.training.eval_subset
     if 0 < n < len(selection):
-        picked = np.random.default_rng(cfg.training.seed).choice(len(selection), n, replace=False)
+        picked = np.random.default_rng(subset_seed).choice(len(selection), n, replace=False)
         selection = selection.select(sorted(picked.tolist()))
     return Data(manifest, processor, train, test, split, _model_view(selection), _model_view(train), _model_view(test),
                 overlapping)
@@ -741,7 +745,8 @@ def run_training(cfg: Config, fresh: bool = False, callbacks: Sequence[TrainerCa
         check_resumable(cfg, run_dir, resume, start_step)
     elif not fresh and (run_dir / checkpoints.BEST_DIR).is_dir():
         start_over(cfg, run_dir)
-    data = load_data(cfg)
+    subset_seed = eval_subset_seed(cfg, run_dir) if resume is not None else EVAL_SUBSET_SEED
+    data = load_data(cfg, subset_seed)
     model = prepare_model(cfg, data.processor.tokenizer)
     if fresh and is_main_process() and run_dir.exists():  # only now: a failure up to here deletes nothing
         shutil.rmtree(run_dir)
@@ -757,7 +762,7 @@ def run_training(cfg: Config, fresh: bool = False, callbacks: Sequence[TrainerCa
                            [EventLog(run_dir, data.processor, meta, data.selection_split), *keeper, *callbacks],
                            t.fast_generation, weights_dtype(cfg), t.background_saves)
     if trainer.is_world_process_zero():
-        announce_start(cfg, run_dir, args, data, start_step, resume, gen_len)
+        announce_start(cfg, run_dir, args, data, start_step, resume, gen_len, subset_seed)
     if first:
         score_test(cfg, args, data, model, run_dir, step=0)
     if resume is not None and start_step >= t.max_steps:  # trained already; its final phase was cut short
@@ -897,6 +902,16 @@ def start_over(cfg: Config, run_dir: Path) -> None:
         log.info("%s has no checkpoint to resume from: starting it over (removed the earlier attempt's best/)", run_dir)
 
 
+def eval_subset_seed(cfg: Config, run_dir: Path) -> int:
+    """The seed that drew the `training.eval_subset` clips of `run_dir`, for resuming it on the
+    clips its best/ was chosen on: recorded in its start event, else (a run started when the draw
+    followed `training.seed`) its seed."""
+    first = next((e for e in checkpoints.read_events(run_dir) if e.get("event") == "start"), None)
+    if first is None:
+        return EVAL_SUBSET_SEED
+    return first.get("eval_subset_seed", cfg.training.seed)
+
+
 def first_warmup(cfg: Config, run_dir: Path) -> int | None:
     """The warm-up `run_dir` started with, for resuming it where the warm-up is a fraction of
     max_steps (`warmup_steps: null`): a longer run keeps its warm-up rather than warming up
@@ -934,7 +949,8 @@ def earlier_train_metrics(run_dir: Path) -> dict:
             "train_loss": earlier.get("train_loss")}
 
 
-def announce_start(cfg: Config, run_dir: Path, args, data: Data, step: int, resume: Path | None, gen_len: int) -> None:
+def announce_start(cfg: Config, run_dir: Path, args, data: Data, step: int, resume: Path | None, gen_len: int,
+                   subset_seed: int) -> None:
     """Save the resolved config beside the run and log its `start` event and line."""
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, run_dir / "config.yaml")
@@ -944,7 +960,8 @@ def announce_start(cfg: Config, run_dir: Path, args, data: Data, step: int, resu
                                        "test_clips": len(data.test), "selection_split": data.selection_split,
                                        "selection_clips": len(data.selection_model), "generation_max_length": gen_len,
                                        "learning_rate": args.learning_rate, "warmup_steps": args.warmup_steps,
-                                       "mixed_precision": how, "stores": store_identities(cfg)})
+                                       "mixed_precision": how, "stores": store_identities(cfg),
+                                       "eval_subset_seed": subset_seed})
     log.info("%s at step %d: %d training clips, %d %s clips for the periodic checks, %d test clips, generation "
              "capped at %d tokens, peak learning rate %.3g after %d warm-up steps, %s",
              f"resuming from {resume}" if resume else "starting", step, len(data.train), len(data.selection_model),
