@@ -527,3 +527,20 @@ def test_trials_checked_on_subsets_of_different_sizes_are_refused(tmp_path, caps
     same = write_spec(tmp_path, file="same", method="grid", base={"training.eval_subset": 200},
                       space={"training.seed": [1, 2]})
     check_trials(load_spec(same), load_config(ROOT / "config.yaml"), str(ROOT / "config.yaml"), [])
+
+
+@pytest.mark.parametrize("where, message", [
+    ({"space": {"training.warmup_steps": [0, 100]}}, "training.warmup_steps is set by the sweep file's space and by "
+                                                     "its warmup_samples, which sets it for every trial; keep one"),
+    ({"space": {"training.seed": [1]}, "base": {"training.warmup_fraction": 0.2}},
+     "training.warmup_fraction is set by the sweep file's base and by its warmup_samples"),
+    ({"variants": {"long": {"training.max_steps": 500}}}, "training.max_steps is set by the sweep file's "
+                                                          "variants.long and by its budget_samples"),
+    ({"space": {"training.save_steps": [10, 20]}}, "training.save_steps is set by the sweep file's space and by its "
+                                                   "eval_every_samples")])
+def test_a_key_a_budget_decides_is_refused_in_the_sweep_file(tmp_path, capsys, where, message):
+    """The budgets set max_steps, eval/save steps and the warm-up of every trial last: the same key
+    in the space, base or a variant would silently lose (a grid of identical trials)."""
+    path = write_spec(tmp_path, method="grid", budget_samples=64, eval_every_samples=32, warmup_samples=16, **where)
+    err = sweep_command_error(tmp_path, capsys, path)
+    assert err.startswith(f"error: sweep sw: {message}") and err.endswith("; keep one\n")

@@ -180,12 +180,17 @@ def _count(value, where: str) -> int:
 def check_trials(spec: SweepSpec, base: Config, config_path: str | None, overrides: list[str]) -> None:
     """Refuse, before any trial runs, a sweep whose settings cannot make a config (an unknown
     key, a value out of range: every grid point and variant, a range's bounds) or that sets a
-    key the command line sets too (`--set` would lose to it), or whose trials would be checked on
+    key its budgets or the command line set too (one would silently lose), or whose trials would be checked on
     different clips: different feature stores' held-out splits (`training.eval_features` makes
     them one), or subsets of different sizes (`training.eval_subset`)."""
-    ours = set(spec.base) | set(spec.space) | {k for v in spec.variants.values() for k in v}
-    ours |= {key for key, _ in budget(spec, 1)}
-    both = sorted(ours & {item.partition("=")[0].strip() for item in overrides})
+    owners = {**{k: "variants." + name for name, v in spec.variants.items() for k in v},
+              **{k: "base" for k in spec.base}, **{k: "space" for k in spec.space}}
+    budgeted = budget_keys(spec)
+    both = sorted(set(owners) & set(budgeted))
+    if both:
+        raise ConfigError(f"sweep {spec.name}: {both[0]} is set by the sweep file's {owners[both[0]]} and by its "
+                          f"{budgeted[both[0]]}, which sets it for every trial; keep one")
+    both = sorted((set(owners) | set(budgeted)) & {item.partition("=")[0].strip() for item in overrides})
     if both:
         raise ConfigError(f"sweep {spec.name}: {both[0]} is set by the sweep file and by --set; keep one")
     if spec.method == "grid":
@@ -279,6 +284,15 @@ def trial_config(base: Config, spec: SweepSpec, params: dict, folder: Path, numb
     cfg = load_config(config_path, overrides, values)
     steps = budget(spec, samples_per_step(cfg.training))
     return load_config(config_path, overrides, values + steps) if steps else cfg
+
+
+def budget_keys(spec: SweepSpec) -> dict[str, str]:
+    """The config keys the sweep's budgets decide, each with the sweep key that does (the warm-up
+    in samples replaces `warmup_fraction` too: a set `warmup_steps` wins over it)."""
+    decided = {"budget_samples": ("training.max_steps",),
+               "eval_every_samples": ("training.eval_steps", "training.save_steps"),
+               "warmup_samples": ("training.warmup_steps", "training.warmup_fraction")}
+    return {key: name for name, keys in decided.items() if getattr(spec, name) for key in keys}
 
 
 def budget(spec: SweepSpec, per_step: int) -> list[tuple[str, int]]:
