@@ -880,3 +880,19 @@ def test_a_resumed_run_checks_the_eval_subset_it_started_with(tmp_path):
     assert eval_subset_seed(cfg, old) == 7
     checkpoints.append_event(new, {"event": "start", "step": 0, "eval_subset_seed": EVAL_SUBSET_SEED})
     assert eval_subset_seed(cfg, new) == EVAL_SUBSET_SEED
+
+
+def test_a_resume_naming_the_eval_store_it_defaulted_to_goes_on(tmp_path):
+    """training.eval_features empty reads features.name: naming that store on resume changes
+    nothing and is not refused; naming another is."""
+    from whisper_ft.config import save_config
+    from whisper_ft.train import check_resumable
+
+    cfg = load_config(ROOT / "config.yaml", ["features.name=cv-sv"])
+    save_config(cfg, tmp_path / "config.yaml")
+    resume = tmp_path / "checkpoint-2"
+    check_resumable(load_config(ROOT / "config.yaml", ["features.name=cv-sv", "training.eval_features=cv-sv"]),
+                    tmp_path, resume, 2)
+    with pytest.raises(TrainingError, match=r"training.eval_features 'cv-sv' -> 'other'"):
+        check_resumable(load_config(ROOT / "config.yaml", ["features.name=cv-sv", "training.eval_features=other"]),
+                        tmp_path, resume, 2)

@@ -833,6 +833,8 @@ def check_resumable(cfg: Config, run_dir: Path, resume: Path | None, step: int =
     changed = []
     for key in FIXED_ON_RESUME:
         before, after = get(saved, key), get(now, key)
+        if key == "training.eval_features":  # empty reads features.name: compare the store each one reads
+            before, after = before or get(saved, "features.name"), after or get(now, "features.name")
         if before is not missing and before != after:
             changed.append(f"{key} {before!r} -> {after!r}")
     if changed and resume is None:
