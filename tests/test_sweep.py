@@ -544,3 +544,32 @@ def test_a_key_a_budget_decides_is_refused_in_the_sweep_file(tmp_path, capsys, w
     path = write_spec(tmp_path, method="grid", budget_samples=64, eval_every_samples=32, warmup_samples=16, **where)
     err = sweep_command_error(tmp_path, capsys, path)
     assert err.startswith(f"error: sweep sw: {message}") and err.endswith("; keep one\n")
+
+
+def test_a_rerun_with_another_budget_or_base_config_is_refused(tmp_path):
+    """A killed sweep rerun with an edited budget or another --set evaluation setting would rank
+    its new trials beside the earlier ones as trained and checked alike: refused, naming the key;
+    another eval batch size goes on."""
+    sets = [f"training.output_dir={tmp_path / 'ck'}"]
+    space = {"training.learning_rate": [1e-5, 2e-5]}
+    spec = load_spec(write_spec(tmp_path, method="grid", budget_samples=32, eval_every_samples=16, prune=False,
+                                space=space))
+    trainer = ScriptedTrainer(lambda t, step: 40.0, crash_on=2)
+    with pytest.raises(KeyboardInterrupt):
+        run_sweep(spec, base_config(tmp_path), str(ROOT / "config.yaml"), sets, trainer, log=lambda s: None)
+    folder = tmp_path / "ck" / "sweeps" / "sw"
+    longer = load_spec(write_spec(tmp_path, method="grid", budget_samples=64, eval_every_samples=16, prune=False,
+                                  space=space))
+    with pytest.raises(ConfigError, match=re.escape(f"sweep sw ran its trials in {folder} with budget_samples 32, "
+                                                    "this run has 64: new trials would not compare with them; set it "
+                                                    "back, or give the sweep another name")):
+        run_sweep(longer, base_config(tmp_path), str(ROOT / "config.yaml"), sets, trainer, log=lambda s: None)
+    subset = [*sets, "training.eval_subset=100"]
+    with pytest.raises(ConfigError, match="with training.eval_subset 0, this run has 100"):
+        run_sweep(spec, load_config(ROOT / "config.yaml", subset), str(ROOT / "config.yaml"), subset, trainer,
+                  log=lambda s: None)
+    assert len(trainer.calls) == 2
+    batch = [*sets, "training.eval_batch_size=8"]
+    run_sweep(spec, load_config(ROOT / "config.yaml", batch), str(ROOT / "config.yaml"), batch, trainer,
+              log=lambda s: None)
+    assert sorted(t["status"] for t in read_trials(folder)) == ["complete"] * 2

@@ -26,7 +26,7 @@ from pathlib import Path
 import yaml
 
 from whisper_ft.checkpoints import read_events, selection_checks
-from whisper_ft.config import Config, ConfigError, check_folder, is_folder_name, load_config, to_dict
+from whisper_ft.config import Config, ConfigError, check_folder, is_folder_name, load_config, save_config, to_dict
 from whisper_ft.files import write_atomic
 from whisper_ft.model import first_line
 
@@ -340,6 +340,62 @@ def pruning_callback(trial, metric: str, per_step: int, warmup_evals: int = 0, e
     return Pruning()
 
 
+SPEC_FILE = "sweep.yaml"  # the sweep file as the last run read it; config.yaml beside it, its resolved base config
+# What a rerun may change in the sweep file (more trials, values or variants; pruning): the rest
+# decides what the trials it ran measured.
+SPEC_FREE_ON_RERUN = ("name", "method", "trials", "seed", "prune", "prune_warmup_evals", "space", "variants")
+# What a rerun may change in the base config: where and how fast trials run and what they export.
+CONFIG_FREE_ON_RERUN = ("training.output_dir", "training.run_name", "training.eval_batch_size",
+                        "training.logging_steps", "training.save_steps", "training.save_total_limit",
+                        "training.background_saves", "training.dataloader_workers", "training.fast_generation",
+                        "training.torch_compile", "training.gradient_checkpointing", "training.export_ctranslate2",
+                        "training.score_served", "training.push_to_hub", "training.hub_private")
+
+
+def check_same_sweep(folder: Path, spec: SweepSpec, base: Config) -> None:
+    """Refuse to add trials to a sweep whose earlier trials ran from another sweep file or base
+    config (its budget, evaluation store or subset, a trial setting): the report would rank them
+    as trained and checked alike. Compares with what the last run recorded in `folder`
+    (`SPEC_FILE`, and config.yaml where it has one), the keys `*_FREE_ON_RERUN` aside; a variant
+    may be added, not changed."""
+    changed = None
+    if (folder / SPEC_FILE).is_file():
+        before = yaml.safe_load((folder / SPEC_FILE).read_text(encoding="utf-8")) or {}
+        now = yaml.safe_load(yaml.safe_dump(dataclasses.asdict(spec)))
+        kept = set(before.get("variants") or {}) & set(now["variants"])
+        changed = (_first_change(_flat(before), _flat(now), lambda k: k.split(".")[0] not in SPEC_FREE_ON_RERUN)
+                   or _first_change({f"variants.{n}": before["variants"][n] for n in kept},
+                                    {f"variants.{n}": now["variants"][n] for n in kept}, lambda k: True))
+    if not changed and (folder / "config.yaml").is_file():
+        free = {*CONFIG_FREE_ON_RERUN, *budget_keys(spec)}
+        changed = _first_change(_flat(to_dict(load_config(folder / "config.yaml"))), _flat(to_dict(base)),
+                                lambda k: (k.split(".")[0] in ("model", "training")
+                                           or k in ("features.name", "features.data_dir")) and k not in free)
+    if changed:
+        key, before_value, now_value = changed
+        raise ConfigError(f"sweep {spec.name} ran its trials in {folder} with {key} {before_value!r}, this run has "
+                          f"{now_value!r}: new trials would not compare with them; set it back, or give the sweep "
+                          "another name (name: in the sweep file) to start a new one")
+
+
+def _first_change(before: dict, now: dict, compared) -> tuple | None:
+    """(key, before, now) of the first key, in `now`'s order then `before`'s, whose value differs
+    and for which `compared(key)`; None where none does (a missing key is None)."""
+    keys = [*now, *(k for k in before if k not in now)]
+    return next(((k, before.get(k), now.get(k)) for k in keys if compared(k) and before.get(k) != now.get(k)), None)
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    """{"training.lora.rank": 8, ...} of a nested dict (a sweep's base keys are dotted already)."""
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, dict) and v:
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
 def run_sweep(spec: SweepSpec, base: Config, config_path: str | None, overrides: list[str],
               train: Callable[..., dict], log: Callable[[str], None] = print) -> Path:
     """Run (or continue) every trial of a sweep, then write the report; returns the sweep folder."""
@@ -350,7 +406,10 @@ def run_sweep(spec: SweepSpec, base: Config, config_path: str | None, overrides:
     check_folder(base.training.output_dir, "training.output_dir")
     folder = Path(base.training.output_dir) / "sweeps" / spec.name
     study = make_study(spec, folder)
-    write_atomic(folder / "sweep.yaml", yaml.safe_dump(dataclasses.asdict(spec), sort_keys=False))
+    if study.get_trials(deepcopy=False):
+        check_same_sweep(folder, spec, base)
+    write_atomic(folder / SPEC_FILE, yaml.safe_dump(dataclasses.asdict(spec), sort_keys=False))
+    save_config(base, folder / "config.yaml")
     dists = distributions(spec)
     for ft in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         log(f"resuming trial {ft.number}")
