@@ -101,6 +101,9 @@ def test_card_text_says_what_was_scored_and_the_steps_used(tmp_path):
     card = report.model_card({**SUMMARY, "baseline": None}, cfg, MANIFEST)  # eval_before_training: false
     assert "scored on the shipped model." in card and "zero-shot" not in card
     assert "not held-out scores" not in card
+    assert "64000 training samples seen, 3600 s.\n" in card
+    resumed = report.model_card({**SUMMARY, "train_sessions": 3}, cfg, MANIFEST)  # runtime: the last session's
+    assert "64000 training samples seen, 3600 s in the last of its 3 training sessions (resumed).\n" in resumed
     card = report.model_card({**SUMMARY, "overlapping_training_rows": 1234}, cfg, MANIFEST)
     assert "1,234 training rows share a clip or a sentence with validation or test rows" in card
     assert "not held-out scores" in card

@@ -858,8 +858,11 @@ def test_a_resumed_run_checks_saves_and_logs_at_its_new_cadence(tmp_path, featur
     sets = overrides(features_dir, tiny_model_dir, tmp_path, max_steps=2, eval_steps=2, save_steps=2, logging_steps=1,
                      eval_before_training="false", export_ctranslate2="false", score_served="false")
     run_training(load_config(ROOT / "config.yaml", sets))
-    run_training(load_config(ROOT / "config.yaml", [*sets, "training.max_steps=6", "training.eval_steps=3",
-                                                    "training.save_steps=3", "training.logging_steps=3"]))
+    summary = run_training(load_config(ROOT / "config.yaml", [*sets, "training.max_steps=6", "training.eval_steps=3",
+                                                              "training.save_steps=3", "training.logging_steps=3"]))
+    # the Trainer's runtime and loss are the last session's, and the card says so
+    assert summary["train_sessions"] == 2
+    assert "s in the last of its 2 training sessions (resumed)." in (tmp_path / "tiny" / "README.md").read_text()
     log = events(tmp_path / "tiny")
     resumed = log[[i for i, e in enumerate(log) if e["event"] == "start"][1]:]
     assert [e["step"] for e in resumed if e["event"] == "eval" and e["purpose"] == "selection"] == [3, 6]

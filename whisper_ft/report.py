@@ -66,6 +66,13 @@ def _selection_note(summary: dict, selection: str) -> str:
     return note
 
 
+def _runtime(summary: dict) -> str:
+    """'3600 s', or for a resumed run '1200 s in the last of its 3 training sessions': the
+    Trainer's runtime (and loss) cover the session that ran, and earlier ones record none."""
+    seconds, sessions = summary["train_runtime_seconds"], summary.get("train_sessions", 1)
+    return f"{seconds:.0f} s" + (f" in the last of its {sessions} training sessions (resumed)" if sessions > 1 else "")
+
+
 def model_card(summary: dict, config: dict, manifest: dict) -> str:
     """Markdown model card: results (zero-shot vs fine-tuned), data and hyperparameters."""
     t, m = config["training"], config["model"]
@@ -117,7 +124,7 @@ Features `{manifest['name']}` (sources: {', '.join(s['name'] for s in manifest['
 
 ## Training
 
-{summary['steps']} optimizer steps, {summary['samples_seen']} training samples seen, {summary['train_runtime_seconds']:.0f} s.
+{summary['steps']} optimizer steps, {summary['samples_seen']} training samples seen, {_runtime(summary)}.
 {('Model changes: ' + ', '.join(extras) + '.') if extras else ''}
 
 | hyperparameter | value |

@@ -1087,6 +1087,8 @@ def summarize(trainer, train_metrics: dict, final: dict, run_dir: Path, args, se
         "train_runtime_seconds": train_metrics.get("train_runtime", 0.0),
         "train_samples_per_second": train_metrics.get("train_samples_per_second"),
         "train_loss": train_metrics.get("train_loss"), "run_dir": str(run_dir),
+        # the runtime and loss above are the Trainer's for the last session that trained
+        "train_sessions": max(1, sum(1 for e in events if e["event"] == "start" and e["step"] < steps)),
     }
 
 
