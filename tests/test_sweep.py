@@ -573,3 +573,34 @@ def test_a_rerun_with_another_budget_or_base_config_is_refused(tmp_path):
     run_sweep(spec, load_config(ROOT / "config.yaml", batch), str(ROOT / "config.yaml"), batch, trainer,
               log=lambda s: None)
     assert sorted(t["status"] for t in read_trials(folder)) == ["complete"] * 2
+
+
+def test_a_rerun_with_other_grid_values_or_variants_is_refused_and_ranges_may_change(tmp_path):
+    """An Optuna study cannot change a list of values within it (it would stop with a traceback
+    at the first new trial): a rerun that extends the grid or the variants is a one-line error;
+    a range's bounds may change."""
+    sets = [f"training.output_dir={tmp_path / 'ck'}"]
+    budget = {"budget_samples": 32, "eval_every_samples": 16, "prune": False}
+    grid = {"training.learning_rate": [1e-5, 2e-5]}
+    one = {"a": {"training.weight_decay": 0.0}}
+    trainer = ScriptedTrainer(lambda t, step: 40.0)
+    run_sweep(load_spec(write_spec(tmp_path, method="grid", space=grid, variants=one, **budget)), base_config(tmp_path),
+              str(ROOT / "config.yaml"), sets, trainer, log=lambda s: None)
+    more = load_spec(write_spec(tmp_path, method="grid", space={"training.learning_rate": [1e-5, 2e-5, 4e-5]},
+                                variants=one, **budget))
+    with pytest.raises(ConfigError, match=re.escape("sweep sw drew its trials' space.training.learning_rate from "
+                                                    "[1e-05, 2e-05], this file has [1e-05, 2e-05, 4e-05]: a study "
+                                                    "cannot change a list of values")):
+        run_sweep(more, base_config(tmp_path), str(ROOT / "config.yaml"), sets, trainer, log=lambda s: None)
+    variants = load_spec(write_spec(tmp_path, method="grid", space=grid,
+                                    variants={**one, "b": {"training.weight_decay": 0.1}}, **budget))
+    with pytest.raises(ConfigError, match="drew its trials' variants from"):
+        run_sweep(variants, base_config(tmp_path), str(ROOT / "config.yaml"), sets, trainer, log=lambda s: None)
+    assert len(trainer.calls) == 2
+    ranged = {"file": "rs", "method": "random", "trials": 2, "seed": 1, **budget}
+    run_sweep(load_spec(write_spec(tmp_path, space={"training.learning_rate": {"low": 1e-5, "high": 2e-5}}, **ranged)),
+              base_config(tmp_path), str(ROOT / "config.yaml"), sets, trainer, log=lambda s: None)
+    wider = load_spec(write_spec(tmp_path, **{**ranged, "trials": 3},
+                                 space={"training.learning_rate": {"low": 1e-5, "high": 4e-5}}))
+    run_sweep(wider, base_config(tmp_path), str(ROOT / "config.yaml"), sets, trainer, log=lambda s: None)
+    assert len(trainer.calls) == 5

@@ -220,10 +220,15 @@ def check_trials(spec: SweepSpec, base: Config, config_path: str | None, overrid
 
 def distributions(spec: SweepSpec) -> dict:
     """Optuna distributions of the space: a list is a choice, {low, high, log} a range."""
+    return space_distributions(search_space(spec))
+
+
+def space_distributions(space: dict) -> dict:
+    """Optuna distributions of a search space (`search_space`)."""
     import optuna.distributions as d
 
     out = {}
-    for key, values in search_space(spec).items():
+    for key, values in space.items():
         if isinstance(values, list):
             out[key] = d.CategoricalDistribution(values)
         elif isinstance(values["low"], int) and isinstance(values["high"], int):  # log-uniform with log
@@ -341,8 +346,8 @@ def pruning_callback(trial, metric: str, per_step: int, warmup_evals: int = 0, e
 
 
 SPEC_FILE = "sweep.yaml"  # the sweep file as the last run read it; config.yaml beside it, its resolved base config
-# What a rerun may change in the sweep file (more trials, values or variants; pruning): the rest
-# decides what the trials it ran measured.
+# What a rerun may change in the sweep file (more trials, ranges, keys searched; pruning): the rest
+# decides what the trials it ran measured (and a list of values or variants, `check_same_choices`).
 SPEC_FREE_ON_RERUN = ("name", "method", "trials", "seed", "prune", "prune_warmup_evals", "space", "variants")
 # What a rerun may change in the base config: where and how fast trials run and what they export.
 CONFIG_FREE_ON_RERUN = ("training.output_dir", "training.run_name", "training.eval_batch_size",
@@ -356,12 +361,13 @@ def check_same_sweep(folder: Path, spec: SweepSpec, base: Config) -> None:
     """Refuse to add trials to a sweep whose earlier trials ran from another sweep file or base
     config (its budget, evaluation store or subset, a trial setting): the report would rank them
     as trained and checked alike. Compares with what the last run recorded in `folder`
-    (`SPEC_FILE`, and config.yaml where it has one), the keys `*_FREE_ON_RERUN` aside; a variant
-    may be added, not changed."""
+    (`SPEC_FILE`, and config.yaml where it has one), the keys `*_FREE_ON_RERUN` aside; no
+    variant's settings may change, nor a list of values or variants (`check_same_choices`)."""
     changed = None
     if (folder / SPEC_FILE).is_file():
         before = yaml.safe_load((folder / SPEC_FILE).read_text(encoding="utf-8")) or {}
         now = yaml.safe_load(yaml.safe_dump(dataclasses.asdict(spec)))
+        check_same_choices(spec, before)
         kept = set(before.get("variants") or {}) & set(now["variants"])
         changed = (_first_change(_flat(before), _flat(now), lambda k: k.split(".")[0] not in SPEC_FREE_ON_RERUN)
                    or _first_change({f"variants.{n}": before["variants"][n] for n in kept},
@@ -376,6 +382,27 @@ def check_same_sweep(folder: Path, spec: SweepSpec, base: Config) -> None:
         raise ConfigError(f"sweep {spec.name} ran its trials in {folder} with {key} {before_value!r}, this run has "
                           f"{now_value!r}: new trials would not compare with them; set it back, or give the sweep "
                           "another name (name: in the sweep file) to start a new one")
+
+
+def check_same_choices(spec: SweepSpec, before: dict) -> None:
+    """Refuse a rerun whose space lists other values for a key than the study's trials drew
+    from (or variants other than its), or searches a key as a list that was a range or the
+    other way: Optuna cannot change a choice within a study. Ranges may change, and keys may be
+    added or dropped."""
+    import optuna.distributions as d
+
+    was = {**({VARIANT: list(before["variants"])} if before.get("variants") else {}), **(before.get("space") or {})}
+    now = search_space(spec)
+    old_dists, new_dists = space_distributions(was), space_distributions(now)
+    for key in (k for k in new_dists if k in old_dists):
+        try:
+            d.check_distribution_compatibility(old_dists[key], new_dists[key])
+        except ValueError:
+            name = "variants" if key == VARIANT else f"space.{key}"
+            raise ConfigError(f"sweep {spec.name} drew its trials' {name} from {was[key]!r}, this file has "
+                              f"{now[key]!r}: a study cannot change a list of values (ranges can change); set it "
+                              "back, or give the sweep another name (name: in the sweep file) to start a new "
+                              "one") from None
 
 
 def _first_change(before: dict, now: dict, compared) -> tuple | None:
