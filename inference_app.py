@@ -39,6 +39,8 @@ def parse_args(argv: list[str] | None):
     parser.add_argument("--export-space", metavar="DIR",
                         help="write a folder that runs this page as a Hugging Face Space (for --model), then exit")
     args = parser.parse_args(argv)
+    if args.auth_file == "":  # `--auth-file "$LOGINS"` with the variable unset; app.auth_file's "" means no login
+        raise cli.UserError("--auth-file: expected the path of a file of USER:PASSWORD lines, got an empty value")
     args.values = [(f"app.{key}", getattr(args, key)) for key in ("model", "host", "port", "auth_file")
                    if getattr(args, key) is not None] + ([("app.share", True)] if args.share else [])
     return args

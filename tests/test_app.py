@@ -349,6 +349,9 @@ def test_logins_from_the_flag_a_file_or_the_environment(model_dir, launches, cap
 @pytest.mark.parametrize("flags, message", [
     (["--auth", "anna"], "error: --auth: expected USER:PASSWORD"),
     (["--auth", ":hemligt"], "error: --auth: expected USER:PASSWORD"),
+    (["--share", "--auth", ""], "error: --auth: expected USER:PASSWORD"),  # --auth "$LOGIN", the variable unset
+    (["--share", "--auth-file", ""],
+     "error: --auth-file: expected the path of a file of USER:PASSWORD lines, got an empty value"),
     (["--auth-file", "/no/such/logins.txt"], "error: app.auth_file: /no/such/logins.txt does not exist"),
     (["--auth-file", "/"], "error: app.auth_file: cannot read /: Is a directory")])
 def test_a_bad_login_setting_is_a_one_line_error(model_dir, launches, capsys, flags, message):

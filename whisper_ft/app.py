@@ -326,8 +326,10 @@ class AuthError(UserError):
 
 def read_logins(auth: str | None, auth_file: str, environ) -> list[tuple[str, str]]:
     """Logins for the page: `--auth USER:PASSWORD`, else the lines of `auth_file` (app.auth_file,
-    --auth-file; blank lines and # comments skipped), else $WHISPER_APP_AUTH; [] when none is set."""
-    if auth:
+    --auth-file; blank lines and # comments skipped), else $WHISPER_APP_AUTH; [] when none is set.
+    An `--auth ""` given (`--auth "$LOGIN"` with the variable unset) is refused, not taken for no
+    login: the page would go public without one."""
+    if auth is not None:
         return [parse_login(auth, "--auth")]
     if auth_file:
         path = Path(auth_file).expanduser()
