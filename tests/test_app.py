@@ -276,6 +276,15 @@ def test_app_limits_are_checked_with_the_key_named(override):
         load_config(None, [override])
 
 
+@pytest.mark.parametrize("code, hint", [("zh", "did you mean zh-CN or zh-TW?"), ("he", "iw"), ("xx", "sv")])
+def test_an_unknown_translation_target_is_refused_at_load(code, hint):
+    """The dropdown sends app.translate_to with every request: Gradio would refuse each one."""
+    with pytest.raises(ConfigError, match=rf"^app\.translate_to: '{code}' is not a Google Translate language code") as e:
+        load_config(None, [f"app.translate_to={code}"])
+    assert hint in str(e.value) and "\n" not in str(e.value)
+    assert load_config(None, ["app.translate_to=zh-CN"]).app.translate_to == "zh-CN"
+
+
 def test_command_line_errors_are_one_line():
     proc = run_cli("inference_app.py", "--model", "/no/such/model", timeout=120)
     assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].startswith("error: ")

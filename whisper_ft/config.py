@@ -494,6 +494,20 @@ def validate_app(app: AppConfig) -> None:
     if not 0 <= 2 * app.stride_seconds < app.chunk_seconds:  # the overlap on both sides of a window
         raise ConfigError(f"app.stride_seconds: must be at least 0 and under half of app.chunk_seconds "
                           f"({app.chunk_seconds:g}), got {app.stride_seconds:g}")
+    check_translate_to(app.translate_to)
+
+
+def check_translate_to(code: str) -> None:
+    """`code` is one of the page's translation targets: the page sends its default with every
+    request, and Gradio refuses a value its list lacks, so one unknown code fails every request."""
+    from whisper_ft.translate import LANGUAGES  # deep-translator's list, imported only here
+
+    codes = sorted(LANGUAGES.values())
+    if code not in codes:
+        near = [c for c in codes if c.split("-")[0].lower() == code.split("-")[0].lower()]
+        hint = f" (did you mean {' or '.join(near)}?)" if near else ""
+        raise ConfigError(f"app.translate_to: {code!r} is not a Google Translate language code{hint}; use one of: "
+                          f"{', '.join(codes)}")
 
 
 def check_repo_id(repo_id: str, key: str) -> None:
