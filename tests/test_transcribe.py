@@ -17,7 +17,7 @@ from whisper_ft.audio import SAMPLE_RATE, load_audio
 from whisper_ft.model import load_model, load_processor
 from whisper_ft.transcribe import (COMPRESSION_RATIO_THRESHOLD, CT2Transcriber, PipelineTranscriber, Segment,
                                    Transcript, compression_ratio, cut_loop, cut_looping_windows, find_loop,
-                                   load_transcriber, to_srt, to_txt)
+                                   load_transcriber, ordered_segments, to_srt, to_txt)
 
 # A unit of up to 20 characters repeated 8 times or more in a row: what a runaway window looks like.
 LOOP = re.compile(r"(.{1,20}?)\1{7,}", re.S)
@@ -73,13 +73,14 @@ def test_pipeline_transcribes_long_audio_in_batched_windows(model_dir, long_spee
     assert not any(kw.get("return_timestamps") for kw in calls(tr, long_speech[:10 * SAMPLE_RATE]))  # one window
 
 
-def calls(tr, wave) -> list[dict]:
-    """The generate keyword arguments of each batch that transcribing `wave` runs."""
+def calls(tr, wave, timestamps: bool = False) -> list[dict]:
+    """The generate keyword arguments (and input_features) of each batch that transcribing `wave` runs."""
     seen = []
     generate = tr.pipe.model.generate
-    tr.pipe.model.generate = lambda *args, **kwargs: seen.append(kwargs) or generate(*args, **kwargs)
+    tr.pipe.model.generate = lambda *args, **kwargs: seen.append({**kwargs, "input_features": args[0]} if args
+                                                                 else kwargs) or generate(*args, **kwargs)
     try:
-        tr.transcribe(wave)
+        tr.transcribe(wave, timestamps=timestamps)
     finally:
         tr.pipe.model.generate = generate
     return seen
@@ -91,6 +92,58 @@ def test_pipeline_timestamps(model_dir, long_speech):
     for s in result.segments:
         assert 0 <= s.start <= s.end <= result.audio_seconds and s.text
     assert "-->" in to_srt(result)
+
+
+def test_long_timestamped_audio_is_decoded_window_after_window(model_dir, long_speech):
+    tr = load_transcriber(str(model_dir), use_ctranslate2=False)
+    seen = calls(tr, long_speech, timestamps=True)
+    # one call over all 36 s: Whisper's sequential long-form decoding, not overlapping windows
+    assert len(seen) == 1 and seen[0]["input_features"].shape[-1] > 3000 and seen[0]["return_segments"]
+
+
+def assert_cues(segments, audio_seconds):
+    """In time order, within the audio, never overlapping, each with text and some length."""
+    for s in segments:
+        assert 0 <= s.start < s.end <= audio_seconds and s.text == s.text.strip() and s.text
+    for before, after in zip(segments, segments[1:]):
+        assert before.end <= after.start
+
+
+def test_segments_that_go_back_in_time_are_made_fit_for_subrip():
+    from whisper_ft.transcribe import _pipeline_segments
+
+    # what the pipeline's merger made of a window whose timestamps went back (<|28.18|><|28.18|><|0.00|>)
+    chunks = [{"timestamp": (0.0, 27.18), "text": " Jag kommer tillbaka."},
+              {"timestamp": (28.18, 28.18), "text": " Vi behöver polisen."},
+              {"timestamp": (2.0, 5.0), "text": " Jag kommer tillbaka."},  # the same speech again
+              {"timestamp": (26.0, 31.0), "text": " Nej, lägg av."},
+              {"timestamp": (31.0, 31.0), "text": " "},
+              {"timestamp": (44.0, None), "text": " Vill du inte skjuta?"},
+              {"timestamp": (45.5, 46.0), "text": " Det är för mörkt."}]  # past the audio's end
+    segments = _pipeline_segments(chunks, 45.0)
+    assert segments == [Segment(0.0, 27.18, "Jag kommer tillbaka. Vi behöver polisen."),
+                        Segment(27.18, 31.0, "Nej, lägg av."),
+                        Segment(44.0, 45.0, "Vill du inte skjuta? Det är för mörkt.")]
+    assert_cues(segments, 45.0)
+    assert ordered_segments([Segment(0.0, 0.0, "Hej."), Segment(0.0, 2.0, "Hur mår du?")], 3.0) == [
+        Segment(0.0, 2.0, "Hej. Hur mår du?")]
+    assert ordered_segments([Segment(3.0, 3.0, "Hej.")], 3.0) == [Segment(0.0, 3.0, "Hej.")]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("offset", [0, 8])
+def test_real_model_long_timestamps_are_ordered_cues(real_model_dir, sentences, tmp_path, offset):
+    """About 45 s of Swedish sentences (plus `offset` s of silence first) on the transformers path."""
+    if shutil.which("espeak-ng") is None:
+        pytest.skip("espeak-ng is needed for synthetic speech")
+    wave = load_audio(speech_wav(" ".join(sentences[19:40]), tmp_path / "long.wav"))
+    wave = np.concatenate([np.zeros(offset * SAMPLE_RATE, np.float32), wave])
+    result = load_transcriber(str(real_model_dir), use_ctranslate2=False).transcribe(wave, timestamps=True)
+    assert result.audio_seconds > 35 and len(result.segments) >= 8
+    assert_cues(result.segments, result.audio_seconds)
+    assert max(s.end - s.start for s in result.segments) < 15  # no cue swallowing a window
+    assert result.text == " ".join(s.text for s in result.segments)
+    assert to_srt(result).count(" --> ") == len(result.segments)
 
 
 def test_bad_task_is_refused(model_dir):

@@ -7,6 +7,8 @@ Two backends behind one `transcribe(wave, task, timestamps)` call, both taking m
   window into overlapping windows (`chunk_seconds`, `stride_seconds`), generates them in
   batches and merges the overlaps. The reference path. A window that loops ("och och och ...")
   is decoded again at rising temperatures, and cut where its loop starts if every try loops.
+  With timestamps, audio longer than one window is decoded by Whisper's own sequential
+  long-form generation instead, each window starting where the last one's speech ended.
 - `CT2Transcriber`: a CTranslate2 int8 export (see `whisper_ft.ct2`) run by faster-whisper's
   batched pipeline, which cuts at voice-activity boundaries into windows of at most 30 s and
   generates them in batches. The fast CPU path.
@@ -27,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from whisper_ft.audio import SAMPLE_RATE
+from whisper_ft.audio import N_SAMPLES, SAMPLE_RATE
 
 log = logging.getLogger(__name__)
 
@@ -181,6 +183,10 @@ class PipelineTranscriber:
         _check_task(task)
         start = time.perf_counter()
         audio_seconds = len(wave) / SAMPLE_RATE
+        if timestamps and len(wave) > N_SAMPLES:
+            segments = self._long_form_segments(np.asarray(wave, dtype=np.float32), task, audio_seconds)
+            return Transcript(" ".join(s.text for s in segments), segments, audio_seconds,
+                              time.perf_counter() - start)
         # Audio longer than one window is decoded with timestamps, asked for or not: without them
         # Whisper often ends a window early, and the pipeline can only join the windows' texts on
         # a common word sequence, which on 44 s of Swedish speech dropped 9 of 16 sentences
@@ -192,18 +198,63 @@ class PipelineTranscriber:
         segments = tuple(_pipeline_segments(out.get("chunks", []), audio_seconds)) if timestamps else ()
         return Transcript(out["text"].strip(), segments, audio_seconds, time.perf_counter() - start)
 
+    def _long_form_segments(self, wave: np.ndarray, task: str, audio_seconds: float) -> tuple[Segment, ...]:
+        """Timestamped segments of audio over one window from generate's sequential long-form
+        decoding (what transformers recommends for Whisper). The pipeline's windows overlap, and
+        its merger folds a window whose timestamps go back (`<|28.18|><|28.18|><|0.00|>...`) into
+        one cue: a 27 s first cue, zero-length cues, cues going back in time, overlap text twice."""
+        import torch
+
+        features = self.pipe.feature_extractor(wave, sampling_rate=SAMPLE_RATE, truncation=False, padding="longest",
+                                               return_attention_mask=True, return_tensors="pt")
+        with torch.inference_mode():
+            out = self.pipe.model.generate(features.input_features, attention_mask=features.attention_mask,
+                                           return_timestamps=True, return_segments=True,
+                                           **self._generate_kwargs(task))
+        tokenizer = self.pipe.tokenizer
+        raw = []
+        for seg in out["segments"][0]:
+            text = tokenizer.decode(seg["tokens"], skip_special_tokens=True).strip()
+            if self.compression_ratio_threshold is not None:  # every temperature may still loop
+                text = cut_looping_text(text, self.compression_ratio_threshold)
+            raw.append(Segment(float(seg["start"]), float(seg["end"]), text))
+        return tuple(ordered_segments(raw, audio_seconds))
+
 
 def _pipeline_segments(chunks: list[dict], audio_seconds: float) -> list[Segment]:
     segments = []
     for c in chunks:
         begin, end = c["timestamp"]
-        begin = begin or 0.0
         end = end if end is not None else audio_seconds  # the last segment may lack an end
-        begin = min(float(begin), audio_seconds)  # a window's timestamps can overrun the audio's end
-        end = min(max(float(end), begin), audio_seconds)
-        if c["text"].strip():
-            segments.append(Segment(begin, end, c["text"].strip()))
-    return segments
+        segments.append(Segment(float(begin or 0.0), float(end), c["text"].strip()))
+    return ordered_segments(segments, audio_seconds)
+
+
+def ordered_segments(segments: Sequence[Segment], audio_seconds: float) -> list[Segment]:
+    """Cues fit for SubRip: within the audio, in time order, never overlapping, none empty or of
+    zero length. A segment that lies wholly in time already covered is a second decoding of that
+    speech and is dropped; one that starts inside the previous cue starts where it ends; text
+    left with no time of its own (a zero-length segment) joins the previous cue, or the next."""
+    out: list[Segment] = []
+    pending = ""  # text of zero-length segments before the first cue
+    for s in segments:
+        covered = out[-1].end if out else 0.0
+        start = min(max(s.start, covered), audio_seconds)  # a window's timestamps can overrun the audio's end
+        end = min(max(s.end, start), audio_seconds)
+        if not s.text:
+            continue
+        if out and s.end <= covered and s.start < covered:
+            continue  # wholly inside earlier time: the same speech again
+        if end > start:
+            out.append(Segment(start, end, f"{pending} {s.text}".strip()))
+            pending = ""
+        elif out:
+            out[-1] = Segment(out[-1].start, out[-1].end, f"{out[-1].text} {s.text}")
+        else:
+            pending = f"{pending} {s.text}".strip()
+    if pending:  # no segment had any length: one cue over the audio
+        out.append(Segment(0.0, audio_seconds, pending))
+    return out
 
 
 class CT2Transcriber:
