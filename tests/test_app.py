@@ -182,6 +182,26 @@ def test_file_inputs_take_uploads_only_and_the_three_endpoints_share_the_workers
     assert {(fn.concurrency_id, fn.concurrency_limit) for fn in endpoints} == {("transcribe", handlers.cfg.app.workers)}
 
 
+@pytest.mark.parametrize("mime_types", ["known", "unknown"])  # unknown: a host without /etc/mime.types
+def test_the_upload_field_takes_every_format_the_decoder_reads(handlers, tmp_path, monkeypatch, mime_types):
+    from gradio.data_classes import FileData
+    from gradio_client import utils as client_utils
+
+    from whisper_ft.audio import MEDIA_DEMUXERS, MEDIA_EXTENSIONS, MEDIA_FORMATS
+
+    if mime_types == "unknown":
+        monkeypatch.setattr(client_utils, "get_mimetype", lambda name: None)
+    upload = next(b for b in app.build_app(handlers, "m").blocks.values() if getattr(b, "elem_id", None) == "upload")
+    assert set(MEDIA_FORMATS) == set(MEDIA_DEMUXERS) and all(MEDIA_FORMATS.values())
+    assert {".ts", ".wv", ".caf", ".ape", ".f4v", ".flac", ".ogg", ".m4a", ".mkv", ".wma"} <= set(MEDIA_EXTENSIONS)
+    for ext in (*MEDIA_EXTENSIONS, ".MP3"):
+        (tmp_path / f"clip{ext}").write_bytes(b"\0")
+        assert upload.preprocess(FileData(path=str(tmp_path / f"clip{ext}"))) == str(tmp_path / f"clip{ext}")
+    (tmp_path / "notes.txt").write_text("hej")
+    with pytest.raises(gr.Error, match="Invalid file type"):
+        upload.preprocess(FileData(path=str(tmp_path / "notes.txt")))
+
+
 def test_bad_files(handlers, media, monkeypatch):
     assert "Upload an audio or video file first" in error_message(lambda: handlers.from_file(None))
     assert "empty file" in error_message(lambda: handlers.from_file(str(media["empty.wav"])))

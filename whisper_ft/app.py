@@ -27,7 +27,7 @@ import numpy as np
 from gradio_client import utils as client_utils
 
 from whisper_ft import child, translate, youtube
-from whisper_ft.audio import SAMPLE_RATE, AudioError, TooLong, is_silent, load_audio, probe_seconds
+from whisper_ft.audio import MEDIA_EXTENSIONS, SAMPLE_RATE, AudioError, TooLong, is_silent, load_audio, probe_seconds
 from whisper_ft.config import AppConfig, Config
 from whisper_ft.errors import UserError
 from whisper_ft.transcribe import Transcript, load_transcriber, to_srt, to_txt
@@ -268,8 +268,10 @@ def build_app(handlers: Handlers, model_name: str, notice: str = "") -> gr.Block
                                                 label="Record Swedish speech"))
                     mic_button = gr.Button("Transcribe recording", variant="primary")
                 with gr.Tab("File"):
-                    upload = uploads_only(gr.File(label="Audio or video file", file_types=["audio", "video"],
-                                                  type="filepath", elem_id="upload"))
+                    # every container the decoder reads, by name: gradio refuses the others at upload
+                    upload = uploads_only(gr.File(label="Audio or video file",
+                                                  file_types=["audio", "video", *MEDIA_EXTENSIONS], type="filepath",
+                                                  elem_id="upload"))
                     file_button = gr.Button("Transcribe file", variant="primary", elem_id="transcribe-file")
                 with gr.Tab("Video URL"):
                     url = gr.Textbox(label="YouTube or other video URL",

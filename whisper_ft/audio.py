@@ -35,8 +35,18 @@ N_FRAMES = N_SAMPLES // HOP_LENGTH  # 3000 frames in a Whisper input
 # ffmpeg/ffprobe input options: no network protocols, and media containers only. An HLS playlist
 # (hls), a concat script or a DASH manifest could make ffmpeg read other files of this machine,
 # whatever the upload's name says.
-MEDIA_DEMUXERS = ("mov", "matroska", "webm", "mp3", "ogg", "wav", "w64", "flac", "aac", "ac3", "eac3", "mpegts",
-                  "mpeg", "asf", "avi", "flv", "amr", "aiff", "caf", "au", "wv", "ape")
+# Each demuxer with the file name endings of its containers.
+MEDIA_FORMATS = {
+    "mov": (".mov", ".mp4", ".m4a", ".m4b", ".m4v", ".3gp", ".3g2", ".f4v", ".f4a"), "matroska": (".mkv", ".mka"),
+    "webm": (".webm",), "mp3": (".mp3",), "ogg": (".ogg", ".oga", ".ogv", ".opus", ".spx"), "wav": (".wav",),
+    "w64": (".w64",), "flac": (".flac",), "aac": (".aac",), "ac3": (".ac3",), "eac3": (".eac3", ".ec3"),
+    "mpegts": (".ts", ".mts", ".m2ts"), "mpeg": (".mpg", ".mpeg", ".vob"), "asf": (".asf", ".wma", ".wmv"),
+    "avi": (".avi",), "flv": (".flv",), "amr": (".amr",), "aiff": (".aif", ".aiff", ".aifc"), "caf": (".caf",),
+    "au": (".au", ".snd"), "wv": (".wv",), "ape": (".ape",)}
+MEDIA_DEMUXERS = tuple(MEDIA_FORMATS)
+# What an upload field lets through by name: it judges by extension, and by mimetypes only for the
+# names the host's /etc/mime.types knows (a Space image has none: .flac, .mkv would be refused).
+MEDIA_EXTENSIONS = tuple(sorted({ext for exts in MEDIA_FORMATS.values() for ext in exts}))
 LOCAL_ONLY = ["-protocol_whitelist", "file,pipe", "-format_whitelist", ",".join(MEDIA_DEMUXERS)]
 MONO_AT_ONCE = 60 * 48_000 * 2  # samples decoded in one piece; longer audio is mixed down and resampled in blocks
 
