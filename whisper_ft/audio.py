@@ -75,10 +75,11 @@ def load_audio(source: str | Path | bytes, sample_rate: int = SAMPLE_RATE, max_s
     data = source if isinstance(source, bytes) else None
     if data is None:
         path = Path(source)
+        # the app shows these messages: the file's name, not the server's path (as for ffmpeg's below)
         if not path.is_file():
-            raise AudioError(f"no such file: {path}")
+            raise AudioError(f"no such file: {path.name}")
         if path.stat().st_size == 0:
-            raise AudioError(f"empty file: {path}")
+            raise AudioError(f"empty file: {path.name}")
     try:
         return _soundfile_decode(io.BytesIO(data) if data is not None else str(source), sample_rate, max_seconds,
                                  timeout)
