@@ -23,7 +23,7 @@ from conftest import ROOT, run_cli
 from whisper_ft import app, cli, translate
 from whisper_ft.app import BUSY, GOOGLE, NO_TRANSLATION, WHISPER, Handlers, find_model, newest_best
 from whisper_ft.config import ConfigError, load_config
-from whisper_ft.transcribe import load_transcriber
+from whisper_ft.transcribe import Transcript, load_transcriber
 
 pytestmark = pytest.mark.skipif(shutil.which("espeak-ng") is None or shutil.which("ffmpeg") is None,
                                 reason="espeak-ng and ffmpeg are needed for synthetic speech")
@@ -200,6 +200,19 @@ def test_the_upload_field_takes_every_format_the_decoder_reads(handlers, tmp_pat
     (tmp_path / "notes.txt").write_text("hej")
     with pytest.raises(gr.Error, match="Invalid file type"):
         upload.preprocess(FileData(path=str(tmp_path / "notes.txt")))
+
+
+def test_no_speech_offers_no_transcript_files(cfg, media, tmp_path):
+    class Mute:  # a model that recognises nothing
+        backend = "transformers"
+
+        def transcribe(self, wave, task="transcribe", timestamps=False):
+            return Transcript("", (), len(wave) / 16000, 0.1)
+
+    text, translation, status, files, *_ = Handlers(Mute(), cfg, tmp_path).from_file(str(media["speech.wav"]),
+                                                                                      GOOGLE, "en", True, [])
+    assert (text, translation, files) == ("", "", []) and "No speech was recognised" in status
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_bad_files(handlers, media, monkeypatch):

@@ -48,6 +48,10 @@ def test_srt_and_txt_writers():
     assert to_srt(plain) == "1\n00:00:00,000 --> 00:00:02,000\nHej.\n"
     assert plain.rtf == 0.5
     assert Transcript("", (), 0.0, 1.0).rtf == 0.0
+    # SubRip has no empty cue: no text, no cue
+    assert to_srt(Transcript("", (), 5.0, 1.0)) == ""
+    assert to_srt(Transcript("Hej.", (Segment(0.0, 1.0, " "), Segment(1.0, 2.0, "Hej.")), 2.0)) == (
+        "1\n00:00:01,000 --> 00:00:02,000\nHej.\n")
 
 
 def test_pipeline_transcribes_long_audio_in_batched_windows(model_dir, long_speech):

@@ -79,7 +79,8 @@ def load_for_app(choice: ModelChoice, cfg: Config):
 
 class Handlers:
     """Request logic of the page. Each `from_*` method returns (transcript, translation, status
-    markdown, [.txt, .srt paths], chat messages, history state) or raises gr.Error."""
+    markdown, [.txt, .srt paths] or [] when no speech was recognised, chat messages, history
+    state) or raises gr.Error."""
 
     def __init__(self, transcriber, cfg: Config, out_dir: str | Path | None = None):
         self.transcriber = transcriber
@@ -182,7 +183,7 @@ class Handlers:
         elif english is not None:
             translation = english.text
             notes.append(f"Whisper's translation to English took {english.elapsed_seconds:.1f} s.")
-        files = self._write_files(result)
+        files = self._write_files(result) if result.text else []  # nothing to download
         history = _append_history(history, label, seconds, result.text, translation)
         return result.text, translation, "\n\n".join(notes), files, history, history
 

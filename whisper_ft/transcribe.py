@@ -326,8 +326,10 @@ def _srt_time(seconds: float) -> str:
 
 
 def to_srt(transcript: Transcript) -> str:
-    """SubRip text; without timestamped segments the whole text is one cue over the audio."""
+    """SubRip text; without timestamped segments the whole text is one cue over the audio. A
+    segment without text gets no cue (SubRip has no empty cue): no text, no cues."""
     segments = transcript.segments or (Segment(0.0, transcript.audio_seconds, transcript.text),)
+    segments = [s for s in segments if s.text.strip()]
     cues = [f"{i}\n{_srt_time(s.start)} --> {_srt_time(s.end)}\n{s.text}\n" for i, s in enumerate(segments, 1)]
     return "\n".join(cues)
 
