@@ -222,7 +222,8 @@ def test_killed_run_resumes_at_its_last_checkpoint(tmp_path, features_dir, tiny_
 
 def test_rerunning_a_finished_run_trains_no_more_and_changed_settings_are_refused(tmp_path, features_dir,
                                                                                   tiny_model_dir, monkeypatch):
-    """A rerun (after a kill in the final phase, say) finishes from the last checkpoint without an
+    """A rerun of a finished run does nothing; after a kill in the final phase (no metrics.json),
+    or with other final-phase settings, it finishes from the last checkpoint without an
     extra step; a background write still in flight at the end of training keeps its checkpoint;
     a resume with another learning rate is refused, a longer one runs."""
     from whisper_ft.train import WhisperTrainer, run_training
@@ -240,11 +241,18 @@ def test_rerunning_a_finished_run_trains_no_more_and_changed_settings_are_refuse
     first = run_training(load_config(ROOT / "config.yaml", sets))
     run_dir = tmp_path / "tiny"
     assert first["steps"] == 2 and [s for s, _ in checkpoints.checkpoints(run_dir)] == [2]
+    tests = lambda: [e for e in events(run_dir) if e["event"] == "eval" and e.get("purpose") == "report"]  # noqa: E731
+    assert len(tests()) == 1
+    assert run_training(load_config(ROOT / "config.yaml", sets)) == first  # finished: nothing is done again
+    assert len(tests()) == 1 and len([e for e in events(run_dir) if e["event"] == "start"]) == 1
+    sets.append("training.average_mode=best")  # another final phase: done again
     again = run_training(load_config(ROOT / "config.yaml", sets))
     assert again["steps"] == 2 and [s for s, _ in checkpoints.checkpoints(run_dir)] == [2]
     assert [e["step"] for e in events(run_dir) if e["event"] == "train"] == [1, 2]
-    assert again["best_step"] == first["best_step"] and again["wer"] == first["wer"]
+    assert again["best_step"] == first["best_step"] and again["wer"] == first["wer"] and len(tests()) == 2
     assert again["train_loss"] == first["train_loss"]  # the figures of the run that trained
+    (run_dir / "metrics.json").unlink()  # as after a kill in the final phase: done again
+    assert run_training(load_config(ROOT / "config.yaml", sets))["steps"] == 2 and len(tests()) == 3
 
     with pytest.raises(TrainingError, match=r"trained to checkpoint-2 with other settings \(training.learning_rate "
                                             r"0.001 -> 0.01\): a resumed run keeps its own"):

@@ -743,6 +743,10 @@ def run_training(cfg: Config, fresh: bool = False, callbacks: Sequence[TrainerCa
     start_step, resume = found[-1] if found else (0, None)
     if resume is not None:
         check_resumable(cfg, run_dir, resume, start_step)
+        if (done := finished_summary(cfg, run_dir, start_step)) is not None:
+            log.info("%s finished at step %d already (metrics.json): nothing to do; --push-only publishes it, "
+                     "--fresh trains it again", run_dir, start_step)
+            return done
     elif not fresh and (run_dir / checkpoints.BEST_DIR).is_dir():
         start_over(cfg, run_dir)
     subset_seed = eval_subset_seed(cfg, run_dir) if resume is not None else EVAL_SUBSET_SEED
@@ -940,6 +944,31 @@ def check_same_processes(run_dir: Path, resume: Path, step: int) -> None:
         raise TrainingError(f"{run_dir} was trained to {resume.name} on {before} process(es), this run has {now}: the "
                             f"effective batch (batch_size x gradient_accumulation_steps x processes) would change; "
                             f"run it on {before}, pass --fresh to start it over, or use another training.run_name")
+
+
+# What a finished run's final phase did, besides scoring best/: another value does that phase again.
+FINAL_PHASE = ("export_ctranslate2", "score_served", "average_checkpoints", "average_mode")
+
+
+def finished_summary(cfg: Config, run_dir: Path, step: int) -> dict | None:
+    """The summary (metrics.json) of a run that finished at its newest checkpoint `step`, at or
+    past training.max_steps, with this config's final-phase settings (`FINAL_PHASE`); None when
+    there is work left: training, or a final phase cut short (no metrics.json) or asked for
+    otherwise. A rerun of a finished run then repeats neither the test scoring nor the exports."""
+    import yaml
+
+    path = run_dir / "metrics.json"
+    if step < cfg.training.max_steps or not path.is_file() or not (run_dir / checkpoints.BEST_DIR).is_dir():
+        return None
+    try:
+        summary = json.loads(path.read_text(encoding="utf-8"))
+        saved = (yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8")) or {}).get("training", {})
+    except (OSError, ValueError):
+        return None
+    now = to_dict(cfg)["training"]
+    if summary.get("steps") != step or any(saved.get(key) != now[key] for key in FINAL_PHASE):
+        return None
+    return summary
 
 
 def earlier_train_metrics(run_dir: Path) -> dict:
