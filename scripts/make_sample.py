@@ -1,11 +1,12 @@
 """Rebuild the embedded sample: a small synthetic Swedish Common Voice release in
 data/sample/cv-corpus-sample/sv-SE, spoken by espeak-ng with varied voices.
 
-    python scripts/make_sample.py --sentences path/to/sv-SE-sentences.txt
-    python scripts/make_sample.py --sentences ... --out data/synthetic-cv --train 320 --dev 80 --test 160 \
+    python scripts/make_sample.py
+    python scripts/make_sample.py --out data/synthetic-cv --train 320 --dev 80 --test 160 \
         --speakers 24 --snr 5 25        # a larger, noisier release for experiments (docs/improving.md)
 
-The sentences are CC0 Common Voice Swedish sentences, one per line.
+The sentences (--sentences, one per line) are by default data/sample/sv-SE-sentences.txt:
+5,518 CC0 sentences of Common Voice's Swedish sentence collection.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from whisper_ft.files import replace_dir, staging_dir  # noqa: E402
 from whisper_ft.synth import SynthError, make_release, require_tools, usable_sentences  # noqa: E402
 
 OUT = Path(__file__).resolve().parents[1] / "data" / "sample" / "cv-corpus-sample"
+SENTENCES = OUT.parent / "sv-SE-sentences.txt"
 
 
 def replaceable(out: Path) -> bool:
@@ -38,8 +40,9 @@ def replaceable(out: Path) -> bool:
 
 
 def make_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sentences", required=True, type=Path, help="text file, one Swedish sentence per line")
+    parser = argparse.ArgumentParser(description=cli.summary(__doc__))
+    parser.add_argument("--sentences", type=Path, default=SENTENCES,
+                        help="text file, one Swedish sentence per line (default: the CC0 sentences beside the sample)")
     parser.add_argument("--out", type=Path, default=OUT,
                         help="folder of the release (replaced once the new one is complete: it must be empty "
                              "or an earlier release)")
