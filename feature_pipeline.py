@@ -20,7 +20,7 @@ from whisper_ft.features import ROLE, VALIDATION_VS_TEST, build
 
 
 def parse_args(argv: list[str] | None):
-    parser = cli.base_parser(__doc__.splitlines()[0])
+    parser = cli.base_parser(cli.summary(__doc__))
     parser.add_argument("--num-shards", type=int, default=1, help="split the work into this many processes")
     parser.add_argument("--shard-index", type=int, default=0, help="which of them this process is (0-based)")
     parser.add_argument("--workers", type=int, help="processes for decoding (default: features.workers; 0 = all cores)")

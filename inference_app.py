@@ -25,7 +25,7 @@ log = logging.getLogger("inference_app")
 
 
 def parse_args(argv: list[str] | None):
-    parser = cli.base_parser(__doc__.splitlines()[0])
+    parser = cli.base_parser(cli.summary(__doc__))
     parser.add_argument("--model", help="Whisper model folder or hub id (default: app.model, else the newest "
                                         "best checkpoint under training.output_dir, else model.name_or_path)")
     parser.add_argument("--host", help="address to bind (default: app.host, 127.0.0.1)")

@@ -1,5 +1,6 @@
-"""Search hyperparameters, fine-tuning variants or data mixes: one training run per trial,
-all on the same budget of samples and the same evaluation set, then a comparison report.
+"""Search hyperparameters, fine-tuning variants or data mixes, one training run per trial.
+
+Every trial gets the same budget of samples and the same evaluation set; a report compares them.
 
     python sweep.py sweeps/lr.yaml                     # runs or continues every trial
     python sweep.py sweeps/lr.yaml --set training.batch_size=8
@@ -18,7 +19,7 @@ from whisper_ft.sweep import TRIAL_FILE, load_spec, run_sweep, write_report
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = cli.base_parser(__doc__.splitlines()[0])
+    parser = cli.base_parser(cli.summary(__doc__))
     parser.add_argument("sweep", help="sweep file (YAML): method, space, budget; see sweeps/")
     parser.add_argument("--report-only", action="store_true", help="only rewrite the report of finished trials")
     args = parser.parse_args(argv)

@@ -19,7 +19,7 @@ from whisper_ft.train import is_main_process, run_dir_of, run_training
 
 
 def parse_args(argv: list[str] | None):
-    parser = cli.base_parser(__doc__.splitlines()[0])
+    parser = cli.base_parser(cli.summary(__doc__))
     what = parser.add_mutually_exclusive_group()
     what.add_argument("--fresh", action="store_true", help="delete this run's checkpoints and start over")
     what.add_argument("--push-only", action="store_true",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -215,3 +216,20 @@ def test_window_settings_say_they_apply_to_the_transformers_path_only():
     for key in ("chunk_seconds", "stride_seconds"):
         line = next(line for line in lines if line.strip().startswith(f"{key}:"))
         assert "# transformers path only:" in line, line
+
+
+@pytest.mark.parametrize("script", ["feature_pipeline.py", "training_pipeline.py", "inference_app.py", "sweep.py",
+                                    "scripts/make_sample.py"])
+def test_help_describes_the_command_in_whole_sentences(script):
+    """--help's description is the docstring's first paragraph, not its first line cut mid-sentence."""
+    import ast
+    import subprocess
+    import sys
+
+    from whisper_ft import cli
+
+    out = subprocess.run([sys.executable, str(ROOT / script), "--help"], capture_output=True, text=True, check=True,
+                         cwd=ROOT, env={**os.environ, "COLUMNS": "100"}).stdout
+    described = "".join(out.split("\n\n")[1].split())  # after the usage lines; argparse wraps at hyphens too
+    doc = ast.get_docstring(ast.parse((ROOT / script).read_text(encoding="utf-8")), clean=False)
+    assert described == "".join(cli.summary(doc).split()) and described.endswith(".")

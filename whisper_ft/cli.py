@@ -11,7 +11,12 @@ from collections.abc import Callable
 from whisper_ft.config import Config, load_config
 from whisper_ft.errors import UserError
 
-__all__ = ["UserError", "base_parser", "config_from_args", "run"]
+__all__ = ["UserError", "base_parser", "config_from_args", "run", "summary"]
+
+
+def summary(doc: str) -> str:
+    """The first paragraph of a script's docstring as one line: its --help description."""
+    return " ".join(doc.strip().split("\n\n")[0].split())
 
 
 def base_parser(description: str) -> argparse.ArgumentParser:
