@@ -7,8 +7,16 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 dev=0; [ "${1:-}" = "--dev" ] && dev=1
 
+python=${PYTHON:-python3}
+if ! "$python" -c 'import sys; sys.exit(sys.version_info < (3, 11, 4))'; then
+  echo "error: Python 3.11.4 or newer is needed (found $("$python" -V 2>&1)); set PYTHON=/path/to/python3.11" >&2
+  exit 2
+fi
+
 pkgs=(ffmpeg)
 [ $dev = 1 ] && pkgs+=(espeak-ng chromium chromium-driver)
+# Debian and Ubuntu ship venv's pip bootstrap apart from Python (python3.X-venv)
+"$python" -c "import ensurepip" 2>/dev/null || pkgs+=("python$("$python" -c 'import sys; print("%d.%d" % sys.version_info[:2])')-venv")
 missing=()
 for p in "${pkgs[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
 if [ ${#missing[@]} -gt 0 ]; then
@@ -22,10 +30,9 @@ if [ ${#missing[@]} -gt 0 ]; then
   fi
 fi
 
-python=${PYTHON:-python3}
-if ! "$python" -c 'import sys; sys.exit(sys.version_info < (3, 11, 4))'; then
-  echo "error: Python 3.11.4 or newer is needed (found $("$python" -V 2>&1)); set PYTHON=/path/to/python3.11" >&2
-  exit 2
+if [ -x .venv/bin/python ] && ! .venv/bin/python -m pip --version >/dev/null 2>&1; then
+  echo "recreating .venv: it has no pip (left by a venv that could not finish)"
+  rm -rf .venv
 fi
 [ -x .venv/bin/python ] || "$python" -m venv .venv
 .venv/bin/python -m pip install -q --disable-pip-version-check --upgrade pip
@@ -34,8 +41,10 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
   if command -v nvidia-smi >/dev/null && nvidia-smi >/dev/null 2>&1; then
     .venv/bin/python -m pip install -q --disable-pip-version-check "torch>=2.4"
   else
+    # PyPI's plain torch is the CUDA build (gigabytes of CUDA libraries): the CPU index first
     .venv/bin/python -m pip install -q --disable-pip-version-check torch==2.13.0 \
-      || .venv/bin/python -m pip install -q --disable-pip-version-check torch --index-url https://download.pytorch.org/whl/cpu
+        --index-url https://download.pytorch.org/whl/cpu \
+      || .venv/bin/python -m pip install -q --disable-pip-version-check torch==2.13.0
   fi
 fi
 req=requirements.txt; [ $dev = 1 ] && req=requirements-dev.txt
