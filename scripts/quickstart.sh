@@ -20,11 +20,13 @@ else
          --set training.dataloader_workers=0)
 fi
 
+# one feature store and one run per model, so that another WHISPER_MODEL starts its own
 name="sample-$(basename "$model")"
+run="$name-demo"
 .venv/bin/python feature_pipeline.py --set "model.name_or_path=$model" --set "features.name=$name"
 .venv/bin/python training_pipeline.py --set "model.name_or_path=$model" --set "features.name=$name" \
-  --set training.run_name=sample-demo "${short[@]}"
+  --set "training.run_name=$run" "${short[@]}"
 
 echo
-echo "done: the fine-tuned model is in checkpoints/sample-demo/best (model card: checkpoints/sample-demo/best/README.md)"
-echo "try it in the browser: .venv/bin/python inference_app.py --model checkpoints/sample-demo/best"
+echo "done: the fine-tuned model is in checkpoints/$run/best (model card: checkpoints/$run/best/README.md)"
+echo "try it in the browser: .venv/bin/python inference_app.py --model checkpoints/$run/best"
