@@ -105,6 +105,20 @@ def test_long_timestamped_audio_is_decoded_window_after_window(model_dir, long_s
     assert len(seen) == 1 and seen[0]["input_features"].shape[-1] > 3000 and seen[0]["return_segments"]
 
 
+def test_long_timestamped_audio_with_a_float16_model(model_dir, long_speech, tmp_path):
+    """The long-form path gives the model its features in the model's dtype, as the pipeline does."""
+    import torch
+    from transformers import WhisperForConditionalGeneration
+
+    half = tmp_path / "half"
+    shutil.copytree(model_dir, half)
+    WhisperForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float16).save_pretrained(half)
+    tr = load_transcriber(str(half), use_ctranslate2=False)
+    assert tr.pipe.model.dtype == torch.float16
+    result = tr.transcribe(long_speech, timestamps=True)
+    assert result.audio_seconds > 30 and all(0 <= s.start <= s.end <= result.audio_seconds for s in result.segments)
+
+
 def assert_cues(segments, audio_seconds):
     """In time order, within the audio, never overlapping, each with text and some length."""
     for s in segments:

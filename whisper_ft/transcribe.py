@@ -207,10 +207,11 @@ class PipelineTranscriber:
 
         features = self.pipe.feature_extractor(wave, sampling_rate=SAMPLE_RATE, truncation=False, padding="longest",
                                                return_attention_mask=True, return_tensors="pt")
-        with torch.inference_mode():
-            out = self.pipe.model.generate(features.input_features, attention_mask=features.attention_mask,
-                                           return_timestamps=True, return_segments=True,
-                                           **self._generate_kwargs(task))
+        model = self.pipe.model
+        with torch.inference_mode():  # the features in the model's dtype (a float16 model, say), as the pipeline does
+            out = model.generate(features.input_features.to(model.device, model.dtype),
+                                 attention_mask=features.attention_mask.to(model.device),
+                                 return_timestamps=True, return_segments=True, **self._generate_kwargs(task))
         tokenizer = self.pipe.tokenizer
         raw = []
         for seg in out["segments"][0]:
