@@ -31,8 +31,11 @@ if [ ${#missing[@]} -gt 0 ]; then
 fi
 
 if [ -x .venv/bin/python ] && ! .venv/bin/python -m pip --version >/dev/null 2>&1; then
-  echo "recreating .venv: it has no pip (left by a venv that could not finish)"
-  rm -rf .venv
+  echo "installing pip into .venv (made without it, or by a venv that could not finish)"
+  .venv/bin/python -m ensurepip --upgrade >/dev/null || {
+    echo "error: .venv has no pip and ensurepip cannot add one: install python3-venv (Debian/Ubuntu) or remove .venv" >&2
+    exit 2
+  }
 fi
 [ -x .venv/bin/python ] || "$python" -m venv .venv
 .venv/bin/python -m pip install -q --disable-pip-version-check --upgrade pip
