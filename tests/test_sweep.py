@@ -577,8 +577,9 @@ def test_a_rerun_with_another_budget_or_base_config_is_refused(tmp_path):
 
 def test_a_rerun_with_other_grid_values_or_variants_is_refused_and_ranges_may_change(tmp_path):
     """An Optuna study cannot change a list of values within it (it would stop with a traceback
-    at the first new trial): a rerun that extends the grid or the variants is a one-line error;
-    a range's bounds may change."""
+    at the first new trial): a rerun that extends the grid, its keys or the variants is a
+    one-line error; a range's bounds may change, and so may the base config's value of a key
+    the sweep sets for every trial."""
     sets = [f"training.output_dir={tmp_path / 'ck'}"]
     budget = {"budget_samples": 32, "eval_every_samples": 16, "prune": False}
     grid = {"training.learning_rate": [1e-5, 2e-5]}
@@ -586,6 +587,15 @@ def test_a_rerun_with_other_grid_values_or_variants_is_refused_and_ranges_may_ch
     trainer = ScriptedTrainer(lambda t, step: 40.0)
     run_sweep(load_spec(write_spec(tmp_path, method="grid", space=grid, variants=one, **budget)), base_config(tmp_path),
               str(ROOT / "config.yaml"), sets, trainer, log=lambda s: None)
+    # the base config's value of a key the sweep sets for every trial reaches no trial: it may change
+    other_base = load_config(ROOT / "config.yaml", [*sets, "training.learning_rate=3e-5", "training.weight_decay=0.5"])
+    run_sweep(load_spec(write_spec(tmp_path, method="grid", space=grid, variants=one, **budget)), other_base,
+              str(ROOT / "config.yaml"), sets, trainer, log=lambda s: None)
+    wider = load_spec(write_spec(tmp_path, method="grid", space={**grid, "training.dropout": [0.0, 0.1]}, variants=one,
+                                 **budget))
+    with pytest.raises(ConfigError, match="sweep sw searched the grid of variant, training.learning_rate, this file "
+                                          "searches variant, training.dropout, training.learning_rate"):
+        run_sweep(wider, base_config(tmp_path), str(ROOT / "config.yaml"), sets, trainer, log=lambda s: None)
     more = load_spec(write_spec(tmp_path, method="grid", space={"training.learning_rate": [1e-5, 2e-5, 4e-5]},
                                 variants=one, **budget))
     with pytest.raises(ConfigError, match=re.escape("sweep sw drew its trials' space.training.learning_rate from "

@@ -373,7 +373,7 @@ def check_same_sweep(folder: Path, spec: SweepSpec, base: Config) -> None:
                    or _first_change({f"variants.{n}": before["variants"][n] for n in kept},
                                     {f"variants.{n}": now["variants"][n] for n in kept}, lambda k: True))
     if not changed and (folder / "config.yaml").is_file():
-        free = {*CONFIG_FREE_ON_RERUN, *budget_keys(spec)}
+        free = {*CONFIG_FREE_ON_RERUN, *budget_keys(spec), *set_by_sweep(spec)}
         changed = _first_change(_flat(to_dict(load_config(folder / "config.yaml"))), _flat(to_dict(base)),
                                 lambda k: (k.split(".")[0] in ("model", "training")
                                            or k in ("features.name", "features.data_dir")) and k not in free)
@@ -384,15 +384,26 @@ def check_same_sweep(folder: Path, spec: SweepSpec, base: Config) -> None:
                           "another name (name: in the sweep file) to start a new one")
 
 
+def set_by_sweep(spec: SweepSpec) -> set[str]:
+    """The config keys the sweep file sets for every trial (its base and space, and what every
+    variant sets): the base config's value of such a key reaches no trial."""
+    every_variant = set.intersection(*(set(v) for v in spec.variants.values())) if spec.variants else set()
+    return {*spec.base, *spec.space, *every_variant}
+
+
 def check_same_choices(spec: SweepSpec, before: dict) -> None:
     """Refuse a rerun whose space lists other values for a key than the study's trials drew
     from (or variants other than its), or searches a key as a list that was a range or the
     other way: Optuna cannot change a choice within a study. Ranges may change, and keys may be
-    added or dropped."""
+    added or dropped, except in a grid (its trials would not be points of the new one)."""
     import optuna.distributions as d
 
     was = {**({VARIANT: list(before["variants"])} if before.get("variants") else {}), **(before.get("space") or {})}
     now = search_space(spec)
+    if spec.method == "grid" and set(was) != set(now):  # the trials run would not be points of the new grid
+        raise ConfigError(f"sweep {spec.name} searched the grid of {', '.join(was)}, this file searches "
+                          f"{', '.join(now)}: a grid's keys cannot change; set them back, or give the sweep another "
+                          "name (name: in the sweep file) to start a new one")
     old_dists, new_dists = space_distributions(was), space_distributions(now)
     for key in (k for k in new_dists if k in old_dists):
         try:
