@@ -82,6 +82,8 @@ def test_card_metadata_reports_test_and_names_every_split(tmp_path):
     assert [name for _, name, _ in results(report.card_data(leaky, config, REPO))][:3] == [
         f"Test WER{report.NOT_HELD_OUT}", f"Test WER (normalized){report.NOT_HELD_OUT}", f"Test CER{report.NOT_HELD_OUT}"]
     assert hub.commit_message(SimpleNamespace(summary=leaky, config=config)).endswith(report.NOT_HELD_OUT)
+    chosen = {**SUMMARY, "overlapping_validation_rows": 3}  # validation shares clips with test: picked on them
+    assert results(report.card_data(chosen, config, REPO))[0][1] == f"Test WER{report.CHOSEN_ON_OVERLAP}"
     mixed = to_dict(run_config(tmp_path, "features.sources.1.name=nst", "features.sources.1.kind=hf",
                                "features.sources.1.path=someone/nst-sv"))
     assert report.card_data(SUMMARY, mixed, REPO).datasets == ["common_voice", "someone/nst-sv"]
@@ -106,7 +108,9 @@ def test_card_text_says_what_was_scored_and_the_steps_used(tmp_path):
     assert "64000 training samples seen, 3600 s in the last of its 3 training sessions (resumed).\n" in resumed
     card = report.model_card({**SUMMARY, "overlapping_training_rows": 1234}, cfg, MANIFEST)
     assert "1,234 training rows share a clip or a sentence with validation or test rows" in card
-    assert "not held-out scores" in card
+    assert "not held-out scores" in card and "validation rows share" not in card
+    card = report.model_card({**SUMMARY, "overlapping_validation_rows": 5}, cfg, MANIFEST)
+    assert "5 validation rows share a clip or a sentence with test rows" in card and "training rows share" not in card
 
 
 def test_card_names_the_store_of_the_held_out_splits(tmp_path):

@@ -558,8 +558,9 @@ def test_eval_features_from_another_store_must_share_the_encoding(tmp_path, feat
 
 
 def test_a_store_built_keeping_overlap_counts_its_overlapping_rows(tmp_path, features_dir, tiny_model_dir):
-    """Stage 1 with features.on_overlap=keep records the training (and validation) rows it kept
-    that share a clip or a sentence with held-out rows; the run carries the count to its card."""
+    """Stage 1 with features.on_overlap=keep records the training rows it kept that share a clip
+    or a sentence with held-out rows, and the validation rows that share one with test rows; the
+    run carries both counts to its card."""
     from whisper_ft.train import load_data
 
     other = features_dir.parent / "fixture-kept"
@@ -570,7 +571,8 @@ def test_a_store_built_keeping_overlap_counts_its_overlapping_rows(tmp_path, fea
                            "kept_overlapping_validation_rows": 2}
     (other / "manifest.json").write_text(json.dumps(manifest))
     try:
-        assert load_data(load_config(None, overrides(other, tiny_model_dir, tmp_path))).overlapping_training_rows == 9
+        data = load_data(load_config(None, overrides(other, tiny_model_dir, tmp_path)))
+        assert (data.overlapping_training_rows, data.overlapping_validation_rows) == (7, 2)
     finally:
         shutil.rmtree(other)
 

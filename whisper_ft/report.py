@@ -63,6 +63,10 @@ def _selection_note(summary: dict, selection: str) -> str:
         note += (f"\n\n**Note:** {summary['overlapping_training_rows']:,} training rows share a clip or a sentence with "
                  "validation or test rows and were trained on (see `features.on_overlap`), so these scores are not "
                  "held-out scores.")
+    if summary.get("overlapping_validation_rows") and selection != "test":
+        note += (f"\n\n**Note:** {summary['overlapping_validation_rows']:,} validation rows share a clip or a sentence "
+                 "with test rows (`features.on_overlap: keep`), and the checkpoint was chosen on them, so the "
+                 "fine-tuned test scores are optimistic.")
     return note
 
 
@@ -191,12 +195,18 @@ def language_code(language: str) -> str:
 OPTIMISTIC = " (checkpoint chosen on test: optimistic)"
 # after a test figure of a run that trained on clips of its validation or test split (features.on_overlap: keep)
 NOT_HELD_OUT = " (training overlaps the held-out clips: not held out)"
+# after a test figure of a run that chose its checkpoint on validation clips that overlap the test clips
+CHOSEN_ON_OVERLAP = " (checkpoint chosen on clips overlapping test: optimistic)"
 
 
 def score_caveat(summary: dict) -> str:
     """What the test figures of `summary` must carry: OPTIMISTIC for a run that picked its
-    checkpoint on the test split, NOT_HELD_OUT for one that trained on held-out clips, else ''."""
-    return ((OPTIMISTIC if summary.get("selection_split") == "test" else "")
+    checkpoint on the test split, CHOSEN_ON_OVERLAP for one that picked it on validation clips
+    sharing clips or sentences with test, NOT_HELD_OUT for one that trained on held-out clips;
+    '' for none."""
+    on_test = summary.get("selection_split") == "test"
+    return ((OPTIMISTIC if on_test else "")
+            + (CHOSEN_ON_OVERLAP if summary.get("overlapping_validation_rows") and not on_test else "")
             + (NOT_HELD_OUT if summary.get("overlapping_training_rows") else ""))
 
 

@@ -94,8 +94,10 @@ class Data:
     selection_model: object  # the training.eval_subset clips of the selection split, longest first
     train_model: object
     test_model: object
-    # training rows sharing a clip or a sentence with validation or test rows (features.on_overlap: keep)
+    # training rows sharing a clip or a sentence with validation or test rows, and validation
+    # rows sharing one with test rows (features.on_overlap: keep; across stores, sentences)
     overlapping_training_rows: int = 0
+    overlapping_validation_rows: int = 0
 
 
 def load_data(cfg: Config, subset_seed: int = EVAL_SUBSET_SEED) -> Data:
@@ -114,8 +116,7 @@ def load_data(cfg: Config, subset_seed: int = EVAL_SUBSET_SEED) -> Data:
     if held_out.root != store.root:  # stage 1 checked the splits of one store, not these
         overlapping = check_disjoint_stores(store, held_out, train, cfg.features.on_overlap)
     else:
-        kept = manifest.get("overlap", {})
-        overlapping = kept.get("kept_overlapping_training_rows", 0) + kept.get("kept_overlapping_validation_rows", 0)
+        overlapping = manifest.get("overlap", {}).get("kept_overlapping_training_rows", 0)
     test = longest_first(test)
     if held_out.has(VALIDATION):
         split, selection = ROLE[VALIDATION], longest_first(held_out.load(VALIDATION))
@@ -128,7 +129,7 @@ def load_data(cfg: Config, subset_seed: int = EVAL_SUBSET_SEED) -> Data:
         picked = np.random.default_rng(subset_seed).choice(len(selection), n, replace=False)
         selection = selection.select(sorted(picked.tolist()))
     return Data(manifest, processor, train, test, split, _model_view(selection), _model_view(train), _model_view(test),
-                overlapping)
+                overlapping, held_out.manifest().get("overlap", {}).get("kept_overlapping_validation_rows", 0))
 
 
 def check_same_encoding(train_manifest: dict, eval_manifest: dict) -> None:
@@ -786,7 +787,8 @@ def run_training(cfg: Config, fresh: bool = False, callbacks: Sequence[TrainerCa
     final = score_test(cfg, args, data, best, run_dir, step=checkpoints.read_best(run_dir)["step"], final=True)
     summary = summarize(trainer, train_metrics, final, run_dir, args, data.selection_split)
     summary.update(learning_rate=args.learning_rate, warmup_steps=args.warmup_steps, mixed_precision=mixed_precision(cfg),
-                   averaging=averaged, overlapping_training_rows=data.overlapping_training_rows)
+                   averaging=averaged, overlapping_training_rows=data.overlapping_training_rows,
+                   overlapping_validation_rows=data.overlapping_validation_rows)
     if trainer.is_world_process_zero():
         if cfg.training.export_ctranslate2:
             export_ct2(run_dir / checkpoints.BEST_DIR)
