@@ -108,7 +108,8 @@ def load_data(cfg: Config, subset_seed: int = EVAL_SUBSET_SEED) -> Data:
     manifest = store.manifest()
     processor = store.processor(cfg.model.language, cfg.model.task)
     held_out = FeatureStore.held_out_of(cfg)
-    check_same_encoding(manifest, held_out.manifest())
+    held_manifest = held_out.manifest()
+    check_same_encoding(manifest, held_manifest)
     train, test = store.load("train"), held_out.load(EVAL)
     if len(train) == 0 or len(test) == 0:
         raise FeaturesError(f"{store.root} has {len(train)} training and {len(test)} test clips; both are "
@@ -129,7 +130,7 @@ def load_data(cfg: Config, subset_seed: int = EVAL_SUBSET_SEED) -> Data:
         picked = np.random.default_rng(subset_seed).choice(len(selection), n, replace=False)
         selection = selection.select(sorted(picked.tolist()))
     return Data(manifest, processor, train, test, split, _model_view(selection), _model_view(train), _model_view(test),
-                overlapping, held_out.manifest().get("overlap", {}).get("kept_overlapping_validation_rows", 0))
+                overlapping, held_manifest.get("overlap", {}).get("kept_overlapping_validation_rows", 0))
 
 
 def check_same_encoding(train_manifest: dict, eval_manifest: dict) -> None:
