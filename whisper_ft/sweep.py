@@ -57,7 +57,12 @@ VARIANT = "variant"  # the search key of named variants
 
 def search_space(spec: SweepSpec) -> dict:
     """The keys searched: `variant` (the names of the variants) first, then `space`."""
-    return {**({VARIANT: list(spec.variants)} if spec.variants else {}), **spec.space}
+    return searched(spec.variants, spec.space)
+
+
+def searched(variants: dict | None, space: dict | None) -> dict:
+    """`search_space` of a sweep's variants and space (as a sweep file, or its record, has them)."""
+    return {**({VARIANT: list(variants)} if variants else {}), **(space or {})}
 
 
 def load_spec(path: str | Path) -> SweepSpec:
@@ -345,6 +350,7 @@ def pruning_callback(trial, metric: str, per_step: int, warmup_evals: int = 0, e
     return Pruning()
 
 
+NEW_SWEEP = "give the sweep another name (name: in the sweep file) to start a new one"  # what a changed rerun does
 SPEC_FILE = "sweep.yaml"  # the sweep file as the last run read it; config.yaml beside it, its resolved base config
 # What a rerun may change in the sweep file (more trials, ranges, keys searched; pruning): the rest
 # decides what the trials it ran measured (and a list of values or variants, `check_same_choices`).
@@ -380,8 +386,7 @@ def check_same_sweep(folder: Path, spec: SweepSpec, base: Config) -> None:
     if changed:
         key, before_value, now_value = changed
         raise ConfigError(f"sweep {spec.name} ran its trials in {folder} with {key} {before_value!r}, this run has "
-                          f"{now_value!r}: new trials would not compare with them; set it back, or give the sweep "
-                          "another name (name: in the sweep file) to start a new one")
+                          f"{now_value!r}: new trials would not compare with them; set it back, or {NEW_SWEEP}")
 
 
 def set_by_sweep(spec: SweepSpec) -> set[str]:
@@ -398,12 +403,10 @@ def check_same_choices(spec: SweepSpec, before: dict) -> None:
     added or dropped, except in a grid (its trials would not be points of the new one)."""
     import optuna.distributions as d
 
-    was = {**({VARIANT: list(before["variants"])} if before.get("variants") else {}), **(before.get("space") or {})}
-    now = search_space(spec)
+    was, now = searched(before.get("variants"), before.get("space")), search_space(spec)
     if spec.method == "grid" and set(was) != set(now):  # the trials run would not be points of the new grid
         raise ConfigError(f"sweep {spec.name} searched the grid of {', '.join(was)}, this file searches "
-                          f"{', '.join(now)}: a grid's keys cannot change; set them back, or give the sweep another "
-                          "name (name: in the sweep file) to start a new one")
+                          f"{', '.join(now)}: a grid's keys cannot change; set them back, or {NEW_SWEEP}")
     old_dists, new_dists = space_distributions(was), space_distributions(now)
     for key in (k for k in new_dists if k in old_dists):
         try:
@@ -412,8 +415,7 @@ def check_same_choices(spec: SweepSpec, before: dict) -> None:
             name = "variants" if key == VARIANT else f"space.{key}"
             raise ConfigError(f"sweep {spec.name} drew its trials' {name} from {was[key]!r}, this file has "
                               f"{now[key]!r}: a study cannot change a list of values (ranges can change); set it "
-                              "back, or give the sweep another name (name: in the sweep file) to start a new "
-                              "one") from None
+                              f"back, or {NEW_SWEEP}") from None
 
 
 def _first_change(before: dict, now: dict, compared) -> tuple | None:
