@@ -219,9 +219,17 @@ def test_push_only_uploads_best_with_the_card_and_updates_in_place(tmp_path, fak
     assert snapshot(run) == before  # the local run is left as it was
     # a re-push (public this time) commits the same files to the same repository and deletes nothing
     assert training_pipeline.main(cli_args(tmp_path, "--push-only")) == 0
-    assert fake_hub.calls[-1] == ("create_repo", REPO, False, True)
+    assert fake_hub.calls[-1] == ("create_repo", REPO, None, True)
     assert not [op for op in fake_hub.commits[1] if isinstance(op, CommitOperationDelete)]
     assert {op.path_in_repo for op in fake_hub.commits[1]} == set(added)
+
+
+def test_push_without_private_leaves_a_new_repository_to_the_owners_default(tmp_path, fake_hub):
+    """private=False would make a repository public even in an organisation whose new
+    repositories are private; without --private the Hub's default is asked for (None)."""
+    hub.push(make_run(tmp_path), "my-org/whisper-sv")
+    assert ("create_repo", "my-org/whisper-sv", None, True) in fake_hub.calls
+    assert not [call for call in fake_hub.calls if call[0] == "update_repo_settings"]
 
 
 @pytest.fixture

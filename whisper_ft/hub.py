@@ -121,7 +121,9 @@ def check_access(hub_token: str) -> None:
 
 def push(run_dir: str | Path, repo_id: str, private: bool = False, hub_token: str | None = None) -> str:
     """Publish the run's best/ as model repository `repo_id` (created if needed, private on
-    request, also when it exists); returns the repository URL."""
+    request, also when it exists); returns the repository URL. Without `private` a new repository
+    gets its owner's default visibility: an organisation that makes new repositories private
+    keeps this one private too."""
     from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi
 
     run = finished_run(run_dir)
@@ -129,7 +131,8 @@ def push(run_dir: str | Path, repo_id: str, private: bool = False, hub_token: st
     card = readme(run, repo_id)
     api = HfApi(token=hub_token)
     with hub_errors(f"pushing {run.best} to {repo_id} failed"):
-        url = api.create_repo(repo_id, private=private, exist_ok=True)
+        # private=False would ask for a public repository; None leaves it to the owner's default
+        url = api.create_repo(repo_id, private=True if private else None, exist_ok=True)
         if private:
             api.update_repo_settings(repo_id, private=True)
         stale = set(api.list_repo_files(repo_id)) - set(files) - set(KEPT_REMOTE)
