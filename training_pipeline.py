@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     hub_token = None
     if repo_id and is_main_process():  # no token or no Hub fails now, not after hours of training
         hub_token = hub.token()
-        hub.check_access(hub_token)
+        hub.check_access(hub_token, repo_id)
     if not args.push_only:
         summary = run_training(cfg, fresh=args.fresh)
         if is_main_process():

@@ -277,6 +277,38 @@ def test_no_token_stops_before_training(tmp_path, trainings, monkeypatch):
     assert trainings == []
 
 
+def fine_grained(*scoped: tuple[str, str, list[str]], everywhere: tuple[str, ...] = ()) -> dict:
+    """HfApi.whoami's answer for alice (member of my-org) with a fine-grained token: its scoped
+    entries as (entity type, entity name, permissions)."""
+    scopes = [{"entity": {"type": kind, "name": name}, "permissions": perms} for kind, name, perms in scoped]
+    return {"name": "alice", "orgs": [{"name": "my-org"}], "auth": {"accessToken": {
+        "role": "fineGrained", "fineGrained": {"global": list(everywhere), "scoped": scopes}}}}
+
+
+def test_access_check_refuses_tokens_that_cannot_write_to_the_repository(monkeypatch):
+    """A token passes only where it may write: its owner's namespace or an organisation of theirs,
+    and for a fine-grained token (the Hub's default kind) repo.write there. An answer without
+    these fields is taken as it was."""
+    from huggingface_hub import HfApi
+
+    write = {"name": "alice", "orgs": [{"name": "my-org"}], "auth": {"accessToken": {"role": "write"}}}
+    read_only = fine_grained(("user", "alice", ["repo.content.read"]))
+    assert hub.write_refusal(write, "alice/whisper-sv") is None and hub.write_refusal(write, "My-Org/x") is None
+    assert "alice is not a member of other-org; push to alice/NAME" in hub.write_refusal(write, "other-org/x")
+    assert "no write access (repo.write) to the repositories of alice" in hub.write_refusal(read_only, "alice/x")
+    assert hub.write_refusal(fine_grained(("user", "alice", ["repo.write"])), "alice/x") is None
+    assert hub.write_refusal(fine_grained(("user", "alice", ["repo.write"])), "my-org/x") is not None
+    assert hub.write_refusal(fine_grained(("org", "my-org", ["repo.content.read", "repo.write"])), "my-org/x") is None
+    assert hub.write_refusal(fine_grained(("model", "my-org/x", ["repo.write"])), "my-org/x") is None
+    assert hub.write_refusal(fine_grained(("model", "my-org/y", ["repo.write"])), "my-org/x") is not None
+    assert hub.write_refusal(fine_grained(everywhere=("repo.write",)), "my-org/x") is None
+    assert hub.write_refusal({"name": "alice"}, "anyone/x") is None  # nothing to go on: the push will say
+    assert hub.write_refusal({"auth": {"accessToken": {"role": "read"}}}, "me/x").startswith("it is read-only")
+    monkeypatch.setattr(HfApi, "whoami", lambda self, *a, **k: read_only)
+    with pytest.raises(hub.HubError, match="token of alice cannot publish alice/whisper-sv: the fine-grained token"):
+        hub.check_access("hf_x", "alice/whisper-sv")
+
+
 class RefusingHub(http.server.BaseHTTPRequestHandler):
     """A Hub endpoint on 127.0.0.1 that refuses every token, as huggingface.co does a revoked one."""
 
@@ -322,11 +354,11 @@ def test_offline_refused_and_missing_runs_are_said_plainly(tmp_path, refusing_en
     import training_pipeline
 
     with pytest.raises(hub.HubError, match="HF_HUB_OFFLINE is set"):  # the tests run with HF_HUB_OFFLINE=1
-        hub.check_access("hf_test")
+        hub.check_access("hf_test", REPO)
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(constants, "ENDPOINT", refusing_endpoint)
     with pytest.raises(hub.HubError, match=r"the Hub does not accept the token \(401\): run `hf auth login`"):
-        hub.check_access("hf_revoked")
+        hub.check_access("hf_revoked", REPO)
     monkeypatch.setenv("HF_TOKEN", "")  # a missing run is said before the token is looked for
     with pytest.raises(hub.HubError, match="is not a finished run"):
         training_pipeline.main(cli_args(tmp_path / "elsewhere", "--push-only"))

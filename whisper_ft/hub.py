@@ -107,16 +107,55 @@ def token() -> str:
     return found
 
 
-def check_access(hub_token: str) -> None:
-    """Ask the Hub whose token this is: a read-only token, no network or HF_HUB_OFFLINE fail here,
-    in seconds, before anything else runs."""
+def check_access(hub_token: str, repo_id: str) -> None:
+    """Ask the Hub whose token this is and whether it may write to `repo_id`: a read-only token,
+    a namespace its owner is no member of, a fine-grained token without write access there, no
+    network or HF_HUB_OFFLINE fail here, in seconds, before anything else runs."""
     from huggingface_hub import HfApi
 
     with hub_errors("cannot publish on the Hugging Face Hub"):
         who = HfApi(token=hub_token).whoami()
-    if who.get("auth", {}).get("accessToken", {}).get("role") == "read":
-        raise HubError(f"the Hugging Face token of {who.get('name')} is read-only: {TOKEN_HELP}")
-    log.info("the Hugging Face Hub accepts the token of %s", who.get("name"))
+    why = write_refusal(who, repo_id)
+    if why:
+        raise HubError(f"the Hugging Face token of {who.get('name')} cannot publish {repo_id}: {why}")
+    log.info("the Hugging Face Hub accepts the token of %s for %s", who.get("name"), repo_id)
+
+
+def write_refusal(who: dict, repo_id: str) -> str | None:
+    """Why the token that `who` (HfApi.whoami's answer) describes cannot write to `repo_id`, with
+    what to do; None when it can, or when the answer leaves it open (a shape without these
+    fields is taken as before, and the push itself says what the Hub refuses)."""
+    name, namespace = who.get("name"), repo_id.split("/")[0]
+    access = (who.get("auth") or {}).get("accessToken") or {}
+    if access.get("role") == "read":
+        return f"it is read-only; {TOKEN_HELP}"
+    orgs = who.get("orgs")
+    if isinstance(name, str) and isinstance(orgs, list):
+        members_of = {name.lower(), *(str(o.get("name", "")).lower() for o in orgs if isinstance(o, dict))}
+        if namespace.lower() not in members_of:
+            return (f"{name} is not a member of {namespace}; push to {name}/NAME, or use a token of a member "
+                    "(https://huggingface.co/settings/tokens)")
+    grants = access.get("fineGrained")
+    if access.get("role") == "fineGrained" and isinstance(grants, dict) and not _grants_write(grants, repo_id):
+        return (f"the fine-grained token has no write access (repo.write) to the repositories of {namespace}; "
+                "give it that permission or use another token (https://huggingface.co/settings/tokens)")
+    return None
+
+
+def _grants_write(grants: dict, repo_id: str) -> bool:
+    """Whether fine-grained `grants` hold repo.write everywhere, on `repo_id`'s user or organisation,
+    or on `repo_id` itself."""
+    if "repo.write" in (grants.get("global") or []):
+        return True
+    namespace = repo_id.split("/")[0].lower()
+    for scope in grants.get("scoped") or []:
+        entity = scope.get("entity") or {}
+        kind, entity_name = entity.get("type"), str(entity.get("name", "")).lower()
+        covers = ((kind in ("user", "org") and entity_name == namespace)
+                  or (kind == "model" and entity_name == repo_id.lower()))
+        if covers and "repo.write" in (scope.get("permissions") or []):
+            return True
+    return False
 
 
 def push(run_dir: str | Path, repo_id: str, private: bool = False, hub_token: str | None = None) -> str:
