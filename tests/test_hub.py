@@ -371,3 +371,27 @@ def test_local_model_is_a_folder_or_a_cached_download(tmp_path):
     for missing in (str(tmp_path / "gone" / "best"), "checkpoints/x/best"):  # a folder that is not there
         with pytest.raises(hub.HubError, match="neither a local folder nor a Hugging Face Hub id"):
             hub.local_model(missing)
+
+
+def test_a_missing_or_private_model_is_no_refused_token_and_a_download_asks_for_read_access(monkeypatch):
+    """Without a token the Hub answers 401 for a model that is missing or private: the error says
+    so, and nothing about a download asks for write access."""
+    import huggingface_hub
+    from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError
+    from huggingface_hub.utils import httpx
+
+    def answer(error, status, **headers):
+        def download(*args, **kwargs):
+            request = httpx.Request("GET", f"https://huggingface.co/api/models/{REPO}")
+            raise error(f"{status} Client Error", response=httpx.Response(status, request=request, headers=headers))
+        return download
+
+    cases = {answer(RepositoryNotFoundError, 401, **{"X-Error-Code": "RepoNotFound"}): "no such repository, or a",
+             answer(GatedRepoError, 401, **{"X-Error-Code": "GatedRepo"}): "gated: accept its conditions",
+             answer(HfHubHTTPError, 401): r"does not accept the token \(401\).*a token that may read the model",
+             answer(HfHubHTTPError, 403): r"may not read there \(403\)"}
+    for download, message in cases.items():
+        monkeypatch.setattr(huggingface_hub, "snapshot_download", download)
+        with pytest.raises(hub.HubError, match=f"cannot download {REPO}: .*{message}") as caught:
+            hub.local_model(REPO)
+        assert "write" not in str(caught.value)

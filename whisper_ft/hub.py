@@ -35,6 +35,9 @@ KEPT_REMOTE = ("README.md", ".gitattributes")  # never deleted as stale: rewritt
 MODEL_FILES = ("*.json", "*.txt", "*.safetensors")  # what the app loads of a hub model (no .bin, TF or Flax copies)
 CT2_FILES = "ct2/*"  # whisper_ft.ct2's export folder
 TOKEN_HELP = "run `hf auth login` or set HF_TOKEN to a token with write access (https://huggingface.co/settings/tokens)"
+READ_TOKEN_HELP = ("run `hf auth login` or set HF_TOKEN (on a Space: its HF_TOKEN secret) to a token that may read "
+                   "the model (https://huggingface.co/settings/tokens)")
+TOKEN_HELPS = {"write": TOKEN_HELP, "read": READ_TOKEN_HELP}  # what to do about a refused token, by what it is for
 
 
 class HubError(UserError):
@@ -190,7 +193,7 @@ def local_model(name_or_path: str) -> str:
     from huggingface_hub import constants, snapshot_download
     from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
 
-    with hub_errors(f"cannot download {name_or_path}"):
+    with hub_errors(f"cannot download {name_or_path}", access="read"):
         try:
             snapshot_download(name_or_path, allow_patterns=list(MODEL_FILES), ignore_patterns=[CT2_FILES])
             return snapshot_download(name_or_path, allow_patterns=[CT2_FILES])
@@ -204,8 +207,9 @@ def local_model(name_or_path: str) -> str:
 
 
 @contextmanager
-def hub_errors(action: str) -> Iterator[None]:
-    """Turn the Hub's failures (offline mode, HTTP errors, no connection) into one-line HubErrors."""
+def hub_errors(action: str, access: str = "write") -> Iterator[None]:
+    """Turn the Hub's failures (offline mode, HTTP errors, no connection) into one-line HubErrors;
+    a refused token is told what `access` the action needs (a push: write, a download: read)."""
     from huggingface_hub import constants
     from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
     from huggingface_hub.utils import httpx
@@ -215,16 +219,25 @@ def hub_errors(action: str) -> Iterator[None]:
     except OfflineModeIsEnabled as e:
         raise HubError(f"{action}: HF_HUB_OFFLINE is set; unset it on a machine with network access") from e
     except HfHubHTTPError as e:
-        raise HubError(f"{action}: {_refusal(e)}") from e
+        raise HubError(f"{action}: {_refusal(e, access)}") from e
     except httpx.TransportError as e:
         raise HubError(f"{action}: cannot reach {constants.ENDPOINT} ({type(e).__name__}: {first_line(e)})") from e
 
 
-def _refusal(e) -> str:
-    """Why the Hub answered with an error, with what to do for the token cases."""
+def _refusal(e, access: str) -> str:
+    """Why the Hub answered with an error, with what to do. A missing or private repository
+    comes back as 401 without a token too: that is no refused token."""
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+
+    if isinstance(e, GatedRepoError):
+        return ("the repository is gated: accept its conditions on its Hub page, then use a token of that account "
+                "(HF_TOKEN; on a Space its HF_TOKEN secret)")
+    if isinstance(e, RepositoryNotFoundError):
+        return ("no such repository, or a private one: check the id; a private model needs a token that may read "
+                "it (HF_TOKEN; on a Space its HF_TOKEN secret)")
     status = getattr(e.response, "status_code", None)
     if status == 401:
-        return f"the Hub does not accept the token (401): {TOKEN_HELP}"
+        return f"the Hub does not accept the token (401): {TOKEN_HELPS[access]}"
     if status == 403:
-        return f"the token may not write there (403): {TOKEN_HELP}"
+        return f"the token may not {access} there (403): {TOKEN_HELPS[access]}"
     return first_line(e)
