@@ -1,4 +1,4 @@
-"""Scoring the served model: long-form pieces and the model card's verdict on int8."""
+"""Scoring the served model: long-form pieces and the model card's verdict on the app against transformers."""
 
 import numpy as np
 
@@ -20,15 +20,27 @@ def test_clips_are_joined_in_order_into_pieces_under_the_limit():
     assert [t for _, t in long_form_pieces([_clip(200, "lång")], max_seconds=120)] == ["lång"]  # never split a clip
 
 
-def test_model_card_calls_out_an_int8_cost_over_one_point():
-    def served(short_wer, ref_wer, backend="ctranslate2"):
+def test_model_card_says_how_far_the_app_is_from_transformers_either_way_and_how_each_decodes():
+    def served(short_wer, ref_wer, backend="ctranslate2", **beams):
         row = {"wer": short_wer, "wer_normalized": short_wer, "cer": 0.1, "clips": 5}
-        return {"backend": backend, "clips": 5, "short_form": row,
+        return {"backend": backend, "clips": 5, "short_form": row, **beams,
                 "transformers_same_clips": {**row, "wer": ref_wer},
                 "long_form": {**row, "pieces": 1, "seconds": 30.0}}
 
-    assert "**int8 costs 2.50 WER points**" in markdown_section(served(0.225, 0.2))
-    assert "within 1 WER point" in markdown_section(served(0.205, 0.2))
+    beams = {"beam_size": 5, "transformers_beams": 1}
+    card = markdown_section(served(0.225, 0.2, **beams))
+    assert "runs this model with the CTranslate2 int8 export, beam 5." in card
+    assert "| transformers `best/`, greedy, same clips |" in card
+    assert ("**The app (int8, beam 5) is 2.50 WER points worse** on these clips than the transformers model (greedy). "
+            "The decodings differ too, so this is not the cost of int8 alone.") in card
+    assert "within 1 WER point of the transformers model (greedy) on these clips (+0.50)." in markdown_section(
+        served(0.205, 0.2, **beams))
+    better = markdown_section(served(0.12, 0.15, **beams))  # the app decodes better than greedy transformers
+    assert "The app (int8, beam 5) is better by 3.00 WER points on these clips" in better and "within" not in better
+    same = markdown_section(served(0.12, 0.15, beam_size=1, transformers_beams=1))
+    assert "The app (int8, greedy) is better by 3.00" in same and "decodings differ" not in same
+    old = markdown_section(served(0.12, 0.15))  # a summary from before the beam widths were recorded
+    assert "The app (int8) is better by 3.00 WER points on these clips than the transformers model." in old
     assert "int8" not in markdown_section(served(0.3, 0.2, backend="transformers"))
     assert markdown_section(None) == ""
 
@@ -47,9 +59,10 @@ def test_transformers_predictions_are_matched_by_source_and_id(tmp_path, monkeyp
     texts = iter(["ett två", "tre fyra"] + ["ett två tre fyra"])  # served: both clips right, then the long form
     monkeypatch.setattr(served, "stored_clips", lambda store: clips)
     monkeypatch.setattr(whisper_ft.transcribe, "load_transcriber", lambda *a, **k: SimpleNamespace(
-        backend="ctranslate2", transcribe=lambda wave, task: SimpleNamespace(text=next(texts))))
+        backend="ctranslate2", beam_size=5, transcribe=lambda wave, task: SimpleNamespace(text=next(texts))))
     (tmp_path / "predictions.jsonl").write_text("".join(
         json.dumps({"source": s, "id": "test/0", "prediction": p}) + "\n" for s, p in (("a", "ett två"), ("b", "tre fyra"))))
     result = served.score(tmp_path, None, load_config(None), served.read_predictions(tmp_path / "predictions.jsonl"))
     assert result["short_form"]["wer"] == 0.0 and result["transformers_same_clips"]["wer"] == 0.0
     assert result["transformers_same_clips"]["clips"] == 2
+    assert (result["beam_size"], result["transformers_beams"]) == (5, 1)  # app.beam_size, training.num_beams

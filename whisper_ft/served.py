@@ -5,7 +5,8 @@ After training, `best/` (with its CTranslate2 int8 export, when there is one) is
 run on the test clips whose audio the feature store keeps (`features.served_clips`):
 
 - short form: one clip at a time, compared with the transformers transcripts of the same
-  clips from predictions.jsonl, so the cost of int8 and of the app's decoding shows;
+  clips from predictions.jsonl (decoded with training.num_beams), so what int8 and the app's
+  decoding (app.beam_size) change together shows;
 - long form: the same clips joined, with half a second of silence between them, into pieces
   of up to three minutes and transcribed through the app's long-form path (windows, batching,
   stitching), scored against the joined sentences.
@@ -29,7 +30,7 @@ log = logging.getLogger("whisper_ft.served")
 
 LONG_FORM_SECONDS = 180.0  # longest joined piece
 GAP_SECONDS = 0.5  # silence between joined clips
-INT8_WARN_POINTS = 1.0  # WER points above the transformers model that the model card calls out
+GAP_POINTS = 1.0  # WER points between the app and the transformers model that the model card calls out, either way
 
 
 def stored_clips(store: FeatureStore) -> list[dict]:
@@ -81,8 +82,9 @@ def score(model_dir: str | Path, store: FeatureStore, cfg, predictions: dict[str
     long_hyps = [transcriber.transcribe(wave, cfg.model.task).text for wave, _ in pieces]
     long = {**scores([text for _, text in pieces], long_hyps), "pieces": len(pieces),
             "seconds": round(sum(len(w) for w, _ in pieces) / SAMPLE_RATE, 1)}
-    result = {"backend": transcriber.backend, "clips": len(clips), "short_form": short,
-              "transformers_same_clips": reference, "long_form": long}
+    result = {"backend": transcriber.backend, "beam_size": transcriber.beam_size, "clips": len(clips),
+              "short_form": short, "transformers_same_clips": reference, "transformers_beams": cfg.training.num_beams,
+              "long_form": long}
     log.info("served model (%s) on %d stored test clips: WER %.2f%% (transformers %s), long form %.2f%% over %.0f s",
              transcriber.backend, len(clips), 100 * short["wer"],
              "n/a" if reference is None else f"{100 * reference['wer']:.2f}%", 100 * long["wer"], long["seconds"])
@@ -105,20 +107,41 @@ def markdown_section(served: dict | None) -> str:
     short, ref, long = served["short_form"], served["transformers_same_clips"], served["long_form"]
     engine = "the CTranslate2 int8 export" if served["backend"] == "ctranslate2" else "transformers"
     lines = ["", "## The served model", "",
-             f"`inference_app.py` runs this model with {engine}. Scored with the app's own transcriber on "
-             f"{served['clips']} test clips whose audio the feature store keeps:", "",
+             f"`inference_app.py` runs this model with {engine}{_decoding(served.get('beam_size'), ', ')}. Scored "
+             f"with the app's own transcriber on {served['clips']} test clips whose audio the feature store keeps:", "",
              "| what | clips | WER | normalized WER | CER |", "|---|---|---|---|---|",
              f"| app, one clip at a time | {short['clips']} | {pct(short['wer'])} | {pct(short['wer_normalized'])} | "
              f"{pct(short['cer'])} |"]
     if ref:
-        lines.append(f"| transformers `best/`, same clips | {ref['clips']} | {pct(ref['wer'])} | "
-                     f"{pct(ref['wer_normalized'])} | {pct(ref['cer'])} |")
+        lines.append(f"| transformers `best/`{_decoding(served.get('transformers_beams'), ', ')}, same clips | "
+                     f"{ref['clips']} | {pct(ref['wer'])} | {pct(ref['wer_normalized'])} | {pct(ref['cer'])} |")
     lines.append(f"| app, long form ({long['pieces']} pieces, {long['seconds'] / 60:.1f} min) | {short['clips']} | "
                  f"{pct(long['wer'])} | {pct(long['wer_normalized'])} | {pct(long['cer'])} |")
     if ref and served["backend"] == "ctranslate2":
-        cost = 100 * (short["wer"] - ref["wer"])
-        lines += ["", (f"**int8 costs {cost:.2f} WER points** on these clips compared with the transformers model."
-                       if cost > INT8_WARN_POINTS else
-                       f"The int8 export is within {INT8_WARN_POINTS:.0f} WER point of the transformers model "
-                       f"({cost:+.2f}).")]
+        lines += ["", gap_verdict(100 * (short["wer"] - ref["wer"]), served.get("beam_size"),
+                                  served.get("transformers_beams"))]
     return "\n".join(lines) + "\n"
+
+
+def gap_verdict(points: float, app_beams: int | None, reference_beams: int | None) -> str:
+    """The card's sentence on the app's WER minus the transformers model's (`points`): worse or
+    better by more than GAP_POINTS, or within it. It names both decodings, as the gap is int8 and
+    the decoding together where they differ (None: a summary that did not record it)."""
+    app = f"The app (int8{_decoding(app_beams, ', ')})"
+    reference = f"the transformers model{_decoding(reference_beams, ' (', ')')}"
+    if points > GAP_POINTS:
+        verdict = f"**{app} is {points:.2f} WER points worse** on these clips than {reference}."
+    elif points < -GAP_POINTS:
+        verdict = f"{app} is better by {-points:.2f} WER points on these clips than {reference}."
+    else:
+        verdict = f"{app} is within {GAP_POINTS:.0f} WER point of {reference} on these clips ({points:+.2f})."
+    if None not in (app_beams, reference_beams) and app_beams != reference_beams:
+        verdict += " The decodings differ too, so this is not the cost of int8 alone."
+    return verdict
+
+
+def _decoding(beams: int | None, before: str = "", after: str = "") -> str:
+    """"greedy" or "beam N" between `before` and `after`; nothing where the width is unknown."""
+    if beams is None:
+        return ""
+    return f"{before}{'greedy' if beams == 1 else f'beam {beams}'}{after}"
