@@ -32,6 +32,8 @@ BEST_FILES = {"config.json": "{}", "generation_config.json": "{}", "model.safete
               "tokenizer.json": "{}", "preprocessor_config.json": "{}", "best.json": "{}", "training_curves.png": "png",
               "ct2/model.bin": "int8", "ct2/config.json": "{}"}
 LEFTOVERS = {".README.md.tmp-99": "half a card", "ct2.tmp/model.bin": "half an export"}
+RUN_LOGS = {"metrics.jsonl": '{"event": "start", "step": 0}\n',  # beside best/ in the run folder
+            "predictions.jsonl": '{"id": "test/1", "speaker": "a1b2", "reference": "Hej.", "prediction": "hej"}\n'}
 
 
 def run_config(root: Path, *overrides: str):
@@ -48,6 +50,8 @@ def make_run(root: Path, summary: dict = SUMMARY) -> Path:
         (run / "best" / name).write_text(text)
     (run / "best" / "README.md").write_text(report.model_card(summary, to_dict(cfg), MANIFEST))
     (run / "metrics.json").write_text(json.dumps({**summary, "run_dir": str(run)}))
+    for name, text in RUN_LOGS.items():
+        (run / name).write_text(text)
     save_config(cfg, run / "config.yaml")
     return run
 
@@ -143,8 +147,25 @@ def test_training_card_carries_the_metadata(tmp_path):
     assert "## Results" in card.text
 
 
+def test_the_card_names_only_files_the_repository_holds_or_says_they_stay_home(tmp_path):
+    """Every file the published card names is pushed, except predictions.jsonl (the test
+    sentences and speaker metadata), which the card says stays in the run folder."""
+    import re
+
+    from whisper_ft import breakdown
+
+    run = make_run(tmp_path)
+    pushed = set(hub.push_files(run / "best"))
+    groups = breakdown.breakdowns([json.loads(line) for line in RUN_LOGS["predictions.jsonl"].splitlines()])
+    card = (run / "best" / "README.md").read_text() + breakdown.markdown_section(groups)
+    named = set(re.findall(r"`([\w.-]+\.(?:jsonl|json|png|safetensors|bin))`", card))
+    assert "metrics.jsonl" in named and named - pushed == {"predictions.jsonl"}
+    assert "stay in the training run's folder and are not published" in card
+    assert "`predictions.jsonl` in the training run's folder" in card
+
+
 def test_push_files_skip_the_readme_and_leftovers(tmp_path):
-    assert set(hub.push_files(make_run(tmp_path) / "best")) == set(BEST_FILES)
+    assert set(hub.push_files(make_run(tmp_path) / "best")) == set(BEST_FILES) | {"metrics.jsonl"}
     with pytest.raises(hub.HubError, match="not a finished run"):
         hub.finished_run(tmp_path / "nothing")
 
@@ -210,7 +231,7 @@ def test_push_only_uploads_best_with_the_card_and_updates_in_place(tmp_path, fak
     assert ("create_repo", REPO, True, True) in fake_hub.calls
     assert ("update_repo_settings", REPO, True) in fake_hub.calls
     added = {op.path_in_repo: op for op in fake_hub.commits[0] if isinstance(op, CommitOperationAdd)}
-    assert set(added) == set(BEST_FILES) | {"README.md"}
+    assert set(added) == set(BEST_FILES) | {"README.md", "metrics.jsonl"}
     deleted = [op.path_in_repo for op in fake_hub.commits[0] if isinstance(op, CommitOperationDelete)]
     assert deleted == ["old-weights.bin"]  # what the run no longer has; .gitattributes stays
     card = ModelCard(added["README.md"].path_or_fileobj.decode())

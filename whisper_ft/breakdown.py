@@ -67,7 +67,8 @@ def markdown_section(groups: dict[str, list[dict]], limit: int = 10) -> str:
         return ""
     parts = ["", "## Who it fails", "",
              "WER of the final evaluation on the test split by source, speaker and, where the source records "
-             "them, gender, accent and age group (worst first; `unknown`: not given; from `predictions.jsonl`)."]
+             "them, gender, accent and age group (worst first; `unknown`: not given; from the per-clip outputs, "
+             "`predictions.jsonl` in the training run's folder)."]
     for key, rows in groups.items():
         title = f"By {key}" + (f" (the {limit} worst of {len(rows)})" if len(rows) > limit else "")
         parts += ["", f"### {title}", "", markdown_table(rows, key, limit)]

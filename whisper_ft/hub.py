@@ -4,9 +4,10 @@
     python training_pipeline.py --push-to-hub USER/NAME --push-only   # publish the finished run as it is
 
 `push` uploads `best/` (weights, processor, generation config, the CTranslate2 export, the
-curves) with the model card as the repository README, its Hub metadata rebuilt for the
-repository from the run's metrics.json and config.yaml (`readme`). One commit adds every file
-and deletes what the repository holds beyond them, so a re-push updates it in place.
+curves) and the run's event log `metrics.jsonl`, with the model card as the repository README,
+its Hub metadata rebuilt for the repository from the run's metrics.json and config.yaml
+(`readme`). One commit adds every file and deletes what the repository holds beyond them, so a
+re-push updates it in place.
 `push_files` and `readme` build what is sent without the network; every call to the Hub goes
 through `huggingface_hub`, and its failures become one-line `HubError`s. The exported Space
 (`whisper_ft.space`) serves a hub id through `local_model`.
@@ -34,6 +35,9 @@ NEEDED = ("config.json", "generation_config.json", "README.md")  # in best/, bes
 KEPT_REMOTE = ("README.md", ".gitattributes")  # never deleted as stale: rewritten, or the Hub's own
 MODEL_FILES = ("*.json", "*.txt", "*.safetensors")  # what the app loads of a hub model (no .bin, TF or Flax copies)
 CT2_FILES = "ct2/*"  # whisper_ft.ct2's export folder
+# Run-folder files published beside best/, as the card names them. predictions.jsonl stays
+# home: it holds the test sentences and the speakers' metadata of data that may not be public.
+RUN_FILES = ("metrics.jsonl",)
 TOKEN_HELP = "run `hf auth login` or set HF_TOKEN to a token with write access (https://huggingface.co/settings/tokens)"
 READ_TOKEN_HELP = ("run `hf auth login` or set HF_TOKEN (on a Space: its HF_TOKEN secret) to a token that may read "
                    "the model (https://huggingface.co/settings/tokens)")
@@ -72,9 +76,10 @@ def finished_run(run_dir: str | Path) -> FinishedRun:
 
 def push_files(best: str | Path) -> dict[str, Path]:
     """Repository path -> local file for everything in `best/`, except its README (the card is
-    uploaded with rebuilt metadata) and leftovers of interrupted writes (hidden names, `*.tmp`)."""
+    uploaded with rebuilt metadata) and leftovers of interrupted writes (hidden names, `*.tmp`),
+    and the RUN_FILES of the run folder around it."""
     best = Path(best)
-    files = {}
+    files = {name: best.parent / name for name in RUN_FILES if (best.parent / name).is_file()}
     for path in sorted(best.rglob("*")):
         parts = path.relative_to(best).parts
         leftover = any(p.startswith(".") or p.endswith(".tmp") for p in parts)

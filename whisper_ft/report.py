@@ -136,7 +136,8 @@ Features `{manifest['name']}` (sources: {', '.join(s['name'] for s in manifest['
 {hyper}
 
 {averaging_section(summary.get("averaging"), selection)}
-Curves: `{PLOT_NAME}`; every logged event: `metrics.jsonl`; per-clip outputs: `predictions.jsonl`.
+Curves: `{PLOT_NAME}`; every logged event: `metrics.jsonl`. The per-clip outputs (`predictions.jsonl`: the test
+sentences, with speaker metadata where the source records it) stay in the training run's folder and are not published.
 """
 
 
