@@ -91,6 +91,18 @@ def test_export_refuses_a_folder_of_the_users_own_files_with_an_exports_names(tm
         space.export(clone, cfg)
 
 
+def test_running_the_export_leaves_no_bytecode_to_upload(tmp_path):
+    """`python space/app.py` then `hf upload ... space/`: a __pycache__ written beside the code
+    (with this machine's paths) would be published with it."""
+    (tmp_path / "model").mkdir()
+    out = space.export(tmp_path / "space", load_config(None, [f"app.model={tmp_path / 'model'}"]))
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONDONTWRITEBYTECODE")}
+    proc = subprocess.run([sys.executable, str(out / "app.py"), "--help"], cwd=tmp_path,
+                          env={**env, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and "--model" in proc.stdout, proc.stderr[-2000:]
+    assert not list(out.rglob("__pycache__")) and not list(out.rglob("*.pyc"))
+
+
 def test_export_model_defaults_to_the_push_target_and_rejects_nonsense(tmp_path):
     cfg = load_config(None, ["training.push_to_hub=me/pushed", f"training.output_dir={tmp_path}"])
     assert space.space_model(cfg) == "me/pushed"

@@ -37,7 +37,7 @@ SPACE_PACKAGES = ("torch", "transformers", "soundfile", "soxr", "gradio", "deep-
 PYTHON_VERSION = "3.11"  # the project's minimum; Spaces default to an older one
 WRITTEN = ("app.py", ENTRY, "whisper_ft", "config.yaml", "requirements.txt", "packages.txt", "README.md")
 KEPT = (".git", ".gitattributes")  # a clone of the Space repository may be the export folder
-GENERATED = ("__pycache__",)  # left by running the export here (python app.py): removed, never uploaded
+GENERATED = ("__pycache__",)  # left by importing the code here (app.py itself writes none): removed
 # The line of app.py that tells an earlier export from a folder of the user's own files.
 MARKER = "Written by `python inference_app.py --export-space DIR` (whisper_ft/space.py)."
 
@@ -55,9 +55,12 @@ import os
 import sys
 from pathlib import Path
 
-import inference_app
-from whisper_ft import cli, hub
-from whisper_ft.config import load_config
+# No __pycache__ beside the code: `hf upload` would publish it, local paths included.
+sys.dont_write_bytecode = True
+
+import inference_app  # noqa: E402
+from whisper_ft import cli, hub  # noqa: E402
+from whisper_ft.config import load_config  # noqa: E402
 
 CONFIG = Path(__file__).resolve().parent / "config.yaml"
 
