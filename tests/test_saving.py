@@ -5,13 +5,14 @@ that surfaces and leaves no folder that looks complete, leftovers removed on the
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
 import torch
 
 from conftest import ROOT
-from test_training import overrides
+from test_training import file_modes, overrides, umask_mode
 from whisper_ft import checkpoints
 from whisper_ft.config import load_config
 from whisper_ft.saving import BackgroundSaver, to_host
@@ -102,6 +103,8 @@ def test_background_checkpoint_equals_the_trainers_own(tmp_path, features_dir, t
     assert state_a["global_step"] == state_b["global_step"] == 4
     assert Path(state_a["best_model_checkpoint"]).name == Path(state_b["best_model_checkpoint"]).name
     assert not list(runs["true"].glob(".checkpoint-*"))  # nothing left staged
+    for checkpoint in (bg, sync):  # safetensors writes 0600; the weights are readable like the rest
+        assert set(file_modes(checkpoint).values()) == {umask_mode()}, file_modes(checkpoint)
     for flag, run_dir in runs.items():
         saves = [e for e in checkpoints.read_events(run_dir) if e["event"] == "checkpoint"]
         assert [(e["step"], e["background"]) for e in saves] == [(2, flag == "true"), (4, flag == "true")]
@@ -176,6 +179,21 @@ def test_folders_and_files_reach_the_disk_before_their_new_name(tmp_path, monkey
     log.clear()
     files.write_atomic(tmp_path / "metrics.json", "{}")
     assert log == [f"fsync .metrics.json.tmp-{os.getpid()}", "replace metrics.json", f"fsync {tmp_path.name}"]
+
+
+def test_new_file_mode_follows_the_umask(tmp_path):
+    from whisper_ft import files
+
+    mask = os.umask(0o027)
+    try:
+        assert files.new_file_mode() == 0o640
+        (tmp_path / "a").mkdir()
+        (tmp_path / "a" / "weights").write_bytes(b"w")
+        (tmp_path / "a" / "weights").chmod(0o600)
+        files.share_like_new_files(tmp_path)
+        assert (tmp_path / "a" / "weights").stat().st_mode & 0o777 == 0o640
+    finally:
+        os.umask(mask)
 
 
 @pytest.mark.parametrize("hard_links", [True, False])

@@ -178,6 +178,27 @@ def test_best_export_loads_alone_and_generates_swedish_prefix(tiny_run, features
     assert processor.tokenizer.convert_tokens_to_ids("<|sv|>") == PREFIX[1]
 
 
+def file_modes(folder: Path) -> dict[str, int]:
+    return {str(p.relative_to(folder)): p.stat().st_mode & 0o777 for p in folder.rglob("*") if p.is_file()}
+
+
+def umask_mode() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def test_best_export_is_readable_like_any_new_file(tmp_path, tiny_model_dir):
+    """safetensors writes its weights 0600: best/, which the app serves and a push uploads,
+    would be unreadable to anyone else beside its 0644 config."""
+    from transformers import WhisperForConditionalGeneration, WhisperProcessor
+
+    model = WhisperForConditionalGeneration.from_pretrained(tiny_model_dir)
+    best = checkpoints.export_best(model, WhisperProcessor.from_pretrained(tiny_model_dir), tmp_path, {"step": 1})
+    modes = file_modes(best)
+    assert "model.safetensors" in modes and set(modes.values()) == {umask_mode()}, modes
+
+
 # --------------------------------------------------------------------------- resumption after a kill
 
 

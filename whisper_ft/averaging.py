@@ -21,7 +21,7 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
-from whisper_ft.files import write_atomic
+from whisper_ft.files import new_file_mode, write_atomic
 
 FOLDER = "averaging"
 INDEX = "candidates.json"
@@ -69,7 +69,8 @@ def average(paths: list[Path]) -> dict:
 
 def save_weights(model, path: Path) -> None:
     """The plain Whisper weights of `model` (a LoRA model merged first) as float32
-    safetensors, written under a temporary name and renamed."""
+    safetensors, written under a temporary name and renamed, readable like the run's other
+    files (safetensors writes 0600)."""
     from safetensors.torch import save_file
 
     from whisper_ft.checkpoints import standalone
@@ -77,6 +78,7 @@ def save_weights(model, path: Path) -> None:
     state = {k: v.detach().float().cpu().contiguous().clone() for k, v in standalone(model).state_dict().items()}
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     save_file(state, str(tmp))
+    os.chmod(tmp, new_file_mode())
     os.replace(tmp, path)
 
 

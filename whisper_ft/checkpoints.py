@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 from whisper_ft import averaging
-from whisper_ft.files import replace_dir, staging_dir
+from whisper_ft.files import replace_dir, share_like_new_files, staging_dir
 
 BEST_DIR = "best"
 BEST_INFO = "best.json"
@@ -99,7 +99,8 @@ def export_best(model, processor, run_dir: str | Path, info: dict) -> Path:
 
     Written to a temporary folder and renamed, because the inference app picks the newest
     `*/best/` by modification time and must never see a half-written one. A LoRA model is
-    saved merged, so the folder loads with plain `from_pretrained`.
+    saved merged, so the folder loads with plain `from_pretrained`. Its weights get the
+    permissions of the other files (safetensors writes them 0600).
     """
     final = Path(run_dir) / BEST_DIR
     tmp = staging_dir(final)
@@ -107,6 +108,7 @@ def export_best(model, processor, run_dir: str | Path, info: dict) -> Path:
     standalone(model).save_pretrained(tmp)
     processor.save_pretrained(tmp)
     (tmp / BEST_INFO).write_text(json.dumps(info, indent=1))
+    share_like_new_files(tmp)
     replace_dir(tmp, final)
     return final
 

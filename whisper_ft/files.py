@@ -81,6 +81,33 @@ def replace_dir(tmp: str | Path, final: str | Path) -> None:
     fsync_dir(final.parent)
 
 
+def new_file_mode() -> int:
+    """The permission bits `open` gives a new file here: 0o666 less the umask. Read from
+    /proc/self/status where Linux has it: setting the umask to read it back would race with the
+    thread that writes checkpoints."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            mask = next((int(line.split()[1], 8) for line in f if line.startswith("Umask:")), None)
+    except OSError:
+        mask = None
+    if mask is None:
+        mask = os.umask(0o022)
+        os.umask(mask)
+    return 0o666 & ~mask
+
+
+def share_like_new_files(folder: str | Path) -> None:
+    """Give every file under `folder` the permissions of a new file here (`new_file_mode`):
+    safetensors writes its files 0600, and a model folder whose weights alone are private
+    cannot be served, copied or uploaded by another user who reads the rest."""
+    mode = new_file_mode()
+    for root, _, files in os.walk(folder):
+        for name in files:
+            path = os.path.join(root, name)
+            if os.stat(path).st_mode & 0o777 != mode:
+                os.chmod(path, mode)
+
+
 def fsync_tree(folder: str | Path) -> None:
     """Flush every file under `folder`, and the folders themselves, to the disk."""
     for root, _, files in os.walk(folder):

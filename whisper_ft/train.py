@@ -35,7 +35,7 @@ from whisper_ft.config import Config, check_folder, save_config, to_dict
 from whisper_ft.errors import UserError
 from whisper_ft.features import (EVAL, ROLE, TRAIN, VALIDATION, FeatureStore, FeaturesError, find_overlap,
                                  stored_rows)
-from whisper_ft.files import replace_dir, staging_dir, write_atomic
+from whisper_ft.files import replace_dir, share_like_new_files, staging_dir, write_atomic
 from whisper_ft.metrics import scores
 from whisper_ft.model import first_line, load_model, resolve
 from whisper_ft.precision import forward, seq2seq_loss, with_causal_mask
@@ -470,13 +470,17 @@ class WhisperTrainer(Seq2SeqTrainer):
 
     def _save_checkpoint(self, model, trial) -> None:
         """The HF checkpoint of this step, in the background where it can be; a `checkpoint`
-        event in metrics.jsonl says how and for how long training was held."""
+        event in metrics.jsonl says how and for how long training was held. Either way its
+        weights get the permissions of its other files (safetensors writes them 0600)."""
         start = time.perf_counter()
         background = self._saves_in_background()
         if background:
             self._save_checkpoint_in_background(trial)
         else:
             super()._save_checkpoint(model, trial)
+            folder = Path(self._get_output_dir(trial=trial)) / f"checkpoint-{self.state.global_step}"
+            if self.args.should_save and folder.is_dir():
+                share_like_new_files(folder)
         if self.args.should_save:
             checkpoints.append_event(self.args.output_dir, {
                 "event": "checkpoint", "step": self.state.global_step, "background": background,
@@ -566,6 +570,7 @@ class WhisperTrainer(Seq2SeqTrainer):
 
         self._save(str(tmp), state_dict=weights)
         torch.save(optimizer, tmp / OPTIMIZER_NAME)
+        share_like_new_files(tmp)
         replace_dir(tmp, final)
         rotate_checkpoints(output_dir=str(final.parent), save_total_limit=self.args.save_total_limit,
                            best_model_checkpoint=best, use_mtime=True)
