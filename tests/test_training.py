@@ -711,9 +711,10 @@ def test_schedule_resolves_auto_and_takes_warmup_as_a_fraction_unless_set():
 
 def test_a_rerun_compares_the_average_with_the_best_single_check_not_with_itself(tmp_path):
     """Killed after its average was exported as best/ (during the final test scoring, say), a
-    rerun averages again: the single-check baseline comes from the log, not from best/."""
+    rerun averages again: the single-check baseline comes from the log, not from best/; so does
+    the bar a resumed run's new checks must beat to become best/."""
     from whisper_ft import checkpoints
-    from whisper_ft.train import best_single_check
+    from whisper_ft.train import EventLog, best_single_check
 
     (tmp_path / "best").mkdir()
     for step, wer in ((0, 0.9), (2, 0.6), (4, 0.55)):
@@ -725,6 +726,80 @@ def test_a_rerun_compares_the_average_with_the_best_single_check_not_with_itself
     assert best_single_check(tmp_path)["wer"] == 0.55  # best/ is the best single check
     (tmp_path / "best" / "best.json").write_text(json.dumps({"step": 4, "wer": 0.5, "averaged_steps": [2, 4]}))
     assert (best_single_check(tmp_path)["step"], best_single_check(tmp_path)["wer"]) == (4, 0.55)
+    assert EventLog(tmp_path, None, {}, "validation").best_wer == 0.55
+
+
+def _same_weights(folder: Path, saved: Path) -> bool:
+    """Whether the model in `folder` has the weights of the safetensors file `saved` (tied copies aside)."""
+    from safetensors.torch import load_file
+
+    shipped, kept = load_file(str(folder / "model.safetensors")), load_file(str(saved))
+    return all(torch.equal(tensor, kept[name].to(tensor.dtype)) for name, tensor in shipped.items())
+
+
+def test_a_rerun_that_does_not_choose_the_average_ships_the_best_single_check(tmp_path, features_dir, tiny_model_dir,
+                                                                              monkeypatch):
+    """A finished run whose average won, rerun with averaging off, exports its best single check
+    as best/ again (from averaging/, else from its checkpoint): best/, metrics.json, the final
+    test score and the card describe that model, not the earlier average."""
+    import whisper_ft.train as train
+
+    sets = overrides(features_dir, tiny_model_dir, tmp_path, eval_before_training="false", export_ctranslate2="false",
+                     score_served="false")
+    run_dir = tmp_path / "tiny"
+
+    def averaged_run():
+        with monkeypatch.context() as m:
+            m.setattr(train, "best_single_check", lambda *_: {})  # the average wins, whatever it scores
+            train.run_training(load_config(ROOT / "config.yaml", [*sets, "training.average_checkpoints=2"]))
+        assert json.loads((run_dir / "best" / "best.json").read_text())["averaged_steps"] == [2, 4]
+
+    averaged_run()
+    checks = [e for e in events(run_dir) if e["event"] == "eval" and e["purpose"] == "selection" and e["step"] > 0]
+    single = min(checks, key=lambda e: e["wer"])  # the first of equals, as during training
+    step = single["step"]
+    for source in ("averaging", "checkpoint"):
+        kept = run_dir / "averaging" / f"step-{step}.safetensors"
+        weights = kept if source == "averaging" else run_dir / f"checkpoint-{step}" / "model.safetensors"
+        summary = train.run_training(load_config(ROOT / "config.yaml", [*sets, "training.average_checkpoints=0"]))
+        best = json.loads((run_dir / "best" / "best.json").read_text())
+        assert "averaged_steps" not in best, source
+        assert (best["step"], best["wer"], best["cer"]) == (step, single["wer"], single["cer"])
+        assert _same_weights(run_dir / "best", weights), source
+        assert (summary["best_step"], summary["best_wer"], summary["averaging"]) == (step, single["wer"], None)
+        final = [e for e in events(run_dir) if e["event"] == "eval" and e.get("final")][-1]
+        assert final["step"] == step and summary["wer"] == final["wer"]
+        assert f"(WER {100 * single['wer']:.2f} at step {step})" in (run_dir / "README.md").read_text()
+        assert f"| fine-tuned (best/, step {step}) |" in (run_dir / "README.md").read_text()
+        if source == "averaging":  # once more, with the check's weights kept only in its checkpoint
+            averaged_run()
+            kept.unlink()
+
+
+def test_an_average_not_chosen_again_is_refused_when_the_single_checks_weights_are_gone(tmp_path):
+    """best/ holding an average the rerun does not ship, without the best single check's weights
+    (neither in averaging/ nor a checkpoint), is a one-line error saying what to do, and best/
+    is left as it is."""
+    from whisper_ft.train import drop_unchosen_average, single_check_source
+
+    cfg = load_config(ROOT / "config.yaml", [f"training.output_dir={tmp_path}", "training.run_name=tiny"])
+    run_dir = tmp_path / "tiny"
+    (run_dir / "best").mkdir(parents=True)
+    for step, wer in ((2, 0.6), (4, 0.7)):
+        checkpoints.append_event(run_dir, {"event": "eval", "split": "validation", "purpose": "selection",
+                                           "step": step, "wer": wer})
+    info = {"step": 4, "wer": 0.5, "averaged_steps": [2, 4]}
+    (run_dir / "best" / "best.json").write_text(json.dumps(info))
+    assert single_check_source(run_dir, 2) is None
+    drop_unchosen_average(cfg, run_dir, {}, {"chosen": True}, None, True)  # chosen again: nothing to do
+    with pytest.raises(TrainingError, match=r"holds the average of the checks at steps \[2, 4\], which these "
+                                            r"averaging settings do not ship, and the weights of its best single "
+                                            r"check \(step 2\) are gone.*--fresh"):
+        drop_unchosen_average(cfg, run_dir, {}, None, None, True)
+    assert json.loads((run_dir / "best" / "best.json").read_text()) == info
+    (run_dir / "averaging").mkdir()
+    (run_dir / "averaging" / "step-2.safetensors").write_bytes(b"")
+    assert single_check_source(run_dir, 2) == run_dir / "averaging" / "step-2.safetensors"
 
 
 def test_a_run_without_a_checkpoint_starts_over_without_the_earlier_best(tiny_run, tmp_path, monkeypatch):

@@ -673,8 +673,8 @@ class EventLog(TrainerCallback):
         self.processor = processor
         self.meta = meta
         self.split = split
-        best = checkpoints.read_best(run_dir)
-        self.best_wer = best["wer"] if best and best.get("wer") is not None else math.inf
+        best = best_single_check(run_dir)  # not an average of an earlier final phase: checks compete with checks
+        self.best_wer = best["wer"] if best.get("wer") is not None else math.inf
 
     def on_step_end(self, args, state, control, **kwargs):
         if state.global_step >= state.max_steps:
@@ -788,6 +788,7 @@ def run_training(cfg: Config, fresh: bool = False, callbacks: Sequence[TrainerCa
         checkpoints.export_best(trainer.model, data.processor, run_dir, {**meta, "step": trainer.state.global_step, "wer": None})
     trainer.accelerator.wait_for_everyone()
     averaged = try_average(cfg, args, data, run_dir, meta, trainer.state.global_step) if t.average_checkpoints else None
+    drop_unchosen_average(cfg, run_dir, meta, averaged, data.processor, trainer.is_world_process_zero())
     trainer.accelerator.wait_for_everyone()
     best = load_model(str(run_dir / checkpoints.BEST_DIR), cfg.model.language, cfg.model.task, attn_implementation="sdpa")
     final = score_test(cfg, args, data, best, run_dir, step=checkpoints.read_best(run_dir)["step"], final=True)
@@ -1032,7 +1033,7 @@ def try_average(cfg: Config, args, data: Data, run_dir: Path, meta: dict, step: 
         checkpoints.append_event(run_dir, event)
         log.info("average of the checks at steps %s: %s WER %.2f%% vs %.2f%% for the best single check (step %s)%s",
                  steps, data.selection_split, 100 * event["wer"], 100 * (single["wer"] if single.get("wer") is not None else math.nan),
-                 single.get("step"), ": exported as best/" if wins else "; best/ stays")
+                 single.get("step"), ": exported as best/" if wins else "; best/ is that check")
         if wins:
             info = {**meta, "step": step, "split": data.selection_split, "wer": event["wer"],
                     "wer_normalized": event["wer_normalized"], "cer": event["cer"], "eval_clips": event["eval_clips"],
@@ -1051,6 +1052,49 @@ def best_single_check(run_dir: Path) -> dict:
     checks = [e for e in checkpoints.selection_checks(checkpoints.read_events(run_dir))
               if e.get("step", 0) > 0 and e.get("wer") is not None]
     return min(checks, key=lambda e: e["wer"], default={})
+
+
+def drop_unchosen_average(cfg: Config, run_dir: Path, meta: dict, averaged: dict | None, processor,
+                          main: bool) -> None:
+    """Export the best single check as `best/` where `best/` holds an average that this final
+    phase did not choose (`averaged`: try_average's outcome, None with averaging off), as after a
+    rerun with other averaging settings: best/, metrics.json and the card then describe one
+    model. A TrainingError when that check's weights are gone. `main`: the process that writes."""
+    best = checkpoints.read_best(run_dir) or {}
+    if not best.get("averaged_steps") or (averaged or {}).get("chosen"):
+        return
+    single = best_single_check(run_dir)
+    source = single_check_source(run_dir, single["step"]) if single else None
+    if source is None:
+        raise TrainingError(f"{run_dir / checkpoints.BEST_DIR} holds the average of the checks at steps "
+                            f"{best['averaged_steps']}, which these averaging settings do not ship, and the weights of "
+                            f"its best single check (step {single.get('step')}) are gone (not in {averaging.FOLDER}/, "
+                            "no checkpoint of it): rerun with the training.average_checkpoints and average_mode that "
+                            "made it, or pass --fresh to train it again")
+    if not main:
+        return
+    if source.is_file():  # weights kept for averaging, in best/'s architecture
+        model = load_model(str(run_dir / checkpoints.BEST_DIR), cfg.model.language, cfg.model.task,
+                           attn_implementation="sdpa")
+        model.load_state_dict(averaging.average([source]))
+    else:
+        model = load_model(str(source), cfg.model.language, cfg.model.task, attn_implementation="sdpa")
+    info = {**meta, "step": single["step"], "split": single.get("split"),
+            **{k: single.get(k) for k in ("wer", "wer_normalized", "cer", "eval_clips")}}
+    checkpoints.export_best(model, processor, run_dir, info)
+    log.info("best/ held the average of the checks at steps %s, which this run does not ship: exported the best "
+             "single check (step %d, from %s) as best/ again", best["averaged_steps"], single["step"], source)
+
+
+def single_check_source(run_dir: Path, step: int) -> Path | None:
+    """Where the model of the periodic check at `step` is still saved: its weights file in
+    averaging/, else its complete checkpoint folder when that holds the whole model (a LoRA
+    checkpoint holds its adapters only); None when neither is left."""
+    kept = averaging.weights_path(run_dir / averaging.FOLDER, step)
+    if kept.is_file():
+        return kept
+    found = dict(checkpoints.checkpoints(run_dir)).get(step)
+    return found if found is not None and (found / "config.json").is_file() else None
 
 
 def export_ct2(best_dir: Path) -> None:
