@@ -187,6 +187,38 @@ def test_real_grid_on_the_tiny_model_writes_comparable_trials(tmp_path, features
     assert "| validation WER % |" in report and "| test WER % |" in report
 
 
+def test_a_sweep_on_cer_ships_the_check_that_ranks_each_trial(tmp_path, features_dir, tiny_model_dir):
+    """The sweep's metric is every trial's training.select_metric: a trial's best/ (and so its
+    test figure) is the check whose CER ranked it, here where its checks tie on WER; --set may
+    not choose another."""
+    from whisper_ft.sweep import check_trials, trial_config
+    from whisper_ft.train import run_training
+
+    overrides = [f"model.name_or_path={tiny_model_dir}", f"features.data_dir={features_dir.parent.parent}",
+                 f"features.name={features_dir.name}", f"training.output_dir={tmp_path / 'ck'}",
+                 "training.eval_batch_size=10", "training.dataloader_workers=0", "training.warmup_steps=0",
+                 "training.learning_rate=1e-3", "training.batch_size=4", "training.generation_max_length=20",
+                 "training.eval_before_training=false", "training.export_ctranslate2=false",
+                 "training.score_served=false"]
+    spec = load_spec(write_spec(tmp_path, file="cer", method="grid", metric="cer", budget_samples=16,
+                                eval_every_samples=8, prune=False, space={"training.seed": [3]}))
+    base = load_config(ROOT / "config.yaml", overrides)
+    assert trial_config(base, spec, {"training.seed": 3}, tmp_path, 0, str(ROOT / "config.yaml"),
+                        overrides).training.select_metric == "cer"
+    with pytest.raises(ConfigError, match="training.select_metric is set by the sweep file and by --set; keep one"):
+        check_trials(spec, base, str(ROOT / "config.yaml"), [*overrides, "training.select_metric=wer"])
+    folder = run_sweep(spec, base, str(ROOT / "config.yaml"), overrides, run_training, log=lambda s: None)
+    [trial] = read_trials(folder)
+    ranked = min((e for e in trial["evals"] if e["step"] > 0), key=lambda e: e["cer"])
+    assert ranked != min((e for e in trial["evals"] if e["step"] > 0), key=lambda e: e["wer"])  # WER would differ
+    best = json.loads((folder / "trial-000" / "best" / "best.json").read_text())
+    assert (best["step"], best["cer"]) == (ranked["step"], ranked["cer"])
+    assert trial["result"]["final"]["step"] == ranked["step"]  # the test figure is that check's
+    report = (folder / "report.md").read_text()
+    assert f"cer {100 * ranked['cer']:.2f}%" in report
+    assert f"| {ranked['step']} | {100 * trial['result']['wer']:.2f} |" in report
+
+
 def test_sweep_command_reports_a_bad_file_in_one_line(tmp_path):
     import subprocess
     import sys
@@ -537,10 +569,13 @@ def test_trials_checked_on_subsets_of_different_sizes_are_refused(tmp_path, caps
     ({"variants": {"long": {"training.max_steps": 500}}}, "training.max_steps is set by the sweep file's "
                                                           "variants.long and by its budget_samples"),
     ({"space": {"training.save_steps": [10, 20]}}, "training.save_steps is set by the sweep file's space and by its "
-                                                   "eval_every_samples")])
+                                                   "eval_every_samples"),
+    ({"space": {"training.seed": [1]}, "base": {"training.select_metric": "cer"}},
+     "training.select_metric is set by the sweep file's base and by its metric")])
 def test_a_key_a_budget_decides_is_refused_in_the_sweep_file(tmp_path, capsys, where, message):
-    """The budgets set max_steps, eval/save steps and the warm-up of every trial last: the same key
-    in the space, base or a variant would silently lose (a grid of identical trials)."""
+    """The budgets set max_steps, eval/save steps and the warm-up of every trial last, and the
+    metric what picks best/: the same key in the space, base or a variant would silently lose (a
+    grid of identical trials, a best/ other than the check that ranks the trial)."""
     path = write_spec(tmp_path, method="grid", budget_samples=64, eval_every_samples=32, warmup_samples=16, **where)
     err = sweep_command_error(tmp_path, capsys, path)
     assert err.startswith(f"error: sweep sw: {message}") and err.endswith("; keep one\n")

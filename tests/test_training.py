@@ -726,7 +726,7 @@ def test_a_rerun_compares_the_average_with_the_best_single_check_not_with_itself
     assert best_single_check(tmp_path)["wer"] == 0.55  # best/ is the best single check
     (tmp_path / "best" / "best.json").write_text(json.dumps({"step": 4, "wer": 0.5, "averaged_steps": [2, 4]}))
     assert (best_single_check(tmp_path)["step"], best_single_check(tmp_path)["wer"]) == (4, 0.55)
-    assert EventLog(tmp_path, None, {}, "validation").best_wer == 0.55
+    assert EventLog(tmp_path, None, {}, "validation").best_score == 0.55
 
 
 def _same_weights(folder: Path, saved: Path) -> bool:
@@ -800,6 +800,60 @@ def test_an_average_not_chosen_again_is_refused_when_the_single_checks_weights_a
     (run_dir / "averaging").mkdir()
     (run_dir / "averaging" / "step-2.safetensors").write_bytes(b"")
     assert single_check_source(run_dir, 2) == run_dir / "averaging" / "step-2.safetensors"
+
+
+def test_select_metric_picks_best_the_kept_checkpoint_and_the_average_by_that_score(tmp_path, features_dir,
+                                                                                   tiny_model_dir):
+    """training.select_metric: cer makes the lowest-CER check best/ (here the checks tie on WER, so
+    WER would keep the first), the checkpoint rotation's best and the `best` averaging mode's
+    choice, compares the average in CER, and the card says so."""
+    from whisper_ft.train import run_training
+
+    sets = overrides(features_dir, tiny_model_dir, tmp_path, seed=3, generation_max_length=20, select_metric="cer",
+                     average_checkpoints=2, average_mode="best", eval_before_training="false",
+                     export_ctranslate2="false", score_served="false")
+    summary = run_training(load_config(ROOT / "config.yaml", sets))
+    run_dir = tmp_path / "tiny"
+    checks = [e for e in events(run_dir) if e["event"] == "eval" and e["purpose"] == "selection" and e["step"] > 0]
+    by_cer = min(checks, key=lambda e: e["cer"])
+    assert by_cer != min(checks, key=lambda e: e["wer"])  # the two metrics choose differently on this run
+    best = json.loads((run_dir / "best" / "best.json").read_text())
+    avg = summary["averaging"]
+    assert (avg["metric"], avg["single_step"], avg["single_score"]) == ("cer", by_cer["step"], by_cer["cer"])
+    assert avg["chosen"] == (avg["score"] < by_cer["cer"]) and avg["score"] == avg["cer"]
+    if not avg["chosen"]:
+        assert (best["step"], best["cer"], best["wer"]) == (by_cer["step"], by_cer["cer"], by_cer["wer"])
+    assert (summary["select_metric"], summary["best_score"], summary["best_wer"]) == ("cer", best["cer"], best["wer"])
+    candidates = json.loads((run_dir / "averaging" / "candidates.json").read_text())
+    assert candidates == {str(e["step"]): e["cer"] for e in checks}
+    state = json.loads((run_dir / "checkpoint-4" / "trainer_state.json").read_text())
+    assert (state["best_global_step"], state["best_metric"]) == (by_cer["step"], by_cer["cer"])
+    card = (run_dir / "README.md").read_text()
+    assert (f"chosen on the validation split by CER (CER {100 * best['cer']:.2f}, WER {100 * best['wer']:.2f} at "
+            f"step {best['step']})") in card
+    assert f"validation CER {100 * avg['score']:.2f} against {100 * by_cer['cer']:.2f} for the best single check" in card
+
+
+def test_a_resume_with_another_select_metric_is_refused(tmp_path):
+    """best/ and the kept checks were chosen by the run's select_metric; a run whose config.yaml
+    predates the key chose by WER."""
+    import yaml
+
+    from whisper_ft.config import save_config
+    from whisper_ft.train import check_resumable
+
+    resume = tmp_path / "checkpoint-2"
+    save_config(load_config(ROOT / "config.yaml", ["training.select_metric=cer"]), tmp_path / "config.yaml")
+    check_resumable(load_config(ROOT / "config.yaml", ["training.select_metric=cer"]), tmp_path, resume, 2)
+    with pytest.raises(TrainingError, match=r"training.select_metric 'cer' -> 'wer'"):
+        check_resumable(load_config(ROOT / "config.yaml"), tmp_path, resume, 2)
+    saved = yaml.safe_load((tmp_path / "config.yaml").read_text())
+    del saved["training"]["select_metric"]
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(saved))
+    check_resumable(load_config(ROOT / "config.yaml"), tmp_path, resume, 2)
+    with pytest.raises(TrainingError, match=r"training.select_metric 'wer' -> 'wer_normalized'"):
+        check_resumable(load_config(ROOT / "config.yaml", ["training.select_metric=wer_normalized"]), tmp_path,
+                        resume, 2)
 
 
 def test_a_run_without_a_checkpoint_starts_over_without_the_earlier_best(tiny_run, tmp_path, monkeypatch):

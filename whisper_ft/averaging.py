@@ -3,10 +3,11 @@ averaged into one model, which is then scored on the validation split like any o
 candidate and becomes `best/` only if it beats the best single check there.
 
 While training, `Keeper` saves the model of each check after step 0 and keeps only the ones
-the average may use (`last`: the newest N checks; `best`: the N best by validation WER):
+the average may use (`last`: the newest N checks; `best`: the N best by validation score in
+training.select_metric, WER by default):
 
     <run>/averaging/step-<N>.safetensors   the model at check N (float32, LoRA merged)
-    <run>/averaging/candidates.json        {"<N>": validation WER} of the files kept
+    <run>/averaging/candidates.json        {"<N>": validation score} of the files kept
 
 Separate from the Trainer's `checkpoint-*/` folders, whose rotation keeps the newest and the
 single best, and which also hold optimizer state the average does not need.
@@ -28,7 +29,7 @@ INDEX = "candidates.json"
 
 
 def read_index(folder: Path) -> dict[int, float]:
-    """{step: validation WER} of the saved candidates whose weights are on disk (a process killed
+    """{step: validation score} of the saved candidates whose weights are on disk (a process killed
     between deleting a dropped candidate and rewriting the index leaves it named there)."""
     path = folder / INDEX
     index = {int(k): v for k, v in json.loads(path.read_text()).items()} if path.is_file() else {}
@@ -37,7 +38,7 @@ def read_index(folder: Path) -> dict[int, float]:
 
 def select(index: dict[int, float], n: int, mode: str) -> list[int]:
     """The steps an average of `n` uses, oldest first: the newest `n` (`last`) or the `n` with
-    the lowest WER (`best`; a tie goes to the later step). A NaN WER never counts as best."""
+    the lowest score (`best`; a tie goes to the later step). A NaN score never counts as best."""
     if mode == "last":
         chosen = sorted(index)[-n:]
     else:
@@ -84,19 +85,21 @@ def save_weights(model, path: Path) -> None:
 
 class Keeper(TrainerCallback):
     """Saves the model of every periodic check after step 0 into `<run>/averaging/` and keeps
-    only the `n` an average in `mode` would use (see `select`)."""
+    only the `n` an average in `mode` would use (see `select`), scored in `metric`
+    (training.select_metric)."""
 
-    def __init__(self, run_dir: Path, n: int, mode: str):
+    def __init__(self, run_dir: Path, n: int, mode: str, metric: str = "wer"):
         self.folder = Path(run_dir) / FOLDER
         self.n = n
         self.mode = mode
+        self.metric = metric
 
     def on_evaluate(self, args, state, control, metrics=None, model=None, **kwargs):
-        wer = (metrics or {}).get("eval_wer")
-        if state.global_step == 0 or wer is None or not state.is_world_process_zero:
+        score = (metrics or {}).get(f"eval_{self.metric}")
+        if state.global_step == 0 or score is None or not state.is_world_process_zero:
             return
         index = read_index(self.folder)
-        index[state.global_step] = float(wer)
+        index[state.global_step] = float(score)
         keep = set(select(index, self.n, self.mode))
         if state.global_step not in keep:
             return

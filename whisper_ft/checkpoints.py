@@ -5,7 +5,8 @@ Layout of `<training.output_dir>/<training.run_name>/`:
 
     checkpoint-<step>/   HF Trainer checkpoints (model, processor, optimizer, scheduler, RNG, state)
     .checkpoint-<step>.tmp-<pid>/   one being written in the background (`whisper_ft.saving`)
-    best/                best model by WER + processor + best.json; replaced atomically
+    best/                best model by training.select_metric (WER by default) + processor + best.json;
+                         replaced atomically
     metrics.jsonl        one JSON object per event: start, train, eval (append-only)
     metrics.json         final summary; config.yaml; runs/ (TensorBoard); plot; README.md
 """

@@ -60,6 +60,7 @@ class SourceConfig:
 SOURCE_KINDS = ("common_voice", "mdc", "hf")
 OVERLAP_POLICIES = ("refuse", "drop", "keep")
 AVERAGE_MODES = ("last", "best")
+SELECT_METRICS = ("wer", "wer_normalized", "cer")  # the scores of a check that may pick best/ (lower wins)
 
 
 @dataclass(frozen=True)
@@ -118,6 +119,7 @@ class TrainingConfig:
     eval_features: str = ""
     generation_max_length: int = 0
     num_beams: int = 1
+    select_metric: str = "wer"
     save_total_limit: int = 2
     background_saves: bool = True
     average_checkpoints: int = 0
@@ -399,6 +401,9 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"training.warmup_fraction: must be in [0, 1), got {t.warmup_fraction}")
     if t.average_checkpoints == 1 or t.average_checkpoints < 0:
         raise ConfigError(f"training.average_checkpoints: 0 (off) or at least 2, got {t.average_checkpoints}")
+    if t.select_metric not in SELECT_METRICS:
+        raise ConfigError(f"training.select_metric: expected one of {', '.join(SELECT_METRICS)}, "
+                          f"got {t.select_metric!r}")
     if t.average_mode not in AVERAGE_MODES:
         raise ConfigError(f"training.average_mode: expected last or best, got {t.average_mode!r}")
     if t.precision not in ("auto", "bf16", "fp16", "fp32"):

@@ -48,14 +48,27 @@ def plot_curves(events: list[dict], path: str | Path) -> Path:
 STORE_SPLIT = {"eval": "test"}  # a feature store's split folder -> the split's name in the card
 
 
+METRIC_NAMES = {"wer": "WER", "wer_normalized": "normalized WER", "cer": "CER"}  # training.select_metric in words
+
+
 def _pct(value) -> str:
     return "n/a" if value is None else f"{100 * value:.2f}"
 
 
+def _chosen_by(summary: dict) -> str:
+    """'(WER 12.34 at step 500)', or for another training.select_metric 'by CER (CER 4.56, WER
+    12.34 at step 500)': the score that chose best/, and its WER."""
+    metric, at = summary.get("select_metric", "wer"), f"at step {summary.get('best_step')}"
+    if metric == "wer":
+        return f"(WER {_pct(summary.get('best_wer'))} {at})"
+    name = METRIC_NAMES[metric]
+    return f"by {name} ({name} {_pct(summary.get('best_score'))}, WER {_pct(summary.get('best_wer'))} {at})"
+
+
 def _selection_note(summary: dict, selection: str) -> str:
     if selection != "test":
-        note = (f"The checkpoint was chosen on the {selection} split (WER {_pct(summary.get('best_wer'))} at step "
-                f"{summary.get('best_step')}); no test number was used for any choice.")
+        note = (f"The checkpoint was chosen on the {selection} split {_chosen_by(summary)}; no test number was used "
+                "for any choice.")
     else:
         note = ("**Note:** the feature store has no validation split, so the checkpoint was chosen on the test split "
                 "and the fine-tuned test WER is optimistic. Rebuild the features to get a validation split.")
@@ -159,9 +172,10 @@ def averaging_section(averaging: dict | None, split: str) -> str:
         return f"Checkpoint averaging of {what}: skipped ({averaging['skipped']}).\n"
     shipped = ("**the average was shipped** as best/" if averaging["chosen"]
                else f"the best single check (step {averaging['single_step']}) was shipped")
-    return (f"Checkpoint averaging of {what} (steps {', '.join(map(str, averaging['steps']))}): {split} WER "
-            f"{_pct(averaging['wer'])} against {_pct(averaging['single_wer'])} for the best single check; "
-            f"{shipped}.\n")
+    metric = averaging.get("metric", "wer")  # summaries written before select_metric compared WER
+    score, single = averaging.get("score", averaging["wer"]), averaging.get("single_score", averaging["single_wer"])
+    return (f"Checkpoint averaging of {what} (steps {', '.join(map(str, averaging['steps']))}): {split} "
+            f"{METRIC_NAMES[metric]} {_pct(score)} against {_pct(single)} for the best single check; {shipped}.\n")
 
 
 def card_data(summary: dict, config: dict, model_name: str):

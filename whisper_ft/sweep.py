@@ -26,12 +26,14 @@ from pathlib import Path
 import yaml
 
 from whisper_ft.checkpoints import read_events, selection_checks
-from whisper_ft.config import Config, ConfigError, check_folder, is_folder_name, load_config, save_config, to_dict
+from whisper_ft.config import (SELECT_METRICS, Config, ConfigError, check_folder, is_folder_name, load_config,
+                               save_config, to_dict)
 from whisper_ft.files import write_atomic
 from whisper_ft.model import first_line
 
 METHODS = ("grid", "random", "bayes")
-METRICS = ("wer", "wer_normalized", "cer")
+METRICS = SELECT_METRICS  # a sweep's metric is also every trial's training.select_metric, which picks its best/
+SELECT_KEY = "training.select_metric"
 TRIAL_FILE = "trial.json"
 
 
@@ -185,17 +187,18 @@ def _count(value, where: str) -> int:
 def check_trials(spec: SweepSpec, base: Config, config_path: str | None, overrides: list[str]) -> None:
     """Refuse, before any trial runs, a sweep whose settings cannot make a config (an unknown
     key, a value out of range: every grid point and variant, a range's bounds) or that sets a
-    key its budgets or the command line set too (one would silently lose), or whose trials would be checked on
-    different clips: different feature stores' held-out splits (`training.eval_features` makes
-    them one), or subsets of different sizes (`training.eval_subset`)."""
+    key its budgets, its metric (`decided_keys`) or the command line set too (one would silently
+    lose), or whose trials would be checked on different clips: different feature stores'
+    held-out splits (`training.eval_features` makes them one), or subsets of different sizes
+    (`training.eval_subset`)."""
     owners = {**{k: "variants." + name for name, v in spec.variants.items() for k in v},
               **{k: "base" for k in spec.base}, **{k: "space" for k in spec.space}}
-    budgeted = budget_keys(spec)
-    both = sorted(set(owners) & set(budgeted))
+    decided = decided_keys(spec)
+    both = sorted(set(owners) & set(decided))
     if both:
         raise ConfigError(f"sweep {spec.name}: {both[0]} is set by the sweep file's {owners[both[0]]} and by its "
-                          f"{budgeted[both[0]]}, which sets it for every trial; keep one")
-    both = sorted((set(owners) | set(budgeted)) & {item.partition("=")[0].strip() for item in overrides})
+                          f"{decided[both[0]]}, which sets it for every trial; keep one")
+    both = sorted((set(owners) | set(decided)) & {item.partition("=")[0].strip() for item in overrides})
     if both:
         raise ConfigError(f"sweep {spec.name}: {both[0]} is set by the sweep file and by --set; keep one")
     if spec.method == "grid":
@@ -287,10 +290,12 @@ def make_study(spec: SweepSpec, folder: Path):
 def trial_config(base: Config, spec: SweepSpec, params: dict, folder: Path, number: int,
                  config_path: str | None, overrides: list[str]) -> Config:
     """The config of one trial: the command-line overrides, then as typed values (later wins)
-    the sweep `base`, the trial's variant, its other params, its folder, and the equal budget."""
+    the sweep `base`, the trial's variant, its other params, its folder, the sweep's metric as
+    what picks best/, and the equal budget."""
     variant = spec.variants.get(params.get(VARIANT), {})
     values = [*spec.base.items(), *variant.items(), *((k, v) for k, v in params.items() if k != VARIANT),
-              ("training.output_dir", str(folder)), ("training.run_name", f"trial-{number:03d}")]
+              ("training.output_dir", str(folder)), ("training.run_name", f"trial-{number:03d}"),
+              (SELECT_KEY, spec.metric)]
     cfg = load_config(config_path, overrides, values)
     steps = budget(spec, samples_per_step(cfg.training))
     return load_config(config_path, overrides, values + steps) if steps else cfg
@@ -303,6 +308,13 @@ def budget_keys(spec: SweepSpec) -> dict[str, str]:
                "eval_every_samples": ("training.eval_steps", "training.save_steps"),
                "warmup_samples": ("training.warmup_steps", "training.warmup_fraction")}
     return {key: name for name, keys in decided.items() if getattr(spec, name) for key in keys}
+
+
+def decided_keys(spec: SweepSpec) -> dict[str, str]:
+    """The config keys the sweep file decides for every trial, each with the sweep key that does:
+    its budgets' (`budget_keys`) and training.select_metric, its `metric`, so that a trial's best/
+    (and its test score) is the check the ranking counts."""
+    return {**budget_keys(spec), SELECT_KEY: "metric"}
 
 
 def budget(spec: SweepSpec, per_step: int) -> list[tuple[str, int]]:
@@ -379,7 +391,7 @@ def check_same_sweep(folder: Path, spec: SweepSpec, base: Config) -> None:
                    or _first_change({f"variants.{n}": before["variants"][n] for n in kept},
                                     {f"variants.{n}": now["variants"][n] for n in kept}, lambda k: True))
     if not changed and (folder / "config.yaml").is_file():
-        free = {*CONFIG_FREE_ON_RERUN, *budget_keys(spec), *set_by_sweep(spec)}
+        free = {*CONFIG_FREE_ON_RERUN, *decided_keys(spec), *set_by_sweep(spec)}
         changed = _first_change(_flat(to_dict(load_config(folder / "config.yaml"))), _flat(to_dict(base)),
                                 lambda k: (k.split(".")[0] in ("model", "training")
                                            or k in ("features.name", "features.data_dir")) and k not in free)

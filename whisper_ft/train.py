@@ -347,7 +347,7 @@ def training_arguments(cfg: Config, run_dir: Path, max_gen_length: int, eval_on_
         per_device_eval_batch_size=t.eval_batch_size, predict_with_generate=True,
         generation_max_length=max_gen_length, generation_num_beams=t.num_beams,
         save_strategy="steps", save_steps=t.save_steps, save_total_limit=t.save_total_limit,
-        metric_for_best_model="wer", greater_is_better=False,  # rotation keeps the best checkpoint too
+        metric_for_best_model=t.select_metric, greater_is_better=False,  # rotation keeps the best checkpoint too
         logging_strategy="steps", logging_steps=t.logging_steps, report_to=["tensorboard"],
         dataloader_num_workers=t.dataloader_workers, dataloader_pin_memory=cuda,
         dataloader_persistent_workers=t.dataloader_workers > 0,
@@ -666,15 +666,18 @@ def make_trainer(model, args, data: Data, eval_dataset, callbacks: Sequence = ()
 class EventLog(TrainerCallback):
     """Writes each Trainer log as a `train` or `eval` event to metrics.jsonl, plus a log line;
     exports `best/` when a periodic check (on the selection `split`) after step 0 beats the
-    best WER so far; makes sure the last step is evaluated and saved."""
+    best score so far in `metric` (training.select_metric); makes sure the last step is
+    evaluated and saved."""
 
-    def __init__(self, run_dir: Path, processor, meta: dict, split: str):
+    def __init__(self, run_dir: Path, processor, meta: dict, split: str, metric: str = "wer"):
         self.run_dir = run_dir
         self.processor = processor
         self.meta = meta
         self.split = split
-        best = best_single_check(run_dir)  # not an average of an earlier final phase: checks compete with checks
-        self.best_wer = best["wer"] if best.get("wer") is not None else math.inf
+        self.metric = metric
+        # never an earlier final phase's average: checks compete with checks
+        best = best_single_check(run_dir, metric)
+        self.best_score = best[metric] if best.get(metric) is not None else math.inf
 
     def on_step_end(self, args, state, control, **kwargs):
         if state.global_step >= state.max_steps:
@@ -694,17 +697,17 @@ class EventLog(TrainerCallback):
         checkpoints.append_event(self.run_dir, event)
 
     def on_evaluate(self, args, state, control, metrics=None, model=None, **kwargs):
-        wer = (metrics or {}).get("eval_wer", math.nan)
-        if state.global_step == 0 or not wer < self.best_wer:  # NaN never wins
+        score = (metrics or {}).get(f"eval_{self.metric}", math.nan)
+        if state.global_step == 0 or not score < self.best_score:  # NaN never wins
             return
-        self.best_wer = wer
+        self.best_score = score
         if state.is_world_process_zero:
-            info = {**self.meta, "step": state.global_step, "split": self.split, "wer": wer,
+            info = {**self.meta, "step": state.global_step, "split": self.split, "wer": metrics.get("eval_wer"),
                     "wer_normalized": metrics.get("eval_wer_normalized"), "cer": metrics.get("eval_cer"),
                     "eval_clips": metrics.get("eval_clips")}
             checkpoints.export_best(model, self.processor, self.run_dir, info)
-            log.info("new best %s WER %.2f%% at step %d: exported %s", self.split, 100 * wer, state.global_step,
-                     self.run_dir / checkpoints.BEST_DIR)
+            log.info("new best %s %s %.2f%% at step %d: exported %s", self.split, report.METRIC_NAMES[self.metric],
+                     100 * score, state.global_step, self.run_dir / checkpoints.BEST_DIR)
 
 
 def scores_line(event: dict) -> str:
@@ -768,9 +771,11 @@ def run_training(cfg: Config, fresh: bool = False, callbacks: Sequence[TrainerCa
     meta = {"base_model": cfg.model.name_or_path, "language": cfg.model.language, "task": cfg.model.task,
             "features": data.manifest["name"]}
     t = cfg.training
-    keeper = [averaging.Keeper(run_dir, t.average_checkpoints, t.average_mode)] if t.average_checkpoints else []
+    keeper = ([averaging.Keeper(run_dir, t.average_checkpoints, t.average_mode, t.select_metric)]
+              if t.average_checkpoints else [])
     trainer = make_trainer(model, args, data, data.selection_model,
-                           [EventLog(run_dir, data.processor, meta, data.selection_split), *keeper, *callbacks],
+                           [EventLog(run_dir, data.processor, meta, data.selection_split, t.select_metric), *keeper,
+                            *callbacks],
                            t.fast_generation, weights_dtype(cfg), t.background_saves)
     if trainer.is_world_process_zero():
         announce_start(cfg, run_dir, args, data, start_step, resume, gen_len, subset_seed)
@@ -792,7 +797,7 @@ def run_training(cfg: Config, fresh: bool = False, callbacks: Sequence[TrainerCa
     trainer.accelerator.wait_for_everyone()
     best = load_model(str(run_dir / checkpoints.BEST_DIR), cfg.model.language, cfg.model.task, attn_implementation="sdpa")
     final = score_test(cfg, args, data, best, run_dir, step=checkpoints.read_best(run_dir)["step"], final=True)
-    summary = summarize(trainer, train_metrics, final, run_dir, args, data.selection_split)
+    summary = summarize(trainer, train_metrics, final, run_dir, args, data.selection_split, t.select_metric)
     summary.update(learning_rate=args.learning_rate, warmup_steps=args.warmup_steps, mixed_precision=mixed_precision(cfg),
                    averaging=averaged, overlapping_training_rows=data.overlapping_training_rows,
                    overlapping_validation_rows=data.overlapping_validation_rows)
@@ -808,16 +813,18 @@ def run_training(cfg: Config, fresh: bool = False, callbacks: Sequence[TrainerCa
 
 
 # What a resumed run may not change: its checkpoint restores the optimizer and the schedule (so
-# a new rate, decay or warm-up would be ignored), and the rest defines the trajectory or what its
-# checks measure. Everything else (max_steps, the check and save cadence, speed and precision
-# switches, exports) may change between runs.
+# a new rate, decay or warm-up would be ignored), and the rest defines the trajectory, what its
+# checks measure or which of them is best/. Everything else (max_steps, the check and save
+# cadence, speed and precision switches, exports) may change between runs.
 FIXED_ON_RESUME = (
     "model.name_or_path", "model.language", "model.task", "features.name", "training.eval_features",
     "training.learning_rate", "training.lr_scheduler", "training.warmup_steps", "training.warmup_fraction",
     "training.batch_size", "training.gradient_accumulation_steps", "training.weight_decay", "training.seed",
     "training.dropout", "training.freeze_encoder", "training.lora", "training.spec_augment", "training.eval_subset",
-    "training.generation_max_length", "training.num_beams",
+    "training.generation_max_length", "training.num_beams", "training.select_metric",
 )
+# The value a run used for a FIXED_ON_RESUME key that its config.yaml predates, where one is known.
+PREDATED_DEFAULTS = {"training.select_metric": "wer"}
 
 
 def check_resumable(cfg: Config, run_dir: Path, resume: Path | None, step: int = 0) -> None:
@@ -846,6 +853,8 @@ def check_resumable(cfg: Config, run_dir: Path, resume: Path | None, step: int =
     changed = []
     for key in FIXED_ON_RESUME:
         before, after = get(saved, key), get(now, key)
+        if before is missing:
+            before = PREDATED_DEFAULTS.get(key, missing)
         if key == "training.eval_features":  # empty reads features.name: compare the store each one reads
             before, after = before or get(saved, "features.name"), after or get(now, "features.name")
         if before is not missing and before != after:
@@ -1010,12 +1019,14 @@ def announce_start(cfg: Config, run_dir: Path, args, data: Data, step: int, resu
 
 def try_average(cfg: Config, args, data: Data, run_dir: Path, meta: dict, step: int) -> dict:
     """Average the kept checks' weights, score the average on the selection split and export
-    it as `best/` if it beats the best single check there. Returns what happened (the
-    `averaging` entry of metrics.json)."""
+    it as `best/` if it beats the best single check there in training.select_metric. Returns
+    what happened (the `averaging` entry of metrics.json: `score` and `single_score` in that
+    metric)."""
     t = cfg.training
+    metric = t.select_metric
     folder = run_dir / averaging.FOLDER
     steps = averaging.select(averaging.read_index(folder), t.average_checkpoints, t.average_mode)
-    outcome = {"mode": t.average_mode, "n": t.average_checkpoints, "steps": steps, "chosen": False}
+    outcome = {"mode": t.average_mode, "n": t.average_checkpoints, "metric": metric, "steps": steps, "chosen": False}
     if len(steps) < 2:
         log.info("checkpoint averaging skipped: %d check(s) to average", len(steps))
         return {**outcome, "skipped": f"{len(steps)} check(s) to average"}
@@ -1025,14 +1036,16 @@ def try_average(cfg: Config, args, data: Data, run_dir: Path, meta: dict, step: 
     trainer, out = predict(cfg, args, data, model, data.selection_model, "average")
     event = {**eval_event(out.metrics, "average", step, data.selection_split, SELECTION), "event": "average",
              "averaged_steps": steps}
-    single = best_single_check(run_dir)
-    wins = event["wer"] < (single.get("wer") if single.get("wer") is not None else math.inf)
-    outcome.update(wer=event["wer"], wer_normalized=event["wer_normalized"], cer=event["cer"],
-                   single_wer=single.get("wer"), single_step=single.get("step"), chosen=bool(wins))
+    single = best_single_check(run_dir, metric)
+    single_score = single.get(metric) if single.get(metric) is not None else math.inf
+    wins = event[metric] < single_score  # NaN never wins
+    outcome.update(wer=event["wer"], wer_normalized=event["wer_normalized"], cer=event["cer"], score=event[metric],
+                   single_wer=single.get("wer"), single_score=single.get(metric), single_step=single.get("step"),
+                   chosen=bool(wins))
     if trainer.is_world_process_zero():
         checkpoints.append_event(run_dir, event)
-        log.info("average of the checks at steps %s: %s WER %.2f%% vs %.2f%% for the best single check (step %s)%s",
-                 steps, data.selection_split, 100 * event["wer"], 100 * (single["wer"] if single.get("wer") is not None else math.nan),
+        log.info("average of the checks at steps %s: %s %s %.2f%% vs %.2f%% for the best single check (step %s)%s",
+                 steps, data.selection_split, report.METRIC_NAMES[metric], 100 * event[metric], 100 * single_score,
                  single.get("step"), ": exported as best/" if wins else "; best/ is that check")
         if wins:
             info = {**meta, "step": step, "split": data.selection_split, "wer": event["wer"],
@@ -1042,16 +1055,18 @@ def try_average(cfg: Config, args, data: Data, run_dir: Path, meta: dict, step: 
     return outcome
 
 
-def best_single_check(run_dir: Path) -> dict:
-    """{"step", "wer"} of the best single check: `best/` as the Trainer exported it, or, when
-    `best/` holds an average already (a rerun of a run killed after its average won), the best
-    selection check in metrics.jsonl; {} before any."""
+def best_single_check(run_dir: Path, metric: str = "wer") -> dict:
+    """{"step", "wer", "wer_normalized", "cer", ...} of the best single check by `metric`
+    (training.select_metric): `best/` as the Trainer exported it, or, when `best/` holds an
+    average already (a rerun of a run killed after its average won), the selection check in
+    metrics.jsonl with the lowest `metric`, the earliest of equals as during training; {}
+    before any."""
     best = checkpoints.read_best(run_dir) or {}
     if not best.get("averaged_steps"):
         return best
     checks = [e for e in checkpoints.selection_checks(checkpoints.read_events(run_dir))
-              if e.get("step", 0) > 0 and e.get("wer") is not None]
-    return min(checks, key=lambda e: e["wer"], default={})
+              if e.get("step", 0) > 0 and e.get(metric) is not None]
+    return min(checks, key=lambda e: e[metric], default={})
 
 
 def drop_unchosen_average(cfg: Config, run_dir: Path, meta: dict, averaged: dict | None, processor,
@@ -1063,7 +1078,7 @@ def drop_unchosen_average(cfg: Config, run_dir: Path, meta: dict, averaged: dict
     best = checkpoints.read_best(run_dir) or {}
     if not best.get("averaged_steps") or (averaged or {}).get("chosen"):
         return
-    single = best_single_check(run_dir)
+    single = best_single_check(run_dir, cfg.training.select_metric)
     source = single_check_source(run_dir, single["step"]) if single else None
     if source is None:
         raise TrainingError(f"{run_dir / checkpoints.BEST_DIR} holds the average of the checks at steps "
@@ -1145,9 +1160,11 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
     write_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 
 
-def summarize(trainer, train_metrics: dict, final: dict, run_dir: Path, args, selection_split: str) -> dict:
+def summarize(trainer, train_metrics: dict, final: dict, run_dir: Path, args, selection_split: str,
+              metric: str = "wer") -> dict:
     """The metrics.json summary (also returned by run_training). `best_*` and
-    `selection_baseline` come from the selection split (`selection_split`); `wer`,
+    `selection_baseline` come from the selection split (`selection_split`), `best_score` being
+    best/'s score in `metric`, the training.select_metric that chose it (`select_metric`); `wer`,
     `wer_normalized`, `cer`, `final` and `baseline` (zero-shot) from the test split."""
     events = checkpoints.read_events(run_dir) if trainer.is_world_process_zero() else []
     evals = [e for e in events if e["event"] == "eval"]
@@ -1160,7 +1177,8 @@ def summarize(trainer, train_metrics: dict, final: dict, run_dir: Path, args, se
                      args.world_size)
     return {
         "selection_split": selection_split, "test_split": ROLE[EVAL],
-        "best_wer": best.get("wer"), "best_step": best.get("step"),
+        "best_wer": best.get("wer"), "best_step": best.get("step"), "select_metric": metric,
+        "best_score": best.get(metric),
         "selection_baseline": next((e for e in periodic if e["step"] == 0), None),
         "wer": final["wer"], "wer_normalized": final["wer_normalized"], "cer": final["cer"],
         "eval_clips": final["eval_clips"], "final": final, "baseline": baseline,
