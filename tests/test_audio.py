@@ -98,6 +98,28 @@ def test_probe_seconds_reads_headers_of_audio_and_video_and_none_otherwise(tmp_p
 
 
 @needs_ffmpeg
+@pytest.mark.parametrize("reader", ["libsndfile", "ffprobe"])
+def test_probe_seconds_of_an_mp3_is_unknown_unless_its_header_counts_its_frames(tmp_path, monkeypatch, reader):
+    """A VBR MP3 without a Xing frame: both readers estimate its length from the first frame's
+    bitrate, seven to eight times too long here (a quiet start at a low rate): it has none to refuse by."""
+    from pathlib import Path
+
+    vbr = tmp_path / "vbr.mp3"
+    subprocess.run(["ffmpeg", "-v", "error", "-f", "lavfi", "-i", "anullsrc=r=22050:cl=mono:d=2", "-f", "lavfi", "-i",
+                    "sine=frequency=440:sample_rate=22050:duration=30", "-filter_complex", "[0][1]concat=n=2:v=0:a=1",
+                    "-c:a", "libmp3lame", "-q:a", "0", "-write_xing", "0", str(vbr)], check=True)
+    cv_clip = sorted((Path(__file__).parents[1] / "data" / "sample").rglob("clips/*.mp3"))[0]  # LAME's Info frame
+    if reader == "ffprobe":  # a libsndfile without MP3 leaves the file to ffprobe
+        def unreadable(*args, **kwargs):
+            raise sf.LibsndfileError(1)
+
+        monkeypatch.setattr(sf, "info", unreadable)
+    assert probe_seconds(vbr) is None
+    assert probe_seconds(cv_clip) == pytest.approx(2.5, abs=0.1)
+    assert abs(len(load_audio(vbr)) / SAMPLE_RATE - 32.0) < 0.1
+
+
+@needs_ffmpeg
 def test_decoding_stops_at_max_seconds(tmp_path):
     wav, mp4 = tmp_path / "a.wav", tmp_path / "v.mp4"
     sf.write(wav, np.full(16_000 * 5, 0.1, dtype=np.float32), 16_000)
