@@ -5,7 +5,7 @@
 
 Speaks a few minutes of Swedish with espeak-ng (sentences from tests/fixtures/sv-sentences.txt),
 exports the model to CTranslate2 int8 in a temporary folder, then transcribes the recording with
-1. the plain transformers pipeline (the app's reference path: 30 s windows, 5 s stride, batched, greedy),
+1. the transformers path (the app's reference: Whisper's sequential long-form decoding, greedy),
 2. the app's path (`whisper_ft.transcribe.load_transcriber` with the int8 export), greedy
    (the default, app.beam_size=1) and with beam 5,
 3. faster-whisper on the same int8 export, with its defaults (sequential, beam 5) and greedy,
@@ -92,7 +92,7 @@ def run_paths(model: Path, ct2_dir: Path, wave: np.ndarray, reference: str, thre
     # Greedy: transformers' beam search reorders the cross-attention cache at every step, which
     # makes beam 5 over a batch of windows take tens of minutes on two cores.
     reference_path = load_transcriber(str(model), use_ctranslate2=False, batch_size=batch_size, beam_size=1)
-    rows.append(timed("transformers pipeline (greedy)", lambda w: reference_path.transcribe(w).text, wave, reference))
+    rows.append(timed("transformers, long-form (greedy)", lambda w: reference_path.transcribe(w).text, wave, reference))
     del reference_path
     for beam in (1, 5):
         app_path = load_transcriber(str(model), use_ctranslate2=True, batch_size=batch_size, beam_size=beam,

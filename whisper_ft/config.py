@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import logging
 import math
 import os
 import types
@@ -25,6 +26,16 @@ import yaml
 
 from whisper_ft.errors import UserError
 from whisper_ft.files import write_atomic
+
+
+log = logging.getLogger(__name__)
+
+# Keys that earlier versions read and this one does not, with what replaced them: a config.yaml
+# written before (a sweep's saved copy, say) still loads, with a warning naming each one it sets.
+RETIRED = {
+    "app.chunk_seconds": "long audio is decoded window after window, each starting where the last one's speech ended",
+    "app.stride_seconds": "long audio is decoded window after window, each starting where the last one's speech ended",
+}
 
 
 class ConfigError(UserError, ValueError):
@@ -148,8 +159,6 @@ class AppConfig:
     port: int = 7860
     share: bool = False
     max_media_seconds: float = 3600.0
-    chunk_seconds: float = 30.0
-    stride_seconds: float = 5.0
     batch_size: int = 8
     translate_to: str = "en"
     translate_timeout_seconds: float = 60.0
@@ -273,11 +282,24 @@ def _build(cls: type, raw: Any, where: str) -> Any:
         raise ConfigError(f"{where or 'config'}: expected a mapping, got {type(raw).__name__}")
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
+    raw = _without_retired(raw, names, where)
     unknown = sorted(set(raw) - names)
     if unknown:
         raise ConfigError(f"unknown config key: {_join(where, str(unknown[0]))}")
     kwargs = {name: _convert(hints[name], value, _join(where, name)) for name, value in raw.items()}
     return cls(**kwargs)
+
+
+def _without_retired(raw: dict, names: set[str], where: str) -> dict:
+    """`raw` without the keys in RETIRED (`names` aside), each logged as ignored."""
+    kept = {}
+    for name, value in raw.items():
+        key = _join(where, str(name))
+        if key in RETIRED and name not in names:
+            log.warning("%s is no longer a setting and is ignored (%s); delete it from the config", key, RETIRED[key])
+        else:
+            kept[name] = value
+    return kept
 
 
 def _convert(tp: Any, value: Any, where: str) -> Any:
@@ -493,12 +515,6 @@ def validate_app(app: AppConfig) -> None:
             raise ConfigError(f"app.{name}: must be at least 1, got {getattr(app, name)}")
     if not 1 <= app.port <= 65535:  # 0 would bind a random port that the page's address would not name
         raise ConfigError(f"app.port: must be from 1 to 65535, got {app.port}")
-    if not 0 < app.chunk_seconds <= 30:  # Whisper's input: a longer window would be cut to its first 30 s
-        raise ConfigError(f"app.chunk_seconds: must be above 0 and at most 30 (Whisper's window), got "
-                          f"{app.chunk_seconds:g}")
-    if not 0 <= 2 * app.stride_seconds < app.chunk_seconds:  # the overlap on both sides of a window
-        raise ConfigError(f"app.stride_seconds: must be at least 0 and under half of app.chunk_seconds "
-                          f"({app.chunk_seconds:g}), got {app.stride_seconds:g}")
     check_translate_to(app.translate_to)
 
 

@@ -72,8 +72,8 @@ def score(model_dir: str | Path, store: FeatureStore, cfg, predictions: dict[str
         log.info("%s keeps no test audio (features.served_clips): the served model is not scored", store.root)
         return None
     app = cfg.app
-    transcriber = load_transcriber(str(model_dir), cfg.model.language, app.chunk_seconds, app.stride_seconds,
-                                   app.batch_size, app.use_ctranslate2, app.beam_size)
+    transcriber = load_transcriber(str(model_dir), cfg.model.language, app.batch_size, app.use_ctranslate2,
+                                   app.beam_size)
     refs = [c["sentence"] for c in clips]
     short = scores(refs, [transcriber.transcribe(c["wave"], cfg.model.task).text for c in clips])
     known = [c for c in clips if c["key"] in predictions]

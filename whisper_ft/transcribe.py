@@ -3,12 +3,11 @@
 Two backends behind one `transcribe(wave, task, timestamps)` call, both taking mono float32
 16 kHz audio (see `whisper_ft.audio`) of any length:
 
-- `PipelineTranscriber`: the transformers ASR pipeline, which cuts audio longer than one
-  window into overlapping windows (`chunk_seconds`, `stride_seconds`), generates them in
-  batches and merges the overlaps. The reference path. A window that loops ("och och och ...")
-  is decoded again at rising temperatures, and cut where its loop starts if every try loops.
-  With timestamps, audio longer than one window is decoded by Whisper's own sequential
-  long-form generation instead, each window starting where the last one's speech ended.
+- `PipelineTranscriber`: transformers, the reference path. Audio of one window goes through
+  the ASR pipeline; longer audio through Whisper's own sequential long-form generation, each
+  window starting where the last one's speech ended, with timestamps or without. A window
+  that loops ("och och och ...") is decoded again at rising temperatures, and cut where its
+  loop starts if every try loops.
 - `CT2Transcriber`: a CTranslate2 int8 export (see `whisper_ft.ct2`) run by faster-whisper's
   batched pipeline, which cuts at voice-activity boundaries into windows of at most 30 s and
   generates them in batches. The fast CPU path.
@@ -143,7 +142,8 @@ class LoopCutMixin:
 
 
 class PipelineTranscriber:
-    """Chunked, batched transcription with the transformers ASR pipeline (reference path).
+    """Transcription with transformers (reference path): the ASR pipeline for one window,
+    `generate`'s sequential long-form decoding for longer audio.
 
     A window that loops is decoded again by transformers' own temperature fallback: sampling at each
     of `temperatures` in turn, it keeps the first try whose token ids compress less than
@@ -152,17 +152,13 @@ class PipelineTranscriber:
 
     backend = "transformers"
 
-    def __init__(self, model, processor, language: str = "sv", chunk_seconds: float = 30.0,
-                 stride_seconds: float = 5.0, batch_size: int = 8, beam_size: int = 1,
+    def __init__(self, model, processor, language: str = "sv", beam_size: int = 1,
                  temperatures: tuple[float, ...] = FALLBACK_TEMPERATURES,
                  compression_ratio_threshold: float | None = COMPRESSION_RATIO_THRESHOLD):
         from transformers import AutomaticSpeechRecognitionPipeline, pipeline
 
         self.language = language
-        self.batch_size = batch_size
         self.beam_size = beam_size
-        self.chunk_seconds = chunk_seconds
-        self.stride_seconds = stride_seconds
         self.temperatures = tuple(temperatures)
         self.compression_ratio_threshold = compression_ratio_threshold
         pipeline_class = type("LoopCuttingASRPipeline", (LoopCutMixin, AutomaticSpeechRecognitionPipeline),
@@ -182,18 +178,16 @@ class PipelineTranscriber:
     def transcribe(self, wave: np.ndarray, task: str = "transcribe", timestamps: bool = False) -> Transcript:
         _check_task(task)
         start = time.perf_counter()
+        wave = np.asarray(wave, dtype=np.float32)
         audio_seconds = len(wave) / SAMPLE_RATE
-        if timestamps and len(wave) > N_SAMPLES:
-            segments = self._long_form_segments(np.asarray(wave, dtype=np.float32), task, audio_seconds)
-            return Transcript(" ".join(s.text for s in segments), segments, audio_seconds,
+        if len(wave) > N_SAMPLES:
+            # Long-form decoding whether or not timestamps are shown: the pipeline's overlapping
+            # windows are joined on a common token sequence, which fails when two windows word the
+            # overlap differently (its speech came out twice, 109 words for 90 spoken)
+            segments = self._long_form_segments(wave, task, audio_seconds)
+            return Transcript(" ".join(s.text for s in segments), segments if timestamps else (), audio_seconds,
                               time.perf_counter() - start)
-        # Audio longer than one window is decoded with timestamps, asked for or not: without them
-        # Whisper often ends a window early, and the pipeline can only join the windows' texts on
-        # a common word sequence, which on 44 s of Swedish speech dropped 9 of 16 sentences
-        out = self.pipe({"raw": np.asarray(wave, dtype=np.float32), "sampling_rate": SAMPLE_RATE},
-                        chunk_length_s=self.chunk_seconds, stride_length_s=self.stride_seconds,
-                        batch_size=self.batch_size, return_timestamps=timestamps or audio_seconds > self.chunk_seconds,
-                        ignore_warning=True,  # its warning is about this very chunking, which we want
+        out = self.pipe({"raw": wave, "sampling_rate": SAMPLE_RATE}, return_timestamps=timestamps,
                         generate_kwargs=self._generate_kwargs(task))
         segments = tuple(_pipeline_segments(out.get("chunks", []), audio_seconds)) if timestamps else ()
         return Transcript(out["text"].strip(), segments, audio_seconds, time.perf_counter() - start)
@@ -202,7 +196,8 @@ class PipelineTranscriber:
         """Timestamped segments of audio over one window from generate's sequential long-form
         decoding (what transformers recommends for Whisper). The pipeline's windows overlap, and
         its merger folds a window whose timestamps go back (`<|28.18|><|28.18|><|0.00|>...`) into
-        one cue: a 27 s first cue, zero-length cues, cues going back in time, overlap text twice."""
+        one cue (a 27 s first cue, zero-length cues, cues going back in time), and joins windows
+        that word their overlap differently with its text twice."""
         import torch
 
         features = self.pipe.feature_extractor(wave, sampling_rate=SAMPLE_RATE, truncation=False, padding="longest",
@@ -289,8 +284,8 @@ class CT2Transcriber:
                           time.perf_counter() - start)
 
 
-def load_transcriber(model_dir: str, language: str = "sv", chunk_seconds: float = 30.0, stride_seconds: float = 5.0,
-                     batch_size: int = 8, use_ctranslate2: bool = True, beam_size: int = 5, cpu_threads: int = 0):
+def load_transcriber(model_dir: str, language: str = "sv", batch_size: int = 8, use_ctranslate2: bool = True,
+                     beam_size: int = 5, cpu_threads: int = 0):
     """The CTranslate2 path when `use_ctranslate2` and an up-to-date export sits in `<model_dir>/ct2`,
     else the transformers pipeline on `model_dir` (a folder or hub id), which decodes greedily
     whatever `beam_size` says. `cpu_threads` is for CTranslate2 (0: all cores); torch takes its
@@ -315,7 +310,7 @@ def load_transcriber(model_dir: str, language: str = "sv", chunk_seconds: float 
     if beam_size > 1:  # measured at about 4 s per token for 8 windows on 2 cores (docs/app.md)
         log.info("beam search on the transformers path reorders the whole cache at every token: decoding greedily "
                  "(export to CTranslate2 for beam %d)", beam_size)
-    return PipelineTranscriber(model, processor, language, chunk_seconds, stride_seconds, batch_size, 1)
+    return PipelineTranscriber(model, processor, language, beam_size=1)
 
 
 def _srt_time(seconds: float) -> str:
