@@ -6,9 +6,11 @@
 Speaks a few minutes of Swedish with espeak-ng (sentences from tests/fixtures/sv-sentences.txt),
 exports the model to CTranslate2 int8 in a temporary folder, then transcribes the recording with
 1. the transformers path (the app's reference: Whisper's sequential long-form decoding, greedy),
-2. the app's path (`whisper_ft.transcribe.load_transcriber` with the int8 export), greedy
-   (the default, app.beam_size=1) and with beam 5,
-3. faster-whisper on the same int8 export, with its defaults (sequential, beam 5) and greedy,
+2. the app's path (`whisper_ft.transcribe.load_transcriber` with the int8 export: faster-whisper's
+   sequential transcription, each window unconditioned on the text before it), greedy and with
+   beam 5 (the default, app.beam_size=5),
+3. faster-whisper on the same int8 export, with its defaults (sequential, each window conditioned
+   on the text before it, beam 5), greedy, and its batched pipeline (beam 5),
 and prints each real-time factor, its ratio to faster-whisper's, and the WER against the
 spoken text. Model loading is not timed; each path transcribes a short clip first to warm up.
 """
@@ -82,24 +84,21 @@ def timed(name: str, transcribe, wave: np.ndarray, reference: str) -> dict:
     return row
 
 
-def run_paths(model: Path, ct2_dir: Path, wave: np.ndarray, reference: str, threads: int,
-              batch_size: int) -> list[dict]:
-    from faster_whisper import WhisperModel
+def run_paths(model: Path, ct2_dir: Path, wave: np.ndarray, reference: str, threads: int) -> list[dict]:
+    from faster_whisper import BatchedInferencePipeline, WhisperModel
 
     from whisper_ft.transcribe import CT2Transcriber, load_transcriber
 
     rows = []
     # Greedy: transformers' beam search reorders the cross-attention cache at every step, which
     # makes beam 5 over a batch of windows take tens of minutes on two cores.
-    reference_path = load_transcriber(str(model), use_ctranslate2=False, batch_size=batch_size, beam_size=1)
+    reference_path = load_transcriber(str(model), use_ctranslate2=False, beam_size=1)
     rows.append(timed("transformers, long-form (greedy)", lambda w: reference_path.transcribe(w).text, wave, reference))
     del reference_path
     for beam in (1, 5):
-        app_path = load_transcriber(str(model), use_ctranslate2=True, batch_size=batch_size, beam_size=beam,
-                                    cpu_threads=threads)
+        app_path = load_transcriber(str(model), use_ctranslate2=True, beam_size=beam, cpu_threads=threads)
         assert isinstance(app_path, CT2Transcriber), "the app did not pick up the CTranslate2 export"
-        rows.append(timed(f"app: CT2 int8 batched (beam {beam})", lambda w: app_path.transcribe(w).text, wave,
-                          reference))
+        rows.append(timed(f"app: CT2 int8 (beam {beam})", lambda w: app_path.transcribe(w).text, wave, reference))
         del app_path
     fw = WhisperModel(str(ct2_dir), device="cpu", compute_type="int8", cpu_threads=threads, local_files_only=True)
     for beam in (5, 1):
@@ -107,6 +106,12 @@ def run_paths(model: Path, ct2_dir: Path, wave: np.ndarray, reference: str, thre
             segments, _ = fw.transcribe(w, language="sv", beam_size=beam)
             return " ".join(s.text.strip() for s in segments)
         rows.append(timed(f"faster-whisper int8 (beam {beam})", run, wave, reference))
+    batched = BatchedInferencePipeline(fw)
+
+    def run_batched(w):
+        segments, _ = batched.transcribe(w, language="sv", beam_size=5, batch_size=8)
+        return " ".join(s.text.strip() for s in segments)
+    rows.append(timed("faster-whisper int8 batched (beam 5)", run_batched, wave, reference))
     return rows
 
 
@@ -126,7 +131,6 @@ def main(argv: list[str] | None = None) -> int:
                         help="transformers Whisper folder (default: $WHISPER_TEST_MODEL)")
     parser.add_argument("--minutes", type=float, default=3.0, help="length of the Swedish recording")
     parser.add_argument("--threads", type=int, default=2, help="CPU threads for torch and CTranslate2")
-    parser.add_argument("--batch-size", type=int, default=8, help="windows per batch (app.batch_size)")
     parser.add_argument("--json", help="also write the results to this file")
     args = parser.parse_args(argv)
     model = Path(args.model)
@@ -150,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
         start = time.perf_counter()
         ct2_dir = ct2.export(linked)
         print(f"CTranslate2 int8 export: {time.perf_counter() - start:.1f} s", flush=True)
-        rows = run_paths(linked, ct2_dir, wave, reference, args.threads, args.batch_size)
+        rows = run_paths(linked, ct2_dir, wave, reference, args.threads)
 
     base = next(r for r in rows if r["path"] == "faster-whisper int8 (beam 5)")["rtf"]
     ref_wer = rows[0]["wer"]

@@ -209,20 +209,21 @@ def test_an_empty_run_or_store_name_deletes_nothing(tmp_path, cv_release, capsys
 
 
 def test_a_config_of_an_earlier_version_loads_with_a_warning_for_each_retired_key(tmp_path, caplog):
-    """A sweep's saved config.yaml, or a user's older copy, still sets app.chunk_seconds."""
+    """A sweep's saved config.yaml, or a user's older copy, still sets the app's window settings."""
     old = tmp_path / "config.yaml"
     text = Path(CONFIG).read_text()
     old.write_text(text.replace("\n  max_media_seconds:", "\n  chunk_seconds: 20.0\n  stride_seconds: 4.0\n  max_media_seconds:"))
     with caplog.at_level("WARNING", logger="whisper_ft.config"):
-        cfg = load_config(str(old), ["app.stride_seconds=3"])
+        cfg = load_config(str(old), ["app.stride_seconds=3", "app.batch_size=4"])
     assert cfg == load_config(CONFIG)
     warned = [r.getMessage() for r in caplog.records]
-    assert len(warned) == 2 and all("is no longer a setting and is ignored" in m for m in warned)
-    assert {m.split()[0] for m in warned} == {"app.chunk_seconds", "app.stride_seconds"}
+    assert len(warned) == 3 and all("is no longer a setting and is ignored" in m for m in warned)
+    assert {m.split()[0] for m in warned} == {"app.chunk_seconds", "app.stride_seconds", "app.batch_size"}
     with pytest.raises(ConfigError, match="unknown config key: app.chunk_secs"):
         load_config(CONFIG, ["app.chunk_secs=20"])  # a typo is still refused
     with pytest.raises(ConfigError, match="unknown config key: training.chunk_seconds"):
         load_config(CONFIG, ["training.chunk_seconds=20"])  # retired in the app section only
+    assert load_config(CONFIG, ["features.batch_size=4"]).features.batch_size == 4
 
 
 @pytest.mark.parametrize("script", ["feature_pipeline.py", "training_pipeline.py", "inference_app.py", "sweep.py",

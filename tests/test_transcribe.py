@@ -224,6 +224,58 @@ def test_ct2_export_command(model_dir, tmp_path):
 
 
 @pytest.fixture(scope="module")
+def ct2_model(model_dir, tmp_path_factory):
+    """The fast tiny model with its CTranslate2 int8 export."""
+    model = shutil.copytree(model_dir, tmp_path_factory.mktemp("ct2") / "model")
+    ct2.export(model)
+    return model
+
+
+def test_ct2_path_decodes_window_after_window_with_or_without_timestamps(ct2_model, long_speech):
+    """faster-whisper's sequential transcription, with timestamps (they say where the next window
+    starts) and unconditioned on the text before: its batched pipeline decodes each window once,
+    and lost what followed a window that ended early or looped."""
+    tr = load_transcriber(str(ct2_model))
+    assert isinstance(tr, CT2Transcriber)
+    seen = []
+    transcribe = tr.model.transcribe
+    tr.model.transcribe = lambda audio, **kwargs: seen.append(kwargs) or transcribe(audio, **kwargs)
+    for timestamps in (False, True):
+        result = tr.transcribe(long_speech, timestamps=timestamps)
+        assert result.audio_seconds == pytest.approx(len(long_speech) / SAMPLE_RATE)
+        assert timestamps or result.segments == ()
+    assert len(seen) == 2
+    for kwargs in seen:
+        assert kwargs["condition_on_previous_text"] is False and not kwargs.get("without_timestamps")
+        assert kwargs["language"] == "sv" and kwargs["beam_size"] == 5
+
+
+@pytest.fixture(scope="module")
+def real_ct2_model(real_model_dir, tmp_path_factory):
+    """The real checkpoint (as links to its files) with its CTranslate2 int8 export."""
+    from bench.bench_inference import link_model
+
+    model = link_model(real_model_dir, tmp_path_factory.mktemp("real"))
+    ct2.export(model)
+    return model
+
+
+@pytest.mark.slow
+def test_real_model_ct2_path_transcribes_all_the_speech(real_ct2_model, tmp_path):
+    """36 s of Swedish, 90 words in 16 sentences, on the CTranslate2 path: faster-whisper's batched
+    pipeline put 0 to 28 s into one window, which looped (37 words kept) or, with timestamps, ended
+    after 8 s of speech (31 words, nothing from 8 to 28 s)."""
+    wave, text = spoken_sample(50, 65, tmp_path / "mid.wav")
+    tr = load_transcriber(str(real_ct2_model), cpu_threads=2)
+    plain, timed = tr.transcribe(wave), tr.transcribe(wave, timestamps=True)
+    for result in (plain, timed):
+        assert len(result.text.split()) > 0.7 * len(text.split()), result.text  # 74 with whisper-base
+    assert_cues(timed.segments, timed.audio_seconds)
+    assert timed.segments[0].start < 1 and timed.segments[-1].end > timed.audio_seconds - 1
+    assert max(after.start - before.end for before, after in zip(timed.segments, timed.segments[1:])) < 2
+
+
+@pytest.fixture(scope="module")
 def tokenizer(processor_dir):
     return load_processor(str(processor_dir)).tokenizer
 

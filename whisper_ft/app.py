@@ -72,8 +72,8 @@ def find_model(cfg: Config) -> ModelChoice:
 
 def load_for_app(choice: ModelChoice, cfg: Config):
     app = cfg.app
-    return load_transcriber(choice.path, language=cfg.model.language, batch_size=app.batch_size,
-                            use_ctranslate2=app.use_ctranslate2, beam_size=app.beam_size)
+    return load_transcriber(choice.path, language=cfg.model.language, use_ctranslate2=app.use_ctranslate2,
+                            beam_size=app.beam_size)
 
 
 class Handlers:

@@ -32,10 +32,9 @@ log = logging.getLogger(__name__)
 
 # Keys that earlier versions read and this one does not, with what replaced them: a config.yaml
 # written before (a sweep's saved copy, say) still loads, with a warning naming each one it sets.
-RETIRED = {
-    "app.chunk_seconds": "long audio is decoded window after window, each starting where the last one's speech ended",
-    "app.stride_seconds": "long audio is decoded window after window, each starting where the last one's speech ended",
-}
+WINDOW_AFTER_WINDOW = "long audio is decoded window after window, each starting where the last one's speech ended"
+RETIRED = {"app.chunk_seconds": WINDOW_AFTER_WINDOW, "app.stride_seconds": WINDOW_AFTER_WINDOW,
+           "app.batch_size": WINDOW_AFTER_WINDOW}
 
 
 class ConfigError(UserError, ValueError):
@@ -159,7 +158,6 @@ class AppConfig:
     port: int = 7860
     share: bool = False
     max_media_seconds: float = 3600.0
-    batch_size: int = 8
     translate_to: str = "en"
     translate_timeout_seconds: float = 60.0
     cookies_file: str = ""
@@ -510,7 +508,7 @@ def validate_app(app: AppConfig) -> None:
                  "translate_timeout_seconds"):
         if getattr(app, name) <= 0:
             raise ConfigError(f"app.{name}: must be above 0, got {getattr(app, name)}")
-    for name in ("workers", "queue_size", "batch_size", "beam_size"):
+    for name in ("workers", "queue_size", "beam_size"):
         if getattr(app, name) < 1:
             raise ConfigError(f"app.{name}: must be at least 1, got {getattr(app, name)}")
     if not 1 <= app.port <= 65535:  # 0 would bind a random port that the page's address would not name

@@ -8,8 +8,8 @@ run on the test clips whose audio the feature store keeps (`features.served_clip
   clips from predictions.jsonl (decoded with training.num_beams), so what int8 and the app's
   decoding (app.beam_size) change together shows;
 - long form: the same clips joined, with half a second of silence between them, into pieces
-  of up to three minutes and transcribed through the app's long-form path (windows, batching,
-  stitching), scored against the joined sentences.
+  of up to three minutes and transcribed through the app's long-form path (30 s windows, one
+  after another), scored against the joined sentences.
 
     result = score(best_dir, store, cfg, predictions)     # -> metrics.json["served"], model card
 """
@@ -72,8 +72,7 @@ def score(model_dir: str | Path, store: FeatureStore, cfg, predictions: dict[str
         log.info("%s keeps no test audio (features.served_clips): the served model is not scored", store.root)
         return None
     app = cfg.app
-    transcriber = load_transcriber(str(model_dir), cfg.model.language, app.batch_size, app.use_ctranslate2,
-                                   app.beam_size)
+    transcriber = load_transcriber(str(model_dir), cfg.model.language, app.use_ctranslate2, app.beam_size)
     refs = [c["sentence"] for c in clips]
     short = scores(refs, [transcriber.transcribe(c["wave"], cfg.model.task).text for c in clips])
     known = [c for c in clips if c["key"] in predictions]
