@@ -250,6 +250,31 @@ def test_ct2_path_decodes_window_after_window_with_or_without_timestamps(ct2_mod
         assert kwargs["language"] == "sv" and kwargs["beam_size"] == 5
 
 
+def test_ct2_cues_are_made_fit_for_subrip(ct2_model):
+    """faster-whisper's timestamps as they came on real audio: a 0.1 s clip got a cue to 2 s, and
+    a window's last cue may end past the audio or overlap the next window's first."""
+    from faster_whisper.transcribe import Segment as FasterSegment
+
+    def segment(start, end, text):
+        return FasterSegment(id=0, seek=0, start=start, end=end, text=text, tokens=[], avg_logprob=-0.2,
+                             compression_ratio=1.0, no_speech_prob=0.0, words=None, temperature=0.0)
+
+    decoded = [segment(0.0, 2.0, " Hej.")]
+    tr = load_transcriber(str(ct2_model))
+    tr.model.transcribe = lambda audio, **kwargs: (iter(decoded), None)  # what the model decodes next
+    result = tr.transcribe(np.zeros(SAMPLE_RATE // 10, np.float32), timestamps=True)
+    assert result.segments == (Segment(0.0, 0.1, "Hej."),) and result.text == "Hej."
+    decoded = [segment(0.0, 28.0, " Jag kommer tillbaka."), segment(27.5, 31.0, " Nej, lägg av."),
+               segment(2.0, 5.0, " Jag kommer tillbaka."), segment(31.0, 31.0, " Vi behöver polisen."),
+               segment(31.0, 33.0, " "), segment(44.0, 46.0, " Vill du inte skjuta?")]
+    result = tr.transcribe(np.zeros(45 * SAMPLE_RATE, np.float32), timestamps=True)
+    assert result.segments == (Segment(0.0, 28.0, "Jag kommer tillbaka."),
+                               Segment(28.0, 31.0, "Nej, lägg av. Vi behöver polisen."),
+                               Segment(44.0, 45.0, "Vill du inte skjuta?"))
+    assert_cues(result.segments, 45.0)
+    assert result.text == "Jag kommer tillbaka. Nej, lägg av. Vi behöver polisen. Vill du inte skjuta?"
+
+
 @pytest.fixture(scope="module")
 def real_ct2_model(real_model_dir, tmp_path_factory):
     """The real checkpoint (as links to its files) with its CTranslate2 int8 export."""

@@ -280,11 +280,12 @@ class CT2Transcriber:
         # and lost what followed a window that ended early or looped (20 of 36 s of speech)
         segs, _info = self.model.transcribe(np.asarray(wave, dtype=np.float32), language=self.language, task=task,
                                             beam_size=self.beam_size, condition_on_previous_text=False)
-        segments = tuple(Segment(float(s.start), float(s.end), cut_looping_text(s.text.strip()))
-                         for s in segs if s.text.strip())
+        audio_seconds = len(wave) / SAMPLE_RATE
+        # faster-whisper's timestamps can run past the audio's end (a 0.1 s clip got a cue to 2 s)
+        segments = tuple(ordered_segments([Segment(float(s.start), float(s.end), cut_looping_text(s.text.strip()))
+                                           for s in segs], audio_seconds))
         text = " ".join(s.text for s in segments)
-        return Transcript(text, segments if timestamps else (), len(wave) / SAMPLE_RATE,
-                          time.perf_counter() - start)
+        return Transcript(text, segments if timestamps else (), audio_seconds, time.perf_counter() - start)
 
 
 def load_transcriber(model_dir: str, language: str = "sv", use_ctranslate2: bool = True, beam_size: int = 5,
