@@ -282,6 +282,35 @@ def test_rerunning_a_finished_run_trains_no_more_and_changed_settings_are_refuse
     assert longer["steps"] == 3 and [e["step"] for e in events(run_dir) if e["event"] == "train"] == [1, 2, 3]
 
 
+def test_a_run_stopped_while_writing_its_reports_writes_them_when_rerun(tmp_path, features_dir, tiny_model_dir,
+                                                                       monkeypatch):
+    """metrics.json marks a finished run: a stop in the plotting step leaves none, so the rerun
+    does the final phase again and best/ gets its card, plot and WER breakdown."""
+    from whisper_ft import report
+    from whisper_ft.train import run_training
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    sets = overrides(features_dir, tiny_model_dir, tmp_path, max_steps=2, eval_steps=2, save_steps=2,
+                     eval_before_training="false", export_ctranslate2="false", score_served="false")
+    plot = report.plot_curves
+    monkeypatch.setattr(report, "plot_curves", killed)
+    with pytest.raises(KeyboardInterrupt):
+        run_training(load_config(ROOT / "config.yaml", sets))
+    run_dir = tmp_path / "tiny"
+    assert not (run_dir / "metrics.json").exists()
+    monkeypatch.setattr(report, "plot_curves", plot)
+    summary = run_training(load_config(ROOT / "config.yaml", sets))
+    assert summary["steps"] == 2 and json.loads((run_dir / "metrics.json").read_text()) == summary
+    for name in ("README.md", report.PLOT_NAME):
+        assert (run_dir / "best" / name).is_file()
+    assert (run_dir / "wer_breakdown.json").is_file()
+    (run_dir / "best" / "README.md").unlink()  # metrics.json without the card it came with: not finished
+    run_training(load_config(ROOT / "config.yaml", sets))
+    assert (run_dir / "best" / "README.md").is_file()
+
+
 def test_leftovers_are_removed_and_an_interrupted_best_replacement_restored(tmp_path):
     def folder(name: str, *files: str) -> Path:
         (tmp_path / name).mkdir(parents=True)

@@ -972,11 +972,14 @@ def finished_summary(cfg: Config, run_dir: Path, step: int) -> dict | None:
     """The summary (metrics.json) of a run that finished at its newest checkpoint `step`, at or
     past training.max_steps, with this config's final-phase settings (`FINAL_PHASE`); None when
     there is work left: training, or a final phase cut short (no metrics.json) or asked for
-    otherwise. A rerun of a finished run then repeats neither the test scoring nor the exports."""
+    otherwise. A rerun of a finished run then repeats neither the test scoring nor the exports.
+    Nor is a metrics.json beside a best/ without its model card: the card is what --push-only
+    publishes, and rerun, the final phase writes it."""
     import yaml
 
     path = run_dir / "metrics.json"
-    if step < cfg.training.max_steps or not path.is_file() or not (run_dir / checkpoints.BEST_DIR).is_dir():
+    card = run_dir / checkpoints.BEST_DIR / "README.md"
+    if step < cfg.training.max_steps or not path.is_file() or not card.is_file():
         return None
     try:
         summary = json.loads(path.read_text(encoding="utf-8"))
@@ -1192,8 +1195,9 @@ def summarize(trainer, train_metrics: dict, final: dict, run_dir: Path, args, se
 
 
 def write_reports(cfg: Config, manifest: dict, summary: dict, run_dir: Path) -> None:
-    """metrics.json, the loss/WER plot and the model card (in the run folder and in best/)."""
-    write_atomic(run_dir / "metrics.json", json.dumps(summary, indent=1, ensure_ascii=False))
+    """The loss/WER plot, the model card (in the run folder and in best/), then metrics.json:
+    written last, it marks the run finished (`finished_summary`), so a run stopped before it
+    writes the reports again rather than being left without a card to publish."""
     report.plot_curves(checkpoints.read_events(run_dir), run_dir / report.PLOT_NAME)
     predictions = run_dir / "predictions.jsonl"
     groups = breakdown.breakdowns(breakdown.read_predictions(predictions)) if predictions.is_file() else {}
@@ -1203,3 +1207,4 @@ def write_reports(cfg: Config, manifest: dict, summary: dict, run_dir: Path) -> 
     for folder in (run_dir, run_dir / checkpoints.BEST_DIR):
         write_atomic(folder / "README.md", card)
     shutil.copy2(run_dir / report.PLOT_NAME, run_dir / checkpoints.BEST_DIR / report.PLOT_NAME)
+    write_atomic(run_dir / "metrics.json", json.dumps(summary, indent=1, ensure_ascii=False))
