@@ -29,33 +29,53 @@ def write_spec(tmp_path: Path, **spec) -> Path:
 
 
 class ScriptedTrainer:
-    """Stands in for run_training: WER follows `wer_of(params, step)`; records every call."""
+    """Stands in for run_training: WER follows `wer_of(params, step)`; records every call. A
+    run folder with checks already resumes after the last one (as from a checkpoint saved at
+    each check), with those checks in the Trainer's log history. `kill_at` (run name, step)
+    stops the process after that check, or with step None in the final phase."""
 
-    def __init__(self, wer_of, crash_on: int | None = None):
+    def __init__(self, wer_of, crash_on: int | None = None, kill_at: tuple[str, int | None] | None = None):
         self.wer_of = wer_of
         self.crash_on = crash_on
+        self.kill_at = kill_at
         self.calls: list[tuple[str, float]] = []
+        self.max_steps: list[int] = []
+
+    def _kill(self, run_name: str, step: int | None) -> None:
+        if self.kill_at == (run_name, step):
+            self.kill_at = None
+            raise KeyboardInterrupt
 
     def __call__(self, cfg, callbacks=()):
         t = cfg.training
         run = Path(t.output_dir) / t.run_name
         run.mkdir(parents=True, exist_ok=True)
         self.calls.append((t.run_name, t.learning_rate))
+        self.max_steps.append(t.max_steps)
         if self.crash_on is not None and len(self.calls) == self.crash_on:
             self.crash_on = None
             raise KeyboardInterrupt  # the process is killed mid-trial
+        log = run / "metrics.jsonl"
+        history = [{"eval_wer": e["wer"], "step": e["step"]}
+                   for e in map(json.loads, log.read_text().splitlines() if log.is_file() else [])]
         control = SimpleNamespace(should_training_stop=False)
         best = 1e9
-        with open(run / "metrics.jsonl", "a") as f:
-            for step in range(0, t.max_steps + 1, t.eval_steps):
+        step = history[-1]["step"] if history else 0
+        with open(log, "a") as f:
+            for step in range(step + t.eval_steps if history else 0, t.max_steps + 1, t.eval_steps):
                 wer = self.wer_of(t, step) / 100  # metrics.jsonl holds fractions
                 best = min(best, wer) if step else best
                 f.write(json.dumps({"event": "eval", "step": step, "wer": wer, "wer_normalized": wer * 0.9,
                                     "cer": wer / 2}) + "\n")
+                f.flush()
+                history.append({"eval_wer": wer, "step": step})
                 for cb in callbacks:
-                    cb.on_evaluate(None, SimpleNamespace(global_step=step), control, metrics={"eval_wer": wer})
+                    cb.on_evaluate(None, SimpleNamespace(global_step=step, log_history=history), control,
+                                   metrics={"eval_wer": wer})
+                self._kill(t.run_name, step)
                 if control.should_training_stop:
                     break
+        self._kill(t.run_name, None)
         return {"best_wer": best, "best_step": step, "steps": step}
 
 
@@ -150,6 +170,40 @@ def test_hopeless_trial_is_pruned_and_reported(tmp_path, warmup):
     assert len(by_lr[1e-4]["evals"]) == 5  # step 0 and four checks
     assert len(by_lr[1e-6]["evals"]) == 2 + warmup  # step 0, the warm-up checks, the check that prunes
     assert "| pruned |" in (folder / "report.md").read_text()
+
+
+def test_a_trial_pruned_then_killed_in_its_final_phase_is_finished_without_more_training(tmp_path):
+    """The prune is in trial.json before the final phase: the rerun finishes the trial at the
+    step it was pruned at, and its wall time counts the killed session."""
+    spec = load_spec(write_spec(tmp_path, method="grid", budget_samples=64, eval_every_samples=16, prune=True,
+                                prune_warmup_evals=0, space={"training.learning_rate": [1e-4, 1e-6]}))
+    trainer = ScriptedTrainer(lambda t, step: 100.0 if t.learning_rate < 1e-5 else 100.0 - step,
+                              kill_at=("trial-001", None))
+    args = (spec, base_config(tmp_path), str(ROOT / "config.yaml"), [f"training.output_dir={tmp_path / 'ck'}"], trainer)
+    with pytest.raises(KeyboardInterrupt):
+        run_sweep(*args, log=lambda s: None)
+    record = tmp_path / "ck" / "sweeps" / "sw" / "trial-001" / "trial.json"
+    killed = json.loads(record.read_text())
+    assert killed["pruned_at"] == 1 and killed["status"] == "running" and killed["wall_seconds"] > 0
+    folder = run_sweep(*args, log=lambda s: None)
+    assert trainer.calls[-1][0] == "trial-001" and trainer.max_steps[-1] == 1  # no step past the prune
+    pruned = {t["number"]: t for t in read_trials(folder)}[1]
+    assert pruned["status"] == "pruned" and [e["step"] for e in pruned["evals"]] == [0, 1]
+    assert pruned["max_steps"] == 4 and pruned["wall_seconds"] >= killed["wall_seconds"]
+
+
+def test_a_resumed_trial_counts_its_earlier_checks_toward_the_pruning_warmup(tmp_path):
+    """Killed after its one exempt check, a hopeless trial resumed is pruned at its next check."""
+    spec = load_spec(write_spec(tmp_path, method="grid", budget_samples=64, eval_every_samples=16, prune=True,
+                                prune_warmup_evals=1, space={"training.learning_rate": [1e-4, 1e-6]}))
+    trainer = ScriptedTrainer(lambda t, step: 100.0 if t.learning_rate < 1e-5 else 100.0 - step,
+                              kill_at=("trial-001", 1))
+    args = (spec, base_config(tmp_path), str(ROOT / "config.yaml"), [f"training.output_dir={tmp_path / 'ck'}"], trainer)
+    with pytest.raises(KeyboardInterrupt):
+        run_sweep(*args, log=lambda s: None)
+    folder = run_sweep(*args, log=lambda s: None)
+    pruned = {t["number"]: t for t in read_trials(folder)}[1]
+    assert pruned["status"] == "pruned" and [e["step"] for e in pruned["evals"]] == [0, 1, 2]
 
 
 @pytest.mark.parametrize("spec, message", [
@@ -309,7 +363,7 @@ def test_trials_of_any_batch_size_report_their_checks_at_the_same_steps(tmp_path
     for batch in (16, 48):
         trial = SimpleNamespace(report=lambda value, step, b=batch: reported.setdefault(b, []).append(step),
                                 should_prune=lambda: False)
-        cfg = sweep.trial_config(base_config(tmp_path), spec, {"training.batch_size": batch}, tmp_path, 0,
+        cfg = sweep.trial_config(base_config(tmp_path), spec, {"training.batch_size": batch}, tmp_path / str(batch), 0,
                                  str(ROOT / "config.yaml"), [])
         ScriptedTrainer(lambda t, step: 50.0)(cfg, callbacks=[sweep.pruning_callback(
             trial, "wer", batch, 0, spec.eval_every_samples)])

@@ -21,6 +21,7 @@ import traceback
 import urllib.parse
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import yaml
@@ -336,28 +337,33 @@ def samples_per_step(t) -> int:
     return t.batch_size * t.gradient_accumulation_steps * int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def pruning_callback(trial, metric: str, per_step: int, warmup_evals: int = 0, every_samples: int = 0):
-    """A TrainerCallback that reports each evaluation to Optuna and stops a hopeless trial.
+def pruning_callback(trial, metric: str, per_step: int, warmup_evals: int = 0, every_samples: int = 0,
+                     on_check: Callable[[int, bool], None] | None = None):
+    """A TrainerCallback that reports each evaluation to Optuna and stops a hopeless trial;
+    `on_check(step, pruned)` runs after each check, before the trial goes on or finishes.
 
     Each check is reported at the clips seen, rounded to a multiple of the sweep's
     `every_samples` when it has one: a trial whose batch does not divide it checks every
-    ceil(8000 / 48) steps = 8016 clips, and Optuna's pruners only compare equal steps."""
+    ceil(8000 / 48) steps = 8016 clips, and Optuna's pruners only compare equal steps. The
+    `warmup_evals` exempt checks are counted in the Trainer's log history, which a resumed
+    trial restores from its checkpoint: its checks before the kill count too."""
     from transformers import TrainerCallback
 
     class Pruning(TrainerCallback):
         pruned = False
-        checks = 0
 
         def on_evaluate(self, args, state, control, metrics=None, **kwargs):
             value = (metrics or {}).get(f"eval_{metric}")
             if value is None or state.global_step == 0:
                 return
-            self.checks += 1
+            checks = sum(1 for h in state.log_history if f"eval_{metric}" in h and h.get("step", 0) > 0)
             seen = state.global_step * per_step  # samples seen: comparable across batches
             trial.report(float(value), step=round(seen / every_samples) * every_samples if every_samples else seen)
-            if self.checks > warmup_evals and trial.should_prune():
+            if checks > warmup_evals and trial.should_prune():
                 self.pruned = True
                 control.should_training_stop = True
+            if on_check is not None:
+                on_check(state.global_step, self.pruned)
 
     return Pruning()
 
@@ -487,7 +493,7 @@ def _run_one(study, trial, spec: SweepSpec, base: Config, folder: Path, config_p
     record = json.loads(record_path.read_text()) if record_path.is_file() else {"wall_seconds": 0.0}
     record.update(number=number, params=params, status="running")
     record_path.parent.mkdir(parents=True, exist_ok=True)
-    start = time.monotonic()
+    clock = (record["wall_seconds"], time.monotonic())  # earlier sessions' time, this one's start
     try:
         cfg = trial_config(base, spec, params, folder, number, config_path, overrides)  # a bad value fails the trial
         t = cfg.training
@@ -495,7 +501,12 @@ def _run_one(study, trial, spec: SweepSpec, base: Config, folder: Path, config_p
         record.update(max_steps=t.max_steps, samples_per_step=per_step, config=to_dict(cfg.training))
         _write_json(record_path, record)
         log(f"trial {number}: {params} ({t.max_steps} steps x {per_step} samples)")
-        callback = pruning_callback(trial, spec.metric, per_step, spec.prune_warmup_evals, spec.eval_every_samples)
+        if record.get("pruned_at") is not None:
+            log(f"trial {number}: pruned at step {record['pruned_at']} before the process stopped: finishing it "
+                "without more training")
+            cfg = dataclasses.replace(cfg, training=dataclasses.replace(t, max_steps=record["pruned_at"]))
+        callback = pruning_callback(trial, spec.metric, per_step, spec.prune_warmup_evals, spec.eval_every_samples,
+                                    partial(_note_check, record_path, record, clock))
         result = train(cfg, callbacks=[callback])
     except Exception as e:  # one trial's failure must not end the sweep: recorded, reported, not retried
         record.update(status="failed", error=f"{type(e).__name__}: {first_line(e)}")
@@ -504,10 +515,10 @@ def _run_one(study, trial, spec: SweepSpec, base: Config, folder: Path, config_p
         log(f"trial {number}: failed ({record['error']}); traceback in {record_path.parent / 'error.txt'}")
         return
     finally:
-        record["wall_seconds"] += time.monotonic() - start
+        record["wall_seconds"] = _wall_seconds(clock)
         _write_json(record_path, record)
     value = best_value(_evals(record_path.parent), spec.metric)
-    if callback.pruned:
+    if callback.pruned or record.get("pruned_at") is not None:
         record["status"] = "pruned"
         study.tell(number, state=TrialState.PRUNED)
     else:
@@ -516,6 +527,22 @@ def _run_one(study, trial, spec: SweepSpec, base: Config, folder: Path, config_p
     record["result"] = result
     _write_json(record_path, record)
     log(f"trial {number}: {record['status']}, best {spec.metric} {value}")
+
+
+def _wall_seconds(clock: tuple[float, float]) -> float:
+    """A trial's wall time so far: its earlier sessions' and this one's, from `clock`
+    (earlier seconds, this session's `time.monotonic()` start)."""
+    return clock[0] + time.monotonic() - clock[1]
+
+
+def _note_check(record_path: Path, record: dict, clock: tuple[float, float], step: int, pruned: bool) -> None:
+    """Write a trial's record after each of its checks: its wall time so far, which a killed
+    process cannot add at the end, and the step it was pruned at, so that a rerun after a kill
+    in its final phase finishes it rather than training it on."""
+    record["wall_seconds"] = _wall_seconds(clock)
+    if pruned:
+        record["pruned_at"] = step
+    _write_json(record_path, record)
 
 
 def _write_json(path: Path, obj: dict) -> None:
