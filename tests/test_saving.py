@@ -15,7 +15,7 @@ from conftest import ROOT
 from test_training import file_modes, overrides, umask_mode
 from whisper_ft import checkpoints
 from whisper_ft.config import load_config
-from whisper_ft.saving import BackgroundSaver, to_host
+from whisper_ft.saving import BackgroundSaver, DiskFullError, to_host
 
 
 def test_host_copy_is_independent_and_keeps_tied_tensors_tied():
@@ -56,6 +56,13 @@ def test_saver_runs_one_write_at_a_time_and_raises_a_failure_on_wait():
     with pytest.raises(RuntimeError, match="writing a checkpoint failed: No space left on device"):
         saver.wait()
     saver.wait()  # raised once
+
+    def full():
+        raise DiskFullError("the disk of /runs/r1 is full")
+
+    saver.submit(full)
+    with pytest.raises(DiskFullError, match="^the disk of /runs/r1 is full$"):  # says what to do already
+        saver.wait()
 
 
 def _run(tmp_path: Path, features_dir, tiny_model_dir, name: str, **training) -> Path:
@@ -129,6 +136,54 @@ def test_a_failed_write_raises_and_leaves_no_checkpoint_then_the_next_start_clea
     _run(tmp_path, features_dir, tiny_model_dir, "full-disk", max_steps=2)
     assert [s for s, _ in checkpoints.checkpoints(run_dir)] == [2]
     assert not list(run_dir.glob(".checkpoint-*"))
+
+
+def _disk_with(free: int):
+    """shutil.disk_usage of a disk with `free` bytes left."""
+    import shutil
+
+    return lambda path: shutil._ntuple_diskusage(10**9, 10**9 - free, free)
+
+
+def test_a_failed_write_is_a_full_disk_when_the_disk_has_no_room_for_it(tmp_path, monkeypatch):
+    import errno
+
+    from whisper_ft import saving
+
+    torch_error = RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 771072 vs 770964")
+    monkeypatch.setattr(saving.shutil, "disk_usage", _disk_with(2_000_000))
+    full = saving.disk_full(tmp_path, 47_000_000, torch_error)
+    assert isinstance(full, saving.DiskFullError) and str(full) == (
+        f"the disk of {tmp_path} is full (2.0 MB free, a checkpoint takes about 47.0 MB): free space there, or keep "
+        "fewer checkpoints with a lower training.save_total_limit, then rerun the same command to resume from the "
+        "last checkpoint saved")
+    assert saving.disk_full(tmp_path, 1_000_000, torch_error) is None  # room left: another failure
+    assert saving.disk_full(tmp_path, 1_000_000, OSError(errno.ENOSPC, "No space left on device")) is not None
+    with pytest.raises(ValueError):  # other failures pass through
+        with saving.disk_full_as_user_error(tmp_path, 1_000_000):
+            raise ValueError("not the disk")
+
+
+@pytest.mark.parametrize("background", ["true", "false"])
+def test_a_checkpoint_that_does_not_fit_on_the_disk_is_a_one_line_error(tmp_path, features_dir, tiny_model_dir,
+                                                                        monkeypatch, capsys, background):
+    from test_training import cli_args
+    from training_pipeline import main
+    from whisper_ft import saving
+    from whisper_ft.cli import run
+
+    def full(*args, **kwargs):
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 771072 vs 770964")
+
+    monkeypatch.setattr(torch, "save", full)
+    monkeypatch.setattr(saving.shutil, "disk_usage", _disk_with(1_000))
+    code = run(main, cli_args(overrides(features_dir, tiny_model_dir, tmp_path, max_steps=2,
+                                        eval_before_training="false", background_saves=background)))
+    err = capsys.readouterr().err
+    errors = [line[line.index("error: "):] for line in err.splitlines() if "error: " in line]  # after a progress bar
+    assert code == 2 and "Traceback" not in err and len(errors) == 1
+    assert errors[0].startswith(f"error: the disk of {tmp_path / 'tiny'} is full (0.0 MB free, a checkpoint takes ")
+    assert checkpoints.checkpoints(tmp_path / "tiny") == []
 
 
 def test_without_room_for_the_host_copy_saves_are_synchronous(tmp_path, features_dir, tiny_model_dir, monkeypatch,

@@ -101,13 +101,18 @@ def export_best(model, processor, run_dir: str | Path, info: dict) -> Path:
     Written to a temporary folder and renamed, because the inference app picks the newest
     `*/best/` by modification time and must never see a half-written one. A LoRA model is
     saved merged, so the folder loads with plain `from_pretrained`. Its weights get the
-    permissions of the other files (safetensors writes them 0600).
+    permissions of the other files (safetensors writes them 0600). A full disk is a
+    DiskFullError.
     """
+    from whisper_ft.saving import disk_full_as_user_error, nbytes
+
     final = Path(run_dir) / BEST_DIR
     tmp = staging_dir(final)
     shutil.rmtree(tmp, ignore_errors=True)
-    standalone(model).save_pretrained(tmp)
-    processor.save_pretrained(tmp)
+    model = standalone(model)
+    with disk_full_as_user_error(run_dir, nbytes(list(model.parameters())), "best/"):
+        model.save_pretrained(tmp)
+        processor.save_pretrained(tmp)
     (tmp / BEST_INFO).write_text(json.dumps(info, indent=1))
     share_like_new_files(tmp)
     replace_dir(tmp, final)

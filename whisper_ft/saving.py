@@ -4,6 +4,9 @@
     saver.submit(write_files)         # waits for the previous write first; one write in flight
     saver.wait()                      # at the end; re-raises a failed write
 
+    with disk_full_as_user_error(run_dir, needed=nbytes(weights) + nbytes(optimizer)):
+        write_files()                 # a write that fails on a full disk: DiskFullError (exit 2)
+
 A whisper-small checkpoint (float32 weights and AdamW's two moments) is about 3 GB; written by
 the training thread, the GPU idles for as long as the disk takes, at every save. The Trainer
 subclass (`whisper_ft.train.WhisperTrainer`) copies the state to host memory at the save step,
@@ -16,11 +19,21 @@ safetensors release the GIL while they write.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
+import shutil
 import threading
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
+
+from whisper_ft.errors import UserError
+
+
+class DiskFullError(UserError):
+    """A checkpoint or best/ that did not fit on the disk of its run folder."""
 
 
 class BackgroundSaver:
@@ -47,11 +60,49 @@ class BackgroundSaver:
             self._thread = None
         if self._error is not None:
             error, self._error = self._error, None
+            if isinstance(error, UserError):  # says what to do already (a full disk)
+                raise error
             raise RuntimeError(f"writing a checkpoint failed: {error}") from error
 
     @property
     def busy(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
+
+
+@contextlib.contextmanager
+def disk_full_as_user_error(folder: str | Path, needed: int, what: str = "a checkpoint"):
+    """Turn a write of `what` into `folder` that fails on a full disk into a DiskFullError
+    that says so (torch reports it as "unexpected pos 771072 vs 770964"); other failures pass
+    through. `needed`: bytes of the tensors written."""
+    try:
+        yield
+    except UserError:  # says what to do already (a full disk found by an earlier write)
+        raise
+    except Exception as e:
+        full = disk_full(folder, needed, e, what)
+        if full is None:
+            raise
+        raise full from e
+
+
+def disk_full(folder: str | Path, needed: int, error: BaseException,
+              what: str = "a checkpoint") -> DiskFullError | None:
+    """The DiskFullError for a write of `what` into `folder` that failed with `error`, when
+    the disk reports no space left or has less free than the `needed` bytes; else None."""
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        return None
+    if free >= needed and getattr(error, "errno", None) != errno.ENOSPC:
+        return None
+    return DiskFullError(f"the disk of {folder} is full ({_size(free)} free, {what} takes about {_size(needed)}): "
+                         "free space there, or keep fewer checkpoints with a lower training.save_total_limit, then "
+                         "rerun the same command to resume from the last checkpoint saved")
+
+
+def _size(n: int) -> str:
+    """'3.1 GB', '770.1 MB' of a byte count."""
+    return f"{n / 1e9:.1f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB"
 
 
 def to_host(obj, reuse=None, _memo: dict | None = None):

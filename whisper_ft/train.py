@@ -39,7 +39,8 @@ from whisper_ft.files import replace_dir, share_like_new_files, staging_dir, wri
 from whisper_ft.metrics import scores
 from whisper_ft.model import first_line, load_model, resolve
 from whisper_ft.precision import forward, seq2seq_loss, with_causal_mask
-from whisper_ft.saving import BackgroundSaver, available_memory, broadcast, fits_in_memory, nbytes, to_host
+from whisper_ft.saving import (BackgroundSaver, available_memory, broadcast, disk_full_as_user_error, fits_in_memory,
+                               nbytes, to_host)
 
 log = logging.getLogger("whisper_ft.train")
 
@@ -471,16 +472,19 @@ class WhisperTrainer(Seq2SeqTrainer):
     def _save_checkpoint(self, model, trial) -> None:
         """The HF checkpoint of this step, in the background where it can be; a `checkpoint`
         event in metrics.jsonl says how and for how long training was held. Either way its
-        weights get the permissions of its other files (safetensors writes them 0600)."""
+        weights get the permissions of its other files (safetensors writes them 0600), and a
+        write that fails on a full disk is a DiskFullError, here or at the next save."""
         start = time.perf_counter()
         background = self._saves_in_background()
-        if background:
-            self._save_checkpoint_in_background(trial)
-        else:
-            super()._save_checkpoint(model, trial)
-            folder = Path(self._get_output_dir(trial=trial)) / f"checkpoint-{self.state.global_step}"
-            if self.args.should_save and folder.is_dir():
-                share_like_new_files(folder)
+        # about the weights and AdamW's two moments (a state_dict() may be collective under FSDP)
+        with disk_full_as_user_error(self.args.output_dir, 3 * nbytes(list(self.model.parameters()))):
+            if background:
+                self._save_checkpoint_in_background(trial)
+            else:
+                super()._save_checkpoint(model, trial)
+                folder = Path(self._get_output_dir(trial=trial)) / f"checkpoint-{self.state.global_step}"
+                if self.args.should_save and folder.is_dir():
+                    share_like_new_files(folder)
         if self.args.should_save:
             checkpoints.append_event(self.args.output_dir, {
                 "event": "checkpoint", "step": self.state.global_step, "background": background,
@@ -568,8 +572,9 @@ class WhisperTrainer(Seq2SeqTrainer):
         from transformers.trainer import OPTIMIZER_NAME
         from transformers.trainer_utils import rotate_checkpoints
 
-        self._save(str(tmp), state_dict=weights)
-        torch.save(optimizer, tmp / OPTIMIZER_NAME)
+        with disk_full_as_user_error(final.parent, nbytes(weights) + nbytes(optimizer)):
+            self._save(str(tmp), state_dict=weights)
+            torch.save(optimizer, tmp / OPTIMIZER_NAME)
         share_like_new_files(tmp)
         replace_dir(tmp, final)
         rotate_checkpoints(output_dir=str(final.parent), save_total_limit=self.args.save_total_limit,
