@@ -432,6 +432,31 @@ def test_output_on_a_file_exit_2(tmp_path, features_dir, tiny_model_dir, key, fo
     assert err.startswith(f"error: training.{key}: ") and "is a file, not a folder" in err
 
 
+@pytest.mark.parametrize("run_name", ["new", "resumed"])
+def test_an_output_dir_that_cannot_be_written_exit_2_before_loading(tmp_path, tiny_model_dir, run_name, capsys):
+    """A new run (its folder cannot be made) and an existing one (no file can be written in it)
+    fail with one line before the data load, which would fail here (no features)."""
+    out = tmp_path / "read-only"
+    (out / "resumed").mkdir(parents=True)
+    out.chmod(0o555), (out / "resumed").chmod(0o555)
+    try:
+        (out / "probe").touch()
+    except PermissionError:
+        pass
+    else:
+        out.chmod(0o755), (out / "resumed").chmod(0o755)
+        pytest.skip("this user writes in folders without write permission (root): run as another user, or as "
+                    "root without CAP_DAC_OVERRIDE (setpriv --bounding-set=-dac_override,-dac_read_search)")
+    try:
+        code, err = _main(cli_args([f"features.data_dir={tmp_path}", f"model.name_or_path={tiny_model_dir}",
+                                    f"training.output_dir={out}", f"training.run_name={run_name}"]), capsys)
+    finally:
+        out.chmod(0o755), (out / "resumed").chmod(0o755)
+    assert code == 2 and err == (f"error: training.output_dir: cannot write in {out / run_name} (Permission denied); "
+                                 "set training.output_dir to a folder you can write in, or make this one writable")
+    assert os.listdir(out / "resumed") == []
+
+
 def test_missing_eval_features_say_how_to_build_them(tmp_path, features_dir, tiny_model_dir, capsys):
     code, err = _main(cli_args(overrides(features_dir, tiny_model_dir, tmp_path, eval_features="nope")), capsys)
     assert code == 2 and len(err.splitlines()) == 1

@@ -25,7 +25,7 @@ from typing import Any, Literal
 import yaml
 
 from whisper_ft.errors import UserError
-from whisper_ft.files import write_atomic
+from whisper_ft.files import staging_dir, write_atomic
 
 
 log = logging.getLogger(__name__)
@@ -487,6 +487,21 @@ def check_folder(path: str | Path, key: str) -> None:
                 where = "" if p == Path(path) else f" (in {path})"
                 raise ConfigError(f"{key}: {p}{where} is a file, not a folder; set {key} to a folder")
             return
+
+
+def check_writable(path: str | Path, key: str) -> None:
+    """`path` is a folder this process can write in: made where missing, then a probe file
+    written there and removed (a read-only mount or a folder of another user would otherwise
+    fail the first write, after minutes of loading data and the model)."""
+    path = Path(path)
+    probe = staging_dir(path / "write-probe")  # a killed process's leftover is removed like any other
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(f"{key}: cannot write in {path} ({e.strerror or e}); set {key} to a folder you can write "
+                          "in, or make this one writable") from e
 
 
 def check_finite(cfg: Any, where: str) -> None:

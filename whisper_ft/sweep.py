@@ -27,8 +27,8 @@ from pathlib import Path
 import yaml
 
 from whisper_ft.checkpoints import read_events, selection_checks
-from whisper_ft.config import (SELECT_METRICS, Config, ConfigError, check_folder, is_folder_name, load_config,
-                               save_config, to_dict)
+from whisper_ft.config import (SELECT_METRICS, Config, ConfigError, check_folder, check_writable, is_folder_name,
+                               load_config, save_config, to_dict)
 from whisper_ft.files import write_atomic
 from whisper_ft.model import first_line
 
@@ -463,6 +463,7 @@ def run_sweep(spec: SweepSpec, base: Config, config_path: str | None, overrides:
     check_trials(spec, base, config_path, overrides)
     check_folder(base.training.output_dir, "training.output_dir")
     folder = Path(base.training.output_dir) / "sweeps" / spec.name
+    check_writable(folder, "training.output_dir")
     study = make_study(spec, folder)
     if study.get_trials(deepcopy=False):
         check_same_sweep(folder, spec, base)

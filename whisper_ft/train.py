@@ -31,7 +31,7 @@ from transformers.trainer import TRAINER_STATE_NAME
 
 from whisper_ft import averaging, breakdown, checkpoints, report, served
 from whisper_ft.collator import IGNORE_INDEX, SpeechCollator, expand
-from whisper_ft.config import Config, check_folder, save_config, to_dict
+from whisper_ft.config import Config, check_folder, check_writable, save_config, to_dict
 from whisper_ft.errors import UserError
 from whisper_ft.features import (EVAL, ROLE, TRAIN, VALIDATION, FeatureStore, FeaturesError, find_overlap,
                                  stored_rows)
@@ -751,6 +751,8 @@ def run_training(cfg: Config, fresh: bool = False, callbacks: Sequence[TrainerCa
     run_dir = run_dir_of(cfg)
     check_folder(cfg.training.output_dir, "training.output_dir")  # now, not in the Trainer after loading everything
     check_folder(run_dir, "training.run_name")
+    if is_main_process():
+        check_writable(run_dir, "training.output_dir")
     if is_main_process():  # before looking at best/: a best/ cut off between its renames is put back here
         for leftover in checkpoints.remove_leftovers(run_dir):
             log.info("removed %s, left half-written by an earlier process", leftover)
