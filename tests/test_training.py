@@ -273,7 +273,10 @@ def test_rerunning_a_finished_run_trains_no_more_and_changed_settings_are_refuse
     assert again["best_step"] == first["best_step"] and again["wer"] == first["wer"] and len(tests()) == 2
     assert again["train_loss"] == first["train_loss"]  # the figures of the run that trained
     (run_dir / "metrics.json").unlink()  # as after a kill in the final phase: done again
-    assert run_training(load_config(ROOT / "config.yaml", sets))["steps"] == 2 and len(tests()) == 3
+    finished = run_training(load_config(ROOT / "config.yaml", sets))
+    assert finished["steps"] == 2 and len(tests()) == 3
+    figures = ("train_runtime_seconds", "train_samples_per_second", "train_loss")  # from the `trained` event
+    assert [finished[k] for k in figures] == [first[k] for k in figures] and first["train_runtime_seconds"] > 0
 
     with pytest.raises(TrainingError, match=r"trained to checkpoint-2 with other settings \(training.learning_rate "
                                             r"0.001 -> 0.01\): a resumed run keeps its own"):

@@ -796,6 +796,8 @@ def run_training(cfg: Config, fresh: bool = False, callbacks: Sequence[TrainerCa
         train_metrics = earlier_train_metrics(run_dir)
     else:
         train_metrics = trainer.train(resume_from_checkpoint=str(resume) if resume else None).metrics
+        if trainer.is_world_process_zero():
+            log_trained(run_dir, trainer.state.global_step, train_metrics)
     if checkpoints.read_best(run_dir) is None and trainer.is_world_process_zero():  # stopped before any evaluation
         checkpoints.export_best(trainer.model, data.processor, run_dir, {**meta, "step": trainer.state.global_step, "wer": None})
     trainer.accelerator.wait_for_everyone()
@@ -999,8 +1001,22 @@ def finished_summary(cfg: Config, run_dir: Path, step: int) -> dict | None:
     return summary
 
 
+TRAIN_FIGURES = ("train_runtime", "train_samples_per_second", "train_loss")  # of the Trainer, per session
+
+
+def log_trained(run_dir: Path, step: int, train_metrics: dict) -> None:
+    """A `trained` event with the Trainer's figures of the session that just trained, as soon
+    as training ends: a final phase cut short and rerun has no metrics.json to take them from."""
+    checkpoints.append_event(run_dir, {"event": "trained", "step": step,
+                                       **{k: train_metrics.get(k) for k in TRAIN_FIGURES}})
+
+
 def earlier_train_metrics(run_dir: Path) -> dict:
-    """The training figures of the run's earlier metrics.json, for a rerun that trains no more."""
+    """The training figures of the last session that trained the run (its `trained` event, or
+    for a run logged without one its metrics.json), for a rerun that trains no more."""
+    trained = [e for e in checkpoints.read_events(run_dir) if e.get("event") == "trained"]
+    if trained:
+        return {k: trained[-1].get(k) for k in TRAIN_FIGURES}
     path = run_dir / "metrics.json"
     earlier = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
     return {"train_runtime": earlier.get("train_runtime_seconds", 0.0),
