@@ -546,6 +546,22 @@ def test_read_events_keeps_the_resumed_trajectory(tmp_path):
     assert got[-1]["wer"] is None  # NaN is written as null: metrics.jsonl stays valid JSON
 
 
+def test_read_events_drops_the_steps_a_resume_abandoned(tmp_path):
+    """Checks every 3 steps, killed in the step-12 check and resumed from checkpoint-6 checking
+    every 4: the step-9 check and the train events after step 6 belong to no trajectory now."""
+    first = [{"event": "start", "step": 0}, *({"event": "train", "step": s, "loss": 9.0} for s in range(1, 12)),
+             *({"event": "eval", "step": s, "split": "validation", "wer": 0.5} for s in (3, 6, 9))]
+    second = [{"event": "start", "step": 6, "resumed_from": "checkpoint-6"},
+              *({"event": "train", "step": s, "loss": 1.0} for s in (8, 12)),
+              *({"event": "eval", "step": s, "split": "validation", "wer": 0.4} for s in (8, 12))]
+    for e in first + second:
+        checkpoints.append_event(tmp_path, e)
+    got = checkpoints.read_events(tmp_path)
+    assert [e["step"] for e in got if e["event"] == "eval"] == [3, 6, 8, 12]
+    assert [e["step"] for e in got if e["event"] == "train"] == [1, 2, 3, 4, 5, 6, 8, 12]
+    assert [e["step"] for e in got if e["event"] == "start"] == [0, 6]
+
+
 def test_freeze_encoder_and_lora(tiny_model_dir, features_dir):
     from whisper_ft.model import load_processor
     from whisper_ft.train import prepare_model

@@ -143,9 +143,11 @@ def append_event(run_dir: str | Path, event: dict) -> None:
 
 
 def read_events(run_dir: str | Path) -> list[dict]:
-    """Events of metrics.jsonl; a resumed run repeats steps after its checkpoint, and for a
-    repeated (event, split, purpose, step) only the last one is kept, so the list describes one
-    trajectory. A line cut short by a killed process is skipped with a warning."""
+    """Events of metrics.jsonl, describing one trajectory: a `start` at step k (a resume from
+    checkpoint-k, or a start from scratch) drops the events logged before it past step k, which
+    belong to the abandoned steps (a resume with another check or logging cadence would not
+    repeat them all), and for a repeated (event, split, purpose, step) only the last one is kept.
+    A line cut short by a killed process is skipped with a warning."""
     path = Path(run_dir) / METRICS_LOG
     if not path.is_file():
         return []
@@ -159,6 +161,8 @@ def read_events(run_dir: str | Path) -> list[dict]:
         except json.JSONDecodeError:
             unreadable += 1
             continue
+        if e.get("event") == "start":
+            latest = {key: v for key, v in latest.items() if (v.get("step") or 0) <= (e.get("step") or 0)}
         latest[(e.get("event"), e.get("split"), e.get("purpose"), e.get("step"), e.get("final", False))] = e
     if unreadable:
         log.warning("%s: skipped %d line(s) cut short by a process killed while writing", path, unreadable)
