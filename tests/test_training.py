@@ -436,9 +436,13 @@ def test_output_on_a_file_exit_2(tmp_path, features_dir, tiny_model_dir, key, fo
 
 
 @pytest.mark.parametrize("run_name", ["new", "resumed"])
-def test_an_output_dir_that_cannot_be_written_exit_2_before_loading(tmp_path, tiny_model_dir, run_name, capsys):
+def test_an_output_dir_that_cannot_be_written_exit_2_before_loading(tmp_path, tiny_model_dir, run_name, capsys,
+                                                                    monkeypatch):
     """A new run (its folder cannot be made) and an existing one (no file can be written in it)
     fail with one line before the data load, which would fail here (no features)."""
+    import errno
+    import pathlib
+
     out = tmp_path / "read-only"
     (out / "resumed").mkdir(parents=True)
     out.chmod(0o555), (out / "resumed").chmod(0o555)
@@ -446,10 +450,17 @@ def test_an_output_dir_that_cannot_be_written_exit_2_before_loading(tmp_path, ti
         (out / "probe").touch()
     except PermissionError:
         pass
-    else:
-        out.chmod(0o755), (out / "resumed").chmod(0o755)
-        pytest.skip("this user writes in folders without write permission (root): run as another user, or as "
-                    "root without CAP_DAC_OVERRIDE (setpriv --bounding-set=-dac_override,-dac_read_search)")
+    else:  # root writes in folders without write permission: the file system refuses instead
+        (out / "probe").unlink()
+
+        def refuse(method):
+            def refused(self, *args, **kwargs):
+                if out in self.parents:
+                    raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(self))
+                return method(self, *args, **kwargs)
+            return refused
+        for name in ("mkdir", "write_bytes", "write_text", "touch"):
+            monkeypatch.setattr(pathlib.Path, name, refuse(getattr(pathlib.Path, name)))
     try:
         code, err = _main(cli_args([f"features.data_dir={tmp_path}", f"model.name_or_path={tiny_model_dir}",
                                     f"training.output_dir={out}", f"training.run_name={run_name}"]), capsys)
