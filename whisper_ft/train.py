@@ -753,7 +753,7 @@ def run_training(cfg: Config, fresh: bool = False, callbacks: Sequence[TrainerCa
     check_folder(run_dir, "training.run_name")
     if is_main_process():
         check_writable(run_dir, "training.output_dir")
-    if is_main_process():  # before looking at best/: a best/ cut off between its renames is put back here
+        # before looking at best/: a best/ cut off between its renames is put back here
         for leftover in checkpoints.remove_leftovers(run_dir):
             log.info("removed %s, left half-written by an earlier process", leftover)
     found = [] if fresh else checkpoints.checkpoints(run_dir)
