@@ -44,9 +44,10 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
   if command -v nvidia-smi >/dev/null && nvidia-smi >/dev/null 2>&1; then
     .venv/bin/python -m pip install -q --disable-pip-version-check "torch>=2.4"
   else
-    # PyPI's plain torch is the CUDA build (gigabytes of CUDA libraries): the CPU index first
+    # PyPI's plain torch is the CUDA build (gigabytes of CUDA libraries): the CPU index first,
+    # retried once per request, so that a machine that cannot reach it moves on in seconds
     .venv/bin/python -m pip install -q --disable-pip-version-check torch==2.13.0 \
-        --index-url https://download.pytorch.org/whl/cpu \
+        --index-url https://download.pytorch.org/whl/cpu --retries 1 --timeout 15 \
       || .venv/bin/python -m pip install -q --disable-pip-version-check torch==2.13.0
   fi
 fi
