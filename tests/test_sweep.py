@@ -223,7 +223,7 @@ def test_real_grid_on_the_tiny_model_writes_comparable_trials(tmp_path, features
     overrides = [f"model.name_or_path={tiny_model_dir}", f"features.data_dir={features_dir.parent.parent}",
                  f"features.name={features_dir.name}", f"training.output_dir={tmp_path / 'ck'}",
                  "training.eval_batch_size=10", "training.dataloader_workers=0", "training.warmup_steps=0",
-                 "training.eval_before_training=false", "training.logging_steps=1"]
+                 "training.eval_before_training=false", "training.logging_steps=1", "training.score_served=false"]
     spec = load_spec(write_spec(tmp_path, file="tiny", method="grid", budget_samples=8, eval_every_samples=4,
                                 prune=False, space={"training.batch_size": [2, 4]}))
     base = load_config(ROOT / "config.yaml", overrides)

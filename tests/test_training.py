@@ -29,7 +29,7 @@ def overrides(features_dir: Path, model_dir: Path, out: Path, **training) -> lis
     """--set values for a tiny, fast run on the fixture features."""
     base = {"max_steps": 4, "eval_steps": 2, "save_steps": 2, "logging_steps": 1, "batch_size": 4,
             "eval_batch_size": 10, "learning_rate": 1e-3, "warmup_steps": 0, "dataloader_workers": 0,
-            "output_dir": str(out), "run_name": "tiny"}
+            "score_served": "false", "output_dir": str(out), "run_name": "tiny"}
     base.update(training)
     return [f"model.name_or_path={model_dir}", f"features.data_dir={features_dir.parent.parent}",
             f"features.name={features_dir.name}", *(f"training.{k}={v}" for k, v in base.items())]
@@ -59,7 +59,10 @@ def tiny_run(tmp_path_factory, features_dir, tiny_model_dir):
             self.steps.append(state.global_step)
 
     out = tmp_path_factory.mktemp("runs")
-    cfg = load_config(ROOT / "config.yaml", overrides(features_dir, tiny_model_dir, out, average_checkpoints=2))
+    # the app's decoding of the served model, once a window: the random model loops at every temperature
+    sets = [*overrides(features_dir, tiny_model_dir, out, average_checkpoints=2, score_served="true"),
+            "app.temperature_fallback=false"]
+    cfg = load_config(ROOT / "config.yaml", sets)
     seen = Seen()
     summary = run_training(cfg, callbacks=[seen])
     return out / "tiny", summary, seen.steps
@@ -100,11 +103,11 @@ def test_run_writes_checkpoints_reports_and_summary(tiny_run):
     assert "Test split, 10 clips" in card and "chosen on the validation split" in card
     # the model the app serves is scored too: its int8 export through the app's transcriber
     served = summary["served"]
-    assert served["backend"] == "ctranslate2" and served["clips"] == 10
+    assert served["backend"] == "ctranslate2" and served["clips"] == 10 and served["temperature_fallback"] is False
     assert served["short_form"]["clips"] == 10 and served["transformers_same_clips"]["clips"] == 10
     assert served["long_form"]["pieces"] == 1 and 20 < served["long_form"]["seconds"] < 180
     assert json.loads((run_dir / "metrics.json").read_text())["served"] == served
-    assert "## The served model" in card and "long form (1 pieces" in card
+    assert "## The served model" in card and "long form (1 pieces" in card and "no temperature fallback" in card
     rows = [json.loads(line) for line in (run_dir / "predictions.jsonl").read_text().splitlines()]
     assert len(rows) == 10 and set(rows[0]) == {"id", "source", "speaker", "gender", "accents", "age", "reference",
                                                 "prediction"}

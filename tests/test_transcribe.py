@@ -17,9 +17,10 @@ from whisper_ft import ct2
 from whisper_ft.audio import SAMPLE_RATE, load_audio
 from whisper_ft.metrics import wer_normalized
 from whisper_ft.model import load_model, load_processor
-from whisper_ft.transcribe import (COMPRESSION_RATIO_THRESHOLD, CT2Transcriber, PipelineTranscriber, Segment,
-                                   Transcript, compression_ratio, cut_loop, cut_looping_windows, find_loop,
-                                   load_transcriber, ordered_segments, to_srt, to_txt)
+from whisper_ft.transcribe import (COMPRESSION_RATIO_THRESHOLD, FALLBACK_TEMPERATURES, CT2Transcriber,
+                                   PipelineTranscriber, Segment, Transcript, compression_ratio, cut_loop,
+                                   cut_looping_windows, find_loop, load_transcriber, ordered_segments, to_srt,
+                                   to_txt)
 
 # A unit of up to 20 characters repeated 8 times or more in a row: what a runaway window looks like.
 LOOP = re.compile(r"(.{1,20}?)\1{7,}", re.S)
@@ -235,7 +236,7 @@ def test_ct2_path_decodes_window_after_window_with_or_without_timestamps(ct2_mod
     """faster-whisper's sequential transcription, with timestamps (they say where the next window
     starts) and unconditioned on the text before: its batched pipeline decodes each window once,
     and lost what followed a window that ended early or looped."""
-    tr = load_transcriber(str(ct2_model))
+    tr = load_transcriber(str(ct2_model), temperature_fallback=False)  # the random model loops: decode it once
     assert isinstance(tr, CT2Transcriber)
     seen = []
     transcribe = tr.model.transcribe
@@ -247,7 +248,22 @@ def test_ct2_path_decodes_window_after_window_with_or_without_timestamps(ct2_mod
     assert len(seen) == 2
     for kwargs in seen:
         assert kwargs["condition_on_previous_text"] is False and not kwargs.get("without_timestamps")
-        assert kwargs["language"] == "sv" and kwargs["beam_size"] == 5
+        assert kwargs["language"] == "sv" and kwargs["beam_size"] == 5 and kwargs["temperature"] == [0.0]
+
+
+def test_temperature_fallback_unless_turned_off(ct2_model, looping_model, noise):
+    """By default a window is decoded again at rising temperatures when it loops (openai/whisper's
+    schedule); app.temperature_fallback false decodes it once (a bounded request time) on either
+    path, and the loop is still cut."""
+    tr = load_transcriber(str(ct2_model))
+    seen = []
+    tr.model.transcribe = lambda audio, **kwargs: seen.append(kwargs) or (iter([]), None)
+    tr.transcribe(noise)
+    assert [kwargs["temperature"] for kwargs in seen] == [[0.0, *FALLBACK_TEMPERATURES]]
+    once = PipelineTranscriber(*looping_model, temperatures=())
+    unchecked = PipelineTranscriber(*looping_model, compression_ratio_threshold=None).transcribe(noise).text
+    text = once.transcribe(noise).text
+    assert text and unchecked.startswith(text) and len(text) < len(unchecked) // 4  # the greedy decode, cut
 
 
 def test_ct2_cues_are_made_fit_for_subrip(ct2_model):

@@ -73,7 +73,7 @@ def find_model(cfg: Config) -> ModelChoice:
 def load_for_app(choice: ModelChoice, cfg: Config):
     app = cfg.app
     return load_transcriber(choice.path, language=cfg.model.language, use_ctranslate2=app.use_ctranslate2,
-                            beam_size=app.beam_size)
+                            beam_size=app.beam_size, temperature_fallback=app.temperature_fallback)
 
 
 class Handlers:

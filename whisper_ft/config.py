@@ -163,6 +163,7 @@ class AppConfig:
     cookies_file: str = ""
     use_ctranslate2: bool = True
     beam_size: int = 5
+    temperature_fallback: bool = True
     workers: int = 4
     queue_size: int = 64
     allow_private_urls: bool = False

@@ -72,7 +72,8 @@ def score(model_dir: str | Path, store: FeatureStore, cfg, predictions: dict[str
         log.info("%s keeps no test audio (features.served_clips): the served model is not scored", store.root)
         return None
     app = cfg.app
-    transcriber = load_transcriber(str(model_dir), cfg.model.language, app.use_ctranslate2, app.beam_size)
+    transcriber = load_transcriber(str(model_dir), cfg.model.language, app.use_ctranslate2, app.beam_size,
+                                   temperature_fallback=app.temperature_fallback)
     refs = [c["sentence"] for c in clips]
     short = scores(refs, [transcriber.transcribe(c["wave"], cfg.model.task).text for c in clips])
     known = [c for c in clips if c["key"] in predictions]
@@ -81,7 +82,8 @@ def score(model_dir: str | Path, store: FeatureStore, cfg, predictions: dict[str
     long_hyps = [transcriber.transcribe(wave, cfg.model.task).text for wave, _ in pieces]
     long = {**scores([text for _, text in pieces], long_hyps), "pieces": len(pieces),
             "seconds": round(sum(len(w) for w, _ in pieces) / SAMPLE_RATE, 1)}
-    result = {"backend": transcriber.backend, "beam_size": transcriber.beam_size, "clips": len(clips),
+    result = {"backend": transcriber.backend, "beam_size": transcriber.beam_size,
+              "temperature_fallback": app.temperature_fallback, "clips": len(clips),
               "short_form": short, "transformers_same_clips": reference, "transformers_beams": cfg.training.num_beams,
               "long_form": long}
     log.info("served model (%s) on %d stored test clips: WER %.2f%% (transformers %s), long form %.2f%% over %.0f s",
@@ -105,8 +107,9 @@ def markdown_section(served: dict | None) -> str:
     pct = lambda x: "n/a" if x is None else f"{100 * x:.2f}"  # noqa: E731
     short, ref, long = served["short_form"], served["transformers_same_clips"], served["long_form"]
     engine = "the CTranslate2 int8 export" if served["backend"] == "ctranslate2" else "transformers"
+    once = "" if served.get("temperature_fallback", True) else ", each window decoded once (no temperature fallback)"
     lines = ["", "## The served model", "",
-             f"`inference_app.py` runs this model with {engine}{_decoding(served.get('beam_size'), ', ')}. Scored "
+             f"`inference_app.py` runs this model with {engine}{_decoding(served.get('beam_size'), ', ')}{once}. Scored "
              f"with the app's own transcriber on {served['clips']} test clips whose audio the feature store keeps:", "",
              "| what | clips | WER | normalized WER | CER |", "|---|---|---|---|---|",
              f"| app, one clip at a time | {short['clips']} | {pct(short['wer'])} | {pct(short['wer_normalized'])} | "

@@ -264,11 +264,12 @@ class CT2Transcriber:
     backend = "ctranslate2"
 
     def __init__(self, ct2_dir: str | Path, language: str = "sv", beam_size: int = 5, compute_type: str = "int8",
-                 cpu_threads: int = 0):
+                 cpu_threads: int = 0, temperatures: tuple[float, ...] = FALLBACK_TEMPERATURES):
         from faster_whisper import WhisperModel
 
         self.language = language
         self.beam_size = beam_size
+        self.temperatures = tuple(temperatures)
         self.model = WhisperModel(str(ct2_dir), device="cpu", compute_type=compute_type,
                                   cpu_threads=cpu_threads or (os.cpu_count() or 1), local_files_only=True)
 
@@ -279,7 +280,8 @@ class CT2Transcriber:
         # starts): faster-whisper's batched pipeline decodes each window once, at one temperature,
         # and lost what followed a window that ended early or looped (20 of 36 s of speech)
         segs, _info = self.model.transcribe(np.asarray(wave, dtype=np.float32), language=self.language, task=task,
-                                            beam_size=self.beam_size, condition_on_previous_text=False)
+                                            beam_size=self.beam_size, temperature=[0.0, *self.temperatures],
+                                            condition_on_previous_text=False)
         audio_seconds = len(wave) / SAMPLE_RATE
         # faster-whisper's timestamps can run past the audio's end (a 0.1 s clip got a cue to 2 s)
         segments = tuple(ordered_segments([Segment(float(s.start), float(s.end), cut_looping_text(s.text.strip()))
@@ -289,11 +291,13 @@ class CT2Transcriber:
 
 
 def load_transcriber(model_dir: str, language: str = "sv", use_ctranslate2: bool = True, beam_size: int = 5,
-                     cpu_threads: int = 0):
+                     cpu_threads: int = 0, temperature_fallback: bool = True):
     """The CTranslate2 path when `use_ctranslate2` and an up-to-date export sits in `<model_dir>/ct2`,
     else the transformers pipeline on `model_dir` (a folder or hub id), which decodes greedily
     whatever `beam_size` says. `cpu_threads` is for CTranslate2 (0: all cores); torch takes its
-    own `torch.set_num_threads`."""
+    own `torch.set_num_threads`. Without `temperature_fallback` each window is decoded once (a
+    loop is still cut where it starts)."""
+    temperatures = FALLBACK_TEMPERATURES if temperature_fallback else ()
     from whisper_ft import ct2
     from whisper_ft.model import load_model, load_processor
 
@@ -304,7 +308,8 @@ def load_transcriber(model_dir: str, language: str = "sv", use_ctranslate2: bool
         export = None
     if export is not None:
         log.info("using the CTranslate2 int8 export at %s", export)
-        return CT2Transcriber(export, language=language, beam_size=beam_size, cpu_threads=cpu_threads)
+        return CT2Transcriber(export, language=language, beam_size=beam_size, cpu_threads=cpu_threads,
+                              temperatures=temperatures)
     if use_ctranslate2 and Path(model_dir).is_dir():
         log.info("no CTranslate2 export in %s; using transformers. For the faster CPU path run: "
                  "python -m whisper_ft.ct2 %s", model_dir, model_dir)
@@ -313,7 +318,7 @@ def load_transcriber(model_dir: str, language: str = "sv", use_ctranslate2: bool
     if beam_size > 1:  # measured at about 4 s per token for 8 windows on 2 cores (docs/app.md)
         log.info("beam search on the transformers path reorders the whole cache at every token: decoding greedily "
                  "(export to CTranslate2 for beam %d)", beam_size)
-    return PipelineTranscriber(model, processor, language, beam_size=1)
+    return PipelineTranscriber(model, processor, language, beam_size=1, temperatures=temperatures)
 
 
 def _srt_time(seconds: float) -> str:
