@@ -107,6 +107,34 @@ def test_user_errors_are_one_line_and_bugs_keep_their_traceback(capsys):
         cli.run(bug, [])
 
 
+def test_a_full_disk_anywhere_is_one_line_and_other_os_errors_keep_their_traceback(capsys):
+    import errno
+
+    from whisper_ft import cli
+
+    def full_log(argv):
+        raise OSError(errno.ENOSPC, "No space left on device", "/runs/x/metrics.jsonl")
+
+    assert cli.run(full_log, []) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: no space left on the disk writing /runs/x/metrics.jsonl (")
+    assert "rerun the same command" in err and err.count("\n") == 1
+
+    def wrapped(argv):  # a library that re-raises the write's failure as its own
+        try:
+            raise OSError(errno.EDQUOT, "Disk quota exceeded")
+        except OSError as e:
+            raise RuntimeError("export failed") from e
+
+    assert cli.run(wrapped, []) == 2 and "no space left on the disk (" in capsys.readouterr().err
+
+    def denied(argv):
+        raise PermissionError(errno.EACCES, "Permission denied", "/runs")
+
+    with pytest.raises(PermissionError):
+        cli.run(denied, [])
+
+
 def test_learning_rate_is_a_number_or_auto_and_warmup_a_count_or_null():
     t = load_config(CONFIG).training
     assert (t.learning_rate, t.warmup_steps, t.warmup_fraction) == ("auto", None, 0.1)

@@ -209,6 +209,8 @@ def test_room_for_a_copy_is_half_of_the_free_memory(monkeypatch):
     monkeypatch.setattr(saving, "available_memory", lambda: None)  # unknown: allowed
     assert saving.fits_in_memory(10**15)
     assert saving.nbytes({"a": torch.zeros(4, dtype=torch.float32), "b": [torch.zeros(2, dtype=torch.bfloat16), 3]}) == 20
+    shared = torch.zeros(8, dtype=torch.float32)
+    assert saving.nbytes({"embed": shared, "proj_out": shared, "head": shared[:4]}) == 48  # tied: counted once
     assert saving.available_memory() is None or saving.available_memory() > 0
 
 

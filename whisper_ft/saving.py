@@ -139,14 +139,20 @@ def _copy(t: torch.Tensor, reuse) -> torch.Tensor:
     return t.to("cpu", copy=True)
 
 
-def nbytes(obj) -> int:
-    """Bytes of the tensors in a nested dict/list/tuple (what `to_host` copies)."""
+def nbytes(obj, _seen: set | None = None) -> int:
+    """Bytes of the tensors in a nested dict/list/tuple (what `to_host` copies, and what a save
+    writes): tensors sharing storage (tied weights) count once."""
+    seen = set() if _seen is None else _seen
     if torch.is_tensor(obj):
+        key = (obj.untyped_storage().data_ptr(), obj.storage_offset(), tuple(obj.shape), tuple(obj.stride()), obj.dtype)
+        if key in seen:
+            return 0
+        seen.add(key)
         return obj.numel() * obj.element_size()
     if isinstance(obj, dict):
-        return sum(nbytes(v) for v in obj.values())
+        return sum(nbytes(v, seen) for v in obj.values())
     if isinstance(obj, (list, tuple)):
-        return sum(nbytes(v) for v in obj)
+        return sum(nbytes(v, seen) for v in obj)
     return 0
 
 
