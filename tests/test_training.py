@@ -1146,3 +1146,25 @@ def test_a_resume_naming_the_eval_store_it_defaulted_to_goes_on(tmp_path):
     with pytest.raises(TrainingError, match=r"training.eval_features 'cv-sv' -> 'other'"):
         check_resumable(load_config(ROOT / "config.yaml", ["features.name=cv-sv", "training.eval_features=other"]),
                         tmp_path, resume, 2)
+
+
+def test_a_failed_ctranslate2_export_warns_unless_the_disk_is_full(tmp_path, monkeypatch, caplog):
+    """The app falls back to transformers without the export, so a failure only warns; but on a
+    full disk the reports that follow cannot be written either: the run stops with one line."""
+    import errno
+
+    from whisper_ft import ct2
+    from whisper_ft.train import export_ct2
+
+    def fails(error):
+        def export(model_dir):
+            raise error
+        return export
+
+    monkeypatch.setattr(ct2, "export", fails(OSError(errno.EIO, "Input/output error")))
+    export_ct2(tmp_path)
+    assert "CTranslate2 export of" in caplog.text and "falls back to transformers" in caplog.text
+    monkeypatch.setattr(ct2, "export", fails(OSError(errno.ENOSPC, "No space left on device")))
+    with pytest.raises(OSError, match="No space"):
+        export_ct2(tmp_path)
+    assert cli_run(lambda argv: export_ct2(tmp_path), []) == 2

@@ -4,16 +4,14 @@ one-line errors with exit code 2 instead of tracebacks for problems the user can
 from __future__ import annotations
 
 import argparse
-import errno
 import logging
-import os
 import sys
 from collections.abc import Callable
 
 from whisper_ft.config import Config, load_config
-from whisper_ft.errors import UserError
+from whisper_ft.errors import UserError, out_of_space
 
-__all__ = ["UserError", "base_parser", "config_from_args", "disk_full", "run", "summary"]
+__all__ = ["UserError", "base_parser", "config_from_args", "run", "summary"]
 
 
 def summary(doc: str) -> str:
@@ -47,7 +45,7 @@ def run(main: Callable[[list[str] | None], int | None], argv: list[str] | None =
         print(f"error: {e}", file=sys.stderr)
         return 2
     except Exception as e:
-        if (full := disk_full(e)) is None:
+        if (full := out_of_space(e)) is None:
             raise
         print(f"error: {full}", file=sys.stderr)
         return 2
@@ -55,17 +53,3 @@ def run(main: Callable[[list[str] | None], int | None], argv: list[str] | None =
         print("interrupted; rerun the same command to continue where it stopped", file=sys.stderr)
         return 130
 
-
-def disk_full(error: BaseException) -> str | None:
-    """What to say when `error`, or an error it came from, is a write refused for want of space
-    (ENOSPC, or EDQUOT: a quota); else None. Any write of any command: a log line, a report, a
-    feature shard. (Checkpoints say how much they need: `whisper_ft.saving.disk_full`.)"""
-    seen = set()
-    while error is not None and id(error) not in seen:
-        seen.add(id(error))
-        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
-            where = f" writing {error.filename}" if error.filename else ""
-            return (f"no space left on the disk{where} ({os.strerror(error.errno)}): free space there, then rerun "
-                    "the same command to go on where it stopped")
-        error = error.__cause__ or error.__context__
-    return None

@@ -32,7 +32,7 @@ from transformers.trainer import TRAINER_STATE_NAME
 from whisper_ft import averaging, breakdown, checkpoints, report, served
 from whisper_ft.collator import IGNORE_INDEX, SpeechCollator, expand
 from whisper_ft.config import Config, check_folder, check_writable, save_config, to_dict
-from whisper_ft.errors import UserError
+from whisper_ft.errors import UserError, out_of_space
 from whisper_ft.features import (EVAL, ROLE, TRAIN, VALIDATION, FeatureStore, FeaturesError, find_overlap,
                                  stored_rows)
 from whisper_ft.files import replace_dir, share_like_new_files, staging_dir, write_atomic
@@ -1147,6 +1147,8 @@ def export_ct2(best_dir: Path) -> None:
     except ImportError:
         log.warning("ctranslate2 is not installed: no %s/ct2 export (pip install ctranslate2 faster-whisper)", best_dir)
     except (OSError, ValueError, RuntimeError) as e:
+        if out_of_space(e):
+            raise  # the reports would not fit either
         log.warning("CTranslate2 export of %s failed (%s); the app falls back to transformers", best_dir, e)
 
 
