@@ -15,6 +15,15 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 import bench_training  # noqa: E402
 
+# A Whisper of toy width and tiny's four layers a stack: the benchmarks' code paths (and per-layer
+# counts such as layout copies) without the minutes bf16 arithmetic of real width takes on a CPU.
+MICRO = "micro"
+
+
+@pytest.fixture(autouse=True)
+def micro_size(monkeypatch):
+    monkeypatch.setitem(bench_training.SIZES, MICRO, (64, 4, 2, 256))
+
 
 def test_bf16_pipeline_is_timed_on_the_weight_copy_and_under_autocast():
     rows = bench_training.examples(8, 10)
@@ -33,7 +42,8 @@ def test_one_bf16_training_step_of_each_pipeline_variant(name):
 
     rows = bench_training.examples(4, 10)
     recipe = next(r for r in bench_training.recipes("cpu", rows, False, "bf16") if r.name == name)
-    result = bench_training.bench_train(dataclasses.replace(recipe, batch_size=2), "tiny", "cpu", rows, steps=1, warmup=1)
+    result = bench_training.bench_train(dataclasses.replace(recipe, batch_size=2), MICRO, "cpu", rows, steps=1,
+                                       warmup=1)
     assert result["train_samples_per_s"] > 0 and result["warmup_steps"] == 1
 
 
@@ -119,7 +129,7 @@ def test_end_to_end_benchmark_times_and_profiles_the_real_command(tmp_path, caps
     the evaluation and the profile of the last steps."""
     import bench_e2e
 
-    assert bench_e2e.main(["--recipe", "pipeline", "--size", "tiny", "--steps", "5", "--skip", "1",
+    assert bench_e2e.main(["--recipe", "pipeline", "--size", MICRO, "--steps", "5", "--skip", "1",
                            "--profile-steps", "2", "--train-clips", "24", "--eval-clips", "4", "--work", str(tmp_path),
                            "--set", "training.batch_size=4", "--set", "training.dataloader_workers=0"]) == 0
     text = capsys.readouterr().out
@@ -182,7 +192,7 @@ def test_gpu_report_prints_every_result_of_a_run(tmp_path, capsys):
 
 def test_agreement_only_checks_the_decoders_without_timing_them(tmp_path, capsys):
     out = tmp_path / "agreement.json"
-    assert bench_training.main(["--size", "tiny", "--device", "cpu", "--agreement", "4", "--agreement-only",
+    assert bench_training.main(["--size", MICRO, "--device", "cpu", "--agreement", "4", "--agreement-only",
                                 "--label-tokens", "6", "--json", str(out)]) == 0
     data = json.loads(out.read_text())
     assert data["results"] == {} and 0 <= data["agreement_fp32"] <= 1 and "agreement_bf16" in data
@@ -253,8 +263,8 @@ def test_evaluation_timing_keeps_the_warm_up_decoder(monkeypatch):
 def test_layout_copies_counts_the_copies_whisper_ft_layout_removes():
     import layout_copies
 
-    stock = layout_copies.copies("tiny", 1, "cpu", contiguous=False, min_elements=1500 * 384)
-    ours = layout_copies.copies("tiny", 1, "cpu", contiguous=True, min_elements=1500 * 384)
+    stock = layout_copies.copies(MICRO, 1, "cpu", contiguous=False, min_elements=1500 * 64)
+    ours = layout_copies.copies(MICRO, 1, "cpu", contiguous=True, min_elements=1500 * 64)
     callers = lambda found: {caller for _, caller in found}  # noqa: E731
     assert "aten::native_layer_norm" in callers(stock) and "aten::native_layer_norm" not in callers(ours)
     assert sum(ours.values()) <= sum(stock.values()) - 30  # 4 encoder layers: 18 norm copies, 16+ attention copies
