@@ -149,7 +149,18 @@ def test_a_group_cast_gives_float32_gradients_to_the_used_tensors_only():
     assert b.grad is None
 
 
-def test_compiled_layers_run_on_the_copy_without_recompiling(tiny_model_dir, batch, tmp_path):
+@pytest.fixture
+def graphs_only(monkeypatch):
+    """Layers compile with the "aot_eager" backend: TorchDynamo captures the same graphs (and
+    recompiles for the same reasons) as with inductor, without the minutes of C++ code
+    generation a CPU takes. Inductor's own output is checked in
+    test_training.py::test_compiled_layers_train_like_eager_ones."""
+    compile_module = torch.nn.Module.compile
+    monkeypatch.setattr(torch.nn.Module, "compile",
+                        lambda self, *args, **kwargs: compile_module(self, *args, **{**kwargs, "backend": "aot_eager"}))
+
+
+def test_compiled_layers_run_on_the_copy_without_recompiling(tiny_model_dir, batch, tmp_path, graphs_only):
     """Same loss and gradients as eager; with a decoder deeper than torch.compile's recompile
     limit (8) and labels of changing lengths, a handful of graphs and no new one later (a KV
     cache in the forward pass would give each decoder layer its own graph, then eager mode)."""
@@ -243,7 +254,7 @@ def test_a_bf16_lora_run_with_beam_search_evaluates_through_generate(tmp_path, f
 
 @pytest.mark.parametrize("weight_copy", [True, False])
 def test_compiled_layers_stay_compiled_over_label_lengths_and_evaluation(tmp_path, features_dir, tiny_model_dir,
-                                                                         weight_copy):
+                                                                         weight_copy, graphs_only):
     """A whole compiled run (training steps with labels of many lengths, then evaluations)
     stays within torch.compile's recompile limit, past which layers silently run eager."""
     from torch._dynamo.utils import counters
