@@ -107,9 +107,10 @@ def markdown_section(served: dict | None) -> str:
     pct = lambda x: "n/a" if x is None else f"{100 * x:.2f}"  # noqa: E731
     short, ref, long = served["short_form"], served["transformers_same_clips"], served["long_form"]
     engine = "the CTranslate2 int8 export" if served["backend"] == "ctranslate2" else "transformers"
-    once = "" if served.get("temperature_fallback", True) else ", each window decoded once (no temperature fallback)"
+    decoding = _decoding(served.get("beam_size"), ", ") + (
+        "" if served.get("temperature_fallback", True) else ", each window decoded once (no temperature fallback)")
     lines = ["", "## The served model", "",
-             f"`inference_app.py` runs this model with {engine}{_decoding(served.get('beam_size'), ', ')}{once}. Scored "
+             f"`inference_app.py` runs this model with {engine}{decoding}. Scored "
              f"with the app's own transcriber on {served['clips']} test clips whose audio the feature store keeps:", "",
              "| what | clips | WER | normalized WER | CER |", "|---|---|---|---|---|",
              f"| app, one clip at a time | {short['clips']} | {pct(short['wer'])} | {pct(short['wer_normalized'])} | "
