@@ -113,7 +113,7 @@ def to_host(obj, reuse=None, _memo: dict | None = None):
     sharing storage (tied weights) share their copy too."""
     memo = {} if _memo is None else _memo
     if torch.is_tensor(obj):
-        key = (obj.untyped_storage().data_ptr(), obj.storage_offset(), tuple(obj.shape), tuple(obj.stride()), obj.dtype)
+        key = _storage_key(obj)
         if key not in memo:
             memo[key] = _copy(obj.detach(), reuse)
         out = memo[key]
@@ -130,6 +130,11 @@ def to_host(obj, reuse=None, _memo: dict | None = None):
     return out
 
 
+def _storage_key(t: torch.Tensor) -> tuple:
+    """What two tensors that are the same memory (tied weights) have in common."""
+    return t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype
+
+
 def _copy(t: torch.Tensor, reuse) -> torch.Tensor:
     if (isinstance(reuse, torch.Tensor) and reuse.device.type == "cpu" and reuse.shape == t.shape
             and reuse.dtype == t.dtype and reuse.is_contiguous()):
@@ -144,7 +149,7 @@ def nbytes(obj, _seen: set | None = None) -> int:
     writes): tensors sharing storage (tied weights) count once."""
     seen = set() if _seen is None else _seen
     if torch.is_tensor(obj):
-        key = (obj.untyped_storage().data_ptr(), obj.storage_offset(), tuple(obj.shape), tuple(obj.stride()), obj.dtype)
+        key = _storage_key(obj)
         if key in seen:
             return 0
         seen.add(key)
