@@ -271,7 +271,7 @@ def test_compiled_layers_stay_compiled_over_label_lengths_and_evaluation(tmp_pat
     cfg = load_config(ROOT / "config.yaml", overrides(
         features_dir, deep, tmp_path, precision="bf16", autocast=str(not weight_copy).lower(),
         torch_compile="true", max_steps=6, eval_steps=3, save_steps=3, eval_before_training="false",
-        score_served="false", export_ctranslate2="false"))
+        export_ctranslate2="false"))
     run_training(cfg)
     # Encoder layers (training, evaluation; the first layer's hook apart, which makes the
     # convolutions' channels-first output contiguous for `whisper_ft.layout`) and decoder layers

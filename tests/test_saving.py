@@ -69,8 +69,8 @@ def _run(tmp_path: Path, features_dir, tiny_model_dir, name: str, **training) ->
     from whisper_ft.train import run_training
 
     cfg = load_config(ROOT / "config.yaml", overrides(features_dir, tiny_model_dir, tmp_path, run_name=name,
-                                                      eval_before_training="false", score_served="false",
-                                                      export_ctranslate2="false", **training))
+                                                      eval_before_training="false", export_ctranslate2="false",
+                                                      **training))
     run_training(cfg)
     return tmp_path / name
 

@@ -260,8 +260,7 @@ def test_rerunning_a_finished_run_trains_no_more_and_changed_settings_are_refuse
 
     monkeypatch.setattr(WhisperTrainer, "_write_checkpoint", slow_write)
     sets = overrides(features_dir, tiny_model_dir, tmp_path, max_steps=2, eval_steps=2, save_steps=2,
-                     save_total_limit=2, eval_before_training="false", export_ctranslate2="false",
-                     score_served="false")
+                     save_total_limit=2, eval_before_training="false", export_ctranslate2="false")
     first = run_training(load_config(ROOT / "config.yaml", sets))
     run_dir = tmp_path / "tiny"
     assert first["steps"] == 2 and [s for s, _ in checkpoints.checkpoints(run_dir)] == [2]
@@ -299,7 +298,7 @@ def test_a_run_stopped_while_writing_its_reports_writes_them_when_rerun(tmp_path
         raise KeyboardInterrupt
 
     sets = overrides(features_dir, tiny_model_dir, tmp_path, max_steps=2, eval_steps=2, save_steps=2,
-                     eval_before_training="false", export_ctranslate2="false", score_served="false")
+                     eval_before_training="false", export_ctranslate2="false")
     plot = report.plot_curves
     monkeypatch.setattr(report, "plot_curves", killed)
     with pytest.raises(KeyboardInterrupt):
@@ -771,8 +770,7 @@ def test_store_without_validation_selects_on_test_and_says_so(tmp_path, cv_relea
     assert "gives no validation rows" in proc.stdout
     store = tmp_path / "features" / "noval"
     cfg = load_config(ROOT / "config.yaml", overrides(store, tiny_model_dir, tmp_path, max_steps=2, eval_steps=2,
-                                                      save_steps=2, export_ctranslate2="false",
-                                                      score_served="false"))
+                                                      save_steps=2, export_ctranslate2="false"))
     with caplog.at_level("WARNING", logger="whisper_ft.train"):
         summary = run_training(cfg)
     assert "no validation split" in caplog.text
@@ -831,8 +829,7 @@ def test_a_rerun_that_does_not_choose_the_average_ships_the_best_single_check(tm
     test score and the card describe that model, not the earlier average."""
     import whisper_ft.train as train
 
-    sets = overrides(features_dir, tiny_model_dir, tmp_path, eval_before_training="false", export_ctranslate2="false",
-                     score_served="false")
+    sets = overrides(features_dir, tiny_model_dir, tmp_path, eval_before_training="false", export_ctranslate2="false")
     run_dir = tmp_path / "tiny"
 
     def averaged_run():
@@ -898,7 +895,7 @@ def test_select_metric_picks_best_the_kept_checkpoint_and_the_average_by_that_sc
 
     sets = overrides(features_dir, tiny_model_dir, tmp_path, seed=3, generation_max_length=20, select_metric="cer",
                      average_checkpoints=2, average_mode="best", eval_before_training="false",
-                     export_ctranslate2="false", score_served="false")
+                     export_ctranslate2="false")
     summary = run_training(load_config(ROOT / "config.yaml", sets))
     run_dir = tmp_path / "tiny"
     checks = [e for e in events(run_dir) if e["event"] == "eval" and e["purpose"] == "selection" and e["step"] > 0]
@@ -1042,8 +1039,7 @@ def test_a_run_resumed_longer_trains_its_next_step_at_the_new_schedules_rate(tmp
             self.seen[state.global_step + 1] = optimizer.param_groups[0]["lr"]
 
     sets = overrides(features_dir, tiny_model_dir, tmp_path, max_steps=2, eval_steps=2, save_steps=2,
-                     eval_before_training="false", export_ctranslate2="false", score_served="false",
-                     lr_scheduler="linear")
+                     eval_before_training="false", export_ctranslate2="false", lr_scheduler="linear")
     run_training(load_config(ROOT / "config.yaml", sets))
     rates = Rates()
     run_training(load_config(ROOT / "config.yaml", [*sets, "training.max_steps=4"]), callbacks=[rates])
@@ -1078,7 +1074,7 @@ def test_a_resume_on_a_rebuilt_store_is_refused(tmp_path, features_dir, tiny_mod
     store = _rebuilt_copy(features_dir, "fixture-rebuilt")
     try:
         sets = overrides(store, tiny_model_dir, tmp_path, max_steps=2, eval_steps=2, save_steps=2,
-                         eval_before_training="false", export_ctranslate2="false", score_served="false")
+                         eval_before_training="false", export_ctranslate2="false")
         run_training(load_config(ROOT / "config.yaml", sets))
         _rebuild(store)
         with pytest.raises(TrainingError, match=r"trained to checkpoint-2 on features fixture-rebuilt \(features.name\) "
@@ -1103,7 +1099,7 @@ def test_a_resumed_run_checks_saves_and_logs_at_its_new_cadence(tmp_path, featur
     from whisper_ft.train import run_training
 
     sets = overrides(features_dir, tiny_model_dir, tmp_path, max_steps=2, eval_steps=2, save_steps=2, logging_steps=1,
-                     eval_before_training="false", export_ctranslate2="false", score_served="false")
+                     eval_before_training="false", export_ctranslate2="false")
     run_training(load_config(ROOT / "config.yaml", sets))
     summary = run_training(load_config(ROOT / "config.yaml", [*sets, "training.max_steps=6", "training.eval_steps=3",
                                                               "training.save_steps=3", "training.logging_steps=3"]))
