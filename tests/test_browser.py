@@ -54,7 +54,9 @@ def browser():
 
 def upload(page, path: Path) -> None:
     page.locator("#upload input[type=file]").set_input_files(str(path))
-    page.locator("#upload").get_by_text(path.name).first.wait_for(timeout=TIMEOUT_MS)
+    # The uploaded file's row, labelled with its name; the name shown as text only while the
+    # upload runs is no sign that it has finished.
+    page.locator("#upload").get_by_label(path.name).first.wait_for(timeout=TIMEOUT_MS)
     page.locator("#transcribe-file").click()
 
 
