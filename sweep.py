@@ -15,7 +15,7 @@ from __future__ import annotations
 import sys
 
 from whisper_ft import cli
-from whisper_ft.sweep import TRIAL_FILE, load_spec, run_sweep, write_report
+from whisper_ft.sweep import TRIAL_FILE, check_stores, check_trials, load_spec, run_sweep, write_report
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -36,6 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         from whisper_ft.train import run_training
 
+        check_stores(spec, check_trials(spec, base, args.config, args.overrides))
         report = run_sweep(spec, base, args.config, args.overrides, run_training) / "report.md"
     print(f"report: {report}")
     return 0

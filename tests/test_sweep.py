@@ -703,3 +703,23 @@ def test_a_rerun_with_other_grid_values_or_variants_is_refused_and_ranges_may_ch
                                  space={"training.learning_rate": {"low": 1e-5, "high": 4e-5}}))
     run_sweep(wider, base_config(tmp_path), str(ROOT / "config.yaml"), sets, trainer, log=lambda s: None)
     assert len(trainer.calls) == 5
+
+
+def test_a_sweep_before_its_feature_store_is_built_is_a_one_line_error(tmp_path, capsys):
+    import sweep as entry
+
+    from whisper_ft import cli
+
+    args = [str(ROOT / "sweeps" / "lr.yaml"), "--set", f"training.output_dir={tmp_path / 'ck'}",
+            "--set", f"features.data_dir={tmp_path / 'data'}", "--set", "features.name=unbuilt"]
+    assert cli.run(entry.main, args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: sweep lr, trial ") and "no finished features in" in err and "unbuilt" in err
+    assert "python feature_pipeline.py" in err and err.count("\n") == 1 and not (tmp_path / "ck").exists()
+
+
+def test_a_key_set_by_a_variant_and_searched_by_the_space_is_refused(tmp_path, capsys):
+    path = write_spec(tmp_path, method="grid", budget_samples=64, space={"training.batch_size": [4, 8]},
+                      variants={"a": {"training.batch_size": 2}, "b": {"training.seed": 3}})
+    err = sweep_command_error(tmp_path, capsys, path)
+    assert err.startswith("error: sweep ") and "training.batch_size is set by variants.a and searched by space" in err

@@ -185,13 +185,20 @@ def _count(value, where: str) -> int:
     return int(number)
 
 
-def check_trials(spec: SweepSpec, base: Config, config_path: str | None, overrides: list[str]) -> None:
+def check_trials(spec: SweepSpec, base: Config, config_path: str | None,
+                 overrides: list[str]) -> list[tuple[dict, Config]]:
     """Refuse, before any trial runs, a sweep whose settings cannot make a config (an unknown
     key, a value out of range: every grid point and variant, a range's bounds) or that sets a
     key its budgets, its metric (`decided_keys`) or the command line set too (one would silently
-    lose), or whose trials would be checked on different clips: different feature stores'
+    lose), or a key both a variant and the space set (the space's value would replace the
+    variant's), or whose trials would be checked on different clips: different feature stores'
     held-out splits (`training.eval_features` makes them one), or subsets of different sizes
-    (`training.eval_subset`)."""
+    (`training.eval_subset`). Returns the (params, config) of the trials it checked."""
+    for name, variant in spec.variants.items():
+        both = sorted(set(variant) & set(spec.space))
+        if both:
+            raise ConfigError(f"sweep {spec.name}: {both[0]} is set by variants.{name} and searched by space, whose "
+                              "values would replace the variant's; keep one")
     owners = {**{k: "variants." + name for name, v in spec.variants.items() for k in v},
               **{k: "base" for k in spec.base}, **{k: "space" for k in spec.space}}
     decided = decided_keys(spec)
@@ -209,7 +216,7 @@ def check_trials(spec: SweepSpec, base: Config, config_path: str | None, overrid
         points = [{k: (v if isinstance(v, list) else [v["low"], v["high"]])[i] for k, v in space.items()}
                   for i in (0, -1)]
         points += [{**points[0], VARIANT: name} for name in spec.variants]
-    held_out, subsets = set(), set()
+    held_out, subsets, checked = set(), set(), []
     for params in points:
         try:
             cfg = trial_config(base, spec, params, Path(base.training.output_dir), 0, config_path, overrides)
@@ -217,6 +224,7 @@ def check_trials(spec: SweepSpec, base: Config, config_path: str | None, overrid
             raise ConfigError(f"sweep {spec.name}, trial {_params(params)}: {e}") from e
         held_out.add(cfg.training.eval_features or cfg.features.name)
         subsets.add(cfg.training.eval_subset)
+        checked.append((params, cfg))
     if len(subsets) > 1:
         raise ConfigError(f"sweep {spec.name}: its trials would be checked on validation subsets of different sizes "
                           f"(training.eval_subset {', '.join(map(str, sorted(subsets)))}), so their scores would not "
@@ -225,6 +233,22 @@ def check_trials(spec: SweepSpec, base: Config, config_path: str | None, overrid
         raise ConfigError(f"sweep {spec.name}: its trials would be checked on the held-out splits of different feature "
                           f"stores ({', '.join(sorted(held_out))}), so their scores would not compare; set "
                           "training.eval_features in the sweep's base to the store every trial is checked on")
+    return checked
+
+
+def check_stores(spec: SweepSpec, trials: list[tuple[dict, Config]]) -> None:
+    """Refuse a sweep whose trials would read a feature store that is not built (or not
+    readable by this code): every trial would fail the same way."""
+    from whisper_ft.features import FeatureStore, FeaturesError
+
+    seen = set()
+    for params, cfg in trials:
+        for store in {FeatureStore.of(cfg), FeatureStore.held_out_of(cfg)} - seen:
+            try:
+                store.manifest()
+            except FeaturesError as e:
+                raise FeaturesError(f"sweep {spec.name}, trial {_params(params)}: {e}") from e
+            seen.add(store)
 
 
 def distributions(spec: SweepSpec) -> dict:
