@@ -446,16 +446,17 @@ def test_a_port_out_of_range_is_refused_before_the_model_loads(capsys):
         assert code == 2 and capsys.readouterr().err.strip() == f"error: app.port: must be from 1 to 65535, got {port}"
 
 
-@pytest.fixture(scope="module")
-def server(model_dir):
-    """`python inference_app.py` in a subprocess on 127.0.0.1, offline for translation."""
+@pytest.fixture
+def server(model_dir, tmp_path):
+    """`python inference_app.py` in a subprocess on 127.0.0.1, offline for translation, with its
+    temporary files (TMPDIR) and Gradio's cache under tmp_path: (url, process, tmp_path)."""
     import socket
     import sys
     import urllib.request
 
-
     port, dead = free_port(), free_port()
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False",
+           "TMPDIR": str(tmp_path / "tmp"), "GRADIO_TEMP_DIR": str(tmp_path / "gradio"),
            "HTTPS_PROXY": f"http://127.0.0.1:{dead}", "https_proxy": f"http://127.0.0.1:{dead}", "NO_PROXY": "127.0.0.1",
            "no_proxy": "127.0.0.1"}
     proc = subprocess.Popen([sys.executable, str(ROOT / "inference_app.py"), "--model", str(model_dir), "--port",
@@ -474,9 +475,10 @@ def server(model_dir):
     else:
         proc.kill()
         pytest.fail("inference_app.py did not start serving within 180 s")
-    yield url
-    proc.terminate()
-    proc.wait(timeout=30)
+    yield url, proc, tmp_path
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait(timeout=30)
 
 
 def test_gradio_client_api(server, media):
@@ -484,7 +486,8 @@ def test_gradio_client_api(server, media):
     from gradio_client import Client, handle_file
     from gradio_client.exceptions import AppError
 
-    client = Client(server, verbose=False)
+    url, proc, tmp = server
+    client = Client(url, verbose=False)
     text, translation, status, files, chat = client.predict(handle_file(str(media["speech.mp3"])), GOOGLE, "en",
                                                            False, api_name="/transcribe_file")
     assert text and translation == "" and "real-time factor" in status and "Translation failed" in status
@@ -497,6 +500,18 @@ def test_gradio_client_api(server, media):
     speech = handle_file(str(media["speech.mp3"]))
     jobs = [client.submit(speech, NO_TRANSLATION, "en", False, api_name="/transcribe_file") for _ in range(3)]
     assert all(job.result(timeout=120)[0] for job in jobs)
+
+    # Stopped as `kill`, `docker stop` and systemd stop it (SIGTERM), the server deletes the
+    # people's speech and transcripts it holds on disk: its own folder and Gradio's cache
+    # (where Gradio's emptied upload buffers stay behind).
+    def kept():
+        files = [*(tmp / "tmp").rglob("*"), *(tmp / "gradio").rglob("*")]
+        return sorted(p.name for p in files if p.is_file() and p.stat().st_size)
+
+    assert {".txt", ".srt", ".mp3"} <= {Path(name).suffix for name in kept()}
+    proc.terminate()
+    assert proc.wait(timeout=60) == 0
+    assert kept() == []
 
 
 @pytest.mark.slow

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import signal
 import tempfile
 import threading
 import time
@@ -303,15 +304,42 @@ class ServeError(UserError):
 
 
 def serve(demo: gr.Blocks, app: AppConfig, logins: list[tuple[str, str]]) -> None:
-    """Serve the page on app.host:app.port (and a gradio.live link with app.share) until stopped."""
+    """Serve the page on app.host:app.port (and a gradio.live link with app.share) until stopped
+    by Ctrl-C or SIGTERM (`kill`, `docker stop`, systemd), which both close the server, so that
+    the uploads and transcripts on disk are deleted as the process ends."""
+    with _sigterm_as_interrupt():
+        try:
+            demo.launch(server_name=bind_name(app.host), server_port=app.port, share=app.share, max_file_size="1gb",
+                        auth=logins or None, auth_message="Swedish speech to text: sign in")
+        except OSError as e:
+            if demo.is_running:  # the server was up: not a matter of the address
+                raise
+            raise ServeError(f"cannot serve the page on host {app.host}, port {app.port}: another program uses the "
+                             "port or the host is no address of this machine; choose another --port (or --host)") from e
+    # Gradio deletes its cache when its server shuts down, but waits for open pages to
+    # disconnect first and the process ends before that: delete it here, as Gradio would.
+    from gradio.route_utils import delete_files_created_by_app
+
+    delete_files_created_by_app(demo, age=None)
+
+
+@contextmanager
+def _sigterm_as_interrupt():
+    """SIGTERM raises KeyboardInterrupt in the main thread, as Ctrl-C does: Gradio then closes
+    the server and deletes its cache, and the interpreter's exit removes the transcript folder.
+    By default SIGTERM ends the process on the spot and leaves both on disk."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    before = signal.signal(signal.SIGTERM, interrupt)
     try:
-        demo.launch(server_name=bind_name(app.host), server_port=app.port, share=app.share, max_file_size="1gb",
-                    auth=logins or None, auth_message="Swedish speech to text: sign in")
-    except OSError as e:
-        if demo.is_running:  # the server was up: not a matter of the address
-            raise
-        raise ServeError(f"cannot serve the page on host {app.host}, port {app.port}: another program uses the port "
-                         "or the host is no address of this machine; choose another --port (or --host)") from e
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, before)
 
 
 def bind_name(host: str) -> str:
