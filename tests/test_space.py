@@ -124,12 +124,16 @@ def exported_elsewhere(tiny_model_dir, tmp_path) -> tuple[Path, Path]:
 @pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="espeak-ng is needed for synthetic speech")
 def test_exported_space_serves_the_page_on_its_own(exported_elsewhere, tmp_path):
     from gradio_client import Client, handle_file
+    from gradio_client.exceptions import AppError
 
     space_dir, model = exported_elsewhere
     assert front_matter(space_dir / "README.md").get("models") is None  # a local folder is no hub model
     assert yaml.safe_load((space_dir / "config.yaml").read_text())["app"]["model"] == str(model)
     for path in space_dir.rglob("*.py"):  # nothing points back into the checkout
         assert str(ROOT) not in path.read_text(), path
+    settings = yaml.safe_load((space_dir / "config.yaml").read_text())
+    settings["app"]["allow_private_urls"] = True  # edited after the export: the Space still refuses them
+    (space_dir / "config.yaml").write_text(yaml.safe_dump(settings))
     port = free_port()
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env.update(HF_HUB_OFFLINE="1", GRADIO_ANALYTICS_ENABLED="False", GRADIO_SERVER_PORT=str(port))
@@ -146,6 +150,8 @@ def test_exported_space_serves_the_page_on_its_own(exported_elsewhere, tmp_path)
         assert text and translation == "" and "real-time factor" in status
         page = urllib.request.urlopen(f"{url}/config", timeout=10).read().decode()
         assert str(model) in page  # the page names the model it serves
+        with pytest.raises(AppError, match="not on the public internet"):
+            client.predict(f"{url}/config", "No translation", "en", False, api_name="/transcribe_url")
     finally:
         proc.terminate()
         proc.communicate(timeout=30)

@@ -67,7 +67,9 @@ CONFIG = Path(__file__).resolve().parent / "config.yaml"
 
 def main(argv: list[str] | None = None) -> int:
     model = hub.local_model(load_config(CONFIG).app.model)
-    args = ["--config", str(CONFIG), "--model", model]
+    # A public page fetches public addresses only, whatever config.yaml says: the Space's own
+    # network (and its cloud's metadata service) is no visitor's business.
+    args = ["--config", str(CONFIG), "--model", model, "--set", "app.allow_private_urls=false"]
     for flag, variable in (("--host", "GRADIO_SERVER_NAME"), ("--port", "GRADIO_SERVER_PORT")):
         if os.environ.get(variable):
             args += [flag, os.environ[variable]]
