@@ -473,6 +473,16 @@ def test_an_output_dir_that_cannot_be_written_exit_2_before_loading(tmp_path, ti
     assert os.listdir(out / "resumed") == []
 
 
+def test_a_refused_run_leaves_no_folder_behind(tmp_path, tiny_model_dir, capsys):
+    """The write check makes the run folder and its parents, then removes them: the command
+    stops at a later check here (no features)."""
+    out = tmp_path / "checkpoints"
+    code, err = _main(cli_args([f"features.data_dir={tmp_path}", f"model.name_or_path={tiny_model_dir}",
+                                f"training.output_dir={out / 'mine'}", "training.run_name=typo"]), capsys)
+    assert code == 2 and "no finished features in" in err
+    assert not out.exists()
+
+
 def test_missing_eval_features_say_how_to_build_them(tmp_path, features_dir, tiny_model_dir, capsys):
     code, err = _main(cli_args(overrides(features_dir, tiny_model_dir, tmp_path, eval_features="nope")), capsys)
     assert code == 2 and len(err.splitlines()) == 1

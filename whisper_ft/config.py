@@ -491,10 +491,12 @@ def check_folder(path: str | Path, key: str) -> None:
 
 
 def check_writable(path: str | Path, key: str) -> None:
-    """`path` is a folder this process can write in: made where missing, then a probe file
-    written there and removed (a read-only mount or a folder of another user would otherwise
-    fail the first write, after minutes of loading data and the model)."""
+    """`path` is a folder this process can write in: made where missing, a probe file written
+    there and removed, and the folders it made removed again, since the command may still stop
+    at a later check (a read-only mount or a folder of another user would otherwise fail the
+    first write, after minutes of loading data and the model)."""
     path = Path(path)
+    missing = [p for p in (path, *path.parents) if not p.exists()]  # the deepest first
     probe = staging_dir(path / "write-probe")  # a killed process's leftover is removed like any other
     try:
         path.mkdir(parents=True, exist_ok=True)
@@ -503,6 +505,14 @@ def check_writable(path: str | Path, key: str) -> None:
     except OSError as e:
         raise ConfigError(f"{key}: cannot write in {path} ({e.strerror or e}); set {key} to a folder you can write "
                           "in, or make this one writable") from e
+    finally:
+        for folder in missing:
+            try:
+                folder.rmdir()
+            except FileNotFoundError:  # not made: the error above came first
+                continue
+            except OSError:  # another process writes in it now
+                break
 
 
 def check_finite(cfg: Any, where: str) -> None:
