@@ -106,8 +106,9 @@ def test_run_writes_checkpoints_reports_and_summary(tiny_run):
     assert served["backend"] == "ctranslate2" and served["clips"] == 10 and served["temperature_fallback"] is False
     assert served["short_form"]["clips"] == 10 and served["transformers_same_clips"]["clips"] == 10
     assert served["long_form"]["pieces"] == 1 and 20 < served["long_form"]["seconds"] < 180
+    assert served["long_form"]["clips"] == 10  # the clips joined into the piece
     assert json.loads((run_dir / "metrics.json").read_text())["served"] == served
-    assert "## The served model" in card and "long form (1 pieces" in card and "no temperature fallback" in card
+    assert "## The served model" in card and "long form (1 piece, " in card and "no temperature fallback" in card
     rows = [json.loads(line) for line in (run_dir / "predictions.jsonl").read_text().splitlines()]
     assert len(rows) == 10 and set(rows[0]) == {"id", "source", "speaker", "gender", "accents", "age", "reference",
                                                 "prediction"}

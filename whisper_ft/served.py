@@ -80,8 +80,8 @@ def score(model_dir: str | Path, store: FeatureStore, cfg, predictions: dict[str
     reference = scores([c["sentence"] for c in known], [predictions[c["key"]] for c in known]) if known else None
     pieces = long_form_pieces(clips)
     long_hyps = [transcriber.transcribe(wave, cfg.model.task).text for wave, _ in pieces]
-    long = {**scores([text for _, text in pieces], long_hyps), "pieces": len(pieces),
-            "seconds": round(sum(len(w) for w, _ in pieces) / SAMPLE_RATE, 1)}
+    long = {**scores([text for _, text in pieces], long_hyps), "clips": len(clips), "pieces": len(pieces),
+            "seconds": round(sum(len(w) for w, _ in pieces) / SAMPLE_RATE, 1)}  # clips: every clip, in pieces
     result = {"backend": transcriber.backend, "beam_size": transcriber.beam_size,
               "temperature_fallback": app.temperature_fallback, "clips": len(clips),
               "short_form": short, "transformers_same_clips": reference, "transformers_beams": cfg.training.num_beams,
@@ -118,7 +118,8 @@ def markdown_section(served: dict | None) -> str:
     if ref:
         lines.append(f"| transformers `best/`{_decoding(served.get('transformers_beams'), ', ')}, same clips | "
                      f"{ref['clips']} | {pct(ref['wer'])} | {pct(ref['wer_normalized'])} | {pct(ref['cer'])} |")
-    lines.append(f"| app, long form ({long['pieces']} pieces, {long['seconds'] / 60:.1f} min) | {short['clips']} | "
+    lines.append(f"| app, long form ({long['pieces']} piece{'s' * (long['pieces'] != 1)}, {long['seconds'] / 60:.1f} min) | "
+                 f"{long['clips']} | "
                  f"{pct(long['wer'])} | {pct(long['wer_normalized'])} | {pct(long['cer'])} |")
     if ref and served["backend"] == "ctranslate2":
         lines += ["", gap_verdict(100 * (short["wer"] - ref["wer"]), served.get("beam_size"),
