@@ -95,6 +95,10 @@ def test_card_metadata_reports_test_and_names_every_split(tmp_path):
                                f"features.sources.0.path={tmp_path}"))
     data = report.card_data(SUMMARY, local, REPO)  # local folders are no Hub ids
     assert data.base_model is None and data.datasets is None and data.eval_results[0].dataset_type == "cv"
+    sample = report.card_data(SUMMARY, to_dict(run_config(tmp_path, "features.sources.0.path="
+                                                           "data/sample/cv-corpus-sample/sv-SE")), REPO)
+    assert sample.datasets is None  # the embedded sample is synthetic speech: no Common Voice clip
+    assert {r.dataset_name for r in sample.eval_results} == {"synthetic speech in Common Voice format (cv)"}
     named = report.card_data(SUMMARY, to_dict(run_config(tmp_path, "model.language=swedish")), REPO)
     assert named.language == "sv" and named.license == "apache-2.0"  # the Hub takes ISO codes only
 

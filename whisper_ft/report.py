@@ -206,6 +206,8 @@ def language_code(language: str) -> str:
     return TO_LANGUAGE_CODE.get(language.lower(), language)
 
 
+# the folder of the embedded sample (scripts/make_sample.py): espeak-ng speech, not Common Voice's
+SAMPLE_RELEASE = "cv-corpus-sample"
 # after a test figure of a run that had no validation split, so picked its checkpoint on test
 OPTIMISTIC = " (checkpoint chosen on test: optimistic)"
 # after a test figure of a run that trained on clips of its validation or test split (features.on_overlap: keep)
@@ -243,11 +245,14 @@ def _eval_results(summary: dict, dataset: tuple[str, str]) -> list:
 
 def _dataset(source: dict) -> tuple[str | None, str]:
     """(Hub dataset id or type, readable name) of a `features.sources` entry: an `hf` source's
-    hub id (None for a local folder), or `common_voice` (the Hub's own example type) with the
-    release when its path names one."""
+    hub id (None for a local folder), None for the embedded sample (synthetic speech, no Common
+    Voice clip), or `common_voice` (the Hub's own example type) with the release when its path
+    names one."""
     where = source.get("path") or source.get("dataset_id") or ""
     if source["kind"] == "hf":
         return _hub_id(where), source["name"]
+    if source["kind"] == "common_voice" and SAMPLE_RELEASE in Path(where).parts:
+        return None, f"synthetic speech in Common Voice format ({source['name']})"
     release = re.search(r"cv-corpus-(\d+(?:\.\d+)?)", where)
     return "common_voice", "Common Voice" + (f" {release.group(1)}" if release else "") + f" ({source['name']})"
 
