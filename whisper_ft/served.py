@@ -118,8 +118,8 @@ def markdown_section(served: dict | None) -> str:
     if ref:
         lines.append(f"| transformers `best/`{_decoding(served.get('transformers_beams'), ', ')}, same clips | "
                      f"{ref['clips']} | {pct(ref['wer'])} | {pct(ref['wer_normalized'])} | {pct(ref['cer'])} |")
-    lines.append(f"| app, long form ({long['pieces']} piece{'s' * (long['pieces'] != 1)}, {long['seconds'] / 60:.1f} min) | "
-                 f"{long['clips']} | "
+    pieces = f"{long['pieces']} piece{'s' * (long['pieces'] != 1)}"
+    lines.append(f"| app, long form ({pieces}, {long['seconds'] / 60:.1f} min) | {long['clips']} | "
                  f"{pct(long['wer'])} | {pct(long['wer_normalized'])} | {pct(long['cer'])} |")
     if ref and served["backend"] == "ctranslate2":
         lines += ["", gap_verdict(100 * (short["wer"] - ref["wer"]), served.get("beam_size"),
