@@ -55,7 +55,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"wrote the Space to {space.export(args.export_space, cfg)}")
         return 0
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
-    from whisper_ft.app import Handlers, build_app, exposure_warning, find_model, load_for_app, read_logins, serve
+    from whisper_ft.app import Handlers, build_app, exposure_warning, find_model, read_logins, serve
+    from whisper_ft.transcribe import load_app_transcriber
 
     logins = read_logins(args.auth, cfg.app.auth_file, os.environ)
     if warning := exposure_warning(cfg.app, logins):
@@ -66,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     if choice.notice:
         log.warning(choice.notice.replace("*", "").replace("`", ""))
     log.info("loading %s", choice.path)
-    transcriber = load_for_app(choice, cfg)
+    transcriber = load_app_transcriber(choice.path, cfg)
     demo = build_app(Handlers(transcriber, cfg), choice.path, choice.notice)
     serve(demo, cfg.app, logins)
     return 0

@@ -1,7 +1,7 @@
 """The Gradio page of stage 3: transcribe Swedish speech from the microphone, an uploaded file
 or a video URL, translate it, and offer the transcript as .txt and .srt.
 
-Built by `inference_app.py`: `find_model` picks the model, `load_transcriber` loads it once,
+Built by `inference_app.py`: `find_model` picks the model, `load_app_transcriber` loads it once,
 `Handlers` holds the request logic (tested directly), `build_app` lays out the page,
 `read_logins` and `exposure_warning` decide about the login, `serve` opens the page. Bad input
 raises `gr.Error` with a message for the user. The page is safe to share: each request has a
@@ -31,7 +31,7 @@ from whisper_ft import child, translate, youtube
 from whisper_ft.audio import MEDIA_EXTENSIONS, SAMPLE_RATE, AudioError, TooLong, is_silent, load_audio, probe_seconds
 from whisper_ft.config import AppConfig, Config
 from whisper_ft.errors import UserError
-from whisper_ft.transcribe import Transcript, load_transcriber, to_srt, to_txt
+from whisper_ft.transcribe import Transcript, to_srt, to_txt
 
 log = logging.getLogger(__name__)
 
@@ -69,12 +69,6 @@ def find_model(cfg: Config) -> ModelChoice:
     return ModelChoice(cfg.model.name_or_path,
                        f"No fine-tuned model found under `{cfg.training.output_dir}/`: this page runs the base "
                        f"model `{cfg.model.name_or_path}`, which is **not fine-tuned** for Swedish.")
-
-
-def load_for_app(choice: ModelChoice, cfg: Config):
-    app = cfg.app
-    return load_transcriber(choice.path, language=cfg.model.language, use_ctranslate2=app.use_ctranslate2,
-                            beam_size=app.beam_size, temperature_fallback=app.temperature_fallback)
 
 
 class Handlers:

@@ -1,7 +1,7 @@
 """Scores of the model the app serves, not only of the transformers model it came from.
 
 After training, `best/` (with its CTranslate2 int8 export, when there is one) is loaded the way
-`inference_app.py` loads it (`whisper_ft.transcribe.load_transcriber`, the `app:` settings) and
+`inference_app.py` loads it (`whisper_ft.transcribe.load_app_transcriber`: the `app:` settings) and
 run on the test clips whose audio the feature store keeps (`features.served_clips`):
 
 - short form: one clip at a time, compared with the transformers transcripts of the same
@@ -65,15 +65,13 @@ def score(model_dir: str | Path, store: FeatureStore, cfg, predictions: dict[str
     """Short- and long-form scores of the served model on the stored test audio, beside the
     transformers scores of the same clips (`predictions`: (source, id) -> transcript). None when the
     store keeps no audio."""
-    from whisper_ft.transcribe import load_transcriber
+    from whisper_ft.transcribe import load_app_transcriber
 
     clips = stored_clips(store)
     if not clips:
         log.info("%s keeps no test audio (features.served_clips): the served model is not scored", store.root)
         return None
-    app = cfg.app
-    transcriber = load_transcriber(str(model_dir), cfg.model.language, app.use_ctranslate2, app.beam_size,
-                                   temperature_fallback=app.temperature_fallback)
+    transcriber = load_app_transcriber(model_dir, cfg)
     refs = [c["sentence"] for c in clips]
     short = scores(refs, [transcriber.transcribe(c["wave"], cfg.model.task).text for c in clips])
     known = [c for c in clips if c["key"] in predictions]
@@ -83,7 +81,7 @@ def score(model_dir: str | Path, store: FeatureStore, cfg, predictions: dict[str
     long = {**scores([text for _, text in pieces], long_hyps), "clips": len(clips), "pieces": len(pieces),
             "seconds": round(sum(len(w) for w, _ in pieces) / SAMPLE_RATE, 1)}  # clips: every clip, in pieces
     result = {"backend": transcriber.backend, "beam_size": transcriber.beam_size,
-              "temperature_fallback": app.temperature_fallback, "clips": len(clips),
+              "temperature_fallback": cfg.app.temperature_fallback, "clips": len(clips),
               "short_form": short, "transformers_same_clips": reference, "transformers_beams": cfg.training.num_beams,
               "long_form": long}
     log.info("served model (%s) on %d stored test clips: WER %.2f%% (transformers %s), long form %.2f%% over %.0f s",

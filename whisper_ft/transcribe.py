@@ -321,6 +321,14 @@ def load_transcriber(model_dir: str, language: str = "sv", use_ctranslate2: bool
     return PipelineTranscriber(model, processor, language, beam_size=1, temperatures=temperatures)
 
 
+def load_app_transcriber(model_dir: str | Path, cfg):
+    """The transcriber `inference_app.py` runs on `model_dir`, as cfg's model and app settings
+    say; the served model's scores after training use the same."""
+    app = cfg.app
+    return load_transcriber(str(model_dir), cfg.model.language, app.use_ctranslate2, app.beam_size,
+                            temperature_fallback=app.temperature_fallback)
+
+
 def _srt_time(seconds: float) -> str:
     ms = int(round(max(seconds, 0.0) * 1000))
     h, ms = divmod(ms, 3_600_000)
