@@ -551,11 +551,13 @@ def test_validation_sharing_test_clips_is_refused_or_dropped():
         check_leakage(rows)
     kept, report = check_leakage(rows, "drop")
     assert [r.id for r in kept["validation"]] == ["validated/validation1"] and kept["train"] == train
-    assert report["validation_vs_test"] == {"rows": 3, "clips": 1, "sentences": 2, "speakers": 1,
+    # speaker b read the dropped rows only: the stored splits share no speaker
+    assert report["validation_vs_test"] == {"rows": 3, "clips": 1, "sentences": 2, "speakers": 0,
                                             "validation_rows": 2}
     assert report["dropped_validation_rows"] == 2 and report["dropped_training_rows"] == 0
     kept, report = check_leakage(rows, "keep")
     assert kept["validation"] == validation and report["kept_overlapping_validation_rows"] == 2
+    assert report["validation_vs_test"]["speakers"] == 1
 
 
 def test_stores_of_the_previous_format_still_read_and_older_ones_are_refused(tmp_path):

@@ -678,8 +678,8 @@ def check_leakage(rows: dict[str, list[Row]], policy: str = "refuse") -> tuple[d
     validation rows that share one with test rows: `refuse` (FeaturesError with the counts)
     where a clip is shared, a configuration mistake such as training on validated.tsv, and
     drop the rows that share only a sentence (a sentence recorded again, or read in another
-    corpus); `drop` every such row; or `keep` them. Speaker overlap is only reported. Returns
-    the rows and the manifest's `overlap` record."""
+    corpus); `drop` every such row; or `keep` them. Speaker overlap is only reported, that of
+    the rows kept. Returns the rows and the manifest's `overlap` record."""
     found = [find_overlap(rows[of], rows[split], split, of) for of, split in LEAKAGE_PAIRS
              if rows.get(of) and rows.get(split)]
     involved = {of: frozenset().union(*(o.involved for o in found if o.of == of)) for of in (TRAIN, VALIDATION)}
@@ -694,6 +694,9 @@ def check_leakage(rows: dict[str, list[Row]], policy: str = "refuse") -> tuple[d
             rows[of] = [r for r in rows[of] if _row_key(r) not in dropped]
         report[f"dropped_{ROLE[of]}_rows"] = len(dropped)
         report[f"kept_overlapping_{ROLE[of]}_rows"] = len(involved[of]) - len(dropped)
+    for o in found:  # the speakers the stored splits share, after the drops
+        speakers = [{r.speaker for r in rows[split] if r.speaker} for split in (o.of, o.split)]
+        report[o.split if o.of == TRAIN else VALIDATION_VS_TEST]["speakers"] = len(speakers[0] & speakers[1])
     return rows, report
 
 
