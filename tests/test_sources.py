@@ -293,6 +293,13 @@ def test_unreadable_common_voice_tsvs_are_source_errors(tmp_path, cv_release):
     tsv.write_text("client_id\tfile\ttext\nabc\tx.mp3\thej\n", encoding="utf-8")
     with pytest.raises(SourceError, match=r"test.tsv has no path or sentence column: not a Common Voice TSV"):
         read_source(SourceConfig(name="cv", path=str(release)), tmp_path)
+    lines = (cv_release / "test.tsv").read_text(encoding="utf-8").splitlines()
+    fields = lines[2].split("\t")
+    fields[lines[0].split("\t").index("sentence")] += "\tmed en tabb"  # its age, gender... one column off
+    tsv.write_text("\n".join([*lines[:2], "\t".join(fields), *lines[3:]]) + "\n", encoding="utf-8")
+    with pytest.raises(SourceError, match=r"test.tsv line 3 has more tab-separated fields than its header's \d+: "
+                                          r"a tab in a sentence\? Replace it by a space"):
+        read_source(SourceConfig(name="cv", path=str(release)), tmp_path)
 
 
 def test_limit_applies_to_each_source_split_before_validation_is_carved(tmp_path, cv_release):

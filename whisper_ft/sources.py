@@ -241,7 +241,9 @@ CV_COLUMNS = ("path", "sentence")  # what every Common Voice TSV has; client_id 
 
 def read_cv_tsv(path: Path, limit: int = 0) -> list[dict[str, str]]:
     """The first `limit` (0: all) rows of a Common Voice TSV; quoting is off because sentences
-    contain quote marks, and a byte-order mark (a file re-saved by an editor) is skipped."""
+    contain quote marks, and a byte-order mark (a file re-saved by an editor) is skipped. A row
+    with more fields than the header (a tab in a sentence of an edited file) is refused with its
+    line: its sentence would be cut there and its later fields shifted into the wrong columns."""
     try:
         with open(path, encoding="utf-8-sig", newline="") as f:
             reader = csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
@@ -249,7 +251,11 @@ def read_cv_tsv(path: Path, limit: int = 0) -> list[dict[str, str]]:
             if missing:
                 raise SourceError(f"{path} has no {' or '.join(missing)} column: not a Common Voice TSV "
                                   f"(header: {' '.join(reader.fieldnames or ()) or 'empty'})")
-            return list(itertools.islice(reader, limit or None))
+            rows = list(itertools.islice(reader, limit or None))
+            if (bad := next((i for i, r in enumerate(rows) if None in r), None)) is not None:
+                raise SourceError(f"{path} line {bad + 2} has more tab-separated fields than its header's "
+                                  f"{len(reader.fieldnames)}: a tab in a sentence? Replace it by a space")
+            return rows
     except (UnicodeDecodeError, csv.Error) as e:
         raise SourceError(f"{path}: cannot read it as UTF-8 tab-separated text ({e})") from e
 
