@@ -142,6 +142,11 @@ def test_common_voice_errors_say_what_is_wrong(tmp_path):
     broken.write_bytes(b"\x1f\x8b\x08not a tarball")
     with pytest.raises(SourceError, match="cannot unpack"):
         read_source(SourceConfig(name="cv", path=str(broken)), tmp_path)
+    broken.write_text("<html>Sign in to download</html>")  # a page saved under the tarball's name
+    with pytest.raises(SourceError) as e:
+        read_source(SourceConfig(name="cv", path=str(broken)), tmp_path)
+    assert str(e.value) == (f"cannot unpack {broken}: not a tar archive, plain or compressed (incomplete download? "
+                            "delete it and fetch again)")
 
 
 def test_mdc_without_api_key_says_how_to_get_one(monkeypatch, tmp_path):

@@ -185,7 +185,9 @@ def extract_tarball(archive: Path, extract_dir: Path, stale_seconds: float = 300
             shutil.rmtree(tmp, ignore_errors=True)
             unreadable = isinstance(e, (tarfile.TarError, EOFError, gzip.BadGzipFile, zlib.error))
             hint = "incomplete download? delete it and fetch again" if unreadable else f"writing to {extract_dir}"
-            raise SourceError(f"cannot unpack {archive}: {e} ({hint})") from e
+            # tarfile's "could not be opened" lists each compression it tried, one line each
+            reason = "not a tar archive, plain or compressed" if "\n" in str(e) else e
+            raise SourceError(f"cannot unpack {archive}: {reason} ({hint})") from e
         claims.confirm(claim)
         (tmp / DONE_MARK).write_text(json.dumps(identity))
         shutil.rmtree(dest, ignore_errors=True)
