@@ -232,3 +232,29 @@ def test_an_mp3_cut_short_is_refused_where_its_header_counts_its_frames(tmp_path
     with pytest.raises(AudioError, match="cut short: its header says 70"):
         load_audio(data[: len(data) * 4 // 10])
     assert abs(len(load_audio(long)) / SAMPLE_RATE - 70.0) < 0.1
+
+
+def test_a_wav_or_flac_cut_short_is_refused_by_the_length_its_header_counts(tmp_path):
+    """libsndfile counts a WAV's frames from the bytes there are and stops at a cut FLAC (ffmpeg
+    then decodes the rest it can): the `data` chunk's and STREAMINFO's counts tell them cut short."""
+    t = np.arange(3 * SAMPLE_RATE) / SAMPLE_RATE
+    wave = (0.3 * np.sin(2 * np.pi * 220 * t)).astype(np.float32)
+    for fmt, subtype in (("WAV", "PCM_16"), ("WAV", "FLOAT"), ("FLAC", "PCM_16")):
+        whole = tmp_path / f"whole.{fmt.lower()}"
+        sf.write(whole, wave, SAMPLE_RATE, format=fmt, subtype=subtype)
+        assert len(load_audio(whole)) == len(wave)
+        data = whole.read_bytes()
+        cut = tmp_path / f"cut.{fmt.lower()}"
+        cut.write_bytes(data[: len(data) // 2])
+        if fmt == "FLAC" and shutil.which("ffmpeg") is None:
+            with pytest.raises(AudioError):
+                load_audio(cut)
+            continue
+        for source in (cut, cut.read_bytes()):
+            with pytest.raises(AudioError, match=r"cut short: its header says 3.00 s, it holds 1\.[0-9]{2} s"):
+                load_audio(source)
+        assert abs(len(load_audio(data[: len(data) * 19 // 20])) - len(wave)) < 0.5 * SAMPLE_RATE  # a little short
+    streamed = bytearray((tmp_path / "whole.wav").read_bytes())  # a writer that could not seek back
+    at = streamed.index(b"data") + 4
+    streamed[at:at + 4] = b"\xff\xff\xff\xff"
+    assert len(load_audio(bytes(streamed[: len(streamed) // 2]))) == pytest.approx(len(wave) / 2, abs=50)

@@ -81,12 +81,16 @@ def load_audio(source: str | Path | bytes, sample_rate: int = SAMPLE_RATE, max_s
         if path.stat().st_size == 0:
             raise AudioError(f"empty file: {path.name}")
     try:
-        return _soundfile_decode(io.BytesIO(data) if data is not None else str(source), sample_rate, max_seconds,
+        wave = _soundfile_decode(io.BytesIO(data) if data is not None else str(source), sample_rate, max_seconds,
                                  timeout)
     except AudioError:
         raise
     except (sf.LibsndfileError, RuntimeError, TypeError, ValueError):
-        return to_mono(_ffmpeg_decode(source, sample_rate, max_seconds, timeout), sample_rate, sample_rate)
+        wave = to_mono(_ffmpeg_decode(source, sample_rate, max_seconds, timeout), sample_rate, sample_rate)
+    if (header := _header_frames(source)) is not None:
+        frames, rate = header
+        _check_length(round(len(wave) * rate / sample_rate), frames, rate, exact=True)
+    return wave
 
 
 def _soundfile_decode(source, sample_rate: int, max_seconds: float | None, timeout: float | None) -> np.ndarray:
@@ -133,17 +137,59 @@ def _check_length(decoded: int, declared: int, sr: int, exact: bool) -> None:
         raise AudioError(f"cut short: its header says {declared / sr:.2f} s, it holds {decoded / sr:.2f} s")
 
 
+def _reader(source):
+    """read(offset, n) -> the bytes of a path, bytes or a BytesIO there."""
+    def read(offset: int, n: int) -> bytes:
+        if isinstance(source, (bytes, io.BytesIO)):
+            return bytes(source[offset:offset + n] if isinstance(source, bytes) else
+                         source.getbuffer()[offset:offset + n])
+        with open(source, "rb") as f:
+            f.seek(offset)
+            return f.read(n)
+    return read
+
+
+def _header_frames(source) -> tuple[int, int] | None:
+    """(frames, sample rate) as counted by a WAV file's `data` chunk (PCM or float) or a FLAC
+    file's STREAMINFO; None for other formats and for a length left open (a WAV written to a
+    pipe, a FLAC encoder that did not know it). libsndfile counts a WAV's frames from the bytes
+    there are and stops at a cut FLAC (ffmpeg then decodes what there is): only these headers
+    tell such a file cut short."""
+    read = _reader(source)
+    head = read(0, 12)
+    if head[:4] == b"fLaC":
+        info = read(4, 22)  # the first block's header (type 0: STREAMINFO), then its fields
+        if len(info) < 22 or info[0] & 0x7F:
+            return None
+        rate = info[14] << 12 | info[15] << 4 | info[16] >> 4  # 20 bits
+        frames = (info[17] & 0x0F) << 32 | int.from_bytes(info[18:22], "big")  # 36 bits
+        return (frames, rate) if frames and rate else None
+    if head[:4] != b"RIFF" or head[8:12] != b"WAVE":
+        return None
+    pos, block = 12, None
+    for _ in range(64):  # the chunks before `data` (fmt, LIST, fact, ...)
+        chunk = read(pos, 8)
+        if len(chunk) < 8:
+            return None
+        size = int.from_bytes(chunk[4:], "little")
+        if chunk[:4] == b"fmt ":
+            fmt = read(pos + 8, 16)
+            tag, rate, align = (int.from_bytes(fmt[a:b], "little") for a, b in ((0, 2), (4, 8), (12, 14)))
+            if tag not in (1, 3, 0xFFFE) or not rate or not align:  # compressed: no fixed bytes per frame
+                return None
+            block = align, rate
+        elif chunk[:4] == b"data":
+            open_ended = size == 0 or size >= 0x7FFF0000  # placeholders of writers that could not seek back
+            return None if block is None or open_ended else (size // block[0], block[1])
+        pos += 8 + size + (size & 1)
+    return None
+
+
 def _exact_mp3_length(source) -> bool:
     """Whether an MP3 (a path or a BytesIO) opens, after its ID3 tag, with a Xing, Info or VBRI
     frame, which counts its frames: only then is libsndfile's length exact, not estimated from
     the first frame's bitrate (a VBR file without one can read 2.5 times too long)."""
-    def read(offset: int, n: int) -> bytes:
-        if isinstance(source, io.BytesIO):
-            return source.getbuffer()[offset:offset + n].tobytes()
-        with open(source, "rb") as f:
-            f.seek(offset)
-            return f.read(n)
-
+    read = _reader(source)
     head = read(0, 10)
     start = 0
     if head[:3] == b"ID3" and len(head) == 10:  # ID3v2: its size is in four 7-bit bytes
