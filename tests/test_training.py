@@ -407,6 +407,28 @@ def test_torchrun_two_processes_share_the_work(tmp_path, features_dir, tiny_mode
         assert json.loads((run_dir / "metrics.json").read_text())["samples_seen"] == 3 * 2 * 2
 
 
+def test_torchrun_trains_one_model_also_after_the_zero_shot_check(tmp_path, features_dir, tiny_model_dir):
+    """The zero-shot test scoring before training must leave the model to be wrapped in DDP:
+    the first step's gradient is the processes' average whether that check ran or not."""
+    def first_step(run_name: str, before: str) -> dict:
+        sets = overrides(features_dir, tiny_model_dir, tmp_path, max_steps=1, eval_steps=1, save_steps=1,
+                         batch_size=2, eval_batch_size=5, export_ctranslate2="false", run_name=run_name,
+                         eval_before_training=before)
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+               "--master_port", str(_free_port()), str(ROOT / "training_pipeline.py"), *cli_args(sets)]
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+        proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=400)
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        log = events(tmp_path / run_name)
+        assert any(e["event"] == "eval" and e["step"] == 0 and e.get("purpose") == "report" for e in log) == (
+            before == "true")
+        return next(e for e in log if e["event"] == "train")
+
+    checked, unchecked = first_step("checked", "true"), first_step("unchecked", "false")
+    assert checked["loss"] == pytest.approx(unchecked["loss"], rel=1e-6)
+    assert checked["grad_norm"] == pytest.approx(unchecked["grad_norm"], rel=1e-4)  # not one process's own
+
+
 # --------------------------------------------------------------------------- errors: one line, exit code 2
 
 

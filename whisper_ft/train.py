@@ -789,8 +789,9 @@ def run_training(cfg: Config, fresh: bool = False, callbacks: Sequence[TrainerCa
     if first:
         score_test(cfg, args, data, model, run_dir, step=0)
     if resume is not None and start_step >= t.max_steps:  # trained already; its final phase was cut short
-        log.info("%s is at or past training.max_steps (%d): no training left, finishing the run", resume.name,
-                 t.max_steps)
+        if trainer.is_world_process_zero():
+            log.info("%s is at or past training.max_steps (%d): no training left, finishing the run", resume.name,
+                     t.max_steps)
         trainer._load_from_checkpoint(str(resume))
         trainer.state = TrainerState.load_from_json(str(resume / TRAINER_STATE_NAME))
         train_metrics = earlier_train_metrics(run_dir)
@@ -1160,7 +1161,12 @@ def predict(cfg: Config, args, data: Data, model, dataset, prefix: str):
     eval_args = dataclasses.replace(args, report_to=[], eval_on_start=False)
     trainer = make_trainer(model, eval_args, data, dataset, fast_generation=cfg.training.fast_generation,
                            weights_dtype=weights_dtype(cfg))
-    return trainer, trainer.predict(dataset, metric_key_prefix=prefix)
+    prepared = getattr(model, "_is_accelerate_prepared", False)
+    try:
+        return trainer, trainer.predict(dataset, metric_key_prefix=prefix)
+    finally:
+        if not prepared:  # accelerate marks the model prepared (for evaluation): training would then not wrap it in DDP
+            vars(model).pop("_is_accelerate_prepared", None)
 
 
 def score_test(cfg: Config, args, data: Data, model, run_dir: Path, step: int, final: bool = False) -> dict:
