@@ -245,6 +245,51 @@ def test_killed_run_resumes_at_its_last_checkpoint(tmp_path, features_dir, tiny_
     assert [e["event"] for e in events(run_dir)].count("start") == 1
 
 
+def _wait_for_training(proc, run_dir: Path, steps: int = 3, timeout: float = 240) -> None:
+    deadline = time.time() + timeout
+    while proc.poll() is None and time.time() < deadline:
+        if (run_dir / "metrics.jsonl").is_file() and sum(e["event"] == "train" for e in events(run_dir)) >= steps:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"no training steps logged (exit {proc.poll()})")
+
+
+def test_sigterm_saves_the_step_and_the_rerun_goes_on_from_it(tmp_path, features_dir, tiny_model_dir):
+    """SIGTERM to the whole process group (as SLURM sends it; the data-loading worker too)
+    saves the step the run is at, far from a save step, and exits 143 without the final phase."""
+    sets = overrides(features_dir, tiny_model_dir, tmp_path, max_steps=1000, save_steps=500, eval_steps=500,
+                     eval_before_training="false", dataloader_workers=1)
+    cmd = [sys.executable, str(ROOT / "training_pipeline.py"), *cli_args(sets)]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    run_dir = tmp_path / "tiny"
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        _wait_for_training(proc, run_dir)
+        os.killpg(proc.pid, signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
+    [(step, _)] = checkpoints.checkpoints(run_dir)
+    assert 3 <= step < 500 and err.rstrip().endswith(
+        f"stopped by SIGTERM after step {step}, its checkpoint saved: rerun the same command to go on from there")
+    log = events(run_dir)
+    assert max(e["step"] for e in log if e["event"] == "train") == step
+    assert [(e["event"], e["step"]) for e in log if e["event"] in ("checkpoint", "trained", "eval")] == [
+        ("checkpoint", step), ("trained", step)]
+    assert not (run_dir / "metrics.json").exists() and not list(run_dir.glob(".checkpoint-*"))
+
+    again = subprocess.run([*cmd, "--set", f"training.max_steps={step + 2}"], cwd=tmp_path, env=env,
+                           capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    log = events(run_dir)
+    second = [e for e in log if e["event"] == "start"][1]
+    assert second["resumed_from"] == f"checkpoint-{step}"
+    assert [e["step"] for e in log if e["event"] == "train"][-2:] == [step + 1, step + 2]
+
+
 def test_rerunning_a_finished_run_trains_no_more_and_changed_settings_are_refused(tmp_path, features_dir,
                                                                                   tiny_model_dir, monkeypatch):
     """A rerun of a finished run does nothing; after a kill in the final phase (no metrics.json),
@@ -427,6 +472,33 @@ def test_torchrun_trains_one_model_also_after_the_zero_shot_check(tmp_path, feat
     checked, unchecked = first_step("checked", "true"), first_step("unchecked", "false")
     assert checked["loss"] == pytest.approx(unchecked["loss"], rel=1e-6)
     assert checked["grad_norm"] == pytest.approx(unchecked["grad_norm"], rel=1e-4)  # not one process's own
+
+
+def test_sigterm_to_torchrun_saves_one_step_that_every_process_agreed_on(tmp_path, features_dir, tiny_model_dir):
+    """torchrun passes SIGTERM on to its processes; they stop together at a step that is a
+    multiple of 10 (one collective there) and rank 0 saves it with both ranks' RNG state."""
+    sets = overrides(features_dir, tiny_model_dir, tmp_path, max_steps=1000, save_steps=500, eval_steps=500,
+                     eval_before_training="false", batch_size=2)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(_free_port()), str(ROOT / "training_pipeline.py"), *cli_args(sets)]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    run_dir = tmp_path / "tiny"
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        _wait_for_training(proc, run_dir, timeout=400)
+        proc.send_signal(signal.SIGTERM)  # to torchrun alone
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    [(step, folder)] = checkpoints.checkpoints(run_dir)
+    assert step % 10 == 0 and 0 < step < 500, err[-3000:]
+    assert err.count(f"stopped by SIGTERM after step {step}, its checkpoint saved") == 2  # each process
+    assert {"rng_state_0.pth", "rng_state_1.pth", "model.safetensors", "optimizer.pt"} <= {p.name for p in folder.iterdir()}
+    assert json.loads((folder / "trainer_state.json").read_text())["global_step"] == step
+    assert max(e["step"] for e in events(run_dir) if e["event"] == "train") == step
+    assert not list(run_dir.glob(".checkpoint-*"))
 
 
 # --------------------------------------------------------------------------- errors: one line, exit code 2

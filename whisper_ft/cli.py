@@ -9,7 +9,7 @@ import sys
 from collections.abc import Callable
 
 from whisper_ft.config import Config, load_config
-from whisper_ft.errors import UserError, out_of_space
+from whisper_ft.errors import Stopped, UserError, out_of_space
 
 __all__ = ["UserError", "base_parser", "config_from_args", "run", "summary"]
 
@@ -49,6 +49,9 @@ def run(main: Callable[[list[str] | None], int | None], argv: list[str] | None =
             raise
         print(f"error: {full}", file=sys.stderr)
         return 2
+    except Stopped as e:
+        print(e, file=sys.stderr)
+        return 128 + e.signum
     except KeyboardInterrupt:
         print("interrupted; rerun the same command to continue where it stopped", file=sys.stderr)
         return 130

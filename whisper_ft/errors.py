@@ -11,6 +11,16 @@ class UserError(Exception):
     """A problem the user can fix; the message says what to do."""
 
 
+class Stopped(KeyboardInterrupt):
+    """Work stopped on a signal after saving what it had done; the message says how to go on.
+    An interruption like Ctrl-C (so that no `except Exception` records it as a failure); the
+    commands exit with 128 + the signal's number."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.signum = signum
+
+
 def out_of_space(error: BaseException) -> str | None:
     """What to say when `error`, or an error it came from, is a write refused for want of space
     (ENOSPC, or EDQUOT: a quota); else None. Any write of any command: a log line, a report, a

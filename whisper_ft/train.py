@@ -29,7 +29,7 @@ import numpy as np
 from transformers import Seq2SeqTrainer, TrainerCallback, TrainerState
 from transformers.trainer import TRAINER_STATE_NAME
 
-from whisper_ft import averaging, breakdown, checkpoints, report, served
+from whisper_ft import averaging, breakdown, checkpoints, report, served, stopping
 from whisper_ft.collator import IGNORE_INDEX, SpeechCollator, expand
 from whisper_ft.config import Config, check_folder, check_writable, save_config, to_dict
 from whisper_ft.errors import UserError, out_of_space
@@ -387,6 +387,8 @@ class WhisperTrainer(Seq2SeqTrainer):
       (`whisper_ft.saving`), by rank 0 under torchrun; for LoRA models saves stay synchronous.
     - With `fast_generation`, greedy evaluation runs the encoder once per batch for both the
       loss and `whisper_ft.decoding.GreedyDecoder`; beam search and LoRA models use `generate`.
+    - SIGTERM saves the step it arrives in and stops (`whisper_ft.stopping`); data-loading
+      workers ignore it.
     - Evaluation under torchrun keeps each clip once: the last batch of each process is padded
       with repeated clips, which Seq2SeqTrainer gathers with `gather` (not
       `gather_for_metrics`) and would count twice in WER and in predictions.jsonl. The loss
@@ -416,6 +418,13 @@ class WhisperTrainer(Seq2SeqTrainer):
     @gather_function.setter
     def gather_function(self, _fn) -> None:
         pass  # keep gather_for_metrics
+
+    def _get_dataloader(self, *args, **kwargs):
+        loader = super()._get_dataloader(*args, **kwargs)
+        base = getattr(loader, "base_dataloader", loader)  # accelerate's wrapper iterates the DataLoader it holds
+        if base.num_workers:  # a SIGTERM to every process of the job is the main process's to handle
+            base.worker_init_fn = stopping.in_workers(base.worker_init_fn)
+        return loader
 
     def _prepare_inputs(self, inputs):
         return expand(super()._prepare_inputs(inputs))
@@ -780,9 +789,10 @@ def run_training(cfg: Config, fresh: bool = False, callbacks: Sequence[TrainerCa
     t = cfg.training
     keeper = ([averaging.Keeper(run_dir, t.average_checkpoints, t.average_mode, t.select_metric)]
               if t.average_checkpoints else [])
+    stopper = stopping.StopOnSignal()
     trainer = make_trainer(model, args, data, data.selection_model,
                            [EventLog(run_dir, data.processor, meta, data.selection_split, t.select_metric), *keeper,
-                            *callbacks],
+                            stopper, *callbacks],
                            t.fast_generation, weights_dtype(cfg), t.background_saves)
     if trainer.is_world_process_zero():
         announce_start(cfg, run_dir, args, data, start_step, resume, gen_len, subset_seed)
@@ -799,6 +809,7 @@ def run_training(cfg: Config, fresh: bool = False, callbacks: Sequence[TrainerCa
         train_metrics = trainer.train(resume_from_checkpoint=str(resume) if resume else None).metrics
         if trainer.is_world_process_zero():
             log_trained(run_dir, trainer.state.global_step, train_metrics)
+        stopper.raise_if_stopped(trainer.state.global_step)  # SIGTERM: saved, and no final phase now
     if checkpoints.read_best(run_dir) is None and trainer.is_world_process_zero():  # stopped before any evaluation
         checkpoints.export_best(trainer.model, data.processor, run_dir, {**meta, "step": trainer.state.global_step, "wer": None})
     trainer.accelerator.wait_for_everyone()

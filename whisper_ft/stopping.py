@@ -1,0 +1,106 @@
+"""A training run stopped by SIGTERM saves its step first: the signal a preempted cloud or spot
+machine, `scancel` or a job's time limit (SLURM), Kubernetes, `docker stop` and `kill` send. By
+default it ends the process on the spot and loses every step since the last checkpoint (up to
+`training.save_steps`); `StopOnSignal` lets the current step finish, saves a checkpoint there
+(in the background writer, waited for), and the run raises `Stopped`: exit status 143, and the
+same command resumes at that step. A second SIGTERM ends the process at once.
+
+    stopper = StopOnSignal()
+    trainer = WhisperTrainer(..., callbacks=[..., stopper])
+    trainer.train()
+    stopper.raise_if_stopped(trainer.state.global_step)
+
+Data-loading workers ignore SIGTERM (`in_workers`): sent to every process of the job, as SLURM
+does, it would end them and fail the run before it saved; they stop with their loader.
+
+Under torchrun every process gets the signal (torchrun passes it on and waits 30 s), maybe
+one step apart: they agree to stop at a step that is a multiple of `every`, with one all-reduce
+there (a host synchronisation every `every` steps, not every step).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+from functools import partial
+
+from transformers import TrainerCallback
+
+from whisper_ft.errors import Stopped
+
+log = logging.getLogger(__name__)
+
+SIGNAL = signal.SIGTERM
+
+
+class StopOnSignal(TrainerCallback):
+    """Catches SIGTERM during `Trainer.train` (from `on_train_begin` to `on_train_end`, in the
+    main thread of this process) and turns it into a save and a stop at the end of a step."""
+
+    def __init__(self, every: int = 10):
+        self.every = every
+        self.received = False
+        self.stopped_at: int | None = None
+        self._before = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if threading.current_thread() is threading.main_thread():
+            self._before = signal.signal(SIGNAL, self._receive)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self._restore()
+
+    def _restore(self) -> None:
+        if self._before is not None:
+            signal.signal(SIGNAL, self._before)
+            self._before = None
+
+    def _receive(self, signum, frame) -> None:
+        if self.received:  # the second one: as if it had never been caught
+            self._restore()
+            signal.raise_signal(signum)
+            return
+        self.received = True
+        if os.environ.get("RANK", "0") == "0":  # a signal handler does not log: logging takes locks
+            os.write(2, b"SIGTERM: saving a checkpoint at the end of this step, then stopping "
+                        b"(a second SIGTERM stops at once)\n")
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.stopped_at is None and self._agreed(args, state.global_step):
+            control.should_save = control.should_training_stop = True
+            self.stopped_at = state.global_step
+
+    def _agreed(self, args, step: int) -> bool:
+        """Whether every process has had the signal (by this step, a multiple of `every` under torchrun)."""
+        import torch
+        import torch.distributed as dist
+
+        if args.world_size <= 1 or not (dist.is_available() and dist.is_initialized()):
+            return self.received
+        if step % self.every:
+            return False
+        flag = torch.tensor([int(self.received)], device=args.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+    def raise_if_stopped(self, step: int) -> None:
+        """After `Trainer.train` returned: raise `Stopped` when the signal came, whether it stopped
+        the loop or arrived after its last step (that step's checkpoint is saved either way)."""
+        self._restore()
+        if self.received:
+            at = self.stopped_at if self.stopped_at is not None else step
+            raise Stopped(f"stopped by SIGTERM after step {at}, its checkpoint saved: rerun the same command to go "
+                          "on from there", SIGNAL)
+
+
+def in_workers(init_fn=None):
+    """A DataLoader `worker_init_fn` that makes the worker ignore SIGTERM, then runs `init_fn`."""
+    return partial(_ignore_in_worker, init_fn)
+
+
+def _ignore_in_worker(init_fn, worker_id: int) -> None:
+    signal.signal(SIGNAL, signal.SIG_IGN)
+    if init_fn is not None:
+        init_fn(worker_id)
