@@ -100,6 +100,13 @@ def test_running_the_export_leaves_no_bytecode_to_upload(tmp_path):
     proc = subprocess.run([sys.executable, str(out / "app.py"), "--help"], cwd=tmp_path,
                           env={**env, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and "--model" in proc.stdout, proc.stderr[-2000:]
+    # a download or a translation runs in a child process (whisper_ft.child), started as app.py runs
+    script = ("import sys; sys.dont_write_bytecode = True; sys.path.insert(0, sys.argv[1])\n"
+              "from whisper_ft import child\n"
+              "try:\n    child.run('whisper_ft.translate', {}, timeout=120)\nexcept child.ChildFailed:\n    pass\n")
+    proc = subprocess.run([sys.executable, "-c", script, str(out)], cwd=tmp_path, env={**env, "HF_HUB_OFFLINE": "1"},
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
     assert not list(out.rglob("__pycache__")) and not list(out.rglob("*.pyc"))
 
 

@@ -31,6 +31,8 @@ def run(module: str, request: dict, timeout: float) -> dict:
     """Run `python -m module` with `request` on stdin and return the JSON reply it prints. Raises
     TimeoutError when it has not finished after `timeout` seconds; it is killed then."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [PACKAGE_ROOT, os.environ.get("PYTHONPATH")]))}
+    if sys.dont_write_bytecode:  # as the parent: a Space's app.py writes no __pycache__ beside the code it uploads
+        env["PYTHONDONTWRITEBYTECODE"] = "1"
     try:
         proc = subprocess.run([sys.executable, "-m", module], input=json.dumps(request), capture_output=True,
                               text=True, timeout=max(timeout, 0.01), env=env, check=False)
