@@ -235,6 +235,8 @@ def test_bad_urls(handlers, media):
     assert "paste the URL" in error_message(lambda: handlers.from_url(""))
     assert "file:// URLs and local paths are refused" in error_message(lambda: handlers.from_url("file:///etc/passwd"))
     assert "refused" in error_message(lambda: handlers.from_url(str(media["speech.mp3"])))
+    for bad in ("http://[::1", "https://example.org:99999/v", "http://[::1]:port/"):
+        assert error_message(lambda: handlers.from_url(bad)).startswith(f"not a web address: {bad!r} (")
     with Server(media["speech.mp3"].parent) as server:
         assert "404" in error_message(lambda: handlers.from_url(f"{server.url}/nothing.mp4"))
         assert "limit" in error_message(lambda: handlers.from_url(f"{server.url}/toolong.wav"))
