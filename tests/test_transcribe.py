@@ -210,8 +210,22 @@ def test_ct2_export_is_found_used_and_ignored_when_stale(model_dir, long_speech,
         mp.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "faster_whisper" else find_spec(name, *a))
         assert isinstance(load_transcriber(str(model)), PipelineTranscriber)
 
+    # copied without the file times (cp -r, scp, a download): the same weights, known by their hash
+    copy = shutil.copytree(model, tmp_path / "copy", copy_function=shutil.copyfile)
     later = time.time() + 10
-    os.utime(model / "model.safetensors", (later, later))  # weights retrained after the export
+    os.utime(copy / "model.safetensors", (later, later))
+    assert ct2.find_export(copy) == copy / "ct2"
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(copy / "model.safetensors")  # retrained: other weights of the same size
+    name = next(iter(weights))
+    weights[name] = weights[name] + 1
+    save_file(weights, copy / "model.safetensors", metadata={"format": "pt"})
+    assert (copy / "model.safetensors").stat().st_size == (model / "model.safetensors").stat().st_size
+    assert ct2.find_export(copy) is None
+    (model / "ct2" / ct2.SOURCE).unlink()  # an export made before the record: judged by the file times
+    assert ct2.find_export(model) == model / "ct2"
+    os.utime(model / "model.safetensors", (later, later))
     assert ct2.find_export(model) is None
 
 
@@ -417,3 +431,21 @@ def test_transformers_path_decodes_greedily_whatever_the_beam(tiny_model_dir):
 
     transcriber = load_transcriber(str(tiny_model_dir), beam_size=5, use_ctranslate2=False)
     assert isinstance(transcriber, PipelineTranscriber) and transcriber.beam_size == 1
+
+
+def test_the_app_runs_a_hub_models_ctranslate2_export(ct2_model, tmp_path, monkeypatch):
+    """`--model USER/NAME` as the Space serves it: from the Hugging Face cache, with its export
+    (downloaded files have new times: the export is known by the hash of the weights)."""
+    from huggingface_hub import constants
+
+    from whisper_ft.config import load_config
+    from whisper_ft.transcribe import load_app_transcriber
+
+    repo = tmp_path / "hub" / "models--me--sv"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("0" * 40)
+    shutil.copytree(ct2_model, repo / "snapshots" / ("0" * 40), copy_function=shutil.copyfile)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    cfg = load_config(None, ["app.temperature_fallback=false"])
+    transcriber = load_app_transcriber("me/sv", cfg)
+    assert isinstance(transcriber, CT2Transcriber) and transcriber.backend == "ctranslate2"

@@ -191,8 +191,9 @@ def push(run_dir: str | Path, repo_id: str, private: bool = False, hub_token: st
 
 
 def local_model(name_or_path: str) -> str:
-    """A local folder as it is; a hub id downloaded into the Hugging Face cache, its CTranslate2
-    export after the weights, so that `whisper_ft.ct2.find_export` takes it as up to date."""
+    """A local folder as it is; a hub id downloaded into the Hugging Face cache, with its
+    CTranslate2 export (after the weights, so that an export made before `ct2/source.json`
+    existed is taken as up to date too)."""
     if Path(name_or_path).expanduser().is_dir():
         return name_or_path
     from huggingface_hub import constants, snapshot_download

@@ -323,9 +323,12 @@ def load_transcriber(model_dir: str, language: str = "sv", use_ctranslate2: bool
 
 def load_app_transcriber(model_dir: str | Path, cfg):
     """The transcriber `inference_app.py` runs on `model_dir`, as cfg's model and app settings
-    say; the served model's scores after training use the same."""
+    say; the served model's scores after training use the same. A hub id is downloaded (or
+    found in the Hugging Face cache) with its CTranslate2 export, as a Space does."""
+    from whisper_ft.hub import local_model
+
     app = cfg.app
-    return load_transcriber(str(model_dir), cfg.model.language, app.use_ctranslate2, app.beam_size,
+    return load_transcriber(local_model(str(model_dir)), cfg.model.language, app.use_ctranslate2, app.beam_size,
                             temperature_fallback=app.temperature_fallback)
 
 
