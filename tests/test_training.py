@@ -290,6 +290,43 @@ def test_sigterm_saves_the_step_and_the_rerun_goes_on_from_it(tmp_path, features
     assert [e["step"] for e in log if e["event"] == "train"][-2:] == [step + 1, step + 2]
 
 
+@pytest.mark.parametrize("averaging", [0, 2])
+def test_a_resume_forgets_the_checks_after_its_checkpoint(tmp_path, features_dir, tiny_model_dir, monkeypatch, averaging):
+    """Killed after a best check at step 4 but before checkpoint-6, a run resumes at checkpoint-3
+    (checking every 3 steps now): best/ may not keep the model of a step it goes back over, a
+    check no longer in its log. It is the best check up to step 3 again where its weights are
+    kept (averaging/), else the best of the checks from there on; averaging/ drops step 4."""
+    from transformers import TrainerCallback
+
+    from whisper_ft import train
+
+    wers = iter([0.9, 0.5, 0.95, 0.96, 0.97, 0.98])  # checks at 2, 4 (killed); 6, 8; the average; the test split
+    monkeypatch.setattr(train, "compute_metrics", lambda tokenizer, pred: {
+        "wer": (w := next(wers)), "wer_normalized": w, "cer": w, "clips": len(pred.label_ids)})
+
+    class Kill(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 5:
+                raise KeyboardInterrupt
+
+    sets = overrides(features_dir, tiny_model_dir, tmp_path, max_steps=8, eval_steps=2, save_steps=3,
+                     eval_before_training="false", export_ctranslate2="false", average_checkpoints=averaging,
+                     average_mode="best")
+    with pytest.raises(KeyboardInterrupt):
+        train.run_training(load_config(ROOT / "config.yaml", sets), callbacks=[Kill()])
+    run_dir = tmp_path / "tiny"
+    assert checkpoints.read_best(run_dir)["step"] == 4 and [s for s, _ in checkpoints.checkpoints(run_dir)] == [3]
+    summary = train.run_training(load_config(ROOT / "config.yaml", [*sets, "training.eval_steps=3"]))
+    best = checkpoints.read_best(run_dir)
+    checks = {e["step"]: e["wer"] for e in checkpoints.selection_checks(checkpoints.read_events(run_dir))}
+    assert checks == {2: 0.9, 6: 0.95, 8: 0.96}
+    # with averaging/ the step-2 model is kept; without it (no checkpoint-2) the next check is best/
+    assert (best["step"], best["wer"]) == ((2, 0.9) if averaging else (6, 0.95))
+    assert (summary["best_step"], summary["best_wer"]) == (best["step"], best["wer"])
+    if averaging:
+        assert summary["averaging"]["steps"] == [2, 6]  # the two best checks of this run's log
+
+
 def test_rerunning_a_finished_run_trains_no_more_and_changed_settings_are_refused(tmp_path, features_dir,
                                                                                   tiny_model_dir, monkeypatch):
     """A rerun of a finished run does nothing; after a kill in the final phase (no metrics.json),
@@ -662,6 +699,21 @@ def test_read_events_keeps_the_resumed_trajectory(tmp_path):
     assert [(e["event"], e["step"], e.get("loss")) for e in got] == [
         ("train", 1, 3.0), ("start", 1, None), ("train", 2, 2.5), ("eval", 2, None)]
     assert got[-1]["wer"] is None  # NaN is written as null: metrics.jsonl stays valid JSON
+
+
+def test_a_run_whose_training_session_was_killed_says_its_time_is_not_recorded(tmp_path):
+    """Finishing a run whose training session was killed before the Trainer returned (no
+    `trained` event, no metrics.json): its runtime is unknown, not 0 s."""
+    from whisper_ft import report
+    from whisper_ft.train import earlier_train_metrics
+
+    checkpoints.append_event(tmp_path, {"event": "start", "step": 0})
+    assert earlier_train_metrics(tmp_path)["train_runtime"] is None
+    assert report._runtime({"train_runtime_seconds": None, "train_sessions": 2}) == \
+        "time not recorded (2 training sessions, resumed)"
+    checkpoints.append_event(tmp_path, {"event": "trained", "step": 4, "train_runtime": 12.3})
+    assert earlier_train_metrics(tmp_path)["train_runtime"] == 12.3
+    assert report._runtime({"train_runtime_seconds": 12.3}) == "12 s"
 
 
 def test_read_events_drops_the_steps_a_resume_abandoned(tmp_path):

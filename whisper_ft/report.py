@@ -87,6 +87,8 @@ def _runtime(summary: dict) -> str:
     """'3600 s', or for a resumed run '1200 s in the last of its 3 training sessions': the
     Trainer's runtime (and loss) cover the session that ran, and earlier ones record none."""
     seconds, sessions = summary["train_runtime_seconds"], summary.get("train_sessions", 1)
+    if seconds is None:  # the session that trained was killed before the Trainer returned
+        return "time not recorded" + (f" ({sessions} training sessions, resumed)" if sessions > 1 else "")
     return f"{seconds:.0f} s" + (f" in the last of its {sessions} training sessions (resumed)" if sessions > 1 else "")
 
 

@@ -787,6 +787,8 @@ def run_training(cfg: Config, fresh: bool = False, callbacks: Sequence[TrainerCa
     meta = {"base_model": cfg.model.name_or_path, "language": cfg.model.language, "task": cfg.model.task,
             "features": data.manifest["name"]}
     t = cfg.training
+    if resume is not None and is_main_process():
+        rewind(cfg, run_dir, start_step, meta, data.processor)
     keeper = ([averaging.Keeper(run_dir, t.average_checkpoints, t.average_mode, t.select_metric)]
               if t.average_checkpoints else [])
     stopper = stopping.StopOnSignal()
@@ -1031,7 +1033,7 @@ def earlier_train_metrics(run_dir: Path) -> dict:
         return {k: trained[-1].get(k) for k in TRAIN_FIGURES}
     path = run_dir / "metrics.json"
     earlier = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
-    return {"train_runtime": earlier.get("train_runtime_seconds", 0.0),
+    return {"train_runtime": earlier.get("train_runtime_seconds"),  # None: the session that trained was killed
             "train_samples_per_second": earlier.get("train_samples_per_second"),
             "train_loss": earlier.get("train_loss")}
 
@@ -1107,6 +1109,52 @@ def best_single_check(run_dir: Path, metric: str = "wer") -> dict:
     return min(checks, key=lambda e: e[metric], default={})
 
 
+def rewind(cfg: Config, run_dir: Path, step: int, meta: dict, processor) -> None:
+    """Before a resume from checkpoint-`step`: forget the models of the checks after it (a kill
+    came after a check and before the next checkpoint), which belong to steps this run goes
+    back over. Their weights in averaging/ are deleted; a `best/` of such a check is replaced
+    by the best check up to `step` (from its weights in averaging/ or its checkpoint), or,
+    where those are gone, removed: the next check that scores is exported."""
+    folder = run_dir / averaging.FOLDER
+    index = averaging.read_index(folder)
+    if gone := [s for s in index if s > step]:
+        for s in gone:
+            averaging.weights_path(folder, s).unlink(missing_ok=True)
+        write_atomic(folder / averaging.INDEX, json.dumps({str(s): v for s, v in sorted(index.items()) if s <= step}))
+    best = checkpoints.read_best(run_dir)
+    if best is None or (best.get("step") or 0) <= step:
+        return
+    metric = cfg.training.select_metric
+    checks = [e for e in checkpoints.selection_checks(checkpoints.read_events(run_dir))
+              if 0 < e.get("step", 0) <= step and e.get(metric) is not None and math.isfinite(e[metric])]
+    single = min(checks, key=lambda e: e[metric], default={})  # the earliest of equals, as during training
+    source = single_check_source(run_dir, single["step"]) if single else None
+    if source is None:
+        shutil.rmtree(run_dir / checkpoints.BEST_DIR)
+        log.warning("best/ held the model of the check at step %d, after checkpoint-%d where this run resumes; %s: "
+                    "removed it, the next check exports best/", best["step"], step,
+                    f"the weights of the best check before (step {single['step']}) are gone" if single else
+                    "no check before it")
+        return
+    export_single_check(cfg, run_dir, meta, single, source, processor)
+    log.info("best/ held the model of the check at step %d, after checkpoint-%d where this run resumes: exported "
+             "the best check up to there (step %d, from %s) as best/", best["step"], step, single["step"], source)
+
+
+def export_single_check(cfg: Config, run_dir: Path, meta: dict, single: dict, source: Path, processor) -> None:
+    """Export the model of the periodic check `single` (an `eval` event), saved at `source`
+    (`single_check_source`), as `best/`."""
+    if source.is_file():  # weights kept for averaging, in best/'s architecture
+        model = load_model(str(run_dir / checkpoints.BEST_DIR), cfg.model.language, cfg.model.task,
+                           attn_implementation="sdpa")
+        model.load_state_dict(averaging.average([source]))
+    else:
+        model = load_model(str(source), cfg.model.language, cfg.model.task, attn_implementation="sdpa")
+    info = {**meta, "step": single["step"], "split": single.get("split"),
+            **{k: single.get(k) for k in ("wer", "wer_normalized", "cer", "eval_clips")}}
+    checkpoints.export_best(model, processor, run_dir, info)
+
+
 def drop_unchosen_average(cfg: Config, run_dir: Path, meta: dict, averaged: dict | None, processor,
                           main: bool) -> None:
     """Export the best single check as `best/` where `best/` holds an average that this final
@@ -1126,15 +1174,7 @@ def drop_unchosen_average(cfg: Config, run_dir: Path, meta: dict, averaged: dict
                             "made it, or pass --fresh to train it again")
     if not main:
         return
-    if source.is_file():  # weights kept for averaging, in best/'s architecture
-        model = load_model(str(run_dir / checkpoints.BEST_DIR), cfg.model.language, cfg.model.task,
-                           attn_implementation="sdpa")
-        model.load_state_dict(averaging.average([source]))
-    else:
-        model = load_model(str(source), cfg.model.language, cfg.model.task, attn_implementation="sdpa")
-    info = {**meta, "step": single["step"], "split": single.get("split"),
-            **{k: single.get(k) for k in ("wer", "wer_normalized", "cer", "eval_clips")}}
-    checkpoints.export_best(model, processor, run_dir, info)
+    export_single_check(cfg, run_dir, meta, single, source, processor)
     log.info("best/ held the average of the checks at steps %s, which this run does not ship: exported the best "
              "single check (step %d, from %s) as best/ again", best["averaged_steps"], single["step"], source)
 
