@@ -56,9 +56,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def print_summary(summary: dict) -> None:
-    base = summary["baseline"]
+    base, metric = summary["baseline"], summary.get("select_metric", "wer")
+    chosen = "" if metric == "wer" else f" (chosen by {report.METRIC_NAMES[metric]}: {_pct(summary['best_score'])})"
     print(f"done: {summary['steps']} steps; best {summary['selection_split']} WER {_pct(summary['best_wer'])} at step "
-          f"{summary['best_step']}; test split ({summary['eval_clips']} clips): WER {_pct(summary['wer'])} "
+          f"{summary['best_step']}{chosen}; test split ({summary['eval_clips']} clips): WER {_pct(summary['wer'])} "
           f"(zero-shot {_pct(base and base['wer'])}), normalized {_pct(summary['wer_normalized'])}, "
           f"CER {_pct(summary['cer'])}{report.score_caveat(summary)}")
     print(f"best model: {summary['run_dir']}/best")

@@ -1044,7 +1044,7 @@ def test_an_average_not_chosen_again_is_refused_when_the_single_checks_weights_a
 
 
 def test_select_metric_picks_best_the_kept_checkpoint_and_the_average_by_that_score(tmp_path, features_dir,
-                                                                                   tiny_model_dir):
+                                                                                   tiny_model_dir, capsys):
     """training.select_metric: cer makes the lowest-CER check best/ (here the checks tie on WER, so
     WER would keep the first), the checkpoint rotation's best and the `best` averaging mode's
     choice, compares the average in CER, and the card says so."""
@@ -1073,6 +1073,12 @@ def test_select_metric_picks_best_the_kept_checkpoint_and_the_average_by_that_sc
     assert (f"chosen on the validation split by CER (CER {100 * best['cer']:.2f}, WER {100 * best['wer']:.2f} at "
             f"step {best['step']})") in card
     assert f"validation CER {100 * avg['score']:.2f} against {100 * by_cer['cer']:.2f} for the best single check" in card
+    import training_pipeline
+
+    capsys.readouterr()
+    training_pipeline.print_summary(summary)
+    assert (f"best validation WER {100 * best['wer']:.2f}% at step {best['step']} (chosen by CER: "
+            f"{100 * best['cer']:.2f}%); test split") in capsys.readouterr().out
 
 
 def test_a_resume_with_another_select_metric_is_refused(tmp_path):
