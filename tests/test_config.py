@@ -195,6 +195,7 @@ def test_set_values_keep_the_text_typed_for_strings():
     ("training.dataloader_workers=-1", "training.dataloader_workers: must be at least 0"),
     ("training.seed=-1", "training.seed: must be at least 0"),
     ("features.workers=-1", "features.workers: must be at least 0"),
+    ("features.served_clips=-5", "features.served_clips: must be at least 0, got -5"),
     ("training.dropout=1.5", r"training.dropout: must be in \[0, 1\)"),
     ("training.lora.rank=0", "training.lora.rank: must be at least 1"),
     ("training.learning_rate=.inf", "training.learning_rate: must be a finite number"),

@@ -386,6 +386,8 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"features.{name}: must be at least 1, got {value}")
     if f.workers < 0:
         raise ConfigError(f"features.workers: must be at least 0 (0 = all cores), got {f.workers}")
+    if f.served_clips < 0:
+        raise ConfigError(f"features.served_clips: must be at least 0, got {f.served_clips}")
     if not f.claim_stale_seconds > 0:
         raise ConfigError(f"features.claim_stale_seconds: must be above 0, got {f.claim_stale_seconds}")
     if not f.sources:
