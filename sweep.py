@@ -15,7 +15,7 @@ from __future__ import annotations
 import sys
 
 from whisper_ft import cli
-from whisper_ft.sweep import TRIAL_FILE, check_stores, check_trials, load_spec, run_sweep, write_report
+from whisper_ft.sweep import TRIAL_FILE, check_same_sweep, check_stores, check_trials, load_spec, run_sweep, write_report
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -32,6 +32,7 @@ def main(argv: list[str] | None = None) -> int:
         if not list(folder.glob(f"trial-*/{TRIAL_FILE}")):
             raise cli.UserError(f"--report-only: no trials in {folder}; run python sweep.py {args.sweep} first "
                                 "(or pass the training.output_dir it ran with)")
+        check_same_sweep(folder, spec, base)  # the report ranks and describes the trials as they ran
         report = write_report(folder, spec)
     else:
         from whisper_ft.train import run_training

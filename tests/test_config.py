@@ -6,9 +6,10 @@ import os
 from pathlib import Path
 
 import pytest
+import yaml
 from conftest import PROCESSOR_DIR, ROOT, run_cli
 
-from whisper_ft.config import ConfigError, load_config
+from whisper_ft.config import ConfigError, load_config, load_yaml
 
 CONFIG = str(ROOT / "config.yaml")
 
@@ -60,6 +61,17 @@ def test_unknown_key_in_file(tmp_path):
     bad.write_text("features:\n  name: x\n  shard_sise: 3\n")
     with pytest.raises(ConfigError, match=r"features\.shard_sise"):
         load_config(bad)
+
+
+def test_a_key_written_twice_in_the_file_is_refused_with_its_line(tmp_path):
+    """PyYAML keeps the last of two values silently: the first may be the one the user reads."""
+    twice = tmp_path / "c.yaml"
+    twice.write_text("training:\n  learning_rate: 1.0e-5\n  batch_size: 16\n  learning_rate: 3.0e-5\n")
+    with pytest.raises(ConfigError, match=r"c.yaml is not valid YAML \(line 4\): key 'learning_rate' is written twice"):
+        load_config(twice)
+    merged = tmp_path / "m.yaml"  # a `<<` merge's keys may be overridden
+    merged.write_text("x: &d {learning_rate: 1.0e-5, batch_size: 8}\ntraining:\n  <<: *d\n  batch_size: 4\n")
+    assert yaml.safe_load(merged.read_text()) == load_yaml(merged.read_text())
 
 
 @pytest.mark.parametrize("args, needle", [

@@ -470,6 +470,11 @@ def test_report_only_on_a_sweep_that_never_ran_is_a_one_line_error(tmp_path, cap
     (b"just some words\n", "must hold a mapping of sweep keys (method, space, ...), got str"),
     (b"- method\n- grid\n", "must hold a mapping of sweep keys (method, space, ...), got list"),
     (b"1: a\nfoo: b\n", ": unknown sweep key: 1"),
+    (b"method: grid\nspace:\n  training.seed: [1]\n  training.seed: [2]\n",
+     "is not valid YAML (line 4): key 'training.seed' is written twice"),
+    (b"method: grid\nmethod: random\n", "is not valid YAML (line 2): key 'method' is written twice"),
+    (b"method: grid\nspace: {training.seed: [1]}\nvariants: {1: {training.dropout: 0.1}}\n",
+     ": variants: expected names (text), got 1"),
 ])
 def test_a_sweep_file_that_is_not_a_yaml_mapping_is_a_one_line_error(tmp_path, capsys, content, message):
     path = tmp_path / "sw.yaml"
@@ -723,3 +728,47 @@ def test_a_key_set_by_a_variant_and_searched_by_the_space_is_refused(tmp_path, c
                       variants={"a": {"training.batch_size": 2}, "b": {"training.seed": 3}})
     err = sweep_command_error(tmp_path, capsys, path)
     assert err.startswith("error: sweep ") and "training.batch_size is set by variants.a and searched by space" in err
+    path = write_spec(tmp_path, method="grid", budget_samples=64, space={"training.batch_size": [2]},
+                      base={"training.batch_size": 4})
+    err = sweep_command_error(tmp_path, capsys, path)
+    assert err.startswith("error: sweep ") and "training.batch_size is set by base and searched by space" in err
+
+
+@pytest.mark.parametrize("method", ["random", "bayes", "grid"])
+def test_a_date_as_the_sweep_seed_makes_a_study(tmp_path, method):
+    from whisper_ft.sweep import make_study
+
+    space = {"training.learning_rate": [1e-5, 1e-4] if method == "grid" else {"low": 1e-5, "high": 1e-3, "log": True}}
+    spec = load_spec(write_spec(tmp_path, method=method, trials=2, seed=20261127, budget_samples=64, space=space))
+    make_study(spec, tmp_path / "sweep")  # the sampler's seed stays in numpy's 32-bit range
+
+
+def test_report_labels_keep_keys_of_one_name_apart():
+    from whisper_ft.sweep import _params
+
+    assert _params({"training.learning_rate": 1e-4, "training.lora.enabled": True,
+                    "training.spec_augment.enabled": False, "features.name": "cv", "variant": "a"}) == (
+        "learning_rate=0.0001, lora.enabled=True, spec_augment.enabled=False, features.name=cv, variant=a")
+
+
+def test_report_only_refuses_a_sweep_file_changed_since_its_trials_ran(tmp_path, capsys):
+    """The report ranks and describes the trials as they ran: a new metric or budget in the
+    sweep file is refused as a rerun refuses it."""
+    import sweep as entry
+
+    from whisper_ft import cli
+
+    sets = [f"training.output_dir={tmp_path / 'ck'}"]
+    space = {"training.learning_rate": [1e-5, 1e-4]}
+    path = write_spec(tmp_path, file="lr", method="grid", budget_samples=32, eval_every_samples=32, space=space)
+    run_sweep(load_spec(path), load_config(ROOT / "config.yaml", sets), str(ROOT / "config.yaml"), sets,
+              ScriptedTrainer(lambda t, step: 50.0), log=lambda s: None)
+    args = [str(path), "--report-only", "--config", str(ROOT / "config.yaml"), "--set", sets[0]]
+    assert cli.run(entry.main, args) == 0
+    for changed in ({"budget_samples": 64}, {"metric": "cer"}):
+        write_spec(tmp_path, file="lr", **{"method": "grid", "budget_samples": 32, "eval_every_samples": 32,
+                                           "space": space, **changed})
+        assert cli.run(entry.main, args) == 2
+        err = capsys.readouterr().err
+        key = next(iter(changed))
+        assert err.startswith("error: sweep lr ran its trials in ") and f"with {key} " in err, err

@@ -191,12 +191,14 @@ def load_config(path: str | Path | None = "config.yaml", overrides: list[str] | 
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
         try:
-            raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+            raw = load_yaml(path.read_text(encoding="utf-8")) or {}
         except UnicodeDecodeError as e:
             line = e.object[:e.start].count(b"\n") + 1
             raise ConfigError(f"{path} is not UTF-8 text (line {line}): save it as UTF-8") from e
         except yaml.YAMLError as e:
-            raise ConfigError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from e
+            mark, problem = getattr(e, "problem_mark", None), getattr(e, "problem", None)
+            where = f" (line {mark.line + 1})" if mark else ""
+            raise ConfigError(f"{path} is not valid YAML{where}: {problem or str(e).splitlines()[0]}") from e
         if not isinstance(raw, dict):
             raise ConfigError(f"{path} must hold a mapping of sections")
     for item in overrides:
@@ -221,6 +223,29 @@ class Override:
 
     text: str
     parsed: Any
+
+
+class _UniqueKeys(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a mapping with a key written twice, as YAML does (PyYAML
+    would keep the last value silently); keys brought in by a `<<` merge may be overridden."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=True)
+            if isinstance(key, typing.Hashable):
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(None, None, f"key {key!r} is written twice",
+                                                            key_node.start_mark)
+                seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+def load_yaml(text: str):
+    """YAML as `yaml.safe_load` reads it, refusing a key written twice in one mapping."""
+    return yaml.load(text, Loader=_UniqueKeys)
 
 
 def parse_override(item: str) -> tuple[str, Override]:

@@ -28,7 +28,7 @@ import yaml
 
 from whisper_ft.checkpoints import read_events, selection_checks
 from whisper_ft.config import (SELECT_METRICS, Config, ConfigError, check_folder, check_writable, is_folder_name,
-                               load_config, save_config, to_dict)
+                               load_config, load_yaml, save_config, to_dict)
 from whisper_ft.files import write_atomic
 from whisper_ft.model import first_line
 
@@ -74,7 +74,7 @@ def load_spec(path: str | Path) -> SweepSpec:
     if not path.is_file():
         raise ConfigError(f"sweep file not found: {path}")
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        raw = load_yaml(path.read_text(encoding="utf-8")) or {}
     except UnicodeDecodeError as e:
         raise ConfigError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start}); a sweep file is YAML") from e
     except yaml.YAMLError as e:
@@ -106,6 +106,8 @@ def load_spec(path: str | Path) -> SweepSpec:
     if not spec.space and not spec.variants:
         raise ConfigError(f"{path}: space or variants: at least one key or variant to search is needed")
     for name, overrides in spec.variants.items():
+        if not isinstance(name, str) or not name:
+            raise ConfigError(f"{path}: variants: expected names (text), got {name!r}")
         if not isinstance(overrides, dict):
             raise ConfigError(f"{path}: variants.{name}: expected a mapping of config keys to values")
     if VARIANT in spec.space:  # it would be taken for a variant's name, and never set in a config
@@ -194,6 +196,10 @@ def check_trials(spec: SweepSpec, base: Config, config_path: str | None,
     variant's), or whose trials would be checked on different clips: different feature stores'
     held-out splits (`training.eval_features` makes them one), or subsets of different sizes
     (`training.eval_subset`). Returns the (params, config) of the trials it checked."""
+    both = sorted(set(spec.base) & set(spec.space))
+    if both:
+        raise ConfigError(f"sweep {spec.name}: {both[0]} is set by base and searched by space, whose values would "
+                          "replace base's; keep one")
     for name, variant in spec.variants.items():
         both = sorted(set(variant) & set(spec.space))
         if both:
@@ -292,7 +298,7 @@ def sampler(spec: SweepSpec, number: int = 0):
     enqueued one by one (`grid_points`) and need no sampling."""
     import optuna
 
-    seed = spec.seed * 1_000_003 + number
+    seed = (spec.seed * 1_000_003 + number) % 2**32  # numpy's range
     if spec.method == "bayes":
         return optuna.samplers.TPESampler(seed=seed, n_startup_trials=min(5, max(1, spec.trials // 3)))
     return optuna.samplers.RandomSampler(seed=seed)
@@ -652,8 +658,12 @@ def write_report(folder: Path, spec: SweepSpec) -> Path:
 
 
 def _params(params: dict) -> str:
-    return ", ".join(f"{k.split('.')[-1]}={v:.3g}" if isinstance(v, float) else f"{k.split('.')[-1]}={v}"
-                     for k, v in params.items())
+    """`learning_rate=1e-05, lora.enabled=True, features.name=cv`: keys of the training
+    section without it, others whole (`lora.enabled` and `spec_augment.enabled` stay apart)."""
+    def label(key: str) -> str:
+        return key.removeprefix("training.")
+
+    return ", ".join(f"{label(k)}={v:.3g}" if isinstance(v, float) else f"{label(k)}={v}" for k, v in params.items())
 
 
 def _plot(path: Path, trials: list[dict], metric: str) -> None:
