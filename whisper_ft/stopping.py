@@ -20,7 +20,6 @@ there (a host synchronisation every `every` steps, not every step).
 
 from __future__ import annotations
 
-import logging
 import os
 import signal
 import threading
@@ -29,8 +28,6 @@ from functools import partial
 from transformers import TrainerCallback
 
 from whisper_ft.errors import Stopped
-
-log = logging.getLogger(__name__)
 
 SIGNAL = signal.SIGTERM
 
