@@ -37,7 +37,7 @@ from whisper_ft.transcribe import load_transcriber
 pytestmark = pytest.mark.skipif(shutil.which("espeak-ng") is None or shutil.which("ffmpeg") is None,
                                 reason="espeak-ng and ffmpeg are needed for synthetic speech")
 
-LIMITS = ["app.max_media_seconds=20", "app.max_download_mb=2", "app.download_timeout_seconds=10",
+LIMITS = ["app.max_media_seconds=20", "app.max_download_mb=2", "app.download_timeout_seconds=20",
           "app.request_timeout_seconds=60", "app.workers=4", "app.translate_timeout_seconds=1"]
 OPTIONS = ["No translation", "en", False, []]  # translator, target language, timestamps, history
 SETTLE_SECONDS = 10  # for the media server's stream threads to notice their client has gone
@@ -101,7 +101,7 @@ def requests_mix(media: Path, site: str) -> list[tuple[str, str, str, Path | Non
         ("endless stream", "local", "transcribe_url", None, [f"{site}/stream/endless.mp3", *OPTIONS],
          "larger than 2 MB"),
         ("endless stream", "local", "transcribe_url", None, [f"{site}/stream/trickle.mp3", *OPTIONS],
-         "did not finish within 10 s"),
+         "did not finish within 20 s"),
         ("private URL", "public", "transcribe_url", None, [f"{site}/speech.mp3", *OPTIONS], "loopback address"),
         ("private URL", "public", "transcribe_url", None, [f"http://localhost:{port}/speech.mp3", *OPTIONS],
          "loopback address"),
