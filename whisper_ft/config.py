@@ -196,9 +196,7 @@ def load_config(path: str | Path | None = "config.yaml", overrides: list[str] | 
             line = e.object[:e.start].count(b"\n") + 1
             raise ConfigError(f"{path} is not UTF-8 text (line {line}): save it as UTF-8") from e
         except yaml.YAMLError as e:
-            mark, problem = getattr(e, "problem_mark", None), getattr(e, "problem", None)
-            where = f" (line {mark.line + 1})" if mark else ""
-            raise ConfigError(f"{path} is not valid YAML{where}: {problem or str(e).splitlines()[0]}") from e
+            raise ConfigError(f"{path} is not valid YAML{yaml_problem(e)}") from e
         if not isinstance(raw, dict):
             raise ConfigError(f"{path} must hold a mapping of sections")
     for item in overrides:
@@ -246,6 +244,13 @@ class _UniqueKeys(yaml.SafeLoader):
 def load_yaml(text: str):
     """YAML as `yaml.safe_load` reads it, refusing a key written twice in one mapping."""
     return yaml.load(text, Loader=_UniqueKeys)
+
+
+def yaml_problem(error: yaml.YAMLError) -> str:
+    """' (line N): what is wrong' of a YAML error, for a one-line message."""
+    mark, problem = getattr(error, "problem_mark", None), getattr(error, "problem", None)
+    where = f" (line {mark.line + 1})" if mark else ""
+    return f"{where}: {problem or str(error).splitlines()[0]}"
 
 
 def parse_override(item: str) -> tuple[str, Override]:

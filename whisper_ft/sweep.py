@@ -28,7 +28,7 @@ import yaml
 
 from whisper_ft.checkpoints import read_events, selection_checks
 from whisper_ft.config import (SELECT_METRICS, Config, ConfigError, check_folder, check_writable, is_folder_name,
-                               load_config, load_yaml, save_config, to_dict)
+                               load_config, load_yaml, save_config, to_dict, yaml_problem)
 from whisper_ft.files import write_atomic
 from whisper_ft.model import first_line
 
@@ -78,9 +78,7 @@ def load_spec(path: str | Path) -> SweepSpec:
     except UnicodeDecodeError as e:
         raise ConfigError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start}); a sweep file is YAML") from e
     except yaml.YAMLError as e:
-        mark, problem = getattr(e, "problem_mark", None), getattr(e, "problem", None)
-        where = f" (line {mark.line + 1})" if mark else ""
-        raise ConfigError(f"{path} is not valid YAML{where}: {problem or str(e).splitlines()[0]}") from e
+        raise ConfigError(f"{path} is not valid YAML{yaml_problem(e)}") from e
     if not isinstance(raw, dict):
         raise ConfigError(f"{path} must hold a mapping of sweep keys (method, space, ...), got {type(raw).__name__}")
     names = {f.name for f in dataclasses.fields(SweepSpec)}
