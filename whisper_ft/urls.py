@@ -30,14 +30,12 @@ def check_scheme(url: str) -> str:
         raise URLRefused("paste the URL of a video (YouTube or any site yt-dlp supports)")
     try:
         parsed = urlparse(url)  # raises for a bracket left open ("http://[::1")
-        if parsed.scheme.lower() not in SCHEMES or not parsed.hostname:
-            raise URLRefused(f"not a web address: {url[:200]!r}. Only http:// and https:// URLs are accepted "
-                             "(file:// URLs and local paths are refused; upload files in the File tab)")
         parsed.port  # raises for a port that is not a number or out of range
-    except URLRefused:
-        raise
     except ValueError as e:
         raise URLRefused(f"not a web address: {url[:200]!r} ({e})") from e
+    if parsed.scheme.lower() not in SCHEMES or not parsed.hostname:
+        raise URLRefused(f"not a web address: {url[:200]!r}. Only http:// and https:// URLs are accepted "
+                         "(file:// URLs and local paths are refused; upload files in the File tab)")
     return url
 
 
