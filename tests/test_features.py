@@ -271,6 +271,37 @@ def test_resume_after_kill_equals_an_uninterrupted_run(tmp_path, cv_release, ref
     assert_same_store(root, reference_store)
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds the workers in Linux's /proc")
+def test_ctrl_c_with_decoding_workers_is_one_line(tmp_path, cv_release):
+    """Ctrl-C signals the whole process group, the decoding workers too: the pipeline says it
+    in one line, with no traceback from any worker, and leaves no worker behind."""
+    root = tmp_path / "features" / "ref"
+    args = pipeline_args(tmp_path, "ref", cv_release, *STORE_SETS, "features.batch_size=1", workers=2)
+    proc = subprocess.Popen([sys.executable, str(ROOT / "feature_pipeline.py"), *args], cwd=tmp_path,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"}, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, start_new_session=True, text=True)
+    deadline = time.time() + 120
+    while not list(root.glob("train/shard-*/stats.json")):
+        assert proc.poll() is None, proc.stderr.read()[-2000:]
+        assert time.time() < deadline, "no shard written within 120 s"
+        time.sleep(0.01)
+    workers = [int(p) for p in Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()]
+    os.killpg(proc.pid, signal.SIGINT)
+    try:
+        err = proc.communicate(timeout=60)[1]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 130, err[-2000:]
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err[-3000:]
+    assert err.strip().splitlines()[-1] == "interrupted; rerun the same command to continue where it stopped"
+    assert len(workers) >= 2
+    deadline = time.time() + 10
+    while any(running(pid) for pid in workers) and time.time() < deadline:
+        time.sleep(0.1)
+    assert not any(running(pid) for pid in workers)
+
+
 def running(pid: int) -> bool:
     """Whether `pid` runs (a zombie no longer does: an orphan waits for init to reap it)."""
     try:

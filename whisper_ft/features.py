@@ -510,7 +510,12 @@ def die_with_parent(parent: int) -> None:
 
 
 def _init_pool_worker(processor: Processor, limits: Limits, parent: int) -> None:
+    import signal
+
     die_with_parent(parent)
+    # Ctrl-C reaches the whole process group: the pipeline says it in one line and its workers
+    # end with it, instead of each printing a KeyboardInterrupt traceback first
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     _init_worker(processor, limits)
 
 
