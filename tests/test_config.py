@@ -140,11 +140,35 @@ def test_a_full_disk_anywhere_is_one_line_and_other_os_errors_keep_their_traceba
 
     assert cli.run(wrapped, []) == 2 and "no space left on the disk (" in capsys.readouterr().err
 
+    def bad_descriptor(argv):  # a bug
+        raise OSError(errno.EBADF, "Bad file descriptor")
+
+    with pytest.raises(OSError, match="Bad file descriptor"):
+        cli.run(bad_descriptor, [])
+
+
+def test_a_folder_the_user_may_not_write_is_one_line(capsys):
+    import errno
+
+    from whisper_ft import cli
+
     def denied(argv):
         raise PermissionError(errno.EACCES, "Permission denied", "/runs")
 
-    with pytest.raises(PermissionError):
-        cli.run(denied, [])
+    assert cli.run(denied, []) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: no access to /runs (Permission denied): give this user access")
+    assert "rerun the same command" in err and err.count("\n") == 1
+
+    def tokenizer_save(argv):  # the Rust tokenizers raise a bare Exception for a failed write
+        raise Exception("Read-only file system (os error 30)")
+
+    assert cli.run(tokenizer_save, []) == 2 and "no access (Read-only file system)" in capsys.readouterr().err
+
+    def tokenizer_full(argv):
+        raise Exception("No space left on device (os error 28)")
+
+    assert cli.run(tokenizer_full, []) == 2 and "no space left on the disk (" in capsys.readouterr().err
 
 
 def test_learning_rate_is_a_number_or_auto_and_warmup_a_count_or_null():

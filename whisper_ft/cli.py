@@ -9,7 +9,7 @@ import sys
 from collections.abc import Callable
 
 from whisper_ft.config import Config, load_config
-from whisper_ft.errors import Stopped, UserError, out_of_space
+from whisper_ft.errors import Stopped, UserError, no_access, out_of_space
 
 __all__ = ["UserError", "base_parser", "config_from_args", "run", "summary"]
 
@@ -35,8 +35,8 @@ def config_from_args(args: argparse.Namespace) -> Config:
 
 
 def run(main: Callable[[list[str] | None], int | None], argv: list[str] | None = None) -> int:
-    """Run an entry point; user-fixable errors (a full disk included) become `error: ...` on
-    stderr and exit code 2."""
+    """Run an entry point; user-fixable errors (a full disk and a read-only folder included)
+    become `error: ...` on stderr and exit code 2."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
     try:
@@ -45,9 +45,9 @@ def run(main: Callable[[list[str] | None], int | None], argv: list[str] | None =
         print(f"error: {e}", file=sys.stderr)
         return 2
     except Exception as e:
-        if (full := out_of_space(e)) is None:
+        if (problem := out_of_space(e) or no_access(e)) is None:
             raise
-        print(f"error: {full}", file=sys.stderr)
+        print(f"error: {problem}", file=sys.stderr)
         return 2
     except Stopped as e:
         print(e, file=sys.stderr)

@@ -1,10 +1,11 @@
 """The one base class of errors a user can fix (bad input, a missing file, a model not found
 offline). The commands turn it into one line on stderr and exit code 2 (`whisper_ft.cli.run`);
 any other exception is a bug and keeps its traceback. A write refused for want of space
-(`out_of_space`) is the user's to fix too, whatever raised it."""
+(`out_of_space`) or access (`no_access`) is the user's to fix too, whatever raised it."""
 
 import errno
 import os
+import re
 
 
 class UserError(Exception):
@@ -21,16 +22,38 @@ class Stopped(KeyboardInterrupt):
         self.signum = signum
 
 
+def _os_errors(error: BaseException):
+    """`error` and the errors it came from, each as (errno, file name) where it is an OSError or
+    an error of a Rust library (the tokenizers' `save` raises a bare Exception whose message
+    ends in "(os error 28)")."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno is not None:
+            yield error.errno, error.filename
+        elif (found := re.search(r"\(os error (\d+)\)$", str(error))) is not None:
+            yield int(found.group(1)), None
+        error = error.__cause__ or error.__context__
+
+
 def out_of_space(error: BaseException) -> str | None:
     """What to say when `error`, or an error it came from, is a write refused for want of space
     (ENOSPC, or EDQUOT: a quota); else None. Any write of any command: a log line, a report, a
     feature shard. (Checkpoints say how much they need: `whisper_ft.saving.disk_full`.)"""
-    seen = set()
-    while error is not None and id(error) not in seen:
-        seen.add(id(error))
-        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
-            where = f" writing {error.filename}" if error.filename else ""
-            return (f"no space left on the disk{where} ({os.strerror(error.errno)}): free space there, then rerun "
+    for code, filename in _os_errors(error):
+        if code in (errno.ENOSPC, errno.EDQUOT):
+            where = f" writing {filename}" if filename else ""
+            return (f"no space left on the disk{where} ({os.strerror(code)}): free space there, then rerun "
                     "the same command to go on where it stopped")
-        error = error.__cause__ or error.__context__
+    return None
+
+
+def no_access(error: BaseException) -> str | None:
+    """What to say when `error`, or an error it came from, is a file or folder this process may
+    not write or read (a read-only mount, another user's folder); else None."""
+    for code, filename in _os_errors(error):
+        if code in (errno.EROFS, errno.EACCES):
+            where = f" to {filename}" if filename else ""
+            return (f"no access{where} ({os.strerror(code)}): give this user access, or set the config's data_dir or "
+                    "output_dir to a folder it may write in; then rerun the same command")
     return None
