@@ -305,6 +305,13 @@ def test_unreadable_common_voice_tsvs_are_source_errors(tmp_path, cv_release):
     with pytest.raises(SourceError, match=r"test.tsv line 3 has more tab-separated fields than its header's \d+: "
                                           r"a tab in a sentence\? Replace it by a space"):
         read_source(SourceConfig(name="cv", path=str(release)), tmp_path)
+    header = lines[0].split("\t")
+    fields = lines[3].split("\t")
+    fields[header.index("path")] = lines[1].split("\t")[header.index("path")]  # another sentence, same clip
+    tsv.write_text("\n".join([*lines[:3], "\t".join(fields), *lines[4:]]) + "\n", encoding="utf-8")
+    with pytest.raises(SourceError, match=r"test.tsv lists the clip \S+\.mp3 twice \(lines 2 and 4\): one row per "
+                                          r"clip, as in a release; delete one of them"):
+        read_source(SourceConfig(name="cv", path=str(release)), tmp_path)
 
 
 def test_limit_applies_to_each_source_split_before_validation_is_carved(tmp_path, cv_release):

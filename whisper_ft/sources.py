@@ -245,7 +245,8 @@ def read_cv_tsv(path: Path, limit: int = 0) -> list[dict[str, str]]:
     """The first `limit` (0: all) rows of a Common Voice TSV; quoting is off because sentences
     contain quote marks, and a byte-order mark (a file re-saved by an editor) is skipped. A row
     with more fields than the header (a tab in a sentence of an edited file) is refused with its
-    line: its sentence would be cut there and its later fields shifted into the wrong columns."""
+    line: its sentence would be cut there and its later fields shifted into the wrong columns. So
+    is a clip listed twice (its one id would stand for two rows, with two sentences)."""
     try:
         with open(path, encoding="utf-8-sig", newline="") as f:
             reader = csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
@@ -257,6 +258,11 @@ def read_cv_tsv(path: Path, limit: int = 0) -> list[dict[str, str]]:
             if (bad := next((i for i, r in enumerate(rows) if None in r), None)) is not None:
                 raise SourceError(f"{path} line {bad + 2} has more tab-separated fields than its header's "
                                   f"{len(reader.fieldnames)}: a tab in a sentence? Replace it by a space")
+            first: dict[str, int] = {}
+            for i, r in enumerate(rows):
+                if r["path"] and (seen := first.setdefault(r["path"], i)) != i:
+                    raise SourceError(f"{path} lists the clip {r['path']} twice (lines {seen + 2} and {i + 2}): "
+                                      "one row per clip, as in a release; delete one of them")
             return rows
     except (UnicodeDecodeError, csv.Error) as e:
         raise SourceError(f"{path}: cannot read it as UTF-8 tab-separated text ({e})") from e
