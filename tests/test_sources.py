@@ -638,3 +638,14 @@ def test_make_sample_checks_its_inputs_before_it_replaces_the_release(tmp_path, 
     assert cli.run(make_sample.main, ["--sentences", str(many), *small]) == 0
     assert len(read_cv_tsv(out / "sv-SE" / "validated.tsv")) == 3
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cv-corpus-sample", "many.txt", "two.txt"]
+
+
+def test_a_folder_of_two_releases_names_both(tmp_path):
+    """Two releases of one locale under the folder given: both named by their place, not as
+    'sv-SE, sv-SE'."""
+    for release in ("cv-corpus-17.0/sv-SE", "cv-corpus-18.0/sv-SE"):
+        (tmp_path / "two" / release / "clips").mkdir(parents=True)
+        (tmp_path / "two" / release / "test.tsv").write_text("client_id\tpath\tsentence\n", encoding="utf-8")
+    with pytest.raises(SourceError, match=r"several Common Voice folders under \S+/two \(cv-corpus-17\.0/sv-SE, "
+                                          r"cv-corpus-18\.0/sv-SE\): point at one of them"):
+        read_source(SourceConfig(name="cv", path=str(tmp_path / "two")), tmp_path / "raw")

@@ -118,7 +118,8 @@ def locate_release(path: Path, extract_dir: Path, stale_seconds: float = 300.0) 
     if not hits:
         raise SourceError(f"no Common Voice test.tsv under {path}: expected a cv-corpus-*/<locale> folder")
     if len(hits) > 1:
-        raise SourceError(f"several locales under {path} ({', '.join(h.name for h in hits)}): point at one of them")
+        names = [str(h.relative_to(path)) for h in hits]
+        raise SourceError(f"several Common Voice folders under {path} ({', '.join(names)}): point at one of them")
     return hits[0]
 
 
