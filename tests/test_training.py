@@ -752,6 +752,11 @@ def test_freeze_encoder_and_lora(tiny_model_dir, features_dir):
     again = prepare_model(load_config(None, [*sets, "training.lora.enabled=true", "training.lora.rank=4"]), tok)
     first = {n: p for n, p in lora.named_parameters() if "lora_A" in n}
     assert all(torch.equal(p, dict(again.named_parameters())[n]) for n, p in first.items())
+    # both: adapters on the decoder only, the whole encoder frozen
+    both = prepare_model(load_config(None, [*sets, "training.lora.enabled=true", "training.freeze_encoder=true"]), tok)
+    trainable = {n for n, p in both.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n and ".decoder." in n for n in trainable)
+    assert not any("lora_" in n for n, _ in both.base_model.model.model.encoder.named_parameters())
     with pytest.raises(TrainingError, match=r"target_modules \['query'\].*q_proj"):
         prepare_model(load_config(None, [*sets, "training.lora.enabled=true", "training.lora.target_modules=[query]"]),
                       tok)

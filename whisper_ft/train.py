@@ -223,9 +223,11 @@ def prepare_model(cfg: Config, tokenizer):
 
         set_seed(t.seed)  # the adapters' random start: the Trainer seeds only after the model is built
         try:
+            # with the encoder frozen, adapters go on the decoder's layers only
             model = get_peft_model(model, LoraConfig(r=t.lora.rank, lora_alpha=t.lora.alpha,
                                                      lora_dropout=t.lora.dropout,
-                                                     target_modules=list(t.lora.target_modules), bias="none"))
+                                                     target_modules=list(t.lora.target_modules), bias="none",
+                                                     exclude_modules=r".*\.encoder\..*" if t.freeze_encoder else None))
         except ValueError as e:  # peft's NoMatchingPeftModuleError among them
             raise TrainingError(f"training.lora.target_modules {list(t.lora.target_modules)}: {first_line(e)} "
                                 "(Whisper's attention projections are q_proj, k_proj, v_proj, out_proj; its "
