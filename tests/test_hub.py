@@ -121,6 +121,18 @@ def test_card_text_says_what_was_scored_and_the_steps_used(tmp_path):
     assert "5 validation rows share a clip or a sentence with test rows" in card and "training rows share" not in card
 
 
+def test_card_says_how_many_checks_an_average_took():
+    """A run with fewer checks than average_checkpoints (or N raised for a rerun) averages those
+    it kept: the card says so rather than claiming N."""
+    avg = {"mode": "last", "n": 3, "metric": "wer", "steps": [2, 4], "chosen": False, "score": 0.5,
+           "single_score": 0.4, "single_step": 4, "wer": 0.5, "single_wer": 0.4}
+    text = report.averaging_section(avg, "validation")
+    assert text.startswith("Checkpoint averaging of the last 3 checks, only 2 kept (steps 2, 4): validation WER")
+    assert "only" not in report.averaging_section({**avg, "n": 2}, "validation")
+    skipped = report.averaging_section({**avg, "steps": [4], "skipped": "1 check(s) to average"}, "validation")
+    assert skipped == "Checkpoint averaging of the last 3 checks: skipped (1 check(s) to average).\n"
+
+
 def test_card_names_the_store_of_the_held_out_splits(tmp_path):
     """With training.eval_features, validation and test come from that store: the card says so
     and lists only the training split of the training store."""

@@ -170,6 +170,8 @@ def averaging_section(averaging: dict | None, split: str) -> str:
     if not averaging:
         return "Checkpoint averaging: off (`training.average_checkpoints: 0`).\n"
     what = f"the {averaging['mode']} {averaging['n']} checks"
+    if 2 <= len(averaging["steps"]) < averaging["n"]:  # a run with fewer checks, or N raised afterwards
+        what += f", only {len(averaging['steps'])} kept"
     if averaging.get("skipped"):
         return f"Checkpoint averaging of {what}: skipped ({averaging['skipped']}).\n"
     shipped = ("**the average was shipped** as best/" if averaging["chosen"]
