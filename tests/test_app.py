@@ -379,7 +379,8 @@ def test_logins_from_the_flag_a_file_or_the_environment(model_dir, launches, cap
 
     base = ["--model", str(model_dir), "--config", str(ROOT / "config.yaml"), "--share"]
     logins = tmp_path / "logins.txt"
-    logins.write_text("# who may use the page\nanna:hemligt:med:kolon\n\nbo:lösen-2\n", encoding="utf-8")
+    # saved by Windows Notepad: a byte-order mark and CRLF line ends
+    logins.write_text("anna:hemligt:med:kolon\r\n# who may use the page\r\n\r\nbo:lösen-2\r\n", encoding="utf-8-sig")
     with caplog.at_level(logging.WARNING):
         assert inference_app.main([*base, "--auth", "anna:hemligt"]) == 0
         assert launches[-1]["auth"] == [("anna", "hemligt")]

@@ -360,7 +360,7 @@ def read_logins(auth: str | None, auth_file: str, environ) -> list[tuple[str, st
         if not path.exists():
             raise AuthError(f"app.auth_file: {auth_file} does not exist")
         try:
-            text = path.read_text(encoding="utf-8")
+            text = path.read_text(encoding="utf-8-sig")  # a byte-order mark (Notepad's UTF-8) is no user name
         except UnicodeDecodeError as e:  # the message would quote the bytes, perhaps of a password
             raise AuthError(f"app.auth_file: {auth_file} is not UTF-8 text; save it as UTF-8") from e
         except OSError as e:
