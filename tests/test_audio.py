@@ -136,6 +136,15 @@ def test_decoding_stops_at_max_seconds(tmp_path):
 
 
 @needs_ffmpeg
+def test_a_video_without_sound_says_so(tmp_path):
+    mp4 = tmp_path / "silent-film.mp4"
+    subprocess.run(["ffmpeg", "-v", "error", "-f", "lavfi", "-i", "color=c=black:s=64x48:d=2", "-c:v", "mpeg4",
+                    str(mp4)], check=True)
+    with pytest.raises(AudioError, match="^the file has no audio track$"):
+        load_audio(mp4)
+
+
+@needs_ffmpeg
 def test_ffmpeg_has_a_time_limit(tmp_path):
     mp4 = tmp_path / "v.mp4"
     subprocess.run(["ffmpeg", "-v", "error", "-f", "lavfi", "-i", "sine=duration=30", "-c:a", "aac", str(mp4)],

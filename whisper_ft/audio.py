@@ -231,6 +231,8 @@ def _ffmpeg_decode(source: str | Path | bytes, sample_rate: int, max_seconds: fl
     if proc.returncode != 0:
         reason = proc.stderr.decode(errors="replace").strip().splitlines()
         reason = reason[-1] if reason else "ffmpeg failed"
+        if "does not contain any stream" in reason:  # ffmpeg's words for an input with nothing to keep after -vn
+            raise AudioError("the file has no audio track")
         if not is_bytes:  # the app shows this message: the file's name, not the server's path
             reason = reason.replace(str(source), Path(source).name)
         raise AudioError(f"cannot decode audio: {reason}")
