@@ -318,6 +318,29 @@ def test_a_failing_trial_is_recorded_and_not_rerun(tmp_path):
     assert len(scripted.calls) == calls  # finished and failed trials are not run again
 
 
+def test_a_full_disk_stops_the_sweep_with_its_trial_resumable(tmp_path):
+    """A full disk would fail every later trial too: the sweep stops (one line from the
+    command), the trial is not marked failed, and the rerun resumes it."""
+    import errno
+
+    spec = load_spec(write_spec(tmp_path, method="grid", budget_samples=32, eval_every_samples=32, prune=False,
+                                space={"training.learning_rate": [1e-5, 1e-4]}))
+    scripted = ScriptedTrainer(lambda t, step: 50.0)
+    full = [True]
+
+    def trainer(cfg, callbacks=()):
+        if cfg.training.learning_rate == 1e-5 and full and full.pop():
+            raise RuntimeError("saving failed") from OSError(errno.ENOSPC, "No space left on device")
+        return scripted(cfg, callbacks)
+
+    sets = [f"training.output_dir={tmp_path / 'ck'}"]
+    with pytest.raises(RuntimeError, match="saving failed"):
+        run_sweep(spec, base_config(tmp_path), str(ROOT / "config.yaml"), sets, trainer, log=lambda s: None)
+    folder = run_sweep(spec, base_config(tmp_path), str(ROOT / "config.yaml"), sets, trainer, log=lambda s: None)
+    assert [t["status"] for t in read_trials(folder)] == ["complete", "complete"]
+    assert [lr for _, lr in scripted.calls] == [1e-5, 1e-4]
+
+
 def test_a_sweep_that_cannot_make_a_config_is_refused_before_any_trial(tmp_path):
     """A key misspelt or a value out of range at any grid point, a range's bound, a count YAML
     reads as a string, or a key --set sets too: one line before any trial runs."""

@@ -29,6 +29,7 @@ import yaml
 from whisper_ft.checkpoints import read_events, selection_checks
 from whisper_ft.config import (SELECT_METRICS, Config, ConfigError, check_folder, check_writable, is_folder_name,
                                load_config, load_yaml, save_config, to_dict, yaml_problem)
+from whisper_ft.errors import no_access, out_of_space
 from whisper_ft.files import write_atomic
 from whisper_ft.model import first_line
 
@@ -538,6 +539,8 @@ def _run_one(study, trial, spec: SweepSpec, base: Config, folder: Path, config_p
                                     partial(_note_check, record_path, record, clock))
         result = train(cfg, callbacks=[callback])
     except Exception as e:  # one trial's failure must not end the sweep: recorded, reported, not retried
+        if out_of_space(e) or no_access(e):  # every later trial would fail alike: stop, resumable
+            raise
         record.update(status="failed", error=f"{type(e).__name__}: {first_line(e)}")
         write_atomic(record_path.parent / "error.txt", traceback.format_exc())
         study.tell(number, state=TrialState.FAIL)
