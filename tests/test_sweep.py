@@ -356,6 +356,11 @@ def test_a_sweep_that_cannot_make_a_config_is_refused_before_any_trial(tmp_path)
     spec = load_spec(write_spec(tmp_path, method="random", trials=3, space={"training.dropout": {"low": 0.0, "high": 1.5}}))
     with pytest.raises(ConfigError, match=r"dropout=1.5: training.dropout: must be in \[0, 1\)"):
         run_sweep(spec, base_config(tmp_path), str(ROOT / "config.yaml"), sets, ScriptedTrainer(lambda t, s: 1.0))
+    for method in ("random", "bayes"):  # a list's every value, not only its first and last
+        spec = load_spec(write_spec(tmp_path, method=method, trials=3,
+                                    space={"training.lr_scheduler": ["linear", "cosinus", "constant"]}))
+        with pytest.raises(ConfigError, match=r"lr_scheduler=cosinus: training.lr_scheduler: expected one of"):
+            run_sweep(spec, base_config(tmp_path), str(ROOT / "config.yaml"), sets, ScriptedTrainer(lambda t, s: 1.0))
     spec = load_spec(write_spec(tmp_path, method="grid", budget_samples="3.2e4", space={"training.seed": [1]}))
     assert spec.budget_samples == 32000
     with pytest.raises(ConfigError, match="budget_samples: expected a whole number"):

@@ -217,9 +217,9 @@ def check_trials(spec: SweepSpec, base: Config, config_path: str | None,
     if spec.method == "grid":
         points = grid_points(spec)
     else:
-        space = search_space(spec)
-        points = [{k: (v if isinstance(v, list) else [v["low"], v["high"]])[i] for k, v in space.items()}
-                  for i in (0, -1)]
+        values = {k: v if isinstance(v, list) else [v["low"], v["high"]] for k, v in search_space(spec).items()}
+        points = [{k: v[i] for k, v in values.items()} for i in (0, -1)]  # a range's bounds
+        points += [{**points[0], k: x} for k, v in values.items() for x in v[1:-1]]  # a list's every value
         points += [{**points[0], VARIANT: name} for name in spec.variants]
     held_out, subsets, checked = set(), set(), []
     for params in points:
