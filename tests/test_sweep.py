@@ -715,8 +715,9 @@ def test_a_rerun_with_other_grid_values_or_variants_is_refused_and_ranges_may_ch
               str(ROOT / "config.yaml"), sets, trainer, log=lambda s: None)
     wider = load_spec(write_spec(tmp_path, method="grid", space={**grid, "training.dropout": [0.0, 0.1]}, variants=one,
                                  **budget))
-    with pytest.raises(ConfigError, match="sweep sw searched the grid of variant, training.learning_rate, this file "
-                                          "searches variant, training.dropout, training.learning_rate"):
+    with pytest.raises(ConfigError, match="sweep sw searched variant, training.learning_rate, this file "
+                                          "searches variant, training.dropout, training.learning_rate: the keys "
+                                          "searched cannot change"):
         run_sweep(wider, base_config(tmp_path), str(ROOT / "config.yaml"), sets, trainer, log=lambda s: None)
     more = load_spec(write_spec(tmp_path, method="grid", space={"training.learning_rate": [1e-5, 2e-5, 4e-5]},
                                 variants=one, **budget))
@@ -735,6 +736,20 @@ def test_a_rerun_with_other_grid_values_or_variants_is_refused_and_ranges_may_ch
     wider = load_spec(write_spec(tmp_path, **{**ranged, "trials": 3},
                                  space={"training.learning_rate": {"low": 1e-5, "high": 4e-5}}))
     run_sweep(wider, base_config(tmp_path), str(ROOT / "config.yaml"), sets, trainer, log=lambda s: None)
+    assert len(trainer.calls) == 5
+    # a random search's keys, variants and method stay too: the report describes the trials as they ran
+    for change, message in (({"space": {"training.learning_rate": {"low": 1e-5, "high": 4e-5},
+                                        "training.dropout": [0.0, 0.1]}},
+                             "searched training.learning_rate, this file searches training.dropout, "
+                             "training.learning_rate: the keys searched cannot change"),
+                            ({"variants": one}, "searched training.learning_rate, this file searches variant, "
+                                                "training.learning_rate"),
+                            ({"method": "bayes"}, "drew its trials by a random search, this file asks for a bayes "
+                                                  "search: the method cannot change")):
+        spec = {**ranged, "trials": 4, "space": {"training.learning_rate": {"low": 1e-5, "high": 4e-5}}, **change}
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            run_sweep(load_spec(write_spec(tmp_path, **spec)), base_config(tmp_path), str(ROOT / "config.yaml"), sets,
+                      trainer, log=lambda s: None)
     assert len(trainer.calls) == 5
 
 

@@ -444,16 +444,20 @@ def set_by_sweep(spec: SweepSpec) -> set[str]:
 
 
 def check_same_choices(spec: SweepSpec, before: dict) -> None:
-    """Refuse a rerun whose space lists other values for a key than the study's trials drew
-    from (or variants other than its), or searches a key as a list that was a range or the
-    other way: Optuna cannot change a choice within a study. Ranges may change, and keys may be
-    added or dropped, except in a grid (its trials would not be points of the new one)."""
+    """Refuse a rerun that searches other keys (variants among them), or in another way, than the
+    study's trials were drawn with (the report would describe trials that ran otherwise; a
+    grid's would not be points of the new one), whose space lists other values for a key (or
+    variants other than its), or that searches a key as a list that was a range or the other
+    way: Optuna cannot change a choice within a study. Ranges may change."""
     import optuna.distributions as d
 
     was, now = searched(before.get("variants"), before.get("space")), search_space(spec)
-    if spec.method == "grid" and set(was) != set(now):  # the trials run would not be points of the new grid
-        raise ConfigError(f"sweep {spec.name} searched the grid of {', '.join(was)}, this file searches "
-                          f"{', '.join(now)}: a grid's keys cannot change; set them back, or {NEW_SWEEP}")
+    if set(was) != set(now):
+        raise ConfigError(f"sweep {spec.name} searched {', '.join(was) or 'nothing'}, this file searches "
+                          f"{', '.join(now) or 'nothing'}: the keys searched cannot change; set them back, or {NEW_SWEEP}")
+    if before.get("method", spec.method) != spec.method:
+        raise ConfigError(f"sweep {spec.name} drew its trials by a {before['method']} search, this file asks for a "
+                          f"{spec.method} search: the method cannot change; set it back, or {NEW_SWEEP}")
     old_dists, new_dists = space_distributions(was), space_distributions(now)
     for key in (k for k in new_dists if k in old_dists):
         try:
