@@ -775,6 +775,15 @@ def test_a_key_set_by_a_variant_and_searched_by_the_space_is_refused(tmp_path, c
                       base={"training.batch_size": 4})
     err = sweep_command_error(tmp_path, capsys, path)
     assert err.startswith("error: sweep ") and "training.batch_size is set by base and searched by space" in err
+    # a nested mapping sets the keys within it
+    path = write_spec(tmp_path, method="grid", budget_samples=64, space={"training.lora.enabled": [False]},
+                      variants={"lora": {"training.lora": {"enabled": True, "rank": 8}}, "full": {}})
+    err = sweep_command_error(tmp_path, capsys, path)
+    assert "training.lora.enabled is set by variants.lora and searched by space" in err
+    path = write_spec(tmp_path, method="grid", budget_samples=64, space={"training.seed": [1]},
+                      base={"training": {"max_steps": 10}})
+    err = sweep_command_error(tmp_path, capsys, path)
+    assert "training.max_steps is set by the sweep file's base and by its budget_samples" in err
 
 
 @pytest.mark.parametrize("method", ["random", "bayes", "grid"])

@@ -195,23 +195,24 @@ def check_trials(spec: SweepSpec, base: Config, config_path: str | None,
     variant's), or whose trials would be checked on different clips: different feature stores'
     held-out splits (`training.eval_features` makes them one), or subsets of different sizes
     (`training.eval_subset`). Returns the (params, config) of the trials it checked."""
-    both = sorted(set(spec.base) & set(spec.space))
+    both = _shared(_flat(spec.base), spec.space)
     if both:
         raise ConfigError(f"sweep {spec.name}: {both[0]} is set by base and searched by space, whose values would "
                           "replace base's; keep one")
     for name, variant in spec.variants.items():
-        both = sorted(set(variant) & set(spec.space))
+        both = _shared(_flat(variant), spec.space)
         if both:
             raise ConfigError(f"sweep {spec.name}: {both[0]} is set by variants.{name} and searched by space, whose "
                               "values would replace the variant's; keep one")
-    owners = {**{k: "variants." + name for name, v in spec.variants.items() for k in v},
-              **{k: "base" for k in spec.base}, **{k: "space" for k in spec.space}}
+    owners = {**{k: "variants." + name for name, v in spec.variants.items() for k in _flat(v)},
+              **{k: "base" for k in _flat(spec.base)}, **{k: "space" for k in spec.space}}
     decided = decided_keys(spec)
-    both = sorted(set(owners) & set(decided))
+    both = _shared(owners, decided)
     if both:
+        decider = next(decided[k] for k in decided if _shared([both[0]], [k]))
         raise ConfigError(f"sweep {spec.name}: {both[0]} is set by the sweep file's {owners[both[0]]} and by its "
-                          f"{decided[both[0]]}, which sets it for every trial; keep one")
-    both = sorted((set(owners) | set(decided)) & {item.partition("=")[0].strip() for item in overrides})
+                          f"{decider}, which sets it for every trial; keep one")
+    both = _shared([*owners, *decided], [item.partition("=")[0].strip() for item in overrides])
     if both:
         raise ConfigError(f"sweep {spec.name}: {both[0]} is set by the sweep file and by --set; keep one")
     if spec.method == "grid":
@@ -239,6 +240,12 @@ def check_trials(spec: SweepSpec, base: Config, config_path: str | None,
                           f"stores ({', '.join(sorted(held_out))}), so their scores would not compare; set "
                           "training.eval_features in the sweep's base to the store every trial is checked on")
     return checked
+
+
+def _shared(keys, others) -> list[str]:
+    """The dotted `keys` that set what one of `others` sets: the same key, or one within the
+    other (`training.lora` and `training.lora.enabled`)."""
+    return sorted(k for k in keys if any(k == o or k.startswith(f"{o}.") or o.startswith(f"{k}.") for o in others))
 
 
 def check_stores(spec: SweepSpec, trials: list[tuple[dict, Config]]) -> None:
@@ -429,7 +436,7 @@ def check_same_sweep(folder: Path, spec: SweepSpec, base: Config) -> None:
         free = {*CONFIG_FREE_ON_RERUN, *decided_keys(spec), *set_by_sweep(spec)}
         changed = _first_change(_flat(to_dict(load_config(folder / "config.yaml"))), _flat(to_dict(base)),
                                 lambda k: (k.split(".")[0] in ("model", "training")
-                                           or k in ("features.name", "features.data_dir")) and k not in free)
+                                           or k in ("features.name", "features.data_dir")) and not _shared([k], free))
     if changed:
         key, before_value, now_value = changed
         raise ConfigError(f"sweep {spec.name} ran its trials in {folder} with {key} {before_value!r}, this run has "
@@ -439,8 +446,8 @@ def check_same_sweep(folder: Path, spec: SweepSpec, base: Config) -> None:
 def set_by_sweep(spec: SweepSpec) -> set[str]:
     """The config keys the sweep file sets for every trial (its base and space, and what every
     variant sets): the base config's value of such a key reaches no trial."""
-    every_variant = set.intersection(*(set(v) for v in spec.variants.values())) if spec.variants else set()
-    return {*spec.base, *spec.space, *every_variant}
+    every_variant = set.intersection(*(set(_flat(v)) for v in spec.variants.values())) if spec.variants else set()
+    return {*_flat(spec.base), *spec.space, *every_variant}
 
 
 def check_same_choices(spec: SweepSpec, before: dict) -> None:
