@@ -104,6 +104,18 @@ def test_grid_2x2_runs_every_trial_and_writes_table_and_plot(tmp_path):
     assert (folder / "wer.png").stat().st_size > 5000
 
 
+def test_trials_that_tie_have_no_winner(tmp_path):
+    spec = load_spec(write_spec(tmp_path, method="grid", budget_samples=32, eval_every_samples=16, prune=False,
+                                space={"training.learning_rate": [1e-5, 1e-4, 1e-3]}))
+    scripted = ScriptedTrainer(lambda t, step: 40.0 if t.learning_rate < 1e-3 else 60.0)
+    folder = run_sweep(spec, base_config(tmp_path), str(ROOT / "config.yaml"), [f"training.output_dir={tmp_path}"],
+                       scripted, log=lambda s: None)
+    report = (folder / "report.md").read_text()
+    assert "Winner" not in report
+    assert ("**No winner: trials 0, 1 tie** at wer 40.00% (learning_rate=1e-05; learning_rate=0.0001): this sweep "
+            "cannot tell them apart.") in report
+
+
 def test_random_search_with_a_seed_is_reproducible(tmp_path):
     space = {"training.learning_rate": {"low": 1e-6, "high": 1e-3, "log": True}, "training.warmup_steps": [0, 50, 100]}
     params = []

@@ -643,7 +643,12 @@ def write_report(folder: Path, spec: SweepSpec) -> Path:
         lines += ["**Note:** the feature store has no validation split, so trials were ranked on the test split and "
                   "the winner's test WER is optimistic.", ""]
     done = [r for r in rows if r["status"] == "complete" and r["best"]]
-    if len(done) >= 1:
+    tied = [r for r in done if done and r["best"][spec.metric] == done[0]["best"][spec.metric]]
+    if len(tied) > 1:
+        lines += [f"**No winner: trials {', '.join(str(r['trial']) for r in tied)} tie** at {spec.metric} "
+                  f"{100 * tied[0]['best'][spec.metric]:.2f}% ({'; '.join(_params(r['params']) for r in tied)}): this "
+                  "sweep cannot tell them apart.", ""]
+    elif done:
         win = done[0]
         lines.append(f"**Winner: trial {win['trial']}** ({_params(win['params'])}): {spec.metric} "
                      f"{100 * win['best'][spec.metric]:.2f}%"
