@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from whisper_ft.config import ConfigError, load_config
-from whisper_ft.sweep import load_spec, read_trials, run_sweep
+from whisper_ft.sweep import load_spec, make_study, read_trials, run_sweep
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -114,6 +114,32 @@ def test_trials_that_tie_have_no_winner(tmp_path):
     assert "Winner" not in report
     assert ("**No winner: trials 0, 1 tie** at wer 40.00% (learning_rate=1e-05; learning_rate=0.0001): this sweep "
             "cannot tell them apart.") in report
+
+
+def test_a_trial_whose_average_was_shipped_is_ranked_by_the_average(tmp_path):
+    """With checkpoint averaging, best/ may hold the average of checks, chosen on validation
+    as a check is: the trial ranks by it (and the table says so), as the test column reports it."""
+    spec = load_spec(write_spec(tmp_path, method="grid", budget_samples=32, eval_every_samples=16, prune=False,
+                                space={"training.learning_rate": [1e-5, 1e-4]}))
+    scripted = ScriptedTrainer(lambda t, step: 40.0 if t.learning_rate == 1e-5 else 45.0)
+
+    def trainer(cfg, callbacks=()):
+        result = scripted(cfg, callbacks)
+        run = Path(cfg.training.output_dir) / cfg.training.run_name
+        if cfg.training.learning_rate == 1e-4:  # its average beats every check of both trials
+            with open(run / "metrics.jsonl", "a") as f:
+                f.write(json.dumps({"event": "average", "split": "validation", "step": 2, "wer": 0.3,
+                                    "wer_normalized": 0.27, "cer": 0.15, "averaged_steps": [1, 2]}) + "\n")
+            (run / "best").mkdir()
+            (run / "best" / "best.json").write_text(json.dumps({"step": 2, "wer": 0.3, "averaged_steps": [1, 2]}))
+        return result
+
+    folder = run_sweep(spec, base_config(tmp_path), str(ROOT / "config.yaml"), [f"training.output_dir={tmp_path}"],
+                       trainer, log=lambda s: None)
+    report = (folder / "report.md").read_text()
+    assert "**Winner: trial 1** (learning_rate=0.0001): wer 30.00%, 10.00 points better" in report
+    assert "| 30.00 | 27.00 | 15.00 | average of 1, 2 |" in report
+    assert make_study(spec, folder).best_trial.number == 1
 
 
 def test_random_search_with_a_seed_is_reproducible(tmp_path):
@@ -249,7 +275,9 @@ def test_real_grid_on_the_tiny_model_writes_comparable_trials(tmp_path, features
         assert (folder / f"trial-{t['number']:03d}" / "best" / "config.json").is_file()
         assert all(e["split"] == "validation" for e in t["evals"]) and t["result"]["wer"] is not None
     report = (folder / "report.md").read_text()
-    assert "Winner: trial" in report and "metric wer on the validation split" in report
+    # a random tiny model may score both alike: a winner or a tie, named either way
+    assert re.search(r"\*\*(Winner: trial \d|No winner: trials 0, 1 tie)", report)
+    assert "metric wer on the validation split" in report
     assert "| validation WER % |" in report and "| test WER % |" in report
 
 

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import yaml
 
-from whisper_ft.checkpoints import read_events, selection_checks
+from whisper_ft.checkpoints import read_best, read_events, selection_checks
 from whisper_ft.config import (SELECT_METRICS, Config, ConfigError, check_folder, check_writable, is_folder_name,
                                load_config, load_yaml, save_config, to_dict, yaml_problem)
 from whisper_ft.errors import no_access, out_of_space
@@ -560,7 +560,7 @@ def _run_one(study, trial, spec: SweepSpec, base: Config, folder: Path, config_p
     finally:
         record["wall_seconds"] = _wall_seconds(clock)
         _write_json(record_path, record)
-    value = best_value(_evals(record_path.parent), spec.metric)
+    value = best_value(_evals(record_path.parent) + _shipped_average(record_path.parent), spec.metric)
     if callback.pruned or record.get("pruned_at") is not None:
         record["status"] = "pruned"
         study.tell(number, state=TrialState.PRUNED)
@@ -599,6 +599,15 @@ def _evals(run_dir: Path) -> list[dict]:
     return selection_checks(read_events(run_dir))  # a line cut short by a kill is skipped, a resume's repeats merged
 
 
+def _shipped_average(run_dir: Path) -> list[dict]:
+    """The `average` event of the checkpoint average that best/ holds, where averaging won (a
+    list of it), else []: it ranks the trial as it chose best/."""
+    steps = (read_best(run_dir) or {}).get("averaged_steps")
+    events = [e for e in read_events(run_dir) if steps and e.get("event") == "average"
+              and e.get("averaged_steps") == steps]
+    return events[-1:]
+
+
 def best_value(evals: list[dict], metric: str) -> float:
     """A trial's objective: its best `metric` at a check after step 0; inf without one, so that
     it cannot win (its final score is on the test split, reported but never used to choose)."""
@@ -612,6 +621,7 @@ def read_trials(folder: Path) -> list[dict]:
     for path in sorted(folder.glob(f"trial-*/{TRIAL_FILE}")):
         rec = json.loads(path.read_text())
         rec["evals"] = _evals(path.parent)
+        rec["average"] = _shipped_average(path.parent)
         trials.append(rec)
     return trials
 
@@ -621,7 +631,7 @@ def write_report(folder: Path, spec: SweepSpec) -> Path:
     trials = read_trials(folder)
     rows = []
     for t in trials:
-        evals = [e for e in t["evals"] if e.get("step", 0) > 0]
+        evals = [e for e in t["evals"] + t["average"] if e.get("step", 0) > 0]
         best = min(evals, key=lambda e: e[spec.metric]) if evals else {}
         rows.append({"trial": t["number"], "status": t["status"], "params": t["params"], "best": best,
                      "test": (t.get("result") or {}).get("wer"), "split": best.get("split", "eval"),
@@ -663,7 +673,7 @@ def write_report(folder: Path, spec: SweepSpec) -> Path:
         cells = [f"{100 * b[k]:.2f}" if b.get(k) is not None else "-" for k in ("wer", "wer_normalized", "cer")]
         test = "-" if r["test"] is None else f"{100 * r['test']:.2f}"
         lines.append(f"| {r['trial']} | {r['status']} | {_params(r['params'])} | {' | '.join(cells)} | "
-                     f"{b.get('step', '-')} | {test} | {r['steps']} | {r['samples']} | {r['wall'] / 60:.1f} min |")
+                     f"{_at(b)} | {test} | {r['steps']} | {r['samples']} | {r['wall'] / 60:.1f} min |")
     failed = [t for t in trials if t["status"] == "failed"]
     if failed:
         lines += ["", "Failed trials (not retried; tracebacks in each trial's error.txt):", ""]
@@ -672,6 +682,13 @@ def write_report(folder: Path, spec: SweepSpec) -> Path:
     write_atomic(report, "\n".join(lines) + "\n\n![WER against samples seen](wer.png)\n")
     _plot(folder / "wer.png", trials, spec.metric)
     return report
+
+
+def _at(best: dict) -> str:
+    """Where a trial's best score comes from: a check's step, or the average of several."""
+    if best.get("averaged_steps"):
+        return f"average of {', '.join(map(str, best['averaged_steps']))}"
+    return str(best.get("step", "-"))
 
 
 def _params(params: dict) -> str:
