@@ -11,7 +11,9 @@ longer than training. Here a step is a fixed sequence of tensor operations on pr
 buffers (no host synchronisation), which a CUDA graph replays with one launch. It computes
 what greedy `generate` computes for Whisper's short-form transcription: the forced prefix,
 `suppress_tokens` at every step, `begin_suppress_tokens` at the first generated token,
-end-of-text padding after a clip finishes, the same cap on new tokens.
+end-of-text padding after a clip finishes, the same cap on new tokens. In float32 its tokens
+are generate's; in bfloat16 the two round at other places (the encoder runs on a bfloat16
+copy of the weights here, under autocast in generate) and a few clips' transcripts differ.
 """
 
 from __future__ import annotations
