@@ -8,6 +8,10 @@ cd "$(dirname "$0")/.."
 dev=0; [ "${1:-}" = "--dev" ] && dev=1
 
 python=${PYTHON:-python3}
+if ! command -v "$python" >/dev/null; then
+  echo "error: no Python at $python; set PYTHON=/path/to/python3.11 (3.11.4 or newer)" >&2
+  exit 2
+fi
 if ! "$python" -c 'import sys; sys.exit(sys.version_info < (3, 11, 4))'; then
   echo "error: Python 3.11.4 or newer is needed (found $("$python" -V 2>&1)); set PYTHON=/path/to/python3.11" >&2
   exit 2
