@@ -503,7 +503,7 @@ def test_a_metrics_line_cut_short_by_a_kill_does_not_stop_the_sweep(tmp_path):
     (run / "metrics.jsonl").write_text(json.dumps({"event": "eval", "step": 2, "wer": 0.5}) + "\n"
                                        + json.dumps({"event": "eval", "step": 2, "wer": 0.4}) + "\n"  # resumed
                                        + '{"event": "eval", "step": 4, "spl')
-    assert [e["wer"] for e in sweep._evals(run)] == [0.4]
+    assert [e["wer"] for e in sweep._evals(run)[0]] == [0.4]
 
 
 @pytest.mark.parametrize("name", ["runs?x", "runs%41", "runs#1"])

@@ -560,7 +560,7 @@ def _run_one(study, trial, spec: SweepSpec, base: Config, folder: Path, config_p
     finally:
         record["wall_seconds"] = _wall_seconds(clock)
         _write_json(record_path, record)
-    value = best_value(_evals(record_path.parent) + _shipped_average(record_path.parent), spec.metric)
+    value = best_value(sum(_evals(record_path.parent), []), spec.metric)
     if callback.pruned or record.get("pruned_at") is not None:
         record["status"] = "pruned"
         study.tell(number, state=TrialState.PRUNED)
@@ -593,19 +593,15 @@ def _write_json(path: Path, obj: dict) -> None:
     write_atomic(path, json.dumps(obj, indent=2, default=str))
 
 
-def _evals(run_dir: Path) -> list[dict]:
-    """The periodic checks in a run's metrics.jsonl: the validation split's (the test split's
-    scores are reported, never used to choose)."""
-    return selection_checks(read_events(run_dir))  # a line cut short by a kill is skipped, a resume's repeats merged
-
-
-def _shipped_average(run_dir: Path) -> list[dict]:
-    """The `average` event of the checkpoint average that best/ holds, where averaging won (a
-    list of it), else []: it ranks the trial as it chose best/."""
+def _evals(run_dir: Path) -> tuple[list[dict], list[dict]]:
+    """The periodic checks in a run's metrics.jsonl, the validation split's (the test split's
+    scores are reported, never used to choose), and the `average` event of the checkpoint
+    average that best/ holds, where averaging won (a list of it, else []): it ranks the trial
+    as it chose best/."""
+    events = read_events(run_dir)  # a line cut short by a kill is skipped, a resume's repeats merged
     steps = (read_best(run_dir) or {}).get("averaged_steps")
-    events = [e for e in read_events(run_dir) if steps and e.get("event") == "average"
-              and e.get("averaged_steps") == steps]
-    return events[-1:]
+    average = [e for e in events if steps and e.get("event") == "average" and e.get("averaged_steps") == steps]
+    return selection_checks(events), average[-1:]
 
 
 def best_value(evals: list[dict], metric: str) -> float:
@@ -620,8 +616,7 @@ def read_trials(folder: Path) -> list[dict]:
     trials = []
     for path in sorted(folder.glob(f"trial-*/{TRIAL_FILE}")):
         rec = json.loads(path.read_text())
-        rec["evals"] = _evals(path.parent)
-        rec["average"] = _shipped_average(path.parent)
+        rec["evals"], rec["average"] = _evals(path.parent)
         trials.append(rec)
     return trials
 
