@@ -9,7 +9,7 @@ import sys
 from collections.abc import Callable
 
 from whisper_ft.config import Config, load_config
-from whisper_ft.errors import Stopped, UserError, no_access, out_of_space
+from whisper_ft.errors import Stopped, UserError, machine_problem
 
 __all__ = ["UserError", "base_parser", "config_from_args", "run", "summary"]
 
@@ -45,7 +45,7 @@ def run(main: Callable[[list[str] | None], int | None], argv: list[str] | None =
         print(f"error: {e}", file=sys.stderr)
         return 2
     except Exception as e:
-        if (problem := out_of_space(e) or no_access(e)) is None:
+        if (problem := machine_problem(e)) is None:
             raise
         print(f"error: {problem}", file=sys.stderr)
         return 2

@@ -1,7 +1,8 @@
 """The one base class of errors a user can fix (bad input, a missing file, a model not found
 offline). The commands turn it into one line on stderr and exit code 2 (`whisper_ft.cli.run`);
 any other exception is a bug and keeps its traceback. A write refused for want of space
-(`out_of_space`) or access (`no_access`) is the user's to fix too, whatever raised it."""
+(`out_of_space`) or access (`no_access`) is the user's to fix too, whatever raised it
+(`machine_problem`)."""
 
 import errno
 import os
@@ -57,3 +58,9 @@ def no_access(error: BaseException) -> str | None:
             return (f"no access{where} ({os.strerror(code)}): give this user access, or set the config's data_dir or "
                     "output_dir to a folder it may write in; then rerun the same command")
     return None
+
+
+def machine_problem(error: BaseException) -> str | None:
+    """What to say when `error` comes from the machine rather than the code (`out_of_space`,
+    `no_access`): every later step would fail alike, and the user can fix it; else None."""
+    return out_of_space(error) or no_access(error)

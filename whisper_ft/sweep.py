@@ -29,7 +29,7 @@ import yaml
 from whisper_ft.checkpoints import read_best, read_events, selection_checks
 from whisper_ft.config import (SELECT_METRICS, Config, ConfigError, check_folder, check_writable, is_folder_name,
                                load_config, load_yaml, save_config, to_dict, yaml_problem)
-from whisper_ft.errors import no_access, out_of_space
+from whisper_ft.errors import machine_problem
 from whisper_ft.files import write_atomic
 from whisper_ft.model import first_line
 
@@ -220,7 +220,8 @@ def check_trials(spec: SweepSpec, base: Config, config_path: str | None,
     else:
         values = {k: v if isinstance(v, list) else [v["low"], v["high"]] for k, v in search_space(spec).items()}
         points = [{k: v[i] for k, v in values.items()} for i in (0, -1)]  # a range's bounds
-        points += [{**points[0], k: x} for k, v in values.items() for x in v[1:-1]]  # a list's every value
+        # a list's every value, each variant once
+        points += [{**points[0], k: x} for k, v in values.items() if k != VARIANT for x in v[1:-1]]
         points += [{**points[0], VARIANT: name} for name in spec.variants]
     held_out, subsets, checked = set(), set(), []
     for params in points:
@@ -461,7 +462,8 @@ def check_same_choices(spec: SweepSpec, before: dict) -> None:
     was, now = searched(before.get("variants"), before.get("space")), search_space(spec)
     if set(was) != set(now):
         raise ConfigError(f"sweep {spec.name} searched {', '.join(was) or 'nothing'}, this file searches "
-                          f"{', '.join(now) or 'nothing'}: the keys searched cannot change; set them back, or {NEW_SWEEP}")
+                          f"{', '.join(now) or 'nothing'}: the keys searched cannot change; set them back, or "
+                          f"{NEW_SWEEP}")
     if before.get("method", spec.method) != spec.method:
         raise ConfigError(f"sweep {spec.name} drew its trials by a {before['method']} search, this file asks for a "
                           f"{spec.method} search: the method cannot change; set it back, or {NEW_SWEEP}")
@@ -550,7 +552,7 @@ def _run_one(study, trial, spec: SweepSpec, base: Config, folder: Path, config_p
                                     partial(_note_check, record_path, record, clock))
         result = train(cfg, callbacks=[callback])
     except Exception as e:  # one trial's failure must not end the sweep: recorded, reported, not retried
-        if out_of_space(e) or no_access(e):  # every later trial would fail alike: stop, resumable
+        if machine_problem(e):  # every later trial would fail alike: stop, resumable
             raise
         record.update(status="failed", error=f"{type(e).__name__}: {first_line(e)}")
         write_atomic(record_path.parent / "error.txt", traceback.format_exc())
