@@ -449,6 +449,22 @@ def test_a_port_out_of_range_is_refused_before_the_model_loads(capsys):
         assert code == 2 and capsys.readouterr().err.strip() == f"error: app.port: must be from 1 to 65535, got {port}"
 
 
+def test_ctrl_c_while_the_page_starts_is_one_line_without_a_resume_hint(model_dir, launches, monkeypatch, capsys):
+    """A page has no work to go on with: `interrupted`, not the pipelines' "rerun the same command"."""
+    import runpy
+    import sys
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(app, "find_model", interrupted)  # Ctrl-C while the model is found and loaded
+    monkeypatch.setattr(sys, "argv", ["inference_app.py", "--model", str(model_dir),
+                                      "--config", str(ROOT / "config.yaml")])
+    with pytest.raises(SystemExit) as stop:
+        runpy.run_path(str(ROOT / "inference_app.py"), run_name="__main__")
+    assert stop.value.code == 130 and capsys.readouterr().err == "interrupted\n" and launches == []
+
+
 @pytest.fixture
 def server(model_dir, tmp_path):
     """`python inference_app.py` in a subprocess on 127.0.0.1, offline for translation, with its

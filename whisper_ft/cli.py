@@ -34,9 +34,13 @@ def config_from_args(args: argparse.Namespace) -> Config:
     return load_config(args.config, args.overrides, args.values)
 
 
-def run(main: Callable[[list[str] | None], int | None], argv: list[str] | None = None) -> int:
+RESUMABLE = "interrupted; rerun the same command to continue where it stopped"
+
+
+def run(main: Callable[[list[str] | None], int | None], argv: list[str] | None = None, *,
+        interrupted: str = RESUMABLE) -> int:
     """Run an entry point; user-fixable errors (a full disk and a read-only folder included)
-    become `error: ...` on stderr and exit code 2."""
+    become `error: ...` on stderr and exit code 2, Ctrl-C the line `interrupted` and 130."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
     try:
@@ -53,5 +57,5 @@ def run(main: Callable[[list[str] | None], int | None], argv: list[str] | None =
         print(e, file=sys.stderr)
         return 128 + e.signum
     except KeyboardInterrupt:
-        print("interrupted; rerun the same command to continue where it stopped", file=sys.stderr)
+        print(interrupted, file=sys.stderr)
         return 130

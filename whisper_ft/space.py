@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(cli.run(main, sys.argv[1:]))
+    sys.exit(cli.run(main, sys.argv[1:], interrupted="interrupted"))
 '''.replace("{marker}", MARKER)
 
 README_BODY = """
