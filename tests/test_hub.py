@@ -26,7 +26,7 @@ SUMMARY = {"selection_split": "validation", "test_split": "test", "best_wer": 0.
            "selection_baseline": None, "wer": 0.1834, "wer_normalized": 0.1203, "cer": 0.0611, "eval_clips": 500,
            "final": FINAL, "baseline": {**FINAL, "step": 0, "wer": 0.45, "wer_normalized": 0.38, "cer": 0.2},
            "steps": 4000, "samples_seen": 64000, "train_runtime_seconds": 3600.0, "run_dir": ""}
-MANIFEST = {"name": "cv-sv", "sources": [{"name": "cv"}],
+MANIFEST = {"name": "cv-sv", "sources": [{"name": "cv", "kind": "common_voice", "where": "/data/cv-corpus-23.0-2025-09-05/sv-SE"}],
             "splits": {"train": {"clips": 100, "hours": 0.1, "by_source": {"cv": 100}}}}
 BEST_FILES = {"config.json": "{}", "generation_config.json": "{}", "model.safetensors": "weights",
               "tokenizer.json": "{}", "preprocessor_config.json": "{}", "best.json": "{}", "training_curves.png": "png",
@@ -39,6 +39,13 @@ RUN_LOGS = {"metrics.jsonl": '{"event": "start", "step": 0}\n',  # beside best/ 
 def run_config(root: Path, *overrides: str):
     return load_config(None, ["training.run_name=small-sv", f"training.output_dir={root}", "features.sources.0.name=cv",
                               "features.sources.0.path=/data/cv-corpus-23.0-2025-09-05/sv-SE", *overrides])
+
+
+def card_data(summary: dict, cfg, repo: str = REPO):
+    """`report.card_data` of a run whose store was built from `cfg`'s sources."""
+    from whisper_ft.sources import describe
+
+    return report.card_data(summary, to_dict(cfg), repo, [describe(s) for s in cfg.features.sources])
 
 
 def make_run(root: Path, summary: dict = SUMMARY) -> Path:
@@ -65,8 +72,9 @@ def results(data) -> list[tuple]:
 
 
 def test_card_metadata_reports_test_and_names_every_split(tmp_path):
-    config = to_dict(run_config(tmp_path))
-    data = report.card_data(SUMMARY, config, REPO)
+    cfg = run_config(tmp_path)
+    config = to_dict(cfg)
+    data = card_data(SUMMARY, cfg)
     assert (data.language, data.base_model, data.pipeline_tag) == ("sv", "openai/whisper-small",
                                                                    "automatic-speech-recognition")
     assert data.datasets == ["common_voice"] and data.model_name == REPO
@@ -74,7 +82,7 @@ def test_card_metadata_reports_test_and_names_every_split(tmp_path):
                              ("test", "Test CER", 6.11), ("validation", "Validation WER (checkpoint selection)", 21.04)]
     assert {r.dataset_name for r in data.eval_results} == {"Common Voice 23.0 (cv)"}
     # picked on the test split (no validation split): only test numbers, each saying it is optimistic
-    on_test = report.card_data({**SUMMARY, "selection_split": "test"}, config, REPO)
+    on_test = card_data({**SUMMARY, "selection_split": "test"}, cfg)
     assert [(split, name) for split, name, _ in results(on_test)] == [
         ("test", f"Test WER{report.OPTIMISTIC}"), ("test", f"Test WER (normalized){report.OPTIMISTIC}"),
         ("test", f"Test CER{report.OPTIMISTIC}")]
@@ -83,23 +91,22 @@ def test_card_metadata_reports_test_and_names_every_split(tmp_path):
         f"small-sv: best/ from step 3000, test WER 18.34%{report.OPTIMISTIC}")
     # trained on held-out clips (features.on_overlap: keep): every test figure says so
     leaky = {**SUMMARY, "overlapping_training_rows": 12}
-    assert [name for _, name, _ in results(report.card_data(leaky, config, REPO))][:3] == [
+    assert [name for _, name, _ in results(card_data(leaky, cfg))][:3] == [
         f"Test WER{report.NOT_HELD_OUT}", f"Test WER (normalized){report.NOT_HELD_OUT}", f"Test CER{report.NOT_HELD_OUT}"]
     assert hub.commit_message(SimpleNamespace(summary=leaky, config=config)).endswith(report.NOT_HELD_OUT)
     chosen = {**SUMMARY, "overlapping_validation_rows": 3}  # validation shares clips with test: picked on them
-    assert results(report.card_data(chosen, config, REPO))[0][1] == f"Test WER{report.CHOSEN_ON_OVERLAP}"
-    mixed = to_dict(run_config(tmp_path, "features.sources.1.name=nst", "features.sources.1.kind=hf",
-                               "features.sources.1.path=someone/nst-sv"))
-    assert report.card_data(SUMMARY, mixed, REPO).datasets == ["common_voice", "someone/nst-sv"]
-    local = to_dict(run_config(tmp_path, f"model.name_or_path={tmp_path}", "features.sources.0.kind=hf",
-                               f"features.sources.0.path={tmp_path}"))
-    data = report.card_data(SUMMARY, local, REPO)  # local folders are no Hub ids
+    assert results(card_data(chosen, cfg))[0][1] == f"Test WER{report.CHOSEN_ON_OVERLAP}"
+    mixed = run_config(tmp_path, "features.sources.1.name=nst", "features.sources.1.kind=hf",
+                       "features.sources.1.path=someone/nst-sv")
+    assert card_data(SUMMARY, mixed).datasets == ["common_voice", "someone/nst-sv"]
+    local = run_config(tmp_path, f"model.name_or_path={tmp_path}", "features.sources.0.kind=hf",
+                       f"features.sources.0.path={tmp_path}")
+    data = card_data(SUMMARY, local)  # local folders are no Hub ids
     assert data.base_model is None and data.datasets is None and data.eval_results[0].dataset_type == "cv"
-    sample = report.card_data(SUMMARY, to_dict(run_config(tmp_path, "features.sources.0.path="
-                                                           "data/sample/cv-corpus-sample/sv-SE")), REPO)
+    sample = card_data(SUMMARY, run_config(tmp_path, "features.sources.0.path=data/sample/cv-corpus-sample/sv-SE"))
     assert sample.datasets is None  # the embedded sample is synthetic speech: no Common Voice clip
     assert {r.dataset_name for r in sample.eval_results} == {"synthetic speech in Common Voice format (cv)"}
-    named = report.card_data(SUMMARY, to_dict(run_config(tmp_path, "model.language=swedish")), REPO)
+    named = card_data(SUMMARY, run_config(tmp_path, "model.language=swedish"))
     assert named.language == "sv" and named.license == "apache-2.0"  # the Hub takes ISO codes only
 
 
@@ -153,6 +160,27 @@ def test_push_target_is_validated():
     for bad, message in (("whisper-sv", "expected USER/NAME"), ("me/whisper sv", "not a Hub repository id")):
         with pytest.raises(ConfigError, match=f"training.push_to_hub: .*{message}"):
             load_config(None, [f"training.push_to_hub={bad}"])
+
+
+def test_the_card_names_the_sources_the_store_was_built_from_not_the_training_config(tmp_path):
+    """Stage 2 reads its store by name: the sources its config lists (the default, the sample)
+    need not be the ones the store was built from, which its manifest records."""
+    from huggingface_hub import ModelCard
+
+    built = {**MANIFEST, "sources": [{"name": "cv", "kind": "common_voice", "where": "/d/cv-corpus-17.0-2024-03-15/sv-SE"}]}
+    cfg = load_config(None, ["training.run_name=small-sv"])  # features.sources: the embedded sample
+    data = ModelCard(report.model_card(SUMMARY, to_dict(cfg), built)).data
+    assert data.datasets == ["common_voice"] and {r.dataset_name for r in data.eval_results} == {"Common Voice 17.0 (cv)"}
+
+
+def test_a_push_renames_the_cards_model_index_and_keeps_the_rest_of_its_metadata(tmp_path):
+    from huggingface_hub import ModelCard
+
+    run = hub.finished_run(make_run(tmp_path))
+    trained, pushed = ModelCard(run.card).data, ModelCard(hub.readme(run, "someone/other-name")).data
+    assert trained.model_name == "small-sv" and pushed.model_name == "someone/other-name"
+    assert pushed.eval_results == trained.eval_results and pushed.datasets == trained.datasets
+    assert ModelCard(hub.readme(run, "someone/other-name")).text == ModelCard(run.card).text
 
 
 def test_training_card_carries_the_metadata(tmp_path):

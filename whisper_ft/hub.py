@@ -89,11 +89,12 @@ def push_files(best: str | Path) -> dict[str, Path]:
 
 
 def readme(run: FinishedRun, repo_id: str) -> str:
-    """The run's model card with its front matter made for `repo_id` (`report.card_data`)."""
+    """The run's model card, its model-index named `repo_id`; the rest of its metadata
+    (`report.card_data`) is as training wrote it from the feature store's manifest."""
     from huggingface_hub import ModelCard
 
     card = ModelCard(run.card)
-    card.data = report.card_data(run.summary, run.config, repo_id)
+    card.data.model_name = repo_id
     return str(card)
 
 

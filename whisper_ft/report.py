@@ -116,7 +116,7 @@ def model_card(summary: dict, config: dict, manifest: dict) -> str:
         "weight_decay", "dropout", "precision", "gradient_checkpointing", "freeze_encoder", "seed"))
     extras = [name for name, on in (("LoRA", t["lora"]["enabled"]), ("SpecAugment", t["spec_augment"]["enabled"])) if on]
     return f"""---
-{card_data(summary, config, t.get('push_to_hub') or t['run_name']).to_yaml()}
+{card_data(summary, config, t.get('push_to_hub') or t['run_name'], manifest['sources']).to_yaml()}
 ---
 
 # {t['run_name']}
@@ -182,15 +182,16 @@ def averaging_section(averaging: dict | None, split: str) -> str:
             f"{METRIC_NAMES[metric]} {_pct(score)} against {_pct(single)} for the best single check; {shipped}.\n")
 
 
-def card_data(summary: dict, config: dict, model_name: str):
+def card_data(summary: dict, config: dict, model_name: str, sources: list[dict]):
     """The card's Hub metadata (`huggingface_hub.ModelCardData`): language, base model, training
-    datasets and a model-index named `model_name` whose results name their split. The test
-    split's scores of best/ are the reported result; the validation WER that picked the
-    checkpoint is listed after them, when a validation split did. Local folders are no Hub ids
-    and are left out."""
+    datasets (`sources`: those of the training store's manifest, which the run's own
+    `features.sources` need not name) and a model-index named `model_name` whose results name
+    their split. The test split's scores of best/ are the reported result; the validation WER
+    that picked the checkpoint is listed after them, when a validation split did. Local folders
+    are no Hub ids and are left out."""
     from huggingface_hub import ModelCardData
 
-    sources = [_dataset(s) for s in config["features"]["sources"]]
+    sources = [_dataset(s) for s in sources]
     eval_store = config["training"].get("eval_features")
     dataset = ((eval_store, f"feature store {eval_store}") if eval_store else
                ("+".join(dict.fromkeys(t or n for t, n in sources)), " + ".join(n for _, n in sources)))
@@ -248,14 +249,14 @@ def _eval_results(summary: dict, dataset: tuple[str, str]) -> list:
 
 
 def _dataset(source: dict) -> tuple[str | None, str]:
-    """(Hub dataset id or type, readable name) of a `features.sources` entry: an `hf` source's
-    hub id (None for a local folder), None for the embedded sample (synthetic speech, no Common
-    Voice clip), or `common_voice` (the Hub's own example type) with the release when its path
-    names one."""
-    where = source.get("path") or source.get("dataset_id") or ""
-    if source["kind"] == "hf":
+    """(Hub dataset id or type, readable name) of a manifest's source (`sources.describe`): an
+    `hf` source's hub id (None for a local folder), None for the embedded sample (synthetic
+    speech, no Common Voice clip), or `common_voice` (the Hub's own example type) with the
+    release when its path names one."""
+    where = source.get("where") or ""
+    if source.get("kind") == "hf":
         return _hub_id(where), source["name"]
-    if source["kind"] == "common_voice" and SAMPLE_RELEASE in Path(where).parts:
+    if source.get("kind") == "common_voice" and SAMPLE_RELEASE in Path(where).parts:
         return None, f"synthetic speech in Common Voice format ({source['name']})"
     release = re.search(r"cv-corpus-(\d+(?:\.\d+)?)", where)
     return "common_voice", "Common Voice" + (f" {release.group(1)}" if release else "") + f" ({source['name']})"
