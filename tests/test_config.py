@@ -230,6 +230,8 @@ def test_set_values_keep_the_text_typed_for_strings():
     ("training.save_total_limit=1", "training.save_total_limit: 1 cannot keep both the newest checkpoint"),
     ("training.dataloader_workers=-1", "training.dataloader_workers: must be at least 0"),
     ("training.seed=-1", "training.seed: must be at least 0"),
+    ("training.seed=4294967296", "training.seed: must be from 0 to 4294967295, got 4294967296"),
+    ("app.host=", "app.host: expected an address or host name to bind"),
     ("features.workers=-1", "features.workers: must be at least 0"),
     ("features.served_clips=-5", "features.served_clips: must be at least 0, got -5"),
     ("training.dropout=1.5", r"training.dropout: must be in \[0, 1\)"),

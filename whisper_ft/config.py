@@ -474,6 +474,8 @@ def validate(cfg: Config) -> None:
                         ("weight_decay", t.weight_decay), ("seed", t.seed)):
         if value < 0:
             raise ConfigError(f"training.{name}: must be at least 0, got {value}")
+    if t.seed > 2**32 - 1:  # numpy's seeds, which the Trainer sets
+        raise ConfigError(f"training.seed: must be from 0 to {2**32 - 1}, got {t.seed}")
     if t.save_total_limit == 1:  # the Trainer would then delete the newest checkpoint at the end when it is not the best
         raise ConfigError("training.save_total_limit: 1 cannot keep both the newest checkpoint (to resume from) and "
                           "the best check's; use 2 or more, or 0 to keep every checkpoint")
@@ -569,6 +571,9 @@ def validate_app(app: AppConfig) -> None:
     for name in ("workers", "queue_size", "beam_size"):
         if getattr(app, name) < 1:
             raise ConfigError(f"app.{name}: must be at least 1, got {getattr(app, name)}")
+    if not app.host.strip():  # gradio would bind $GRADIO_SERVER_NAME or 127.0.0.1, not what the warnings name
+        raise ConfigError("app.host: expected an address or host name to bind (127.0.0.1: this machine only; "
+                          "0.0.0.0: the network), got an empty value")
     if not 1 <= app.port <= 65535:  # 0 would bind a random port that the page's address would not name
         raise ConfigError(f"app.port: must be from 1 to 65535, got {app.port}")
     check_translate_to(app.translate_to)
