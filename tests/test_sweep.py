@@ -826,6 +826,24 @@ def test_a_key_set_by_a_variant_and_searched_by_the_space_is_refused(tmp_path, c
     assert "training.max_steps is set by the sweep file's base and by its budget_samples" in err
 
 
+@pytest.mark.parametrize("where, key, owner", [
+    ({"space": {"features.max_seconds": [3.0, 30.0]}}, "features.max_seconds", "space"),
+    ({"space": {"training.seed": [1]}, "base": {"features": {"min_seconds": 1.0}}}, "features.min_seconds", "base"),
+    ({"variants": {"few": {"features.sources.0.limit": 20}, "all": {}}}, "features.sources.0.limit", "variants.few")])
+def test_a_setting_of_the_feature_pipeline_is_refused_in_the_sweep_file(tmp_path, capsys, where, key, owner):
+    """A trial trains on a store already built: its stage-1 settings would change nothing, and the
+    report would compare trials that differ only in name."""
+    path = write_spec(tmp_path, method="grid", budget_samples=64, **where)
+    err = sweep_command_error(tmp_path, capsys, path)
+    assert err == (f"error: sweep sw: {key} (set by the sweep file's {owner}) is a setting of python "
+                   "feature_pipeline.py, which a trial does not run: build one feature store per value "
+                   "(--set features.name=NAME) and search features.name\n")
+    # what a trial does read of the features section may be searched
+    path = write_spec(tmp_path, method="grid", budget_samples=64, space={"features.on_overlap": ["refuse", "keep"]},
+                      base={"features.data_dir": str(tmp_path / "unbuilt")})
+    assert "no finished features in" in sweep_command_error(tmp_path, capsys, path)
+
+
 @pytest.mark.parametrize("method", ["random", "bayes", "grid"])
 def test_a_date_as_the_sweep_seed_makes_a_study(tmp_path, method):
     from whisper_ft.sweep import make_study

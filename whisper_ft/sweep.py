@@ -186,13 +186,17 @@ def _count(value, where: str) -> int:
     return int(number)
 
 
+# the features.* keys a training run reads; the others decide how feature_pipeline.py builds a store
+TRIAL_READS = ("name", "data_dir", "on_overlap")
+
+
 def check_trials(spec: SweepSpec, base: Config, config_path: str | None,
                  overrides: list[str]) -> list[tuple[dict, Config]]:
     """Refuse, before any trial runs, a sweep whose settings cannot make a config (an unknown
     key, a value out of range: every grid point and variant, a range's bounds) or that sets a
     key its budgets, its metric (`decided_keys`) or the command line set too (one would silently
-    lose), or a key both a variant and the space set (the space's value would replace the
-    variant's), or whose trials would be checked on different clips: different feature stores'
+    lose), a stage-1 setting (`features.*` but TRIAL_READS: it would change no trial), or a key
+    both a variant and the space set (the space's value would replace the variant's), or whose trials would be checked on different clips: different feature stores'
     held-out splits (`training.eval_features` makes them one), or subsets of different sizes
     (`training.eval_subset`). Returns the (params, config) of the trials it checked."""
     both = _shared(_flat(spec.base), spec.space)
@@ -206,6 +210,11 @@ def check_trials(spec: SweepSpec, base: Config, config_path: str | None,
                               "values would replace the variant's; keep one")
     owners = {**{k: "variants." + name for name, v in spec.variants.items() for k in _flat(v)},
               **{k: "base" for k in _flat(spec.base)}, **{k: "space" for k in spec.space}}
+    built = sorted(k for k in owners if k.startswith("features.") and k.split(".")[1] not in TRIAL_READS)
+    if built:  # a trial reads a built store: the report would compare settings that changed nothing
+        raise ConfigError(f"sweep {spec.name}: {built[0]} (set by the sweep file's {owners[built[0]]}) is a setting of "
+                          "python feature_pipeline.py, which a trial does not run: build one feature store per value "
+                          "(--set features.name=NAME) and search features.name")
     decided = decided_keys(spec)
     both = _shared(owners, decided)
     if both:
