@@ -275,6 +275,23 @@ def test_an_empty_run_or_store_name_deletes_nothing(tmp_path, cv_release, capsys
     assert code == 2 and capsys.readouterr().err.startswith("error: features.name: must be one folder name")
 
 
+def test_training_says_a_feature_pipeline_setting_given_to_it_changes_nothing(tmp_path, capsys, caplog):
+    import training_pipeline
+
+    from whisper_ft import cli
+
+    code = cli.run(training_pipeline.main, [
+        "--config", CONFIG, "--set", f"features.data_dir={tmp_path}", "--set", "features.name=cv-sv",
+        "--set", "features.max_seconds=3", "--set", "features.sources.0.limit=20", "--set", "features.on_overlap=keep",
+        "--set", f"training.output_dir={tmp_path / 'runs'}"])
+    assert code == 2 and "no finished features in" in capsys.readouterr().err  # the store is not built here
+    warned = [r.getMessage() for r in caplog.records if r.name == "training_pipeline"]
+    assert [w.split(" changes nothing")[0] for w in warned] == ["--set features.max_seconds",
+                                                                "--set features.sources.0.limit"]
+    assert warned[0].endswith("trains on the store cv-sv as it was built (build another store under a new "
+                              "features.name to change it)")
+
+
 def test_a_config_of_an_earlier_version_loads_with_a_warning_for_each_retired_key(tmp_path, caplog):
     """A sweep's saved config.yaml, or a user's older copy, still sets the app's window settings."""
     old = tmp_path / "config.yaml"

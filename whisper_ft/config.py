@@ -70,6 +70,8 @@ class SourceConfig:
 SOURCE_KINDS = ("common_voice", "mdc", "hf")
 OVERLAP_POLICIES = ("refuse", "drop", "keep")
 AVERAGE_MODES = ("last", "best")
+# the features.* keys that training reads; the others decide how feature_pipeline.py builds a store
+TRAINING_READS = ("name", "data_dir", "on_overlap")
 SELECT_METRICS = ("wer", "wer_normalized", "cer")  # the scores of a check that may pick best/ (lower wins)
 
 
@@ -619,3 +621,8 @@ def to_dict(cfg: Any) -> dict:
 def save_config(cfg: Config, path: str | Path) -> None:
     """Write the resolved config as YAML (atomically)."""
     write_atomic(path, yaml.safe_dump(to_dict(cfg), sort_keys=False, allow_unicode=True))
+
+
+def stage1_only(key: str) -> bool:
+    """Whether the dotted `key` is a setting of feature_pipeline.py that training never reads."""
+    return key.startswith("features.") and key.split(".")[1] not in TRAINING_READS

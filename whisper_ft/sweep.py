@@ -28,7 +28,7 @@ import yaml
 
 from whisper_ft.checkpoints import read_best, read_events, selection_checks
 from whisper_ft.config import (SELECT_METRICS, Config, ConfigError, check_folder, check_writable, is_folder_name,
-                               load_config, load_yaml, save_config, to_dict, yaml_problem)
+                               load_config, load_yaml, save_config, stage1_only, to_dict, yaml_problem)
 from whisper_ft.errors import machine_problem
 from whisper_ft.files import write_atomic
 from whisper_ft.model import first_line
@@ -186,16 +186,12 @@ def _count(value, where: str) -> int:
     return int(number)
 
 
-# the features.* keys a training run reads; the others decide how feature_pipeline.py builds a store
-TRIAL_READS = ("name", "data_dir", "on_overlap")
-
-
 def check_trials(spec: SweepSpec, base: Config, config_path: str | None,
                  overrides: list[str]) -> list[tuple[dict, Config]]:
     """Refuse, before any trial runs, a sweep whose settings cannot make a config (an unknown
     key, a value out of range: every grid point and variant, a range's bounds) or that sets a
     key its budgets, its metric (`decided_keys`) or the command line set too (one would silently
-    lose), a stage-1 setting (`features.*` but TRIAL_READS: it would change no trial), or a key
+    lose), a setting of stage 1 (`stage1_only`: it would change no trial), or a key
     both a variant and the space set (the space's value would replace the variant's), or whose trials would be checked on different clips: different feature stores'
     held-out splits (`training.eval_features` makes them one), or subsets of different sizes
     (`training.eval_subset`). Returns the (params, config) of the trials it checked."""
@@ -210,7 +206,7 @@ def check_trials(spec: SweepSpec, base: Config, config_path: str | None,
                               "values would replace the variant's; keep one")
     owners = {**{k: "variants." + name for name, v in spec.variants.items() for k in _flat(v)},
               **{k: "base" for k in _flat(spec.base)}, **{k: "space" for k in spec.space}}
-    built = sorted(k for k in owners if k.startswith("features.") and k.split(".")[1] not in TRIAL_READS)
+    built = sorted(filter(stage1_only, owners))
     if built:  # a trial reads a built store: the report would compare settings that changed nothing
         raise ConfigError(f"sweep {spec.name}: {built[0]} (set by the sweep file's {owners[built[0]]}) is a setting of "
                           "python feature_pipeline.py, which a trial does not run: build one feature store per value "
