@@ -12,6 +12,7 @@ skips finished trials and resumes a killed one.
 
 from __future__ import annotations
 
+import os
 import sys
 
 from whisper_ft import cli
@@ -23,6 +24,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("sweep", help="sweep file (YAML): method, space, budget; see sweeps/")
     parser.add_argument("--report-only", action="store_true", help="only rewrite the report of finished trials")
     args = parser.parse_args(argv)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # every process would run every trial, in one study
+        raise cli.UserError("sweep.py runs its trials one after another in one process: start it with python, not "
+                            "torchrun or accelerate launch")
     spec = load_spec(args.sweep)
     base = cli.config_from_args(args)
     if args.report_only:

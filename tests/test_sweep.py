@@ -563,6 +563,16 @@ def sweep_command_error(tmp_path: Path, capsys, path: Path) -> str:
     return err
 
 
+def test_a_sweep_started_under_torchrun_is_refused(tmp_path, capsys, monkeypatch):
+    """Every process would create the same study and run every trial."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    path = write_spec(tmp_path, method="grid", budget_samples=64, space={"training.seed": [1, 2]})
+    assert sweep_command_error(tmp_path, capsys, path) == (
+        "error: sweep.py runs its trials one after another in one process: start it with python, not torchrun or "
+        "accelerate launch\n")
+    assert not (tmp_path / "ck").exists()
+
+
 @pytest.mark.parametrize("space, message", [
     ("{training.learning_rate: 3e-5}", "space.training.learning_rate: expected a list of values or a range "
                                        "{low, high}, got '3e-5' (a value every trial shares goes in base)"),

@@ -15,7 +15,6 @@ import dataclasses
 import itertools
 import json
 import math
-import os
 import time
 import traceback
 import urllib.parse
@@ -375,8 +374,8 @@ def budget(spec: SweepSpec, per_step: int) -> list[tuple[str, int]]:
 
 
 def samples_per_step(t) -> int:
-    """Training clips per optimizer step: batch x accumulation x processes."""
-    return t.batch_size * t.gradient_accumulation_steps * int(os.environ.get("WORLD_SIZE", "1"))
+    """Training clips per optimizer step: batch x accumulation (a sweep runs in one process)."""
+    return t.batch_size * t.gradient_accumulation_steps
 
 
 def pruning_callback(trial, metric: str, per_step: int, warmup_evals: int = 0, every_samples: int = 0,
