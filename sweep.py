@@ -5,9 +5,10 @@ Every trial gets the same budget of samples and the same evaluation set; a repor
     python sweep.py sweeps/lr.yaml                     # runs or continues every trial
     python sweep.py sweeps/lr.yaml --set training.batch_size=8
     python sweep.py sweeps/lr.yaml --report-only       # rewrite report.md and wer.png
+    python sweep.py sweeps/lr.yaml --retry-failed      # run the failed trials again (out of memory, ...)
 
 Trials live in <training.output_dir>/sweeps/<name>/trial-NNN/; rerunning the same command
-skips finished trials and resumes a killed one.
+skips finished (and failed) trials and resumes a killed one.
 """
 
 from __future__ import annotations
@@ -22,7 +23,10 @@ from whisper_ft.sweep import TRIAL_FILE, check_same_sweep, check_stores, check_t
 def main(argv: list[str] | None = None) -> int:
     parser = cli.base_parser(cli.summary(__doc__))
     parser.add_argument("sweep", help="sweep file (YAML): method, space, budget; see sweeps/")
-    parser.add_argument("--report-only", action="store_true", help="only rewrite the report of finished trials")
+    what = parser.add_mutually_exclusive_group()
+    what.add_argument("--report-only", action="store_true", help="only rewrite the report of finished trials")
+    what.add_argument("--retry-failed", action="store_true",
+                      help="first run each failed trial again, from the start, as a new trial with its settings")
     args = parser.parse_args(argv)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # every process would run every trial, in one study
         raise cli.UserError("sweep.py runs its trials one after another in one process: start it with python, not "
@@ -42,7 +46,8 @@ def main(argv: list[str] | None = None) -> int:
         from whisper_ft.train import run_training
 
         check_stores(spec, check_trials(spec, base, args.config, args.overrides))
-        report = run_sweep(spec, base, args.config, args.overrides, run_training) / "report.md"
+        report = run_sweep(spec, base, args.config, args.overrides, run_training,
+                           retry_failed=args.retry_failed) / "report.md"
     print(f"report: {report}")
     return 0
 

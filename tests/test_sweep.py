@@ -358,6 +358,38 @@ def test_a_failing_trial_is_recorded_and_not_rerun(tmp_path):
     assert len(scripted.calls) == calls  # finished and failed trials are not run again
 
 
+def test_failed_trials_run_again_on_request_each_once_and_count_once(tmp_path):
+    """--retry-failed: a failed trial runs again with its settings as a new trial, before any
+    trial still to draw, and the sweep still ends with its number of trials that did not fail."""
+    spec = load_spec(write_spec(tmp_path, method="random", trials=3, seed=5, budget_samples=32, eval_every_samples=32,
+                                prune=False, space={"training.learning_rate": {"low": 1e-5, "high": 1e-3, "log": True}}))
+    scripted = ScriptedTrainer(lambda t, step: 50.0, crash_on=1)  # the process is killed in the second trial
+    broken = [True]
+
+    def trainer(cfg, callbacks=()):
+        if broken:
+            broken.clear()
+            raise RuntimeError("CUDA out of memory")
+        return scripted(cfg, callbacks)
+
+    sets, lines = [f"training.output_dir={tmp_path / 'ck'}"], []
+    with pytest.raises(KeyboardInterrupt):
+        run_sweep(spec, base_config(tmp_path), str(ROOT / "config.yaml"), sets, trainer, log=lambda s: None)
+    folder = run_sweep(spec, base_config(tmp_path), str(ROOT / "config.yaml"), sets, trainer, log=lines.append,
+                       retry_failed=True)
+    trials = read_trials(folder)
+    assert [(t["number"], t["status"]) for t in trials] == [(0, "failed"), (1, "complete"), (2, "complete"),
+                                                            (3, "complete")]
+    assert trials[2]["params"] == trials[0]["params"] and trials[0]["retried_as"] == 2
+    assert lines[0] == "resuming trial 1" and "retrying failed trial 0 as trial 2" in lines
+    assert "- trial 0 (learning_rate=" in (report := (folder / "report.md").read_text())
+    assert "CUDA out of memory; retried as trial 2" in report
+    calls = len(scripted.calls)
+    run_sweep(spec, base_config(tmp_path), str(ROOT / "config.yaml"), sets, trainer, log=lambda s: None,
+              retry_failed=True)
+    assert len(scripted.calls) == calls and len(read_trials(folder)) == 4  # nothing left to retry or to draw
+
+
 def test_a_full_disk_stops_the_sweep_with_its_trial_resumable(tmp_path):
     """A full disk would fail every later trial too: the sweep stops (one line from the
     command), the trial is not marked failed, and the rerun resumes it."""

@@ -501,8 +501,10 @@ def _flat(tree: dict, prefix: str = "") -> dict:
 
 
 def run_sweep(spec: SweepSpec, base: Config, config_path: str | None, overrides: list[str],
-              train: Callable[..., dict], log: Callable[[str], None] = print) -> Path:
-    """Run (or continue) every trial of a sweep, then write the report; returns the sweep folder."""
+              train: Callable[..., dict], log: Callable[[str], None] = print, retry_failed: bool = False) -> Path:
+    """Run (or continue) every trial of a sweep, then write the report; returns the sweep folder.
+    With `retry_failed`, each failed trial not retried yet runs again first, from the start, as a
+    new trial with its settings (Optuna's finished trials stay as they ended)."""
     import optuna
     from optuna.trial import TrialState
 
@@ -519,8 +521,17 @@ def run_sweep(spec: SweepSpec, base: Config, config_path: str | None, overrides:
     for ft in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         log(f"resuming trial {ft.number}")
         _run_one(study, optuna.trial.Trial(study, ft._trial_id), spec, base, folder, config_path, overrides, train, log)
-    while len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED,
-                                                      TrialState.FAIL))) < n_trials(spec):
+    if retry_failed:
+        for ft in study.get_trials(deepcopy=False, states=(TrialState.FAIL,)):
+            if ft.number in _retried(study):
+                continue
+            study.enqueue_trial(ft.params, user_attrs={RETRY_OF: ft.number})
+            trial = study.ask(dists)
+            record_path = folder / f"trial-{ft.number:03d}" / TRIAL_FILE
+            _write_json(record_path, {**json.loads(record_path.read_text()), "retried_as": trial.number})
+            log(f"retrying failed trial {ft.number} as trial {trial.number}")
+            _run_one(study, trial, spec, base, folder, config_path, overrides, train, log)
+    while _counted(study) < n_trials(spec):
         if spec.method == "grid":
             seen = [t.params for t in study.get_trials(deepcopy=False)]
             study.enqueue_trial(next(p for p in grid_points(spec) if p not in seen))
@@ -529,6 +540,23 @@ def run_sweep(spec: SweepSpec, base: Config, config_path: str | None, overrides:
         _run_one(study, study.ask(dists), spec, base, folder, config_path, overrides, train, log)
     write_report(folder, spec)
     return folder
+
+
+RETRY_OF = "retry_of"  # the user attribute of a trial that reruns a failed one: that one's number
+
+
+def _retried(study) -> set[int]:
+    """The numbers of the failed trials that a later trial ran again."""
+    return {t.user_attrs[RETRY_OF] for t in study.get_trials(deepcopy=False) if RETRY_OF in t.user_attrs}
+
+
+def _counted(study) -> int:
+    """The finished trials that count towards the sweep's number: a failed trial that was
+    retried counts as its retry."""
+    from optuna.trial import TrialState
+
+    done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL))
+    return len(done) - len(_retried(study) & {t.number for t in done})
 
 
 def _run_one(study, trial, spec: SweepSpec, base: Config, folder: Path, config_path: str | None,
@@ -555,7 +583,7 @@ def _run_one(study, trial, spec: SweepSpec, base: Config, folder: Path, config_p
         callback = pruning_callback(trial, spec.metric, per_step, spec.prune_warmup_evals, spec.eval_every_samples,
                                     partial(_note_check, record_path, record, clock))
         result = train(cfg, callbacks=[callback])
-    except Exception as e:  # one trial's failure must not end the sweep: recorded, reported, not retried
+    except Exception as e:  # one trial's failure must not end the sweep: recorded, reported, retried on request
         if machine_problem(e):  # every later trial would fail alike: stop, resumable
             raise
         record.update(status="failed", error=f"{type(e).__name__}: {first_line(e)}")
@@ -677,8 +705,10 @@ def write_report(folder: Path, spec: SweepSpec) -> Path:
                      f"{_at(b)} | {test} | {r['steps']} | {r['samples']} | {r['wall'] / 60:.1f} min |")
     failed = [t for t in trials if t["status"] == "failed"]
     if failed:
-        lines += ["", "Failed trials (not retried; tracebacks in each trial's error.txt):", ""]
-        lines += [f"- trial {t['number']} ({_params(t['params'])}): {t.get('error', '')}" for t in failed]
+        lines += ["", "Failed trials (tracebacks in each trial's error.txt; `python sweep.py FILE --retry-failed` runs "
+                  "the ones not retried yet again):", ""]
+        lines += [f"- trial {t['number']} ({_params(t['params'])}): {t.get('error', '')}"
+                  + (f"; retried as trial {t['retried_as']}" if "retried_as" in t else "") for t in failed]
     report = folder / "report.md"
     write_atomic(report, "\n".join(lines) + "\n\n![WER against samples seen](wer.png)\n")
     _plot(folder / "wer.png", trials, spec.metric)
