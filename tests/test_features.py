@@ -294,7 +294,7 @@ def test_ctrl_c_with_decoding_workers_is_one_line(tmp_path, cv_release):
             os.killpg(proc.pid, signal.SIGKILL)
     assert proc.returncode == 130, err[-2000:]
     assert "Traceback" not in err and "KeyboardInterrupt" not in err, err[-3000:]
-    assert err.strip().splitlines()[-1] == "interrupted; rerun the same command to continue where it stopped"
+    assert err.strip().splitlines()[-1] == "interrupted; rerun the same command to go on from what it saved"
     assert len(workers) >= 2
     deadline = time.time() + 10
     while any(running(pid) for pid in workers) and time.time() < deadline:

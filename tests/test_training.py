@@ -254,9 +254,34 @@ def _wait_for_training(proc, run_dir: Path, steps: int = 3, timeout: float = 240
     raise AssertionError(f"no training steps logged (exit {proc.poll()})")
 
 
-def test_sigterm_saves_the_step_and_the_rerun_goes_on_from_it(tmp_path, features_dir, tiny_model_dir):
-    """SIGTERM to the whole process group (as SLURM sends it; the data-loading worker too)
-    saves the step the run is at, far from a save step, and exits 143 without the final phase."""
+def test_a_second_signal_of_a_kind_stops_at_once_and_one_of_each_kind_does_not(capfd):
+    """Ctrl-C twice: the second ends the run without the save. Under torchrun a terminal's
+    Ctrl-C reaches each process as SIGINT and torchrun's SIGTERM follows: still one save."""
+    from types import SimpleNamespace
+
+    from whisper_ft.errors import Stopped
+    from whisper_ft.stopping import StopOnSignal
+
+    before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    stopper = StopOnSignal()
+    stopper.on_train_begin(SimpleNamespace(), None, None)
+    signal.raise_signal(signal.SIGINT)
+    signal.raise_signal(signal.SIGTERM)  # torchrun's, after the terminal's Ctrl-C
+    assert stopper.received and "Ctrl-C: saving a checkpoint at the end of this step" in capfd.readouterr().err
+    with pytest.raises(KeyboardInterrupt):
+        signal.raise_signal(signal.SIGINT)  # a second Ctrl-C: at once
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before  # handlers given back
+    with pytest.raises(Stopped, match="stopped by Ctrl-C after step 7") as stop:
+        stopper.raise_if_stopped(7)
+    assert stop.value.signum == signal.SIGINT
+
+
+@pytest.mark.parametrize("signum, name", [(signal.SIGTERM, "SIGTERM"), (signal.SIGINT, "Ctrl-C")])
+def test_sigterm_or_ctrl_c_saves_the_step_and_the_rerun_goes_on_from_it(tmp_path, features_dir, tiny_model_dir, signum,
+                                                                        name):
+    """SIGTERM to the whole process group (as SLURM sends it; the data-loading worker too), or
+    SIGINT (a terminal's Ctrl-C) saves the step the run is at, far from a save step, and exits
+    143 (130) without the final phase."""
     sets = overrides(features_dir, tiny_model_dir, tmp_path, max_steps=1000, save_steps=500, eval_steps=500,
                      eval_before_training="false", dataloader_workers=1)
     cmd = [sys.executable, str(ROOT / "training_pipeline.py"), *cli_args(sets)]
@@ -266,15 +291,16 @@ def test_sigterm_saves_the_step_and_the_rerun_goes_on_from_it(tmp_path, features
                             start_new_session=True)
     try:
         _wait_for_training(proc, run_dir)
-        os.killpg(proc.pid, signal.SIGTERM)
+        os.killpg(proc.pid, signum)
         _, err = proc.communicate(timeout=120)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
-    assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
+    assert proc.returncode == 128 + signum, err[-3000:]
     [(step, _)] = checkpoints.checkpoints(run_dir)
     assert 3 <= step < 500 and err.rstrip().endswith(
-        f"stopped by SIGTERM after step {step}, its checkpoint saved: rerun the same command to go on from there")
+        f"stopped by {name} after step {step}, its checkpoint saved: rerun the same command to go on from there")
+    assert f"{name}: saving a checkpoint at the end of this step" in err and "Traceback" not in err
     log = events(run_dir)
     assert max(e["step"] for e in log if e["event"] == "train") == step
     assert [(e["event"], e["step"]) for e in log if e["event"] in ("checkpoint", "trained", "eval")] == [

@@ -34,7 +34,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
     return load_config(args.config, args.overrides, args.values)
 
 
-RESUMABLE = "interrupted; rerun the same command to continue where it stopped"
+RESUMABLE = "interrupted; rerun the same command to go on from what it saved"
 
 
 def run(main: Callable[[list[str] | None], int | None], argv: list[str] | None = None, *,

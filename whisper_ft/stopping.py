@@ -1,21 +1,25 @@
-"""A training run stopped by SIGTERM saves its step first: the signal a preempted cloud or spot
-machine, `scancel` or a job's time limit (SLURM), Kubernetes, `docker stop` and `kill` send. By
-default it ends the process on the spot and loses every step since the last checkpoint (up to
-`training.save_steps`); `StopOnSignal` lets the current step finish, saves a checkpoint there
-(in the background writer, waited for), and the run raises `Stopped`: exit status 143, and the
-same command resumes at that step. A second SIGTERM ends the process at once.
+"""A training run stopped by SIGTERM or Ctrl-C saves its step first. SIGTERM is the signal a
+preempted cloud or spot machine, `scancel` or a job's time limit (SLURM), Kubernetes, `docker
+stop` and `kill` send; Ctrl-C (SIGINT) is how a run in a terminal or a notebook cell is
+stopped. By default either ends the process on the spot and loses every step since the last
+checkpoint (up to `training.save_steps`); `StopOnSignal` lets the current step finish, saves a
+checkpoint there (in the background writer, waited for), and the run raises `Stopped`: exit
+status 128 + the signal's number (143, 130), and the same command resumes at that step. A
+second signal of the same kind ends the process at once.
 
     stopper = StopOnSignal()
     trainer = WhisperTrainer(..., callbacks=[..., stopper])
     trainer.train()
     stopper.raise_if_stopped(trainer.state.global_step)
 
-Data-loading workers ignore SIGTERM (`in_workers`): sent to every process of the job, as SLURM
-does, it would end them and fail the run before it saved; they stop with their loader.
+Data-loading workers ignore both (`in_workers`): sent to every process of the job, as SLURM
+does and a terminal's Ctrl-C does, they would end them and fail the run before it saved; they
+stop with their loader.
 
-Under torchrun every process gets the signal (torchrun passes it on and waits 30 s), maybe
-one step apart: they agree to stop at a step that is a multiple of `every`, with one all-reduce
-there (a host synchronisation every `every` steps, not every step).
+Under torchrun every process gets the signal (torchrun passes SIGTERM on and waits 30 s; on
+Ctrl-C, a terminal signals every process and torchrun sends SIGTERM too), maybe one step apart:
+they agree to stop at a step that is a multiple of `every`, with one all-reduce there (a host
+synchronisation every `every` steps, not every step).
 """
 
 from __future__ import annotations
@@ -29,40 +33,46 @@ from transformers import TrainerCallback
 
 from whisper_ft.errors import Stopped
 
-SIGNAL = signal.SIGTERM
+SIGNALS = {signal.SIGTERM: "SIGTERM", signal.SIGINT: "Ctrl-C"}  # each with its name in messages
 
 
 class StopOnSignal(TrainerCallback):
-    """Catches SIGTERM during `Trainer.train` (from `on_train_begin` to `on_train_end`, in the
-    main thread of this process) and turns it into a save and a stop at the end of a step."""
+    """Catches SIGTERM and SIGINT during `Trainer.train` (from `on_train_begin` to
+    `on_train_end`, in the main thread of this process) and turns the first into a save and a
+    stop at the end of a step."""
 
     def __init__(self, every: int = 10):
         self.every = every
-        self.received = False
+        self.signals: list[int] = []  # those received, in order
         self.stopped_at: int | None = None
-        self._before = None
+        self._before: dict = {}
+
+    @property
+    def received(self) -> bool:
+        return bool(self.signals)
 
     def on_train_begin(self, args, state, control, **kwargs):
         if threading.current_thread() is threading.main_thread():
-            self._before = signal.signal(SIGNAL, self._receive)
+            self._before = {signum: signal.signal(signum, self._receive) for signum in SIGNALS}
 
     def on_train_end(self, args, state, control, **kwargs):
         self._restore()
 
     def _restore(self) -> None:
-        if self._before is not None:
-            signal.signal(SIGNAL, self._before)
-            self._before = None
+        for signum, handler in self._before.items():
+            signal.signal(signum, handler)
+        self._before = {}
 
     def _receive(self, signum, frame) -> None:
-        if self.received:  # the second one: as if it had never been caught
+        if signum in self.signals:  # the second of a kind: as if it had never been caught
             self._restore()
             signal.raise_signal(signum)
             return
-        self.received = True
-        if os.environ.get("RANK", "0") == "0":  # a signal handler does not log: logging takes locks
-            os.write(2, b"SIGTERM: saving a checkpoint at the end of this step, then stopping "
-                        b"(a second SIGTERM stops at once)\n")
+        self.signals.append(signum)
+        if len(self.signals) == 1 and os.environ.get("RANK", "0") == "0":  # a handler does not log: logging locks
+            name = SIGNALS[signum]
+            os.write(2, f"{name}: saving a checkpoint at the end of this step, then stopping (a second {name} stops "
+                        "at once, losing the steps since the last checkpoint)\n".encode())
 
     def on_step_end(self, args, state, control, **kwargs):
         if self.stopped_at is None and self._agreed(args, state.global_step):
@@ -86,18 +96,19 @@ class StopOnSignal(TrainerCallback):
         """After `Trainer.train` returned: raise `Stopped` when the signal came, whether it stopped
         the loop or arrived after its last step (that step's checkpoint is saved either way)."""
         self._restore()
-        if self.received:
+        if self.signals:
             at = self.stopped_at if self.stopped_at is not None else step
-            raise Stopped(f"stopped by SIGTERM after step {at}, its checkpoint saved: rerun the same command to go "
-                          "on from there", SIGNAL)
+            raise Stopped(f"stopped by {SIGNALS[self.signals[0]]} after step {at}, its checkpoint saved: rerun the same "
+                          "command to go on from there", self.signals[0])
 
 
 def in_workers(init_fn=None):
-    """A DataLoader `worker_init_fn` that makes the worker ignore SIGTERM, then runs `init_fn`."""
+    """A DataLoader `worker_init_fn` that makes the worker ignore SIGTERM and SIGINT, then runs `init_fn`."""
     return partial(_ignore_in_worker, init_fn)
 
 
 def _ignore_in_worker(init_fn, worker_id: int) -> None:
-    signal.signal(SIGNAL, signal.SIG_IGN)
+    for signum in SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
     if init_fn is not None:
         init_fn(worker_id)
