@@ -377,6 +377,9 @@ def test_rerunning_a_finished_run_trains_no_more_and_changed_settings_are_refuse
     assert len(tests()) == 1
     assert run_training(load_config(ROOT / "config.yaml", sets)) == first  # finished: nothing is done again
     assert len(tests()) == 1 and len([e for e in events(run_dir) if e["event"] == "start"]) == 1
+    shutil.copytree(run_dir, tmp_path / "moved")  # a finished run copied (or moved) under another name
+    moved = run_training(load_config(ROOT / "config.yaml", [*sets, "training.run_name=moved"]))
+    assert moved == {**first, "run_dir": str(tmp_path / "moved")}  # it names where it is now
     sets.append("training.average_mode=best")  # another final phase: done again
     again = run_training(load_config(ROOT / "config.yaml", sets))
     assert again["steps"] == 2 and [s for s, _ in checkpoints.checkpoints(run_dir)] == [2]

@@ -1014,7 +1014,7 @@ def finished_summary(cfg: Config, run_dir: Path, step: int) -> dict | None:
     now = to_dict(cfg)["training"]
     if summary.get("steps") != step or any(saved.get(key) != now[key] for key in FINAL_PHASE):
         return None
-    return summary
+    return {**summary, "run_dir": str(run_dir)}  # where the run is now: its folder may have been moved
 
 
 TRAIN_FIGURES = ("train_runtime", "train_samples_per_second", "train_loss")  # of the Trainer, per session
