@@ -97,6 +97,26 @@ def test_end_of_text_follows_generate_and_pads(tiny_model_dir, features_dir):
             assert set(row[row.index(EOT):]) == {EOT}
 
 
+@torch.no_grad()
+@pytest.mark.parametrize("timestamp", [TIMESTAMP_BEGIN, TIMESTAMP_BEGIN + 192])  # <|0.00|>, <|3.84|>
+def test_timestamps_are_suppressed_after_notimestamps_as_generate_is_asked_to(tiny_model_dir, features_dir, timestamp):
+    """A model whose best token is a timestamp: generate, left alone, would drop the text after
+    two in a row and decode again from there (forever, for <|0.00|>). Both suppress them."""
+    from whisper_ft.decoding import suppressed_tokens
+
+    model = _model(tiny_model_dir)
+    x = _inputs(features_dir, 3)
+    encoded = model.model.encoder(x).last_hidden_state
+    first = GreedyDecoder(model, PREFIX, 10).generate(encoded)[0, 0].item()
+    model.proj_out.weight[timestamp] = 1.05 * model.proj_out.weight[first]  # the timestamp now wins there
+    assert suppressed_tokens(model, PREFIX)[-1] == model.config.vocab_size - 1
+    assert suppressed_tokens(model, PREFIX[:-1]) == list(model.generation_config.suppress_tokens)  # timestamps wanted
+    ours = GreedyDecoder(model, PREFIX, 10).generate(encoded)
+    assert ours.max() < TIMESTAMP_BEGIN and ours[0, 0].item() != timestamp
+    ref = model.generate(x, max_new_tokens=10, suppress_tokens=suppressed_tokens(model, PREFIX))
+    assert ours.tolist() == ref.tolist()
+
+
 def test_max_new_tokens_counts_like_generate(tiny_model_dir):
     assert max_new_tokens(40, 4) == 40
     assert max_new_tokens(448, 4) == 444  # the prefix and the new tokens share the 448 positions
@@ -104,8 +124,10 @@ def test_max_new_tokens_counts_like_generate(tiny_model_dir):
         GreedyDecoder(_model(tiny_model_dir), PREFIX, 445)
 
 
-def test_trainer_evaluation_matches_generate(tmp_path, tiny_model_dir, features_dir):
-    """The Trainer's predictions and loss with the fast decoder equal those of `generate`."""
+@pytest.mark.parametrize("timestamps", [False, True])
+def test_trainer_evaluation_matches_generate(tmp_path, tiny_model_dir, features_dir, timestamps):
+    """The Trainer's predictions and loss with the fast decoder equal those of `generate`, also
+    for a model that prefers timestamp tokens (which both suppress)."""
     from whisper_ft.config import load_config
     from whisper_ft.train import load_data, make_trainer, prepare_model, training_arguments
 
@@ -116,6 +138,11 @@ def test_trainer_evaluation_matches_generate(tmp_path, tiny_model_dir, features_
     data = load_data(cfg)
     model = prepare_model(cfg, data.processor.tokenizer)
     args = training_arguments(cfg, tmp_path / "run", 30, eval_on_start=False, d_model=model.config.d_model)
+    if timestamps:  # a model that picks a timestamp where it picked its commonest token, as diverged weights may
+        picked = make_trainer(model, args, data, data.test_model, fast_generation=True).predict(data.test_model)
+        common = torch.as_tensor(picked.predictions).flatten().bincount().argmax().item()
+        with torch.no_grad():
+            model.proj_out.weight[TIMESTAMP_BEGIN + 192] = 1.05 * model.proj_out.weight[common]  # <|3.84|>
     out = {}
     for fast in (True, False):
         trainer = make_trainer(model, args, data, data.test_model, fast_generation=fast)

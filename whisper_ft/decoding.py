@@ -11,9 +11,13 @@ longer than training. Here a step is a fixed sequence of tensor operations on pr
 buffers (no host synchronisation), which a CUDA graph replays with one launch. It computes
 what greedy `generate` computes for Whisper's short-form transcription: the forced prefix,
 `suppress_tokens` at every step, `begin_suppress_tokens` at the first generated token,
-end-of-text padding after a clip finishes, the same cap on new tokens. In float32 its tokens
-are generate's; in bfloat16 the two round at other places (the encoder runs on a bfloat16
-copy of the weights here, under autocast in generate) and a few clips' transcripts differ.
+end-of-text padding after a clip finishes, the same cap on new tokens. After a prefix ending
+in <|notimestamps|> both suppress the timestamp tokens too (`suppressed_tokens`, which the
+evaluation also gives `generate`): two of them in a row make `generate` drop the text after
+them and decode the clip again from that time, even without timestamps, and <|0.00|><|0.00|>
+never ends. In float32 its tokens are generate's; in bfloat16 the two round at other places
+(the encoder runs on a bfloat16 copy of the weights here, under autocast in generate) and a
+few clips' transcripts differ.
 """
 
 from __future__ import annotations
@@ -33,6 +37,17 @@ def max_new_tokens(max_length: int, n_prefix: int, max_positions: int = 448) -> 
     """New tokens that `generate(max_length=...)` allows Whisper: the prefix does not count
     against `max_length`, but the whole sequence must fit the decoder's positions."""
     return max(1, min(max_length + n_prefix, max_positions) - n_prefix)
+
+
+def suppressed_tokens(model, prefix: list[int]) -> list[int]:
+    """The tokens greedy decoding after `prefix` never picks: the generation config's
+    `suppress_tokens`, and every timestamp token when the prefix ends in <|notimestamps|>."""
+    gen = model.generation_config
+    tokens = list(gen.suppress_tokens or [])
+    no_timestamps = getattr(gen, "no_timestamps_token_id", None)
+    if no_timestamps is not None and prefix and prefix[-1] == no_timestamps:
+        tokens += range(no_timestamps + 1, model.config.vocab_size)
+    return tokens
 
 
 class GreedyDecoder:
@@ -64,7 +79,7 @@ class GreedyDecoder:
         self.scale = (cfg.d_model // self.heads) ** -0.5
         self.w = _decoder_weights(model, self.dtype)
         self.n_prefix = len(self.prefix)
-        self.suppress = self._bias(gen.suppress_tokens or [])
+        self.suppress = self._bias(suppressed_tokens(model, self.prefix))
         self.begin_suppress = self._bias(gen.begin_suppress_tokens or [])
         self.cuda_graph = self.device.type == "cuda" if cuda_graph is None else cuda_graph
         self.state: _State | None = None

@@ -631,7 +631,11 @@ class WhisperTrainer(Seq2SeqTrainer):
         self._count_loss(outputs.logits, inputs["labels"])
         if not generate:
             return loss.detach(), None if prediction_loss_only else outputs.logits, inputs["labels"]
-        if not fast:  # beam search, LoRA: the model's own generate
+        if not fast:  # beam search, LoRA: the model's own generate, suppressing what the fast decoder does
+            from whisper_ft.decoding import suppressed_tokens
+
+            gen_kwargs = {**(gen_kwargs or getattr(self, "_gen_kwargs", {})),  # empty: the Trainer's own
+                          "suppress_tokens": suppressed_tokens(whisper, self.processing_class.tokenizer.prefix_tokens)}
             with self._autocast():
                 _, tokens, _ = super().prediction_step(model, {k: v for k, v in inputs.items() if k != "labels"},
                                                        False, ignore_keys, **gen_kwargs)
