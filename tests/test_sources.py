@@ -572,6 +572,56 @@ def test_audiofolder_null_file_names_short_rows_and_numeric_transcripts(audiofol
         read_source(src, tmp_path)
 
 
+@pytest.mark.parametrize("name", ["metadata.csv", "metadata.jsonl"])
+def test_audiofolder_metadata_in_another_encoding_is_one_line(audiofolder, tmp_path, name):
+    """A spreadsheet saved in Latin-1 (Excel on Windows)."""
+    folder = tmp_path / "af"
+    records = audiofolder_records(audiofolder, folder)
+    text = (f"file_name,transcription,who\n{records[0]['file_name']},Hej på dig,a\n" if name.endswith(".csv") else
+            json.dumps({**records[0], "transcription": "Hej på dig"}, ensure_ascii=False) + "\n")
+    (folder / "train" / name).write_bytes(text.encode("latin-1"))
+    with pytest.raises(SourceError, match=rf"^source af: {folder / 'train' / name} is not UTF-8 text "
+                                          r"\(invalid .* at byte \d+\): save it as UTF-8$"):
+        read_source(SourceConfig(path=str(folder), **AF_SOURCE), tmp_path)
+
+
+def test_a_local_folder_only_datasets_audiofolder_reader_could_read_is_one_line(audiofolder, tmp_path, monkeypatch):
+    """Without metadata.csv or .jsonl (WAVs alone, a metadata.parquet), datasets' audiofolder
+    reader would encode every clip with torchcodec, which the pipeline does without."""
+    without_torchcodec(monkeypatch)
+    folder = tmp_path / "af"
+    audiofolder_records(audiofolder, folder)  # train/ keeps its clips, without a metadata file
+    (folder / "test" / "metadata.csv").unlink()
+    with pytest.raises(SourceError, match=rf"^source af: cannot load split 'train' of {folder} without torchcodec: a "
+                                          rf"local audiofolder is read with {folder}/train/metadata.csv or "
+                                          r"metadata.jsonl \(a file_name and a text column\)$"):
+        read_source(SourceConfig(path=str(folder), **AF_SOURCE), tmp_path)
+
+
+@pytest.mark.parametrize("path, hint", [
+    ("/data/no-such-folder", " (no such folder)"), ("no-such-folder", " (no such folder)"),
+    ("someone/sv-speech", " (HF_HUB_OFFLINE is set: a Hub id loads only from the cache of an earlier download; or "
+                          "pass a local folder)")])
+def test_an_hf_source_that_is_not_there_says_what_it_may_be(tmp_path, path, hint):
+    src = SourceConfig(name="x", kind="hf", path=path, train_splits=("train",), eval_splits=(), validation_from="")
+    with pytest.raises(SourceError) as e:  # HF_HUB_OFFLINE=1 in the tests
+        read_source(src, tmp_path)
+    assert str(e.value).startswith(f"source x: cannot load split 'train' of {path}: ") and str(e.value).endswith(hint)
+
+
+def test_a_speaker_numbered_zero_is_a_speaker(tmp_path, cv_release):
+    """An integer speaker column: speaker 0 was stored as no speaker, each of its clips apart."""
+    import datasets
+
+    rows = read_cv_tsv(cv_release / "train.tsv")[:4]
+    ds = datasets.Dataset.from_dict({"path": [str(cv_release / "clips" / r["path"]) for r in rows],
+                                     "text": [r["sentence"] for r in rows], "speaker_id": [0, 1, 0, 2]})
+    datasets.DatasetDict({"train": ds}).save_to_disk(str(tmp_path / "ds"))
+    src = SourceConfig(name="n", kind="hf", path=str(tmp_path / "ds"), audio_column="path", text_column="text",
+                       speaker_column="speaker_id", train_splits=("train",), eval_splits=(), validation_from="")
+    assert [r.speaker for r in read_source(src, tmp_path)[TRAIN]] == ["0", "1", "0", "2"]
+
+
 @pytest.mark.parametrize("header", ["file_name,transcription,who", "file_name,who"], ids=["text", "no-text-column"])
 def test_audiofolder_csv_row_with_an_unquoted_comma_is_refused(audiofolder, tmp_path, header):
     """A sentence with an unquoted comma is more fields than the header: a one-line error with

@@ -11,6 +11,7 @@ import csv
 import functools
 import gzip
 import hashlib
+import io
 import itertools
 import json
 import os
@@ -328,7 +329,7 @@ def _read_hf(src: SourceConfig) -> dict[str, list[Row]]:
                 audio = (_audio_value(ex[src.audio_column]) for ex in examples)
             texts = _text_columns(examples, [c for c in (src.text_column, src.speaker_column) if c in columns])
             for i, (data, ex) in enumerate(itertools.islice(zip(audio, texts), src.limit or None)):
-                speaker = str(ex.get(src.speaker_column) or "") if has_speaker else ""
+                speaker = _sentence(ex.get(src.speaker_column)) if has_speaker else ""  # speaker 0 too
                 # a record without the text (audiofolder JSON lines may omit keys) has an empty
                 # sentence, which the encoder drops and counts
                 out[target].append(Row(src.name, target, f"{split}/{i}", data, _sentence(ex.get(src.text_column)),
@@ -401,11 +402,16 @@ def _read_audiofolder_split(src: SourceConfig, root: Path, split: str) -> tuple[
     if meta is None:
         raise SourceError(f"source {src.name}: audiofolder {root} has no split {split!r} "
                           f"(expected {root}/{split}/metadata.csv or metadata.jsonl)")
+    try:
+        text = meta.read_text(encoding="utf-8-sig")  # -sig: a spreadsheet's byte-order mark
+    except UnicodeDecodeError as e:
+        raise SourceError(f"source {src.name}: {meta} is not UTF-8 text ({e.reason} at byte {e.start}): save it as "
+                          "UTF-8") from e
     if meta.suffix == ".csv":
-        records = _read_metadata_csv(src, meta)
+        records = _read_metadata_csv(src, meta, text)
     else:
         records = []
-        for n, line in enumerate(meta.read_text(encoding="utf-8-sig").splitlines(), 1):
+        for n, line in enumerate(text.splitlines(), 1):
             try:
                 record = json.loads(line) if line.strip() else None
             except ValueError as e:
@@ -422,23 +428,22 @@ def _read_audiofolder_split(src: SourceConfig, root: Path, split: str) -> tuple[
     return columns, examples
 
 
-def _read_metadata_csv(src: SourceConfig, meta: Path) -> list[dict]:
-    """The records of an audiofolder metadata.csv. A row with more or fewer fields than the
-    header is refused with its line, as datasets' audiofolder refuses it: csv would cut a
-    sentence at an unquoted comma (the rest going to a column without a name), or fill the
-    missing fields with None."""
-    with open(meta, encoding="utf-8-sig", newline="") as f:  # -sig: a spreadsheet's byte-order mark
-        reader = csv.DictReader(f)
-        records = []
-        for r in reader:
-            where = f"source {src.name}: {meta} line {reader.line_num}"
-            if None in r:
-                raise SourceError(f"{where} has more fields than its header's {len(reader.fieldnames)}: put a field "
-                                  'that holds a comma in double quotes ("Ja, tack.")')
-            if None in r.values():
-                raise SourceError(f"{where} has fewer fields than its header's {len(reader.fieldnames)}: add the "
-                                  "missing ones (empty, if need be)")
-            records.append(r)
+def _read_metadata_csv(src: SourceConfig, meta: Path, text: str) -> list[dict]:
+    """The records of an audiofolder metadata.csv (`text`). A row with more or fewer fields
+    than the header is refused with its line, as datasets' audiofolder refuses it: csv would
+    cut a sentence at an unquoted comma (the rest going to a column without a name), or fill
+    the missing fields with None."""
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    records = []
+    for r in reader:
+        where = f"source {src.name}: {meta} line {reader.line_num}"
+        if None in r:
+            raise SourceError(f"{where} has more fields than its header's {len(reader.fieldnames)}: put a field "
+                              'that holds a comma in double quotes ("Ja, tack.")')
+        if None in r.values():
+            raise SourceError(f"{where} has fewer fields than its header's {len(reader.fieldnames)}: add the "
+                              "missing ones (empty, if need be)")
+        records.append(r)
     return records
 
 
@@ -467,14 +472,38 @@ def _load_hf_split(src: SourceConfig, split: str):
             ds = loaded[split] if isinstance(loaded, datasets.DatasetDict) else loaded
         else:
             ds = datasets.load_dataset(str(path) if path.exists() else src.path, src.hf_config or None, split=split)
-    except (FileNotFoundError, KeyError, ValueError, ConnectionError, OSError) as e:
-        hint = "" if path.exists() else " (offline? pass a local folder, or set HF_HUB_OFFLINE=1 with a cached copy)"
+    except (FileNotFoundError, KeyError, ValueError, ConnectionError, OSError, ImportError,
+            datasets.exceptions.DatasetGenerationError) as e:
+        if any("torchcodec" in str(c) for c in _chain(e)):  # datasets' audiofolder reader encodes every clip with it
+            raise SourceError(f"source {src.name}: cannot load split {split!r} of {src.path} without torchcodec: a "
+                              f"local audiofolder is read with {path}/{split}/metadata.csv or metadata.jsonl (a "
+                              "file_name and a text column)") from e
         text = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
         raise SourceError(f"source {src.name}: cannot load split {split!r} of {src.path}: "
-                          f"{text.splitlines()[0] if text else type(e).__name__}{hint}") from e
+                          f"{text.splitlines()[0] if text else type(e).__name__}{_not_found_hint(src.path)}") from e
     if src.audio_column in ds.column_names:
         ds = ds.cast_column(src.audio_column, datasets.Audio(decode=False))
     return ds
+
+
+def _chain(e: BaseException):
+    """`e` and the exceptions it was raised from or during."""
+    while e is not None:
+        yield e
+        e = e.__cause__ or e.__context__
+
+
+def _not_found_hint(name: str) -> str:
+    """What an `hf` source's path that loaded nothing may be: a local folder that is not there
+    (a path, or a name no Hub id looks like), or a Hub id this machine cannot fetch."""
+    if Path(name).expanduser().exists():
+        return ""
+    if name.startswith(("/", ".", "~")) or name.count("/") != 1:
+        return " (no such folder)"
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
+        return (" (HF_HUB_OFFLINE is set: a Hub id loads only from the cache of an earlier download; or pass a local "
+                "folder)")
+    return " (offline? pass a local folder, or set HF_HUB_OFFLINE=1 with a cached copy)"
 
 
 def describe(src: SourceConfig) -> dict:
