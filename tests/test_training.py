@@ -875,9 +875,11 @@ def test_a_store_built_keeping_overlap_counts_its_overlapping_rows(tmp_path, fea
         shutil.rmtree(other)
 
 
-def _store_training_on_test_clips(features_dir: Path, name: str, speaker: str | None = None) -> Path:
+def _store_training_on_test_clips(features_dir: Path, name: str, speaker: str | None = None,
+                                  source: str | None = None) -> Path:
     """A copy of the fixture store whose training split is the fixture's test clips (read by
-    another `speaker`: the same sentences, other clips)."""
+    another `speaker`: the same sentences, other clips; or the same clips from a source of
+    another name)."""
     from datasets import load_from_disk
 
     other = features_dir.parent / name
@@ -886,8 +888,13 @@ def _store_training_on_test_clips(features_dir: Path, name: str, speaker: str | 
     manifest = json.loads((other / "manifest.json").read_text())
     test_shards = manifest["splits"]["eval"]["shards"]
     manifest["splits"]["train"] = manifest["splits"]["eval"]
-    if speaker is not None:
-        ds = load_from_disk(str(features_dir / test_shards[0])).map(lambda ex: {"speaker": speaker})
+    if speaker is not None or source is not None:
+        def change(ex, i):
+            if speaker is None:
+                return {"source": source}
+            return {"speaker": speaker, "id": f"train/other_{i}.mp3"}
+
+        ds = load_from_disk(str(features_dir / test_shards[0])).map(change, with_indices=True)
         ds.save_to_disk(str(other / "train" / "shard-test"))
         (other / "train" / "shard-test" / "stats.json").write_text(json.dumps({"clips": len(ds)}))
         manifest["splits"]["train"] = {**manifest["splits"]["eval"], "shards": ["train/shard-test"]}
@@ -915,6 +922,9 @@ def test_eval_features_store_sharing_clips_with_training_is_refused(tmp_path, fe
         shared = load_data(load_config(None, sets))  # only sentences shared: a warning
         assert len(shared.test) == 10 and shared.overlapping_training_rows == 10
         assert "10 test clips of fixture (training.eval_features) share a sentence" in caplog.text
+        _store_training_on_test_clips(features_dir, "fixture-leaky", source="cv17")  # one release, named otherwise
+        with pytest.raises(FeaturesError, match="the training clips of features fixture-leaky include 10 test clips"):
+            load_data(load_config(None, sets))
         assert load_data(load_config(None, overrides(features_dir, tiny_model_dir, tmp_path))).overlapping_training_rows == 0
     finally:
         shutil.rmtree(leaky)

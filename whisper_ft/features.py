@@ -31,6 +31,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import sys
 import time
@@ -587,15 +588,21 @@ def build_shards(root: Path, todo: list[Shard], processor: Processor, limits: Li
 # --------------------------------------------------------------------------- leakage between splits
 
 
+# a Common Voice clip's file name, the same in every release and whatever its source is called
+CV_CLIP = re.compile(r"common_voice_[A-Za-z]{2,3}(?:-[A-Za-z0-9]+)*_\d+\.mp3")
+
+
 def clip_key(row: Row) -> str | None:
-    """What identifies a row's recording: its file, or a hash of its bytes. Audio embedded in
-    Arrow files (hashing it would read the whole dataset) is identified by its source, speaker
-    and normalized sentence, when it names a speaker; else None, and it is compared by sentence
-    only."""
+    """What identifies a row's recording: its file, or a hash of its bytes. A stored row (no
+    audio) with a Common Voice clip's name is that name. Audio embedded in Arrow files (hashing
+    it would read the whole dataset) is identified by its source, speaker and normalized
+    sentence, when it names a speaker; else None, and it is compared by sentence only."""
     if isinstance(row.audio, str):
         return os.path.realpath(row.audio) if row.audio else None
     if isinstance(row.audio, bytes):
         return hashlib.sha1(row.audio).hexdigest()
+    if row.audio is None and CV_CLIP.fullmatch(name := row.id.rpartition("/")[2]):
+        return name
     if row.speaker and normalize(row.sentence):
         return f"{row.source}, speaker {row.speaker}: {normalize(row.sentence)}"
     return None
@@ -666,7 +673,8 @@ def find_overlap(rows: list[Row], held: list[Row], split: str, of: str = TRAIN) 
 def stored_rows(ds, split: str) -> list[Row]:
     """The rows of a stored split (a `datasets.Dataset` of a store), read from their id, source,
     speaker and sentence columns only, for `find_overlap` across stores. Shards keep no audio
-    path, so `clip_key` identifies a clip as it does audio embedded in Arrow files: by source,
+    path, so `clip_key` identifies a clip by its Common Voice name (two stores may call one
+    release by two source names), else as it does audio embedded in Arrow files: by source,
     speaker and normalized sentence."""
     cols = ds.select_columns(["id", "source", "speaker", "sentence"]).to_dict()
     return [Row(source, split, id_, None, sentence, speaker)
