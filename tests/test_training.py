@@ -254,6 +254,26 @@ def _wait_for_training(proc, run_dir: Path, steps: int = 3, timeout: float = 240
     raise AssertionError(f"no training steps logged (exit {proc.poll()})")
 
 
+def test_a_run_that_fails_in_training_gives_back_the_signal_handlers(tmp_path, features_dir, tiny_model_dir):
+    """A sweep goes on to its next trial (a notebook to its next cell) after a failed run: Ctrl-C
+    and SIGTERM must then act as they did before it, not as a request to that run to save."""
+    from transformers import TrainerCallback
+
+    from whisper_ft.train import run_training
+
+    class OutOfMemoryAtStep2(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 2:
+                raise RuntimeError("CUDA out of memory")
+
+    before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    cfg = load_config(ROOT / "config.yaml", overrides(features_dir, tiny_model_dir, tmp_path,
+                                                      eval_before_training="false", export_ctranslate2="false"))
+    with pytest.raises(RuntimeError, match="CUDA out of memory"):
+        run_training(cfg, callbacks=[OutOfMemoryAtStep2()])
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
+
+
 def test_a_second_signal_of_a_kind_stops_at_once_and_one_of_each_kind_does_not(capfd):
     """Ctrl-C twice: the second ends the run without the save. Under torchrun a terminal's
     Ctrl-C reaches each process as SIGINT and torchrun's SIGTERM follows: still one save."""

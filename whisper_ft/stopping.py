@@ -56,16 +56,17 @@ class StopOnSignal(TrainerCallback):
             self._before = {signum: signal.signal(signum, self._receive) for signum in SIGNALS}
 
     def on_train_end(self, args, state, control, **kwargs):
-        self._restore()
+        self.restore()
 
-    def _restore(self) -> None:
+    def restore(self) -> None:
+        """Give back the handlers found at `on_train_begin` (also after a `train` that raised)."""
         for signum, handler in self._before.items():
             signal.signal(signum, handler)
         self._before = {}
 
     def _receive(self, signum, frame) -> None:
         if signum in self.signals:  # the second of a kind: as if it had never been caught
-            self._restore()
+            self.restore()
             signal.raise_signal(signum)
             return
         self.signals.append(signum)
@@ -95,7 +96,7 @@ class StopOnSignal(TrainerCallback):
     def raise_if_stopped(self, step: int) -> None:
         """After `Trainer.train` returned: raise `Stopped` when the signal came, whether it stopped
         the loop or arrived after its last step (that step's checkpoint is saved either way)."""
-        self._restore()
+        self.restore()
         if self.signals:
             at = self.stopped_at if self.stopped_at is not None else step
             raise Stopped(f"stopped by {SIGNALS[self.signals[0]]} after step {at}, its checkpoint saved: rerun the same "

@@ -814,7 +814,11 @@ def run_training(cfg: Config, fresh: bool = False, callbacks: Sequence[TrainerCa
         trainer.state = TrainerState.load_from_json(str(resume / TRAINER_STATE_NAME))
         train_metrics = earlier_train_metrics(run_dir)
     else:
-        train_metrics = trainer.train(resume_from_checkpoint=str(resume) if resume else None).metrics
+        try:
+            train_metrics = trainer.train(resume_from_checkpoint=str(resume) if resume else None).metrics
+        except BaseException:  # no on_train_end then: the next Ctrl-C or SIGTERM is not this run's
+            stopper.restore()
+            raise
         if trainer.is_world_process_zero():
             log_trained(run_dir, trainer.state.global_step, train_metrics)
         stopper.raise_if_stopped(trainer.state.global_step)  # SIGTERM: saved, and no final phase now
