@@ -33,6 +33,7 @@ def main(argv: list[str] | None = None) -> int:
                             "torchrun or accelerate launch")
     spec = load_spec(args.sweep)
     base = cli.config_from_args(args)
+    cli.warn_stage1_sets(args, "every trial trains on its store")
     if args.report_only:
         from pathlib import Path
 

@@ -12,11 +12,9 @@ Outputs go to <training.output_dir>/<training.run_name>/ (see docs/training.md).
 
 from __future__ import annotations
 
-import logging
 import sys
 
 from whisper_ft import cli, hub, report
-from whisper_ft.config import stage1_only
 from whisper_ft.train import is_main_process, run_dir_of, run_training
 
 
@@ -39,11 +37,7 @@ def parse_args(argv: list[str] | None):
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     cfg = cli.config_from_args(args)
-    for key in dict.fromkeys(k for k, _, _ in (o.partition("=") for o in args.overrides) if stage1_only(k.strip())):
-        logging.getLogger("training_pipeline").warning(
-            "--set %s changes nothing here: it is a setting of feature_pipeline.py, and this run trains on the "
-            "store %s as it was built (build another store under a new features.name to change it)",
-            key.strip(), cfg.features.name)
+    cli.warn_stage1_sets(args, f"this run trains on the store {cfg.features.name}")
     repo_id = cfg.training.push_to_hub
     if args.push_only and not repo_id:
         raise cli.UserError("--push-only needs --push-to-hub USER/NAME (or training.push_to_hub in the config)")

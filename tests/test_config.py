@@ -285,7 +285,7 @@ def test_training_says_a_feature_pipeline_setting_given_to_it_changes_nothing(tm
         "--set", "features.max_seconds=3", "--set", "features.sources.0.limit=20", "--set", "features.on_overlap=keep",
         "--set", f"training.output_dir={tmp_path / 'runs'}"])
     assert code == 2 and "no finished features in" in capsys.readouterr().err  # the store is not built here
-    warned = [r.getMessage() for r in caplog.records if r.name == "training_pipeline"]
+    warned = [r.getMessage() for r in caplog.records if r.name == "whisper_ft.cli"]
     assert [w.split(" changes nothing")[0] for w in warned] == ["--set features.max_seconds",
                                                                 "--set features.sources.0.limit"]
     assert warned[0].endswith("trains on the store cv-sv as it was built (build another store under a new "

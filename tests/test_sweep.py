@@ -595,6 +595,20 @@ def sweep_command_error(tmp_path: Path, capsys, path: Path) -> str:
     return err
 
 
+def test_a_feature_pipeline_setting_given_to_the_sweep_command_is_said_to_change_nothing(tmp_path, capsys, caplog):
+    import sweep as entry
+
+    from whisper_ft import cli
+
+    path = write_spec(tmp_path, method="grid", budget_samples=64, space={"training.seed": [1, 2]})
+    assert cli.run(entry.main, [str(path), "--set", f"training.output_dir={tmp_path / 'ck'}", "--set",
+                                "features.max_seconds=5", "--set", f"features.data_dir={tmp_path / 'unbuilt'}"]) == 2
+    assert "no finished features in" in capsys.readouterr().err
+    assert [r.getMessage() for r in caplog.records if r.name == "whisper_ft.cli"] == [
+        "--set features.max_seconds changes nothing here: it is a setting of feature_pipeline.py, and every trial "
+        "trains on its store as it was built (build another store under a new features.name to change it)"]
+
+
 def test_a_sweep_started_under_torchrun_is_refused(tmp_path, capsys, monkeypatch):
     """Every process would create the same study and run every trial."""
     monkeypatch.setenv("WORLD_SIZE", "2")

@@ -8,10 +8,10 @@ import logging
 import sys
 from collections.abc import Callable
 
-from whisper_ft.config import Config, load_config
+from whisper_ft.config import Config, load_config, stage1_only
 from whisper_ft.errors import Stopped, UserError, machine_problem
 
-__all__ = ["UserError", "base_parser", "config_from_args", "run", "summary"]
+__all__ = ["UserError", "base_parser", "config_from_args", "run", "summary", "warn_stage1_sets"]
 
 
 def summary(doc: str) -> str:
@@ -32,6 +32,16 @@ def config_from_args(args: argparse.Namespace) -> Config:
     """The config file, its `--set` overrides (read as YAML), then `args.values`: the (dotted
     key, value) pairs of a script's own flags, taken as they are (`--host ::` is a string)."""
     return load_config(args.config, args.overrides, args.values)
+
+
+def warn_stage1_sets(args: argparse.Namespace, trains_on: str) -> None:
+    """A warning for each `--set` of a feature_pipeline.py setting given to a command that only
+    reads built stores: it changes nothing there. `trains_on` says which store is read."""
+    keys = (item.partition("=")[0].strip() for item in args.overrides)
+    for key in dict.fromkeys(filter(stage1_only, keys)):
+        logging.getLogger("whisper_ft.cli").warning(
+            "--set %s changes nothing here: it is a setting of feature_pipeline.py, and %s as it was built (build "
+            "another store under a new features.name to change it)", key, trains_on)
 
 
 RESUMABLE = "interrupted; rerun the same command to go on from what it saved"
