@@ -45,7 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from whisper_ft.collator import SpeechCollator, expand  # noqa: E402
 from whisper_ft.config import Config  # noqa: E402
-from whisper_ft.decoding import GreedyDecoder, max_new_tokens  # noqa: E402
+from whisper_ft.decoding import GreedyDecoder, max_new_tokens, suppressed_tokens  # noqa: E402
 from whisper_ft.layout import use_contiguous_layout  # noqa: E402
 from whisper_ft.precision import seq2seq_loss, with_causal_mask  # noqa: E402
 from whisper_ft.train import compile_layers, generation_max_length, resolve_precision, uses_weight_copy  # noqa: E402
@@ -248,9 +248,10 @@ def fast_decoder(model, new_tokens: int, min_tokens: int | None = None, dtype: t
 
 def decode_batches(model, rows: list[dict], batch_size: int, device: str, fast: bool, new_tokens: int,
                    min_tokens: int | None = None, dtype: torch.dtype | None = None,
-                   decoder: GreedyDecoder | None = None) -> list[list[int]]:
+                   decoder: GreedyDecoder | None = None, suppress: list[int] | None = None) -> list[list[int]]:
     """Greedy transcripts (token lists) of `rows`, in batches, with one engine: `fast` (the
-    pipeline's `decoder`, else a new one) or `generate`."""
+    pipeline's `decoder`, else a new one) or `generate` (given `suppress` as its suppress_tokens,
+    as the pipeline's evaluation gives it)."""
     collate = SpeechCollator(PREFIX[0])
     if fast and decoder is None:
         decoder = fast_decoder(model, new_tokens, min_tokens, dtype)
@@ -262,6 +263,8 @@ def decode_batches(model, rows: list[dict], batch_size: int, device: str, fast: 
             ids = decoder.generate(model.model.encoder(x).last_hidden_state)
         else:
             lengths = {"min_new_tokens": min_tokens} if min_tokens else {}
+            if suppress is not None:
+                lengths["suppress_tokens"] = suppress
             ids = model.generate(x, language="sv", task="transcribe", max_new_tokens=new_tokens, **lengths)
         out += [[t for t in row if t != EOT] for row in ids.tolist()]
     return out
@@ -296,10 +299,11 @@ def agreement(size: str, device: str, rows: list[dict], precision: str, new_toke
     (batch 64), and generate's own at batch 16 against batch 64, on one random-weight model in
     `precision` (autocast over float32 weights, as in training)."""
     model = build_model(size, "sdpa", device).eval()
+    suppress = suppressed_tokens(model, PREFIX)  # timestamps too, as the evaluation asks of generate
     with autocast(device, precision):
         ours = decode_batches(model, rows, 64, device, True, new_tokens, dtype=precision_dtype(precision))
-        ref = decode_batches(model, rows, 64, device, False, new_tokens)
-        ref16 = decode_batches(model, rows, 16, device, False, new_tokens)  # generate against itself: the noise floor
+        ref = decode_batches(model, rows, 64, device, False, new_tokens, suppress=suppress)
+        ref16 = decode_batches(model, rows, 16, device, False, new_tokens, suppress=suppress)  # the noise floor
     return float(np.mean([a == b for a, b in zip(ours, ref)])), float(np.mean([a == b for a, b in zip(ref16, ref)]))
 
 
