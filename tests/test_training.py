@@ -275,8 +275,7 @@ def test_a_run_that_fails_in_training_gives_back_the_signal_handlers(tmp_path, f
 
 
 def test_a_second_signal_of_a_kind_stops_at_once_and_one_of_each_kind_does_not(capfd):
-    """Ctrl-C twice: the second ends the run without the save. Under torchrun a terminal's
-    Ctrl-C reaches each process as SIGINT and torchrun's SIGTERM follows: still one save."""
+    """Ctrl-C twice: the second ends the run without the save; a SIGTERM after a Ctrl-C does not."""
     from types import SimpleNamespace
 
     from whisper_ft.errors import Stopped
@@ -286,7 +285,7 @@ def test_a_second_signal_of_a_kind_stops_at_once_and_one_of_each_kind_does_not(c
     stopper = StopOnSignal()
     stopper.on_train_begin(SimpleNamespace(), None, None)
     signal.raise_signal(signal.SIGINT)
-    signal.raise_signal(signal.SIGTERM)  # torchrun's, after the terminal's Ctrl-C
+    signal.raise_signal(signal.SIGTERM)  # another kind: the same stop
     assert stopper.received and "Ctrl-C: saving a checkpoint at the end of this step" in capfd.readouterr().err
     with pytest.raises(KeyboardInterrupt):
         signal.raise_signal(signal.SIGINT)  # a second Ctrl-C: at once
@@ -560,9 +559,13 @@ def test_torchrun_trains_one_model_also_after_the_zero_shot_check(tmp_path, feat
     assert checked["grad_norm"] == pytest.approx(unchecked["grad_norm"], rel=1e-4)  # not one process's own
 
 
-def test_sigterm_to_torchrun_saves_one_step_that_every_process_agreed_on(tmp_path, features_dir, tiny_model_dir):
+@pytest.mark.parametrize("signum, name, group", [(signal.SIGTERM, "SIGTERM", False), (signal.SIGINT, "Ctrl-C", True)])
+def test_sigterm_to_torchrun_saves_one_step_that_every_process_agreed_on(tmp_path, features_dir, tiny_model_dir,
+                                                                         signum, name, group):
     """torchrun passes SIGTERM on to its processes; they stop together at a step that is a
-    multiple of 10 (one collective there) and rank 0 saves it with both ranks' RNG state."""
+    multiple of 10 (one collective there) and rank 0 saves it with both ranks' RNG state. A
+    terminal's Ctrl-C reaches torchrun (its processes run in sessions of their own), which
+    passes it on: the same stop."""
     sets = overrides(features_dir, tiny_model_dir, tmp_path, max_steps=1000, save_steps=500, eval_steps=500,
                      eval_before_training="false", batch_size=2)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
@@ -573,14 +576,17 @@ def test_sigterm_to_torchrun_saves_one_step_that_every_process_agreed_on(tmp_pat
                             start_new_session=True)
     try:
         _wait_for_training(proc, run_dir, timeout=400)
-        proc.send_signal(signal.SIGTERM)  # to torchrun alone
+        if group:  # the terminal's foreground process group: torchrun, its processes, their workers
+            os.killpg(proc.pid, signum)
+        else:
+            proc.send_signal(signum)  # to torchrun alone
         _, err = proc.communicate(timeout=120)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
     [(step, folder)] = checkpoints.checkpoints(run_dir)
     assert step % 10 == 0 and 0 < step < 500, err[-3000:]
-    assert err.count(f"stopped by SIGTERM after step {step}, its checkpoint saved") == 2  # each process
+    assert err.count(f"stopped by {name} after step {step}, its checkpoint saved") == 2  # each process
     assert {"rng_state_0.pth", "rng_state_1.pth", "model.safetensors", "optimizer.pt"} <= {p.name for p in folder.iterdir()}
     assert json.loads((folder / "trainer_state.json").read_text())["global_step"] == step
     assert max(e["step"] for e in events(run_dir) if e["event"] == "train") == step

@@ -16,8 +16,8 @@ Data-loading workers ignore both (`in_workers`): sent to every process of the jo
 does and a terminal's Ctrl-C does, they would end them and fail the run before it saved; they
 stop with their loader.
 
-Under torchrun every process gets the signal (torchrun passes SIGTERM on and waits 30 s; on
-Ctrl-C, a terminal signals every process and torchrun sends SIGTERM too), maybe one step apart:
+Under torchrun every process gets the signal (torchrun, whose processes run in sessions of
+their own, passes the one it got on and waits 30 s), maybe one step apart:
 they agree to stop at a step that is a multiple of `every`, with one all-reduce there (a host
 synchronisation every `every` steps, not every step).
 """
