@@ -26,7 +26,8 @@ SUMMARY = {"selection_split": "validation", "test_split": "test", "best_wer": 0.
            "selection_baseline": None, "wer": 0.1834, "wer_normalized": 0.1203, "cer": 0.0611, "eval_clips": 500,
            "final": FINAL, "baseline": {**FINAL, "step": 0, "wer": 0.45, "wer_normalized": 0.38, "cer": 0.2},
            "steps": 4000, "samples_seen": 64000, "train_runtime_seconds": 3600.0, "run_dir": ""}
-MANIFEST = {"name": "cv-sv", "sources": [{"name": "cv", "kind": "common_voice", "where": "/data/cv-corpus-23.0-2025-09-05/sv-SE"}],
+MANIFEST = {"name": "cv-sv",
+            "sources": [{"name": "cv", "kind": "common_voice", "where": "/data/cv-corpus-23.0-2025-09-05/sv-SE"}],
             "splits": {"train": {"clips": 100, "hours": 0.1, "by_source": {"cv": 100}}}}
 BEST_FILES = {"config.json": "{}", "generation_config.json": "{}", "model.safetensors": "weights",
               "tokenizer.json": "{}", "preprocessor_config.json": "{}", "best.json": "{}", "training_curves.png": "png",
@@ -167,10 +168,12 @@ def test_the_card_names_the_sources_the_store_was_built_from_not_the_training_co
     need not be the ones the store was built from, which its manifest records."""
     from huggingface_hub import ModelCard
 
-    built = {**MANIFEST, "sources": [{"name": "cv", "kind": "common_voice", "where": "/d/cv-corpus-17.0-2024-03-15/sv-SE"}]}
+    built = {**MANIFEST,
+             "sources": [{"name": "cv", "kind": "common_voice", "where": "/d/cv-corpus-17.0-2024-03-15/sv-SE"}]}
     cfg = load_config(None, ["training.run_name=small-sv"])  # features.sources: the embedded sample
     data = ModelCard(report.model_card(SUMMARY, to_dict(cfg), built)).data
-    assert data.datasets == ["common_voice"] and {r.dataset_name for r in data.eval_results} == {"Common Voice 17.0 (cv)"}
+    assert data.datasets == ["common_voice"]
+    assert {r.dataset_name for r in data.eval_results} == {"Common Voice 17.0 (cv)"}
 
 
 def test_a_push_renames_the_cards_model_index_and_keeps_the_rest_of_its_metadata(tmp_path):

@@ -17,9 +17,9 @@ does and a terminal's Ctrl-C does, they would end them and fail the run before i
 stop with their loader.
 
 Under torchrun every process gets the signal (torchrun, whose processes run in sessions of
-their own, passes the one it got on and waits 30 s), maybe one step apart:
-they agree to stop at a step that is a multiple of `every`, with one all-reduce there (a host
-synchronisation every `every` steps, not every step).
+their own, passes the one it got on and waits 30 s), maybe one step apart: they agree to stop
+at a step that is a multiple of `every`, with one all-reduce there (a host synchronisation
+every `every` steps, not every step).
 """
 
 from __future__ import annotations

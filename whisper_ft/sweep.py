@@ -190,9 +190,10 @@ def check_trials(spec: SweepSpec, base: Config, config_path: str | None,
     """Refuse, before any trial runs, a sweep whose settings cannot make a config (an unknown
     key, a value out of range: every grid point and variant, a range's bounds) or that sets a
     key its budgets, its metric (`decided_keys`) or the command line set too (one would silently
-    lose), a setting of stage 1 (`stage1_only`: it would change no trial), or a key
-    both a variant and the space set (the space's value would replace the variant's), or whose trials would be checked on different clips: different feature stores'
-    held-out splits (`training.eval_features` makes them one), or subsets of different sizes
+    lose), a setting of stage 1 (`stage1_only`: it would change no trial), or a key both a
+    variant and the space set (the space's value would replace the variant's), or whose trials
+    would be checked on different clips: different feature stores' held-out splits
+    (`training.eval_features` makes them one), or subsets of different sizes
     (`training.eval_subset`). Returns the (params, config) of the trials it checked."""
     both = _shared(_flat(spec.base), spec.space)
     if both:
