@@ -23,18 +23,24 @@ class Stopped(KeyboardInterrupt):
         self.signum = signum
 
 
+def chain(error: BaseException | None):
+    """`error` and the errors it was raised from or while handling, each once."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        yield error
+        error = error.__cause__ or error.__context__
+
+
 def _os_errors(error: BaseException):
     """`error` and the errors it came from, each as (errno, file name) where it is an OSError or
     an error of a Rust library (the tokenizers' `save` raises a bare Exception whose message
     ends in "(os error 28)")."""
-    seen = set()
-    while error is not None and id(error) not in seen:
-        seen.add(id(error))
-        if isinstance(error, OSError) and error.errno is not None:
-            yield error.errno, error.filename
-        elif (found := re.search(r"\(os error (\d+)\)$", str(error))) is not None:
+    for e in chain(error):
+        if isinstance(e, OSError) and e.errno is not None:
+            yield e.errno, e.filename
+        elif (found := re.search(r"\(os error (\d+)\)$", str(e))) is not None:
             yield int(found.group(1)), None
-        error = error.__cause__ or error.__context__
 
 
 def out_of_space(error: BaseException) -> str | None:

@@ -26,7 +26,7 @@ from pathlib import Path
 
 from whisper_ft.claims import ClaimSet, read_holder
 from whisper_ft.config import SourceConfig
-from whisper_ft.errors import UserError
+from whisper_ft.errors import UserError, chain
 
 TRAIN, VALIDATION, EVAL = "train", "validation", "eval"  # eval: the test split
 DONE_MARK = ".extracted"
@@ -474,7 +474,7 @@ def _load_hf_split(src: SourceConfig, split: str):
             ds = datasets.load_dataset(str(path) if path.exists() else src.path, src.hf_config or None, split=split)
     except (FileNotFoundError, KeyError, ValueError, ConnectionError, OSError, ImportError,
             datasets.exceptions.DatasetGenerationError) as e:
-        if any("torchcodec" in str(c) for c in _chain(e)):  # datasets' audiofolder reader encodes every clip with it
+        if any("torchcodec" in str(c) for c in chain(e)):  # datasets' audiofolder reader encodes every clip with it
             raise SourceError(f"source {src.name}: cannot load split {split!r} of {src.path} without torchcodec: a "
                               f"local audiofolder is read with {path}/{split}/metadata.csv or metadata.jsonl (a "
                               "file_name and a text column)") from e
@@ -484,13 +484,6 @@ def _load_hf_split(src: SourceConfig, split: str):
     if src.audio_column in ds.column_names:
         ds = ds.cast_column(src.audio_column, datasets.Audio(decode=False))
     return ds
-
-
-def _chain(e: BaseException):
-    """`e` and the exceptions it was raised from or during."""
-    while e is not None:
-        yield e
-        e = e.__cause__ or e.__context__
 
 
 def _not_found_hint(name: str) -> str:
