@@ -523,8 +523,9 @@ def run_sweep(spec: SweepSpec, base: Config, config_path: str | None, overrides:
         log(f"resuming trial {ft.number}")
         _run_one(study, optuna.trial.Trial(study, ft._trial_id), spec, base, folder, config_path, overrides, train, log)
     if retry_failed:
+        retried = _retried(study)  # a retry run below retries none of the failed trials listed here
         for ft in study.get_trials(deepcopy=False, states=(TrialState.FAIL,)):
-            if ft.number in _retried(study):
+            if ft.number in retried:
                 continue
             study.enqueue_trial(ft.params, user_attrs={RETRY_OF: ft.number})
             trial = study.ask(dists)
