@@ -305,6 +305,13 @@ def test_unreadable_common_voice_tsvs_are_source_errors(tmp_path, cv_release):
     with pytest.raises(SourceError, match=r"test.tsv line 3 has more tab-separated fields than its header's \d+: "
                                           r"a tab in a sentence\? Replace it by a space"):
         read_source(SourceConfig(name="cv", path=str(release)), tmp_path)
+    fields = lines[2].split("\t")
+    sentence = fields[lines[0].split("\t").index("sentence")]
+    fields[lines[0].split("\t").index("sentence")] = sentence.replace(" ", "\r", 1)  # csv reads it as a line end
+    tsv.write_text("\n".join([*lines[:2], "\t".join(fields), *lines[3:]]) + "\n", encoding="utf-8")
+    with pytest.raises(SourceError, match=r"test.tsv line 3 has fewer tab-separated fields than its header's \d+: "
+                                          r"a line break \(a carriage return\) in a sentence\?"):
+        read_source(SourceConfig(name="cv", path=str(release)), tmp_path)
     header = lines[0].split("\t")
     fields = lines[3].split("\t")
     fields[header.index("path")] = lines[1].split("\t")[header.index("path")]  # another sentence, same clip
