@@ -21,6 +21,11 @@ def test_normalized_ignores_case_and_punctuation_but_keeps_diacritics():
     assert wer_normalized(["Åsa är här."], ["asa ar har"]) == 1.0  # å/ä are letters, not accents
 
 
+def test_normalized_ignores_invisible_format_characters():
+    assert wer_normalized(["Sam\u00adhället är stort."], ["samhället är stort"]) == 0.0
+    assert wer_normalized(["Det är\u200b bra."], ["det är bra"]) == 0.0
+
+
 def test_normalized_keeps_the_words_in_brackets():
     """Whisper's normalizer drops bracketed spans as annotations; in Common Voice sentences they
     are read aloud, so they are words like any other."""
