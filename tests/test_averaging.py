@@ -5,12 +5,18 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
 
-from whisper_ft.averaging import Keeper, average, read_index, save_weights, select, weights_path
+from whisper_ft.averaging import Keeper, average, kept_mode, read_index, save_weights, select, weights_path
+from whisper_ft.config import load_config
+from whisper_ft.errors import UserError
+from whisper_ft.train import check_average_mode
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.parametrize("mode, n, expected", [
@@ -47,7 +53,7 @@ def test_keeper_keeps_only_what_the_average_uses(tmp_path):
     folder = tmp_path / "averaging"
     assert read_index(folder) == {10: 0.5, 30: 0.4}  # step 0 (the base model) is never a candidate
     assert sorted(p.name for p in folder.glob("*.safetensors")) == ["step-10.safetensors", "step-30.safetensors"]
-    assert json.loads((folder / "candidates.json").read_text()) == {"10": 0.5, "30": 0.4}
+    assert json.loads((folder / "candidates.json").read_text()) == {"mode": "best", "scores": {"10": 0.5, "30": 0.4}}
     mean = average([weights_path(folder, 10), weights_path(folder, 30)])
     assert torch.equal(mean["weight"], torch.full((2, 3), 20.0))
     weights_path(folder, 10).unlink()  # killed between deleting a dropped candidate and rewriting the index
@@ -61,3 +67,22 @@ def test_saved_weights_are_float32_even_from_a_bf16_model(tmp_path):
     save_weights(model, tmp_path / "w.safetensors")
     assert {t.dtype for t in load_file(str(tmp_path / "w.safetensors")).values()} == {torch.float32}
     assert not list(tmp_path.glob(".*tmp*"))
+
+
+def test_a_run_is_averaged_only_in_the_mode_its_checks_were_kept_for(tmp_path):
+    """`last` deletes the checks `best` would average (and the other way round), so a resume or a
+    rerun with the other average_mode is refused, not averaged from the wrong checks."""
+    model = torch.nn.Linear(3, 2)
+    keeper = Keeper(tmp_path, n=2, mode="last")
+    for step, wer in ((2, 0.2), (4, 0.3), (6, 0.5), (8, 0.6)):
+        keeper.on_evaluate(None, SimpleNamespace(global_step=step, is_world_process_zero=True), SimpleNamespace(),
+                           metrics={"eval_wer": wer}, model=model)
+    folder = tmp_path / "averaging"
+    assert read_index(folder) == {6: 0.5, 8: 0.6} and kept_mode(folder) == "last"
+    config = lambda *sets: load_config(ROOT / "config.yaml", [f"training.{s}" for s in sets])  # noqa: E731
+    check_average_mode(config("average_checkpoints=2", "average_mode=last"), tmp_path)
+    check_average_mode(config("average_checkpoints=0", "average_mode=best"), tmp_path)  # averaging off: nothing kept
+    with pytest.raises(UserError, match=r"keeps the checks average_mode last averages, not those best would"):
+        check_average_mode(config("average_checkpoints=2", "average_mode=best"), tmp_path)
+    (folder / "candidates.json").write_text(json.dumps({"6": 0.5, "8": 0.6}))  # an index written without its mode
+    assert read_index(folder) == {6: 0.5, 8: 0.6} and kept_mode(folder) is None

@@ -361,6 +361,9 @@ def test_a_resume_forgets_the_checks_after_its_checkpoint(tmp_path, features_dir
         train.run_training(load_config(ROOT / "config.yaml", sets), callbacks=[Kill()])
     run_dir = tmp_path / "tiny"
     assert checkpoints.read_best(run_dir)["step"] == 4 and [s for s, _ in checkpoints.checkpoints(run_dir)] == [3]
+    if averaging:  # the checks `last` would average are gone
+        with pytest.raises(TrainingError, match=r"keeps the checks average_mode best averages, not those last would"):
+            train.run_training(load_config(ROOT / "config.yaml", [*sets, "training.average_mode=last"]))
     summary = train.run_training(load_config(ROOT / "config.yaml", [*sets, "training.eval_steps=3"]))
     best = checkpoints.read_best(run_dir)
     checks = {e["step"]: e["wer"] for e in checkpoints.selection_checks(checkpoints.read_events(run_dir))}
@@ -1135,7 +1138,7 @@ def test_select_metric_picks_best_the_kept_checkpoint_and_the_average_by_that_sc
     if not avg["chosen"]:
         assert (best["step"], best["cer"], best["wer"]) == (by_cer["step"], by_cer["cer"], by_cer["wer"])
     assert (summary["select_metric"], summary["best_score"], summary["best_wer"]) == ("cer", best["cer"], best["wer"])
-    candidates = json.loads((run_dir / "averaging" / "candidates.json").read_text())
+    candidates = json.loads((run_dir / "averaging" / "candidates.json").read_text())["scores"]
     assert candidates == {str(e["step"]): e["cer"] for e in checks}
     state = json.loads((run_dir / "checkpoint-4" / "trainer_state.json").read_text())
     assert (state["best_global_step"], state["best_metric"]) == (by_cer["step"], by_cer["cer"])

@@ -7,7 +7,8 @@ the average may use (`last`: the newest N checks; `best`: the N best by validati
 training.select_metric, WER by default):
 
     <run>/averaging/step-<N>.safetensors   the model at check N (float32, LoRA merged)
-    <run>/averaging/candidates.json        {"<N>": validation score} of the files kept
+    <run>/averaging/candidates.json        {"mode": the mode they were kept for,
+                                            "scores": {"<N>": validation score} of the files kept}
 
 Separate from the Trainer's `checkpoint-*/` folders, whose rotation keeps the newest and the
 single best, and which also hold optimizer state the average does not need.
@@ -28,12 +29,27 @@ FOLDER = "averaging"
 INDEX = "candidates.json"
 
 
+def _read(folder: Path) -> dict:
+    path = folder / INDEX
+    data = json.loads(path.read_text()) if path.is_file() else {}
+    return data if "scores" in data else {"mode": None, "scores": data}  # an index written without its mode
+
+
 def read_index(folder: Path) -> dict[int, float]:
     """{step: validation score} of the saved candidates whose weights are on disk (a process killed
     between deleting a dropped candidate and rewriting the index leaves it named there)."""
-    path = folder / INDEX
-    index = {int(k): v for k, v in json.loads(path.read_text()).items()} if path.is_file() else {}
+    index = {int(k): v for k, v in _read(folder)["scores"].items()}
     return {step: wer for step, wer in index.items() if weights_path(folder, step).is_file()}
+
+
+def kept_mode(folder: Path) -> str | None:
+    """The mode (`last` or `best`) the saved candidates were kept for; None without any, or for an
+    index written without its mode. Another mode would need checks that were dropped."""
+    return _read(folder)["mode"] if read_index(folder) else None
+
+
+def write_index(folder: Path, index: dict[int, float], mode: str | None) -> None:
+    write_atomic(folder / INDEX, json.dumps({"mode": mode, "scores": {str(s): index[s] for s in sorted(index)}}))
 
 
 def select(index: dict[int, float], n: int, mode: str) -> list[int]:
@@ -107,4 +123,4 @@ class Keeper(TrainerCallback):
         save_weights(model, weights_path(self.folder, state.global_step))
         for step in set(index) - keep:
             weights_path(self.folder, step).unlink(missing_ok=True)
-        write_atomic(self.folder / INDEX, json.dumps({str(s): index[s] for s in sorted(keep)}))
+        write_index(self.folder, {s: index[s] for s in keep}, self.mode)

@@ -902,12 +902,24 @@ def check_resumable(cfg: Config, run_dir: Path, resume: Path | None, step: int =
                             "another training.run_name")
     if resume is not None:
         check_same_stores(cfg, run_dir, resume)
+        check_average_mode(cfg, run_dir)
     if resume is not None and step < cfg.training.max_steps:
         check_same_processes(run_dir, resume, step)
     steps = get(saved, "training.max_steps")
     if resume is not None and steps is not missing and steps != cfg.training.max_steps:
         log.info("training.max_steps changed from %s to %d: the learning-rate schedule runs to the new end from here",
                  steps, cfg.training.max_steps)
+
+
+def check_average_mode(cfg: Config, run_dir: Path) -> None:
+    """Refuse to average a run's checks in another training.average_mode than the one its
+    averaging/ kept them for: the checks that mode would average were deleted as they came."""
+    t, folder = cfg.training, run_dir / averaging.FOLDER
+    kept = averaging.kept_mode(folder)
+    if t.average_checkpoints and kept is not None and kept != t.average_mode:
+        raise TrainingError(f"{folder} keeps the checks average_mode {kept} averages, not those {t.average_mode} "
+                            f"would (deleted as they came): set training.average_mode back to {kept}, pass --fresh "
+                            "to start it over, or use another training.run_name")
 
 
 STORE_KEYS = {"train": "features.name", "held_out": "training.eval_features"}  # the stores a run reads, by role
@@ -1130,7 +1142,7 @@ def rewind(cfg: Config, run_dir: Path, step: int, meta: dict, processor) -> None
     if gone := [s for s in index if s > step]:
         for s in gone:
             averaging.weights_path(folder, s).unlink(missing_ok=True)
-        write_atomic(folder / averaging.INDEX, json.dumps({str(s): v for s, v in sorted(index.items()) if s <= step}))
+        averaging.write_index(folder, {s: v for s, v in index.items() if s <= step}, averaging.kept_mode(folder))
     best = checkpoints.read_best(run_dir)
     if best is None or (best.get("step") or 0) <= step:
         return
