@@ -274,6 +274,30 @@ def test_a_run_that_fails_in_training_gives_back_the_signal_handlers(tmp_path, f
     assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
 
 
+def test_a_signal_at_a_check_step_saves_before_the_check(tmp_path, features_dir, tiny_model_dir):
+    """A SIGTERM during a step that ends in a check: the checkpoint is written before the check
+    (a whole validation pass, which may outlast the grace period), then the check runs."""
+    from transformers import TrainerCallback
+
+    from whisper_ft.errors import Stopped
+    from whisper_ft.train import run_training
+
+    class TermDuringStep2(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            if state.global_step == 1:
+                signal.raise_signal(signal.SIGTERM)
+
+    cfg = load_config(ROOT / "config.yaml", overrides(features_dir, tiny_model_dir, tmp_path, max_steps=6,
+                                                      eval_steps=2, save_steps=3, eval_before_training="false",
+                                                      export_ctranslate2="false"))
+    with pytest.raises(Stopped, match="stopped by SIGTERM after step 2"):
+        run_training(cfg, callbacks=[TermDuringStep2()])
+    run_dir = tmp_path / "tiny"
+    assert [(e["event"], e["step"]) for e in events(run_dir) if e["event"] in ("checkpoint", "eval")] == [
+        ("checkpoint", 2), ("eval", 2)]
+    assert [s for s, _ in checkpoints.checkpoints(run_dir)] == [2] and checkpoints.read_best(run_dir)["step"] == 2
+
+
 def test_a_second_signal_of_a_kind_stops_at_once_and_one_of_each_kind_does_not(capfd):
     """Ctrl-C twice: the second ends the run without the save; a SIGTERM after a Ctrl-C does not."""
     from types import SimpleNamespace

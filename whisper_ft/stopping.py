@@ -3,9 +3,10 @@ preempted cloud or spot machine, `scancel` or a job's time limit (SLURM), Kubern
 stop` and `kill` send; Ctrl-C (SIGINT) is how a run in a terminal or a notebook cell is
 stopped. By default either ends the process on the spot and loses every step since the last
 checkpoint (up to `training.save_steps`); `StopOnSignal` lets the current step finish, saves a
-checkpoint there (in the background writer, waited for), and the run raises `Stopped`: exit
-status 128 + the signal's number (143, 130), and the same command resumes at that step. A
-second signal of the same kind ends the process at once.
+checkpoint there (in the background writer, waited for; at a check step before the check, by
+`WhisperTrainer`), and the run raises `Stopped`: exit status 128 + the signal's number (143,
+130), and the same command resumes at that step. A second signal of the same kind ends the
+process at once.
 
     stopper = StopOnSignal()
     trainer = WhisperTrainer(..., callbacks=[..., stopper])

@@ -480,6 +480,17 @@ class WhisperTrainer(Seq2SeqTrainer):
         self.saver.wait()  # the last checkpoint is on disk before the Trainer's cleanup looks at the folder
         return super()._finalize_training(*args, **kwargs)
 
+    def _maybe_log_save_evaluate(self, tr_loss, grad_norm, model, trial, *args, **kwargs):
+        """As the Trainer's, but a run stopped by a signal at a check step saves before it checks:
+        the check (a whole validation pass) may outlast the grace period a SIGTERM gives, and
+        the steps are on disk by then."""
+        stopping_here = any(isinstance(cb, stopping.StopOnSignal) and cb.stopped_at == self.state.global_step
+                            for cb in self.callback_handler.callbacks)
+        if stopping_here and self.control.should_save and self.control.should_evaluate:
+            self._save_checkpoint(model, trial)
+            self.control = self.callback_handler.on_save(self.args, self.state, self.control)  # should_save now off
+        return super()._maybe_log_save_evaluate(tr_loss, grad_norm, model, trial, *args, **kwargs)
+
     def _save_checkpoint(self, model, trial) -> None:
         """The HF checkpoint of this step, in the background where it can be; a `checkpoint`
         event in metrics.jsonl says how and for how long training was held. Either way its
