@@ -20,7 +20,8 @@ from conftest import ROOT, run_cli
 from whisper_ft import checkpoints
 from whisper_ft.cli import run as cli_run
 from whisper_ft.config import load_config
-from whisper_ft.train import TrainingError, auto_learning_rate, generation_max_length, resolve_precision, schedule
+from whisper_ft.train import (TrainingError, auto_learning_rate, generation_max_length, resolve_precision,
+                               samples_seen, schedule)
 
 PREFIX = [50258, 50273, 50359, 50363]  # <|startoftranscript|><|sv|><|transcribe|><|notimestamps|>
 
@@ -82,6 +83,17 @@ def test_run_evaluates_before_and_during_training(tiny_run):
     train = [e for e in events(run_dir) if e["event"] == "train"]
     assert [e["step"] for e in train] == [1, 2, 3, 4] and all(e["loss"] > 0 for e in train)
     assert train[-1]["loss"] < train[0]["loss"]
+
+
+@pytest.mark.parametrize("steps, clips, batch, accumulation, processes, seen", [
+    (4, 27, 4, 1, 1, 16),  # within the first epoch
+    (3, 27, 64, 2, 1, 81),  # each step one short epoch of all 27
+    (5, 27, 5, 2, 1, 47),  # 3 steps an epoch, the last of 7 clips
+    (3, 27, 2, 1, 2, 12),  # two processes, 14 clips each (one repeated to pad)
+    (10, 27, 2, 1, 2, 40),  # an epoch (2 x 14) and 3 steps
+])
+def test_samples_seen_counts_the_short_last_batch_of_each_epoch(steps, clips, batch, accumulation, processes, seen):
+    assert samples_seen(steps, clips, batch, accumulation, processes) == seen
 
 
 def test_run_writes_checkpoints_reports_and_summary(tiny_run):

@@ -1278,6 +1278,17 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
     write_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 
 
+def samples_seen(steps: int, clips: int, batch: int, accumulation: int, processes: int = 1) -> int:
+    """Training samples that `steps` optimizer steps went through, repeats across epochs
+    counted. An epoch is each process's share of the `clips` (padded to equal shares, as the
+    distributed sampler does) in batches of `batch`, a step every `accumulation` batches; its
+    last batch and its last step may be short."""
+    share = -(-clips // processes)
+    per_epoch = -(-(-(-share // batch)) // accumulation)  # steps: ceil(ceil(share / batch) / accumulation)
+    epochs, rest = divmod(steps, per_epoch)
+    return processes * (epochs * share + min(rest * accumulation * batch, share))
+
+
 def summarize(trainer, train_metrics: dict, final: dict, run_dir: Path, args, selection_split: str,
               metric: str = "wer") -> dict:
     """The metrics.json summary (also returned by run_training). `best_*` and
@@ -1300,7 +1311,8 @@ def summarize(trainer, train_metrics: dict, final: dict, run_dir: Path, args, se
         "selection_baseline": next((e for e in periodic if e["step"] == 0), None),
         "wer": final["wer"], "wer_normalized": final["wer_normalized"], "cer": final["cer"],
         "eval_clips": final["eval_clips"], "final": final, "baseline": baseline,
-        "steps": steps, "samples_seen": steps * args.train_batch_size * args.gradient_accumulation_steps * processes,
+        "steps": steps, "samples_seen": samples_seen(steps, len(trainer.train_dataset), args.train_batch_size,
+                                                     args.gradient_accumulation_steps, processes),
         "train_runtime_seconds": train_metrics.get("train_runtime", 0.0),
         "train_samples_per_second": train_metrics.get("train_samples_per_second"),
         "train_loss": train_metrics.get("train_loss"), "run_dir": str(run_dir),
