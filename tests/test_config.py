@@ -184,6 +184,22 @@ def test_learning_rate_is_a_number_or_auto_and_warmup_a_count_or_null():
             load_config(CONFIG, [bad])
 
 
+@pytest.mark.parametrize("language, hint", [
+    ("sv-SE", " (did you mean 'sv', Swedish?)"),  # Common Voice's locale
+    ("nb", " (did you mean 'no', Norwegian?)"),  # Bokmål: Whisper's "no"
+    ("Norwegian", " (did you mean 'no', Norwegian?)"),  # a name: faster-whisper takes codes only
+    ("xx", ""),
+])
+def test_model_language_is_a_whisper_code_and_a_near_miss_names_it(language, hint):
+    for ok in ("sv", "no", "nn", "yue"):
+        assert load_config(CONFIG, [f"model.language={ok}"]).model.language == ok
+    with pytest.raises(ConfigError) as e:
+        load_config(CONFIG, [f"model.language={language}"])
+    message = str(e.value)
+    assert message.startswith(f"model.language: {language!r} is not a Whisper language code{hint}; use one of: af, ")
+    assert "\n" not in message and ", sv, " in message
+
+
 def test_typed_values_come_after_overrides_and_keep_their_type():
     lora = {"enabled": True}
     cfg = load_config(CONFIG, ["training.learning_rate=1e-4", "features.sources.0.path=/x"],

@@ -107,7 +107,12 @@ def test_card_metadata_reports_test_and_names_every_split(tmp_path):
     sample = card_data(SUMMARY, run_config(tmp_path, "features.sources.0.path=data/sample/cv-corpus-sample/sv-SE"))
     assert sample.datasets is None  # the embedded sample is synthetic speech: no Common Voice clip
     assert {r.dataset_name for r in sample.eval_results} == {"synthetic speech in Common Voice format (cv)"}
-    named = card_data(SUMMARY, run_config(tmp_path, "model.language=swedish"))
+    from whisper_ft.sources import describe
+
+    cfg = run_config(tmp_path)
+    older = to_dict(cfg)
+    older["model"]["language"] = "swedish"  # a run configured before names were refused
+    named = report.card_data(SUMMARY, older, REPO, [describe(s) for s in cfg.features.sources])
     assert named.language == "sv" and named.license == "apache-2.0"  # the Hub takes ISO codes only
 
 

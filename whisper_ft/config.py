@@ -444,6 +444,7 @@ def validate(cfg: Config) -> None:
 
     if cfg.model.task not in ("transcribe", "translate"):
         raise ConfigError(f"model.task: expected transcribe or translate, got {cfg.model.task!r}")
+    check_language(cfg.model.language)
     t = cfg.training
     check_folder_name(t.run_name, "training.run_name")
     if t.eval_features:
@@ -579,6 +580,24 @@ def validate_app(app: AppConfig) -> None:
     if not 1 <= app.port <= 65535:  # 0 would bind a random port that the page's address would not name
         raise ConfigError(f"app.port: must be from 1 to 65535, got {app.port}")
     check_translate_to(app.translate_to)
+
+
+WHISPER_SPELLING = {"nb": "no", "iw": "he", "jv": "jw"}  # ISO codes Whisper spells otherwise (Bokmål: "no")
+
+
+def check_language(language: str) -> None:
+    """`language` is one of Whisper's 100 language codes (the lists of transformers and of
+    faster-whisper, which serves the CTranslate2 export, are the same). A name ("swedish") or a
+    locale ("sv-SE", Common Voice's) is refused with the code to use."""
+    from transformers.models.whisper.tokenization_whisper import LANGUAGES, TO_LANGUAGE_CODE
+
+    if language in LANGUAGES:
+        return
+    primary = language.replace("_", "-").split("-")[0].lower()
+    code = TO_LANGUAGE_CODE.get(language.lower()) or WHISPER_SPELLING.get(primary, primary)
+    hint = f" (did you mean {code!r}, {LANGUAGES[code].title()}?)" if code in LANGUAGES else ""
+    raise ConfigError(f"model.language: {language!r} is not a Whisper language code{hint}; use one of: "
+                      f"{', '.join(sorted(LANGUAGES))}")
 
 
 def check_translate_to(code: str) -> None:
