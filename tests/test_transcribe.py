@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -449,3 +450,24 @@ def test_the_app_runs_a_hub_models_ctranslate2_export(ct2_model, tmp_path, monke
     cfg = load_config(None, ["app.temperature_fallback=false"])
     transcriber = load_app_transcriber("me/sv", cfg)
     assert isinstance(transcriber, CT2Transcriber) and transcriber.backend == "ctranslate2"
+
+
+def test_the_app_transcribes_in_the_language_the_model_was_fine_tuned_for(tiny_model_dir, tmp_path):
+    """A model trained here for Norwegian carries `no` in its generation config: the app decodes
+    and translates from `no` whatever model.language says; a model without one takes model.language."""
+    from whisper_ft.app import Handlers
+    from whisper_ft.config import load_config
+    from whisper_ft.model import own_language
+    from whisper_ft.transcribe import load_app_transcriber
+
+    norwegian = tmp_path / "no"
+    shutil.copytree(tiny_model_dir, norwegian)
+    gen = json.loads((norwegian / "generation_config.json").read_text())
+    (norwegian / "generation_config.json").write_text(json.dumps({**gen, "language": "no", "task": "transcribe"}))
+    cfg = load_config(None, ["app.use_ctranslate2=false", "model.language=sv"])
+    assert own_language(norwegian) == "no" and own_language(tiny_model_dir) is None
+    transcriber = load_app_transcriber(str(norwegian), cfg)
+    assert transcriber.language == "no" and Handlers(transcriber, cfg, tmp_path / "out").language == "no"
+    assert load_app_transcriber(str(tiny_model_dir), cfg).language == "sv"
+    (norwegian / "generation_config.json").write_text(json.dumps({**gen, "language": "<|da|>"}))
+    assert own_language(norwegian) == "da"

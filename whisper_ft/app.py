@@ -79,7 +79,7 @@ class Handlers:
     def __init__(self, transcriber, cfg: Config, out_dir: str | Path | None = None):
         self.transcriber = transcriber
         self.cfg = cfg
-        self.language = cfg.model.language
+        self.language = getattr(transcriber, "language", cfg.model.language)  # the served model's own
         self._model_lock = threading.Lock()  # one transcription at a time; downloads and decoding run side by side
         if not out_dir:
             # Transcripts are people's speech: this folder is removed when the process ends.

@@ -3,6 +3,7 @@ task set everywhere they matter, and errors that say what to do when offline."""
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -93,6 +94,23 @@ def load_model(name_or_path: str, language: str = "sv", task: str = "transcribe"
     use_contiguous_layout(model)
     set_generation_language(model, language, task)
     return model
+
+
+def own_language(model_dir: str | Path) -> str | None:
+    """The Whisper language code a local model's generation config forces: what a model trained
+    here (or fine-tuned elsewhere for one language) was trained for. None without one, as for
+    OpenAI's multilingual checkpoints, or when it is no code Whisper knows."""
+    from transformers.models.whisper.tokenization_whisper import LANGUAGES, TO_LANGUAGE_CODE
+
+    try:
+        language = json.loads((Path(model_dir) / "generation_config.json").read_text(encoding="utf-8")).get("language")
+    except (OSError, ValueError, AttributeError):
+        return None
+    if not isinstance(language, str):
+        return None
+    language = language.strip("<|>").lower()  # "<|sv|>", "sv" or "swedish": generate takes all three
+    language = TO_LANGUAGE_CODE.get(language, language)
+    return language if language in LANGUAGES else None
 
 
 def set_generation_language(model, language: str, task: str) -> None:

@@ -324,11 +324,19 @@ def load_transcriber(model_dir: str, language: str = "sv", use_ctranslate2: bool
 def load_app_transcriber(model_dir: str | Path, cfg):
     """The transcriber `inference_app.py` runs on `model_dir`, as cfg's model and app settings
     say; the served model's scores after training use the same. A hub id is downloaded (or
-    found in the Hugging Face cache) with its CTranslate2 export, as a Space does."""
+    found in the Hugging Face cache) with its CTranslate2 export, as a Space does. The language
+    is the one the model was fine-tuned for (its generation config's); model.language for a
+    model without one (a base model)."""
     from whisper_ft.hub import local_model
+    from whisper_ft.model import own_language
 
     app = cfg.app
-    return load_transcriber(local_model(str(model_dir)), cfg.model.language, app.use_ctranslate2, app.beam_size,
+    path = local_model(str(model_dir))
+    language = own_language(path) or cfg.model.language
+    if language != cfg.model.language:
+        log.info("%s was fine-tuned for language %s (its generation config): transcribing %s, not model.language %s",
+                 model_dir, language, language, cfg.model.language)
+    return load_transcriber(path, language, app.use_ctranslate2, app.beam_size,
                             temperature_fallback=app.temperature_fallback)
 
 
