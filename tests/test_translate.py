@@ -58,6 +58,20 @@ def test_translation_success_with_the_call_replaced(monkeypatch):
     assert translate.translate("Hej.", "sv") == "Hej."  # same language: nothing to do
     with pytest.raises(TranslationError, match="unknown target language"):
         translate.translate("Hej.", "klingon")
+    # Whisper's codes Google spells otherwise, or does not list (it then guesses the language)
+    for whisper, google in (("he", "iw"), ("zh", "zh-CN"), ("nn", "auto"), ("yue", "auto"), ("no", "no")):
+        translate.translate("Text.", "en", source=whisper)
+        assert calls[-1][1] == google
+    assert translate.translate("Shalom.", "iw", source="he") == "Shalom."
+
+
+def test_every_whisper_language_has_a_source_google_takes():
+    """deep-translator refuses an unknown source code before it sends anything."""
+    from deep_translator import GoogleTranslator
+    from transformers.models.whisper.tokenization_whisper import LANGUAGES
+
+    for code in LANGUAGES:
+        GoogleTranslator(source=translate.source_code(code), target="en")
 
 
 @pytest.fixture

@@ -81,10 +81,21 @@ def _pack(parts: list[str], limits: tuple[int, int]) -> list[str]:
     return pieces
 
 
+GOOGLE_SPELLING = {"he": "iw", "zh": "zh-CN"}  # Whisper's codes that Google spells otherwise
+
+
+def source_code(whisper_language: str) -> str:
+    """Google's code for a Whisper language, or `auto` (Google guesses) for one it does not list
+    (Nynorsk, Cantonese, Faroese, Breton, ...)."""
+    code = GOOGLE_SPELLING.get(whisper_language, whisper_language)
+    return code if code in LANGUAGES.values() else "auto"
+
+
 def translate(text: str, target: str = "en", source: str = "sv", timeout: float = 60.0) -> str:
-    """Translate `text`, all of it within `timeout` seconds."""
+    """Translate `text` from the Whisper language `source`, all of it within `timeout` seconds."""
     if target not in LANGUAGES.values():
         raise TranslationError(f"unknown target language {target!r}; choose one of the listed languages")
+    source = source_code(source)
     if target == source or not text.strip():
         return text
     return " ".join(translate_chunks(chunk_text(text), source, target, timeout))
