@@ -304,6 +304,18 @@ def test_find_model(tmp_path):
     assert find_model(chosen).path == "/some/model"
 
 
+def test_the_page_names_the_language_it_transcribes(tmp_path):
+    from types import SimpleNamespace
+
+    danish = load_config(None, [f"training.output_dir={tmp_path}", "model.language=da"])
+    assert find_model(danish).notice.endswith("which is **not fine-tuned** for Danish.")
+    transcriber = SimpleNamespace(backend="transformers", language="no")  # a model fine-tuned for Norwegian
+    demo = app.build_app(Handlers(transcriber, danish, tmp_path), "m")
+    labels = [b.label for b in demo.blocks.values() if isinstance(b, gr.Audio)]
+    assert demo.title == "Norwegian speech to text" and "Record Norwegian speech" in labels
+    assert not [b for b in demo.blocks.values() if "Swedish" in str(getattr(b, "value", ""))]
+
+
 @pytest.mark.parametrize("override", ["app.max_download_mb=0", "app.request_timeout_seconds=-1", "app.workers=0",
                                       "app.queue_size=0", "app.allow_private_urls=maybe", "app.port=0",
                                       "app.port=65536", "app.port=-1"])

@@ -3,6 +3,7 @@ copied away from the checkout, serving the page (gradio_client transcribes a Swe
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -89,6 +90,19 @@ def test_export_refuses_a_folder_of_the_users_own_files_with_an_exports_names(tm
     (clone / "notes.txt").write_text("mine")
     with pytest.raises(space.SpaceError, match=r"holds other files \(notes.txt\)"):
         space.export(clone, cfg)
+
+
+def test_the_space_transcribes_and_names_the_language_its_model_was_fine_tuned_for(tmp_path):
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "generation_config.json").write_text(json.dumps({"language": "no", "task": "transcribe"}))
+    out = space.export(tmp_path / "space", load_config(None, [f"app.model={tmp_path / 'model'}"]))
+    meta = front_matter(out / "README.md")
+    assert meta["title"] == "Norwegian speech to text" and "norwegian" in meta["tags"]
+    assert "Transcribe Norwegian speech" in (out / "README.md").read_text()
+    assert load_config(out / "config.yaml").model.language == "no"
+    hub = front_matter(space.export(tmp_path / "hub", load_config(None, ["app.model=me/x", "model.language=da"]))
+                       / "README.md")
+    assert hub["title"] == "Danish speech to text"  # a hub model: model.language (the page reads its own later)
 
 
 def test_running_the_export_leaves_no_bytecode_to_upload(tmp_path):

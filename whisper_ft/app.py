@@ -1,5 +1,5 @@
-"""The Gradio page of stage 3: transcribe Swedish speech from the microphone, an uploaded file
-or a video URL, translate it, and offer the transcript as .txt and .srt.
+"""The Gradio page of stage 3: transcribe speech (Swedish by default) from the microphone, an
+uploaded file or a video URL, translate it, and offer the transcript as .txt and .srt.
 
 Built by `inference_app.py`: `find_model` picks the model, `load_app_transcriber` loads it once,
 `Handlers` holds the request logic (tested directly), `build_app` lays out the page,
@@ -31,6 +31,7 @@ from whisper_ft import child, translate, youtube
 from whisper_ft.audio import MEDIA_EXTENSIONS, SAMPLE_RATE, AudioError, TooLong, is_silent, load_audio, probe_seconds
 from whisper_ft.config import AppConfig, Config
 from whisper_ft.errors import UserError
+from whisper_ft.model import language_name
 from whisper_ft.transcribe import Transcript, to_srt, to_txt
 
 log = logging.getLogger(__name__)
@@ -68,7 +69,8 @@ def find_model(cfg: Config) -> ModelChoice:
         return ModelChoice(str(best), "")
     return ModelChoice(cfg.model.name_or_path,
                        f"No fine-tuned model found under `{cfg.training.output_dir}/`: this page runs the base "
-                       f"model `{cfg.model.name_or_path}`, which is **not fine-tuned** for Swedish.")
+                       f"model `{cfg.model.name_or_path}`, which is **not fine-tuned** for "
+                       f"{language_name(cfg.model.language)}.")
 
 
 class Handlers:
@@ -250,8 +252,9 @@ def build_app(handlers: Handlers, model_name: str, notice: str = "") -> gr.Block
     """The page: inputs in tabs, shared options, transcript, translation, downloads and history."""
     cfg = handlers.cfg.app
     # Uploads and transcripts in Gradio's cache are people's speech: delete them after an hour.
-    with gr.Blocks(title="Swedish Whisper", delete_cache=(int(DOWNLOAD_MAX_AGE), int(DOWNLOAD_MAX_AGE))) as demo:
-        gr.Markdown(f"# Swedish speech to text\nModel: `{model_name}` ({handlers.transcriber.backend})")
+    title = f"{language_name(handlers.language)} speech to text"
+    with gr.Blocks(title=title, delete_cache=(int(DOWNLOAD_MAX_AGE), int(DOWNLOAD_MAX_AGE))) as demo:
+        gr.Markdown(f"# {title}\nModel: `{model_name}` ({handlers.transcriber.backend})")
         if notice:
             gr.Markdown(f"**Notice:** {notice}", elem_id="model-notice")
         history = gr.State([])
@@ -260,7 +263,7 @@ def build_app(handlers: Handlers, model_name: str, notice: str = "") -> gr.Block
                 with gr.Tab("Microphone"):
                     # a file path, decoded like an upload: anyone can post any file to this endpoint
                     mic = uploads_only(gr.Audio(sources=["microphone"], type="filepath",
-                                                label="Record Swedish speech"))
+                                                label=f"Record {language_name(handlers.language)} speech"))
                     mic_button = gr.Button("Transcribe recording", variant="primary")
                 with gr.Tab("File"):
                     # every container the decoder reads, by name: gradio refuses the others at upload
@@ -304,7 +307,7 @@ def serve(demo: gr.Blocks, app: AppConfig, logins: list[tuple[str, str]]) -> Non
     with _sigterm_as_interrupt():
         try:
             demo.launch(server_name=bind_name(app.host), server_port=app.port, share=app.share, max_file_size="1gb",
-                        auth=logins or None, auth_message="Swedish speech to text: sign in")
+                        auth=logins or None, auth_message=f"{demo.title}: sign in")
         except OSError as e:
             if demo.is_running:  # the server was up: not a matter of the address
                 raise

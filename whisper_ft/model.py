@@ -113,6 +113,13 @@ def own_language(model_dir: str | Path) -> str | None:
     return language if language in LANGUAGES else None
 
 
+def language_name(code: str) -> str:
+    """"Swedish" for "sv": the name of a Whisper language code, for text shown to people."""
+    from transformers.models.whisper.tokenization_whisper import LANGUAGES
+
+    return LANGUAGES.get(code, code).title()
+
+
 def set_generation_language(model, language: str, task: str) -> None:
     """Force language and task at generation; drop stale forced_decoder_ids that override them."""
     gen = model.generation_config

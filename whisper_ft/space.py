@@ -24,6 +24,7 @@ import yaml
 from whisper_ft.config import Config, check_repo_id, to_dict
 from whisper_ft.errors import UserError
 from whisper_ft.files import write_atomic
+from whisper_ft.model import language_name, own_language
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +42,7 @@ GENERATED = ("__pycache__",)  # left by importing the code here (app.py itself w
 # The line of app.py that tells an earlier export from a folder of the user's own files.
 MARKER = "Written by `python inference_app.py --export-space DIR` (whisper_ft/space.py)."
 
-APP = '''"""Hugging Face Space: the Swedish speech-to-text page of whisper-ft's inference_app.py, serving
+APP = '''"""Hugging Face Space: the speech-to-text page of whisper-ft's inference_app.py, serving
 the model that app.model names in config.yaml beside this file.
 
     pip install -r requirements.txt && python app.py    # http://127.0.0.1:7860 (also --port P, --host H)
@@ -81,11 +82,11 @@ if __name__ == "__main__":
 '''.replace("{marker}", MARKER)
 
 README_BODY = """
-# Swedish speech to text
+# {language} speech to text
 
 Model: {model_ref}
 
-Transcribe Swedish speech with Whisper: a microphone recording, an uploaded audio or video
+Transcribe {language} speech with Whisper: a microphone recording, an uploaded audio or video
 file, or a video URL, with timestamps, `.txt`/`.srt` downloads and a translation.
 
 Exported from whisper-ft with `python inference_app.py --export-space DIR`. Run it anywhere:
@@ -114,10 +115,11 @@ def export(out_dir: str | Path, cfg: Config) -> Path:
         shutil.rmtree(out / name, ignore_errors=True)
     write_atomic(out / "app.py", APP)  # first: an export killed after it is still taken for one
     copy_code(out, package_modules([APP, (REPO_DIR / ENTRY).read_text(encoding="utf-8")]))
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, language=space_language(cfg, model)))
     write_atomic(out / "config.yaml", space_config(cfg, model))
     write_atomic(out / "requirements.txt", requirements((REPO_DIR / "requirements.txt").read_text(encoding="utf-8")))
     write_atomic(out / "packages.txt", "ffmpeg\n")
-    write_atomic(out / "README.md", readme(model, version("gradio")))
+    write_atomic(out / "README.md", readme(model, version("gradio"), cfg.model.language))
     return out
 
 
@@ -230,14 +232,22 @@ def requirements(project_requirements: str) -> str:
                       f"--extra-index-url {TORCH_CPU_INDEX}", *lines]) + "\n"
 
 
-def readme(model: str, sdk_version: str) -> str:
-    """README.md with the Space's front matter: Gradio `sdk_version`, app.py, and `models` for a hub id."""
+def space_language(cfg: Config, model: str) -> str:
+    """The language the Space transcribes: the one a local model was fine-tuned for, else
+    model.language (the page itself takes a hub model's own when it has downloaded it)."""
+    return (own_language(model) if Path(model).is_dir() else None) or cfg.model.language
+
+
+def readme(model: str, sdk_version: str, language: str = "sv") -> str:
+    """README.md with the Space's front matter: Gradio `sdk_version`, app.py, and `models` for a
+    hub id; title and text name `language` (a Whisper code)."""
     from huggingface_hub import SpaceCard, SpaceCardData
 
     hub_id = not Path(model).is_dir()
-    data = SpaceCardData(title="Swedish speech to text", sdk="gradio", sdk_version=sdk_version,
+    name = language_name(language)
+    data = SpaceCardData(title=f"{name} speech to text", sdk="gradio", sdk_version=sdk_version,
                          python_version=PYTHON_VERSION, app_file="app.py", models=[model] if hub_id else None,
-                         tags=["whisper", "speech-recognition", "swedish"], emoji="🎙️", colorFrom="blue",
+                         tags=["whisper", "speech-recognition", name.lower()], emoji="🎙️", colorFrom="blue",
                          colorTo="yellow", pinned=False)
     model_ref = f"[`{model}`](https://huggingface.co/{model})" if hub_id else f"`{model}` (a local folder)"
-    return str(SpaceCard(f"---\n{data.to_yaml()}\n---\n{README_BODY.format(model_ref=model_ref)}"))
+    return str(SpaceCard(f"---\n{data.to_yaml()}\n---\n{README_BODY.format(model_ref=model_ref, language=name)}"))
