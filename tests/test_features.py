@@ -714,3 +714,27 @@ def test_processes_starting_a_new_store_at_once_agree_on_its_plan(tmp_path, monk
     (store.root / "plan.json").write_text("")  # a start killed between creating its plan and writing it
     with pytest.raises(FeaturesError, match="empty or cut short.*--overwrite"):
         features.read_plan(store.root / "plan.json", patience=0.1)
+
+
+def test_a_common_voice_release_of_another_language_than_model_language_is_pointed_out(tmp_path, cv_release):
+    """Labels begin with model.language's token: a Norwegian release read with the default `sv`
+    would teach the model Norwegian under <|sv|>."""
+    from whisper_ft.config import load_config
+    from whisper_ft.features import collect_rows
+
+    norwegian = tmp_path / "cv-corpus-20.0" / "nb-NO"
+    shutil.copytree(cv_release, norwegian)
+    for tsv in norwegian.glob("*.tsv"):  # the locale column, where a release has one
+        tsv.write_text(tsv.read_text(encoding="utf-8").replace("\tsv-SE\t", "\tnb-NO\t"), encoding="utf-8")
+    sets = [f"features.data_dir={tmp_path}", f"features.sources.0.path={norwegian}"]
+    said = []
+    collect_rows(load_config(ROOT / "config.yaml", sets), said.append)
+    [warning] = [line for line in said if line.startswith("warning:")]
+    assert warning == ("warning: source sample is Common Voice nb-NO (Whisper's 'no'), but model.language is 'sv': its "
+                       "labels say <|sv|>. For no speech set --set model.language=no for both stages")
+    said.clear()
+    collect_rows(load_config(ROOT / "config.yaml", [*sets, "model.language=no"]), said.append)
+    assert not [line for line in said if line.startswith("warning:")]
+    collect_rows(load_config(ROOT / "config.yaml", [f"features.data_dir={tmp_path}",
+                                                    f"features.sources.0.path={cv_release}"]), said.append)
+    assert not [line for line in said if line.startswith("warning:")]  # sv-SE, sv

@@ -585,6 +585,16 @@ def validate_app(app: AppConfig) -> None:
 WHISPER_SPELLING = {"nb": "no", "iw": "he", "jv": "jw"}  # ISO codes Whisper spells otherwise (Bokmål: "no")
 
 
+def whisper_code(locale: str) -> str | None:
+    """Whisper's code for the language of a locale or language tag ("sv-SE" -> "sv", "nb-NO" ->
+    "no"); None for a language Whisper does not know ("gsw")."""
+    from transformers.models.whisper.tokenization_whisper import LANGUAGES
+
+    primary = locale.replace("_", "-").split("-")[0].lower()
+    code = WHISPER_SPELLING.get(primary, primary)
+    return code if code in LANGUAGES else None
+
+
 def check_language(language: str) -> None:
     """`language` is one of Whisper's 100 language codes (the lists of transformers and of
     faster-whisper, which serves the CTranslate2 export, are the same). A name ("swedish") or a
@@ -593,8 +603,7 @@ def check_language(language: str) -> None:
 
     if language in LANGUAGES:
         return
-    primary = language.replace("_", "-").split("-")[0].lower()
-    code = TO_LANGUAGE_CODE.get(language.lower()) or WHISPER_SPELLING.get(primary, primary)
+    code = TO_LANGUAGE_CODE.get(language.lower()) or whisper_code(language)
     hint = f" (did you mean {code!r}, {LANGUAGES[code].title()}?)" if code in LANGUAGES else ""
     raise ConfigError(f"model.language: {language!r} is not a Whisper language code{hint}; use one of: "
                       f"{', '.join(sorted(LANGUAGES))}")

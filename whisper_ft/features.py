@@ -46,7 +46,7 @@ import numpy as np
 
 from whisper_ft.audio import SAMPLE_RATE, AudioError, TooLong, load_audio, pad_features, trimmed_features
 from whisper_ft.claims import ClaimSet, gone_here, live_claims, owner_tag, read_holder
-from whisper_ft.config import check_folder, save_config, to_dict
+from whisper_ft.config import check_folder, save_config, to_dict, whisper_code
 from whisper_ft.errors import UserError
 from whisper_ft.files import create_atomic, fsync_tree, replace_dir, staging_dir, write_atomic
 from whisper_ft.sources import EVAL, TRAIN, VALIDATION, ArrowAudio, Row, SourceError, describe, read_source
@@ -943,6 +943,11 @@ def collect_rows(cfg, echo=print) -> dict[str, list[Row]]:
             rows[split] += got.get(split, [])
         echo(f"source {src.name} ({src.kind}): {len(got[TRAIN])} train rows, {len(got[VALIDATION])} validation rows, "
              f"{len(got[EVAL])} test rows")
+        for locale in sorted({r.meta["locale"] for split in got.values() for r in split if r.meta.get("locale")}):
+            if (code := whisper_code(locale)) is not None and code != cfg.model.language:
+                echo(f"warning: source {src.name} is Common Voice {locale} (Whisper's {code!r}), but model.language is "
+                     f"{cfg.model.language!r}: its labels say <|{cfg.model.language}|>. For {code} speech set "
+                     f"--set model.language={code} for both stages")
         if got[TRAIN] and not got[VALIDATION]:
             if src.validation_splits:
                 why = f"its validation_splits {list(src.validation_splits)} hold no rows"

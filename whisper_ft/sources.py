@@ -291,7 +291,7 @@ def _read_common_voice(src: SourceConfig, release: Path) -> dict[str, list[Row]]
                 raise SourceError(f"source {src.name}: no {split}.tsv in {release}")
             for r in read_cv_tsv(tsv, src.limit):
                 clip = r.get("path") or ""
-                meta = {k: r[k] for k in CV_METADATA if r.get(k)}
+                meta = {k: r[k] for k in CV_METADATA if r.get(k)} | {"locale": r.get("locale") or release.name}
                 out[target].append(Row(src.name, target, f"{split}/{clip}", str(release / "clips" / clip),
                                        r.get("sentence") or "", r.get("client_id") or "", meta))
     return out
