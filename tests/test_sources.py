@@ -173,6 +173,20 @@ def test_mdc_downloads_with_datacollective_then_reads_the_release(monkeypatch, t
     assert calls == [("cv-sv-99", str(tmp_path / "raw"), False)]
     assert rows_summary(rows) == rows_summary(read_source(SourceConfig(name="mdc", path=str(cv_release)), tmp_path))
 
+    def offline(dataset_id, download_directory=None, **kwargs):
+        raise OSError("Max retries exceeded with url")
+
+    monkeypatch.setattr(datacollective, "download_dataset", offline)
+    monkeypatch.delenv("MDC_API_KEY")  # a complete download needs neither the server nor the key
+    assert rows_summary(read_source(SourceConfig(name="mdc", kind="mdc", dataset_id="cv-sv-99"), tmp_path)) == (
+        rows_summary(rows))
+    with pytest.raises(SourceError, match="needs MDC_API_KEY"):  # another release: not downloaded
+        read_source(SourceConfig(name="mdc", kind="mdc", dataset_id="cv-sv-100"), tmp_path)
+    (tmp_path / "raw" / cv_tarball.name).write_bytes(b"cut short")  # not the tarball that was downloaded
+    monkeypatch.setenv("MDC_API_KEY", "test-key")
+    with pytest.raises(SourceError, match="cannot download 'cv-sv-99'.*rerun to resume"):
+        read_source(SourceConfig(name="mdc", kind="mdc", dataset_id="cv-sv-99"), tmp_path)
+
 
 def test_mdc_download_failure_is_a_source_error(monkeypatch, tmp_path):
     import datacollective

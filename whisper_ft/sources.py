@@ -27,6 +27,7 @@ from pathlib import Path
 from whisper_ft.claims import ClaimSet, read_holder
 from whisper_ft.config import SourceConfig
 from whisper_ft.errors import UserError, chain
+from whisper_ft.files import write_atomic
 
 TRAIN, VALIDATION, EVAL = "train", "validation", "eval"  # eval: the test split
 DONE_MARK = ".extracted"
@@ -297,8 +298,23 @@ def _read_common_voice(src: SourceConfig, release: Path) -> dict[str, list[Row]]
     return out
 
 
+def _mdc_record(dataset_id: str, download_dir: Path) -> Path:
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in dataset_id)
+    return download_dir / f".mdc-{safe}-{hashlib.sha1(dataset_id.encode()).hexdigest()[:8]}.json"
+
+
 def download_mdc(dataset_id: str, download_dir: Path) -> Path:
-    """Download (or resume) a Mozilla Data Collective release tarball; returns its path."""
+    """Download (or resume) a Mozilla Data Collective release tarball; returns its path. Once
+    complete, it is recorded (file name and size) and later runs take it without the server or
+    the key: a release's tarball does not change, and a rerun offline goes on."""
+    record = _mdc_record(dataset_id, download_dir)
+    try:
+        done = json.loads(record.read_text(encoding="utf-8"))
+        archive = download_dir / done["archive"]
+        if archive.is_file() and archive.stat().st_size == done["size"]:
+            return archive
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
     if not os.environ.get("MDC_API_KEY"):
         raise SourceError("source kind mdc needs MDC_API_KEY: create a key at "
                           "https://datacollective.mozillafoundation.org (profile > API keys) and export it")
@@ -309,13 +325,17 @@ def download_mdc(dataset_id: str, download_dir: Path) -> Path:
         raise SourceError("source kind mdc needs the datacollective package: pip install datacollective") from e
     download_dir.mkdir(parents=True, exist_ok=True)
     try:
-        return Path(datacollective.download_dataset(dataset_id, download_directory=str(download_dir)))
+        archive = Path(datacollective.download_dataset(dataset_id, download_directory=str(download_dir)))
     except (FileNotFoundError, PermissionError) as e:
         raise SourceError(f"Mozilla Data Collective refused dataset {dataset_id!r}: {e} "
                           "(accept its terms on the website first)") from e
     except (OSError, RuntimeError, DownloadError) as e:  # network, auth, rate limit, cut off
         raise SourceError(f"cannot download {dataset_id!r} from the Mozilla Data Collective: "
                           f"{str(e) or type(e).__name__}; rerun to resume") from e
+    if archive.parent.resolve() == download_dir.resolve() and archive.is_file():
+        write_atomic(record, json.dumps({"dataset_id": dataset_id, "archive": archive.name,
+                                         "size": archive.stat().st_size}))
+    return archive
 
 
 # --------------------------------------------------------------------------- Hugging Face
