@@ -411,6 +411,46 @@ def test_a_resume_forgets_the_checks_after_its_checkpoint(tmp_path, features_dir
         assert summary["averaging"]["steps"] == [2, 6]  # the two best checks of this run's log
 
 
+def test_a_lora_resume_exports_the_best_check_before_it_from_the_adapters_of_its_checkpoint(
+        tmp_path, features_dir, tiny_model_dir, monkeypatch):
+    """Killed after a best check at step 4, a LoRA run resumes at checkpoint-3, which holds its
+    adapters only: the check at step 3 (the best up to there) is merged from them into best/,
+    not dropped for a later, worse one."""
+    import torch
+    from safetensors.torch import load_file
+    from transformers import TrainerCallback
+
+    from whisper_ft import train
+
+    wers = iter([0.9, 0.8, 0.5, 0.3, 0.95, 0.97])  # checks at 1, 2, 3, 4 (killed); 6; the test split
+    monkeypatch.setattr(train, "compute_metrics", lambda tokenizer, pred: {
+        "wer": (w := next(wers)), "wer_normalized": w, "cer": w, "clips": len(pred.label_ids)})
+
+    class Kill(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 5:
+                raise KeyboardInterrupt
+
+    sets = [*overrides(features_dir, tiny_model_dir, tmp_path, max_steps=6, eval_steps=1, save_steps=3,
+                       eval_before_training="false", export_ctranslate2="false", learning_rate=1e-2),
+            "training.lora.enabled=true"]
+    with pytest.raises(KeyboardInterrupt):
+        train.run_training(load_config(ROOT / "config.yaml", sets), callbacks=[Kill()])
+    run_dir = tmp_path / "tiny"
+    assert checkpoints.read_best(run_dir)["step"] == 4 and [s for s, _ in checkpoints.checkpoints(run_dir)] == [3]
+    assert (run_dir / "checkpoint-3" / "adapter_config.json").is_file()
+    summary = train.run_training(load_config(ROOT / "config.yaml", [*sets, "training.eval_steps=3"]))
+    assert (summary["best_step"], summary["best_wer"]) == (3, 0.5)
+    from peft import PeftModel
+
+    from whisper_ft.model import load_model
+
+    merged = PeftModel.from_pretrained(load_model(str(tiny_model_dir)), str(run_dir / "checkpoint-3")).merge_and_unload()
+    exported = load_file(str(run_dir / "best" / "model.safetensors"))
+    name = "model.decoder.layers.0.self_attn.q_proj.weight"
+    assert torch.allclose(exported[name].float(), merged.state_dict()[name].float(), atol=1e-6)
+
+
 def test_rerunning_a_finished_run_trains_no_more_and_changed_settings_are_refused(tmp_path, features_dir,
                                                                                   tiny_model_dir, monkeypatch):
     """A rerun of a finished run does nothing; after a kill in the final phase (no metrics.json),

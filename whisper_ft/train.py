@@ -1181,8 +1181,13 @@ def export_single_check(cfg: Config, run_dir: Path, meta: dict, single: dict, so
         model = load_model(str(run_dir / checkpoints.BEST_DIR), cfg.model.language, cfg.model.task,
                            attn_implementation="sdpa")
         model.load_state_dict(averaging.average([source]))
-    else:
+    elif (source / "config.json").is_file():
         model = load_model(str(source), cfg.model.language, cfg.model.task, attn_implementation="sdpa")
+    else:  # a LoRA checkpoint: its adapters, merged into the base model
+        from peft import PeftModel
+
+        base = load_model(cfg.model.name_or_path, cfg.model.language, cfg.model.task, attn_implementation="sdpa")
+        model = PeftModel.from_pretrained(base, str(source)).merge_and_unload()
     info = {**meta, "step": single["step"], "split": single.get("split"),
             **{k: single.get(k) for k in ("wer", "wer_normalized", "cer", "eval_clips")}}
     checkpoints.export_best(model, processor, run_dir, info)
@@ -1214,13 +1219,15 @@ def drop_unchosen_average(cfg: Config, run_dir: Path, meta: dict, averaged: dict
 
 def single_check_source(run_dir: Path, step: int) -> Path | None:
     """Where the model of the periodic check at `step` is still saved: its weights file in
-    averaging/, else its complete checkpoint folder when that holds the whole model (a LoRA
-    checkpoint holds its adapters only); None when neither is left."""
+    averaging/, else its complete checkpoint folder (the whole model, or a LoRA run's adapters);
+    None when neither is left."""
     kept = averaging.weights_path(run_dir / averaging.FOLDER, step)
     if kept.is_file():
         return kept
     found = dict(checkpoints.checkpoints(run_dir)).get(step)
-    return found if found is not None and (found / "config.json").is_file() else None
+    if found is not None and any((found / name).is_file() for name in ("config.json", "adapter_config.json")):
+        return found
+    return None
 
 
 def export_ct2(best_dir: Path) -> None:
