@@ -411,6 +411,20 @@ def test_a_resume_forgets_the_checks_after_its_checkpoint(tmp_path, features_dir
         assert summary["averaging"]["steps"] == [2, 6]  # the two best checks of this run's log
 
 
+def test_spec_augment_masks_longer_than_the_input_are_refused_before_any_scoring(tmp_path, features_dir,
+                                                                                   tiny_model_dir):
+    from whisper_ft.train import run_training
+
+    sets = [*overrides(features_dir, tiny_model_dir, tmp_path), "training.spec_augment.enabled=true",
+            "training.spec_augment.mask_feature_prob=0.1"]
+    with pytest.raises(TrainingError, match=r"^training.spec_augment.mask_feature_length: must be under the "
+                                            r"model's 80 mel bins, got 100$"):
+        run_training(load_config(ROOT / "config.yaml", [*sets, "training.spec_augment.mask_feature_length=100"]))
+    with pytest.raises(TrainingError, match=r"mask_time_length: must be under the model's 3000 frames, got 3000"):
+        run_training(load_config(ROOT / "config.yaml", [*sets, "training.spec_augment.mask_time_length=3000"]))
+    assert not (tmp_path / "tiny" / "metrics.jsonl").exists()
+
+
 def test_a_lora_resume_exports_the_best_check_before_it_from_the_adapters_of_its_checkpoint(
         tmp_path, features_dir, tiny_model_dir, monkeypatch):
     """Killed after a best check at step 4, a LoRA run resumes at checkpoint-3, which holds its

@@ -213,6 +213,7 @@ def prepare_model(cfg: Config, tokenizer):
                                            mask_time_length=sa.mask_time_length, mask_feature_prob=sa.mask_feature_prob,
                                            mask_feature_length=sa.mask_feature_length)
     FeatureStore.of(cfg).check_model(config, tokenizer)  # before minutes of loading weights
+    check_spec_augment(sa, config)
     model = load_model(cfg.model.name_or_path, cfg.model.language, cfg.model.task, config=config,
                        attn_implementation="sdpa")
     if t.freeze_encoder:
@@ -235,6 +236,18 @@ def prepare_model(cfg: Config, tokenizer):
     if t.torch_compile:
         compile_layers(model)
     return model
+
+
+def check_spec_augment(sa, config) -> None:
+    """SpecAugment's mask lengths fit the model's input (transformers fails at the first training
+    step otherwise, after the zero-shot scoring): under its frames and its mel bins."""
+    if not sa.enabled:
+        return
+    for key, prob, length, limit, what in (
+            ("mask_time_length", sa.mask_time_prob, sa.mask_time_length, 2 * config.max_source_positions, "frames"),
+            ("mask_feature_length", sa.mask_feature_prob, sa.mask_feature_length, config.num_mel_bins, "mel bins")):
+        if prob > 0 and length >= limit:
+            raise TrainingError(f"training.spec_augment.{key}: must be under the model's {limit} {what}, got {length}")
 
 
 def compile_layers(model, dynamic_decoder: bool = True) -> int:
