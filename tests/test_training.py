@@ -1244,6 +1244,23 @@ def test_select_metric_picks_best_the_kept_checkpoint_and_the_average_by_that_sc
             f"{100 * best['cer']:.2f}%); test split") in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("section, key", [("lora", "rank=8"), ("spec_augment", "mask_time_length=20")])
+def test_a_resume_refuses_changed_lora_or_spec_augment_settings_only_where_they_are_on(tmp_path, section, key):
+    from whisper_ft.config import save_config
+    from whisper_ft.train import check_resumable
+
+    resume = tmp_path / "checkpoint-2"
+    config = lambda *sets: load_config(ROOT / "config.yaml", [f"training.{section}.{s}" for s in sets])  # noqa: E731
+    save_config(config(), tmp_path / "config.yaml")
+    check_resumable(config(key), tmp_path, resume, 2)  # off: its settings change nothing
+    with pytest.raises(TrainingError, match=rf"training.{section} .*'enabled': False.* -> .*'enabled': True"):
+        check_resumable(config("enabled=true"), tmp_path, resume, 2)
+    save_config(config("enabled=true"), tmp_path / "config.yaml")
+    check_resumable(config("enabled=true"), tmp_path, resume, 2)
+    with pytest.raises(TrainingError, match=rf"with other settings \(training.{section} "):
+        check_resumable(config("enabled=true", key), tmp_path, resume, 2)
+
+
 def test_a_resume_with_another_select_metric_is_refused(tmp_path):
     """best/ and the kept checks were chosen by the run's select_metric; a run whose config.yaml
     predates the key chose by WER."""

@@ -880,6 +880,7 @@ FIXED_ON_RESUME = (
     "training.dropout", "training.freeze_encoder", "training.lora", "training.spec_augment", "training.eval_subset",
     "training.generation_max_length", "training.num_beams", "training.select_metric",
 )
+SWITCHED = ("training.lora", "training.spec_augment")  # FIXED_ON_RESUME sections with an `enabled` switch
 # The value a run used for a FIXED_ON_RESUME key that its config.yaml predates, where one is known.
 PREDATED_DEFAULTS = {"training.select_metric": "wer"}
 
@@ -914,6 +915,8 @@ def check_resumable(cfg: Config, run_dir: Path, resume: Path | None, step: int =
             before = PREDATED_DEFAULTS.get(key, missing)
         if key == "training.eval_features":  # empty reads features.name: compare the store each one reads
             before, after = before or get(saved, "features.name"), after or get(now, "features.name")
+        if key in SWITCHED and not any(isinstance(v, dict) and v.get("enabled") for v in (before, after)):
+            continue  # off before and after: its other settings change nothing
         if before is not missing and before != after:
             changed.append(f"{key} {before!r} -> {after!r}")
     if changed and resume is None:
