@@ -371,30 +371,40 @@ def test_sigterm_or_ctrl_c_saves_the_step_and_the_rerun_goes_on_from_it(tmp_path
     assert [e["step"] for e in log if e["event"] == "train"][-2:] == [step + 1, step + 2]
 
 
+def scripted_checks_and_kill(monkeypatch, wers: list[float], at: int):
+    """Every check (and final scoring) scores the next of `wers` in all three metrics; returns a
+    callback that kills the run (KeyboardInterrupt) at the end of step `at`."""
+    from transformers import TrainerCallback
+
+    from whisper_ft import train
+
+    scores = iter(wers)
+    monkeypatch.setattr(train, "compute_metrics", lambda tokenizer, pred: {
+        "wer": (w := next(scores)), "wer_normalized": w, "cer": w, "clips": len(pred.label_ids)})
+
+    class Kill(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == at:
+                raise KeyboardInterrupt
+
+    return Kill()
+
+
 @pytest.mark.parametrize("averaging", [0, 2])
 def test_a_resume_forgets_the_checks_after_its_checkpoint(tmp_path, features_dir, tiny_model_dir, monkeypatch, averaging):
     """Killed after a best check at step 4 but before checkpoint-6, a run resumes at checkpoint-3
     (checking every 3 steps now): best/ may not keep the model of a step it goes back over, a
     check no longer in its log. It is the best check up to step 3 again where its weights are
     kept (averaging/), else the best of the checks from there on; averaging/ drops step 4."""
-    from transformers import TrainerCallback
-
     from whisper_ft import train
 
-    wers = iter([0.9, 0.5, 0.95, 0.96, 0.97, 0.98])  # checks at 2, 4 (killed); 6, 8; the average; the test split
-    monkeypatch.setattr(train, "compute_metrics", lambda tokenizer, pred: {
-        "wer": (w := next(wers)), "wer_normalized": w, "cer": w, "clips": len(pred.label_ids)})
-
-    class Kill(TrainerCallback):
-        def on_step_end(self, args, state, control, **kwargs):
-            if state.global_step == 5:
-                raise KeyboardInterrupt
-
+    # checks at 2, 4 (killed); 6, 8; the average; the test split
+    kill = scripted_checks_and_kill(monkeypatch, [0.9, 0.5, 0.95, 0.96, 0.97, 0.98], at=5)
     sets = overrides(features_dir, tiny_model_dir, tmp_path, max_steps=8, eval_steps=2, save_steps=3,
                      eval_before_training="false", export_ctranslate2="false", average_checkpoints=averaging,
                      average_mode="best")
     with pytest.raises(KeyboardInterrupt):
-        train.run_training(load_config(ROOT / "config.yaml", sets), callbacks=[Kill()])
+        train.run_training(load_config(ROOT / "config.yaml", sets), callbacks=[kill])
     run_dir = tmp_path / "tiny"
     assert checkpoints.read_best(run_dir)["step"] == 4 and [s for s, _ in checkpoints.checkpoints(run_dir)] == [3]
     if averaging:  # the checks `last` would average are gone
@@ -432,24 +442,16 @@ def test_a_lora_resume_exports_the_best_check_before_it_from_the_adapters_of_its
     not dropped for a later, worse one."""
     import torch
     from safetensors.torch import load_file
-    from transformers import TrainerCallback
 
     from whisper_ft import train
 
-    wers = iter([0.9, 0.8, 0.5, 0.3, 0.95, 0.97])  # checks at 1, 2, 3, 4 (killed); 6; the test split
-    monkeypatch.setattr(train, "compute_metrics", lambda tokenizer, pred: {
-        "wer": (w := next(wers)), "wer_normalized": w, "cer": w, "clips": len(pred.label_ids)})
-
-    class Kill(TrainerCallback):
-        def on_step_end(self, args, state, control, **kwargs):
-            if state.global_step == 5:
-                raise KeyboardInterrupt
-
+    # checks at 1, 2, 3, 4 (killed); 6; the test split
+    kill = scripted_checks_and_kill(monkeypatch, [0.9, 0.8, 0.5, 0.3, 0.95, 0.97], at=5)
     sets = [*overrides(features_dir, tiny_model_dir, tmp_path, max_steps=6, eval_steps=1, save_steps=3,
                        eval_before_training="false", export_ctranslate2="false", learning_rate=1e-2),
             "training.lora.enabled=true"]
     with pytest.raises(KeyboardInterrupt):
-        train.run_training(load_config(ROOT / "config.yaml", sets), callbacks=[Kill()])
+        train.run_training(load_config(ROOT / "config.yaml", sets), callbacks=[kill])
     run_dir = tmp_path / "tiny"
     assert checkpoints.read_best(run_dir)["step"] == 4 and [s for s, _ in checkpoints.checkpoints(run_dir)] == [3]
     assert (run_dir / "checkpoint-3" / "adapter_config.json").is_file()
