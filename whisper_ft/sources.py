@@ -12,6 +12,7 @@ import functools
 import gzip
 import hashlib
 import io
+import re
 import itertools
 import json
 import os
@@ -249,25 +250,25 @@ def read_cv_tsv(path: Path, limit: int = 0) -> list[dict[str, str]]:
     contain quote marks, and a byte-order mark (a file re-saved by an editor) is skipped. A row
     with more fields than the header (a tab in a sentence of an edited file) is refused with its
     line: its sentence would be cut there and its later fields shifted into the wrong columns. So
-    is one with fewer (a carriage return in a sentence, which csv reads as a line end: the sentence
-    would be cut there, its rest read as a row of its own), and a clip listed twice (its one id
-    would stand for two rows, with two sentences)."""
+    is a carriage return not ending a line (in a sentence: csv would end the row there and read
+    the rest as a row of its own), and a clip listed twice (its one id would stand for two rows,
+    with two sentences). A row short of trailing fields (trailing tabs stripped) has them empty."""
     try:
         with open(path, encoding="utf-8-sig", newline="") as f:
-            reader = csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
+            text = f.read()
+        if (cr := re.search(r"\r(?!\n)", text)) is not None:
+            raise SourceError(f"{path} line {text.count(chr(10), 0, cr.start()) + 1} has a carriage return that ends "
+                              "no line (in a sentence?): join the sentence onto one line")
+        with io.StringIO(text, newline="") as f:
+            reader = csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE, restval="")
             missing = [c for c in CV_COLUMNS if c not in (reader.fieldnames or ())]
             if missing:
                 raise SourceError(f"{path} has no {' or '.join(missing)} column: not a Common Voice TSV "
                                   f"(header: {' '.join(reader.fieldnames or ()) or 'empty'})")
             rows = list(itertools.islice(reader, limit or None))
-            for i, r in enumerate(rows):
-                if None in r:
-                    raise SourceError(f"{path} line {i + 2} has more tab-separated fields than its header's "
-                                      f"{len(reader.fieldnames)}: a tab in a sentence? Replace it by a space")
-                if None in r.values():
-                    raise SourceError(f"{path} line {i + 2} has fewer tab-separated fields than its header's "
-                                      f"{len(reader.fieldnames)}: a line break (a carriage return) in a sentence? "
-                                      "Join the sentence onto one line")
+            if (bad := next((i for i, r in enumerate(rows) if None in r), None)) is not None:
+                raise SourceError(f"{path} line {bad + 2} has more tab-separated fields than its header's "
+                                  f"{len(reader.fieldnames)}: a tab in a sentence? Replace it by a space")
             first: dict[str, int] = {}
             for i, r in enumerate(rows):
                 if r["path"] and (seen := first.setdefault(r["path"], i)) != i:
