@@ -114,6 +114,7 @@ def test_card_metadata_reports_test_and_names_every_split(tmp_path):
     older["model"]["language"] = "swedish"  # a run configured before names were refused
     named = report.card_data(SUMMARY, older, REPO, [describe(s) for s in cfg.features.sources])
     assert named.language == "sv" and named.license == "apache-2.0"  # the Hub takes ISO codes only
+    assert report.language_code("jw") == "jv"  # Whisper's Javanese
 
 
 def test_card_text_says_what_was_scored_and_the_steps_used(tmp_path):

@@ -1246,6 +1246,23 @@ def test_select_metric_picks_best_the_kept_checkpoint_and_the_average_by_that_sc
             f"{100 * best['cer']:.2f}%); test split") in capsys.readouterr().out
 
 
+def test_a_run_configured_with_a_language_name_resumes_with_its_code(tmp_path):
+    """Names ("swedish") were taken before model.language had to be a code: such a run resumes
+    with the code, and still not with another language."""
+    import yaml
+
+    from whisper_ft.config import save_config
+    from whisper_ft.train import check_resumable
+
+    save_config(load_config(ROOT / "config.yaml"), tmp_path / "config.yaml")
+    saved = yaml.safe_load((tmp_path / "config.yaml").read_text())
+    saved["model"]["language"] = "Swedish"
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(saved))
+    check_resumable(load_config(ROOT / "config.yaml"), tmp_path, tmp_path / "checkpoint-2", 2)
+    with pytest.raises(TrainingError, match=r"model.language 'sv' -> 'no'"):
+        check_resumable(load_config(ROOT / "config.yaml", ["model.language=no"]), tmp_path, tmp_path / "checkpoint-2", 2)
+
+
 @pytest.mark.parametrize("section, key", [("lora", "rank=8"), ("spec_augment", "mask_time_length=20")])
 def test_a_resume_refuses_changed_lora_or_spec_augment_settings_only_where_they_are_on(tmp_path, section, key):
     from whisper_ft.config import save_config

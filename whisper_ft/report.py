@@ -205,10 +205,12 @@ def card_data(summary: dict, config: dict, model_name: str, sources: list[dict])
 
 def language_code(language: str) -> str:
     """The ISO code the Hub's metadata wants for a Whisper language, given as a code or a name
-    ("sv" or "swedish": the tokenizer takes both)."""
+    ("sv", or "swedish" in a run configured before names were refused); Whisper's Javanese
+    `jw` is ISO's `jv`."""
     from transformers.models.whisper.tokenization_whisper import TO_LANGUAGE_CODE
 
-    return TO_LANGUAGE_CODE.get(language.lower(), language)
+    code = TO_LANGUAGE_CODE.get(language.lower(), language)
+    return {"jw": "jv"}.get(code, code)
 
 
 # the folder of the embedded sample (scripts/make_sample.py): espeak-ng speech, not Common Voice's

@@ -917,6 +917,10 @@ def check_resumable(cfg: Config, run_dir: Path, resume: Path | None, step: int =
             before, after = before or get(saved, "features.name"), after or get(now, "features.name")
         if key in SWITCHED and not any(isinstance(v, dict) and v.get("enabled") for v in (before, after)):
             continue  # off before and after: its other settings change nothing
+        if key == "model.language" and isinstance(before, str):  # a run configured before names were refused
+            from transformers.models.whisper.tokenization_whisper import TO_LANGUAGE_CODE
+
+            before = TO_LANGUAGE_CODE.get(before.lower(), before)
         if before is not missing and before != after:
             changed.append(f"{key} {before!r} -> {after!r}")
     if changed and resume is None:
