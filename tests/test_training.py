@@ -89,11 +89,25 @@ def test_run_evaluates_before_and_during_training(tiny_run):
     (4, 27, 4, 1, 1, 16),  # within the first epoch
     (3, 27, 64, 2, 1, 81),  # each step one short epoch of all 27
     (5, 27, 5, 2, 1, 47),  # 3 steps an epoch, the last of 7 clips
-    (3, 27, 2, 1, 2, 12),  # two processes, 14 clips each (one repeated to pad)
-    (10, 27, 2, 1, 2, 40),  # an epoch (2 x 14) and 3 steps
+    (3, 27, 2, 1, 2, 12),  # two processes, 7 batches each (the last filled up)
+    (10, 27, 2, 1, 2, 40),  # an epoch (2 x 7 x 2) and 3 steps
+    (2, 10, 4, 1, 2, 16),  # 3 batches over 2 processes: 2 each, all full
+    (1, 27, 64, 1, 2, 128),  # one batch each, filled up with repeats
 ])
 def test_samples_seen_counts_the_short_last_batch_of_each_epoch(steps, clips, batch, accumulation, processes, seen):
     assert samples_seen(steps, clips, batch, accumulation, processes) == seen
+
+
+@pytest.mark.parametrize("clips, batch, processes", [(10, 4, 1), (10, 4, 2), (27, 5, 3), (27, 64, 2)])
+def test_samples_seen_is_what_accelerate_deals_the_processes_in_an_epoch(clips, batch, processes):
+    from accelerate.data_loader import prepare_data_loader
+    from torch.utils.data import DataLoader, RandomSampler
+
+    dealt = [[len(b) for b in prepare_data_loader(DataLoader(list(range(clips)), batch_size=batch,
+                                                             sampler=RandomSampler(range(clips))),
+                                                  num_processes=processes, process_index=rank, put_on_device=False)]
+             for rank in range(processes)]
+    assert samples_seen(len(dealt[0]), clips, batch, 1, processes) == sum(map(sum, dealt))
 
 
 def test_run_writes_checkpoints_reports_and_summary(tiny_run):

@@ -1306,11 +1306,11 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
 
 
 def samples_seen(steps: int, clips: int, batch: int, accumulation: int, processes: int = 1) -> int:
-    """Training samples that `steps` optimizer steps went through, repeats across epochs
-    counted. An epoch is each process's share of the `clips` (padded to equal shares, as the
-    distributed sampler does) in batches of `batch`, a step every `accumulation` batches; its
-    last batch and its last step may be short."""
-    share = -(-clips // processes)
+    """Training samples that `steps` optimizer steps went through, repeats counted. An epoch is
+    the `clips` in batches of `batch`, a step every `accumulation` batches; its last batch and
+    step may be short. Under several processes accelerate deals each its share of the batches,
+    every batch full (the last filled up with clips from the start, `even_batches`)."""
+    share = clips if processes == 1 else -(-(-(-clips // batch)) // processes) * batch  # per process and epoch
     per_epoch = -(-(-(-share // batch)) // accumulation)  # steps: ceil(ceil(share / batch) / accumulation)
     epochs, rest = divmod(steps, per_epoch)
     return processes * (epochs * share + min(rest * accumulation * batch, share))
