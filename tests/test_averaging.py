@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from whisper_ft.averaging import Keeper, average, kept_mode, read_index, save_weights, select, weights_path
-from whisper_ft.config import load_config
+from whisper_ft.config import load_config, save_config
 from whisper_ft.errors import UserError
 from whisper_ft.train import check_average_mode
 
@@ -86,3 +86,7 @@ def test_a_run_is_averaged_only_in_the_mode_its_checks_were_kept_for(tmp_path):
         check_average_mode(config("average_checkpoints=2", "average_mode=best"), tmp_path)
     (folder / "candidates.json").write_text(json.dumps({"6": 0.5, "8": 0.6}))  # an index written without its mode
     assert read_index(folder) == {6: 0.5, 8: 0.6} and kept_mode(folder) is None
+    save_config(config("average_checkpoints=2", "average_mode=last"), tmp_path / "config.yaml")  # the run's mode
+    with pytest.raises(UserError, match=r"keeps the checks average_mode last averages, not those best would"):
+        check_average_mode(config("average_checkpoints=2", "average_mode=best"), tmp_path)
+    check_average_mode(config("average_checkpoints=2", "average_mode=last"), tmp_path)

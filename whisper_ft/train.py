@@ -944,9 +944,18 @@ def check_resumable(cfg: Config, run_dir: Path, resume: Path | None, step: int =
 
 def check_average_mode(cfg: Config, run_dir: Path) -> None:
     """Refuse to average a run's checks in another training.average_mode than the one its
-    averaging/ kept them for: the checks that mode would average were deleted as they came."""
+    averaging/ kept them for (an index written without it: the run's config.yaml's): the checks
+    that mode would average were deleted as they came."""
+    import yaml
+
     t, folder = cfg.training, run_dir / averaging.FOLDER
     kept = averaging.kept_mode(folder)
+    if kept is None and averaging.read_index(folder):
+        try:
+            saved = yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8")) or {}
+            kept = saved.get("training", {}).get("average_mode", "last")  # the default before the key
+        except (OSError, ValueError, AttributeError):
+            kept = None
     if t.average_checkpoints and kept is not None and kept != t.average_mode:
         raise TrainingError(f"{folder} keeps the checks average_mode {kept} averages, not those {t.average_mode} "
                             f"would (deleted as they came): set training.average_mode back to {kept}, pass --fresh "
