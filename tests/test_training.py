@@ -324,6 +324,42 @@ def test_a_signal_at_a_check_step_saves_before_the_check(tmp_path, features_dir,
     assert [s for s, _ in checkpoints.checkpoints(run_dir)] == [2] and checkpoints.read_best(run_dir)["step"] == 2
 
 
+@pytest.mark.parametrize("at", [2, 4])
+def test_a_check_killed_after_its_signal_saved_the_step_runs_when_the_run_resumes(tmp_path, features_dir,
+                                                                                  tiny_model_dir, monkeypatch, at):
+    """Saved first, the check at a signal's step may outlast the grace period and be killed: the
+    resumed run checks that step first (at the last step: before its final phase), so no trained
+    step goes unchecked and best/ can be its model."""
+    from transformers import TrainerCallback
+
+    from whisper_ft import train
+
+    scores = iter([None, 0.4, 0.6, 0.7] if at == 2 else [0.5, None, 0.4, 0.7])  # None: killed during the check
+
+    def scripted(tokenizer, pred):
+        if (w := next(scores)) is None:
+            raise RuntimeError("killed during the check")
+        return {"wer": w, "wer_normalized": w, "cer": w, "clips": len(pred.label_ids)}
+
+    monkeypatch.setattr(train, "compute_metrics", scripted)
+
+    class TermDuringTheStep(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            if state.global_step == at - 1:
+                signal.raise_signal(signal.SIGTERM)
+
+    sets = overrides(features_dir, tiny_model_dir, tmp_path, max_steps=4, eval_steps=2, save_steps=4,
+                     eval_before_training="false", export_ctranslate2="false")
+    with pytest.raises(RuntimeError, match="killed during the check"):
+        train.run_training(load_config(ROOT / "config.yaml", sets), callbacks=[TermDuringTheStep()])
+    run_dir = tmp_path / "tiny"
+    assert at in [s for s, _ in checkpoints.checkpoints(run_dir)]
+    summary = train.run_training(load_config(ROOT / "config.yaml", sets))
+    checks = {e["step"]: e["wer"] for e in checkpoints.selection_checks(checkpoints.read_events(run_dir))}
+    assert checks == {2: 0.4, 4: 0.6} if at == 2 else {2: 0.5, 4: 0.4}
+    assert (summary["best_step"], summary["best_wer"], summary["wer"]) == ((2, 0.4, 0.7) if at == 2 else (4, 0.4, 0.7))
+
+
 def test_a_second_signal_of_a_kind_stops_at_once_and_one_of_each_kind_does_not(capfd):
     """Ctrl-C twice: the second ends the run without the save; a SIGTERM after a Ctrl-C does not."""
     from types import SimpleNamespace

@@ -493,6 +493,16 @@ class WhisperTrainer(Seq2SeqTrainer):
         self.saver.wait()  # the last checkpoint is on disk before the Trainer's cleanup looks at the folder
         return super()._finalize_training(*args, **kwargs)
 
+    def _evaluate(self, trial, ignore_keys_for_eval, skip_scheduler: bool = False):
+        """As the Trainer's; its `eval_on_start` in a resumed run is the check owed at the step
+        it resumes from (`owed_check`), which counts as that step's: it steps a plateau schedule
+        and may make its checkpoint the best one that rotation keeps."""
+        owed = skip_scheduler and self.state.global_step > 0
+        metrics = super()._evaluate(trial, ignore_keys_for_eval, skip_scheduler=skip_scheduler and not owed)
+        if owed:
+            self._determine_best_metric(metrics=metrics, trial=trial)
+        return metrics
+
     def _maybe_log_save_evaluate(self, tr_loss, grad_norm, model, trial, *args, **kwargs):
         """As the Trainer's, but a run stopped by a signal at a check step saves before it checks:
         the check (a whole validation pass) may outlast the grace period a SIGTERM gives, and
@@ -812,7 +822,8 @@ def run_training(cfg: Config, fresh: bool = False, callbacks: Sequence[TrainerCa
         shutil.rmtree(run_dir)
     gen_len = generation_max_length(cfg, longest_label(data.train_model, data.selection_model))
     first = cfg.training.eval_before_training and resume is None
-    args = training_arguments(cfg, run_dir, gen_len, eval_on_start=first, d_model=model.config.d_model,
+    owed = resume is not None and owed_check(run_dir, resume, start_step)
+    args = training_arguments(cfg, run_dir, gen_len, eval_on_start=first or owed, d_model=model.config.d_model,
                               warmup_steps=first_warmup(cfg, run_dir) if resume is not None else None)
     meta = {"base_model": cfg.model.name_or_path, "language": cfg.model.language, "task": cfg.model.task,
             "features": data.manifest["name"]}
@@ -836,6 +847,8 @@ def run_training(cfg: Config, fresh: bool = False, callbacks: Sequence[TrainerCa
                      t.max_steps)
         trainer._load_from_checkpoint(str(resume))
         trainer.state = TrainerState.load_from_json(str(resume / TRAINER_STATE_NAME))
+        if owed:
+            trainer.evaluate()
         train_metrics = earlier_train_metrics(run_dir)
     else:
         try:
@@ -940,6 +953,21 @@ def check_resumable(cfg: Config, run_dir: Path, resume: Path | None, step: int =
     if resume is not None and steps is not missing and steps != cfg.training.max_steps:
         log.info("training.max_steps changed from %s to %d: the learning-rate schedule runs to the new end from here",
                  steps, cfg.training.max_steps)
+
+
+def owed_check(run_dir: Path, resume: Path, step: int) -> bool:
+    """Whether the check at `step`, where the run resumes from `resume`, was due (at the check
+    cadence its checkpoint records, or its last step) and is not in its log: a run stopped by a
+    signal at a check step saves before it checks, and may be killed during the check. The
+    resumed run then checks there first (`eval_on_start`, which `WhisperTrainer._evaluate`
+    counts as that step's check)."""
+    try:
+        state = json.loads((resume / TRAINER_STATE_NAME).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    every = int(state.get("eval_steps") or 0)
+    due = step >= (state.get("max_steps") or math.inf) or (every > 0 and step % every == 0)
+    return due and not any(e.get("step") == step for e in checkpoints.selection_checks(checkpoints.read_events(run_dir)))
 
 
 def check_average_mode(cfg: Config, run_dir: Path) -> None:
