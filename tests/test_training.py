@@ -116,7 +116,7 @@ def test_run_writes_checkpoints_reports_and_summary(tiny_run):
     for name in ("metrics.json", "config.yaml", "README.md", "training_curves.png", "predictions.jsonl"):
         assert (run_dir / name).is_file(), name
     assert list((run_dir / "runs").glob("*/events.out.tfevents.*"))
-    assert summary["steps"] == 4 and summary["samples_seen"] == 16
+    assert summary["steps"] == summary["schedule_steps"] == 4 and summary["samples_seen"] == 16
     assert summary["best_step"] in (2, 4) and summary["best_wer"] is not None
     assert summary["eval_clips"] == 10 and summary["baseline"]["step"] == 0
     assert summary["baseline"]["split"] == "test" and summary["baseline"]["eval_clips"] == 10

@@ -951,8 +951,9 @@ def check_resumable(cfg: Config, run_dir: Path, resume: Path | None, step: int =
         check_same_processes(run_dir, resume, step)
     steps = get(saved, "training.max_steps")
     if resume is not None and steps is not missing and steps != cfg.training.max_steps:
-        log.info("training.max_steps changed from %s to %d: the learning-rate schedule runs to the new end from here",
-                 steps, cfg.training.max_steps)
+        log.info("training.max_steps changed from %s to %d: %s", steps, cfg.training.max_steps,
+                 "the learning-rate schedule runs to the new end from here" if step < cfg.training.max_steps else
+                 f"no training left after step {step}, trained on the schedule towards {steps}")
 
 
 def owed_check(run_dir: Path, resume: Path, step: int) -> bool:
@@ -1375,7 +1376,7 @@ def summarize(trainer, train_metrics: dict, final: dict, run_dir: Path, args, se
         "selection_baseline": next((e for e in periodic if e["step"] == 0), None),
         "wer": final["wer"], "wer_normalized": final["wer_normalized"], "cer": final["cer"],
         "eval_clips": final["eval_clips"], "final": final, "baseline": baseline,
-        "steps": steps, "samples_seen": samples_seen(steps, len(trainer.train_dataset), args.train_batch_size,
+        "steps": steps, "schedule_steps": trainer.state.max_steps, "samples_seen": samples_seen(steps, len(trainer.train_dataset), args.train_batch_size,
                                                      args.gradient_accumulation_steps, processes),
         "train_runtime_seconds": train_metrics.get("train_runtime", 0.0),
         "train_samples_per_second": train_metrics.get("train_samples_per_second"),
