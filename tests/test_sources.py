@@ -323,9 +323,14 @@ def test_unreadable_common_voice_tsvs_are_source_errors(tmp_path, cv_release):
     sentence = fields[lines[0].split("\t").index("sentence")]
     fields[lines[0].split("\t").index("sentence")] = sentence.replace(" ", "\r", 1)  # csv reads it as a line end
     tsv.write_text("\n".join([*lines[:2], "\t".join(fields), *lines[3:]]) + "\n", encoding="utf-8")
-    with pytest.raises(SourceError, match=r"test.tsv line 3 has a carriage return that ends no line \(in a "
-                                          r"sentence\?\): join the sentence onto one line"):
+    with pytest.raises(SourceError, match=r"test.tsv line 3 ends inside its sentence: a line break in the "
+                                          r"sentence\? Join it onto one line"):
         read_source(SourceConfig(name="cv", path=str(release)), tmp_path)
+    fields[lines[0].split("\t").index("sentence")] = sentence.replace(" ", "\n", 1)  # Alt+Enter in a spreadsheet
+    tsv.write_text("\n".join([*lines[:2], "\t".join(fields), *lines[3:]]) + "\n", encoding="utf-8")
+    with pytest.raises(SourceError, match=r"test.tsv line 3 ends inside its sentence"):
+        read_source(SourceConfig(name="cv", path=str(release)), tmp_path)
+    assert read_cv_tsv(tsv, limit=1) == read_cv_tsv(cv_release / "test.tsv", limit=1)  # read no further than needed
     tsv.write_text("\n".join(line.rstrip() for line in lines) + "\n", encoding="utf-8")  # trailing tabs stripped
     stripped = read_cv_tsv(tsv)
     assert stripped == read_cv_tsv(cv_release / "test.tsv") and stripped[0]["segment"] == ""  # empty, as they were

@@ -12,7 +12,6 @@ import functools
 import gzip
 import hashlib
 import io
-import re
 import itertools
 import json
 import os
@@ -246,34 +245,42 @@ CV_COLUMNS = ("path", "sentence")  # what every Common Voice TSV has; client_id 
 
 
 def read_cv_tsv(path: Path, limit: int = 0) -> list[dict[str, str]]:
-    """The first `limit` (0: all) rows of a Common Voice TSV; quoting is off because sentences
-    contain quote marks, and a byte-order mark (a file re-saved by an editor) is skipped. A row
-    with more fields than the header (a tab in a sentence of an edited file) is refused with its
-    line: its sentence would be cut there and its later fields shifted into the wrong columns. So
-    is a carriage return not ending a line (in a sentence: csv would end the row there and read
-    the rest as a row of its own), and a clip listed twice (its one id would stand for two rows,
-    with two sentences). A row short of trailing fields (trailing tabs stripped) has them empty."""
+    """The first `limit` (0: all) rows of a Common Voice TSV, read as they are needed; quoting
+    is off because sentences contain quote marks, and a byte-order mark (a file re-saved by an
+    editor) is skipped. A row with more fields than the header (a tab in a sentence of an edited
+    file) is refused with its line: its sentence would be cut there and its later fields shifted
+    into the wrong columns. So is a row that ends inside its sentence (a line break in the
+    sentence: csv ends the row there and reads the rest as a row of its own), and a clip listed
+    twice (its one id would stand for two rows, with two sentences). A row short of fields after
+    its sentence (trailing tabs stripped by an editor) has them empty."""
     try:
         with open(path, encoding="utf-8-sig", newline="") as f:
-            text = f.read()
-        if (cr := re.search(r"\r(?!\n)", text)) is not None:
-            raise SourceError(f"{path} line {text.count(chr(10), 0, cr.start()) + 1} has a carriage return that ends "
-                              "no line (in a sentence?): join the sentence onto one line")
-        with io.StringIO(text, newline="") as f:
-            reader = csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE, restval="")
-            missing = [c for c in CV_COLUMNS if c not in (reader.fieldnames or ())]
+            reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
+            header = next(reader, [])
+            missing = [c for c in CV_COLUMNS if c not in header]
             if missing:
                 raise SourceError(f"{path} has no {' or '.join(missing)} column: not a Common Voice TSV "
-                                  f"(header: {' '.join(reader.fieldnames or ()) or 'empty'})")
-            rows = list(itertools.islice(reader, limit or None))
-            if (bad := next((i for i, r in enumerate(rows) if None in r), None)) is not None:
-                raise SourceError(f"{path} line {bad + 2} has more tab-separated fields than its header's "
-                                  f"{len(reader.fieldnames)}: a tab in a sentence? Replace it by a space")
+                                  f"(header: {' '.join(header) or 'empty'})")
+            needed = min(header.index("sentence") + 2, len(header))  # the sentence, ended by a tab unless last
+            rows: list[dict[str, str]] = []
             first: dict[str, int] = {}
-            for i, r in enumerate(rows):
-                if r["path"] and (seen := first.setdefault(r["path"], i)) != i:
-                    raise SourceError(f"{path} lists the clip {r['path']} twice (lines {seen + 2} and {i + 2}): "
+            for values in reader:
+                if not values:  # a blank line
+                    continue
+                line = reader.line_num
+                if len(values) > len(header):
+                    raise SourceError(f"{path} line {line} has more tab-separated fields than its header's "
+                                      f"{len(header)}: a tab in a sentence? Replace it by a space")
+                if len(values) < needed:
+                    raise SourceError(f"{path} line {line} ends inside its sentence: a line break in the sentence? "
+                                      "Join it onto one line")
+                row = dict(zip(header, values + [""] * (len(header) - len(values))))
+                if row["path"] and (seen := first.setdefault(row["path"], line)) != line:
+                    raise SourceError(f"{path} lists the clip {row['path']} twice (lines {seen} and {line}): "
                                       "one row per clip, as in a release; delete one of them")
+                rows.append(row)
+                if len(rows) == limit:
+                    break
             return rows
     except (UnicodeDecodeError, csv.Error) as e:
         raise SourceError(f"{path}: cannot read it as UTF-8 tab-separated text ({e})") from e
