@@ -121,9 +121,9 @@ def test_card_text_says_what_was_scored_and_the_steps_used(tmp_path):
     cfg = to_dict(run_config(tmp_path, "training.max_steps=12345"))
     card = report.model_card({**SUMMARY, "warmup_steps": 1235}, cfg, MANIFEST)
     assert "| warmup_steps | 1235 (from warmup_fraction) |" in card and "| max_steps | 12345 |" in card
-    lowered = report.model_card({**SUMMARY, "schedule_steps": 20000}, cfg, MANIFEST)  # max_steps lowered to finish
-    assert "| max_steps | 12345 (stopped there: its learning-rate schedule ran towards 20000) |" in lowered
-    assert "| max_steps | 12345 |" in report.model_card({**SUMMARY, "schedule_steps": 12345}, cfg, MANIFEST)
+    lowered = report.model_card({**SUMMARY, "steps": 12000, "schedule_steps": 20000}, cfg, MANIFEST)  # to finish
+    assert "| max_steps | 12000 (stopped there: its learning-rate schedule ran towards 20000) |" in lowered
+    assert "| max_steps | 12345 |" in report.model_card({**SUMMARY, "schedule_steps": 4000}, cfg, MANIFEST)
     assert "scored once before training and once on the shipped model" in card and "zero-shot (step 0)" in card
     card = report.model_card({**SUMMARY, "baseline": None}, cfg, MANIFEST)  # eval_before_training: false
     assert "scored on the shipped model." in card and "zero-shot" not in card

@@ -4,6 +4,7 @@ rounds, checkpoints, the best export, resumption after a kill, multi-process DDP
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import socket
@@ -1294,6 +1295,25 @@ def test_select_metric_picks_best_the_kept_checkpoint_and_the_average_by_that_sc
     training_pipeline.print_summary(summary)
     assert (f"best validation WER {100 * best['wer']:.2f}% at step {best['step']} (chosen by CER: "
             f"{100 * best['cer']:.2f}%); test split") in capsys.readouterr().out
+
+
+def test_a_finished_run_rerun_with_another_max_steps_names_the_schedule_it_trained_on(tmp_path, caplog):
+    """A run stopped at step 4 of a schedule towards 6, finished with max_steps 3, then rerun with 4."""
+    from whisper_ft.config import save_config
+    from whisper_ft.train import check_resumable
+
+    resume = tmp_path / "checkpoint-4"
+    resume.mkdir()
+    (resume / "trainer_state.json").write_text(json.dumps({"global_step": 4, "max_steps": 6}))
+    save_config(load_config(ROOT / "config.yaml", ["training.max_steps=3"]), tmp_path / "config.yaml")
+    with caplog.at_level(logging.INFO, logger="whisper_ft"):
+        check_resumable(load_config(ROOT / "config.yaml", ["training.max_steps=4"]), tmp_path, resume, 4)
+    assert ("training.max_steps changed from 3 to 4: no training left after step 4, trained on the schedule towards 6"
+            in caplog.text)
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="whisper_ft"):
+        check_resumable(load_config(ROOT / "config.yaml", ["training.max_steps=8"]), tmp_path, resume, 4)
+    assert "changed from 3 to 8: the learning-rate schedule runs to the new end from here" in caplog.text
 
 
 def test_a_run_configured_with_a_language_name_resumes_with_its_code(tmp_path):

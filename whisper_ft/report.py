@@ -111,8 +111,8 @@ def model_card(summary: dict, config: dict, manifest: dict) -> str:
     resolved = {"learning_rate": _resolved(t["learning_rate"], summary.get("learning_rate")),
                 "warmup_steps": _resolved(t["warmup_steps"], summary.get("warmup_steps")),
                 "precision": summary.get("mixed_precision") or t["precision"]}
-    if (towards := summary.get("schedule_steps")) and towards > t["max_steps"]:  # max_steps lowered to finish a run
-        resolved["max_steps"] = f"{t['max_steps']} (stopped there: its learning-rate schedule ran towards {towards})"
+    if (towards := summary.get("schedule_steps")) and towards > summary["steps"]:  # max_steps lowered, or stopped early
+        resolved["max_steps"] = f"{summary['steps']} (stopped there: its learning-rate schedule ran towards {towards})"
     hyper = "\n".join(f"| {k} | {resolved.get(k, t[k])} |" for k in (
         "learning_rate", "lr_scheduler", "warmup_steps", "max_steps", "batch_size", "gradient_accumulation_steps",
         "weight_decay", "dropout", "precision", "gradient_checkpointing", "freeze_encoder", "seed"))

@@ -951,9 +951,15 @@ def check_resumable(cfg: Config, run_dir: Path, resume: Path | None, step: int =
         check_same_processes(run_dir, resume, step)
     steps = get(saved, "training.max_steps")
     if resume is not None and steps is not missing and steps != cfg.training.max_steps:
-        log.info("training.max_steps changed from %s to %d: %s", steps, cfg.training.max_steps,
-                 "the learning-rate schedule runs to the new end from here" if step < cfg.training.max_steps else
-                 f"no training left after step {step}, trained on the schedule towards {steps}")
+        if step < cfg.training.max_steps:
+            why = "the learning-rate schedule runs to the new end from here"
+        else:
+            try:
+                towards = json.loads((resume / TRAINER_STATE_NAME).read_text(encoding="utf-8"))["max_steps"]
+            except (OSError, ValueError, KeyError):
+                towards = steps
+            why = f"no training left after step {step}, trained on the schedule towards {towards}"
+        log.info("training.max_steps changed from %s to %d: %s", steps, cfg.training.max_steps, why)
 
 
 def owed_check(run_dir: Path, resume: Path, step: int) -> bool:
