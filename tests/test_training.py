@@ -351,6 +351,8 @@ def test_a_check_killed_after_its_signal_saved_the_step_runs_when_the_run_resume
 
     sets = overrides(features_dir, tiny_model_dir, tmp_path, max_steps=4, eval_steps=2, save_steps=4,
                      eval_before_training="false", export_ctranslate2="false")
+    (tmp_path / "cwd").mkdir()
+    monkeypatch.chdir(tmp_path / "cwd")
     with pytest.raises(RuntimeError, match="killed during the check"):
         train.run_training(load_config(ROOT / "config.yaml", sets), callbacks=[TermDuringTheStep()])
     run_dir = tmp_path / "tiny"
@@ -359,6 +361,7 @@ def test_a_check_killed_after_its_signal_saved_the_step_runs_when_the_run_resume
     checks = {e["step"]: e["wer"] for e in checkpoints.selection_checks(checkpoints.read_events(run_dir))}
     assert checks == {2: 0.4, 4: 0.6} if at == 2 else {2: 0.5, 4: 0.4}
     assert (summary["best_step"], summary["best_wer"], summary["wer"]) == ((2, 0.4, 0.7) if at == 2 else (4, 0.4, 0.7))
+    assert not list((tmp_path / "cwd").iterdir())  # nothing written where the command ran (TensorBoard's ./runs/)
 
 
 def test_a_second_signal_of_a_kind_stops_at_once_and_one_of_each_kind_does_not(capfd):

@@ -847,7 +847,10 @@ def run_training(cfg: Config, fresh: bool = False, callbacks: Sequence[TrainerCa
                      t.max_steps)
         trainer._load_from_checkpoint(str(resume))
         trainer.state = TrainerState.load_from_json(str(resume / TRAINER_STATE_NAME))
-        if owed:
+        if owed:  # without TensorBoard: its writer starts at train begin, and would otherwise write ./runs/
+            from transformers.integrations import TensorBoardCallback
+
+            trainer.remove_callback(TensorBoardCallback)
             trainer.evaluate()
         train_metrics = earlier_train_metrics(run_dir)
     else:
