@@ -977,7 +977,8 @@ def owed_check(run_dir: Path, resume: Path, step: int) -> bool:
         return False
     every = int(state.get("eval_steps") or 0)
     due = step >= (state.get("max_steps") or math.inf) or (every > 0 and step % every == 0)
-    return due and not any(e.get("step") == step for e in checkpoints.selection_checks(checkpoints.read_events(run_dir)))
+    checks = checkpoints.selection_checks(checkpoints.read_events(run_dir))
+    return due and not any(e.get("step") == step for e in checks)
 
 
 def check_average_mode(cfg: Config, run_dir: Path) -> None:
@@ -1385,8 +1386,9 @@ def summarize(trainer, train_metrics: dict, final: dict, run_dir: Path, args, se
         "selection_baseline": next((e for e in periodic if e["step"] == 0), None),
         "wer": final["wer"], "wer_normalized": final["wer_normalized"], "cer": final["cer"],
         "eval_clips": final["eval_clips"], "final": final, "baseline": baseline,
-        "steps": steps, "schedule_steps": trainer.state.max_steps, "samples_seen": samples_seen(steps, len(trainer.train_dataset), args.train_batch_size,
-                                                     args.gradient_accumulation_steps, processes),
+        "steps": steps, "schedule_steps": trainer.state.max_steps,
+        "samples_seen": samples_seen(steps, len(trainer.train_dataset), args.train_batch_size,
+                                     args.gradient_accumulation_steps, processes),
         "train_runtime_seconds": train_metrics.get("train_runtime", 0.0),
         "train_samples_per_second": train_metrics.get("train_samples_per_second"),
         "train_loss": train_metrics.get("train_loss"), "run_dir": str(run_dir),
