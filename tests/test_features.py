@@ -196,7 +196,7 @@ def test_labels_carry_prefix_and_orthographic_text(messy_stores, messy_release):
     ("Han sa ’nej’.", "Han sa 'nej'."),
     ("Sam\u00adhället\u200b är\ufeff stort.", "Samhället är stort."),  # soft hyphen, zero-width space, BOM
     ("\u200b", ""),  # nothing heard: an empty sentence
-    ("\u0645\u06cc\u200c\u062e\u0648\u0627\u0645", "\u0645\u06cc\u200c\u062e\u0648\u0627\u0645"),  # Persian: ZWNJ spells
+    ("\u0645\u06cc\u200c\u062e\u0648\u0627\u0645", "\u0645\u06cc\u200c\u062e\u0648\u0627\u0645"),  # ZWNJ spells
 ])
 def test_tidy_sentence(raw, tidy):
     assert tidy_sentence(raw) == tidy

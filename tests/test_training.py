@@ -515,7 +515,8 @@ def test_a_lora_resume_exports_the_best_check_before_it_from_the_adapters_of_its
 
     from whisper_ft.model import load_model
 
-    merged = PeftModel.from_pretrained(load_model(str(tiny_model_dir)), str(run_dir / "checkpoint-3")).merge_and_unload()
+    adapters = str(run_dir / "checkpoint-3")
+    merged = PeftModel.from_pretrained(load_model(str(tiny_model_dir)), adapters).merge_and_unload()
     exported = load_file(str(run_dir / "best" / "model.safetensors"))
     name = "model.decoder.layers.0.self_attn.q_proj.weight"
     assert torch.allclose(exported[name].float(), merged.state_dict()[name].float(), atol=1e-6)
