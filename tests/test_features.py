@@ -21,10 +21,10 @@ from conftest import PROCESSOR_DIR, ROOT, run_cli
 from test_claims import plant_claim
 
 import feature_pipeline
-from whisper_ft import cli
+from whisper_ft import cli, features
 from whisper_ft.audio import load_audio
 from whisper_ft.claims import HOST_ENV, ClaimError, ClaimSet
-from whisper_ft.features import Shard, commit_shard, input_features, load_split, read_manifest
+from whisper_ft.features import Shard, commit_shard, input_features, load_split, read_manifest, write_shard
 from whisper_ft.sources import read_cv_tsv
 from whisper_ft.synth import CV_COLUMNS, write_tsv
 from whisper_ft.text import tidy_sentence
@@ -421,6 +421,23 @@ def test_a_shard_whose_claim_was_lost_is_not_written(tmp_path):
             commit_shard(tmp_path, shard, [], Counter(), 80, "float16", claims)
     assert list((tmp_path / "train").iterdir()) == [shard.claim(tmp_path)]  # no shard, no temporary folder
 
+
+
+def test_a_shard_that_cannot_be_renamed_into_place_is_an_error_not_a_shard(tmp_path, monkeypatch):
+    def refused(src, dst):
+        raise PermissionError(13, "Permission denied", str(dst))
+
+    monkeypatch.setattr(features.os, "replace", refused)
+    with pytest.raises(PermissionError):
+        write_shard(tmp_path / "shard-00000-of-00001", [], Counter(), 0, 80, "float16")
+    assert list(tmp_path.iterdir()) == []  # no temporary folder either
+
+
+def test_a_shard_another_process_finished_first_is_kept(tmp_path):
+    path = tmp_path / "shard-00000-of-00001"
+    write_shard(path, [], Counter({"too_short": 1}), 1, 80, "float16")
+    write_shard(path, [], Counter(), 0, 80, "float16")
+    assert json.loads((path / "stats.json").read_text())["rows"] == 1 and len(list(tmp_path.iterdir())) == 1
 
 def test_changed_config_on_an_existing_store_is_refused(reference_store, cv_release, capsys):
     argv = pipeline_args(reference_store.parents[1], "ref", cv_release, *STORE_SETS, "features.min_seconds=1.0")

@@ -247,8 +247,10 @@ def write_shard(path: Path, examples: list[dict], drops: Counter, n_rows: int, n
     try:
         confirm()
         os.replace(tmp, path)
-    except OSError:  # another process finished the same shard first: keep theirs
-        pass
+    except OSError:
+        if not (path / STATS).is_file():
+            raise
+        # another process finished the same shard first: keep theirs
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # still there only if it was not renamed into place
     return stats
