@@ -5,10 +5,15 @@ Layout of `<training.output_dir>/<training.run_name>/`:
 
     checkpoint-<step>/   HF Trainer checkpoints (model, processor, optimizer, scheduler, RNG, state)
     .checkpoint-<step>.tmp-<pid>/   one being written in the background (`whisper_ft.saving`)
-    best/                best model by training.select_metric (WER by default) + processor + best.json;
-                         replaced atomically
-    metrics.jsonl        one JSON object per event: start, train, eval (append-only)
-    metrics.json         final summary; config.yaml; runs/ (TensorBoard); plot; README.md
+    best/                best model by training.select_metric (WER by default) + processor + best.json +
+                         model card; replaced atomically; best/ct2/: its CTranslate2 export
+    averaging/           weights of the checks a checkpoint average may use (`whisper_ft.averaging`)
+    metrics.jsonl        one JSON object per event: start, train, eval, average, checkpoint, trained
+                         (append-only)
+    metrics.json         final summary; predictions.jsonl, wer_breakdown.json: the final test scoring;
+                         config.yaml; runs/ (TensorBoard); training_curves.png; README.md (model card)
+
+What each file holds: docs/training.md, "What a run writes".
 """
 
 from __future__ import annotations

@@ -1,8 +1,10 @@
 """Where the speech comes from: Common Voice releases (folder or tarball), the Mozilla Data
 Collective (downloaded with the `datacollective` package), and any Hugging Face dataset.
 
-Every reader yields plain `Row`s; audio is decoded later, in `whisper_ft.features`. This
-module and `whisper_ft.model` are the only ones that reach the network for data or models.
+Every reader yields plain `Row`s; audio is decoded later, in `whisper_ft.features`. This is
+the one module that reaches the network for data; models come through `whisper_ft.model`
+(loading) and `whisper_ft.hub` (publishing, and the Space's download), and the app's requests
+through `whisper_ft.youtube` and `whisper_ft.translate`.
 """
 
 from __future__ import annotations

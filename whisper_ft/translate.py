@@ -6,8 +6,8 @@ them in a child process (`python -m whisper_ft.translate`, see `whisper_ft.child
 killed when the whole transcript is not done after `timeout` seconds: deep-translator sets no
 socket timeout, so a server that never answers would otherwise block a thread for the life of
 the app. Failures (offline, timeout, refused) raise `TranslationError` with a message fit to
-show the user; the app then still shows the transcript. One of the two modules with network
-access (the other is `youtube`).
+show the user; the app then still shows the transcript. One of the app's two modules that
+reach the network for a visitor's request (the other is `youtube`).
 """
 
 from __future__ import annotations

@@ -9,7 +9,8 @@ as the site tells the duration; the media URL must be http(s); the download stop
 `limits.max_mb`. yt-dlp may neither run ffmpeg nor use curl_cffi, whose connections the guard
 would not see. The app then decodes the file with `whisper_ft.audio` (never more than
 `max_seconds`, within the time left) and the temporary folder is removed whatever happened.
-One of the two modules with network access (the other is `translate`).
+One of the app's two modules that reach the network for a visitor's request (the other is
+`translate`); the list of all of them is in `whisper_ft.sources`.
 """
 
 from __future__ import annotations
