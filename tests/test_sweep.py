@@ -309,7 +309,7 @@ def test_a_sweep_on_cer_ships_the_check_that_ranks_each_trial(tmp_path, features
     assert (best["step"], best["cer"]) == (ranked["step"], ranked["cer"])
     assert trial["result"]["final"]["step"] == ranked["step"]  # the test figure is that check's
     report = (folder / "report.md").read_text()
-    assert f"cer {100 * ranked['cer']:.2f}%" in report
+    assert f"cer {100 * ranked['cer']:.2f}%" in report and "![cer against samples seen](wer.png)" in report
     assert f"| {ranked['step']} | {100 * trial['result']['wer']:.2f} |" in report
 
 

@@ -658,7 +658,8 @@ def read_trials(folder: Path) -> list[dict]:
 
 
 def write_report(folder: Path, spec: SweepSpec) -> Path:
-    """report.md (one table, winner first) and wer.png (WER against samples seen, every trial)."""
+    """report.md (one table, winner first) and wer.png (the sweep's metric against samples seen, every
+    trial)."""
     trials = read_trials(folder)
     rows = []
     for t in trials:
@@ -712,7 +713,7 @@ def write_report(folder: Path, spec: SweepSpec) -> Path:
         lines += [f"- trial {t['number']} ({_params(t['params'])}): {t.get('error', '')}"
                   + (f"; retried as trial {t['retried_as']}" if "retried_as" in t else "") for t in failed]
     report = folder / "report.md"
-    write_atomic(report, "\n".join(lines) + "\n\n![WER against samples seen](wer.png)\n")
+    write_atomic(report, "\n".join(lines) + f"\n\n![{spec.metric} against samples seen](wer.png)\n")
     _plot(folder / "wer.png", trials, spec.metric)
     return report
 
