@@ -62,7 +62,7 @@ def test_transformers_predictions_are_matched_by_source_and_id(tmp_path, monkeyp
         backend="ctranslate2", beam_size=5, transcribe=lambda wave, task: SimpleNamespace(text=next(texts))))
     (tmp_path / "predictions.jsonl").write_text("".join(
         json.dumps({"source": s, "id": "test/0", "prediction": p}) + "\n" for s, p in (("a", "ett två"), ("b", "tre fyra"))))
-    result = served.score(tmp_path, None, load_config(None), served.read_predictions(tmp_path / "predictions.jsonl"))
+    result = served.score(tmp_path, None, load_config(None), served.predictions_by_clip(tmp_path / "predictions.jsonl"))
     assert result["short_form"]["wer"] == 0.0 and result["transformers_same_clips"]["wer"] == 0.0
     assert result["transformers_same_clips"]["clips"] == 2
     assert (result["beam_size"], result["transformers_beams"]) == (5, 1)  # app.beam_size, training.num_beams

@@ -16,13 +16,13 @@ run on the test clips whose audio the feature store keeps (`features.served_clip
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
 import numpy as np
 
 from whisper_ft.audio import SAMPLE_RATE
+from whisper_ft.breakdown import read_predictions
 from whisper_ft.features import EVAL, FeatureStore
 from whisper_ft.metrics import scores
 
@@ -90,12 +90,12 @@ def score(model_dir: str | Path, store: FeatureStore, cfg, predictions: dict[str
     return result
 
 
-def read_predictions(path: Path) -> dict[tuple[str, str], str]:
-    """(source, id) -> prediction of a predictions.jsonl (ids are unique within a source only)."""
+def predictions_by_clip(path: Path) -> dict[tuple[str, str], str]:
+    """(source, id) -> prediction of a predictions.jsonl, empty without one (ids are unique
+    within a source only)."""
     if not path.is_file():
         return {}
-    return {(r.get("source", ""), r["id"]): r["prediction"]
-            for r in map(json.loads, path.read_text(encoding="utf-8").splitlines())}
+    return {(r.get("source", ""), r["id"]): r["prediction"] for r in read_predictions(path)}
 
 
 def markdown_section(served: dict | None) -> str:

@@ -880,7 +880,7 @@ def run_training(cfg: Config, fresh: bool = False, callbacks: Sequence[TrainerCa
         if cfg.training.score_served:
             held_out = FeatureStore.held_out_of(cfg)
             summary["served"] = served.score(run_dir / checkpoints.BEST_DIR, held_out, cfg,
-                                             served.read_predictions(run_dir / "predictions.jsonl"))
+                                             served.predictions_by_clip(run_dir / "predictions.jsonl"))
         write_reports(cfg, data.manifest, summary, run_dir)
     return summary
 
