@@ -119,6 +119,17 @@ def test_user_errors_are_one_line_and_bugs_keep_their_traceback(capsys):
         cli.run(bug, [])
 
 
+
+@pytest.mark.parametrize("value", ["1", "on", "YES", "true"])
+def test_a_hub_id_not_in_the_cache_is_refused_at_once_when_hf_hub_offline_is_set(monkeypatch, value):
+    from whisper_ft.model import ModelNotFound, resolve
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", value)
+    monkeypatch.setattr("requests.head", lambda *a, **k: pytest.fail("asked the Hub although offline"))
+    with pytest.raises(ModelNotFound, match="someone/no-such-whisper is not in the local Hugging Face cache and "
+                                            "HF_HUB_OFFLINE is set"):
+        resolve("someone/no-such-whisper")
+
 def test_a_full_disk_anywhere_is_one_line_and_other_os_errors_keep_their_traceback(capsys):
     import errno
 

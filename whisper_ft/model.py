@@ -35,7 +35,7 @@ def resolve(name_or_path: str) -> str:
         return name_or_path
     hint = (f"pass a local folder instead (e.g. --set model.name_or_path=/path/to/whisper), or download "
             f"{name_or_path} on a machine with network access first")
-    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+    if hub_offline():
         raise ModelNotFound(f"{name_or_path} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set: {hint}")
     endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
     try:
@@ -43,6 +43,11 @@ def resolve(name_or_path: str) -> str:
     except requests.RequestException as e:
         raise ModelNotFound(f"cannot reach the Hugging Face Hub for {name_or_path} ({type(e).__name__}): {hint}") from e
     return name_or_path
+
+
+def hub_offline() -> bool:
+    """Whether HF_HUB_OFFLINE forbids the network, read as huggingface_hub reads it (1, on, yes, true)."""
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in ("1", "ON", "YES", "TRUE")
 
 
 def _in_cache(repo_id: str) -> bool:

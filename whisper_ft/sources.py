@@ -30,6 +30,7 @@ from whisper_ft.claims import ClaimSet, read_holder
 from whisper_ft.config import SourceConfig
 from whisper_ft.errors import UserError, chain
 from whisper_ft.files import write_atomic
+from whisper_ft.model import hub_offline
 
 TRAIN, VALIDATION, EVAL = "train", "validation", "eval"  # eval: the test split
 DONE_MARK = ".extracted"
@@ -530,7 +531,7 @@ def _not_found_hint(name: str) -> str:
         return ""
     if name.startswith(("/", ".", "~")) or name.count("/") != 1:
         return " (no such folder)"
-    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
+    if hub_offline():
         return (" (HF_HUB_OFFLINE is set: a Hub id loads only from the cache of an earlier download; or pass a local "
                 "folder)")
     return " (offline? pass a local folder, or set HF_HUB_OFFLINE=1 with a cached copy)"
