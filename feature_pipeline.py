@@ -16,7 +16,7 @@ from __future__ import annotations
 import sys
 
 from whisper_ft import cli
-from whisper_ft.features import ROLE, VALIDATION_VS_TEST, build
+from whisper_ft.features import build, summary_lines
 
 
 def parse_args(argv: list[str] | None):
@@ -49,14 +49,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if not result.encoded_rows:
         print(f"{root} is complete already; nothing to do (pass --overwrite to rebuild it)")
-    for split, s in result.manifest["splits"].items():
-        dropped = ", ".join(f"{k} {v}" for k, v in s["dropped"].items()) or "none"
-        print(f"{split}: {s['clips']} of {s['rows']} clips kept, {s['hours']:.2f} h; dropped: {dropped}")
-    for key, o in result.manifest.get("overlap", {}).items():
-        if isinstance(o, dict) and o["speakers"]:
-            held, of = ("test", "validation") if key == VALIDATION_VS_TEST else (ROLE[key], "training")
-            print(f"note: {o['speakers']} {held} speakers also speak in the {of} data")
-    print(f"features ready in {root}")
+    print(*summary_lines(result.manifest), f"features ready in {root}", sep="\n")
     return 0
 
 

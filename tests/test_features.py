@@ -24,7 +24,8 @@ import feature_pipeline
 from whisper_ft import cli, features
 from whisper_ft.audio import load_audio
 from whisper_ft.claims import HOST_ENV, ClaimError, ClaimSet
-from whisper_ft.features import Shard, commit_shard, input_features, load_split, read_manifest, write_shard
+from whisper_ft.features import (Shard, commit_shard, input_features, load_split, read_manifest, summary_lines,
+                                 write_shard)
 from whisper_ft.sources import read_cv_tsv
 from whisper_ft.synth import CV_COLUMNS, write_tsv
 from whisper_ft.text import tidy_sentence
@@ -346,8 +347,24 @@ def test_rerun_of_a_finished_store_does_nothing(reference_store, cv_release, cap
     files = {p: p.stat().st_mtime_ns for p in reference_store.rglob("*") if p.is_file()}
     data_dir = reference_store.parents[1]
     assert run_main(data_dir, "ref", cv_release, *STORE_SETS, "features.workers=2") == 0
-    assert "nothing to do" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "nothing to do" in out and out.endswith(f"features ready in {reference_store}\n")
+    for split, s in read_manifest(reference_store)["splits"].items():
+        assert f"{split}: {s['clips']} of {s['rows']} clips kept, {s['hours']:.2f} h; dropped: " in out
     assert {p: p.stat().st_mtime_ns for p in reference_store.rglob("*") if p.is_file()} == files
+
+
+def test_summary_names_the_speakers_each_held_out_split_shares():
+    manifest = {"splits": {"train": {"clips": 9, "rows": 10, "hours": 0.01, "dropped": {"too_short": 1}},
+                           "eval": {"clips": 3, "rows": 3, "hours": 0.0, "dropped": {}}},
+                "overlap": {"eval": {"clips": 0, "sentences": 0, "speakers": 2},
+                            "validation": {"clips": 0, "sentences": 0, "speakers": 0},
+                            "validation_vs_test": {"clips": 0, "sentences": 0, "speakers": 1},
+                            "dropped_training_rows": 4}}
+    assert summary_lines(manifest) == [
+        "train: 9 of 10 clips kept, 0.01 h; dropped: too_short 1", "eval: 3 of 3 clips kept, 0.00 h; dropped: none",
+        "note: 2 test speakers also speak in the training data",
+        "note: 1 test speakers also speak in the validation data"]
 
 
 def test_shard_split_across_processes_equals_one_process(tmp_path, cv_release, reference_store, capsys):

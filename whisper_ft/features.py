@@ -921,6 +921,20 @@ def build(cfg, num_shards: int = 1, shard_index: int = 0, workers: int | None = 
                                                       partial(store.check_unchanged, fp)), {}, n_rows)
 
 
+def summary_lines(manifest: dict) -> list[str]:
+    """What a finished store holds, for the command's last lines: clips kept and dropped per
+    split, and the speakers the held-out splits share with the data before them."""
+    lines = []
+    for split, s in manifest["splits"].items():
+        dropped = ", ".join(f"{k} {v}" for k, v in s["dropped"].items()) or "none"
+        lines.append(f"{split}: {s['clips']} of {s['rows']} clips kept, {s['hours']:.2f} h; dropped: {dropped}")
+    for key, o in manifest.get("overlap", {}).items():
+        if isinstance(o, dict) and o["speakers"]:  # a pair's record; the others are row counts
+            held, of = ("test", "validation") if key == VALIDATION_VS_TEST else (ROLE[key], "training")
+            lines.append(f"note: {o['speakers']} {held} speakers also speak in the {of} data")
+    return lines
+
+
 def encode_shards(root: Path, todo: list[Shard], processor: Processor, fc, workers: int, claims: ClaimSet) -> None:
     """Encode and write the claimed shards `todo` behind a progress bar, one line per shard."""
     from tqdm import tqdm
