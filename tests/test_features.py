@@ -321,7 +321,7 @@ def test_decoding_workers_die_with_a_killed_pipeline(tmp_path):
     script = (
         "import multiprocessing, os, time\n"
         "from whisper_ft.features import Limits, Processor, decoding_pool\n"
-        "pool = decoding_pool(2, Processor(None, None), Limits())\n"
+        "pool = decoding_pool(2, Processor(None, None), Limits(0.5, 30.0, 448))\n"
         "pool.submit(os.getpid).result()\n"
         "print(' '.join(str(p.pid) for p in multiprocessing.active_children()), flush=True)\n"
         "time.sleep(600)\n")

@@ -67,6 +67,7 @@ class SourceConfig:
     limit: int = 0
 
 
+MAX_TARGET_POSITIONS = 448  # Whisper's decoder length: the longest label, prefix and end included
 SOURCE_KINDS = ("common_voice", "mdc", "hf")
 OVERLAP_POLICIES = ("refuse", "drop", "keep")
 AVERAGE_MODES = ("last", "best")
@@ -82,7 +83,7 @@ class FeaturesConfig:
     sources: tuple[SourceConfig, ...] = (SourceConfig(path="data/sample/cv-corpus-sample/sv-SE"),)
     min_seconds: float = 0.5
     max_seconds: float = 30.0
-    max_label_tokens: int = 448
+    max_label_tokens: int = MAX_TARGET_POSITIONS
     dtype: str = "float16"
     shard_size: int = 1000
     batch_size: int = 16
@@ -411,8 +412,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"features.max_seconds: must be in (0, 30], got {f.max_seconds}")
     if not 0 <= f.min_seconds < f.max_seconds:
         raise ConfigError("features.min_seconds: must be >= 0 and below features.max_seconds")
-    if not 0 < f.max_label_tokens <= 448:
-        raise ConfigError(f"features.max_label_tokens: must be in 1..448, got {f.max_label_tokens}")
+    if not 0 < f.max_label_tokens <= MAX_TARGET_POSITIONS:
+        raise ConfigError(f"features.max_label_tokens: must be in 1..{MAX_TARGET_POSITIONS}, got {f.max_label_tokens}")
     for name, value in (("shard_size", f.shard_size), ("batch_size", f.batch_size)):
         if value < 1:
             raise ConfigError(f"features.{name}: must be at least 1, got {value}")

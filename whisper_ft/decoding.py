@@ -28,12 +28,14 @@ import math
 import torch
 import torch.nn.functional as F
 
+from whisper_ft.config import MAX_TARGET_POSITIONS
+
 log = logging.getLogger("whisper_ft.decoding")
 
 CHECK_EVERY = 8  # steps between checks whether every clip has finished (each check waits for the GPU)
 
 
-def max_new_tokens(max_length: int, n_prefix: int, max_positions: int = 448) -> int:
+def max_new_tokens(max_length: int, n_prefix: int, max_positions: int = MAX_TARGET_POSITIONS) -> int:
     """New tokens that `generate(max_length=...)` allows Whisper: the prefix does not count
     against `max_length`, but the whole sequence must fit the decoder's positions."""
     return max(1, min(max_length + n_prefix, max_positions) - n_prefix)

@@ -73,11 +73,12 @@ class FeaturesError(UserError, ValueError):
 
 @dataclass(frozen=True)
 class Limits:
-    """What an utterance must satisfy to be kept."""
+    """What an utterance must satisfy to be kept (`features.min_seconds`, `max_seconds`,
+    `max_label_tokens`)."""
 
-    min_seconds: float = 0.5
-    max_seconds: float = 30.0
-    max_label_tokens: int = 448
+    min_seconds: float
+    max_seconds: float
+    max_label_tokens: int
 
 
 def claim_file(folder: Path, name: str) -> Path:

@@ -31,7 +31,7 @@ from transformers.trainer import TRAINER_STATE_NAME
 
 from whisper_ft import averaging, breakdown, checkpoints, report, served, stopping
 from whisper_ft.collator import IGNORE_INDEX, SpeechCollator, expand
-from whisper_ft.config import Config, check_folder, check_writable, save_config, to_dict
+from whisper_ft.config import MAX_TARGET_POSITIONS, Config, check_folder, check_writable, save_config, to_dict
 from whisper_ft.errors import UserError, out_of_space
 from whisper_ft.features import (EVAL, ROLE, TRAIN, VALIDATION, FeatureStore, FeaturesError, find_overlap,
                                  stored_rows)
@@ -44,7 +44,6 @@ from whisper_ft.saving import (BackgroundSaver, available_memory, broadcast, dis
 
 log = logging.getLogger("whisper_ft.train")
 
-MAX_TARGET_POSITIONS = 448  # Whisper's decoder length
 MODEL_COLUMNS = ["input_features", "fill", "labels"]  # what the collator reads
 # The seed of the training.eval_subset draw, fixed rather than training.seed: runs and sweep
 # trials that differ in their seed are still checked on the same clips.
