@@ -254,6 +254,9 @@ def test_set_values_keep_the_text_typed_for_strings():
     ("training.lr_scheduler=cosin", "training.lr_scheduler: expected one of linear, cosine"),
     ("training.lr_scheduler=cosine_with_min_lr", "training.lr_scheduler: expected one of"),  # needs min_lr
     ("training.lr_scheduler=warmup_stable_decay", "training.lr_scheduler: expected one of"),  # needs decay steps
+    ("training.precision=true", "training.precision: expected one of auto, bf16, fp16, fp32, got True"),  # YAML's bool
+    ("training.average_mode=1", "training.average_mode: expected last or best, got 1"),
+    ("features.sources.0.kind=tsv", "features.sources.0.kind: expected one of common_voice, mdc, hf, got 'tsv'"),
     ("training.save_total_limit=1", "training.save_total_limit: 1 cannot keep both the newest checkpoint"),
     ("training.dataloader_workers=-1", "training.dataloader_workers: must be at least 0"),
     ("training.seed=-1", "training.seed: must be at least 0"),

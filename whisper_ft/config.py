@@ -41,17 +41,34 @@ class ConfigError(UserError, ValueError):
     """A config file or override that cannot be used; the message names the key."""
 
 
+# The choices of the keys that take one of a few words (a value outside them is refused by type)
+Task = Literal["transcribe", "translate"]
+SourceKind = Literal["common_voice", "mdc", "hf"]
+OverlapPolicy = Literal["refuse", "drop", "keep"]
+FeatureDtype = Literal["float16", "float32"]
+SelectMetric = Literal["wer", "wer_normalized", "cer"]  # the scores of a check that may pick best/ (lower wins)
+AverageMode = Literal["last", "best"]
+Precision = Literal["auto", "bf16", "fp16", "fp32"]
+# transformers' scheduler names (transformers.trainer_utils.SchedulerType), without importing it here
+# (those that need arguments of their own, such as cosine_with_min_lr's min_lr or warmup_stable_decay's
+# decay steps, are not offered: the config has no key for them)
+LrScheduler = Literal["linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
+                      "inverse_sqrt", "reduce_lr_on_plateau"]
+SOURCE_KINDS, OVERLAP_POLICIES, AVERAGE_MODES, SELECT_METRICS, LR_SCHEDULERS = map(
+    typing.get_args, (SourceKind, OverlapPolicy, AverageMode, SelectMetric, LrScheduler))
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     name_or_path: str = "openai/whisper-small"
     language: str = "sv"
-    task: str = "transcribe"
+    task: Task = "transcribe"
 
 
 @dataclass(frozen=True)
 class SourceConfig:
     name: str = "sample"
-    kind: str = "common_voice"
+    kind: SourceKind = "common_voice"
     path: str = ""
     dataset_id: str = ""
     hf_config: str = ""
@@ -68,12 +85,8 @@ class SourceConfig:
 
 
 MAX_TARGET_POSITIONS = 448  # Whisper's decoder length: the longest label, prefix and end included
-SOURCE_KINDS = ("common_voice", "mdc", "hf")
-OVERLAP_POLICIES = ("refuse", "drop", "keep")
-AVERAGE_MODES = ("last", "best")
 # the features.* keys that training reads; the others decide how feature_pipeline.py builds a store
 TRAINING_READS = ("name", "data_dir", "on_overlap")
-SELECT_METRICS = ("wer", "wer_normalized", "cer")  # the scores of a check that may pick best/ (lower wins)
 
 
 @dataclass(frozen=True)
@@ -84,11 +97,11 @@ class FeaturesConfig:
     min_seconds: float = 0.5
     max_seconds: float = 30.0
     max_label_tokens: int = MAX_TARGET_POSITIONS
-    dtype: str = "float16"
+    dtype: FeatureDtype = "float16"
     shard_size: int = 1000
     batch_size: int = 16
     workers: int = 0
-    on_overlap: str = "refuse"
+    on_overlap: OverlapPolicy = "refuse"
     served_clips: int = 200
     claim_stale_seconds: float = 300.0
 
@@ -116,7 +129,7 @@ class TrainingConfig:
     run_name: str = "whisper-small-sv"
     output_dir: str = "checkpoints"
     learning_rate: float | Literal["auto"] = "auto"
-    lr_scheduler: str = "linear"
+    lr_scheduler: LrScheduler = "linear"
     warmup_steps: int | None = None
     warmup_fraction: float = 0.1
     max_steps: int = 4000
@@ -132,12 +145,12 @@ class TrainingConfig:
     eval_features: str = ""
     generation_max_length: int = 0
     num_beams: int = 1
-    select_metric: str = "wer"
+    select_metric: SelectMetric = "wer"
     save_total_limit: int = 2
     background_saves: bool = True
     average_checkpoints: int = 0
-    average_mode: str = "last"
-    precision: str = "auto"
+    average_mode: AverageMode = "last"
+    precision: Precision = "auto"
     autocast: bool = False
     gradient_checkpointing: bool = False
     torch_compile: bool = False
@@ -348,8 +361,9 @@ def _convert(tp: Any, value: Any, where: str) -> Any:
         item_tp = typing.get_args(tp)[0]
         return tuple(_convert(item_tp, v, f"{where}.{i}") for i, v in enumerate(value))
     if origin is Literal:
-        if value not in typing.get_args(tp):
-            raise ConfigError(f"{where}: expected {' or '.join(map(str, typing.get_args(tp)))}, got {value!r}")
+        choices = typing.get_args(tp)
+        if isinstance(value, bool) or value not in choices:  # True == 1: a bool is no choice
+            raise ConfigError(f"{where}: expected {_one_of(choices)}, got {value!r}")
         return value
     if origin in (typing.Union, types.UnionType):  # the first member type that takes the value
         members = typing.get_args(tp)
@@ -392,6 +406,11 @@ def _convert(tp: Any, value: Any, where: str) -> Any:
     raise TypeError(f"{where}: unsupported config type {tp}")
 
 
+def _one_of(choices: Iterable) -> str:
+    words = list(map(str, choices))
+    return " or ".join(words) if len(words) < 3 else f"one of {', '.join(words)}"
+
+
 PATH_KEYS = ("data_dir", "output_dir", "cookies_file", "auth_file", "path", "name_or_path", "model")  # ~ expanded
 
 
@@ -402,12 +421,14 @@ def _join(where: str, name: str) -> str:
 def validate(cfg: Config) -> None:
     """Checks that span fields; each error names the key."""
     check_finite(cfg, "")
-    f = cfg.features
+    validate_features(cfg.features)
+    check_language(cfg.model.language)
+    validate_training(cfg.training)
+    validate_app(cfg.app)
+
+
+def validate_features(f: FeaturesConfig) -> None:
     check_folder_name(f.name, "features.name")
-    if f.on_overlap not in OVERLAP_POLICIES:
-        raise ConfigError(f"features.on_overlap: expected one of {', '.join(OVERLAP_POLICIES)}, got {f.on_overlap!r}")
-    if f.dtype not in ("float16", "float32"):
-        raise ConfigError(f"features.dtype: expected float16 or float32, got {f.dtype!r}")
     if not 0 < f.max_seconds <= 30:
         raise ConfigError(f"features.max_seconds: must be in (0, 30], got {f.max_seconds}")
     if not 0 <= f.min_seconds < f.max_seconds:
@@ -427,8 +448,6 @@ def validate(cfg: Config) -> None:
         raise ConfigError("features.sources: at least one source is needed")
     seen = set()
     for i, s in enumerate(f.sources):
-        if s.kind not in SOURCE_KINDS:
-            raise ConfigError(f"features.sources.{i}.kind: expected one of {', '.join(SOURCE_KINDS)}, got {s.kind!r}")
         if not s.name or s.name in seen:
             raise ConfigError(f"features.sources.{i}.name: must be set and unique, got {s.name!r}")
         seen.add(s.name)
@@ -443,10 +462,8 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"features.sources.{i}.validation_fraction: must be in [0, 1), "
                               f"got {s.validation_fraction}")
 
-    if cfg.model.task not in ("transcribe", "translate"):
-        raise ConfigError(f"model.task: expected transcribe or translate, got {cfg.model.task!r}")
-    check_language(cfg.model.language)
-    t = cfg.training
+
+def validate_training(t: TrainingConfig) -> None:
     check_folder_name(t.run_name, "training.run_name")
     if t.eval_features:
         check_folder_name(t.eval_features, "training.eval_features")
@@ -458,21 +475,12 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"training.warmup_fraction: must be in [0, 1), got {t.warmup_fraction}")
     if t.average_checkpoints == 1 or t.average_checkpoints < 0:
         raise ConfigError(f"training.average_checkpoints: 0 (off) or at least 2, got {t.average_checkpoints}")
-    if t.select_metric not in SELECT_METRICS:
-        raise ConfigError(f"training.select_metric: expected one of {', '.join(SELECT_METRICS)}, "
-                          f"got {t.select_metric!r}")
-    if t.average_mode not in AVERAGE_MODES:
-        raise ConfigError(f"training.average_mode: expected last or best, got {t.average_mode!r}")
-    if t.precision not in ("auto", "bf16", "fp16", "fp32"):
-        raise ConfigError(f"training.precision: expected auto, bf16, fp16 or fp32, got {t.precision!r}")
     if t.push_to_hub:
         check_repo_id(t.push_to_hub, "training.push_to_hub")
     for name in ("max_steps", "batch_size", "eval_steps", "save_steps", "eval_batch_size",
                  "gradient_accumulation_steps", "logging_steps", "num_beams"):
         if getattr(t, name) < 1:
             raise ConfigError(f"training.{name}: must be at least 1, got {getattr(t, name)}")
-    if t.lr_scheduler not in LR_SCHEDULERS:
-        raise ConfigError(f"training.lr_scheduler: expected one of {', '.join(LR_SCHEDULERS)}, got {t.lr_scheduler!r}")
     for name, value in (("dataloader_workers", t.dataloader_workers), ("save_total_limit", t.save_total_limit),
                         ("eval_subset", t.eval_subset), ("generation_max_length", t.generation_max_length),
                         ("weight_decay", t.weight_decay), ("seed", t.seed)):
@@ -493,14 +501,6 @@ def validate(cfg: Config) -> None:
                         ("spec_augment.mask_feature_length", t.spec_augment.mask_feature_length)):
         if value < 1:
             raise ConfigError(f"training.{name}: must be at least 1, got {value}")
-    validate_app(cfg.app)
-
-
-# transformers' scheduler names (transformers.trainer_utils.SchedulerType), without importing it here
-# (those that need arguments of their own, such as cosine_with_min_lr's min_lr or warmup_stable_decay's
-# decay steps, are not offered: the config has no key for them)
-LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
-                 "inverse_sqrt", "reduce_lr_on_plateau")
 
 
 def is_folder_name(name: str) -> bool:
