@@ -565,7 +565,7 @@ def test_report_only_on_a_sweep_that_never_ran_is_a_one_line_error(tmp_path, cap
 @pytest.mark.parametrize("content, message", [
     (b"method: grid\nspace: {training.seed: [1\n", "is not valid YAML (line 3): expected ',' or ']'"),
     (b"# Title\n\nA paragraph: with a colon\nand: another: one\n", "is not valid YAML (line 4)"),  # e.g. README.md
-    (b"\xff\xfemethod: grid\n", "is not UTF-8 text (invalid start byte at byte 0)"),
+    (b"\xff\xfemethod: grid\n", "is not UTF-8 text (line 1): save it as UTF-8"),
     (b"method: grid\x00\n", "is not valid YAML"),
     (b"just some words\n", "must hold a mapping of sweep keys (method, space, ...), got str"),
     (b"- method\n- grid\n", "must hold a mapping of sweep keys (method, space, ...), got list"),

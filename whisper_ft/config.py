@@ -197,24 +197,29 @@ class Config:
     app: AppConfig = field(default_factory=AppConfig)
 
 
+def read_mapping(path: str | Path, what: str, holds: str) -> dict:
+    """A YAML file that holds a mapping (an empty file: {}); else ConfigError naming `what` it is
+    (a "config file") and what its mapping `holds`."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{what} not found: {path}")
+    try:
+        raw = load_yaml(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as e:
+        line = e.object[:e.start].count(b"\n") + 1
+        raise ConfigError(f"{path} is not UTF-8 text (line {line}): save it as UTF-8") from e
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path} is not valid YAML{yaml_problem(e)}") from e
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path} must hold a mapping of {holds}, got {type(raw).__name__}")
+    return raw
+
+
 def load_config(path: str | Path | None = "config.yaml", overrides: list[str] | tuple[str, ...] = (),
                 values: Mapping[str, Any] | Iterable[tuple[str, Any]] = ()) -> Config:
     """Read a YAML file (None: defaults only), apply `section.key=value` overrides, then typed
     `values` by dotted key (a mapping or (key, value) pairs, in order), type-check."""
-    raw: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
-        try:
-            raw = load_yaml(path.read_text(encoding="utf-8")) or {}
-        except UnicodeDecodeError as e:
-            line = e.object[:e.start].count(b"\n") + 1
-            raise ConfigError(f"{path} is not UTF-8 text (line {line}): save it as UTF-8") from e
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path} is not valid YAML{yaml_problem(e)}") from e
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{path} must hold a mapping of sections")
+    raw = {} if path is None else read_mapping(path, "config file", "sections")
     for item in overrides:
         apply_override(raw, item)
     for key, value in values.items() if isinstance(values, Mapping) else values:

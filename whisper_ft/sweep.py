@@ -27,7 +27,7 @@ import yaml
 
 from whisper_ft.checkpoints import read_best, read_events, selection_checks
 from whisper_ft.config import (SELECT_METRICS, Config, ConfigError, check_folder, check_writable, is_folder_name,
-                               load_config, load_yaml, save_config, stage1_only, to_dict, yaml_problem)
+                               load_config, read_mapping, save_config, stage1_only, to_dict)
 from whisper_ft.errors import machine_problem
 from whisper_ft.files import write_atomic
 from whisper_ft.model import first_line
@@ -71,16 +71,7 @@ def searched(variants: dict | None, space: dict | None) -> dict:
 def load_spec(path: str | Path) -> SweepSpec:
     """Read and check a sweep file; errors name the key."""
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"sweep file not found: {path}")
-    try:
-        raw = load_yaml(path.read_text(encoding="utf-8")) or {}
-    except UnicodeDecodeError as e:
-        raise ConfigError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start}); a sweep file is YAML") from e
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path} is not valid YAML{yaml_problem(e)}") from e
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path} must hold a mapping of sweep keys (method, space, ...), got {type(raw).__name__}")
+    raw = read_mapping(path, "sweep file", "sweep keys (method, space, ...)")
     names = {f.name for f in dataclasses.fields(SweepSpec)}
     unknown = sorted(set(raw) - names, key=str)
     if unknown:
@@ -431,7 +422,7 @@ def check_same_sweep(folder: Path, spec: SweepSpec, base: Config) -> None:
     variant's settings may change, nor a list of values or variants (`check_same_choices`)."""
     changed = None
     if (folder / SPEC_FILE).is_file():
-        before = yaml.safe_load((folder / SPEC_FILE).read_text(encoding="utf-8")) or {}
+        before = read_mapping(folder / SPEC_FILE, "sweep record", "sweep keys")
         now = yaml.safe_load(yaml.safe_dump(dataclasses.asdict(spec)))
         check_same_choices(spec, before)
         kept = set(before.get("variants") or {}) & set(now["variants"])
