@@ -787,6 +787,12 @@ def test_a_rerun_with_another_budget_or_base_config_is_refused(tmp_path):
         run_sweep(spec, load_config(ROOT / "config.yaml", subset), str(ROOT / "config.yaml"), subset, trainer,
                   log=lambda s: None)
     assert len(trainer.calls) == 2
+    record = folder / "sweep.yaml"
+    kept = record.read_text()
+    record.write_text("method: [grid\n")  # damaged by hand
+    with pytest.raises(ConfigError, match=re.escape(f"{record} is not valid YAML")):
+        run_sweep(spec, base_config(tmp_path), str(ROOT / "config.yaml"), sets, trainer, log=lambda s: None)
+    record.write_text(kept)
     batch = [*sets, "training.eval_batch_size=8"]
     run_sweep(spec, load_config(ROOT / "config.yaml", batch), str(ROOT / "config.yaml"), batch, trainer,
               log=lambda s: None)
