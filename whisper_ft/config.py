@@ -215,6 +215,16 @@ def read_mapping(path: str | Path, what: str, holds: str) -> dict:
     return raw
 
 
+def lookup(tree: Any, key: str, default: Any = None) -> Any:
+    """The value at dotted `key` of nested mappings (a saved config.yaml), or `default` where a
+    part of it is missing."""
+    for part in key.split("."):
+        if not isinstance(tree, dict) or part not in tree:
+            return default
+        tree = tree[part]
+    return tree
+
+
 def load_config(path: str | Path | None = "config.yaml", overrides: list[str] | tuple[str, ...] = (),
                 values: Mapping[str, Any] | Iterable[tuple[str, Any]] = ()) -> Config:
     """Read a YAML file (None: defaults only), apply `section.key=value` overrides, then typed

@@ -31,7 +31,8 @@ from transformers.trainer import TRAINER_STATE_NAME
 
 from whisper_ft import averaging, breakdown, checkpoints, report, served, stopping
 from whisper_ft.collator import IGNORE_INDEX, SpeechCollator, expand
-from whisper_ft.config import MAX_TARGET_POSITIONS, Config, check_folder, check_writable, save_config, to_dict
+from whisper_ft.config import (MAX_TARGET_POSITIONS, Config, ConfigError, check_folder, check_writable, lookup,
+                               read_mapping, save_config, to_dict)
 from whisper_ft.errors import UserError, out_of_space
 from whisper_ft.features import (EVAL, ROLE, TRAIN, VALIDATION, FeatureStore, FeaturesError, find_overlap,
                                  stored_rows)
@@ -900,6 +901,18 @@ SWITCHED = ("training.lora", "training.spec_augment")  # FIXED_ON_RESUME section
 PREDATED_DEFAULTS = {"training.select_metric": "wer"}
 
 
+def saved_config(run_dir: Path) -> dict | None:
+    """The run's config.yaml as saved (None without one); a damaged or emptied one is a
+    ConfigError: the checks of a resume would otherwise pass whatever changed."""
+    path = run_dir / "config.yaml"
+    if not path.is_file():
+        return None
+    if not (saved := read_mapping(path, "run config", "sections")):
+        raise ConfigError(f"{path} is empty: the settings the run was trained with are gone; restore the file, or "
+                          "pass --fresh to start the run over")
+    return saved
+
+
 def check_resumable(cfg: Config, run_dir: Path, resume: Path | None, step: int = 0) -> None:
     """Refuse to resume `run_dir` from `resume` (at `step`) with settings that differ from the
     run's own (its config.yaml) in `FIXED_ON_RESUME`, on a feature store rebuilt since, or on
@@ -907,29 +920,18 @@ def check_resumable(cfg: Config, run_dir: Path, resume: Path | None, step: int =
     would mix two runs. Without a
     checkpoint (`resume` None), refuse to start over a run whose best/ came from other
     settings, rather than delete it."""
-    import yaml
-
-    saved_path = run_dir / "config.yaml"
-    if not saved_path.is_file():
+    if (saved := saved_config(run_dir)) is None:
         return
-    saved, now = yaml.safe_load(saved_path.read_text(encoding="utf-8")) or {}, to_dict(cfg)
-
+    now = to_dict(cfg)
     missing = object()  # a key the run's config.yaml predates
-
-    def get(tree: dict, key: str):
-        for part in key.split("."):
-            if not isinstance(tree, dict) or part not in tree:
-                return missing
-            tree = tree[part]
-        return tree
-
     changed = []
     for key in FIXED_ON_RESUME:
-        before, after = get(saved, key), get(now, key)
+        before, after = lookup(saved, key, missing), lookup(now, key, missing)
         if before is missing:
             before = PREDATED_DEFAULTS.get(key, missing)
         if key == "training.eval_features":  # empty reads features.name: compare the store each one reads
-            before, after = before or get(saved, "features.name"), after or get(now, "features.name")
+            before = before or lookup(saved, "features.name", missing)
+            after = after or lookup(now, "features.name", missing)
         if key in SWITCHED and not any(isinstance(v, dict) and v.get("enabled") for v in (before, after)):
             continue  # off before and after: its other settings change nothing
         if key == "model.language" and isinstance(before, str):  # a run configured before names were refused
@@ -951,7 +953,7 @@ def check_resumable(cfg: Config, run_dir: Path, resume: Path | None, step: int =
         check_average_mode(cfg, run_dir)
     if resume is not None and step < cfg.training.max_steps:
         check_same_processes(run_dir, resume, step)
-    steps = get(saved, "training.max_steps")
+    steps = lookup(saved, "training.max_steps", missing)
     if resume is not None and steps is not missing and steps != cfg.training.max_steps:
         if step < cfg.training.max_steps:
             why = "the learning-rate schedule runs to the new end from here"
@@ -984,15 +986,12 @@ def check_average_mode(cfg: Config, run_dir: Path) -> None:
     """Refuse to average a run's checks in another training.average_mode than the one its
     averaging/ kept them for (an index written without it: the run's config.yaml's): the checks
     that mode would average were deleted as they came."""
-    import yaml
-
     t, folder = cfg.training, run_dir / averaging.FOLDER
     kept = averaging.kept_mode(folder)
     if kept is None and averaging.read_index(folder):
         try:
-            saved = yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8")) or {}
-            kept = saved.get("training", {}).get("average_mode", "last")  # the default before the key
-        except (OSError, ValueError, AttributeError):
+            kept = lookup(saved_config(run_dir), "training.average_mode", "last")  # the default before the key
+        except (OSError, ValueError):
             kept = None
     if t.average_checkpoints and kept is not None and kept != t.average_mode:
         raise TrainingError(f"{folder} keeps the checks average_mode {kept} averages, not those {t.average_mode} "
@@ -1098,19 +1097,19 @@ def finished_summary(cfg: Config, run_dir: Path, step: int) -> dict | None:
     otherwise. A rerun of a finished run then repeats neither the test scoring nor the exports.
     Nor is a metrics.json beside a best/ without its model card: the card is what --push-only
     publishes, and rerun, the final phase writes it."""
-    import yaml
-
     path = run_dir / "metrics.json"
     card = run_dir / checkpoints.BEST_DIR / "README.md"
     if step < cfg.training.max_steps or not path.is_file() or not card.is_file():
         return None
     try:
         summary = json.loads(path.read_text(encoding="utf-8"))
-        saved = (yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8")) or {}).get("training", {})
+        saved = saved_config(run_dir)
     except (OSError, ValueError):
         return None
+    if saved is None:
+        return None
     now = to_dict(cfg)["training"]
-    if summary.get("steps") != step or any(saved.get(key) != now[key] for key in FINAL_PHASE):
+    if summary.get("steps") != step or any(lookup(saved, f"training.{key}") != now[key] for key in FINAL_PHASE):
         return None
     return {**summary, "run_dir": str(run_dir)}  # where the run is now: its folder may have been moved
 
