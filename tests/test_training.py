@@ -475,6 +475,31 @@ def test_a_resume_forgets_the_checks_after_its_checkpoint(tmp_path, features_dir
         assert summary["averaging"]["steps"] == [2, 6]  # the two best checks of this run's log
 
 
+
+@pytest.mark.parametrize("damage", ["deleted", "info emptied"])
+def test_a_resume_after_best_was_deleted_by_hand_exports_the_best_check_again(tmp_path, features_dir, tiny_model_dir,
+                                                                             monkeypatch, damage):
+    """Without best/ (or its best.json) the run knew no best score: the next check, however bad,
+    was exported as best/ and reported. The best check so far is exported again from its
+    checkpoint, which rotation keeps."""
+    from whisper_ft import train
+
+    # checks at 2 (best), 4; killed at 5; the check at 6; the test split
+    kill = scripted_checks_and_kill(monkeypatch, [0.5, 0.9, 0.95, 0.97], at=5)
+    sets = overrides(features_dir, tiny_model_dir, tmp_path, max_steps=6, eval_before_training="false",
+                     export_ctranslate2="false")
+    with pytest.raises(KeyboardInterrupt):
+        train.run_training(load_config(ROOT / "config.yaml", sets), callbacks=[kill])
+    run_dir = tmp_path / "tiny"
+    assert checkpoints.read_best(run_dir)["step"] == 2 and [s for s, _ in checkpoints.checkpoints(run_dir)] == [2, 4]
+    if damage == "deleted":
+        shutil.rmtree(run_dir / "best")
+    else:
+        (run_dir / "best" / "best.json").write_text("")
+    summary = train.run_training(load_config(ROOT / "config.yaml", sets))
+    assert (summary["best_step"], summary["best_wer"]) == (2, 0.5)
+    assert (checkpoints.read_best(run_dir)["step"], checkpoints.read_best(run_dir)["wer"]) == (2, 0.5)
+
 def test_spec_augment_masks_longer_than_the_input_are_refused_before_any_scoring(tmp_path, features_dir,
                                                                                    tiny_model_dir):
     from whisper_ft.train import run_training

@@ -95,9 +95,13 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
 
 
 def read_best(run_dir: str | Path) -> dict | None:
-    """{"step", "wer", ...} of the exported best model, or None before the first export."""
-    path = Path(run_dir) / BEST_DIR / BEST_INFO
-    return json.loads(path.read_text()) if path.is_file() else None
+    """{"step", "wer", ...} of the exported best model, or None before the first export (and
+    for a best/ whose info is gone or damaged: a resume then exports its check again)."""
+    try:
+        info = json.loads((Path(run_dir) / BEST_DIR / BEST_INFO).read_text())
+    except (OSError, ValueError):
+        return None
+    return info if isinstance(info, dict) else None
 
 
 def export_best(model, processor, run_dir: str | Path, info: dict) -> Path:

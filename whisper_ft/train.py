@@ -1213,7 +1213,9 @@ def rewind(cfg: Config, run_dir: Path, step: int, meta: dict, processor) -> None
     came after a check and before the next checkpoint), which belong to steps this run goes
     back over. Their weights in averaging/ are deleted; a `best/` of such a check is replaced
     by the best check up to `step` (from its weights in averaging/ or its checkpoint), or,
-    where those are gone, removed: the next check that scores is exported."""
+    where those are gone, removed: the next check that scores is exported. A `best/` deleted
+    or damaged by hand (no readable best.json) after checks is exported again the same way:
+    else the next check would be exported as best, however it scored."""
     folder = run_dir / averaging.FOLDER
     index = averaging.read_index(folder)
     if gone := [s for s in index if s > step]:
@@ -1221,31 +1223,34 @@ def rewind(cfg: Config, run_dir: Path, step: int, meta: dict, processor) -> None
             averaging.weights_path(folder, s).unlink(missing_ok=True)
         averaging.write_index(folder, {s: v for s, v in index.items() if s <= step}, averaging.kept_mode(folder))
     best = checkpoints.read_best(run_dir)
-    if best is None or (best.get("step") or 0) <= step:
+    if best is not None and (best.get("step") or 0) <= step:
         return
     metric = cfg.training.select_metric
     checks = [e for e in checkpoints.selection_checks(checkpoints.read_events(run_dir))
               if 0 < e.get("step", 0) <= step and e.get(metric) is not None and math.isfinite(e[metric])]
     single = min(checks, key=lambda e: e[metric], default={})  # the earliest of equals, as during training
+    if best is None and not single:
+        return  # no check yet: the first one exports best/
+    held = (f"best/ held the model of the check at step {best['step']}, after checkpoint-{step} where this run "
+            "resumes" if best is not None else f"best/ is missing or has no readable {checkpoints.BEST_INFO}")
     source = single_check_source(run_dir, single["step"]) if single else None
     if source is None:
-        shutil.rmtree(run_dir / checkpoints.BEST_DIR)
-        log.warning("best/ held the model of the check at step %d, after checkpoint-%d where this run resumes; %s: "
-                    "removed it, the next check exports best/", best["step"], step,
+        shutil.rmtree(run_dir / checkpoints.BEST_DIR, ignore_errors=True)
+        log.warning("%s; %s: the next check exports best/", held,
                     f"the weights of the best check before (step {single['step']}) are gone" if single else
                     "no check before it")
         return
     export_single_check(cfg, run_dir, meta, single, source, processor)
-    log.info("best/ held the model of the check at step %d, after checkpoint-%d where this run resumes: exported "
-             "the best check up to there (step %d, from %s) as best/", best["step"], step, single["step"], source)
+    log.info("%s: exported the best check up to there (step %d, from %s) as best/", held, single["step"], source)
 
 
 def export_single_check(cfg: Config, run_dir: Path, meta: dict, single: dict, source: Path, processor) -> None:
     """Export the model of the periodic check `single` (an `eval` event), saved at `source`
     (`single_check_source`), as `best/`."""
-    if source.is_file():  # weights kept for averaging, in best/'s architecture
-        model = load_model(str(run_dir / checkpoints.BEST_DIR), cfg.model.language, cfg.model.task,
-                           attn_implementation="sdpa")
+    if source.is_file():  # weights kept for averaging, in best/'s architecture (the base model's)
+        shape = run_dir / checkpoints.BEST_DIR
+        model = load_model(str(shape) if (shape / "config.json").is_file() else cfg.model.name_or_path,
+                           cfg.model.language, cfg.model.task, attn_implementation="sdpa")
         model.load_state_dict(averaging.average([source]))
     elif (source / "config.json").is_file():
         model = load_model(str(source), cfg.model.language, cfg.model.task, attn_implementation="sdpa")
