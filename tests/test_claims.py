@@ -3,6 +3,7 @@ only when stale and by one taker, never removed from under the process that hold
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import subprocess
@@ -158,6 +159,27 @@ def test_a_clock_far_from_the_file_systems_is_refused(tmp_path, monkeypatch):
         with pytest.raises(ClaimError, match=r"clock is \+12\d\.\d s off .* features.claim_stale_seconds"):
             mine.take(path)
     assert not path.exists()
+
+
+def test_a_full_disk_leaves_no_empty_claim_or_lock_behind(tmp_path, monkeypatch):
+    path = tmp_path / ".shard.claim"
+    mine = ClaimSet(300)
+    assert mine.take(path)
+    write = claims._write
+
+    def disk_full(fd, holder):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(claims, "_write", disk_full)
+    with pytest.raises(OSError, match="No space"):
+        mine.close()  # releasing takes the claim's lock
+    with pytest.raises(OSError, match="No space"):
+        ClaimSet(300).take(tmp_path / ".other.claim")
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]
+    monkeypatch.setattr(claims, "_write", write)  # space freed, the process gone: a rerun goes on at once
+    plant_claim(path, host_name(), dead_pid(), age=0)
+    with ClaimSet(300) as again:
+        assert again.take(path)
 
 
 def test_the_stale_limit_must_be_positive():

@@ -244,11 +244,17 @@ class ClaimSet:
 
 def _create(path: Path) -> tuple[int, Holder]:
     """Create `path` exclusively (FileExistsError if it exists) holding a new claim of this
-    process; returns the open file and the claim."""
+    process; returns the open file and the claim. A file that cannot be written (a full disk) is
+    removed: left empty, it would read as held by an unknown process until it goes stale."""
     now = time.time()
     holder = Holder(host_name(), os.getpid(), secrets.token_hex(8), now, now)
     fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o644)
-    _write(fd, holder)
+    try:
+        _write(fd, holder)
+    except BaseException:
+        os.close(fd)
+        path.unlink(missing_ok=True)
+        raise
     return fd, holder
 
 
