@@ -5,6 +5,7 @@ the gradio_client API against a server on 127.0.0.1. A slow test runs a real che
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import shutil
@@ -212,6 +213,29 @@ def test_no_speech_offers_no_transcript_files(cfg, media, tmp_path):
     text, translation, status, files, *_ = Handlers(Mute(), cfg, tmp_path).from_file(str(media["speech.wav"]),
                                                                                       GOOGLE, "en", True, [])
     assert (text, translation, files) == ("", "", []) and "No speech was recognised" in status
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_full_disk_keeps_the_transcript_without_the_files(cfg, media, tmp_path, monkeypatch, fake_google):
+    class Fixed:
+        backend = "transformers"
+
+        def transcribe(self, wave, task="transcribe", timestamps=False):
+            return Transcript("hej då", (), len(wave) / 16000, 0.1)
+
+    write = Path.write_text
+
+    def disk_full(self, text, *args, **kwargs):  # the .txt is written, the .srt is not
+        if self.suffix == ".srt":
+            raise OSError(errno.ENOSPC, "No space left on device", str(self))
+        return write(self, text, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", disk_full)
+    with pytest.warns(UserWarning, match="^The transcript files could not be written: No space left on device$"):
+        text, translation, status, files, *_ = Handlers(Fixed(), cfg, tmp_path).from_file(str(media["speech.wav"]),
+                                                                                          GOOGLE, "en", False, [])
+    assert (text, translation, files) == ("hej då", "[en] hej då", [])
+    assert "could not be written (No space left on device)" in status
     assert list(tmp_path.iterdir()) == []
 
 

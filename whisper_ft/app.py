@@ -75,8 +75,8 @@ def find_model(cfg: Config) -> ModelChoice:
 
 class Handlers:
     """Request logic of the page. Each `from_*` method returns (transcript, translation, status
-    markdown, [.txt, .srt paths] or [] when no speech was recognised, chat messages, history
-    state) or raises gr.Error."""
+    markdown, [.txt, .srt paths] or [] when no speech was recognised or the files could not be
+    written, chat messages, history state) or raises gr.Error."""
 
     def __init__(self, transcriber, cfg: Config, out_dir: str | Path | None = None):
         self.transcriber = transcriber
@@ -179,7 +179,10 @@ class Handlers:
         elif english is not None:
             translation = english.text
             notes.append(f"Whisper's translation to English took {english.elapsed_seconds:.1f} s.")
-        files = self._write_files(result) if result.text else []  # nothing to download
+        files = []  # nothing to download without speech
+        if result.text:
+            files, note = self._write_files(result)
+            notes += [note] if note else []
         history = _append_history(history, label, seconds, result.text, translation)
         return result.text, translation, "\n\n".join(notes), files, history, history
 
@@ -199,13 +202,24 @@ class Handlers:
         return "", (f"**Translation failed:** {reason}. The transcript above is complete; choose "
                     f"“{WHISPER}” to translate without network access.")
 
-    def _write_files(self, result: Transcript) -> list[str]:
-        _remove_old(self.out_dir, DOWNLOAD_MAX_AGE)
+    def _write_files(self, result: Transcript) -> tuple[list[str], str]:
+        """The .txt and .srt downloads, and a status note; a disk that cannot take them (full, or
+        removed) costs the visitor the downloads, not the transcript already computed."""
         stem = self.out_dir / f"transcript-{uuid.uuid4().hex[:8]}"
         txt, srt = stem.with_suffix(".txt"), stem.with_suffix(".srt")
-        txt.write_text(to_txt(result), encoding="utf-8")
-        srt.write_text(to_srt(result), encoding="utf-8")
-        return [str(txt), str(srt)]
+        try:
+            _remove_old(self.out_dir, DOWNLOAD_MAX_AGE)
+            txt.write_text(to_txt(result), encoding="utf-8")
+            srt.write_text(to_srt(result), encoding="utf-8")
+        except OSError as e:
+            log.warning("the transcript files could not be written in %s: %s", self.out_dir, e)
+            for p in (txt, srt):  # no half of a download
+                p.unlink(missing_ok=True)
+            reason = e.strerror or str(e)
+            gr.Warning(f"The transcript files could not be written: {reason}")
+            return [], (f"**No download files:** they could not be written ({reason}). The transcript above is "
+                        "complete; copy it from the page.")
+        return [str(txt), str(srt)], ""
 
 
 def _speed_note(result: Transcript, backend: str) -> str:
