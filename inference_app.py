@@ -36,7 +36,7 @@ def parse_args(argv: list[str] | None):
                              "$WHISPER_APP_AUTH)")
     parser.add_argument("--auth-file", metavar="PATH",
                         help="ask visitors for a login from this file of USER:PASSWORD lines (default: app.auth_file)")
-    parser.add_argument("--export-space", metavar="DIR",
+    parser.add_argument("--export-space", metavar="DIR", type=cli.path_arg,
                         help="write a folder that runs this page as a Hugging Face Space (for --model), then exit")
     args = parser.parse_args(argv)
     if args.auth_file == "":  # `--auth-file "$LOGINS"` with the variable unset; app.auth_file's "" means no login

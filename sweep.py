@@ -22,7 +22,7 @@ from whisper_ft.sweep import TRIAL_FILE, check_same_sweep, check_stores, check_t
 
 def main(argv: list[str] | None = None) -> int:
     parser = cli.base_parser(cli.summary(__doc__))
-    parser.add_argument("sweep", help="sweep file (YAML): method, space, budget; see sweeps/")
+    parser.add_argument("sweep", type=cli.path_arg, help="sweep file (YAML): method, space, budget; see sweeps/")
     what = parser.add_mutually_exclusive_group()
     what.add_argument("--report-only", action="store_true", help="only rewrite the report of finished trials")
     what.add_argument("--retry-failed", action="store_true",

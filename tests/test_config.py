@@ -89,6 +89,24 @@ def test_cli_config_errors_are_one_line_exit_2(args, needle, tmp_path):
     assert "Traceback" not in proc.stderr
 
 
+def test_path_arguments_expand_a_tilde_the_shell_left(tmp_path, monkeypatch, capsys):
+    """`--config=~/c.yaml` (bash expands ~ only at a word's start) in every entry script, and
+    sweep.py's sweep file, as config values such as features.data_dir=~/x are."""
+    import sweep as entry
+
+    from whisper_ft import cli
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "c.yaml").write_text("features:\n  name: from-home\n")
+    args = cli.base_parser("x").parse_args(["--config=~/c.yaml"])
+    assert args.config == str(tmp_path / "c.yaml") and cli.config_from_args(args).features.name == "from-home"
+    (tmp_path / "lr.yaml").write_text((ROOT / "sweeps" / "lr.yaml").read_text())
+    out = tmp_path / "runs"
+    assert cli.run(entry.main, ["~/lr.yaml", "--report-only", "--config=~/c.yaml", "--set",
+                                f"training.output_dir={out}"]) == 2
+    assert capsys.readouterr().err.startswith(f"error: --report-only: no trials in {out}")  # the file was read
+
+
 def test_config_file_that_is_not_utf8_is_one_line_exit_2(tmp_path):
     latin1 = tmp_path / "latin1.yaml"
     latin1.write_bytes("features:\n  name: x  # Malmö\n".encode("latin-1"))

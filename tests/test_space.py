@@ -124,6 +124,20 @@ def test_running_the_export_leaves_no_bytecode_to_upload(tmp_path):
     assert not list(out.rglob("__pycache__")) and not list(out.rglob("*.pyc"))
 
 
+def test_export_space_expands_a_tilde_the_shell_left(tmp_path, monkeypatch, capsys):
+    import inference_app
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    (tmp_path / "cwd").mkdir()
+    monkeypatch.chdir(tmp_path / "cwd")
+    config = tmp_path / "home" / "c.yaml"
+    config.parent.mkdir()
+    config.write_text("app:\n  model: me/whisper-sv\n")
+    assert inference_app.main(["--export-space=~/sp", "--config=~/c.yaml"]) == 0  # bash keeps ~ after =
+    assert capsys.readouterr().out == f"wrote the Space to {tmp_path / 'home' / 'sp'}\n"
+    assert space.is_export(tmp_path / "home" / "sp") and list((tmp_path / "cwd").iterdir()) == []
+
+
 def test_export_model_defaults_to_the_push_target_and_rejects_nonsense(tmp_path):
     cfg = load_config(None, ["training.push_to_hub=me/pushed", f"training.output_dir={tmp_path}"])
     assert space.space_model(cfg) == "me/pushed"

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Callable
 
 from whisper_ft.config import Config, load_config, stage1_only
 from whisper_ft.errors import Stopped, UserError, machine_problem
 
-__all__ = ["UserError", "base_parser", "config_from_args", "run", "summary", "warn_stage1_sets"]
+__all__ = ["UserError", "base_parser", "config_from_args", "path_arg", "run", "summary", "warn_stage1_sets"]
 
 
 def summary(doc: str) -> str:
@@ -19,9 +20,15 @@ def summary(doc: str) -> str:
     return " ".join(doc.strip().split("\n\n")[0].split())
 
 
+def path_arg(text: str) -> str:
+    """A path flag's value (argparse `type=`) with `~` expanded: the shell leaves `--flag=~/x`
+    alone, and config values such as `features.data_dir=~/x` are expanded too."""
+    return os.path.expanduser(text)
+
+
 def base_parser(description: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("--config", default="config.yaml", help="YAML config (default: config.yaml)")
+    parser.add_argument("--config", type=path_arg, default="config.yaml", help="YAML config (default: config.yaml)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="override one config value, e.g. --set training.learning_rate=3e-5 (repeatable)")
     parser.set_defaults(values=[])
