@@ -124,7 +124,7 @@ def test_running_the_export_leaves_no_bytecode_to_upload(tmp_path):
     assert not list(out.rglob("__pycache__")) and not list(out.rglob("*.pyc"))
 
 
-def test_export_space_expands_a_tilde_the_shell_left(tmp_path, monkeypatch, capsys):
+def test_export_space_expands_a_tilde_the_shell_left_and_says_where_it_wrote(tmp_path, monkeypatch, capsys):
     import inference_app
 
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
@@ -136,6 +136,9 @@ def test_export_space_expands_a_tilde_the_shell_left(tmp_path, monkeypatch, caps
     assert inference_app.main(["--export-space=~/sp", "--config=~/c.yaml"]) == 0  # bash keeps ~ after =
     assert capsys.readouterr().out == f"wrote the Space to {tmp_path / 'home' / 'sp'}\n"
     assert space.is_export(tmp_path / "home" / "sp") and list((tmp_path / "cwd").iterdir()) == []
+    monkeypatch.chdir(tmp_path)
+    assert inference_app.main(["--export-space", "home/sp", "--config", str(config)]) == 0
+    assert capsys.readouterr().out == f"wrote the Space to {tmp_path / 'home' / 'sp'}\n"  # absolute, from anywhere
 
 
 def test_export_model_defaults_to_the_push_target_and_rejects_nonsense(tmp_path):

@@ -106,7 +106,8 @@ class SpaceError(UserError):
 
 
 def export(out_dir: str | Path, cfg: Config) -> Path:
-    """Write the Space for `space_model(cfg)` into `out_dir`: an empty or new folder, or an earlier export."""
+    """Write the Space for `space_model(cfg)` into `out_dir`: an empty or new folder, or an earlier
+    export. Returns the folder as an absolute path, which says where it went wherever it was run."""
     model = space_model(cfg)
     out = Path(out_dir)
     check_target(out)
@@ -120,7 +121,7 @@ def export(out_dir: str | Path, cfg: Config) -> Path:
     write_atomic(out / "requirements.txt", requirements((REPO_DIR / "requirements.txt").read_text(encoding="utf-8")))
     write_atomic(out / "packages.txt", "ffmpeg\n")
     write_atomic(out / "README.md", readme(model, version("gradio"), cfg.model.language))
-    return out
+    return out.absolute()
 
 
 def space_model(cfg: Config) -> str:
