@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -499,6 +500,48 @@ def test_a_resume_after_best_was_deleted_by_hand_exports_the_best_check_again(tm
     summary = train.run_training(load_config(ROOT / "config.yaml", sets))
     assert (summary["best_step"], summary["best_wer"]) == (2, 0.5)
     assert (checkpoints.read_best(run_dir)["step"], checkpoints.read_best(run_dir)["wer"]) == (2, 0.5)
+
+
+def fake_checkpoint(run_dir: Path, step: int) -> Path:
+    """A checkpoint folder with the files a resume reads, of a few bytes each."""
+    import torch
+    from safetensors.torch import save_file
+
+    folder = run_dir / f"checkpoint-{step}"
+    folder.mkdir(parents=True)
+    save_file({"w": torch.zeros(64)}, folder / "model.safetensors")
+    torch.save({"state": torch.zeros(64)}, folder / "optimizer.pt")
+    (folder / "trainer_state.json").write_text(json.dumps({"global_step": step}))
+    return folder
+
+
+@pytest.mark.parametrize("damage, problem", [
+    (lambda f: os.truncate(f / "optimizer.pt", 100), "optimizer.pt: File is not a zip file"),
+    (lambda f: os.truncate(f / "model.safetensors", 100), "model.safetensors: Error while deserializing header"),
+    (lambda f: (f / "model.safetensors").unlink(), "no model weights in it"),
+])
+def test_a_damaged_newest_checkpoint_is_refused_with_one_line_before_anything_loads(tmp_path, damage, problem):
+    from whisper_ft.train import run_training
+
+    run_dir = tmp_path / "tiny"
+    fake_checkpoint(run_dir, 2)
+    damage(fake_checkpoint(run_dir, 4))
+    sets = overrides(tmp_path / "features" / "none", tmp_path / "no-model", tmp_path)
+    with pytest.raises(TrainingError, match=re.escape(f"{run_dir / 'checkpoint-4'} is damaged ({problem}") + r".*\): "
+                                            r"copy it back whole, or delete that folder to resume from checkpoint-2$"):
+        run_training(load_config(ROOT / "config.yaml", sets))
+
+
+def test_a_resume_says_which_newer_checkpoint_it_skips_as_incomplete(tmp_path, caplog):
+    from whisper_ft.train import check_newest_checkpoint
+
+    fake_checkpoint(tmp_path, 2)
+    (fake_checkpoint(tmp_path, 4) / "trainer_state.json").write_text('{"global_')
+    found = checkpoints.checkpoints(tmp_path)
+    assert [s for s, _ in found] == [2]
+    with caplog.at_level("WARNING", "whisper_ft.train"):
+        check_newest_checkpoint(tmp_path, found)
+    assert f"{tmp_path / 'checkpoint-4'} is incomplete" in caplog.text and "resuming from checkpoint-2" in caplog.text
 
 def test_spec_augment_masks_longer_than_the_input_are_refused_before_any_scoring(tmp_path, features_dir,
                                                                                    tiny_model_dir):
@@ -1364,8 +1407,6 @@ def test_a_run_configured_with_a_language_name_resumes_with_its_code(tmp_path):
 
 
 def test_a_resume_over_a_hand_damaged_run_config_is_a_one_line_error(tmp_path):
-    import re
-
     from whisper_ft.config import ConfigError
     from whisper_ft.train import check_resumable
 

@@ -52,6 +52,40 @@ def checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
+def incomplete(run_dir: str | Path) -> list[tuple[int, Path]]:
+    """The `checkpoint-<step>` folders of a run that `checkpoints` skips (no whole
+    trainer_state.json), oldest first."""
+    run_dir = Path(run_dir)
+    found = [(int(m.group(1)), p) for p in (run_dir.iterdir() if run_dir.is_dir() else ())
+             if (m := _CHECKPOINT.match(p.name)) and p.is_dir() and not _complete(p)]
+    return sorted(found)
+
+
+def damage(checkpoint: Path) -> str | None:
+    """What makes a complete-looking checkpoint unloadable, found without reading its tensors: no
+    weights, a weights file whose header or length is wrong, a torch file whose zip directory is
+    cut (a folder copied in part, or a synchronous save cut short); None when it looks whole."""
+    import zipfile
+
+    from safetensors import safe_open
+
+    weights = sorted(checkpoint.glob("*.safetensors"))
+    if not weights and not (checkpoint / "pytorch_model.bin").is_file():
+        return "no model weights in it"
+    for path in weights:
+        try:
+            with safe_open(str(path), "pt"):
+                pass
+        except Exception as e:  # safetensors' own error type, which it does not export by one name
+            return f"{path.name}: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+    for path in sorted([*checkpoint.glob("*.pt"), *checkpoint.glob("*.pth")]):
+        try:
+            zipfile.ZipFile(path).close()
+        except (zipfile.BadZipFile, OSError) as e:
+            return f"{path.name}: {e}"
+    return None
+
+
 def _complete(checkpoint: Path) -> bool:
     """Whether the Trainer finished writing `checkpoint`: its last file is there and whole (an
     empty or cut one is what a machine that lost power before flushing leaves behind)."""

@@ -807,6 +807,8 @@ def run_training(cfg: Config, fresh: bool = False, callbacks: Sequence[TrainerCa
             log.info("removed %s, left half-written by an earlier process", leftover)
     found = [] if fresh else checkpoints.checkpoints(run_dir)
     start_step, resume = found[-1] if found else (0, None)
+    if not fresh:
+        check_newest_checkpoint(run_dir, found)
     if resume is not None:
         check_resumable(cfg, run_dir, resume, start_step)
         if (done := finished_summary(cfg, run_dir, start_step)) is not None:
@@ -899,6 +901,21 @@ FIXED_ON_RESUME = (
 SWITCHED = ("training.lora", "training.spec_augment")  # FIXED_ON_RESUME sections with an `enabled` switch
 # The value a run used for a FIXED_ON_RESUME key that its config.yaml predates, where one is known.
 PREDATED_DEFAULTS = {"training.select_metric": "wer"}
+
+
+def check_newest_checkpoint(run_dir: Path, found: list[tuple[int, Path]]) -> None:
+    """Say which newer checkpoints a resume skips as incomplete, and refuse to resume from a
+    damaged one (`checkpoints.damage`) with one line, rather than a traceback from the Trainer
+    after the data and model are loaded. Deleting it is the user's call: it may be copied back."""
+    newest = found[-1][0] if found else -1
+    for step, folder in checkpoints.incomplete(run_dir):
+        if step > newest:
+            log.warning("%s is incomplete (no whole trainer_state.json: cut short by a crash, or copied in part): %s",
+                        folder, f"resuming from {found[-1][1].name}" if found else "starting at step 0")
+    if found and (problem := checkpoints.damage(found[-1][1])):
+        instead = f"resume from {found[-2][1].name}" if len(found) > 1 else "start the run over"
+        raise TrainingError(f"{found[-1][1]} is damaged ({problem}): copy it back whole, or delete that folder to "
+                            f"{instead}")
 
 
 def saved_config(run_dir: Path) -> dict | None:
