@@ -90,3 +90,23 @@ def test_a_run_is_averaged_only_in_the_mode_its_checks_were_kept_for(tmp_path):
     with pytest.raises(UserError, match=r"keeps the checks average_mode last averages, not those best would"):
         check_average_mode(config("average_checkpoints=2", "average_mode=best"), tmp_path)
     check_average_mode(config("average_checkpoints=2", "average_mode=last"), tmp_path)
+
+
+@pytest.mark.parametrize("text", ["", '{"mode": "la', "[6, 8]"])
+def test_a_damaged_index_is_a_one_line_error_naming_the_folder_to_delete(tmp_path, text):
+    folder = tmp_path / "averaging"
+    folder.mkdir()
+    (folder / "candidates.json").write_text(text)
+    config = load_config(ROOT / "config.yaml", ["training.average_checkpoints=2"])
+    with pytest.raises(UserError, match=rf"^{folder / 'candidates.json'} is damaged \(.*\): delete the folder "
+                                        rf"{folder} to go on"):
+        check_average_mode(config, tmp_path)
+
+
+def test_a_cut_weights_file_is_a_one_line_error_naming_it(tmp_path):
+    save_weights(torch.nn.Linear(300, 200), tmp_path / "step-2.safetensors")
+    save_weights(torch.nn.Linear(300, 200), tmp_path / "step-4.safetensors")
+    (tmp_path / "step-4.safetensors").write_bytes((tmp_path / "step-4.safetensors").read_bytes()[:100_000])
+    with pytest.raises(UserError, match=rf"^{tmp_path / 'step-4.safetensors'} is damaged \(.+\): delete it and rerun; "
+                                        "the average then leaves its check out$"):
+        average([tmp_path / "step-2.safetensors", tmp_path / "step-4.safetensors"])

@@ -23,15 +23,26 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
-from whisper_ft.files import new_file_mode, write_atomic
+from whisper_ft.errors import UserError
+from whisper_ft.files import fsync_dir, fsync_file, new_file_mode, write_atomic
 
 FOLDER = "averaging"
 INDEX = "candidates.json"
 
 
+class AveragingError(UserError):
+    """A file of averaging/ that cannot be read (emptied, cut, or edited by hand)."""
+
+
 def _read(folder: Path) -> dict:
     path = folder / INDEX
-    data = json.loads(path.read_text()) if path.is_file() else {}
+    try:
+        data = json.loads(path.read_text()) if path.is_file() else {}
+        if not isinstance(data, dict):
+            raise ValueError(f"a {type(data).__name__}, not a mapping")
+    except ValueError as e:
+        raise AveragingError(f"{path} is damaged ({e}): delete the folder {folder} to go on, the average then taking "
+                             "only the checks from here on") from e
     return data if "scores" in data else {"mode": None, "scores": data}  # an index written without its mode
 
 
@@ -74,7 +85,14 @@ def average(paths: list[Path]) -> dict:
 
     total: dict = {}
     for path in paths:
-        for name, tensor in load_file(str(path)).items():
+        try:
+            weights = load_file(str(path))
+        except Exception as e:  # safetensors' own error type, which it does not export by one name
+            if isinstance(e, OSError) and e.errno is not None:
+                raise
+            raise AveragingError(f"{path} is damaged ({str(e).splitlines()[0] if str(e) else type(e).__name__}): "
+                                 "delete it and rerun; the average then leaves its check out") from e
+        for name, tensor in weights.items():
             if not tensor.is_floating_point():
                 total[name] = tensor
             elif name in total:
@@ -96,7 +114,9 @@ def save_weights(model, path: Path) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     save_file(state, str(tmp))
     os.chmod(tmp, new_file_mode())
+    fsync_file(tmp)  # on the disk before its name: a power loss never leaves a cut file named as whole
     os.replace(tmp, path)
+    fsync_dir(path.parent)
 
 
 class Keeper(TrainerCallback):

@@ -112,12 +112,17 @@ def fsync_tree(folder: str | Path) -> None:
     """Flush every file under `folder`, and the folders themselves, to the disk."""
     for root, _, files in os.walk(folder):
         for name in files:
-            fd = os.open(os.path.join(root, name), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            fsync_file(os.path.join(root, name))
         fsync_dir(root)
+
+
+def fsync_file(path: str | Path) -> None:
+    """Flush a written file's data to the disk (before renaming it into place)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def fsync_dir(folder: str | Path) -> None:
