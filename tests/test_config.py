@@ -167,7 +167,9 @@ def test_a_full_disk_anywhere_is_one_line_and_other_os_errors_keep_their_traceba
         except OSError as e:
             raise RuntimeError("export failed") from e
 
-    assert cli.run(wrapped, []) == 2 and "no space left on the disk (" in capsys.readouterr().err
+    assert cli.run(wrapped, []) == 2
+    assert "no space left on the disk (Disk quota exceeded): free space on the disk of the folder written (the " \
+           "config's data_dir or output_dir, or the command's output folder)" in capsys.readouterr().err  # no name
 
     def bad_descriptor(argv):  # a bug
         raise OSError(errno.EBADF, "Bad file descriptor")
@@ -186,7 +188,8 @@ def test_a_folder_the_user_may_not_write_is_one_line(capsys):
 
     assert cli.run(denied, []) == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: no access to /runs (Permission denied): give this user access")
+    assert err.startswith("error: no access to /runs (Permission denied): give this user access, or write to a "
+                          "folder it may write in (the config's data_dir or output_dir, or the command's output folder)")
     assert "rerun the same command" in err and err.count("\n") == 1
 
     def tokenizer_save(argv):  # the Rust tokenizers raise a bare Exception for a failed write

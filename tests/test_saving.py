@@ -154,8 +154,9 @@ def test_a_failed_write_is_a_full_disk_when_the_disk_has_no_room_for_it(tmp_path
     monkeypatch.setattr(saving.shutil, "disk_usage", _disk_with(2_000_000))
     full = saving.disk_full(tmp_path, 47_000_000, torch_error)
     assert isinstance(full, saving.DiskFullError) and str(full) == (
-        f"the disk of {tmp_path} is full (2.0 MB free, a checkpoint takes about 47.0 MB): free space there, or keep "
-        "fewer checkpoints with a lower training.save_total_limit, then rerun the same command to resume from the "
+        f"the disk of {tmp_path} is full (2.0 MB free, a checkpoint takes about 47.0 MB): free space there (a save "
+        "needs room for one checkpoint more than training.save_total_limit keeps, until rotation removes the oldest), "
+        "then rerun the same command to resume from the "
         "last checkpoint saved")
     assert saving.disk_full(tmp_path, 1_000_000, torch_error) is None  # room left: another failure
     assert saving.disk_full(tmp_path, 1_000_000, OSError(errno.ENOSPC, "No space left on device")) is not None

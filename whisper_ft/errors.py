@@ -49,9 +49,11 @@ def out_of_space(error: BaseException) -> str | None:
     feature shard. (Checkpoints say how much they need: `whisper_ft.saving.disk_full`.)"""
     for code, filename in _os_errors(error):
         if code in (errno.ENOSPC, errno.EDQUOT):
-            where = f" writing {filename}" if filename else ""
-            return (f"no space left on the disk{where} ({os.strerror(code)}): free space there, then rerun "
-                    "the same command to go on where it stopped")
+            where, there = ((f" writing {filename}", "there") if filename else
+                            ("", "on the disk of the folder written (the config's data_dir or output_dir, or the "
+                                 "command's output folder)"))
+            return (f"no space left on the disk{where} ({os.strerror(code)}): free space {there}, then rerun the "
+                    "same command to go on where it stopped")
     return None
 
 
@@ -61,8 +63,9 @@ def no_access(error: BaseException) -> str | None:
     for code, filename in _os_errors(error):
         if code in (errno.EROFS, errno.EACCES):
             where = f" to {filename}" if filename else ""
-            return (f"no access{where} ({os.strerror(code)}): give this user access, or set the config's data_dir or "
-                    "output_dir to a folder it may write in; then rerun the same command")
+            return (f"no access{where} ({os.strerror(code)}): give this user access, or write to a folder it may "
+                    "write in (the config's data_dir or output_dir, or the command's output folder); then rerun the "
+                    "same command")
     return None
 
 

@@ -95,9 +95,11 @@ def disk_full(folder: str | Path, needed: int, error: BaseException,
         return None
     if free >= needed and getattr(error, "errno", None) != errno.ENOSPC:
         return None
+    room = (" (a save needs room for one checkpoint more than training.save_total_limit keeps, until rotation "
+            "removes the oldest)" if what == "a checkpoint" else "")
     return DiskFullError(f"the disk of {folder} is full ({_size(free)} free, {what} takes about {_size(needed)}): "
-                         "free space there, or keep fewer checkpoints with a lower training.save_total_limit, then "
-                         "rerun the same command to resume from the last checkpoint saved")
+                         f"free space there{room}, then rerun the same command to resume from the last checkpoint "
+                         "saved")
 
 
 def _size(n: int) -> str:
