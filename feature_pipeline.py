@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if not result.encoded_rows:
         print(f"{root} is complete already; nothing to do (pass --overwrite to rebuild it)")
-    print(*summary_lines(result.manifest), f"features ready in {root}", sep="\n")
+    print(*summary_lines(result.manifest), f"features ready in {root.absolute()}", sep="\n")
     return 0
 
 

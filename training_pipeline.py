@@ -13,6 +13,7 @@ Outputs go to <training.output_dir>/<training.run_name>/ (see docs/training.md).
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 from whisper_ft import cli, hub, report
 from whisper_ft.train import is_main_process, run_dir_of, run_training
@@ -63,7 +64,7 @@ def print_summary(summary: dict) -> None:
           f"{summary['best_step']}{chosen}; test split ({summary['eval_clips']} clips): WER {_pct(summary['wer'])} "
           f"(zero-shot {_pct(base and base['wer'])}), normalized {_pct(summary['wer_normalized'])}, "
           f"CER {_pct(summary['cer'])}{report.score_caveat(summary)}")
-    print(f"best model: {summary['run_dir']}/best")
+    print(f"best model: {Path(summary['run_dir']).absolute() / 'best'}")
 
 
 def publish(cfg, hub_token: str | None, after_training: bool) -> None:

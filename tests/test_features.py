@@ -343,10 +343,11 @@ def test_decoding_workers_die_with_a_killed_pipeline(tmp_path):
                 os.kill(pid, signal.SIGKILL)
 
 
-def test_rerun_of_a_finished_store_does_nothing(reference_store, cv_release, capsys):
+def test_rerun_of_a_finished_store_does_nothing(reference_store, cv_release, capsys, monkeypatch):
     files = {p: p.stat().st_mtime_ns for p in reference_store.rglob("*") if p.is_file()}
     data_dir = reference_store.parents[1]
-    assert run_main(data_dir, "ref", cv_release, *STORE_SETS, "features.workers=2") == 0
+    monkeypatch.chdir(data_dir.parent)  # a relative data_dir: the folder is printed whole
+    assert run_main(Path(data_dir.name), "ref", cv_release, *STORE_SETS, "features.workers=2") == 0
     out = capsys.readouterr().out
     assert "nothing to do" in out and out.endswith(f"features ready in {reference_store}\n")
     for split, s in read_manifest(reference_store)["splits"].items():

@@ -1683,3 +1683,15 @@ def test_a_failed_ctranslate2_export_warns_unless_the_disk_is_full(tmp_path, mon
     with pytest.raises(OSError, match="No space"):
         export_ct2(tmp_path)
     assert cli_run(lambda argv: export_ct2(tmp_path), []) == 2
+
+
+def test_the_summary_names_the_best_model_by_its_whole_path(monkeypatch, tmp_path, capsys):
+    import training_pipeline
+
+    monkeypatch.chdir(tmp_path)
+    training_pipeline.print_summary({"baseline": {"wer": 0.3}, "select_metric": "wer", "best_wer": 0.2, "best_step": 4,
+                                     "selection_split": "validation", "steps": 4, "eval_clips": 10, "wer": 0.21,
+                                     "wer_normalized": 0.15, "cer": 0.08, "run_dir": "checkpoints/tiny"})
+    out = capsys.readouterr().out
+    assert out.startswith("done: 4 steps; best validation WER 20.00% at step 4; test split (10 clips): WER 21.00%")
+    assert out.endswith(f"best model: {tmp_path / 'checkpoints' / 'tiny' / 'best'}\n")

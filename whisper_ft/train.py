@@ -1169,7 +1169,7 @@ def announce_start(cfg: Config, run_dir: Path, args, data: Data, step: int, resu
                                        "eval_subset_seed": subset_seed})
     log.info("%s at step %d: %d training clips, %d %s clips for the periodic checks, %d test clips, generation "
              "capped at %d tokens, peak learning rate %.3g after %d warm-up steps, %s",
-             f"resuming from {resume}" if resume else "starting", step, len(data.train), len(data.selection_model),
+             f"resuming from {resume.absolute()}" if resume else f"starting {run_dir.absolute()}", step, len(data.train), len(data.selection_model),
              data.selection_split, len(data.test), gen_len, args.learning_rate, args.warmup_steps, how)
 
 
