@@ -457,6 +457,32 @@ def test_a_shard_another_process_finished_first_is_kept(tmp_path):
     write_shard(path, [], Counter(), 0, 80, "float16")
     assert json.loads((path / "stats.json").read_text())["rows"] == 1 and len(list(tmp_path.iterdir())) == 1
 
+def copy_of(store: Path, tmp_path: Path) -> Path:
+    """A copy of a finished store under tmp_path, the same store to the pipeline (same name and inputs)."""
+    root = tmp_path / "features" / store.name
+    shutil.copytree(store, root)
+    return root
+
+
+@pytest.mark.parametrize("stats", ["", '{"rows": 3, "cli'], ids=["emptied", "cut-short"])
+def test_a_shard_with_damaged_stats_is_one_line_in_training_and_rebuilt_by_a_rerun(tmp_path, cv_release,
+                                                                                 reference_store, stats, capsys):
+    from whisper_ft.features import FeaturesError, FeatureStore
+
+    root = copy_of(reference_store, tmp_path)
+    (root / "train" / "shard-00001-of-00009" / "stats.json").write_text(stats)
+    with pytest.raises(FeaturesError) as e:
+        FeatureStore(root).load("train")
+    assert str(e.value).startswith(f"{root}/train/shard-00001-of-00009 is damaged or missing")
+    assert "rerun python feature_pipeline.py" in str(e.value) and len(str(e.value).splitlines()) == 1
+    assert run_main(tmp_path, "ref", cv_release, *STORE_SETS) == 0
+    out = capsys.readouterr()
+    assert "rebuilding train/shard-00001-of-00009: its stats.json is missing or damaged" in out.out
+    assert "wrote train/shard-00001-of-00009: 3 of 3 clips kept" in out.out
+    assert leftovers(root) == [] and out.out.endswith(f"features ready in {root}\n")
+    assert_same_store(root, reference_store)
+
+
 def test_changed_config_on_an_existing_store_is_refused(reference_store, cv_release, capsys):
     argv = pipeline_args(reference_store.parents[1], "ref", cv_release, *STORE_SETS, "features.min_seconds=1.0")
     assert cli.run(feature_pipeline.main, argv) == 2

@@ -58,6 +58,7 @@ MANIFEST = "manifest.json"
 PLAN = "plan.json"
 PROCESSOR_DIR = "processor"
 STATS = "stats.json"
+STATS_KEYS = ("rows", "clips", "seconds", "by_source", "dropped")
 SPLITS = (TRAIN, VALIDATION, EVAL)
 ROLE = {TRAIN: "training", VALIDATION: "validation", EVAL: "test"}
 KEEP_AUDIO = "keep_audio"  # Row.meta flag: store this test clip's 16 kHz audio as well
@@ -247,6 +248,8 @@ def write_shard(path: Path, examples: list[dict], drops: Counter, n_rows: int, n
     fsync_tree(tmp)  # on the disk before its name: a power loss never leaves a complete-looking empty shard
     try:
         confirm()
+        if path.is_dir() and shard_stats(path) is None:  # a damaged shard (is_done): the claim's holder replaces it
+            shutil.rmtree(path)
         os.replace(tmp, path)
     except OSError:
         if not (path / STATS).is_file():
@@ -277,8 +280,27 @@ def fingerprint(settings: dict, shards: list[Shard]) -> str:
     return h.hexdigest()[:16]
 
 
+def shard_stats(path: Path) -> dict | None:
+    """A shard folder's stats.json, or None where it is missing or does not parse (emptied, cut
+    short, edited by hand): such a shard counts as unfinished, so a rerun rebuilds it."""
+    try:
+        stats = json.loads((path / STATS).read_text())
+    except (OSError, ValueError):
+        return None
+    return stats if isinstance(stats, dict) and all(k in stats for k in STATS_KEYS) else None
+
+
+def read_stats(root: Path, name: str) -> dict:
+    """The stats of the finished shard `root/name` (`split/shard-...`), or a FeaturesError naming it."""
+    stats = shard_stats(root / name)
+    if stats is None:
+        raise FeaturesError(f"{root / name} is damaged or missing (no readable {STATS}): rerun python "
+                            "feature_pipeline.py with the same config, which rebuilds only that shard")
+    return stats
+
+
 def is_done(root: Path, shard: Shard) -> bool:
-    return (shard.path(root) / STATS).is_file()
+    return shard_stats(shard.path(root)) is not None
 
 
 def clean_partial(root: Path, stale_seconds: float) -> None:
@@ -337,7 +359,7 @@ def build_manifest(root: Path, shards: list[Shard], header: dict) -> dict:
     splits: dict[str, dict] = {}
     for split in SPLITS:
         parts = [s for s in shards if s.split == split]
-        stats = [json.loads((s.path(root) / STATS).read_text()) for s in parts]
+        stats = [read_stats(root, f"{split}/{s.name}") for s in parts]
         dropped: Counter = Counter()
         by_source: Counter = Counter()
         for st in stats:
@@ -403,7 +425,7 @@ def load_split(root: str | Path, split: str):
     if split not in manifest["splits"]:
         raise FeaturesError(f"{root} has no split {split!r} (has {', '.join(manifest['splits'])})")
     # A shard whose rows were all dropped holds no Arrow file, which load_from_disk cannot read.
-    names = [n for n in manifest["splits"][split]["shards"] if json.loads((root / n / STATS).read_text())["clips"]]
+    names = [n for n in manifest["splits"][split]["shards"] if read_stats(root, n)["clips"]]
     parts = [load_from_disk(str(root / name)) for name in names]
     if not parts:
         schema = arrow_features(manifest["feature_extractor"]["n_mels"], manifest["dtype"], split == EVAL)
@@ -908,6 +930,9 @@ def build(cfg, num_shards: int = 1, shard_index: int = 0, workers: int | None = 
             workers = workers if workers is not None else fc.workers
             workers = workers or os.cpu_count() or 1
             done = sum(1 for s in mine if is_done(store.root, s))
+            for s in todo:  # shards are renamed into place whole: one there but unfinished was damaged
+                if s.path(store.root).is_dir():
+                    echo(f"rebuilding {s.split}/{s.name}: its {STATS} is missing or damaged")
             echo(f"{store.root}: {len(shards)} shards ({done} of this process's {len(mine)} already done, "
                  f"{len(mine) - len(todo) - done} held by other processes), {n_rows} clips to encode with {workers} "
                  "workers")
