@@ -483,6 +483,32 @@ def test_a_shard_with_damaged_stats_is_one_line_in_training_and_rebuilt_by_a_rer
     assert_same_store(root, reference_store)
 
 
+@pytest.mark.parametrize("damage", ["cut-short", "deleted"])
+def test_a_shard_with_a_damaged_arrow_file_is_one_line_in_training(tmp_path, cv_release, reference_store, damage,
+                                                                    capsys):
+    """The Arrow file is not read whole to check it (it is memory-mapped); loading it names the
+    shard, and the rerun the message asks for rebuilds that shard alone."""
+    from whisper_ft.features import FeaturesError, FeatureStore
+
+    root = copy_of(reference_store, tmp_path)
+    shard = root / "train" / "shard-00001-of-00009"
+    arrow = next(shard.glob("*.arrow"))
+    if damage == "cut-short":
+        os.truncate(arrow, arrow.stat().st_size // 2)
+    else:
+        arrow.unlink()
+    with pytest.raises(FeaturesError) as e:
+        FeatureStore(root).load("train")
+    message = str(e.value)
+    assert message.startswith(f"{shard} is damaged (") and len(message.splitlines()) == 1
+    assert message.endswith("delete that folder and rerun python feature_pipeline.py with the same config, which "
+                            "rebuilds only that shard")
+    shutil.rmtree(shard)
+    assert run_main(tmp_path, "ref", cv_release, *STORE_SETS) == 0
+    assert "wrote train/shard-00001-of-00009: 3 of 3 clips kept" in capsys.readouterr().out
+    assert_same_store(root, reference_store)
+
+
 def test_changed_config_on_an_existing_store_is_refused(reference_store, cv_release, capsys):
     argv = pipeline_args(reference_store.parents[1], "ref", cv_release, *STORE_SETS, "features.min_seconds=1.0")
     assert cli.run(feature_pipeline.main, argv) == 2

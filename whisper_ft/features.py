@@ -28,6 +28,7 @@ machine or several, never remove or overwrite each other's work in progress.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -418,7 +419,7 @@ def read_manifest(root: str | Path, key: str = "features.name") -> dict:
 
 def load_split(root: str | Path, split: str):
     """A memory-mapped `datasets.Dataset` of one split (all its shards, in order)."""
-    from datasets import Dataset, concatenate_datasets, load_from_disk
+    from datasets import Dataset, concatenate_datasets
 
     root = Path(root)
     manifest = read_manifest(root)
@@ -426,11 +427,27 @@ def load_split(root: str | Path, split: str):
         raise FeaturesError(f"{root} has no split {split!r} (has {', '.join(manifest['splits'])})")
     # A shard whose rows were all dropped holds no Arrow file, which load_from_disk cannot read.
     names = [n for n in manifest["splits"][split]["shards"] if read_stats(root, n)["clips"]]
-    parts = [load_from_disk(str(root / name)) for name in names]
+    parts = [load_shard(root, name) for name in names]
     if not parts:
         schema = arrow_features(manifest["feature_extractor"]["n_mels"], manifest["dtype"], split == EVAL)
         return Dataset.from_dict({name: [] for name in schema}, features=schema)
     return concatenate_datasets(parts) if len(parts) > 1 else parts[0]
+
+
+def load_shard(root: Path, name: str):
+    """One finished shard, memory-mapped, or a FeaturesError naming it when its files cannot be read
+    (an Arrow file cut short or deleted), which mapping it finds at once without reading the rows."""
+    from datasets import load_from_disk
+
+    from whisper_ft.model import first_line
+
+    try:
+        return load_from_disk(str(root / name))
+    except (OSError, ValueError) as e:  # pyarrow's ArrowIOError is an OSError, ArrowInvalid a ValueError
+        if getattr(e, "errno", None) not in (None, errno.ENOENT):  # the machine's (no access...), not the shard's
+            raise
+        raise FeaturesError(f"{root / name} is damaged ({first_line(e)}): delete that folder and rerun python "
+                            "feature_pipeline.py with the same config, which rebuilds only that shard") from e
 
 
 def input_features(example: dict, n_frames: int = 3000) -> np.ndarray:
