@@ -509,6 +509,26 @@ def test_a_shard_with_a_damaged_arrow_file_is_one_line_in_training(tmp_path, cv_
     assert_same_store(root, reference_store)
 
 
+def test_a_damaged_manifest_is_one_line_and_written_again_by_the_rerun_it_asks_for(tmp_path, cv_release,
+                                                                                    reference_store, capsys):
+    from whisper_ft.features import FeatureStore
+
+    root = copy_of(reference_store, tmp_path)
+    manifest = root / "manifest.json"
+    manifest.write_text(manifest.read_text()[:200])
+    argv = pipeline_args(tmp_path, "ref", cv_release, *STORE_SETS)
+    assert cli.run(feature_pipeline.main, argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f"error: {manifest} is damaged (it does not parse): delete it and rerun python feature_pipeline.py "
+                   "with the config that built the store, which writes it again from the finished shards")
+    with pytest.raises(features.FeaturesError, match="is damaged"):
+        FeatureStore(root).load("train")
+    manifest.unlink()
+    assert cli.run(feature_pipeline.main, argv) == 0
+    assert "wrote" not in capsys.readouterr().out  # nothing encoded again
+    assert_same_store(root, reference_store)
+
+
 def test_changed_config_on_an_existing_store_is_refused(reference_store, cv_release, capsys):
     argv = pipeline_args(reference_store.parents[1], "ref", cv_release, *STORE_SETS, "features.min_seconds=1.0")
     assert cli.run(feature_pipeline.main, argv) == 2

@@ -409,7 +409,13 @@ def read_manifest(root: str | Path, key: str = "features.name") -> dict:
     if not path.is_file():
         raise FeaturesError(f"no finished features in {root} (no {MANIFEST}): run python feature_pipeline.py "
                             "with the same config first")
-    manifest = json.loads(path.read_text())
+    try:
+        manifest = json.loads(path.read_text())
+    except ValueError:
+        manifest = None
+    if not isinstance(manifest, dict):  # written whole (write_atomic): cut short or edited since
+        raise FeaturesError(f"{path} is damaged (it does not parse): delete it and rerun python feature_pipeline.py "
+                            "with the config that built the store, which writes it again from the finished shards")
     if manifest.get("format_version") not in READABLE_VERSIONS:
         raise FeaturesError(f"{root} was written by another version of the feature format "
                             f"(version {manifest.get('format_version')}; this code reads versions "
