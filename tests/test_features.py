@@ -537,6 +537,29 @@ def test_changed_config_on_an_existing_store_is_refused(reference_store, cv_rele
     assert read_manifest(reference_store)["config"]["features"]["min_seconds"] == 0.5
 
 
+def test_paths_spelled_with_a_trailing_slash_are_the_same_store(reference_store, cv_release, capsys):
+    """Tab completion adds the slash; the rerun finds the finished store, not another one."""
+    argv = pipeline_args(reference_store.parents[1], "ref", cv_release, *STORE_SETS,
+                         f"features.sources.0.path={cv_release}/", f"model.name_or_path={PROCESSOR_DIR}/")
+    assert cli.run(feature_pipeline.main, argv) == 0
+    assert "nothing to do" in capsys.readouterr().out
+
+
+def test_a_store_planned_with_a_trailing_slash_before_paths_were_normalised_is_still_this_store(
+        tmp_path, cv_release, monkeypatch, capsys):
+    """Its plan's fingerprint hashes the slash: a rerun, with or without it, resumes the store."""
+    root = tmp_path / "features" / "old"
+    with monkeypatch.context() as m:
+        m.setattr(features, "normal_settings", lambda settings: settings)  # as before
+        assert run_main(tmp_path, "old", f"{cv_release}/", "features.shard_size=20") == 0
+    shutil.rmtree(root / "train" / "shard-00001-of-00002")
+    capsys.readouterr()
+    assert run_main(tmp_path, "old", cv_release, "features.shard_size=20") == 0
+    assert "wrote train/shard-00001-of-00002" in capsys.readouterr().out
+    assert run_main(tmp_path, "old", f"{cv_release}/", "features.shard_size=20") == 0
+    assert "nothing to do" in capsys.readouterr().out
+
+
 # --------------------------------------------------------------------------- errors through the command line
 
 

@@ -940,7 +940,7 @@ def build(cfg, num_shards: int = 1, shard_index: int = 0, workers: int | None = 
                  f"{held_out} rows (features.on_overlap=keep): the {held_out} scores are not held-out scores")
     shards = plan_shards(rows, fc.shard_size)
     settings = store_settings(cfg)
-    fp = fingerprint(settings, shards)
+    fp = fingerprint(settings, shards) if overwrite else planned_fingerprint(store.root / PLAN, settings, shards)
     if overwrite or not store.is_complete(fp):
         check_clips_present(rows)  # before the store is begun: a rerun after the copy builds it
     store.prepare(cfg, processor, settings, fp, overwrite)
@@ -1033,7 +1033,32 @@ def store_settings(cfg) -> dict:
     fc = to_dict(cfg.features)
     for key in ("workers", "batch_size", "name", "data_dir", "claim_stale_seconds"):
         fc.pop(key)
-    return {"features": fc, "model": to_dict(cfg.model)}
+    return normal_settings({"features": fc, "model": to_dict(cfg.model)})
+
+
+def normal_settings(settings: dict) -> dict:
+    """`settings` with the source paths and the model's path spelled one way (`os.path.normpath`:
+    no trailing slash, which tab completion adds), so that one input is one store. Not made
+    absolute: stores planned with relative paths keep their fingerprint."""
+    def normal(path: str) -> str:
+        return os.path.normpath(path) if path and "://" not in path else path  # a URL's "//" is not a path's
+
+    fc, model = settings["features"], settings["model"]
+    return {"features": {**fc, "sources": [{**src, "path": normal(src["path"])} for src in fc["sources"]]},
+            "model": {**model, "name_or_path": normal(model["name_or_path"])}}
+
+
+def planned_fingerprint(plan_path: Path, settings: dict, shards: list[Shard]) -> str:
+    """`fingerprint(settings, shards)`, or that of an existing plan made from these rows with the same
+    settings spelled otherwise (a store planned before paths were normalised, with a trailing slash),
+    which stays this run's store."""
+    fp = fingerprint(settings, shards)
+    plan = read_plan(plan_path) if plan_path.is_file() else {"fingerprint": fp}
+    try:
+        same = normal_settings(plan["settings"]) == settings
+    except (KeyError, TypeError):  # a plan with no settings, or of another layout
+        same = False
+    return plan["fingerprint"] if same and fingerprint(plan["settings"], shards) == plan["fingerprint"] else fp
 
 
 def manifest_header(cfg, processor: Processor, settings: dict) -> dict:
