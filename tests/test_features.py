@@ -529,11 +529,17 @@ def test_a_damaged_manifest_is_one_line_and_written_again_by_the_rerun_it_asks_f
     assert_same_store(root, reference_store)
 
 
-def test_changed_config_on_an_existing_store_is_refused(reference_store, cv_release, capsys):
-    argv = pipeline_args(reference_store.parents[1], "ref", cv_release, *STORE_SETS, "features.min_seconds=1.0")
+@pytest.mark.parametrize("change, differs", [
+    ("features.min_seconds=1.0", "features.min_seconds 0.5, this run has 1.0"),
+    ("features.sources.0.train_splits=[train]",
+     'features.sources.0.train_splits ["train", "dev"], this run has ["train"]'),
+], ids=["limit", "source"])
+def test_changed_config_on_an_existing_store_is_refused(reference_store, cv_release, change, differs, capsys):
+    argv = pipeline_args(reference_store.parents[1], "ref", cv_release, *STORE_SETS, change)
     assert cli.run(feature_pipeline.main, argv) == 2
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "--overwrite" in err and "features.name" in err
+    assert err == (f"error: {reference_store} holds features built with {differs}; choose another features.name "
+                   "or pass --overwrite to rebuild it")
     assert read_manifest(reference_store)["config"]["features"]["min_seconds"] == 0.5
 
 

@@ -847,9 +847,10 @@ class FeatureStore:
             self.root.mkdir(parents=True, exist_ok=True)
             started = create_atomic(plan_path, json.dumps({"fingerprint": fp, "settings": settings}, indent=2),
                                     owner_tag())
-        if read_plan(plan_path)["fingerprint"] != fp:
-            raise FeaturesError(f"{self.root} holds features built from other inputs or settings; choose "
-                                "another features.name or pass --overwrite to rebuild it")
+        plan = read_plan(plan_path)
+        if plan["fingerprint"] != fp:
+            raise FeaturesError(f"{self.root} holds features built {how_built(plan, settings)}; choose another "
+                                "features.name or pass --overwrite to rebuild it")
         clean_partial(self.root, stale_seconds)
         final = self.root / PROCESSOR_DIR
         if started or not final.is_dir():
@@ -1054,11 +1055,42 @@ def planned_fingerprint(plan_path: Path, settings: dict, shards: list[Shard]) ->
     which stays this run's store."""
     fp = fingerprint(settings, shards)
     plan = read_plan(plan_path) if plan_path.is_file() else {"fingerprint": fp}
-    try:
-        same = normal_settings(plan["settings"]) == settings
-    except (KeyError, TypeError):  # a plan with no settings, or of another layout
-        same = False
+    same = planned_settings(plan) == settings
     return plan["fingerprint"] if same and fingerprint(plan["settings"], shards) == plan["fingerprint"] else fp
+
+
+def planned_settings(plan: dict) -> dict | None:
+    """A plan's settings, normalised (`normal_settings`); None where it holds none of this layout."""
+    try:
+        return normal_settings(plan["settings"])
+    except (KeyError, TypeError):
+        return None
+
+
+def flat_settings(value: Any, key: str = "") -> dict:
+    """Settings as {"features.sources.0.path": ..., "features.min_seconds": ...}: the keys --set takes."""
+    if isinstance(value, dict):
+        items = value.items()
+    elif isinstance(value, list) and value and all(isinstance(v, dict) for v in value):  # the sources
+        items = enumerate(value)
+    else:
+        return {key: value}
+    return {k: v for name, sub in items for k, v in flat_settings(sub, f"{key}.{name}" if key else str(name)).items()}
+
+
+def how_built(plan: dict, settings: dict) -> str:
+    """What made the store of `plan` other than this run's `settings`: the first setting that
+    differs, for the refusal (a plan without settings: that it differs)."""
+    theirs = planned_settings(plan)
+    if theirs is None:
+        return "from other inputs or settings"
+    a, b = flat_settings(theirs), flat_settings(settings)
+    for key in [*b, *(k for k in a if k not in b)]:
+        if a.get(key, "(not set)") != b.get(key, "(not set)"):
+            show = [v if isinstance(v, str) and v else json.dumps(v) for v in (a.get(key, "(not set)"),
+                                                                             b.get(key, "(not set)"))]
+            return f"with {key} {show[0]}, this run has {show[1]}"
+    return "from the same settings but other rows (a source's files changed) or an older feature format"
 
 
 def manifest_header(cfg, processor: Processor, settings: dict) -> dict:
