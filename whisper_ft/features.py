@@ -281,19 +281,20 @@ def fingerprint(settings: dict, shards: list[Shard]) -> str:
     return h.hexdigest()[:16]
 
 
-def shard_stats(path: Path) -> dict | None:
-    """A shard folder's stats.json, or None where it is missing or does not parse (emptied, cut
-    short, edited by hand): such a shard counts as unfinished, so a rerun rebuilds it."""
+def shard_stats(path: Path, keys: tuple[str, ...] = STATS_KEYS) -> dict | None:
+    """A shard folder's stats.json, or None where it is missing, does not parse or lacks one of
+    `keys` (emptied, cut short, edited by hand): such a shard counts as unfinished, so a rerun
+    rebuilds it."""
     try:
         stats = json.loads((path / STATS).read_text())
     except (OSError, ValueError):
         return None
-    return stats if isinstance(stats, dict) and all(k in stats for k in STATS_KEYS) else None
+    return stats if isinstance(stats, dict) and all(k in stats for k in keys) else None
 
 
-def read_stats(root: Path, name: str) -> dict:
+def read_stats(root: Path, name: str, keys: tuple[str, ...] = STATS_KEYS) -> dict:
     """The stats of the finished shard `root/name` (`split/shard-...`), or a FeaturesError naming it."""
-    stats = shard_stats(root / name)
+    stats = shard_stats(root / name, keys)
     if stats is None:
         raise FeaturesError(f"{root / name} is damaged or missing (no readable {STATS}): rerun python "
                             "feature_pipeline.py with the same config, which rebuilds only that shard")
@@ -432,7 +433,7 @@ def load_split(root: str | Path, split: str):
     if split not in manifest["splits"]:
         raise FeaturesError(f"{root} has no split {split!r} (has {', '.join(manifest['splits'])})")
     # A shard whose rows were all dropped holds no Arrow file, which load_from_disk cannot read.
-    names = [n for n in manifest["splits"][split]["shards"] if read_stats(root, n)["clips"]]
+    names = [n for n in manifest["splits"][split]["shards"] if read_stats(root, n, ("clips",))["clips"]]
     parts = [load_shard(root, name) for name in names]
     if not parts:
         schema = arrow_features(manifest["feature_extractor"]["n_mels"], manifest["dtype"], split == EVAL)
