@@ -42,7 +42,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from bench_training import EOT, SIZES, build_model, forward_flops, peak_flops  # noqa: E402
+from bench_training import SIZES, build_model, forward_flops, peak_flops  # noqa: E402
 from transformers import TrainerCallback  # noqa: E402
 
 FIXTURES = ROOT / "tests" / "fixtures"

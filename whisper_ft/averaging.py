@@ -23,7 +23,7 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
-from whisper_ft.errors import UserError
+from whisper_ft.errors import UserError, first_line
 from whisper_ft.files import fsync_dir, fsync_file, new_file_mode, write_atomic
 
 FOLDER = "averaging"
@@ -90,7 +90,7 @@ def average(paths: list[Path]) -> dict:
         except Exception as e:  # safetensors' own error type, which it does not export by one name
             if isinstance(e, OSError) and e.errno is not None:
                 raise
-            raise AveragingError(f"{path} is damaged ({str(e).splitlines()[0] if str(e) else type(e).__name__}): "
+            raise AveragingError(f"{path} is damaged ({first_line(e)}): "
                                  "delete it and rerun; the average then leaves its check out") from e
         for name, tensor in weights.items():
             if not tensor.is_floating_point():

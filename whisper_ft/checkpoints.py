@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 
 from whisper_ft import averaging
+from whisper_ft.errors import first_line
 from whisper_ft.files import replace_dir, share_like_new_files, staging_dir
 
 BEST_DIR = "best"
@@ -77,7 +78,7 @@ def damage(checkpoint: Path) -> str | None:
             with safe_open(str(path), "pt"):
                 pass
         except Exception as e:  # safetensors' own error type, which it does not export by one name
-            return f"{path.name}: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+            return f"{path.name}: {first_line(e)}"
     for path in sorted([*checkpoint.glob("*.pt"), *checkpoint.glob("*.pth")]):
         try:
             zipfile.ZipFile(path).close()

@@ -9,6 +9,13 @@ import os
 import re
 
 
+def first_line(e: BaseException) -> str:
+    """The first line of an error's message (its type's name when it has none), for one-line errors
+    that quote a library's."""
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
 class UserError(Exception):
     """A problem the user can fix; the message says what to do."""
 

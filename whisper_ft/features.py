@@ -48,7 +48,7 @@ import numpy as np
 from whisper_ft.audio import SAMPLE_RATE, AudioError, TooLong, load_audio, pad_features, trimmed_features
 from whisper_ft.claims import ClaimSet, gone_here, live_claims, owner_tag, read_holder
 from whisper_ft.config import check_folder, save_config, to_dict, whisper_code
-from whisper_ft.errors import UserError
+from whisper_ft.errors import UserError, first_line
 from whisper_ft.files import create_atomic, fsync_tree, replace_dir, staging_dir, write_atomic
 from whisper_ft.sources import EVAL, TRAIN, VALIDATION, ArrowAudio, Row, SourceError, describe, read_source
 from whisper_ft.text import normalize, tidy_sentence
@@ -446,8 +446,6 @@ def load_shard(root: Path, name: str):
     (an Arrow file cut short or deleted), which mapping it finds at once without reading the rows."""
     from datasets import load_from_disk
 
-    from whisper_ft.model import first_line
-
     try:
         return load_from_disk(str(root / name))
     except (OSError, ValueError) as e:  # pyarrow's ArrowIOError is an OSError, ArrowInvalid a ValueError
@@ -519,7 +517,7 @@ def load_feature_processor(name_or_path: str, language: str = "sv", task: str = 
     """Feature extractor and tokenizer (<|sv|><|transcribe|><|notimestamps|> prefix) of a Whisper model."""
     from transformers import WhisperFeatureExtractor, WhisperTokenizer
 
-    from whisper_ft.model import ModelNotFound, first_line, resolve, set_language
+    from whisper_ft.model import ModelNotFound, resolve, set_language
 
     where = resolve(name_or_path)
     try:

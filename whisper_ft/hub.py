@@ -26,8 +26,7 @@ import yaml
 
 from whisper_ft import report
 from whisper_ft.checkpoints import BEST_DIR
-from whisper_ft.errors import UserError
-from whisper_ft.model import first_line
+from whisper_ft.errors import UserError, first_line
 
 log = logging.getLogger(__name__)
 

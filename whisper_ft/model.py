@@ -9,7 +9,7 @@ from pathlib import Path
 
 import requests
 
-from whisper_ft.errors import UserError
+from whisper_ft.errors import UserError, first_line
 
 HUB_PROBE_TIMEOUT = 5.0
 
@@ -134,7 +134,3 @@ def set_generation_language(model, language: str, task: str) -> None:
     if hasattr(model.config, "forced_decoder_ids"):
         model.config.forced_decoder_ids = None
 
-
-def first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__

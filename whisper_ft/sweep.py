@@ -28,9 +28,8 @@ import yaml
 from whisper_ft.checkpoints import read_best, read_events, selection_checks
 from whisper_ft.config import (SELECT_METRICS, Config, ConfigError, check_folder, check_writable, is_folder_name,
                                load_config, read_mapping, save_config, stage1_only, to_dict)
-from whisper_ft.errors import machine_problem
+from whisper_ft.errors import first_line, machine_problem
 from whisper_ft.files import write_atomic
-from whisper_ft.model import first_line
 
 METHODS = ("grid", "random", "bayes")
 METRICS = SELECT_METRICS  # a sweep's metric is also every trial's training.select_metric, which picks its best/

@@ -33,12 +33,12 @@ from whisper_ft import averaging, breakdown, checkpoints, report, served, stoppi
 from whisper_ft.collator import IGNORE_INDEX, SpeechCollator, expand
 from whisper_ft.config import (MAX_TARGET_POSITIONS, Config, ConfigError, check_folder, check_writable, lookup,
                                read_mapping, save_config, to_dict)
-from whisper_ft.errors import UserError, out_of_space
+from whisper_ft.errors import UserError, first_line, out_of_space
 from whisper_ft.features import (EVAL, ROLE, TRAIN, VALIDATION, FeatureStore, FeaturesError, find_overlap,
                                  stored_rows)
 from whisper_ft.files import replace_dir, share_like_new_files, staging_dir, write_atomic
 from whisper_ft.metrics import scores
-from whisper_ft.model import first_line, load_model, resolve
+from whisper_ft.model import load_model, resolve
 from whisper_ft.precision import forward, seq2seq_loss, with_causal_mask
 from whisper_ft.saving import (BackgroundSaver, available_memory, broadcast, disk_full_as_user_error, fits_in_memory,
                                nbytes, to_host)

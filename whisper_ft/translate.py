@@ -18,6 +18,7 @@ from urllib.parse import quote_plus
 from deep_translator.constants import GOOGLE_LANGUAGES_TO_CODES
 
 from whisper_ft import child
+from whisper_ft.errors import first_line
 
 MAX_CHARS = 4500  # under deep-translator's 5000-character limit, with room for multi-byte surprises
 # deep-translator sends the text in the URL of a GET request (`q=`), where a character takes 1
@@ -130,13 +131,8 @@ def google_translate(text: str, source: str, target: str) -> str:
         raise TranslationError(f"the translation service could not be reached ({type(e).__name__})") from e
     except Exception as e:
         if type(e).__module__.startswith("deep_translator"):
-            raise TranslationError(f"the translation service refused the text ({_first_line(e)})") from e
+            raise TranslationError(f"the translation service refused the text ({first_line(e)})") from e
         raise
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
 
 
 if __name__ == "__main__":

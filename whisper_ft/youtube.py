@@ -27,6 +27,7 @@ import numpy as np
 
 from whisper_ft import child, urls
 from whisper_ft.audio import SAMPLE_RATE, AudioError, TooLong, load_audio
+from whisper_ft.errors import first_line
 
 log = logging.getLogger(__name__)
 
@@ -230,8 +231,7 @@ def fetch(request: dict) -> dict:
 
 
 def _clean(e: Exception) -> str:
-    text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    return text.removeprefix("ERROR: ").strip()
+    return first_line(e).removeprefix("ERROR: ").strip()
 
 
 if __name__ == "__main__":
