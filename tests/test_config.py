@@ -138,6 +138,17 @@ def test_user_errors_are_one_line_and_bugs_keep_their_traceback(capsys):
 
 
 
+def test_a_model_whose_weights_are_cut_short_is_a_one_line_error(tiny_model_dir, tmp_path):
+    import shutil
+
+    from whisper_ft.model import ModelNotFound, load_model
+
+    model = shutil.copytree(tiny_model_dir, tmp_path / "best")
+    weights = model / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:50_000])  # a copy cut short
+    with pytest.raises(ModelNotFound, match=rf"^cannot load a Whisper model from {model}: .+$"):
+        load_model(str(model))
+
 @pytest.mark.parametrize("value", ["1", "on", "YES", "true"])
 def test_a_hub_id_not_in_the_cache_is_refused_at_once_when_hf_hub_offline_is_set(monkeypatch, value):
     from whisper_ft.model import ModelNotFound, resolve

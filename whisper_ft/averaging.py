@@ -81,15 +81,14 @@ def weights_path(folder: Path, step: int) -> Path:
 def average(paths: list[Path]) -> dict:
     """The element-wise mean of the floating-point tensors of several saved state dicts (in
     float32, one file in memory at a time); other tensors are taken from the last file."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     total: dict = {}
     for path in paths:
         try:
             weights = load_file(str(path))
-        except Exception as e:  # safetensors' own error type, which it does not export by one name
-            if isinstance(e, OSError) and e.errno is not None:
-                raise
+        except SafetensorError as e:
             raise AveragingError(f"{path} is damaged ({first_line(e)}): "
                                  "delete it and rerun; the average then leaves its check out") from e
         for name, tensor in weights.items():

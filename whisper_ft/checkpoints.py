@@ -68,7 +68,7 @@ def damage(checkpoint: Path) -> str | None:
     cut (a folder copied in part, or a synchronous save cut short); None when it looks whole."""
     import zipfile
 
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
     weights = sorted(checkpoint.glob("*.safetensors"))
     if not weights and not (checkpoint / "pytorch_model.bin").is_file():
@@ -77,7 +77,7 @@ def damage(checkpoint: Path) -> str | None:
         try:
             with safe_open(str(path), "pt"):
                 pass
-        except Exception as e:  # safetensors' own error type, which it does not export by one name
+        except (SafetensorError, OSError) as e:
             return f"{path.name}: {first_line(e)}"
     for path in sorted([*checkpoint.glob("*.pt"), *checkpoint.glob("*.pth")]):
         try:

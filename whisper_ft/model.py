@@ -88,12 +88,14 @@ def load_model(name_or_path: str, language: str = "sv", task: str = "transcribe"
     transformers 5 loads every weight with requires_grad=True, and fine-tuning on short clips
     would then change the positions past them by padding alone), and the encoder and attention
     without their layout copies (`whisper_ft.layout`)."""
-    from whisper_ft.layout import use_contiguous_layout
+    from safetensors import SafetensorError
     from transformers import WhisperForConditionalGeneration
+
+    from whisper_ft.layout import use_contiguous_layout
 
     try:
         model = WhisperForConditionalGeneration.from_pretrained(resolve(name_or_path), **kwargs)
-    except OSError as e:
+    except (OSError, SafetensorError) as e:  # not there, or its weights cut short
         raise ModelNotFound(f"cannot load a Whisper model from {name_or_path}: {first_line(e)}") from e
     model.model.encoder.embed_positions.requires_grad_(False)
     use_contiguous_layout(model)
