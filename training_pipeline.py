@@ -16,7 +16,8 @@ import sys
 from pathlib import Path
 
 from whisper_ft import cli, hub, report
-from whisper_ft.train import is_main_process, run_dir_of, run_training
+from whisper_ft.processes import is_main_process
+from whisper_ft.train import run_dir_of, run_training
 
 
 def parse_args(argv: list[str] | None):

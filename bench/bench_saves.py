@@ -30,7 +30,7 @@ def trainer_for(model, out: Path, background: bool):
     from transformers import Seq2SeqTrainingArguments, TrainerState
     from transformers.trainer_callback import ExportableState
 
-    from whisper_ft.train import WhisperTrainer
+    from whisper_ft.trainer import WhisperTrainer
 
     args = Seq2SeqTrainingArguments(output_dir=str(out), save_total_limit=2, report_to=[],
                                     use_cpu=not torch.cuda.is_available(), optim="adamw_torch")

@@ -14,7 +14,7 @@ import torch
 from whisper_ft.averaging import Keeper, average, kept_mode, read_index, save_weights, select, weights_path
 from whisper_ft.config import load_config, save_config
 from whisper_ft.errors import UserError
-from whisper_ft.train import check_average_mode
+from whisper_ft.reruns import check_average_mode
 
 ROOT = Path(__file__).resolve().parents[1]
 

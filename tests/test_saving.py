@@ -80,7 +80,7 @@ def test_background_checkpoint_equals_the_trainers_own(tmp_path, features_dir, t
 
     from safetensors.torch import load_file
 
-    from whisper_ft.train import WhisperTrainer
+    from whisper_ft.trainer import WhisperTrainer
 
     writers = []
     write = WhisperTrainer._write_checkpoint
@@ -120,7 +120,7 @@ def test_background_checkpoint_equals_the_trainers_own(tmp_path, features_dir, t
 
 def test_a_failed_write_raises_and_leaves_no_checkpoint_then_the_next_start_cleans_up(
         tmp_path, features_dir, tiny_model_dir, monkeypatch):
-    from whisper_ft.train import WhisperTrainer
+    from whisper_ft.trainer import WhisperTrainer
 
     def no_space(self, *args, **kwargs):
         raise OSError("No space left on device")
@@ -189,13 +189,13 @@ def test_a_checkpoint_that_does_not_fit_on_the_disk_is_a_one_line_error(tmp_path
 
 def test_without_room_for_the_host_copy_saves_are_synchronous(tmp_path, features_dir, tiny_model_dir, monkeypatch,
                                                                caplog):
-    from whisper_ft import saving, train
+    from whisper_ft import saving, trainer
 
     monkeypatch.setattr(saving, "available_memory", lambda: 1000)  # 1 kB free
-    monkeypatch.setattr(train, "available_memory", lambda: 1000)
+    monkeypatch.setattr(trainer, "available_memory", lambda: 1000)
     writes = []
-    monkeypatch.setattr(train.WhisperTrainer, "_write_checkpoint", lambda self, *a: writes.append(a))
-    with caplog.at_level("WARNING", logger="whisper_ft.train"):
+    monkeypatch.setattr(trainer.WhisperTrainer, "_write_checkpoint", lambda self, *a: writes.append(a))
+    with caplog.at_level("WARNING", logger="whisper_ft.trainer"):
         run_dir = _run(tmp_path, features_dir, tiny_model_dir, "low-memory", max_steps=2)
     assert writes == []  # the Trainer's own save
     assert [s for s, _ in checkpoints.checkpoints(run_dir)] == [2]

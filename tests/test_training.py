@@ -22,8 +22,8 @@ from conftest import ROOT, run_cli
 from whisper_ft import checkpoints
 from whisper_ft.cli import run as cli_run
 from whisper_ft.config import load_config
-from whisper_ft.train import (TrainingError, auto_learning_rate, generation_max_length, resolve_precision,
-                               samples_seen, schedule)
+from whisper_ft.errors import TrainingError
+from whisper_ft.train import auto_learning_rate, generation_max_length, resolve_precision, samples_seen, schedule
 
 PREFIX = [50258, 50273, 50359, 50363]  # <|startoftranscript|><|sv|><|transcribe|><|notimestamps|>
 
@@ -533,13 +533,13 @@ def test_a_damaged_newest_checkpoint_is_refused_with_one_line_before_anything_lo
 
 
 def test_a_resume_says_which_newer_checkpoint_it_skips_as_incomplete(tmp_path, caplog):
-    from whisper_ft.train import check_newest_checkpoint
+    from whisper_ft.reruns import check_newest_checkpoint
 
     fake_checkpoint(tmp_path, 2)
     (fake_checkpoint(tmp_path, 4) / "trainer_state.json").write_text('{"global_')
     found = checkpoints.checkpoints(tmp_path)
     assert [s for s, _ in found] == [2]
-    with caplog.at_level("WARNING", "whisper_ft.train"):
+    with caplog.at_level("WARNING", "whisper_ft.reruns"):
         check_newest_checkpoint(tmp_path, found)
     assert f"{tmp_path / 'checkpoint-4'} is incomplete" in caplog.text and "resuming from checkpoint-2" in caplog.text
 
@@ -596,7 +596,8 @@ def test_rerunning_a_finished_run_trains_no_more_and_changed_settings_are_refuse
     or with other final-phase settings, it finishes from the last checkpoint without an
     extra step; a background write still in flight at the end of training keeps its checkpoint;
     a resume with another learning rate is refused, a longer one runs."""
-    from whisper_ft.train import WhisperTrainer, run_training
+    from whisper_ft.train import run_training
+    from whisper_ft.trainer import WhisperTrainer
 
     write = WhisperTrainer._write_checkpoint
 
@@ -978,7 +979,7 @@ def test_a_run_whose_training_session_was_killed_says_its_time_is_not_recorded(t
     """Finishing a run whose training session was killed before the Trainer returned (no
     `trained` event, no metrics.json): its runtime is unknown, not 0 s."""
     from whisper_ft import report
-    from whisper_ft.train import earlier_train_metrics
+    from whisper_ft.reruns import earlier_train_metrics
 
     checkpoints.append_event(tmp_path, {"event": "start", "step": 0})
     assert earlier_train_metrics(tmp_path)["train_runtime"] is None
@@ -1244,7 +1245,8 @@ def test_a_rerun_compares_the_average_with_the_best_single_check_not_with_itself
     rerun averages again: the single-check baseline comes from the log, not from best/; so does
     the bar a resumed run's new checks must beat to become best/."""
     from whisper_ft import checkpoints
-    from whisper_ft.train import EventLog, best_single_check
+    from whisper_ft.reruns import best_single_check
+    from whisper_ft.trainer import EventLog
 
     (tmp_path / "best").mkdir()
     for step, wer in ((0, 0.9), (2, 0.6), (4, 0.55)):
@@ -1272,6 +1274,7 @@ def test_a_rerun_that_does_not_choose_the_average_ships_the_best_single_check(tm
     """A finished run whose average won, rerun with averaging off, exports its best single check
     as best/ again (from averaging/, else from its checkpoint): best/, metrics.json, the final
     test score and the card describe that model, not the earlier average."""
+    import whisper_ft.reruns as reruns
     import whisper_ft.train as train
 
     sets = overrides(features_dir, tiny_model_dir, tmp_path, eval_before_training="false", export_ctranslate2="false")
@@ -1279,7 +1282,7 @@ def test_a_rerun_that_does_not_choose_the_average_ships_the_best_single_check(tm
 
     def averaged_run():
         with monkeypatch.context() as m:
-            m.setattr(train, "best_single_check", lambda *_: {})  # the average wins, whatever it scores
+            m.setattr(reruns, "best_single_check", lambda *_: {})  # the average wins, whatever it scores
             train.run_training(load_config(ROOT / "config.yaml", [*sets, "training.average_checkpoints=2"]))
         assert json.loads((run_dir / "best" / "best.json").read_text())["averaged_steps"] == [2, 4]
 
@@ -1309,7 +1312,8 @@ def test_an_average_not_chosen_again_is_refused_when_the_single_checks_weights_a
     """best/ holding an average the rerun does not ship, without the best single check's weights
     (neither in averaging/ nor a checkpoint), is a one-line error saying what to do, and best/
     is left as it is."""
-    from whisper_ft.train import drop_unchosen_average, single_check_source
+    from whisper_ft.reruns import single_check_source
+    from whisper_ft.train import drop_unchosen_average
 
     cfg = load_config(ROOT / "config.yaml", [f"training.output_dir={tmp_path}", "training.run_name=tiny"])
     run_dir = tmp_path / "tiny"
@@ -1372,7 +1376,7 @@ def test_select_metric_picks_best_the_kept_checkpoint_and_the_average_by_that_sc
 def test_a_finished_run_rerun_with_another_max_steps_names_the_schedule_it_trained_on(tmp_path, caplog):
     """A run stopped at step 4 of a schedule towards 6, finished with max_steps 3, then rerun with 4."""
     from whisper_ft.config import save_config
-    from whisper_ft.train import check_resumable
+    from whisper_ft.reruns import check_resumable
 
     resume = tmp_path / "checkpoint-4"
     resume.mkdir()
@@ -1394,7 +1398,7 @@ def test_a_run_configured_with_a_language_name_resumes_with_its_code(tmp_path):
     import yaml
 
     from whisper_ft.config import save_config
-    from whisper_ft.train import check_resumable
+    from whisper_ft.reruns import check_resumable
 
     save_config(load_config(ROOT / "config.yaml"), tmp_path / "config.yaml")
     saved = yaml.safe_load((tmp_path / "config.yaml").read_text())
@@ -1408,7 +1412,7 @@ def test_a_run_configured_with_a_language_name_resumes_with_its_code(tmp_path):
 
 def test_a_resume_over_a_hand_damaged_run_config_is_a_one_line_error(tmp_path):
     from whisper_ft.config import ConfigError
-    from whisper_ft.train import check_resumable
+    from whisper_ft.reruns import check_resumable
 
     (tmp_path / "config.yaml").write_text("training:\n  max_steps: [4000\n")
     with pytest.raises(ConfigError, match=re.escape(f"{tmp_path / 'config.yaml'} is not valid YAML")):
@@ -1423,7 +1427,7 @@ def test_a_resume_over_a_hand_damaged_run_config_is_a_one_line_error(tmp_path):
 @pytest.mark.parametrize("section, key", [("lora", "rank=8"), ("spec_augment", "mask_time_length=20")])
 def test_a_resume_refuses_changed_lora_or_spec_augment_settings_only_where_they_are_on(tmp_path, section, key):
     from whisper_ft.config import save_config
-    from whisper_ft.train import check_resumable
+    from whisper_ft.reruns import check_resumable
 
     resume = tmp_path / "checkpoint-2"
     config = lambda *sets: load_config(ROOT / "config.yaml", [f"training.{section}.{s}" for s in sets])  # noqa: E731
@@ -1443,7 +1447,7 @@ def test_a_resume_with_another_select_metric_is_refused(tmp_path):
     import yaml
 
     from whisper_ft.config import save_config
-    from whisper_ft.train import check_resumable
+    from whisper_ft.reruns import check_resumable
 
     resume = tmp_path / "checkpoint-2"
     save_config(load_config(ROOT / "config.yaml", ["training.select_metric=cer"]), tmp_path / "config.yaml")
@@ -1495,7 +1499,7 @@ def test_a_run_without_a_checkpoint_starts_over_without_the_earlier_best(tiny_ru
 def test_a_longer_resumed_run_keeps_its_warmup(tmp_path):
     """warmup_steps null makes the warm-up a fraction of max_steps; resumed with more steps, the
     run keeps the warm-up it started with rather than warming up again."""
-    from whisper_ft.train import first_warmup
+    from whisper_ft.reruns import first_warmup
 
     checkpoints.append_event(tmp_path, {"event": "start", "step": 0, "warmup_steps": 400})
     checkpoints.append_event(tmp_path, {"event": "start", "step": 2000, "warmup_steps": 600})
@@ -1509,7 +1513,7 @@ def test_a_resume_on_another_number_of_processes_is_refused(tmp_path, monkeypatc
     refused while there is training left; with as many processes, or nothing left to train, it
     goes on."""
     from whisper_ft.config import save_config
-    from whisper_ft.train import check_resumable
+    from whisper_ft.reruns import check_resumable
 
     cfg = load_config(ROOT / "config.yaml", ["training.max_steps=12"])
     save_config(cfg, tmp_path / "config.yaml")
@@ -1588,7 +1592,8 @@ def test_a_resume_on_a_rebuilt_store_is_refused(tmp_path, features_dir, tiny_mod
     checkpoint's data order, token cap and best/ belong to the old store, so a resume is refused;
     a run whose start predates the record of its stores still resumes."""
     from whisper_ft.config import save_config
-    from whisper_ft.train import check_resumable, run_training
+    from whisper_ft.reruns import check_resumable
+    from whisper_ft.train import run_training
 
     store = _rebuilt_copy(features_dir, "fixture-rebuilt")
     try:
@@ -1635,7 +1640,7 @@ def test_a_resumed_run_checks_saves_and_logs_at_its_new_cadence(tmp_path, featur
 def test_a_resumed_run_checks_the_eval_subset_it_started_with(tmp_path):
     """The eval_subset draw is recorded in the start event; a run started when the draw followed
     training.seed keeps its clips when resumed."""
-    from whisper_ft.train import EVAL_SUBSET_SEED, eval_subset_seed
+    from whisper_ft.reruns import EVAL_SUBSET_SEED, eval_subset_seed
 
     cfg = load_config(ROOT / "config.yaml", ["training.seed=7"])
     assert eval_subset_seed(cfg, tmp_path) == EVAL_SUBSET_SEED  # a new run
@@ -1651,7 +1656,7 @@ def test_a_resume_naming_the_eval_store_it_defaulted_to_goes_on(tmp_path):
     """training.eval_features empty reads features.name: naming that store on resume changes
     nothing and is not refused; naming another is."""
     from whisper_ft.config import save_config
-    from whisper_ft.train import check_resumable
+    from whisper_ft.reruns import check_resumable
 
     cfg = load_config(ROOT / "config.yaml", ["features.name=cv-sv"])
     save_config(cfg, tmp_path / "config.yaml")

@@ -31,6 +31,7 @@ from whisper_ft import averaging
 from whisper_ft.errors import first_line
 from whisper_ft.files import replace_dir, share_like_new_files, staging_dir
 
+SELECTION, REPORT = "selection", "report"  # purposes of an `eval` event: pick checkpoints, or report
 BEST_DIR = "best"
 BEST_INFO = "best.json"
 METRICS_LOG = "metrics.jsonl"
@@ -216,5 +217,5 @@ def read_events(run_dir: str | Path) -> list[dict]:
 def selection_checks(events: list[dict]) -> list[dict]:
     """The periodic checks among metrics.jsonl `events`: the evaluations that choose (purpose
     `selection`; logs older than that field hold no others) other than the final one."""
-    return [e for e in events if e.get("event") == "eval" and e.get("purpose", "selection") == "selection"
+    return [e for e in events if e.get("event") == "eval" and e.get("purpose", SELECTION) == SELECTION
             and not e.get("final")]

@@ -20,6 +20,11 @@ class UserError(Exception):
     """A problem the user can fix; the message says what to do."""
 
 
+class TrainingError(UserError, ValueError):
+    """A training setup or run folder that cannot be used (a precision the device lacks, a resume
+    with other settings, a damaged checkpoint)."""
+
+
 class Stopped(KeyboardInterrupt):
     """Work stopped on a signal after saving what it had done; the message says how to go on.
     An interruption like Ctrl-C (so that no `except Exception` records it as a failure); the

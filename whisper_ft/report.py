@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from whisper_ft.checkpoints import selection_checks
+from whisper_ft.checkpoints import REPORT, selection_checks
 
 PLOT_NAME = "training_curves.png"
 ASR_TASK = ("automatic-speech-recognition", "Automatic Speech Recognition")  # model-index task type and name
@@ -23,7 +23,7 @@ def plot_curves(events: list[dict], path: str | Path) -> Path:
     evals = [e for e in events if e["event"] == "eval"]
     checks = selection_checks(evals)
     split = checks[0].get("split", "eval") if checks else "eval"
-    tests = [e for e in evals if e.get("purpose") == "report" and e.get("wer") is not None]
+    tests = [e for e in evals if e.get("purpose") == REPORT and e.get("wer") is not None]
     fig, (ax_loss, ax_wer) = plt.subplots(1, 2, figsize=(11, 4))
     ax_loss.plot([e["step"] for e in train], [e["loss"] for e in train], label="train loss")
     with_loss = [e for e in checks if e.get("loss") is not None]

@@ -9,7 +9,7 @@
 
 A whisper-small checkpoint (float32 weights and AdamW's two moments) is about 3 GB; written by
 the training thread, the GPU idles for as long as the disk takes, at every save. The Trainer
-subclass (`whisper_ft.train.WhisperTrainer`) copies the state to host memory at the save step,
+subclass (`whisper_ft.trainer.WhisperTrainer`) copies the state to host memory at the save step,
 which is what must be consistent, and hands the writing to this thread. The files are those
 of an HF Trainer checkpoint, written into `.checkpoint-<step>.tmp-<pid>` (rank 0's pid under
 torchrun) and renamed to `checkpoint-<step>` when complete (`whisper_ft.files.replace_dir`),

@@ -4,21 +4,18 @@
     summary = run_training(cfg, fresh=True, callbacks=[MyPruningCallback()])
 
 The Trainer brings mixed precision, gradient accumulation, DDP under `torchrun`, resumption
-and checkpoint rotation; this module adds what it lacks for Whisper: compact batches padded
-on the GPU, compiled layers, fast greedy evaluation (`whisper_ft.decoding`), language/task
-forcing, WER metrics, an atomic `best/` export, the event log, and the end-of-run reports.
-Run folder layout: `whisper_ft.checkpoints`.
+and checkpoint rotation; this module sets a run up (the stores, the model, the arguments) and
+finishes it (checkpoint averaging, the test scoring, the exports and reports). What a step and
+an evaluation do is `whisper_ft.trainer`'s; what a rerun of a run folder may do,
+`whisper_ft.reruns`'s; the run folder's layout, `whisper_ft.checkpoints`'s.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
-import os
 import shutil
-import time
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -29,44 +26,26 @@ import numpy as np
 from transformers import Seq2SeqTrainer, TrainerCallback, TrainerState
 from transformers.trainer import TRAINER_STATE_NAME
 
-from whisper_ft import averaging, breakdown, checkpoints, report, served, stopping
-from whisper_ft.collator import IGNORE_INDEX, SpeechCollator, expand
-from whisper_ft.config import (MAX_TARGET_POSITIONS, Config, ConfigError, check_folder, check_writable, lookup,
-                               read_mapping, save_config, to_dict)
-from whisper_ft.errors import UserError, first_line, out_of_space
+from whisper_ft import averaging, breakdown, checkpoints, report, reruns, served, stopping
+from whisper_ft.checkpoints import REPORT, SELECTION
+from whisper_ft.collator import IGNORE_INDEX, SpeechCollator
+from whisper_ft.config import MAX_TARGET_POSITIONS, Config, check_folder, check_writable, save_config, to_dict
+from whisper_ft.errors import TrainingError, first_line, out_of_space
 from whisper_ft.features import (EVAL, ROLE, TRAIN, VALIDATION, FeatureStore, FeaturesError, find_overlap,
                                  stored_rows)
-from whisper_ft.files import replace_dir, share_like_new_files, staging_dir, write_atomic
+from whisper_ft.files import write_atomic
 from whisper_ft.metrics import scores
 from whisper_ft.model import load_model, resolve
-from whisper_ft.precision import forward, seq2seq_loss, with_causal_mask
-from whisper_ft.saving import (BackgroundSaver, available_memory, broadcast, disk_full_as_user_error, fits_in_memory,
-                               nbytes, to_host)
+from whisper_ft.processes import is_main_process
+from whisper_ft.trainer import EventLog, WhisperTrainer, eval_event, scores_line
 
 log = logging.getLogger("whisper_ft.train")
 
 MODEL_COLUMNS = ["input_features", "fill", "labels"]  # what the collator reads
-# The seed of the training.eval_subset draw, fixed rather than training.seed: runs and sweep
-# trials that differ in their seed are still checked on the same clips.
-EVAL_SUBSET_SEED = 0
-
-
-class TrainingError(UserError, ValueError):
-    """A training setup that cannot work (a precision the device lacks, an unknown language)."""
 
 
 def run_dir_of(cfg: Config) -> Path:
     return Path(cfg.training.output_dir) / cfg.training.run_name
-
-
-def is_main_process() -> bool:
-    """Rank 0 of a torchrun job, or a single process (valid before the Trainer starts)."""
-    return os.environ.get("RANK", "0") == "0"
-
-
-def world_size() -> int:
-    """Processes of this run (torchrun and accelerate set WORLD_SIZE; 1 without them)."""
-    return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 # --------------------------------------------------------------------------- data
@@ -101,7 +80,7 @@ class Data:
     overlapping_validation_rows: int = 0
 
 
-def load_data(cfg: Config, subset_seed: int = EVAL_SUBSET_SEED) -> Data:
+def load_data(cfg: Config, subset_seed: int = reruns.EVAL_SUBSET_SEED) -> Data:
     """Read and check the feature store of `cfg`; FeaturesError says which command to run.
     With `training.eval_features`, validation and test come from that store; `subset_seed`
     draws the `training.eval_subset` clips (`eval_subset_seed`)."""
@@ -392,322 +371,6 @@ def compute_metrics(tokenizer, pred) -> dict:
     return scores(decode(tokenizer, pred.label_ids), decode(tokenizer, pred.predictions))
 
 
-class WhisperTrainer(Seq2SeqTrainer):
-    """Seq2SeqTrainer for the compact feature batches, with fast greedy evaluation.
-
-    - Batches arrive compact (`whisper_ft.collator`) and are padded on the device.
-    - With `weights_dtype` (bf16), training and evaluation run on a copy of the weights in that
-      dtype (`whisper_ft.precision`) instead of under autocast.
-    - With `background_saves`, checkpoints are written on a thread while training goes on
-      (`whisper_ft.saving`), by rank 0 under torchrun; for LoRA models saves stay synchronous.
-    - With `fast_generation`, greedy evaluation runs the encoder once per batch for both the
-      loss and `whisper_ft.decoding.GreedyDecoder`; beam search and LoRA models use `generate`.
-    - SIGTERM saves the step it arrives in and stops (`whisper_ft.stopping`); data-loading
-      workers ignore it.
-    - Evaluation under torchrun keeps each clip once: the last batch of each process is padded
-      with repeated clips, which Seq2SeqTrainer gathers with `gather` (not
-      `gather_for_metrics`) and would count twice in WER and in predictions.jsonl. The loss
-      is taken over each clip's label tokens once too (`evaluation_loop`).
-    """
-
-    def __init__(self, *args, fast_generation: bool = False, weights_dtype=None, background_saves: bool = False,
-                 **kwargs):
-        super().__init__(*args, **kwargs)
-        self.weights_dtype = weights_dtype
-        self.background_saves = background_saves
-        self.saver = BackgroundSaver()
-        self._host: tuple = (None, None)  # host copies of weights and optimizer state of the last save
-        self._room: bool | None = None  # room in host memory for them (decided at the first save)
-        # Whisper's loss is already the mean over a batch's label tokens (it ignores
-        # num_items_in_batch); counting them would also copy a scalar to the GPU every step, a
-        # host synchronisation, and skip dividing the loss by the accumulation steps.
-        self.model_accepts_loss_kwargs = False
-        self.fast_generation = fast_generation
-        self._decoder = None
-        self._clip_losses: list = []  # each evaluated clip's (summed token loss, tokens), gathered
-
-    @property
-    def gather_function(self):
-        return self.accelerator.gather_for_metrics
-
-    @gather_function.setter
-    def gather_function(self, _fn) -> None:
-        pass  # keep gather_for_metrics
-
-    def _get_dataloader(self, *args, **kwargs):
-        loader = super()._get_dataloader(*args, **kwargs)
-        base = getattr(loader, "base_dataloader", loader)  # accelerate's wrapper iterates the DataLoader it holds
-        if base.num_workers:  # a SIGTERM to every process of the job is the main process's to handle
-            base.worker_init_fn = stopping.in_workers(base.worker_init_fn)
-        return loader
-
-    def _prepare_inputs(self, inputs):
-        return expand(super()._prepare_inputs(inputs))
-
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        if self.weights_dtype is None:
-            return super().compute_loss(model, with_causal_mask(inputs), return_outputs, num_items_in_batch)
-        config = self.accelerator.unwrap_model(model).config
-        loss, outputs = seq2seq_loss(model, inputs, self.weights_dtype, config.decoder_start_token_id,
-                                     config.pad_token_id)
-        return (loss, outputs) if return_outputs else loss
-
-    def _autocast(self):
-        """Autocast for the paths that run the model as it is (`generate`): in the weight
-        copy's dtype when there is one, else the Trainer's own."""
-        import torch
-
-        if self.weights_dtype is None:
-            return self.accelerator.autocast()
-        return torch.autocast(self.args.device.type, dtype=self.weights_dtype)
-
-    def _load_optimizer_and_scheduler(self, checkpoint):
-        """The checkpoint's optimizer and schedule, with each group's learning rate taken from
-        the schedule as this run defines it: the optimizer's saved rate is the old schedule's,
-        which for a run resumed with more `max_steps` would train the first step at the rate of
-        the old end (0 after a linear decay) before the schedule takes over."""
-        super()._load_optimizer_and_scheduler(checkpoint)
-        from torch.optim.lr_scheduler import LambdaLR
-
-        sched = self.lr_scheduler
-        if checkpoint is None or not isinstance(sched, LambdaLR):
-            return
-        for group, base, factor in zip(self.optimizer.param_groups, sched.base_lrs, sched.lr_lambdas):
-            group["lr"] = base * factor(sched.last_epoch)
-        sched._last_lr = [group["lr"] for group in self.optimizer.param_groups]
-
-    def _init_training_state(self, max_steps, *args, **kwargs):
-        """The Trainer's state, with the check, save and logging cadence of this run's arguments:
-        a resumed state carries the checkpoint's, which transformers reads over the arguments'."""
-        resumed = super()._init_training_state(max_steps, *args, **kwargs)
-        self.state.compute_steps(self.args, max_steps)
-        return resumed
-
-    def train(self, *args, **kwargs):
-        try:
-            return super().train(*args, **kwargs)
-        finally:
-            self.saver.wait()  # the last checkpoint is on disk when training returns
-
-    def _finalize_training(self, *args, **kwargs):
-        self.saver.wait()  # the last checkpoint is on disk before the Trainer's cleanup looks at the folder
-        return super()._finalize_training(*args, **kwargs)
-
-    def _evaluate(self, trial, ignore_keys_for_eval, skip_scheduler: bool = False):
-        """As the Trainer's; its `eval_on_start` in a resumed run is the check owed at the step
-        it resumes from (`owed_check`), which counts as that step's: it steps a plateau schedule
-        and may make its checkpoint the best one that rotation keeps."""
-        owed = skip_scheduler and self.state.global_step > 0
-        metrics = super()._evaluate(trial, ignore_keys_for_eval, skip_scheduler=skip_scheduler and not owed)
-        if owed:
-            self._determine_best_metric(metrics=metrics, trial=trial)
-        return metrics
-
-    def _maybe_log_save_evaluate(self, tr_loss, grad_norm, model, trial, *args, **kwargs):
-        """As the Trainer's, but a run stopped by a signal at a check step saves before it checks:
-        the check (a whole validation pass) may outlast the grace period a SIGTERM gives, and
-        the steps are on disk by then."""
-        stopping_here = any(isinstance(cb, stopping.StopOnSignal) and cb.stopped_at == self.state.global_step
-                            for cb in self.callback_handler.callbacks)
-        if stopping_here and self.control.should_save and self.control.should_evaluate:
-            self._save_checkpoint(model, trial)
-            self.control = self.callback_handler.on_save(self.args, self.state, self.control)  # should_save now off
-        return super()._maybe_log_save_evaluate(tr_loss, grad_norm, model, trial, *args, **kwargs)
-
-    def _save_checkpoint(self, model, trial) -> None:
-        """The HF checkpoint of this step, in the background where it can be; a `checkpoint`
-        event in metrics.jsonl says how and for how long training was held. Either way its
-        weights get the permissions of its other files (safetensors writes them 0600), and a
-        write that fails on a full disk is a DiskFullError, here or at the next save."""
-        start = time.perf_counter()
-        background = self._saves_in_background()
-        # about the weights and AdamW's two moments (a state_dict() may be collective under FSDP)
-        with disk_full_as_user_error(self.args.output_dir, 3 * nbytes(list(self.model.parameters()))):
-            if background:
-                self._save_checkpoint_in_background(trial)
-            else:
-                super()._save_checkpoint(model, trial)
-                folder = Path(self._get_output_dir(trial=trial)) / f"checkpoint-{self.state.global_step}"
-                if self.args.should_save and folder.is_dir():
-                    share_like_new_files(folder)
-        if self.args.should_save:
-            checkpoints.append_event(self.args.output_dir, {
-                "event": "checkpoint", "step": self.state.global_step, "background": background,
-                "held_s": round(time.perf_counter() - start, 3)})
-
-    def _save_checkpoint_in_background(self, trial) -> None:
-        """The HF checkpoint of this step, its weights and optimizer state written on a thread.
-
-        Under torchrun (DDP) rank 0 writes, as in the Trainer; every rank writes its own RNG
-        state into the staging folder first, and the ranks wait for each other around that, so
-        the folder is complete before rank 0 renames it."""
-        import torch
-
-        main, distributed = self.args.should_save, self.args.world_size > 1
-        if main:
-            self.saver.wait()  # the previous checkpoint is on disk before this one starts
-        self.store_flos()
-        run_dir = Path(self._get_output_dir(trial=trial))
-        final = run_dir / f"checkpoint-{self.state.global_step}"
-        name = staging_dir(final).name  # under torchrun rank 0's, for every rank
-        tmp = final.with_name(broadcast(name) if distributed else name)
-        if main:
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-        if distributed:
-            torch.distributed.barrier()  # the folder exists, the previous checkpoint is complete
-        if self.state.best_global_step:  # as the Trainer does: protects the best checkpoint from rotation
-            best = run_dir / f"checkpoint-{self.state.best_global_step}"
-            if best == final or best.exists():
-                self.state.best_model_checkpoint = str(best)
-        # The small files now, the large ones from host copies of this step's state later.
-        self._save_small_checkpoint_files(tmp)
-        if distributed:
-            torch.distributed.barrier()  # every rank's RNG state is in the folder
-        if not main:
-            return
-        # The previous save's host copies (written by now) are reused as buffers.
-        self._host = weights, optimizer = (to_host(self.model.state_dict(), self._host[0]),
-                                           to_host(self.optimizer.state_dict(), self._host[1]))
-        self.saver.submit(partial(self._write_checkpoint, tmp, final, weights, optimizer, self.state.best_model_checkpoint))
-
-    def _saves_in_background(self) -> bool:
-        """Whether this save goes to the writer thread: `background_saves`, a full model (not
-        LoRA), DDP or a single process, and room in host memory for the copy (decided by rank
-        0 at the first save, for every rank)."""
-        from transformers import PreTrainedModel
-
-        if not (self.background_saves and isinstance(self.model, PreTrainedModel)
-                and not (self.is_fsdp_enabled or self.is_deepspeed_enabled)):
-            return False
-        if self._room is None:  # the first save
-            room = self._room_for_host_copies() if self.args.should_save else True
-            self._room = broadcast(room) if self.args.world_size > 1 else room
-        return self._room
-
-    def _room_for_host_copies(self) -> bool:
-        size = nbytes(self.model.state_dict()) + nbytes(self.optimizer.state_dict())
-        if fits_in_memory(size):
-            return True
-        log.warning("checkpoints are saved synchronously: a host copy of the training state (%.1f GB) would take "
-                    "more than half of the free memory (%.1f GB)", size / 1e9, (available_memory() or 0) / 1e9)
-        return False
-
-    def _save_small_checkpoint_files(self, folder: Path) -> None:
-        """This rank's RNG state; on rank 0 also the scheduler, the scaler and the trainer state."""
-        import torch
-        from transformers.trainer import SCHEDULER_NAME
-        from transformers.trainer_callback import ExportableState
-
-        self._save_rng_state(str(folder))
-        if not self.args.should_save:
-            return
-        torch.save(self.lr_scheduler.state_dict(), folder / SCHEDULER_NAME)
-        self._save_scaler(str(folder))
-        for cb in [cb for cb in [*self.callback_handler.callbacks, self.control] if isinstance(cb, ExportableState)]:
-            name, state = cb.__class__.__name__, cb.state()
-            if isinstance(self.state.stateful_callbacks[name], list):
-                self.state.stateful_callbacks[name].append(state)
-            else:
-                self.state.stateful_callbacks[name] = state
-        self.state.save_to_json(str(folder / TRAINER_STATE_NAME))
-
-    def _write_checkpoint(self, tmp: Path, final: Path, weights: dict, optimizer: dict, best: str | None) -> None:
-        import torch
-        from transformers.trainer import OPTIMIZER_NAME
-        from transformers.trainer_utils import rotate_checkpoints
-
-        with disk_full_as_user_error(final.parent, nbytes(weights) + nbytes(optimizer)):
-            self._save(str(tmp), state_dict=weights)
-            torch.save(optimizer, tmp / OPTIMIZER_NAME)
-        share_like_new_files(tmp)
-        replace_dir(tmp, final)
-        rotate_checkpoints(output_dir=str(final.parent), save_total_limit=self.args.save_total_limit,
-                           best_model_checkpoint=best, use_mtime=True)
-
-    def evaluation_loop(self, *args, **kwargs):
-        """The Trainer's loop, with the loss taken over the label tokens of every clip once
-        (`_count_loss`): the Trainer's own is a mean of batch means, and under torchrun those of
-        the last batches include the clips repeated to pad them."""
-        import torch
-
-        self._decoder = None  # built from the weights as they are at this evaluation
-        self._clip_losses = []
-        try:
-            output = super().evaluation_loop(*args, **kwargs)
-        finally:
-            self._decoder = None  # its caches and CUDA graph go back to training
-        prefix = kwargs.get("metric_key_prefix", args[4] if len(args) > 4 else "eval")
-        if self._clip_losses and f"{prefix}_loss" in output.metrics:
-            total, tokens = torch.cat(self._clip_losses).double().sum(0).tolist()
-            output.metrics[f"{prefix}_loss"] = total / max(tokens, 1)
-        self._clip_losses = []
-        return output
-
-    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None, **gen_kwargs):
-        import torch
-        from transformers import WhisperForConditionalGeneration
-
-        whisper = self.accelerator.unwrap_model(model)
-        generate = self.args.predict_with_generate and not prediction_loss_only
-        fast = (generate and self.fast_generation and type(whisper) is WhisperForConditionalGeneration
-                and (self.args.generation_num_beams or 1) == 1)
-        inputs = self._prepare_inputs(inputs)
-        dtype = self.weights_dtype
-        with torch.no_grad(), self._autocast() if dtype is None else contextlib.nullcontext():
-            if fast:  # the encoder once, for the loss and the transcripts
-                encoded = encode(whisper, inputs["input_features"], dtype)
-                loss, outputs = self.compute_loss(model, {"encoder_outputs": (encoded,), "labels": inputs["labels"]},
-                                                  return_outputs=True)
-                tokens = self._greedy_decoder(whisper).generate(encoded)
-            else:
-                loss, outputs = self.compute_loss(model, inputs, return_outputs=True)
-        self._count_loss(outputs.logits, inputs["labels"])
-        if not generate:
-            return loss.detach(), None if prediction_loss_only else outputs.logits, inputs["labels"]
-        if not fast:  # beam search, LoRA: the model's own generate, suppressing what the fast decoder does
-            from whisper_ft.decoding import suppressed_tokens
-
-            gen_kwargs = {**(gen_kwargs or getattr(self, "_gen_kwargs", {})),  # empty: the Trainer's own
-                          "suppress_tokens": suppressed_tokens(whisper, self.processing_class.tokenizer.prefix_tokens)}
-            with self._autocast():
-                _, tokens, _ = super().prediction_step(model, {k: v for k, v in inputs.items() if k != "labels"},
-                                                       False, ignore_keys, **gen_kwargs)
-        return loss.detach(), tokens, inputs["labels"]
-
-    def _count_loss(self, logits, labels) -> None:
-        """Keep each clip's summed token loss and token count, gathered from every process with
-        the clips repeated to pad the last batches dropped (`gather_for_metrics`)."""
-        import torch
-        import torch.nn.functional as F
-
-        # a few clips at a time: float32 logits of a whole batch of 64 are ~800 MB for Whisper's vocabulary
-        summed = torch.cat([F.cross_entropy(x.float().transpose(1, 2), y, ignore_index=IGNORE_INDEX,
-                                            reduction="none").sum(1) for x, y in zip(logits.split(8), labels.split(8))])
-        counted = (labels != IGNORE_INDEX).sum(1).to(summed.dtype)
-        self._clip_losses.append(self.accelerator.gather_for_metrics(torch.stack([summed, counted], 1)))
-
-    def _greedy_decoder(self, whisper):
-        import torch
-
-        from whisper_ft.decoding import GreedyDecoder, max_new_tokens
-
-        if self._decoder is None:
-            prefix = list(self.processing_class.tokenizer.prefix_tokens)
-            dtype = self.weights_dtype or (torch.bfloat16 if self.args.bf16 else torch.float16 if self.args.fp16 else None)
-            self._decoder = GreedyDecoder(whisper, prefix, max_new_tokens(self.args.generation_max_length, len(prefix),
-                                                                          whisper.config.max_target_positions), dtype)
-        return self._decoder
-
-
-def encode(whisper, features, dtype):
-    """The encoder's output for `features`: on a `dtype` copy of the weights, or with the
-    weights as they are (`dtype` None; under autocast where the caller sets it)."""
-    if dtype is None:
-        return whisper.model.encoder(features).last_hidden_state
-    return forward(whisper.model.encoder, dtype, input_features=features).last_hidden_state
-
-
 def make_trainer(model, args, data: Data, eval_dataset, callbacks: Sequence = (),
                  fast_generation: bool = True, weights_dtype=None, background_saves: bool = False) -> Seq2SeqTrainer:
     return WhisperTrainer(
@@ -715,72 +378,6 @@ def make_trainer(model, args, data: Data, eval_dataset, callbacks: Sequence = ()
         train_dataset=data.train_model, eval_dataset=eval_dataset, processing_class=data.processor,
         compute_metrics=partial(compute_metrics, data.processor.tokenizer), callbacks=list(callbacks),
         fast_generation=fast_generation, weights_dtype=weights_dtype, background_saves=background_saves)
-
-
-class EventLog(TrainerCallback):
-    """Writes each Trainer log as a `train` or `eval` event to metrics.jsonl, plus a log line;
-    exports `best/` when a periodic check (on the selection `split`) after step 0 beats the
-    best score so far in `metric` (training.select_metric); makes sure the last step is
-    evaluated and saved."""
-
-    def __init__(self, run_dir: Path, processor, meta: dict, split: str, metric: str = "wer"):
-        self.run_dir = run_dir
-        self.processor = processor
-        self.meta = meta
-        self.split = split
-        self.metric = metric
-        # never an earlier final phase's average: checks compete with checks
-        best = best_single_check(run_dir, metric)
-        self.best_score = best[metric] if best.get(metric) is not None else math.inf
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step >= state.max_steps:
-            control.should_evaluate = control.should_save = True
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        if not state.is_world_process_zero or not logs:
-            return
-        if "eval_wer" in logs:
-            event = eval_event(logs, "eval", state.global_step, self.split, SELECTION)
-            log.info("%s check at step %d: %s", self.split, state.global_step, scores_line(event))
-        elif "loss" in logs:
-            event = {"event": "train", "step": state.global_step, "epoch": logs.get("epoch"), "loss": logs["loss"],
-                     "learning_rate": logs.get("learning_rate"), "grad_norm": logs.get("grad_norm")}
-        else:
-            return
-        checkpoints.append_event(self.run_dir, event)
-
-    def on_evaluate(self, args, state, control, metrics=None, model=None, **kwargs):
-        score = (metrics or {}).get(f"eval_{self.metric}", math.nan)
-        if state.global_step == 0 or not score < self.best_score:  # NaN never wins
-            return
-        self.best_score = score
-        if state.is_world_process_zero:
-            info = {**self.meta, "step": state.global_step, "split": self.split, "wer": metrics.get("eval_wer"),
-                    "wer_normalized": metrics.get("eval_wer_normalized"), "cer": metrics.get("eval_cer"),
-                    "eval_clips": metrics.get("eval_clips")}
-            checkpoints.export_best(model, self.processor, self.run_dir, info)
-            log.info("new best %s %s %.2f%% at step %d: exported %s", self.split, report.METRIC_NAMES[self.metric],
-                     100 * score, state.global_step, self.run_dir / checkpoints.BEST_DIR)
-
-
-def scores_line(event: dict) -> str:
-    """'WER 12.34%, normalized WER ..., CER ... on N clips' of an `eval` event (None shows as nan)."""
-    pct = lambda k: 100 * (math.nan if event[k] is None else float(event[k]))  # noqa: E731
-    return (f"WER {pct('wer'):.2f}%, normalized WER {pct('wer_normalized'):.2f}%, CER {pct('cer'):.2f}% "
-            f"on {event['eval_clips']} clips")
-
-
-SELECTION, REPORT = "selection", "report"  # purposes of an evaluation: pick checkpoints, or report
-
-
-def eval_event(metrics: dict, prefix: str, step: int, split: str, purpose: str) -> dict:
-    """A metrics.jsonl `eval` event on `split` (validation or test) for `purpose` from Trainer
-    metrics named `<prefix>_wer` etc."""
-    get = lambda k: metrics.get(f"{prefix}_{k}")  # noqa: E731
-    return {"event": "eval", "step": step, "split": split, "purpose": purpose, "wer": get("wer"),
-            "wer_normalized": get("wer_normalized"), "cer": get("cer"), "eval_clips": get("clips"), "loss": get("loss"), "runtime": get("runtime"),
-            "clips_per_second": get("samples_per_second")}
 
 
 # --------------------------------------------------------------------------- the run
@@ -808,30 +405,30 @@ def run_training(cfg: Config, fresh: bool = False, callbacks: Sequence[TrainerCa
     found = [] if fresh else checkpoints.checkpoints(run_dir)
     start_step, resume = found[-1] if found else (0, None)
     if not fresh:
-        check_newest_checkpoint(run_dir, found)
+        reruns.check_newest_checkpoint(run_dir, found)
     if resume is not None:
-        check_resumable(cfg, run_dir, resume, start_step)
-        if (done := finished_summary(cfg, run_dir, start_step)) is not None:
+        reruns.check_resumable(cfg, run_dir, resume, start_step)
+        if (done := reruns.finished_summary(cfg, run_dir, start_step)) is not None:
             log.info("%s finished at step %d already (metrics.json): nothing to do; --push-only publishes it, "
                      "--fresh trains it again", run_dir, start_step)
             return done
     elif not fresh and (run_dir / checkpoints.BEST_DIR).is_dir():
-        start_over(cfg, run_dir)
-    subset_seed = eval_subset_seed(cfg, run_dir) if resume is not None else EVAL_SUBSET_SEED
+        reruns.start_over(cfg, run_dir)
+    subset_seed = reruns.eval_subset_seed(cfg, run_dir) if resume is not None else reruns.EVAL_SUBSET_SEED
     data = load_data(cfg, subset_seed)
     model = prepare_model(cfg, data.processor.tokenizer)
     if fresh and is_main_process() and run_dir.exists():  # only now: a failure up to here deletes nothing
         shutil.rmtree(run_dir)
     gen_len = generation_max_length(cfg, longest_label(data.train_model, data.selection_model))
     first = cfg.training.eval_before_training and resume is None
-    owed = resume is not None and owed_check(run_dir, resume, start_step)
+    owed = resume is not None and reruns.owed_check(run_dir, resume, start_step)
     args = training_arguments(cfg, run_dir, gen_len, eval_on_start=first or owed, d_model=model.config.d_model,
-                              warmup_steps=first_warmup(cfg, run_dir) if resume is not None else None)
+                              warmup_steps=reruns.first_warmup(cfg, run_dir) if resume is not None else None)
     meta = {"base_model": cfg.model.name_or_path, "language": cfg.model.language, "task": cfg.model.task,
             "features": data.manifest["name"]}
     t = cfg.training
     if resume is not None and is_main_process():
-        rewind(cfg, run_dir, start_step, meta, data.processor)
+        reruns.rewind(cfg, run_dir, start_step, meta, data.processor)
     keeper = ([averaging.Keeper(run_dir, t.average_checkpoints, t.average_mode, t.select_metric)]
               if t.average_checkpoints else [])
     stopper = stopping.StopOnSignal()
@@ -854,7 +451,7 @@ def run_training(cfg: Config, fresh: bool = False, callbacks: Sequence[TrainerCa
 
             trainer.remove_callback(TensorBoardCallback)
             trainer.evaluate()
-        train_metrics = earlier_train_metrics(run_dir)
+        train_metrics = reruns.earlier_train_metrics(run_dir)
     else:
         try:
             train_metrics = trainer.train(resume_from_checkpoint=str(resume) if resume else None).metrics
@@ -862,7 +459,7 @@ def run_training(cfg: Config, fresh: bool = False, callbacks: Sequence[TrainerCa
             stopper.restore()
             raise
         if trainer.is_world_process_zero():
-            log_trained(run_dir, trainer.state.global_step, train_metrics)
+            reruns.log_trained(run_dir, trainer.state.global_step, train_metrics)
         stopper.raise_if_stopped(trainer.state.global_step)  # SIGTERM: saved, and no final phase now
     if checkpoints.read_best(run_dir) is None and trainer.is_world_process_zero():  # stopped before any evaluation
         checkpoints.export_best(trainer.model, data.processor, run_dir, {**meta, "step": trainer.state.global_step, "wer": None})
@@ -887,273 +484,6 @@ def run_training(cfg: Config, fresh: bool = False, callbacks: Sequence[TrainerCa
     return summary
 
 
-# What a resumed run may not change: its checkpoint restores the optimizer and the schedule (so
-# a new rate, decay or warm-up would be ignored), and the rest defines the trajectory, what its
-# checks measure or which of them is best/. Everything else (max_steps, the check and save
-# cadence, speed and precision switches, exports) may change between runs.
-FIXED_ON_RESUME = (
-    "model.name_or_path", "model.language", "model.task", "features.name", "training.eval_features",
-    "training.learning_rate", "training.lr_scheduler", "training.warmup_steps", "training.warmup_fraction",
-    "training.batch_size", "training.gradient_accumulation_steps", "training.weight_decay", "training.seed",
-    "training.dropout", "training.freeze_encoder", "training.lora", "training.spec_augment", "training.eval_subset",
-    "training.generation_max_length", "training.num_beams", "training.select_metric",
-)
-SWITCHED = ("training.lora", "training.spec_augment")  # FIXED_ON_RESUME sections with an `enabled` switch
-# The value a run used for a FIXED_ON_RESUME key that its config.yaml predates, where one is known.
-PREDATED_DEFAULTS = {"training.select_metric": "wer"}
-
-
-def check_newest_checkpoint(run_dir: Path, found: list[tuple[int, Path]]) -> None:
-    """Say which newer checkpoints a resume skips as incomplete, and refuse to resume from a
-    damaged one (`checkpoints.damage`) with one line, rather than a traceback from the Trainer
-    after the data and model are loaded. Deleting it is the user's call: it may be copied back."""
-    newest = found[-1][0] if found else -1
-    for step, folder in checkpoints.incomplete(run_dir):
-        if step > newest:
-            log.warning("%s is incomplete (no whole trainer_state.json: cut short by a crash, or copied in part): %s",
-                        folder, f"resuming from {found[-1][1].name}" if found else "starting at step 0")
-    if found and (problem := checkpoints.damage(found[-1][1])):
-        instead = f"resume from {found[-2][1].name}" if len(found) > 1 else "start the run over"
-        raise TrainingError(f"{found[-1][1]} is damaged ({problem}): copy it back whole, or delete that folder to "
-                            f"{instead}")
-
-
-def saved_config(run_dir: Path) -> dict | None:
-    """The run's config.yaml as saved (None without one); a damaged or emptied one is a
-    ConfigError: the checks of a resume would otherwise pass whatever changed."""
-    path = run_dir / "config.yaml"
-    if not path.is_file():
-        return None
-    if not (saved := read_mapping(path, "run config", "sections")):
-        raise ConfigError(f"{path} is empty: the settings the run was trained with are gone; restore the file, or "
-                          "pass --fresh to start the run over")
-    return saved
-
-
-def check_resumable(cfg: Config, run_dir: Path, resume: Path | None, step: int = 0) -> None:
-    """Refuse to resume `run_dir` from `resume` (at `step`) with settings that differ from the
-    run's own (its config.yaml) in `FIXED_ON_RESUME`, on a feature store rebuilt since, or on
-    another number of processes while there is training left: the change would be ignored or
-    would mix two runs. Without a
-    checkpoint (`resume` None), refuse to start over a run whose best/ came from other
-    settings, rather than delete it."""
-    if (saved := saved_config(run_dir)) is None:
-        return
-    now = to_dict(cfg)
-    missing = object()  # a key the run's config.yaml predates
-    changed = []
-    for key in FIXED_ON_RESUME:
-        before, after = lookup(saved, key, missing), lookup(now, key, missing)
-        if before is missing:
-            before = PREDATED_DEFAULTS.get(key, missing)
-        if key == "training.eval_features":  # empty reads features.name: compare the store each one reads
-            before = before or lookup(saved, "features.name", missing)
-            after = after or lookup(now, "features.name", missing)
-        if key in SWITCHED and not any(isinstance(v, dict) and v.get("enabled") for v in (before, after)):
-            continue  # off before and after: its other settings change nothing
-        if key == "model.language" and isinstance(before, str):  # a run configured before names were refused
-            from transformers.models.whisper.tokenization_whisper import TO_LANGUAGE_CODE
-
-            before = TO_LANGUAGE_CODE.get(before.lower(), before)
-        if before is not missing and before != after:
-            changed.append(f"{key} {before!r} -> {after!r}")
-    if changed and resume is None:
-        raise TrainingError(f"{run_dir} holds a best/ model trained with other settings ({'; '.join(changed)}) and no "
-                            "checkpoint to resume from: set them back, pass --fresh to start it over (deleting it), "
-                            "or use another training.run_name")
-    if changed:
-        raise TrainingError(f"{run_dir} was trained to {resume.name} with other settings ({'; '.join(changed)}): "
-                            "a resumed run keeps its own; set them back, pass --fresh to start it over, or use "
-                            "another training.run_name")
-    if resume is not None:
-        check_same_stores(cfg, run_dir, resume)
-        check_average_mode(cfg, run_dir)
-    if resume is not None and step < cfg.training.max_steps:
-        check_same_processes(run_dir, resume, step)
-    steps = lookup(saved, "training.max_steps", missing)
-    if resume is not None and steps is not missing and steps != cfg.training.max_steps:
-        if step < cfg.training.max_steps:
-            why = "the learning-rate schedule runs to the new end from here"
-        else:
-            try:
-                towards = json.loads((resume / TRAINER_STATE_NAME).read_text(encoding="utf-8"))["max_steps"]
-            except (OSError, ValueError, KeyError):
-                towards = steps
-            why = f"no training left after step {step}, trained on the schedule towards {towards}"
-        log.info("training.max_steps changed from %s to %d: %s", steps, cfg.training.max_steps, why)
-
-
-def owed_check(run_dir: Path, resume: Path, step: int) -> bool:
-    """Whether the check at `step`, where the run resumes from `resume`, was due (at the check
-    cadence its checkpoint records, or its last step) and is not in its log: a run stopped by a
-    signal at a check step saves before it checks, and may be killed during the check. The
-    resumed run then checks there first (`eval_on_start`, which `WhisperTrainer._evaluate`
-    counts as that step's check)."""
-    try:
-        state = json.loads((resume / TRAINER_STATE_NAME).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return False
-    every = int(state.get("eval_steps") or 0)
-    due = step >= (state.get("max_steps") or math.inf) or (every > 0 and step % every == 0)
-    checks = checkpoints.selection_checks(checkpoints.read_events(run_dir))
-    return due and not any(e.get("step") == step for e in checks)
-
-
-def check_average_mode(cfg: Config, run_dir: Path) -> None:
-    """Refuse to average a run's checks in another training.average_mode than the one its
-    averaging/ kept them for (an index written without it: the run's config.yaml's): the checks
-    that mode would average were deleted as they came."""
-    t, folder = cfg.training, run_dir / averaging.FOLDER
-    kept = averaging.kept_mode(folder)
-    if kept is None and averaging.read_index(folder):
-        try:
-            kept = lookup(saved_config(run_dir), "training.average_mode", "last")  # the default before the key
-        except (OSError, ValueError):
-            kept = None
-    if t.average_checkpoints and kept is not None and kept != t.average_mode:
-        raise TrainingError(f"{folder} keeps the checks average_mode {kept} averages, not those {t.average_mode} "
-                            f"would (deleted as they came): set training.average_mode back to {kept}, pass --fresh "
-                            "to start it over, or use another training.run_name")
-
-
-STORE_KEYS = {"train": "features.name", "held_out": "training.eval_features"}  # the stores a run reads, by role
-
-
-def store_identities(cfg: Config) -> dict:
-    """`FeatureStore.identity` of the training store and of the validation and test store, by
-    role (the start event records them)."""
-    return {"train": FeatureStore.of(cfg).identity(), "held_out": FeatureStore.held_out_of(cfg).identity()}
-
-
-def check_same_stores(cfg: Config, run_dir: Path, resume: Path) -> None:
-    """Refuse to resume `run_dir` from `resume` on a feature store rebuilt since the run's last
-    start (the same name, other clips: `--overwrite` with other sources, say): the data order,
-    the token cap and best/'s validation WER belong to the store as it was. Runs whose start
-    events predate the record are not checked."""
-    starts = [e for e in checkpoints.read_events(run_dir) if e.get("event") == "start" and e.get("stores")]
-    if not starts:
-        return
-    now = store_identities(cfg)
-    for role, key in STORE_KEYS.items():
-        before, after = starts[-1]["stores"].get(role), now[role]
-        if before and before["fingerprint"] != after["fingerprint"]:
-            raise TrainingError(f"{run_dir} was trained to {resume.name} on features {after['name']} ({key}) as they "
-                                f"were built then; they were rebuilt since ({store_change(before, after)}): pass --fresh "
-                                "to start the run over on them, or use another training.run_name")
-
-
-def store_change(before: dict, after: dict) -> str:
-    """'training clips 27 -> 15' for the split counts that differ between two identities."""
-    changed = [f"{ROLE.get(split, split)} clips {before['clips'].get(split, 0)} -> {after['clips'].get(split, 0)}"
-               for split in (TRAIN, VALIDATION, EVAL) if before["clips"].get(split, 0) != after["clips"].get(split, 0)]
-    return ", ".join(changed) or "the same clip counts, other clips or settings"
-
-
-def start_over(cfg: Config, run_dir: Path) -> None:
-    """A run folder with best/ but no checkpoint to resume from. A finished run (its checkpoints
-    deleted afterwards) is refused: training it again would replace the model it shipped. A run
-    stopped before its first checkpoint was complete starts over, without that attempt's best/
-    and averaging/, which must not stand against the new checks (refused with other settings)."""
-    if (run_dir / "metrics.json").is_file():
-        raise TrainingError(f"{run_dir} is a finished run with no checkpoint left to resume from: --push-only "
-                            "publishes it as it is; --fresh trains it again (deleting it), or use another "
-                            "training.run_name")
-    check_resumable(cfg, run_dir, None)
-    if is_main_process():
-        for name in (checkpoints.BEST_DIR, averaging.FOLDER):
-            shutil.rmtree(run_dir / name, ignore_errors=True)
-        log.info("%s has no checkpoint to resume from: starting it over (removed the earlier attempt's best/)", run_dir)
-
-
-def eval_subset_seed(cfg: Config, run_dir: Path) -> int:
-    """The seed that drew the `training.eval_subset` clips of `run_dir`, for resuming it on the
-    clips its best/ was chosen on: recorded in its start event, else (a run started when the draw
-    followed `training.seed`) its seed."""
-    first = next((e for e in checkpoints.read_events(run_dir) if e.get("event") == "start"), None)
-    if first is None:
-        return EVAL_SUBSET_SEED
-    return first.get("eval_subset_seed", cfg.training.seed)
-
-
-def first_warmup(cfg: Config, run_dir: Path) -> int | None:
-    """The warm-up `run_dir` started with, for resuming it where the warm-up is a fraction of
-    max_steps (`warmup_steps: null`): a longer run keeps its warm-up rather than warming up
-    again from where it is. None where the config sets the steps, or for a new run."""
-    t = cfg.training
-    first = next((e for e in checkpoints.read_events(run_dir) if e.get("event") == "start"), {})
-    if t.warmup_steps is not None or first.get("warmup_steps") is None:
-        return None
-    if math.ceil(t.warmup_fraction * t.max_steps) != first["warmup_steps"]:
-        log.info("keeping the run's warm-up of %d steps (training.warmup_fraction of the new max_steps would give %d)",
-                 first["warmup_steps"], math.ceil(t.warmup_fraction * t.max_steps))
-    return first["warmup_steps"]
-
-
-def check_same_processes(run_dir: Path, resume: Path, step: int) -> None:
-    """Refuse to go on training `run_dir` from `resume` (at `step`) on another number of processes
-    than trained up to it: the effective batch (batch x accumulation x processes) and the order of
-    the data would change. The starts before `step` count (a later one may only have finished the
-    run, on any number of processes)."""
-    starts = [e for e in checkpoints.read_events(run_dir)
-              if e.get("event") == "start" and e.get("world_size") and e.get("step", 0) < step]
-    before, now = (starts[-1]["world_size"], world_size()) if starts else (None, None)
-    if before is not None and before != now:
-        raise TrainingError(f"{run_dir} was trained to {resume.name} on {before} process(es), this run has {now}: the "
-                            f"effective batch (batch_size x gradient_accumulation_steps x processes) would change; "
-                            f"run it on {before}, pass --fresh to start it over, or use another training.run_name")
-
-
-# What a finished run's final phase did, besides scoring best/: another value does that phase again.
-FINAL_PHASE = ("export_ctranslate2", "score_served", "average_checkpoints", "average_mode")
-
-
-def finished_summary(cfg: Config, run_dir: Path, step: int) -> dict | None:
-    """The summary (metrics.json) of a run that finished at its newest checkpoint `step`, at or
-    past training.max_steps, with this config's final-phase settings (`FINAL_PHASE`); None when
-    there is work left: training, or a final phase cut short (no metrics.json) or asked for
-    otherwise. A rerun of a finished run then repeats neither the test scoring nor the exports.
-    Nor is a metrics.json beside a best/ without its model card: the card is what --push-only
-    publishes, and rerun, the final phase writes it."""
-    path = run_dir / "metrics.json"
-    card = run_dir / checkpoints.BEST_DIR / "README.md"
-    if step < cfg.training.max_steps or not path.is_file() or not card.is_file():
-        return None
-    try:
-        summary = json.loads(path.read_text(encoding="utf-8"))
-        saved = saved_config(run_dir)
-    except (OSError, ValueError):
-        return None
-    if saved is None:
-        return None
-    now = to_dict(cfg)["training"]
-    if summary.get("steps") != step or any(lookup(saved, f"training.{key}") != now[key] for key in FINAL_PHASE):
-        return None
-    return {**summary, "run_dir": str(run_dir)}  # where the run is now: its folder may have been moved
-
-
-TRAIN_FIGURES = ("train_runtime", "train_samples_per_second", "train_loss")  # of the Trainer, per session
-
-
-def log_trained(run_dir: Path, step: int, train_metrics: dict) -> None:
-    """A `trained` event with the Trainer's figures of the session that just trained, as soon
-    as training ends: a final phase cut short and rerun has no metrics.json to take them from."""
-    checkpoints.append_event(run_dir, {"event": "trained", "step": step,
-                                       **{k: train_metrics.get(k) for k in TRAIN_FIGURES}})
-
-
-def earlier_train_metrics(run_dir: Path) -> dict:
-    """The training figures of the last session that trained the run (its `trained` event, or
-    for a run logged without one its metrics.json), for a rerun that trains no more."""
-    trained = [e for e in checkpoints.read_events(run_dir) if e.get("event") == "trained"]
-    if trained:
-        return {k: trained[-1].get(k) for k in TRAIN_FIGURES}
-    path = run_dir / "metrics.json"
-    earlier = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
-    return {"train_runtime": earlier.get("train_runtime_seconds"),  # None: the session that trained was killed
-            "train_samples_per_second": earlier.get("train_samples_per_second"),
-            "train_loss": earlier.get("train_loss")}
-
-
 def announce_start(cfg: Config, run_dir: Path, args, data: Data, step: int, resume: Path | None, gen_len: int,
                    subset_seed: int) -> None:
     """Save the resolved config beside the run and log its `start` event and line."""
@@ -1165,7 +495,7 @@ def announce_start(cfg: Config, run_dir: Path, args, data: Data, step: int, resu
                                        "test_clips": len(data.test), "selection_split": data.selection_split,
                                        "selection_clips": len(data.selection_model), "generation_max_length": gen_len,
                                        "learning_rate": args.learning_rate, "warmup_steps": args.warmup_steps,
-                                       "mixed_precision": how, "stores": store_identities(cfg),
+                                       "mixed_precision": how, "stores": reruns.store_identities(cfg),
                                        "eval_subset_seed": subset_seed})
     log.info("%s at step %d: %d training clips, %d %s clips for the periodic checks, %d test clips, generation "
              "capped at %d tokens, peak learning rate %.3g after %d warm-up steps, %s",
@@ -1192,7 +522,7 @@ def try_average(cfg: Config, args, data: Data, run_dir: Path, meta: dict, step: 
     trainer, out = predict(cfg, args, data, model, data.selection_model, "average")
     event = {**eval_event(out.metrics, "average", step, data.selection_split, SELECTION), "event": "average",
              "averaged_steps": steps}
-    single = best_single_check(run_dir, metric)
+    single = reruns.best_single_check(run_dir, metric)
     single_score = single.get(metric) if single.get(metric) is not None else math.inf
     wins = event[metric] < single_score  # NaN never wins
     outcome.update(wer=event["wer"], wer_normalized=event["wer_normalized"], cer=event["cer"], score=event[metric],
@@ -1211,76 +541,6 @@ def try_average(cfg: Config, args, data: Data, run_dir: Path, meta: dict, step: 
     return outcome
 
 
-def best_single_check(run_dir: Path, metric: str = "wer") -> dict:
-    """{"step", "wer", "wer_normalized", "cer", ...} of the best single check by `metric`
-    (training.select_metric): `best/` as the Trainer exported it, or, when `best/` holds an
-    average already (a rerun of a run killed after its average won), the selection check in
-    metrics.jsonl with the lowest `metric`, the earliest of equals as during training; {}
-    before any."""
-    best = checkpoints.read_best(run_dir) or {}
-    if not best.get("averaged_steps"):
-        return best
-    checks = [e for e in checkpoints.selection_checks(checkpoints.read_events(run_dir))
-              if e.get("step", 0) > 0 and e.get(metric) is not None]
-    return min(checks, key=lambda e: e[metric], default={})
-
-
-def rewind(cfg: Config, run_dir: Path, step: int, meta: dict, processor) -> None:
-    """Before a resume from checkpoint-`step`: forget the models of the checks after it (a kill
-    came after a check and before the next checkpoint), which belong to steps this run goes
-    back over. Their weights in averaging/ are deleted; a `best/` of such a check is replaced
-    by the best check up to `step` (from its weights in averaging/ or its checkpoint), or,
-    where those are gone, removed: the next check that scores is exported. A `best/` deleted
-    or damaged by hand (no readable best.json) after checks is exported again the same way:
-    else the next check would be exported as best, however it scored."""
-    folder = run_dir / averaging.FOLDER
-    index = averaging.read_index(folder)
-    if gone := [s for s in index if s > step]:
-        for s in gone:
-            averaging.weights_path(folder, s).unlink(missing_ok=True)
-        averaging.write_index(folder, {s: v for s, v in index.items() if s <= step}, averaging.kept_mode(folder))
-    best = checkpoints.read_best(run_dir)
-    if best is not None and (best.get("step") or 0) <= step:
-        return
-    metric = cfg.training.select_metric
-    checks = [e for e in checkpoints.selection_checks(checkpoints.read_events(run_dir))
-              if 0 < e.get("step", 0) <= step and e.get(metric) is not None and math.isfinite(e[metric])]
-    single = min(checks, key=lambda e: e[metric], default={})  # the earliest of equals, as during training
-    if best is None and not single:
-        return  # no check yet: the first one exports best/
-    held = (f"best/ held the model of the check at step {best['step']}, after checkpoint-{step} where this run "
-            "resumes" if best is not None else f"best/ is missing or has no readable {checkpoints.BEST_INFO}")
-    source = single_check_source(run_dir, single["step"]) if single else None
-    if source is None:
-        shutil.rmtree(run_dir / checkpoints.BEST_DIR, ignore_errors=True)
-        log.warning("%s; %s: the next check exports best/", held,
-                    f"the weights of the best check before (step {single['step']}) are gone" if single else
-                    "no check before it")
-        return
-    export_single_check(cfg, run_dir, meta, single, source, processor)
-    log.info("%s: exported the best check up to there (step %d, from %s) as best/", held, single["step"], source)
-
-
-def export_single_check(cfg: Config, run_dir: Path, meta: dict, single: dict, source: Path, processor) -> None:
-    """Export the model of the periodic check `single` (an `eval` event), saved at `source`
-    (`single_check_source`), as `best/`."""
-    if source.is_file():  # weights kept for averaging, in best/'s architecture (the base model's)
-        shape = run_dir / checkpoints.BEST_DIR
-        model = load_model(str(shape) if (shape / "config.json").is_file() else cfg.model.name_or_path,
-                           cfg.model.language, cfg.model.task, attn_implementation="sdpa")
-        model.load_state_dict(averaging.average([source]))
-    elif (source / "config.json").is_file():
-        model = load_model(str(source), cfg.model.language, cfg.model.task, attn_implementation="sdpa")
-    else:  # a LoRA checkpoint: its adapters, merged into the base model
-        from peft import PeftModel
-
-        base = load_model(cfg.model.name_or_path, cfg.model.language, cfg.model.task, attn_implementation="sdpa")
-        model = PeftModel.from_pretrained(base, str(source)).merge_and_unload()
-    info = {**meta, "step": single["step"], "split": single.get("split"),
-            **{k: single.get(k) for k in ("wer", "wer_normalized", "cer", "eval_clips")}}
-    checkpoints.export_best(model, processor, run_dir, info)
-
-
 def drop_unchosen_average(cfg: Config, run_dir: Path, meta: dict, averaged: dict | None, processor,
                           main: bool) -> None:
     """Export the best single check as `best/` where `best/` holds an average that this final
@@ -1290,8 +550,8 @@ def drop_unchosen_average(cfg: Config, run_dir: Path, meta: dict, averaged: dict
     best = checkpoints.read_best(run_dir) or {}
     if not best.get("averaged_steps") or (averaged or {}).get("chosen"):
         return
-    single = best_single_check(run_dir, cfg.training.select_metric)
-    source = single_check_source(run_dir, single["step"]) if single else None
+    single = reruns.best_single_check(run_dir, cfg.training.select_metric)
+    source = reruns.single_check_source(run_dir, single["step"]) if single else None
     if source is None:
         raise TrainingError(f"{run_dir / checkpoints.BEST_DIR} holds the average of the checks at steps "
                             f"{best['averaged_steps']}, which these averaging settings do not ship, and the weights of "
@@ -1300,22 +560,9 @@ def drop_unchosen_average(cfg: Config, run_dir: Path, meta: dict, averaged: dict
                             "made it, or pass --fresh to train it again")
     if not main:
         return
-    export_single_check(cfg, run_dir, meta, single, source, processor)
+    reruns.export_single_check(cfg, run_dir, meta, single, source, processor)
     log.info("best/ held the average of the checks at steps %s, which this run does not ship: exported the best "
              "single check (step %d, from %s) as best/ again", best["averaged_steps"], single["step"], source)
-
-
-def single_check_source(run_dir: Path, step: int) -> Path | None:
-    """Where the model of the periodic check at `step` is still saved: its weights file in
-    averaging/, else its complete checkpoint folder (the whole model, or a LoRA run's adapters);
-    None when neither is left."""
-    kept = averaging.weights_path(run_dir / averaging.FOLDER, step)
-    if kept.is_file():
-        return kept
-    found = dict(checkpoints.checkpoints(run_dir)).get(step)
-    if found is not None and any((found / name).is_file() for name in ("config.json", "adapter_config.json")):
-        return found
-    return None
 
 
 def export_ct2(best_dir: Path) -> None:
