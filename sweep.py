@@ -13,11 +13,11 @@ skips finished (and failed) trials and resumes a killed one.
 
 from __future__ import annotations
 
-import os
 import sys
 
 from whisper_ft import cli
-from whisper_ft.sweep import TRIAL_FILE, check_same_sweep, check_stores, check_trials, load_spec, run_sweep, write_report
+from whisper_ft.processes import world_size
+from whisper_ft.sweep import check_stores, check_trials, load_spec, report_only, run_sweep
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -28,21 +28,14 @@ def main(argv: list[str] | None = None) -> int:
     what.add_argument("--retry-failed", action="store_true",
                       help="first run each failed trial again, from the start, as a new trial with its settings")
     args = parser.parse_args(argv)
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # every process would run every trial, in one study
+    if world_size() > 1:  # every process would run every trial, in one study
         raise cli.UserError("sweep.py runs its trials one after another in one process: start it with python, not "
                             "torchrun or accelerate launch")
     spec = load_spec(args.sweep)
     base = cli.config_from_args(args)
     cli.warn_stage1_sets(args, "every trial trains on its store")
     if args.report_only:
-        from pathlib import Path
-
-        folder = Path(base.training.output_dir) / "sweeps" / spec.name
-        if not list(folder.glob(f"trial-*/{TRIAL_FILE}")):
-            raise cli.UserError(f"--report-only: no trials in {folder}; run python sweep.py {args.sweep} first "
-                                "(or pass the training.output_dir it ran with)")
-        check_same_sweep(folder, spec, base)  # the report ranks and describes the trials as they ran
-        report = write_report(folder, spec)
+        report = report_only(spec, base, args.sweep)
     else:
         from whisper_ft.train import run_training
 

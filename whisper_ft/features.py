@@ -528,7 +528,9 @@ def load_feature_processor(name_or_path: str, language: str = "sv", task: str = 
     return processor
 
 
-_WORKER: dict = {}  # per worker process: the feature extractor, tokenizer and limits
+# Set once in each worker process by the pool's initializer (`_init_worker`), so that the
+# processor is sent to a worker once, not with every batch: the feature extractor, tokenizer, limits.
+_WORKER: dict = {}
 
 
 def _init_worker(processor: Processor, limits: Limits) -> None:

@@ -327,7 +327,7 @@ def trial_config(base: Config, spec: SweepSpec, params: dict, folder: Path, numb
     what picks best/, and the equal budget."""
     variant = spec.variants.get(params.get(VARIANT), {})
     values = [*spec.base.items(), *variant.items(), *((k, v) for k, v in params.items() if k != VARIANT),
-              ("training.output_dir", str(folder)), ("training.run_name", f"trial-{number:03d}"),
+              ("training.output_dir", str(folder)), ("training.run_name", trial_dir(folder, number).name),
               (SELECT_KEY, spec.metric)]
     cfg = load_config(config_path, overrides, values)
     steps = budget(spec, samples_per_step(cfg.training))
@@ -491,6 +491,26 @@ def _flat(tree: dict, prefix: str = "") -> dict:
     return out
 
 
+def sweep_dir(spec: SweepSpec, base: Config) -> Path:
+    """Where a sweep's trials and report live: <training.output_dir>/sweeps/<name>/."""
+    return Path(base.training.output_dir) / "sweeps" / spec.name
+
+
+def trial_dir(folder: Path, number: int) -> Path:
+    return folder / f"trial-{number:03d}"
+
+
+def report_only(spec: SweepSpec, base: Config, sweep_file: str) -> Path:
+    """Rewrite the report of a sweep's finished trials (`write_report`), ranked and described as
+    they ran (`check_same_sweep`); returns report.md."""
+    folder = sweep_dir(spec, base)
+    if not list(folder.glob(f"trial-*/{TRIAL_FILE}")):
+        raise ConfigError(f"--report-only: no trials in {folder}; run python sweep.py {sweep_file} first (or pass "
+                          "the training.output_dir it ran with)")
+    check_same_sweep(folder, spec, base)
+    return write_report(folder, spec)
+
+
 def run_sweep(spec: SweepSpec, base: Config, config_path: str | None, overrides: list[str],
               train: Callable[..., dict], log: Callable[[str], None] = print, retry_failed: bool = False) -> Path:
     """Run (or continue) every trial of a sweep, then write the report; returns the sweep folder.
@@ -501,7 +521,7 @@ def run_sweep(spec: SweepSpec, base: Config, config_path: str | None, overrides:
 
     check_trials(spec, base, config_path, overrides)
     check_folder(base.training.output_dir, "training.output_dir")
-    folder = Path(base.training.output_dir) / "sweeps" / spec.name
+    folder = sweep_dir(spec, base)
     check_writable(folder, "training.output_dir")
     study = make_study(spec, folder)
     if study.get_trials(deepcopy=False):
@@ -519,7 +539,7 @@ def run_sweep(spec: SweepSpec, base: Config, config_path: str | None, overrides:
                 continue
             study.enqueue_trial(ft.params, user_attrs={RETRY_OF: ft.number})
             trial = study.ask(dists)
-            record_path = folder / f"trial-{ft.number:03d}" / TRIAL_FILE
+            record_path = trial_dir(folder, ft.number) / TRIAL_FILE
             _write_json(record_path, {**json.loads(record_path.read_text()), "retried_as": trial.number})
             log(f"retrying failed trial {ft.number} as trial {trial.number}")
             _run_one(study, trial, spec, base, folder, config_path, overrides, train, log)
@@ -556,7 +576,7 @@ def _run_one(study, trial, spec: SweepSpec, base: Config, folder: Path, config_p
     from optuna.trial import TrialState
 
     number, params = trial.number, trial.params
-    record_path = folder / f"trial-{number:03d}" / TRIAL_FILE
+    record_path = trial_dir(folder, number) / TRIAL_FILE
     record = json.loads(record_path.read_text()) if record_path.is_file() else {"wall_seconds": 0.0}
     record.update(number=number, params=params, status="running")
     record_path.parent.mkdir(parents=True, exist_ok=True)
