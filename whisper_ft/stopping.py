@@ -33,6 +33,7 @@ from functools import partial
 from transformers import TrainerCallback
 
 from whisper_ft.errors import Stopped
+from whisper_ft.processes import is_main_process
 
 SIGNALS = {signal.SIGTERM: "SIGTERM", signal.SIGINT: "Ctrl-C"}  # each with its name in messages
 
@@ -71,7 +72,7 @@ class StopOnSignal(TrainerCallback):
             signal.raise_signal(signum)
             return
         self.signals.append(signum)
-        if len(self.signals) == 1 and os.environ.get("RANK", "0") == "0":  # a handler does not log: logging locks
+        if len(self.signals) == 1 and is_main_process():  # a handler does not log: logging locks
             name = SIGNALS[signum]
             os.write(2, f"{name}: saving a checkpoint at the end of this step, then stopping (a second {name} stops "
                         "at once, losing the steps since the last checkpoint)\n".encode())
