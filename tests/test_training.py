@@ -532,6 +532,33 @@ def test_a_damaged_newest_checkpoint_is_refused_with_one_line_before_anything_lo
         run_training(load_config(ROOT / "config.yaml", sets))
 
 
+def test_a_finished_run_whose_checkpoint_was_damaged_since_still_has_nothing_to_do(tmp_path):
+    """Its checkpoint is not loaded again: refusing it would have the user retrain the run."""
+    from whisper_ft.config import save_config
+    from whisper_ft.train import run_training
+
+    cfg = load_config(ROOT / "config.yaml", overrides(tmp_path / "features" / "none", tmp_path / "no-model", tmp_path))
+    run_dir = tmp_path / "tiny"
+    os.truncate(fake_checkpoint(run_dir, 4) / "model.safetensors", 100)
+    save_config(cfg, run_dir / "config.yaml")
+    (run_dir / "best").mkdir()
+    (run_dir / "best" / "README.md").write_text("# the model card\n")
+    (run_dir / "metrics.json").write_text(json.dumps({"steps": 4, "best_wer": 0.2}))
+    assert run_training(cfg) == {"steps": 4, "best_wer": 0.2, "run_dir": str(run_dir)}
+
+
+@pytest.mark.parametrize("layout", ["pytorch_model_fsdp_0", "global_step4"])
+def test_checkpoints_of_sharded_trainers_are_not_taken_for_damaged(tmp_path, layout):
+    """FSDP's sharded state dict and DeepSpeed's ZeRO-3 keep the weights in a folder of their own."""
+    folder = fake_checkpoint(tmp_path, 4)
+    (folder / "model.safetensors").unlink()
+    (folder / "optimizer.pt").unlink()
+    (folder / layout).mkdir()
+    (folder / layout / "__0_0.distcp").write_bytes(b"\0" * 64)
+    assert checkpoints.damage(folder) is None
+    shutil.rmtree(folder / layout)
+    assert checkpoints.damage(folder) == "no model weights in it"
+
 def test_a_resume_says_which_newer_checkpoint_it_skips_as_incomplete(tmp_path, caplog):
     from whisper_ft.reruns import check_newest_checkpoint
 

@@ -63,16 +63,21 @@ def incomplete(run_dir: str | Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
+WEIGHTS_PATTERNS = ("*.safetensors", "*.bin", "pytorch_model_fsdp*", "global_step*")  # the Trainer's layouts
+
+
 def damage(checkpoint: Path) -> str | None:
     """What makes a complete-looking checkpoint unloadable, found without reading its tensors: no
-    weights, a weights file whose header or length is wrong, a torch file whose zip directory is
-    cut (a folder copied in part, or a synchronous save cut short); None when it looks whole."""
+    weights in any layout the Trainer writes (safetensors, .bin, a LoRA adapter, FSDP's sharded
+    `pytorch_model_fsdp_0/`, DeepSpeed's `global_step<N>/`), a weights file whose header or
+    length is wrong, a torch file whose zip directory is cut (a folder copied in part, or a
+    synchronous save cut short); None when it looks whole."""
     import zipfile
 
     from safetensors import SafetensorError, safe_open
 
     weights = sorted(checkpoint.glob("*.safetensors"))
-    if not weights and not (checkpoint / "pytorch_model.bin").is_file():
+    if not any(next(checkpoint.glob(pattern), None) for pattern in WEIGHTS_PATTERNS):
         return "no model weights in it"
     for path in weights:
         try:

@@ -404,14 +404,14 @@ def run_training(cfg: Config, fresh: bool = False, callbacks: Sequence[TrainerCa
             log.info("removed %s, left half-written by an earlier process", leftover)
     found = [] if fresh else checkpoints.checkpoints(run_dir)
     start_step, resume = found[-1] if found else (0, None)
-    if not fresh:
-        reruns.check_newest_checkpoint(run_dir, found)
     if resume is not None:
         reruns.check_resumable(cfg, run_dir, resume, start_step)
         if (done := reruns.finished_summary(cfg, run_dir, start_step)) is not None:
             log.info("%s finished at step %d already (metrics.json): nothing to do; --push-only publishes it, "
                      "--fresh trains it again", run_dir, start_step)
             return done
+    if not fresh:  # a finished run's checkpoint is not loaded: it may be damaged
+        reruns.check_newest_checkpoint(run_dir, found)
     elif not fresh and (run_dir / checkpoints.BEST_DIR).is_dir():
         reruns.start_over(cfg, run_dir)
     subset_seed = reruns.eval_subset_seed(cfg, run_dir) if resume is not None else reruns.EVAL_SUBSET_SEED
