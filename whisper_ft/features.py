@@ -958,7 +958,7 @@ def build(cfg, num_shards: int = 1, shard_index: int = 0, workers: int | None = 
             for s in todo:  # shards are renamed into place whole: one there but unfinished was damaged
                 if s.path(store.root).is_dir():
                     echo(f"rebuilding {s.split}/{s.name}: its {STATS} is missing or damaged")
-            echo(f"{store.root}: {len(shards)} shards ({done} of this process's {len(mine)} already done, "
+            echo(f"{store.root.absolute()}: {len(shards)} shards ({done} of this process's {len(mine)} already done, "
                  f"{len(mine) - len(todo) - done} held by other processes), {n_rows} clips to encode with {workers} "
                  "workers")
             encode_shards(store.root, todo, processor, fc, workers, claims)
