@@ -118,16 +118,16 @@ def fsync_tree(folder: str | Path) -> None:
 
 def fsync_file(path: str | Path) -> None:
     """Flush a written file's data to the disk (before renaming it into place)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    _fsync(path)
 
 
 def fsync_dir(folder: str | Path) -> None:
     """Flush a folder's entries (new and renamed names) to the disk."""
-    fd = os.open(folder, os.O_RDONLY)
+    _fsync(folder)
+
+
+def _fsync(path: str | Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
