@@ -410,10 +410,10 @@ def run_training(cfg: Config, fresh: bool = False, callbacks: Sequence[TrainerCa
             log.info("%s finished at step %d already (metrics.json): nothing to do; --push-only publishes it, "
                      "--fresh trains it again", run_dir, start_step)
             return done
-    if not fresh:  # a finished run's checkpoint is not loaded: it may be damaged
-        reruns.check_newest_checkpoint(run_dir, found)
     elif not fresh and (run_dir / checkpoints.BEST_DIR).is_dir():
         reruns.start_over(cfg, run_dir)
+    if not fresh:  # not before a finished run's return: its checkpoint is not loaded, and may be damaged
+        reruns.check_newest_checkpoint(run_dir, found)
     subset_seed = reruns.eval_subset_seed(cfg, run_dir) if resume is not None else reruns.EVAL_SUBSET_SEED
     data = load_data(cfg, subset_seed)
     model = prepare_model(cfg, data.processor.tokenizer)
