@@ -225,6 +225,27 @@ def lookup(tree: Any, key: str, default: Any = None) -> Any:
     return tree
 
 
+def flat(tree: Mapping, prefix: str = "", lists: bool = False) -> dict:
+    """{"training.lora.rank": 8, ...}: the dotted keys --set takes, of nested mappings (an empty
+    one stays a value) and, with `lists`, of lists of mappings by index (features.sources.0.path)."""
+    out = {}
+    for k, v in tree.items():
+        if lists and isinstance(v, list) and v and all(isinstance(x, Mapping) for x in v):
+            v = {str(i): x for i, x in enumerate(v)}
+        if isinstance(v, Mapping) and v:
+            out.update(flat(v, f"{prefix}{k}.", lists))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def first_change(before: dict, now: dict, compared=lambda key: True) -> tuple | None:
+    """(key, before, now) of the first key, in `now`'s order then `before`'s, whose value differs
+    and for which `compared(key)`; None where none does (a missing key is None)."""
+    keys = [*now, *(k for k in before if k not in now)]
+    return next(((k, before.get(k), now.get(k)) for k in keys if compared(k) and before.get(k) != now.get(k)), None)
+
+
 def load_config(path: str | Path | None = "config.yaml", overrides: list[str] | tuple[str, ...] = (),
                 values: Mapping[str, Any] | Iterable[tuple[str, Any]] = ()) -> Config:
     """Read a YAML file (None: defaults only), apply `section.key=value` overrides, then typed

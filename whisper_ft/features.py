@@ -47,7 +47,7 @@ import numpy as np
 
 from whisper_ft.audio import SAMPLE_RATE, AudioError, TooLong, load_audio, pad_features, trimmed_features
 from whisper_ft.claims import ClaimSet, gone_here, live_claims, owner_tag, read_holder
-from whisper_ft.config import check_folder, save_config, to_dict, whisper_code
+from whisper_ft.config import check_folder, first_change, flat, save_config, to_dict, whisper_code
 from whisper_ft.errors import UserError, first_line
 from whisper_ft.files import create_atomic, fsync_tree, replace_dir, staging_dir, write_atomic
 from whisper_ft.sources import EVAL, TRAIN, VALIDATION, ArrowAudio, Row, SourceError, describe, read_source
@@ -1068,30 +1068,18 @@ def planned_settings(plan: dict) -> dict | None:
         return None
 
 
-def flat_settings(value: Any, key: str = "") -> dict:
-    """Settings as {"features.sources.0.path": ..., "features.min_seconds": ...}: the keys --set takes."""
-    if isinstance(value, dict):
-        items = value.items()
-    elif isinstance(value, list) and value and all(isinstance(v, dict) for v in value):  # the sources
-        items = enumerate(value)
-    else:
-        return {key: value}
-    return {k: v for name, sub in items for k, v in flat_settings(sub, f"{key}.{name}" if key else str(name)).items()}
-
-
 def how_built(plan: dict, settings: dict) -> str:
     """What made the store of `plan` other than this run's `settings`: the first setting that
     differs, for the refusal (a plan without settings: that it differs)."""
     theirs = planned_settings(plan)
     if theirs is None:
         return "from other inputs or settings"
-    a, b = flat_settings(theirs), flat_settings(settings)
-    for key in [*b, *(k for k in a if k not in b)]:
-        if a.get(key, "(not set)") != b.get(key, "(not set)"):
-            show = [v if isinstance(v, str) and v else json.dumps(v) for v in (a.get(key, "(not set)"),
-                                                                             b.get(key, "(not set)"))]
-            return f"with {key} {show[0]}, this run has {show[1]}"
-    return "from the same settings but other rows (a source's files changed) or an older feature format"
+    change = first_change(flat(theirs, lists=True), flat(settings, lists=True))
+    if change is None:
+        return "from the same settings but other rows (a source's files changed) or an older feature format"
+    key, *values = change
+    before, now = (v if isinstance(v, str) and v else json.dumps(v) for v in values)
+    return f"with {key} {before}, this run has {now}"
 
 
 def manifest_header(cfg, processor: Processor, settings: dict) -> dict:

@@ -26,8 +26,8 @@ from pathlib import Path
 import yaml
 
 from whisper_ft.checkpoints import read_best, read_events, selection_checks
-from whisper_ft.config import (SELECT_METRICS, Config, ConfigError, check_folder, check_writable, is_folder_name,
-                               load_config, read_mapping, save_config, stage1_only, to_dict)
+from whisper_ft.config import (SELECT_METRICS, Config, ConfigError, check_folder, check_writable, first_change, flat,
+                               is_folder_name, load_config, read_mapping, save_config, stage1_only, to_dict)
 from whisper_ft.errors import first_line, machine_problem
 from whisper_ft.files import write_atomic
 
@@ -185,17 +185,17 @@ def check_trials(spec: SweepSpec, base: Config, config_path: str | None,
     would be checked on different clips: different feature stores' held-out splits
     (`training.eval_features` makes them one), or subsets of different sizes
     (`training.eval_subset`). Returns the (params, config) of the trials it checked."""
-    both = _shared(_flat(spec.base), spec.space)
+    both = _shared(flat(spec.base), spec.space)
     if both:
         raise ConfigError(f"sweep {spec.name}: {both[0]} is set by base and searched by space, whose values would "
                           "replace base's; keep one")
     for name, variant in spec.variants.items():
-        both = _shared(_flat(variant), spec.space)
+        both = _shared(flat(variant), spec.space)
         if both:
             raise ConfigError(f"sweep {spec.name}: {both[0]} is set by variants.{name} and searched by space, whose "
                               "values would replace the variant's; keep one")
-    owners = {**{k: "variants." + name for name, v in spec.variants.items() for k in _flat(v)},
-              **{k: "base" for k in _flat(spec.base)}, **{k: "space" for k in spec.space}}
+    owners = {**{k: "variants." + name for name, v in spec.variants.items() for k in flat(v)},
+              **{k: "base" for k in flat(spec.base)}, **{k: "space" for k in spec.space}}
     built = sorted(filter(stage1_only, owners))
     if built:  # a trial reads a built store: the report would compare settings that changed nothing
         raise ConfigError(f"sweep {spec.name}: {built[0]} (set by the sweep file's {owners[built[0]]}) is a setting of "
@@ -425,12 +425,12 @@ def check_same_sweep(folder: Path, spec: SweepSpec, base: Config) -> None:
         now = yaml.safe_load(yaml.safe_dump(dataclasses.asdict(spec)))
         check_same_choices(spec, before)
         kept = set(before.get("variants") or {}) & set(now["variants"])
-        changed = (_first_change(_flat(before), _flat(now), lambda k: k.split(".")[0] not in SPEC_FREE_ON_RERUN)
-                   or _first_change({f"variants.{n}": before["variants"][n] for n in kept},
+        changed = (first_change(flat(before), flat(now), lambda k: k.split(".")[0] not in SPEC_FREE_ON_RERUN)
+                   or first_change({f"variants.{n}": before["variants"][n] for n in kept},
                                     {f"variants.{n}": now["variants"][n] for n in kept}, lambda k: True))
     if not changed and (folder / "config.yaml").is_file():
         free = {*CONFIG_FREE_ON_RERUN, *decided_keys(spec), *set_by_sweep(spec)}
-        changed = _first_change(_flat(to_dict(load_config(folder / "config.yaml"))), _flat(to_dict(base)),
+        changed = first_change(flat(to_dict(load_config(folder / "config.yaml"))), flat(to_dict(base)),
                                 lambda k: (k.split(".")[0] in ("model", "training")
                                            or k in ("features.name", "features.data_dir")) and not _shared([k], free))
     if changed:
@@ -442,8 +442,8 @@ def check_same_sweep(folder: Path, spec: SweepSpec, base: Config) -> None:
 def set_by_sweep(spec: SweepSpec) -> set[str]:
     """The config keys the sweep file sets for every trial (its base and space, and what every
     variant sets): the base config's value of such a key reaches no trial."""
-    every_variant = set.intersection(*(set(_flat(v)) for v in spec.variants.values())) if spec.variants else set()
-    return {*_flat(spec.base), *spec.space, *every_variant}
+    every_variant = set.intersection(*(set(flat(v)) for v in spec.variants.values())) if spec.variants else set()
+    return {*flat(spec.base), *spec.space, *every_variant}
 
 
 def check_same_choices(spec: SweepSpec, before: dict) -> None:
@@ -471,24 +471,6 @@ def check_same_choices(spec: SweepSpec, before: dict) -> None:
             raise ConfigError(f"sweep {spec.name} drew its trials' {name} from {was[key]!r}, this file has "
                               f"{now[key]!r}: a study cannot change a list of values (ranges can change); set it "
                               f"back, or {NEW_SWEEP}") from None
-
-
-def _first_change(before: dict, now: dict, compared) -> tuple | None:
-    """(key, before, now) of the first key, in `now`'s order then `before`'s, whose value differs
-    and for which `compared(key)`; None where none does (a missing key is None)."""
-    keys = [*now, *(k for k in before if k not in now)]
-    return next(((k, before.get(k), now.get(k)) for k in keys if compared(k) and before.get(k) != now.get(k)), None)
-
-
-def _flat(tree: dict, prefix: str = "") -> dict:
-    """{"training.lora.rank": 8, ...} of a nested dict (a sweep's base keys are dotted already)."""
-    out = {}
-    for k, v in tree.items():
-        if isinstance(v, dict) and v:
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
 
 
 def sweep_dir(spec: SweepSpec, base: Config) -> Path:
