@@ -43,24 +43,21 @@ _COMPLETE_MARK = "trainer_state.json"
 
 def checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
     """Complete `checkpoint-<step>` folders of a run, oldest first."""
+    return [(step, p) for step, p in _checkpoint_folders(run_dir) if _complete(p)]
+
+
+def _checkpoint_folders(run_dir: str | Path) -> list[tuple[int, Path]]:
+    """Every `checkpoint-<step>` folder of a run, complete or not, oldest first."""
     run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        return []
-    found = []
-    for p in run_dir.iterdir():
-        m = _CHECKPOINT.match(p.name)
-        if m and p.is_dir() and _complete(p):
-            found.append((int(m.group(1)), p))
+    found = [(int(m.group(1)), p) for p in (run_dir.iterdir() if run_dir.is_dir() else ())
+             if (m := _CHECKPOINT.match(p.name)) and p.is_dir()]
     return sorted(found)
 
 
 def incomplete(run_dir: str | Path) -> list[tuple[int, Path]]:
     """The `checkpoint-<step>` folders of a run that `checkpoints` skips (no whole
     trainer_state.json), oldest first."""
-    run_dir = Path(run_dir)
-    found = [(int(m.group(1)), p) for p in (run_dir.iterdir() if run_dir.is_dir() else ())
-             if (m := _CHECKPOINT.match(p.name)) and p.is_dir() and not _complete(p)]
-    return sorted(found)
+    return [(step, p) for step, p in _checkpoint_folders(run_dir) if not _complete(p)]
 
 
 WEIGHTS_PATTERNS = ("*.safetensors", "*.bin", "pytorch_model_fsdp*", "global_step*")  # the Trainer's layouts

@@ -253,7 +253,7 @@ def write_shard(path: Path, examples: list[dict], drops: Counter, n_rows: int, n
             shutil.rmtree(path)
         os.replace(tmp, path)
     except OSError:
-        if not (path / STATS).is_file():
+        if shard_stats(path) is None:
             raise
         # another process finished the same shard first: keep theirs
     finally:
