@@ -267,3 +267,30 @@ def test_a_wav_or_flac_cut_short_is_refused_by_the_length_its_header_counts(tmp_
     at = streamed.index(b"data") + 4
     streamed[at:at + 4] = b"\xff\xff\xff\xff"
     assert len(load_audio(bytes(streamed[: len(streamed) // 2]))) == pytest.approx(len(wave) / 2, abs=50)
+
+
+@pytest.mark.parametrize("ffmpeg", [True, False], ids=["ffmpeg", "libsndfile"])
+def test_a_flac_whose_header_leaves_its_length_open_decodes_and_is_held_to_the_limit(tmp_path, monkeypatch, ffmpeg):
+    """A FLAC written to a pipe counts 0 samples in STREAMINFO, which libsndfile reports as 2**63 - 1
+    frames: the app refused a 2 s recording as 9.6 trillion minutes long, stage 1 dropped it as too long."""
+    if ffmpeg and shutil.which("ffmpeg") is None:
+        pytest.skip("ffmpeg is not installed")
+    if not ffmpeg:
+        monkeypatch.setattr(shutil, "which", lambda name: None)
+    t = np.arange(2 * SAMPLE_RATE) / SAMPLE_RATE
+    wave = (0.3 * np.sin(2 * np.pi * 220 * t)).astype(np.float32)
+    streamed = tmp_path / "streamed.flac"
+    sf.write(streamed, wave, SAMPLE_RATE, format="FLAC")
+    data = bytearray(streamed.read_bytes())
+    data[21] &= 0xF0  # STREAMINFO's 36-bit sample count: unknown
+    data[22:26] = bytes(4)
+    streamed.write_bytes(data)
+    assert sf.info(str(streamed)).frames > 2**62
+    assert probe_seconds(streamed) is None
+    if not ffmpeg:  # libsndfile cannot read such a file to its end
+        with pytest.raises(AudioError, match="needs ffmpeg, which is not installed"):
+            load_audio(streamed, max_seconds=60)
+        return
+    assert len(load_audio(streamed, max_seconds=60)) == pytest.approx(len(wave), abs=50)
+    with pytest.raises(TooLong):
+        load_audio(streamed, max_seconds=1)

@@ -49,6 +49,8 @@ MEDIA_DEMUXERS = tuple(MEDIA_FORMATS)
 MEDIA_EXTENSIONS = tuple(sorted({ext for exts in MEDIA_FORMATS.values() for ext in exts}))
 LOCAL_ONLY = ["-protocol_whitelist", "file,pipe", "-format_whitelist", ",".join(MEDIA_DEMUXERS)]
 MONO_AT_ONCE = 60 * 48_000 * 2  # samples decoded in one piece; longer audio is mixed down and resampled in blocks
+# libsndfile's frame count of a file whose header leaves its length open (a FLAC written to a pipe)
+UNKNOWN_FRAMES = 2**62
 
 
 class AudioError(ValueError):
@@ -98,14 +100,15 @@ def _soundfile_decode(source, sample_rate: int, max_seconds: float | None, timeo
     (a long recording, or a small FLAC of many channels at a huge rate) is mixed down and
     resampled in blocks, so memory follows the output's length, within `timeout` seconds."""
     with sf.SoundFile(source) as f:
-        exact = f.format != "MP3" or _exact_mp3_length(source)
+        known = f.frames < UNKNOWN_FRAMES
+        exact = known and (f.format != "MP3" or _exact_mp3_length(source))
         if not exact and shutil.which("ffmpeg"):
             # libsndfile's length of such an MP3 is an estimate, and it reads no further: a VBR
             # file whose first frame has a high rate came out at 5.6 of its 12.9 s
             raise _LengthUnknown
-        if max_seconds is not None and f.frames > max_seconds * f.samplerate:
+        if max_seconds is not None and known and f.frames > max_seconds * f.samplerate:
             raise TooLong(f.frames / f.samplerate, max_seconds)
-        if f.frames * f.channels <= MONO_AT_ONCE:
+        if known and f.frames * f.channels <= MONO_AT_ONCE:
             wave = f.read(dtype="float32", always_2d=True)
             _check_length(len(wave), f.frames, f.samplerate, exact)
             return to_mono(wave, f.samplerate, sample_rate)
@@ -118,6 +121,8 @@ def _soundfile_decode(source, sample_rate: int, max_seconds: float | None, timeo
             if deadline is not None and time.monotonic() > deadline:
                 raise AudioError(f"decoding took longer than {timeout:.3g} s")
             decoded += len(block)
+            if max_seconds is not None and decoded > max_seconds * f.samplerate:
+                raise TooLong(None, max_seconds)
             mono = block.mean(axis=1, dtype=np.float32)
             parts.append(mono if same_rate else stream.resample_chunk(mono))
         _check_length(decoded, f.frames, f.samplerate, exact)
@@ -127,7 +132,8 @@ def _soundfile_decode(source, sample_rate: int, max_seconds: float | None, timeo
 
 
 class _LengthUnknown(ValueError):
-    """An MP3 whose length libsndfile can only estimate: decoded with ffmpeg instead."""
+    """An MP3 whose length libsndfile can only estimate, or a file whose header leaves it open:
+    decoded with ffmpeg instead."""
 
 
 def _check_length(decoded: int, declared: int, sr: int, exact: bool) -> None:
@@ -248,6 +254,8 @@ def probe_seconds(source: str | Path, timeout: float = 20.0) -> float | None:
     estimate it from the first frame's bitrate (a 38 s VBR file read 433 s and 425 s)."""
     try:
         info = sf.info(str(source))
+        if info.frames >= UNKNOWN_FRAMES:
+            return None
         return info.duration if info.format != "MP3" or _exact_mp3_length(str(source)) else None
     except (sf.LibsndfileError, RuntimeError, TypeError, ValueError):
         pass
