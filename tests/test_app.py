@@ -596,6 +596,25 @@ def test_real_model_two_minutes_end_to_end(real_model_dir, tmp_path, fake_google
     assert Path(files[1]).read_text(encoding="utf-8").count("-->") > 5
 
 
+def test_transcript_files_are_removed_after_an_hour_without_another_request(cfg, tmp_path, monkeypatch):
+    """Old files were removed only when a later request wrote new ones: on a quiet page a
+    visitor's transcript stayed until the process ended, not the hour docs/app.md promises."""
+    monkeypatch.setattr(app, "CLEAN_EVERY", 0.05)
+    handlers = Handlers(None, cfg, tmp_path)
+    files, note = handlers._write_files(Transcript("hej då", (), 1.0, 0.1))
+    assert len(files) == 2 and not note
+    for f in files:
+        os.utime(f, (time.time() - 2 * app.DOWNLOAD_MAX_AGE,) * 2)
+    for _ in range(100):
+        if not any(Path(f).exists() for f in files):
+            break
+        time.sleep(0.05)
+    assert not any(Path(f).exists() for f in files)
+    cleaner = handlers._cleaner
+    handlers._write_files(Transcript("igen", (), 1.0, 0.1))  # one cleaner per page, however many files
+    assert handlers._cleaner is cleaner and cleaner.is_alive()
+
+
 def test_cleanup_tolerates_a_transcript_another_request_removed(tmp_path, monkeypatch):
     old = tmp_path / "transcript-old.txt"
     old.write_text("x")

@@ -42,6 +42,7 @@ NO_TRANSLATION = "No translation"
 TRANSLATORS = (GOOGLE, WHISPER, NO_TRANSLATION)
 HISTORY_TURNS = 20  # conversation turns kept on the page per visitor
 DOWNLOAD_MAX_AGE = 3600.0  # seconds a transcript file stays on disk
+CLEAN_EVERY = 600.0  # seconds between removals of older transcript files (and of Gradio's cached files)
 PROBE_TIMEOUT = 20.0  # seconds for ffprobe to read an upload's duration
 AUTH_ENV = "WHISPER_APP_AUTH"  # USER:PASSWORD, for a login kept out of the shell history
 BUSY = "The page is busy with other visitors' recordings; try again in a few minutes."
@@ -89,6 +90,7 @@ class Handlers:
             out_dir = self._tmp.name
         self.out_dir = Path(out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
+        self._cleaner: threading.Thread | None = None
 
     def from_microphone(self, path, translator=GOOGLE, target="en", timestamps=False, history=None):
         deadline = self._deadline()
@@ -207,6 +209,7 @@ class Handlers:
         removed) costs the visitor the downloads, not the transcript already computed."""
         stem = self.out_dir / f"transcript-{uuid.uuid4().hex[:8]}"
         txt, srt = stem.with_suffix(".txt"), stem.with_suffix(".srt")
+        self._start_cleaner()
         try:
             _remove_old(self.out_dir, DOWNLOAD_MAX_AGE)
             txt.write_text(to_txt(result), encoding="utf-8")
@@ -220,6 +223,23 @@ class Handlers:
             return [], (f"**No download files:** they could not be written ({reason}). The transcript above is "
                         "complete; copy it from the page.")
         return [str(txt), str(srt)], ""
+
+    def _start_cleaner(self) -> None:
+        """Transcript files are removed an hour after they were written, also when no request comes
+        to find them: a thread that looks every CLEAN_EVERY seconds, started by the first file."""
+        if self._cleaner is not None:
+            return
+
+        def clean(folder: Path = self.out_dir) -> None:
+            while True:
+                time.sleep(CLEAN_EVERY)
+                try:
+                    _remove_old(folder, DOWNLOAD_MAX_AGE)
+                except OSError as e:  # the folder removed with the process's temporary folder
+                    log.debug("transcript files not cleaned up: %s", e)
+
+        self._cleaner = threading.Thread(target=clean, name="transcript-cleaner", daemon=True)
+        self._cleaner.start()
 
 
 def _speed_note(result: Transcript, backend: str) -> str:
@@ -267,7 +287,7 @@ def build_app(handlers: Handlers, model_name: str, notice: str = "") -> gr.Block
     cfg = handlers.cfg.app
     # Uploads and transcripts in Gradio's cache are people's speech: delete them after an hour.
     title = f"{language_name(handlers.language)} speech to text"
-    with gr.Blocks(title=title, delete_cache=(int(DOWNLOAD_MAX_AGE), int(DOWNLOAD_MAX_AGE))) as demo:
+    with gr.Blocks(title=title, delete_cache=(int(CLEAN_EVERY), int(DOWNLOAD_MAX_AGE))) as demo:
         gr.Markdown(f"# {title}\nModel: `{model_name}` ({handlers.transcriber.backend})")
         if notice:
             gr.Markdown(f"**Notice:** {notice}", elem_id="model-notice")
