@@ -326,6 +326,34 @@ def test_a_signal_at_a_check_step_saves_before_the_check(tmp_path, features_dir,
     assert [s for s, _ in checkpoints.checkpoints(run_dir)] == [2] and checkpoints.read_best(run_dir)["step"] == 2
 
 
+def test_no_data_loading_workers_outlive_their_pass_into_the_final_phase(tmp_path, features_dir, tiny_model_dir,
+                                                                         monkeypatch):
+    """The training Trainer kept its persistent workers (for training and for the checks) through
+    the final phase, and every scoring pass there kept its own: 12 processes of ~0.5 GB each at
+    dataloader_workers=4 while best/ was scored on the test split, on a 12 GB Colab machine."""
+    import multiprocessing
+
+    from whisper_ft import train
+
+    seen = {}
+
+    def counting(name, original):
+        def wrapper(*args, **kwargs):
+            if name != "score_test" or kwargs.get("final"):
+                seen[name] = len(multiprocessing.active_children())
+            return original(*args, **kwargs)
+        return wrapper
+
+    monkeypatch.setattr(train, "try_average", counting("try_average", train.try_average))
+    monkeypatch.setattr(train, "score_test", counting("score_test", train.score_test))
+    sets = overrides(features_dir, tiny_model_dir, tmp_path, max_steps=4, eval_steps=2, save_steps=2,
+                     eval_before_training="false", export_ctranslate2="false", average_checkpoints=2,
+                     dataloader_workers=1)
+    train.run_training(load_config(ROOT / "config.yaml", sets))
+    assert seen == {"try_average": 0, "score_test": 0}
+
+
+
 @pytest.mark.parametrize("at", [2, 4])
 def test_a_check_killed_after_its_signal_saved_the_step_runs_when_the_run_resumes(tmp_path, features_dir,
                                                                                   tiny_model_dir, monkeypatch, at):

@@ -461,6 +461,7 @@ def run_training(cfg: Config, fresh: bool = False, callbacks: Sequence[TrainerCa
         if trainer.is_world_process_zero():
             reruns.log_trained(run_dir, trainer.state.global_step, train_metrics)
         stopper.raise_if_stopped(trainer.state.global_step)  # SIGTERM: saved, and no final phase now
+    end_workers(trainer)
     if checkpoints.read_best(run_dir) is None and trainer.is_world_process_zero():  # stopped before any evaluation
         checkpoints.export_best(trainer.model, data.processor, run_dir, {**meta, "step": trainer.state.global_step, "wer": None})
     trainer.accelerator.wait_for_everyone()
@@ -482,6 +483,20 @@ def run_training(cfg: Config, fresh: bool = False, callbacks: Sequence[TrainerCa
                                              served.predictions_by_clip(run_dir / "predictions.jsonl"))
         write_reports(cfg, data.manifest, summary, run_dir)
     return summary
+
+
+def end_workers(trainer) -> None:
+    """End the DataLoader workers that a Trainer keeps for its next epoch or check (persistent:
+    training.dataloader_workers processes of about half a gigabyte each, for training and for the
+    checks) once it has trained: the final phase's scoring passes start their own."""
+    handler = trainer.callback_handler
+    loaders = [*getattr(trainer, "_eval_dataloaders", {}).values(), *trainer.accelerator._dataloaders,
+               handler.train_dataloader, handler.eval_dataloader]
+    for loader in loaders:
+        iterator = getattr(loader, "_iterator", None)
+        if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+            iterator._shutdown_workers()
+            loader._iterator = None
 
 
 def announce_start(cfg: Config, run_dir: Path, args, data: Data, step: int, resume: Path | None, gen_len: int,
@@ -584,7 +599,8 @@ def predict(cfg: Config, args, data: Data, model, dataset, prefix: str):
     the Trainer that did it and its PredictionOutput, with metrics named `<prefix>_wer` etc."""
     import dataclasses
 
-    eval_args = dataclasses.replace(args, report_to=[], eval_on_start=False)
+    # one pass: its DataLoader workers end with it
+    eval_args = dataclasses.replace(args, report_to=[], eval_on_start=False, dataloader_persistent_workers=False)
     trainer = make_trainer(model, eval_args, data, dataset, fast_generation=cfg.training.fast_generation,
                            weights_dtype=weights_dtype(cfg))
     prepared = getattr(model, "_is_accelerate_prepared", False)
