@@ -531,7 +531,8 @@ def test_a_resume_after_best_was_deleted_by_hand_exports_the_best_check_again(tm
 
 
 def fake_checkpoint(run_dir: Path, step: int) -> Path:
-    """A checkpoint folder with the files a resume reads, of a few bytes each."""
+    """A checkpoint folder with the files a resume reads, of a few bytes each, and the Trainer's
+    training_args.bin, which every checkpoint holds beside its weights."""
     import torch
     from safetensors.torch import save_file
 
@@ -539,6 +540,7 @@ def fake_checkpoint(run_dir: Path, step: int) -> Path:
     folder.mkdir(parents=True)
     save_file({"w": torch.zeros(64)}, folder / "model.safetensors")
     torch.save({"state": torch.zeros(64)}, folder / "optimizer.pt")
+    torch.save({"learning_rate": 1e-5}, folder / "training_args.bin")
     (folder / "trainer_state.json").write_text(json.dumps({"global_step": step}))
     return folder
 
@@ -586,6 +588,18 @@ def test_checkpoints_of_sharded_trainers_are_not_taken_for_damaged(tmp_path, lay
     assert checkpoints.damage(folder) is None
     shutil.rmtree(folder / layout)
     assert checkpoints.damage(folder) == "no model weights in it"
+
+@pytest.mark.parametrize("name", ["pytorch_model.bin", "pytorch_model-00001-of-00002.bin", "adapter_model.bin"])
+def test_checkpoints_with_torch_weights_are_not_taken_for_damaged(tmp_path, name):
+    """save_safetensors=false and older PEFT write torch weights; training_args.bin is not weights."""
+    import torch
+
+    folder = fake_checkpoint(tmp_path, 4)
+    (folder / "model.safetensors").unlink()
+    assert checkpoints.damage(folder) == "no model weights in it"
+    torch.save({"w": torch.zeros(4)}, folder / name)
+    assert checkpoints.damage(folder) is None
+
 
 def test_a_resume_says_which_newer_checkpoint_it_skips_as_incomplete(tmp_path, caplog):
     from whisper_ft.reruns import check_newest_checkpoint

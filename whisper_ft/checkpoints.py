@@ -60,7 +60,8 @@ def incomplete(run_dir: str | Path) -> list[tuple[int, Path]]:
     return [(step, p) for step, p in _checkpoint_folders(run_dir) if not _complete(p)]
 
 
-WEIGHTS_PATTERNS = ("*.safetensors", "*.bin", "pytorch_model_fsdp*", "global_step*")  # the Trainer's layouts
+# the Trainer's layouts of model weights (not its training_args.bin, in every checkpoint)
+WEIGHTS_PATTERNS = ("*.safetensors", "pytorch_model*.bin", "adapter_model.bin", "pytorch_model_fsdp*", "global_step*")
 
 
 def damage(checkpoint: Path) -> str | None:
