@@ -1478,21 +1478,25 @@ def test_a_run_configured_with_a_language_name_resumes_with_its_code(tmp_path):
         check_resumable(load_config(ROOT / "config.yaml", ["model.language=no"]), tmp_path, tmp_path / "checkpoint-2", 2)
 
 
-
-def test_a_resume_over_a_hand_damaged_run_config_is_a_one_line_error(tmp_path):
+def test_a_resume_over_a_hand_damaged_run_config_is_a_one_line_error_saying_what_to_do(tmp_path):
     from whisper_ft.config import ConfigError
     from whisper_ft.reruns import check_resumable
 
+    advice = "; restore the file, or pass --fresh to start the run over"
     (tmp_path / "config.yaml").write_text("training:\n  max_steps: [4000\n")
-    with pytest.raises(ConfigError, match=re.escape(f"{tmp_path / 'config.yaml'} is not valid YAML")):
+    with pytest.raises(ConfigError, match=re.escape(f"{tmp_path / 'config.yaml'} is not valid YAML") + ".*" +
+                       re.escape(advice) + "$"):
         check_resumable(load_config(ROOT / "config.yaml"), tmp_path, tmp_path / "checkpoint-2", 2)
     (tmp_path / "config.yaml").write_text("- a list\n")
-    with pytest.raises(ConfigError, match="must hold a mapping of sections, got list"):
+    with pytest.raises(ConfigError, match="must hold a mapping of sections, got list" + re.escape(advice) + "$"):
         check_resumable(load_config(ROOT / "config.yaml"), tmp_path, tmp_path / "checkpoint-2", 2)
     (tmp_path / "config.yaml").write_text("")  # which would pass any change
-    with pytest.raises(ConfigError, match="config.yaml is empty: the settings the run was trained with are gone"):
+    with pytest.raises(ConfigError, match="config.yaml is empty: the settings the run was trained with are gone" +
+                       re.escape(advice) + "$"):
         check_resumable(load_config(ROOT / "config.yaml", ["training.learning_rate=1e-3"]), tmp_path,
                         tmp_path / "checkpoint-2", 2)
+
+
 @pytest.mark.parametrize("section, key", [("lora", "rank=8"), ("spec_augment", "mask_time_length=20")])
 def test_a_resume_refuses_changed_lora_or_spec_augment_settings_only_where_they_are_on(tmp_path, section, key):
     from whisper_ft.config import save_config

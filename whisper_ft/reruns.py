@@ -72,9 +72,13 @@ def saved_config(run_dir: Path) -> dict | None:
     path = run_dir / "config.yaml"
     if not path.is_file():
         return None
-    if not (saved := read_mapping(path, "run config", "sections")):
-        raise ConfigError(f"{path} is empty: the settings the run was trained with are gone; restore the file, or "
-                          "pass --fresh to start the run over")
+    advice = "restore the file, or pass --fresh to start the run over"
+    try:
+        saved = read_mapping(path, "run config", "sections")
+    except ConfigError as e:
+        raise ConfigError(f"{e}; {advice}") from e
+    if not saved:
+        raise ConfigError(f"{path} is empty: the settings the run was trained with are gone; {advice}")
     return saved
 
 
