@@ -112,6 +112,18 @@ class WhisperTrainer(Seq2SeqTrainer):
             group["lr"] = base * factor(sched.last_epoch)
         sched._last_lr = [group["lr"] for group in self.optimizer.param_groups]
 
+    def _issue_warnings_after_load(self, load_result) -> None:
+        """The Trainer's warnings after a resume loads weights, less the tied ones: a checkpoint
+        holds `proj_out.weight` once, as the decoder's token embedding, which loading restores in
+        both; "missing keys ... ['proj_out.weight']" read as an output layer left untrained."""
+        shared: dict[int, list[str]] = {}
+        for name, tensor in self.model.named_parameters(remove_duplicate=False):
+            shared.setdefault(id(tensor), []).append(name)
+        missing = set(load_result.missing_keys)
+        restored = {name for names in shared.values() if not missing.issuperset(names) for name in names}
+        super()._issue_warnings_after_load(load_result._replace(
+            missing_keys=[k for k in load_result.missing_keys if k not in restored]))
+
     def _init_training_state(self, max_steps, *args, **kwargs):
         """The Trainer's state, with the check, save and logging cadence of this run's arguments:
         a resumed state carries the checkpoint's, which transformers reads over the arguments'."""
