@@ -30,6 +30,12 @@ def test_select_takes_the_newest_or_the_best_checks(mode, n, expected):
     assert select(index, n, mode) == expected
 
 
+def test_a_nan_score_is_never_best_wherever_it_stands():
+    """NaN compares as neither lower nor higher than a number, so the order a sort leaves it in
+    depends on where it stands: at the oldest check it came first, as the best."""
+    assert select({100: math.nan, 200: 0.30, 300: 0.40}, 1, "best") == [200]
+
+
 def test_average_is_the_elementwise_mean_in_float32(tmp_path):
     from safetensors.torch import save_file
 
@@ -58,6 +64,20 @@ def test_keeper_keeps_only_what_the_average_uses(tmp_path):
     assert torch.equal(mean["weight"], torch.full((2, 3), 20.0))
     weights_path(folder, 10).unlink()  # killed between deleting a dropped candidate and rewriting the index
     assert read_index(folder) == {30: 0.4}
+
+
+@pytest.mark.parametrize("mode", ["best", "last"])
+def test_the_base_model_is_never_kept_however_it_scores(tmp_path, mode):
+    """Step 0 is the model before training: averaged in, it pulls the fine-tuned weights back
+    toward it. It stays out even when it scores best, or when the average has room for more
+    checks than the run made."""
+    keeper = Keeper(tmp_path, n=3, mode=mode)
+    for step, wer in ((0, 0.1), (10, 0.5), (20, 0.4)):
+        keeper.on_evaluate(None, SimpleNamespace(global_step=step, is_world_process_zero=True), SimpleNamespace(),
+                           metrics={"eval_wer": wer}, model=torch.nn.Linear(3, 2))
+    folder = tmp_path / "averaging"
+    assert read_index(folder) == {10: 0.5, 20: 0.4}
+    assert sorted(p.name for p in folder.glob("*.safetensors")) == ["step-10.safetensors", "step-20.safetensors"]
 
 
 def test_saved_weights_are_float32_even_from_a_bf16_model(tmp_path):

@@ -14,6 +14,19 @@ def test_wer_by_groups_worst_first_and_skips_empty_references():
     assert by_source[1]["clips"] == 2 and by_source[1]["wer"] == 2 / 6 * 100 and by_source[1]["wer_normalized"] == 0.0
 
 
+def test_clips_without_a_group_value_are_counted_as_unknown():
+    """A source that records no accent (the key missing, empty or null) is one `unknown` group,
+    as the model card says, not groups named "None" and ""."""
+    records = [
+        {"accents": "Skåne", "reference": "Hej på dig", "prediction": "hej på dig"},
+        {"reference": "God morgon", "prediction": "god kväll"},
+        {"accents": "", "reference": "Tack", "prediction": "tack"},
+        {"accents": None, "reference": "Ja", "prediction": "ja"},
+    ]
+    rows = {r["accents"]: r["clips"] for r in wer_by(records, "accents")}
+    assert rows == {"Skåne": 1, "unknown": 3}
+
+
 def test_a_group_of_punctuation_only_references_has_no_normalized_wer():
     rows = wer_by([{"source": "a", "reference": "...", "prediction": "bla bla"}], "source")
     assert rows[0]["wer_normalized"] is None and rows[0]["wer"] == 200.0

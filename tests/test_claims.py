@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -16,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from whisper_ft import claims
-from whisper_ft.claims import HOST_ENV, ClaimError, ClaimSet, host_name, read_holder
+from whisper_ft.claims import HOST_ENV, ClaimError, ClaimSet, gone_here, host_name, read_holder
 from whisper_ft.config import ConfigError, load_config
 
 
@@ -58,6 +59,28 @@ def test_the_heartbeat_keeps_a_claim_alive_past_the_stale_limit(tmp_path):
         assert not ClaimSet(0.4).take(path)
 
 
+def test_the_heartbeat_goes_on_after_a_write_that_failed(tmp_path, monkeypatch):
+    """A heartbeat write can fail for a moment (an NFS server restarting): the next beats must
+    still be written, or the claim goes stale under a live holder and another process takes
+    over its shard."""
+    path = tmp_path / ".shard.claim"
+    real, failed = claims._write, []
+
+    def fail_once(fd, holder):
+        if not failed:
+            failed.append(holder.heartbeat)
+            raise OSError(errno.ESTALE, "Stale file handle")
+        real(fd, holder)
+
+    with ClaimSet(0.4) as mine:
+        assert mine.take(path)
+        monkeypatch.setattr(claims, "_write", fail_once)
+        deadline = time.monotonic() + 10
+        while not (failed and read_holder(path).heartbeat > failed[0]) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert failed and read_holder(path).heartbeat > failed[0]  # a beat after the failed one
+
+
 def test_another_hosts_claim_is_taken_over_only_when_its_heartbeat_is_stale(tmp_path):
     path = tmp_path / ".shard.claim"
     plant_claim(path, "host-b", dead_pid(), age=10)  # its pid means nothing on this machine
@@ -66,6 +89,16 @@ def test_another_hosts_claim_is_taken_over_only_when_its_heartbeat_is_stale(tmp_
     with ClaimSet(5) as mine:
         assert mine.take(path)
         assert read_holder(path).host == host_name()
+
+
+def test_a_process_of_another_host_never_counts_as_gone(monkeypatch):
+    """A pid names a process only on its own machine: another host's writer whose pid has
+    ended here may still be writing there, and its temporary files must stay."""
+    monkeypatch.setenv(HOST_ENV, "host-a")
+    pid = dead_pid()
+    assert gone_here(f"host-a-{pid}")
+    assert not gone_here(f"host-b-{pid}")
+    assert not gone_here(f"host-a-{os.getpid()}")
 
 
 def test_a_claim_of_a_dead_process_on_this_host_is_stale_at_once(tmp_path):
@@ -151,12 +184,25 @@ def test_a_lost_claim_is_refused_and_its_new_holder_keeps_it(tmp_path):
     assert read_holder(path).host == "host-b"
 
 
-def test_a_clock_far_from_the_file_systems_is_refused(tmp_path, monkeypatch):
+def test_a_claim_whose_file_was_removed_is_lost(tmp_path):
+    """The store's folder was removed (or the claim deleted by hand) while this process worked:
+    it holds nothing any more and must not commit."""
+    path = tmp_path / ".shard.claim"
+    with ClaimSet(60) as mine:
+        assert mine.take(path)
+        path.unlink()
+        with pytest.raises(ClaimError, match=rf"^lost the claim {re.escape(str(path))}: this process was stalled"):
+            mine.confirm(path)
+
+
+@pytest.mark.parametrize("offset, shown", [(120, r"\+1[12]\d\.\d"), (-120, r"-1[12]\d\.\d")])
+def test_a_clock_far_from_the_file_systems_is_refused(tmp_path, monkeypatch, offset, shown):
+    """Ahead or behind: either way heartbeats compared across machines mean nothing."""
     real = time.time
-    monkeypatch.setattr(claims.time, "time", lambda: real() + 120)
+    monkeypatch.setattr(claims.time, "time", lambda: real() + offset)
     path = tmp_path / ".shard.claim"
     with ClaimSet(300, "features.claim_stale_seconds") as mine:
-        with pytest.raises(ClaimError, match=r"clock is \+12\d\.\d s off .* features.claim_stale_seconds"):
+        with pytest.raises(ClaimError, match=rf"clock is {shown} s off .* features.claim_stale_seconds"):
             mine.take(path)
     assert not path.exists()
 

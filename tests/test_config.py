@@ -50,6 +50,8 @@ def test_an_empty_list_override_is_no_splits():
     (["features.dtype=int8"], "features.dtype"),
     (["features.sources.0.limit=-5"], "features.sources.0.limit"),
     (["features.sources.0.validation_max_clips=-1"], "features.sources.0.validation_max_clips"),
+    (["features.sources.0.validation_fraction=1"], "features.sources.0.validation_fraction"),  # nothing left to train
+    (["features.sources.0.validation_fraction=-0.1"], "features.sources.0.validation_fraction"),
 ])
 def test_bad_values_name_the_key(overrides, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):

@@ -198,6 +198,9 @@ def test_labels_carry_prefix_and_orthographic_text(messy_stores, messy_release):
     ("Sam\u00adhället\u200b är\ufeff stort.", "Samhället är stort."),  # soft hyphen, zero-width space, BOM
     ("\u200b", ""),  # nothing heard: an empty sentence
     ("\u0645\u06cc\u200c\u062e\u0648\u0627\u0645", "\u0645\u06cc\u200c\u062e\u0648\u0627\u0645"),  # ZWNJ spells
+    ("Pa\u030a o\u0308n a\u0308r det ga\u030aende.", "På ön är det gående."),  # decomposed (NFD, as macOS writes)
+    ('"Ja", sa han, "nej"', '"Ja", sa han, "nej"'),  # quotes at both ends, but not one pair around it all
+    ("'Jag', sa hon, 'vet inte'", "'Jag', sa hon, 'vet inte'"),
 ])
 def test_tidy_sentence(raw, tidy):
     assert tidy_sentence(raw) == tidy
@@ -850,6 +853,23 @@ def test_processes_starting_a_new_store_at_once_agree_on_its_plan(tmp_path, monk
     (store.root / "plan.json").write_text("")  # a start killed between creating its plan and writing it
     with pytest.raises(FeaturesError, match="empty or cut short.*--overwrite"):
         features.read_plan(store.root / "plan.json", patience=0.1)
+
+
+def test_another_machines_processor_and_plan_in_progress_are_left_alone(tmp_path, monkeypatch):
+    """The store may be shared over NFS: node-2's processor folder and plan, still being
+    written, survive this machine's clean-up even when a process of that pid has ended here;
+    those of a writer killed on this machine go."""
+    from whisper_ft.features import PLAN, PROCESSOR_DIR, clean_partial
+
+    monkeypatch.setenv(HOST_ENV, "node-1")
+    pid = dead_pid()
+    ours = [tmp_path / f".{PROCESSOR_DIR}.tmp-node-1-{pid}", tmp_path / f".{PLAN}.tmp-node-1-{pid}"]
+    theirs = [tmp_path / f".{PROCESSOR_DIR}.tmp-node-2-{pid}", tmp_path / f".{PLAN}.tmp-node-2-{pid}"]
+    for folder, plan in (ours, theirs):
+        folder.mkdir()
+        plan.write_text("{")
+    clean_partial(tmp_path, stale_seconds=300)
+    assert [p.exists() for p in ours + theirs] == [False, False, True, True]
 
 
 def test_a_common_voice_release_of_another_language_than_model_language_is_pointed_out(tmp_path, cv_release):

@@ -53,6 +53,14 @@ def test_scores_bundle():
     assert s["wer"] > s["wer_normalized"]
 
 
+def test_cer_is_counted_against_the_reference():
+    """CER divides the edits by the reference's characters: taken the other way round, a
+    prediction that adds words to a short reference scored better than it was."""
+    added = len(" fyra") / len("tre")  # five characters inserted into a reference of three
+    assert cer(["tre"], ["tre fyra"]) == pytest.approx(added)
+    assert scores(["tre"], ["tre fyra"])["cer"] == pytest.approx(added)
+
+
 def test_length_mismatch_is_an_error():
     with pytest.raises(ValueError, match="2 references but 1 predictions"):
         wer(["a", "b"], ["a"])

@@ -142,6 +142,25 @@ def test_a_trial_whose_average_was_shipped_is_ranked_by_the_average(tmp_path):
     assert make_study(spec, folder).best_trial.number == 1
 
 
+def test_the_test_column_is_the_orthographic_wer_of_best(tmp_path):
+    """The table's test WER is the orthographic one of the trial's best/ on the test split, as
+    its validation WER column is: the normalized figure, lower, read as if it were that."""
+    spec = load_spec(write_spec(tmp_path, method="grid", budget_samples=32, eval_every_samples=16, prune=False,
+                                space={"training.learning_rate": [1e-5]}))
+    scripted = ScriptedTrainer(lambda t, step: 40.0)
+    test = {"wer": 0.25, "wer_normalized": 0.2, "cer": 0.1}  # best/ on the test split, as run_training says
+
+    def trainer(cfg, callbacks=()):
+        return {**scripted(cfg, callbacks), **test}
+
+    folder = run_sweep(spec, base_config(tmp_path), str(ROOT / "config.yaml"), [f"training.output_dir={tmp_path}"],
+                       trainer, log=lambda s: None)
+    header, _, row = [line.strip("|").split("|") for line in (folder / "report.md").read_text().splitlines()
+                      if line.startswith("|")]
+    cells = dict(zip((c.strip() for c in header), (c.strip() for c in row)))
+    assert cells["test WER %"] == f"{100 * test['wer']:.2f}"
+
+
 def test_random_search_with_a_seed_is_reproducible(tmp_path):
     space = {"training.learning_rate": {"low": 1e-6, "high": 1e-3, "log": True}, "training.warmup_steps": [0, 50, 100]}
     params = []
