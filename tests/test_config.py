@@ -389,3 +389,21 @@ def test_help_describes_the_command_in_whole_sentences(script):
     described = "".join(out.split("\n\n")[1].split())  # after the usage lines; argparse wraps at hyphens too
     doc = ast.get_docstring(ast.parse((ROOT / script).read_text(encoding="utf-8")), clean=False)
     assert described == "".join(cli.summary(doc).split()) and described.endswith(".")
+
+
+def test_the_commands_keep_libraries_per_item_info_lines_out_of_the_log(caplog):
+    """faster-whisper logged "Processing audio with duration ..." once per clip of the final
+    phase's served scoring, between the run's summary lines."""
+    import logging
+
+    from whisper_ft import cli
+
+    caplog.set_level(logging.INFO)
+    seen = {}
+
+    def main(argv):
+        seen.update({name: logging.getLogger(name).isEnabledFor(logging.INFO)
+                     for name in ("faster_whisper", "httpx", "whisper_ft.train")})
+
+    assert cli.run(main, []) == 0
+    assert seen == {"faster_whisper": False, "httpx": False, "whisper_ft.train": True}

@@ -52,6 +52,8 @@ def warn_stage1_sets(args: argparse.Namespace, trains_on: str) -> None:
 
 
 RESUMABLE = "interrupted; rerun the same command to go on from what it saved"
+# libraries whose INFO lines come once per item: a clip decoded, a font cache built, an HTTP request
+CHATTY = ("faster_whisper", "matplotlib", "httpx")
 
 
 def run(main: Callable[[list[str] | None], int | None], argv: list[str] | None = None, *,
@@ -60,6 +62,8 @@ def run(main: Callable[[list[str] | None], int | None], argv: list[str] | None =
     become `error: ...` on stderr and exit code 2, Ctrl-C the line `interrupted` and 130."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
+    for name in CHATTY:
+        logging.getLogger(name).setLevel(logging.WARNING)
     try:
         return main(argv) or 0
     except UserError as e:
