@@ -432,6 +432,20 @@ def test_a_second_signal_of_a_kind_stops_at_once_and_one_of_each_kind_does_not(c
     assert stop.value.signum == signal.SIGINT
 
 
+def test_a_signal_ignored_when_training_begins_stays_ignored(monkeypatch):
+    """A shell script's `python training_pipeline.py &` ignores Ctrl-C (the terminal's goes to the
+    script): the run stopped at the next Ctrl-C during training, and ignored it afterwards."""
+    from types import SimpleNamespace
+
+    from whisper_ft.stopping import StopOnSignal
+
+    monkeypatch.setattr(signal, "getsignal", lambda signum: signal.SIG_IGN if signum == signal.SIGINT else None)
+    installed = {}
+    monkeypatch.setattr(signal, "signal", lambda signum, handler: installed.setdefault(signum, handler))
+    StopOnSignal().on_train_begin(SimpleNamespace(), None, None)
+    assert list(installed) == [signal.SIGTERM]
+
+
 @pytest.mark.parametrize("signum, name", [(signal.SIGTERM, "SIGTERM"), (signal.SIGINT, "Ctrl-C")])
 def test_sigterm_or_ctrl_c_saves_the_step_and_the_rerun_goes_on_from_it(tmp_path, features_dir, tiny_model_dir, signum,
                                                                         name):

@@ -55,7 +55,9 @@ class StopOnSignal(TrainerCallback):
 
     def on_train_begin(self, args, state, control, **kwargs):
         if threading.current_thread() is threading.main_thread():
-            self._before = {signum: signal.signal(signum, self._receive) for signum in SIGNALS}
+            # a signal ignored on entry stays ignored: a shell starts `command &` ignoring Ctrl-C
+            self._before = {signum: signal.signal(signum, self._receive) for signum in SIGNALS
+                            if signal.getsignal(signum) is not signal.SIG_IGN}
 
     def on_train_end(self, args, state, control, **kwargs):
         self.restore()
