@@ -43,10 +43,12 @@ if [ -x .venv/bin/python ] && ! .venv/bin/python -m pip --version >/dev/null 2>&
 fi
 [ -x .venv/bin/python ] || "$python" -m venv .venv
 .venv/bin/python -m pip install -q --disable-pip-version-check --upgrade pip
-# Without a GPU take the CPU build of torch; a CUDA machine gets the default build.
-if ! .venv/bin/python -c "import torch" 2>/dev/null; then
+# Without a GPU take the CPU build of torch; a CUDA machine gets the default build. A torch older
+# than transformers needs (2.6) is replaced.
+if ! .venv/bin/python -c "import sys, torch; sys.exit(tuple(map(int, torch.__version__.split('.')[:2])) < (2, 6))" \
+    2>/dev/null; then
   if command -v nvidia-smi >/dev/null && nvidia-smi >/dev/null 2>&1; then
-    .venv/bin/python -m pip install -q --disable-pip-version-check "torch>=2.4"
+    .venv/bin/python -m pip install -q --disable-pip-version-check --upgrade "torch>=2.6"
   else
     # PyPI's plain torch is the CUDA build (gigabytes of CUDA libraries): the CPU index first,
     # retried once per request, so that a machine that cannot reach it moves on in seconds

@@ -14,6 +14,30 @@ from whisper_ft.errors import Stopped, UserError, machine_problem
 
 __all__ = ["UserError", "base_parser", "config_from_args", "path_arg", "run", "summary", "warn_stage1_sets"]
 
+MIN_TORCH = (2, 6)  # transformers 5.23's own minimum
+
+
+def check_torch() -> None:
+    """One line and exit code 2 where the installed torch is older than MIN_TORCH: pip installs
+    requirements.txt beside an older torch (Colab's, a workstation's), since transformers states
+    its minimum only in an extra, and transformers then switches PyTorch off, which the commands
+    met as a NameError deep in an import. Run when an entry script imports this module."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        found = version("torch")
+    except PackageNotFoundError:
+        return  # the import of torch says so
+    release = tuple(int(part) for part in found.split("+")[0].split(".")[:2] if part.isdigit())
+    if release < MIN_TORCH:
+        need = ".".join(map(str, MIN_TORCH))
+        print(f"error: torch {found} is too old: transformers needs torch {need} or newer "
+              f"(pip install -U 'torch>={need}')", file=sys.stderr)
+        sys.exit(2)
+
+
+check_torch()
+
 
 def summary(doc: str) -> str:
     """The first paragraph of a script's docstring as one line: its --help description."""
