@@ -45,8 +45,7 @@ fi
 .venv/bin/python -m pip install -q --disable-pip-version-check --upgrade pip
 # Without a GPU take the CPU build of torch; a CUDA machine gets the default build. A torch older
 # than transformers needs (2.6) is replaced.
-if ! .venv/bin/python -c "import sys, torch; sys.exit(tuple(map(int, torch.__version__.split('.')[:2])) < (2, 6))" \
-    2>/dev/null; then
+if ! .venv/bin/python -c "import sys, torch; sys.exit(torch.__version__ < '2.6.0')" 2>/dev/null; then
   if command -v nvidia-smi >/dev/null && nvidia-smi >/dev/null 2>&1; then
     .venv/bin/python -m pip install -q --disable-pip-version-check --upgrade "torch>=2.6"
   else

@@ -409,8 +409,8 @@ def test_the_commands_keep_libraries_per_item_info_lines_out_of_the_log(caplog):
     assert seen == {"faster_whisper": False, "httpx": False, "whisper_ft.train": True}
 
 
-@pytest.mark.parametrize("found, refused", [("2.5.1+cu124", True), ("2.4.1", True), ("2.6.0", False),
-                                            ("2.13.0+cpu", False), ("2.14.0a0+git1234", False)])
+@pytest.mark.parametrize("found, refused", [("2.5.1+cu124", True), ("2.4.1", True), ("2.6.0a0+ecf3bae40a", True),
+                                            ("2.6.0", False), ("2.13.0+cpu", False), ("2.14.0a0+git1234", False)])
 def test_a_torch_older_than_transformers_needs_is_one_line(monkeypatch, capsys, found, refused):
     """pip keeps an older torch beside transformers 5.23, which then switches PyTorch off: the
     training command died in a NameError inside transformers' import."""
@@ -425,5 +425,5 @@ def test_a_torch_older_than_transformers_needs_is_one_line(monkeypatch, capsys, 
     with pytest.raises(SystemExit) as stop:
         cli.check_torch()
     assert stop.value.code == 2
-    assert capsys.readouterr().err == (f"error: torch {found} is too old: transformers needs torch 2.6 or newer "
-                                       "(pip install -U 'torch>=2.6')\n")
+    assert capsys.readouterr().err == (f"error: torch {found} is too old: transformers needs torch 2.6.0 or newer "
+                                       "(pip install -U 'torch>=2.6.0')\n")

@@ -14,7 +14,7 @@ from whisper_ft.errors import Stopped, UserError, machine_problem
 
 __all__ = ["UserError", "base_parser", "config_from_args", "path_arg", "run", "summary", "warn_stage1_sets"]
 
-MIN_TORCH = (2, 6)  # transformers 5.23's own minimum
+MIN_TORCH = "2.6.0"  # transformers 5.23's own minimum (a pre-release of it, 2.6.0a0, is below)
 
 
 def check_torch() -> None:
@@ -24,15 +24,16 @@ def check_torch() -> None:
     met as a NameError deep in an import. Run when an entry script imports this module."""
     from importlib.metadata import PackageNotFoundError, version
 
+    from packaging.version import InvalidVersion, Version
+
     try:
         found = version("torch")
-    except PackageNotFoundError:
-        return  # the import of torch says so
-    release = tuple(int(part) for part in found.split("+")[0].split(".")[:2] if part.isdigit())
-    if release < MIN_TORCH:
-        need = ".".join(map(str, MIN_TORCH))
-        print(f"error: torch {found} is too old: transformers needs torch {need} or newer "
-              f"(pip install -U 'torch>={need}')", file=sys.stderr)
+        too_old = Version(found) < Version(MIN_TORCH)
+    except (PackageNotFoundError, InvalidVersion):
+        return  # the import of torch, or transformers' own check, says so
+    if too_old:
+        print(f"error: torch {found} is too old: transformers needs torch {MIN_TORCH} or newer "
+              f"(pip install -U 'torch>={MIN_TORCH}')", file=sys.stderr)
         sys.exit(2)
 
 
