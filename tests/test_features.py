@@ -894,3 +894,48 @@ def test_a_common_voice_release_of_another_language_than_model_language_is_point
     collect_rows(load_config(ROOT / "config.yaml", [f"features.data_dir={tmp_path}",
                                                     f"features.sources.0.path={cv_release}"]), said.append)
     assert not [line for line in said if line.startswith("warning:")]  # sv-SE, sv
+
+
+def test_training_rows_sharing_clips_with_validation_are_refused():
+    """validation_splits=[dev] while train_splits still lists dev: the checks that pick best/
+    would score clips the model trained on. The store must be refused, not built."""
+    from whisper_ft.features import FeaturesError, check_leakage
+    from whisper_ft.sources import Row
+
+    def row(split, i, sentence, speaker):
+        return Row("s", split, f"dev/{i}", f"/c/dev{i}.mp3", sentence, speaker)
+
+    validation = [row("validation", i, f"Mening nummer {i}.", "a") for i in range(3)]
+    train = [row("train", i, f"Mening nummer {i}.", "a") for i in range(3)] + [
+        Row("s", "train", "train/9", "/c/train9.mp3", "Något annat.", "b")]
+    test = [Row("s", "eval", "test/0", "/c/test0.mp3", "Helt annan mening.", "c")]
+    with pytest.raises(FeaturesError, match="training data shares 3 clips and 3 sentences with the 3 validation"):
+        check_leakage({"train": train, "validation": validation, "eval": test})
+    kept, report = check_leakage({"train": train, "validation": validation, "eval": test}, "drop")
+    assert [r.id for r in kept["train"]] == ["train/9"] and report["dropped_training_rows"] == 3
+
+
+def test_a_corrected_sentence_changes_the_store_fingerprint():
+    """A sentence fixed in the source TSV (same clip, same id) must change the fingerprint, or the
+    old store with the wrong label is reused as finished."""
+    from whisper_ft.features import fingerprint, plan_shards
+    from whisper_ft.sources import Row
+
+    rows = [Row("s", "train", f"train/{i}", f"/c/{i}.mp3", f"Mening {i}.") for i in range(3)]
+    corrected = [*rows[:2], Row("s", "train", "train/2", "/c/2.mp3", "Mening två, rättad.")]
+    before = fingerprint({}, plan_shards({"train": rows}, 10))
+    assert before == fingerprint({}, plan_shards({"train": list(rows)}, 10))
+    assert before != fingerprint({}, plan_shards({"train": corrected}, 10))
+
+
+def test_stats_that_parse_but_lack_a_key_are_no_finished_shard(tmp_path):
+    """A stats.json edited or written by another version, missing a key, must count as unfinished
+    (rebuilt by a rerun), not crash training later on the missing key."""
+    from whisper_ft.features import STATS, STATS_KEYS, shard_stats
+
+    whole = {k: 1 for k in STATS_KEYS}
+    (tmp_path / STATS).write_text(json.dumps(whole))
+    assert shard_stats(tmp_path) == whole
+    for key in STATS_KEYS:
+        (tmp_path / STATS).write_text(json.dumps({k: v for k, v in whole.items() if k != key}))
+        assert shard_stats(tmp_path) is None, key

@@ -472,3 +472,22 @@ def test_a_missing_or_private_model_is_no_refused_token_and_a_download_asks_for_
         with pytest.raises(hub.HubError, match=f"cannot download {REPO}: .*{message}") as caught:
             hub.local_model(REPO)
         assert "write" not in str(caught.value)
+
+
+def test_card_says_the_average_was_shipped_only_when_it_was():
+    """The card must not claim the averaged weights are best/ when the best single check was
+    shipped instead (or the reverse): users compare the card with best.json."""
+    avg = {"mode": "last", "n": 2, "metric": "wer", "steps": [2, 4], "score": 0.5, "single_score": 0.4,
+           "single_step": 4, "wer": 0.5, "single_wer": 0.4}
+    single = report.averaging_section({**avg, "chosen": False}, "validation")
+    assert "the best single check (step 4) was shipped" in single and "average was shipped" not in single
+    averaged = report.averaging_section({**avg, "chosen": True, "score": 0.3, "wer": 0.3}, "validation")
+    assert "**the average was shipped** as best/" in averaged and "single check (step 4) was shipped" not in averaged
+
+
+def test_validation_wer_row_carries_the_wer_when_checks_were_selected_by_cer(tmp_path):
+    """With training.select_metric: cer the summary's best_score is a CER; the metadata row named
+    "Validation WER" must still carry best/'s validation WER, not that CER."""
+    summary = {**SUMMARY, "select_metric": "cer", "best_score": 0.0712}
+    [row] = [r for r in results(card_data(summary, run_config(tmp_path))) if r[0] == "validation"]
+    assert row == ("validation", "Validation WER (checkpoint selection)", round(100 * summary["best_wer"], 2))

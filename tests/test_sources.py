@@ -730,3 +730,12 @@ def test_a_folder_of_two_releases_names_both(tmp_path):
     with pytest.raises(SourceError, match=r"several Common Voice folders under \S+/two \(cv-corpus-17\.0/sv-SE, "
                                           r"cv-corpus-18\.0/sv-SE\): point at one of them"):
         read_source(SourceConfig(name="cv", path=str(tmp_path / "two")), tmp_path / "raw")
+
+
+def test_a_speaker_one_clip_over_the_validation_cap_is_not_taken():
+    """validation_max_clips is a cap: a speaker whose clips would put validation one clip over it
+    is skipped (a smaller speaker is taken instead), whichever order the seed gives."""
+    dev = _rows("dev", ["three"] * 3 + ["two"] * 2 + ["one"])
+    for seed in map(str, range(20)):
+        _, validation = carve_validation(dev, "dev", 1.0, 2, seed=seed)
+        assert 0 < len(validation) <= 2 and "three" not in {r.speaker for r in validation}, seed

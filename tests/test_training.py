@@ -1805,3 +1805,119 @@ def test_the_summary_names_the_best_model_by_its_whole_path(monkeypatch, tmp_pat
     out = capsys.readouterr().out
     assert out.startswith("done: 4 steps; best validation WER 20.00% at step 4; test split (10 clips): WER 21.00%")
     assert out.endswith(f"best model: {tmp_path / 'checkpoints' / 'tiny' / 'best'}\n")
+
+
+def test_best_is_never_the_zero_shot_check_and_a_tie_keeps_the_earlier_check(tmp_path, monkeypatch):
+    """The step-0 check scores the untouched base model: exporting it as best/ would ship the
+    base model as the fine-tuned one, however well it scored. A later check that only ties the
+    best so far is no improvement: best/ stays the earlier check."""
+    from types import SimpleNamespace
+
+    from whisper_ft.trainer import EventLog
+
+    exported = []
+    monkeypatch.setattr(checkpoints, "export_best",
+                        lambda model, processor, run_dir, info: exported.append(info["step"]))
+    callback = EventLog(tmp_path, None, {}, "validation")
+    for step, wer in ((0, 0.1), (2, 0.5), (4, 0.5), (6, 0.4), (8, 0.4), (10, float("nan"))):
+        state = SimpleNamespace(global_step=step, is_world_process_zero=True)
+        callback.on_evaluate(None, state, None, metrics={"eval_wer": wer}, model=None)
+    assert exported == [2, 6] and callback.best_score == 0.4
+
+
+def test_the_best_single_check_after_an_average_is_never_the_zero_shot_check(tmp_path):
+    """A rerun compares its average with the best single check: the base model's step-0 score
+    is no check of this run's training, even when it is the lowest in the log."""
+    from whisper_ft.reruns import best_single_check
+
+    (tmp_path / "best").mkdir()
+    for step, wer in ((0, 0.2), (2, 0.6), (4, 0.55)):
+        checkpoints.append_event(tmp_path, {"event": "eval", "split": "validation", "purpose": "selection",
+                                            "step": step, "wer": wer})
+    (tmp_path / "best" / "best.json").write_text(json.dumps({"step": 4, "wer": 0.5, "averaged_steps": [2, 4]}))
+    best = best_single_check(tmp_path)
+    assert (best["step"], best["wer"]) == (4, 0.55)
+
+
+def test_a_resume_keeps_the_averaging_weights_of_the_check_at_its_own_step(tmp_path):
+    """Resuming from checkpoint-4 forgets only the checks after step 4: the check at step 4
+    itself was made on the weights the run resumes with, and stays an averaging candidate."""
+    from whisper_ft import averaging
+    from whisper_ft.reruns import rewind
+
+    folder = tmp_path / averaging.FOLDER
+    folder.mkdir(parents=True)
+    index = {2: 0.5, 4: 0.4, 6: 0.3}
+    for step in index:
+        averaging.weights_path(folder, step).write_bytes(b"weights")
+    averaging.write_index(folder, index, "last")
+    rewind(load_config(ROOT / "config.yaml"), tmp_path, 4, {}, None)
+    assert averaging.read_index(folder) == {s: v for s, v in index.items() if s <= 4}
+    assert [averaging.weights_path(folder, s).is_file() for s in index] == [True, True, False]
+
+
+@pytest.mark.parametrize("role, key", [("train", "features.name"), ("held_out", "training.eval_features")])
+def test_a_resume_on_a_rebuilt_training_or_held_out_store_is_refused(tmp_path, monkeypatch, role, key):
+    """The validation and test store named by training.eval_features rebuilt since the run
+    started: best/'s validation score and the kept checks belong to the old one, so a resume
+    is refused as for a rebuilt training store."""
+    from whisper_ft import reruns
+
+    def identity(name, fingerprint, clips):
+        return {"name": name, "fingerprint": fingerprint, "clips": {"train": clips, "validation": clips, "eval": clips}}
+
+    before = {"train": identity("cv-sv", "a", 20), "held_out": identity("cv-sv-eval", "b", 10)}
+    checkpoints.append_event(tmp_path, {"event": "start", "step": 0, "world_size": 1, "stores": before})
+    cfg = load_config(ROOT / "config.yaml", ["features.name=cv-sv", "training.eval_features=cv-sv-eval"])
+    monkeypatch.setattr(reruns, "store_identities", lambda cfg: before)
+    reruns.check_same_stores(cfg, tmp_path, tmp_path / "checkpoint-2")  # unchanged: goes on
+    after = {**before, role: identity(before[role]["name"], "rebuilt", 5)}
+    monkeypatch.setattr(reruns, "store_identities", lambda cfg: after)
+    with pytest.raises(TrainingError, match=rf"on features {before[role]['name']} \({re.escape(key)}\) as they were "
+                                            "built then; they were rebuilt since"):
+        reruns.check_same_stores(cfg, tmp_path, tmp_path / "checkpoint-2")
+
+
+# The plain-valued settings a resumed run must keep, written out here so that a key dropped from
+# reruns.FIXED_ON_RESUME fails its case (training.lora and training.spec_augment have their own test).
+PLAIN_FIXED_ON_RESUME = (
+    "model.name_or_path", "model.language", "model.task", "features.name", "training.eval_features",
+    "training.learning_rate", "training.lr_scheduler", "training.warmup_steps", "training.warmup_fraction",
+    "training.batch_size", "training.gradient_accumulation_steps", "training.weight_decay", "training.seed",
+    "training.dropout", "training.freeze_encoder", "training.eval_subset", "training.generation_max_length",
+    "training.num_beams", "training.select_metric",
+)
+
+
+@pytest.mark.parametrize("key", PLAIN_FIXED_ON_RESUME)
+def test_a_resume_with_any_fixed_setting_changed_is_refused(tmp_path, key):
+    """Each of these is restored from the checkpoint or defines the run's trajectory (the
+    effective batch, the decay, the data order): a resume that changed one silently would mix
+    two runs. The run's config.yaml is changed here, as if the run had been trained with it."""
+    import yaml
+
+    from whisper_ft.config import lookup, save_config, to_dict
+    from whisper_ft.reruns import check_resumable
+
+    cfg = load_config(ROOT / "config.yaml")
+    save_config(cfg, tmp_path / "config.yaml")
+    resume = tmp_path / "checkpoint-2"
+    check_resumable(cfg, tmp_path, resume, 2)  # the same settings: goes on
+    now = lookup(to_dict(cfg), key)
+    other = (not now if isinstance(now, bool) else now + 1 if isinstance(now, (int, float)) else
+             7 if now is None else f"{now}-other")
+    saved = yaml.safe_load((tmp_path / "config.yaml").read_text())
+    section, name = key.split(".")
+    saved[section][name] = other
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(saved))
+    with pytest.raises(TrainingError, match=rf"with other settings \({re.escape(key)} {re.escape(repr(other))} -> "):
+        check_resumable(cfg, tmp_path, resume, 2)
+
+
+def test_a_half_written_best_replacement_is_not_put_in_place(tmp_path):
+    """Killed while staging a new best/ (no best.json yet) with no best/ in place: the staging
+    folder is removed, not renamed to best/, which would ship weights cut short."""
+    (tmp_path / ".best.tmp-97").mkdir()
+    (tmp_path / ".best.tmp-97" / "model.safetensors").write_text("half")
+    assert [p.name for p in checkpoints.remove_leftovers(tmp_path)] == [".best.tmp-97"]
+    assert not (tmp_path / "best").exists() and not list(tmp_path.iterdir())
