@@ -427,12 +427,12 @@ def check_same_sweep(folder: Path, spec: SweepSpec, base: Config) -> None:
         kept = set(before.get("variants") or {}) & set(now["variants"])
         changed = (first_change(flat(before), flat(now), lambda k: k.split(".")[0] not in SPEC_FREE_ON_RERUN)
                    or first_change({f"variants.{n}": before["variants"][n] for n in kept},
-                                    {f"variants.{n}": now["variants"][n] for n in kept}, lambda k: True))
+                                   {f"variants.{n}": now["variants"][n] for n in kept}))
     if not changed and (folder / "config.yaml").is_file():
         free = {*CONFIG_FREE_ON_RERUN, *decided_keys(spec), *set_by_sweep(spec)}
         changed = first_change(flat(to_dict(load_config(folder / "config.yaml"))), flat(to_dict(base)),
-                                lambda k: (k.split(".")[0] in ("model", "training")
-                                           or k in ("features.name", "features.data_dir")) and not _shared([k], free))
+                               lambda k: (k.split(".")[0] in ("model", "training")
+                                          or k in ("features.name", "features.data_dir")) and not _shared([k], free))
     if changed:
         key, before_value, now_value = changed
         raise ConfigError(f"sweep {spec.name} ran its trials in {folder} with {key} {before_value!r}, this run has "
