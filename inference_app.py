@@ -30,6 +30,8 @@ def parse_args(argv: list[str] | None):
                                         "best checkpoint under training.output_dir, else model.name_or_path)")
     parser.add_argument("--host", help="address to bind (default: app.host, 127.0.0.1)")
     parser.add_argument("--port", type=int, help="port (default: app.port, 7860)")
+    parser.add_argument("--device", help="auto, cpu, cuda or cuda:N (default: app.device, auto: the GPU when "
+                                         "torch sees one)")
     parser.add_argument("--share", action="store_true", help="also publish a public gradio.live link")
     parser.add_argument("--auth", metavar="USER:PASSWORD",
                         help="ask visitors for this login (seen in the process list: prefer --auth-file or "
@@ -41,7 +43,7 @@ def parse_args(argv: list[str] | None):
     args = parser.parse_args(argv)
     if args.auth_file == "":  # `--auth-file "$LOGINS"` with the variable unset; app.auth_file's "" means no login
         raise cli.UserError("--auth-file: expected the path of a file of USER:PASSWORD lines, got an empty value")
-    args.values = [(f"app.{key}", getattr(args, key)) for key in ("model", "host", "port", "auth_file")
+    args.values = [(f"app.{key}", getattr(args, key)) for key in ("model", "host", "port", "device", "auth_file")
                    if getattr(args, key) is not None] + ([("app.share", True)] if args.share else [])
     return args
 

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU benchmark in one command: the blog recipe and this pipeline side by side on a
 # random-weight whisper-small. Installs nothing from the network; its parts are limited to 560 s
-# in all, within one 10-minute device call (an earlier version took 486 s on an H100).
+# in all before the report, 590 s with the app's check after it, within one 10-minute device call
+# (an earlier version took 486 s on an H100).
 #   bash bench/gpu.sh [OUT_DIR]          # default bench/results/gpu; logs and JSON land there
 # Needs: python3 with torch (CUDA), transformers, datasets, jiwer, librosa, soundfile. Where they
 # are missing, wheels in .whl/ (bash ../shared/tools/device_wheels.sh) are installed to a scratch folder.
@@ -59,4 +60,7 @@ step saves 40 "$py" bench/bench_saves.py --size small --saves 2 --out "$work" --
 step agreement 70 "$py" bench/bench_training.py --size small --device cuda --agreement 64 --agreement-only \
   --json "$out/agreement.json"
 "$py" bench/gpu_report.py "$out"
+# after the report (a call cut short at its limit loses only this): the app's transformers path on
+# the GPU (app.device cuda), one window and 35 s of long-form audio, random weights to the cap
+step app 30 "$py" bench/app_device.py --size small --device cuda --work "$work"
 echo "gpu.sh: $SECONDS s in all"

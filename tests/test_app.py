@@ -342,7 +342,8 @@ def test_the_page_names_the_language_it_transcribes(tmp_path):
 
 @pytest.mark.parametrize("override", ["app.max_download_mb=0", "app.request_timeout_seconds=-1", "app.workers=0",
                                       "app.queue_size=0", "app.allow_private_urls=maybe", "app.port=0",
-                                      "app.port=65536", "app.port=-1"])
+                                      "app.port=65536", "app.port=-1", "app.device=gpu", "app.device=cuda:x",
+                                      "app.device=mps"])
 def test_app_limits_are_checked_with_the_key_named(override):
     with pytest.raises(ConfigError, match=override.split("=")[0].replace(".", r"\.")):
         load_config(None, [override])
@@ -386,6 +387,21 @@ def test_main_binds_localhost_and_shares_only_on_request(model_dir, launches, ca
     assert inference_app.main(["--model", str(model_dir), "--config", config, "--host", "0.0.0.0", "--port", "8123",
                                "--share"]) == 0
     assert (launches[-1]["server_name"], launches[-1]["server_port"], launches[-1]["share"]) == ("0.0.0.0", 8123, True)
+
+
+def test_the_device_flag_sets_app_device(model_dir, launches, capsys, monkeypatch):
+    """--device cpu keeps a GPU machine's page on the CPU; a GPU torch does not see is one line."""
+    import torch
+
+    import inference_app
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+
+    assert inference_app.parse_args(["--device", "cuda:1"]).values == [("app.device", "cuda:1")]
+    config = str(Path(__file__).parents[1] / "config.yaml")
+    assert cli.run(inference_app.main, ["--model", str(model_dir), "--config", config, "--device", "cuda"]) == 2
+    assert capsys.readouterr().err.strip().startswith("error: app.device is cuda, but torch") and not launches
+    assert inference_app.main(["--model", str(model_dir), "--config", config, "--device", "cpu"]) == 0 and launches
 
 
 @pytest.mark.parametrize("flags", [["--share"], ["--host", "0.0.0.0"], ["--host", "192.168.1.20"], ["--host", "::"]])

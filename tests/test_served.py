@@ -58,11 +58,15 @@ def test_transformers_predictions_are_matched_by_source_and_id(tmp_path, monkeyp
              for source, text in (("a", "ett två"), ("b", "tre fyra"))]
     texts = iter(["ett två", "tre fyra"] + ["ett två tre fyra"])  # served: both clips right, then the long form
     monkeypatch.setattr(served, "stored_clips", lambda store: clips)
-    monkeypatch.setattr(whisper_ft.transcribe, "load_transcriber", lambda *a, **k: SimpleNamespace(
-        backend="ctranslate2", beam_size=5, transcribe=lambda wave, task: SimpleNamespace(text=next(texts))))
+    devices = []
+    monkeypatch.setattr(whisper_ft.transcribe, "load_transcriber", lambda *a, **k: devices.append(k["device"]) or
+                        SimpleNamespace(backend="ctranslate2", beam_size=5,
+                                        transcribe=lambda wave, task: SimpleNamespace(text=next(texts))))
     (tmp_path / "predictions.jsonl").write_text("".join(
         json.dumps({"source": s, "id": "test/0", "prediction": p}) + "\n" for s, p in (("a", "ett två"), ("b", "tre fyra"))))
-    result = served.score(tmp_path, None, load_config(None), served.predictions_by_clip(tmp_path / "predictions.jsonl"))
+    cfg = load_config(None, ["app.device=cuda"])  # the app's page may run on the GPU; what ships runs on a CPU
+    result = served.score(tmp_path, None, cfg, served.predictions_by_clip(tmp_path / "predictions.jsonl"))
+    assert devices == ["cpu"]
     assert result["short_form"]["wer"] == 0.0 and result["transformers_same_clips"]["wer"] == 0.0
     assert result["transformers_same_clips"]["clips"] == 2
     assert (result["beam_size"], result["transformers_beams"]) == (5, 1)  # app.beam_size, training.num_beams

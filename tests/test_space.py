@@ -31,7 +31,7 @@ def test_export_for_a_hub_id(tmp_path):
     import gradio
 
     cfg = load_config(None, ["app.model=me/whisper-sv", "app.cookies_file=/home/x/cookies.txt",
-                             "app.auth_file=/home/x/logins", "app.allow_private_urls=true"])
+                             "app.auth_file=/home/x/logins", "app.allow_private_urls=true", "app.device=cuda"])
     out = space.export(tmp_path / "space", cfg)
     meta = front_matter(out / "README.md")
     assert (meta["sdk"], meta["sdk_version"], meta["app_file"]) == ("gradio", gradio.__version__, "app.py")
@@ -47,6 +47,7 @@ def test_export_for_a_hub_id(tmp_path):
     assert cfg.app.model == "me/whisper-sv" and cfg.model.language == "sv"
     assert cfg.app.cookies_file == cfg.app.auth_file == ""  # local secrets stay here
     assert cfg.app.allow_private_urls is False  # a public page never fetches this machine's network
+    assert cfg.app.device == "cpu"  # it installs torch's CPU build
     modules = {p.stem for p in (out / "whisper_ft").glob("*.py")}
     assert {"app", "transcribe", "audio", "ct2", "hub", "cli", "config"} <= modules
     assert not modules & {"train", "features", "sweep", "decoding", "collator"}  # training code stays home

@@ -471,3 +471,43 @@ def test_the_app_transcribes_in_the_language_the_model_was_fine_tuned_for(tiny_m
     assert load_app_transcriber(str(tiny_model_dir), cfg).language == "sv"
     (norwegian / "generation_config.json").write_text(json.dumps({**gen, "language": "<|da|>"}))
     assert own_language(norwegian) == "da"
+
+
+def test_app_device_is_the_gpu_torch_sees_else_the_cpu(monkeypatch):
+    import torch
+
+    from whisper_ft.errors import UserError
+    from whisper_ft.transcribe import app_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert app_device("auto") == "cpu" and app_device("cpu") == "cpu"
+    with pytest.raises(UserError, match=r"^app\.device is cuda, but torch \(.*\) sees no CUDA GPU: use auto or cpu"):
+        app_device("cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert app_device("auto") == "cuda" and app_device("cuda:1") == "cuda:1" and app_device("cpu") == "cpu"
+    with pytest.raises(UserError, match=r"sees 2 CUDA GPU\(s\), cuda:0 to cuda:1$"):
+        app_device("cuda:2")
+
+
+def test_on_a_gpu_the_app_runs_transformers_in_float16_even_beside_an_export(ct2_model, monkeypatch):
+    """The CTranslate2 int8 export is the CPU path: on a GPU the transformers model runs there, in
+    float16. (The model's move to the GPU is recorded here instead of made.)"""
+    import torch
+
+    moved = []
+
+    def to(self, *args, **kwargs):
+        if args and args[0] == "cuda:1":
+            moved.append(args[0])
+            return self
+        return original_to(self, *args, **kwargs)
+
+    original_to = torch.nn.Module.to
+    monkeypatch.setattr(torch.nn.Module, "to", to)
+    tr = load_transcriber(str(ct2_model), temperature_fallback=False, device="cuda:1")
+    assert isinstance(tr, PipelineTranscriber) and moved == ["cuda:1"] and tr.beam_size == 1
+    assert tr.pipe.model.dtype == torch.float16 and not tr.pipe.model.training
+    result = tr.transcribe(np.zeros(SAMPLE_RATE, np.float32))
+    assert result.audio_seconds == 1.0
+    assert isinstance(load_transcriber(str(ct2_model), device="cpu"), CT2Transcriber)

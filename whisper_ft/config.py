@@ -15,6 +15,7 @@ import dataclasses
 import logging
 import math
 import os
+import re
 import types
 import typing
 from collections.abc import Iterable, Mapping
@@ -177,6 +178,7 @@ class AppConfig:
     translate_to: str = "en"
     translate_timeout_seconds: float = 60.0
     cookies_file: str = ""
+    device: str = "auto"
     use_ctranslate2: bool = True
     beam_size: int = 5
     temperature_fallback: bool = True
@@ -616,6 +618,8 @@ def validate_app(app: AppConfig) -> None:
                           "0.0.0.0: the network), got an empty value")
     if not 1 <= app.port <= 65535:  # 0 would bind a random port that the page's address would not name
         raise ConfigError(f"app.port: must be from 1 to 65535, got {app.port}")
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", app.device):
+        raise ConfigError(f"app.device: expected auto, cpu, cuda or cuda:N, got {app.device!r}")
     check_translate_to(app.translate_to)
 
 

@@ -1,8 +1,8 @@
 """Scores of the model the app serves, not only of the transformers model it came from.
 
 After training, `best/` (with its CTranslate2 int8 export, when there is one) is loaded the way
-`inference_app.py` loads it (`whisper_ft.transcribe.load_app_transcriber`: the `app:` settings) and
-run on the test clips whose audio the feature store keeps (`features.served_clips`):
+`inference_app.py` loads it (`whisper_ft.transcribe.load_app_transcriber`: the `app:` settings), on
+the CPU as a Space runs it, and run on the test clips whose audio the feature store keeps (`features.served_clips`):
 
 - short form: one clip at a time, compared with the transformers transcripts of the same
   clips from predictions.jsonl (decoded with training.num_beams), so what int8 and the app's
@@ -71,7 +71,7 @@ def score(model_dir: str | Path, store: FeatureStore, cfg, predictions: dict[str
     if not clips:
         log.info("%s keeps no test audio (features.served_clips): the served model is not scored", store.root)
         return None
-    transcriber = load_app_transcriber(model_dir, cfg)
+    transcriber = load_app_transcriber(model_dir, cfg, device="cpu")  # a Space's hardware, whatever app.device says
     refs = [c["sentence"] for c in clips]
     short = scores(refs, [transcriber.transcribe(c["wave"], cfg.model.task).text for c in clips])
     known = [c for c in clips if c["key"] in predictions]

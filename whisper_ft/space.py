@@ -208,11 +208,12 @@ def copy_code(out: Path, modules: list[str]) -> None:
 def space_config(cfg: Config, model: str) -> str:
     """config.yaml of the Space: the model and `app:` sections, serving `model`. No local files
     (cookies, logins): a Space takes its login from the secret $WHISPER_APP_AUTH. A public page
-    never fetches private addresses, whatever `app.allow_private_urls` says here."""
+    never fetches private addresses, whatever `app.allow_private_urls` says here. It runs on the
+    CPU (its requirements install torch's CPU build), whatever `app.device` says here."""
     if cfg.app.allow_private_urls:
         log.warning("app.allow_private_urls is for local use: the Space refuses private addresses")
     app = dataclasses.replace(cfg.app, model=model, cookies_file="", auth_file="", share=False,
-                              allow_private_urls=False)
+                              allow_private_urls=False, device="cpu")
     sections = {"model": to_dict(dataclasses.replace(cfg.model, name_or_path=model)), "app": to_dict(app)}
     return ("# Settings of the page; every key is documented in whisper-ft's config.yaml.\n"
             + yaml.safe_dump(sections, sort_keys=False, allow_unicode=True))

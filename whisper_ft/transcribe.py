@@ -163,8 +163,10 @@ class PipelineTranscriber:
         self.compression_ratio_threshold = compression_ratio_threshold
         pipeline_class = type("LoopCuttingASRPipeline", (LoopCutMixin, AutomaticSpeechRecognitionPipeline),
                               {"compression_ratio_threshold": compression_ratio_threshold})
+        if model.device.type != "cpu":  # the page and the log say where it runs
+            self.backend = f"transformers on {model.device}, {str(model.dtype).removeprefix('torch.')}"
         self.pipe = pipeline("automatic-speech-recognition", model=model, tokenizer=processor.tokenizer,
-                             feature_extractor=processor.feature_extractor, device="cpu",
+                             feature_extractor=processor.feature_extractor, device=model.device,
                              pipeline_class=pipeline_class)
 
     def _generate_kwargs(self, task: str) -> dict:
@@ -290,18 +292,42 @@ class CT2Transcriber:
         return Transcript(text, segments if timestamps else (), audio_seconds, time.perf_counter() - start)
 
 
+def app_device(setting: str) -> str:
+    """The torch device `app.device` names: `auto` is the first CUDA GPU torch sees, else the CPU.
+    UserError for a GPU that torch does not see (a CPU build of torch, no driver, another index)."""
+    import torch
+
+    from whisper_ft.errors import UserError
+
+    if setting == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if setting == "cpu":
+        return setting
+    index = int(setting.partition(":")[2] or 0)
+    if not torch.cuda.is_available():
+        build = "a CPU build" if torch.version.cuda is None else f"CUDA {torch.version.cuda}"
+        raise UserError(f"app.device is {setting}, but torch ({torch.__version__}, {build}) sees no CUDA GPU: "
+                        "use auto or cpu (--device cpu)")
+    if index >= torch.cuda.device_count():
+        raise UserError(f"app.device is {setting}, but torch sees {torch.cuda.device_count()} CUDA GPU(s), "
+                        f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+    return setting
+
+
 def load_transcriber(model_dir: str, language: str = "sv", use_ctranslate2: bool = True, beam_size: int = 5,
-                     cpu_threads: int = 0, temperature_fallback: bool = True):
-    """The CTranslate2 path when `use_ctranslate2` and an up-to-date export sits in `<model_dir>/ct2`,
-    else the transformers pipeline on `model_dir` (a folder or hub id), which decodes greedily
-    whatever `beam_size` says. `cpu_threads` is for CTranslate2 (0: all cores); torch takes its
-    own `torch.set_num_threads`. Without `temperature_fallback` each window is decoded once (a
-    loop is still cut where it starts)."""
+                     cpu_threads: int = 0, temperature_fallback: bool = True, device: str = "cpu"):
+    """On the CPU, the CTranslate2 path when `use_ctranslate2` and an up-to-date export sits in
+    `<model_dir>/ct2`; else, and on a GPU (`device` "cuda" or "cuda:N", float16 weights), the
+    transformers pipeline on `model_dir` (a folder or hub id), which decodes greedily whatever
+    `beam_size` says. `cpu_threads` is for CTranslate2 (0: all cores); torch takes its own
+    `torch.set_num_threads`. Without `temperature_fallback` each window is decoded once (a loop
+    is still cut where it starts)."""
     temperatures = FALLBACK_TEMPERATURES if temperature_fallback else ()
     from whisper_ft import ct2
     from whisper_ft.model import load_model, load_processor
 
-    export = ct2.find_export(model_dir) if use_ctranslate2 else None
+    on_cpu = device == "cpu"
+    export = ct2.find_export(model_dir) if use_ctranslate2 and on_cpu else None
     if export is not None and importlib.util.find_spec("faster_whisper") is None:
         log.warning("%s holds a CTranslate2 export, but faster-whisper is not installed (pip install faster-whisper): "
                     "using transformers", model_dir)
@@ -310,20 +336,28 @@ def load_transcriber(model_dir: str, language: str = "sv", use_ctranslate2: bool
         log.info("using the CTranslate2 int8 export at %s", export)
         return CT2Transcriber(export, language=language, beam_size=beam_size, cpu_threads=cpu_threads,
                               temperatures=temperatures)
-    if use_ctranslate2 and Path(model_dir).is_dir():
+    if not on_cpu:
+        log.info("on %s: transformers with float16 weights (the CTranslate2 export is the CPU path)", device)
+    elif use_ctranslate2 and Path(model_dir).is_dir():
         log.info("no CTranslate2 export in %s; using transformers. For the faster CPU path run: "
                  "python -m whisper_ft.ct2 %s", model_dir, model_dir)
     processor = load_processor(model_dir, language=language)
-    model = load_model(model_dir, language=language).eval()
+    if on_cpu:
+        model = load_model(model_dir, language=language)
+    else:
+        import torch
+
+        model = load_model(model_dir, language=language, dtype=torch.float16).to(device)
     if beam_size > 1:  # measured at about 4 s per token for 8 windows on 2 cores (docs/app.md)
-        log.info("beam search on the transformers path reorders the whole cache at every token: decoding greedily "
-                 "(export to CTranslate2 for beam %d)", beam_size)
-    return PipelineTranscriber(model, processor, language, beam_size=1, temperatures=temperatures)
+        log.info("beam search on the transformers path reorders the whole cache at every token: decoding greedily%s",
+                 f" (export to CTranslate2 for beam {beam_size})" if on_cpu else "")
+    return PipelineTranscriber(model.eval(), processor, language, beam_size=1, temperatures=temperatures)
 
 
-def load_app_transcriber(model_dir: str | Path, cfg):
+def load_app_transcriber(model_dir: str | Path, cfg, device: str | None = None):
     """The transcriber `inference_app.py` runs on `model_dir`, as cfg's model and app settings
-    say; the served model's scores after training use the same. A hub id is downloaded (or
+    say (`device` for app.device); the served model's scores after training use the same, on the
+    CPU. A hub id is downloaded (or
     found in the Hugging Face cache) with its CTranslate2 export, as a Space does. The language
     is the one the model was fine-tuned for (its generation config's); model.language for a
     model without one (a base model)."""
@@ -337,7 +371,7 @@ def load_app_transcriber(model_dir: str | Path, cfg):
         log.info("%s was fine-tuned for language %s (its generation config): transcribing %s, not model.language %s",
                  model_dir, language, language, cfg.model.language)
     return load_transcriber(path, language, app.use_ctranslate2, app.beam_size,
-                            temperature_fallback=app.temperature_fallback)
+                            temperature_fallback=app.temperature_fallback, device=app_device(device or app.device))
 
 
 def _srt_time(seconds: float) -> str:
