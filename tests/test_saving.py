@@ -239,6 +239,32 @@ def test_folders_and_files_reach_the_disk_before_their_new_name(tmp_path, monkey
     assert log == [f"fsync .metrics.json.tmp-{os.getpid()}", "replace metrics.json", f"fsync {tmp_path.name}"]
 
 
+def test_writes_land_whole_where_a_folder_cannot_be_opened(tmp_path, monkeypatch):
+    """Windows refuses to open a folder (PermissionError, which the commands would report as no
+    access to it) and has no folder to flush: every atomic write still lands, and whole."""
+    import os
+
+    from whisper_ft import files
+
+    real_open = os.open
+
+    def no_folders(path, flags, *args):
+        if os.path.isdir(path):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_open(path, flags, *args)
+
+    monkeypatch.setattr(os, "open", no_folders)
+    monkeypatch.setattr(files, "FLUSH_FOLDERS", False)
+    files.write_atomic(tmp_path / "metrics.json", "{}")
+    assert files.create_atomic(tmp_path / "plan.json", "plan") is True
+    tmp = tmp_path / ".best.tmp-1"
+    tmp.mkdir()
+    (tmp / "config.json").write_text("{}")
+    files.replace_dir(tmp, tmp_path / "best")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best", "metrics.json", "plan.json"]
+    assert (tmp_path / "plan.json").read_text() == "plan" and (tmp_path / "best" / "config.json").read_text() == "{}"
+
+
 def test_new_file_mode_follows_the_umask(tmp_path):
     from whisper_ft import files
 

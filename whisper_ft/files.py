@@ -6,6 +6,10 @@ import os
 import shutil
 from pathlib import Path
 
+# Windows opens no folder as a file, so a folder cannot be flushed there; NTFS journals its
+# metadata, so a renamed name survives a power loss without it
+FLUSH_FOLDERS = os.name != "nt"
+
 
 def write_atomic(path: str | Path, text: str) -> None:
     """Write `text` (UTF-8) to a temporary name beside `path`, then rename it into place.
@@ -122,8 +126,11 @@ def fsync_file(path: str | Path) -> None:
 
 
 def fsync_dir(folder: str | Path) -> None:
-    """Flush a folder's entries (new and renamed names) to the disk."""
-    _fsync(folder)
+    """Flush a folder's entries (new and renamed names) to the disk. Not on Windows
+    (`FLUSH_FOLDERS`): it refuses to open a folder, and the PermissionError would read as a
+    folder this user may not write."""
+    if FLUSH_FOLDERS:
+        _fsync(folder)
 
 
 def _fsync(path: str | Path) -> None:
