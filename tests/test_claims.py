@@ -108,6 +108,26 @@ def test_a_claim_of_a_dead_process_on_this_host_is_stale_at_once(tmp_path):
         assert mine.take(path)
 
 
+def test_no_signal_probes_a_process_where_signal_0_is_ctrl_c(tmp_path, monkeypatch):
+    """On Windows os.kill(pid, 0) sends Ctrl-C to the console: there every process counts as
+    alive, and a claim of one that is gone waits for its heartbeat to go stale, as another host's does."""
+    gone = dead_pid()
+
+    def no_signals(pid, sig):
+        raise AssertionError(f"signal {sig} sent to pid {pid}")
+
+    monkeypatch.setattr(claims, "PROBE_PIDS", False)
+    monkeypatch.setattr(os, "kill", no_signals)
+    assert claims.pid_alive(gone) and claims.pid_alive(os.getpid())
+    path = tmp_path / ".shard.claim"
+    plant_claim(path, host_name(), gone, age=0)
+    with ClaimSet(60) as mine:
+        assert not mine.take(path)
+    plant_claim(path, host_name(), gone, age=120)
+    with ClaimSet(60) as mine:
+        assert mine.take(path)
+
+
 def test_a_taker_that_judged_a_claim_stale_too_late_leaves_the_new_one(tmp_path, monkeypatch):
     path = tmp_path / ".shard.claim"
     plant_claim(path, "host-b", 1, age=100)

@@ -65,10 +65,18 @@ def gone_here(tag: str) -> bool:
     return host == host_name() and pid.isdigit() and not pid_alive(int(pid))
 
 
+# On Windows signal 0 is CTRL_C_EVENT: os.kill(pid, 0) would interrupt the console instead of probing
+PROBE_PIDS = os.name != "nt"
+
+
 def pid_alive(pid: int) -> bool:
-    """Whether a process `pid` runs on this machine."""
+    """Whether a process `pid` runs on this machine. Always True where no signal probes a
+    process (Windows, `PROBE_PIDS`): a claim of a process gone there goes stale by its
+    heartbeat's age, as another machine's does."""
     if pid <= 0:
         return False
+    if not PROBE_PIDS:
+        return True
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
