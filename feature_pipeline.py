@@ -37,6 +37,7 @@ def parse_args(argv: list[str] | None):
 
 
 def main(argv: list[str] | None = None) -> int:
+    cli.refuse_native_windows("feature_pipeline.py")
     args = parse_args(argv)
     cfg = cli.config_from_args(args)
     result = build(cfg, args.num_shards, args.shard_index, args.workers, args.overwrite,

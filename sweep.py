@@ -21,6 +21,7 @@ from whisper_ft.sweep import check_stores, check_trials, load_spec, report_only,
 
 
 def main(argv: list[str] | None = None) -> int:
+    cli.refuse_native_windows("sweep.py")
     parser = cli.base_parser(cli.summary(__doc__))
     parser.add_argument("sweep", type=cli.path_arg, help="sweep file (YAML): method, space, budget; see sweeps/")
     what = parser.add_mutually_exclusive_group()

@@ -37,6 +37,7 @@ def parse_args(argv: list[str] | None):
 
 
 def main(argv: list[str] | None = None) -> int:
+    cli.refuse_native_windows("training_pipeline.py")
     args = parse_args(argv)
     cfg = cli.config_from_args(args)
     cli.warn_stage1_sets(args, f"this run trains on the store {cfg.features.name}")

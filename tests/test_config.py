@@ -318,6 +318,32 @@ def test_run_and_store_names_are_one_folder_name(override):
         load_config(CONFIG, [override])
 
 
+def test_only_the_app_runs_on_native_windows_and_the_other_commands_point_to_wsl2(tmp_path, monkeypatch, capsys):
+    """The feature pipeline, training and sweeps stop in one line before any work, saying where they
+    run; the app's Space export, which writes without flushing folders there, still works."""
+    import feature_pipeline
+    import inference_app
+    import sweep as entry
+    import training_pipeline
+
+    from whisper_ft import cli, files
+
+    monkeypatch.setattr(cli, "NATIVE_WINDOWS", True)
+    monkeypatch.setattr(files, "FLUSH_FOLDERS", False)
+    out = tmp_path / "runs"
+    for script, main, args in (("feature_pipeline.py", feature_pipeline.main, []),
+                               ("training_pipeline.py", training_pipeline.main, []),
+                               ("sweep.py", entry.main, [str(ROOT / "sweeps" / "lr.yaml")])):
+        assert cli.run(main, ["--config", CONFIG, "--set", f"training.output_dir={out}", *args]) == 2
+        assert capsys.readouterr().err == (f"error: {script} does not run on native Windows: run it in WSL2 (Windows "
+                                           "Subsystem for Linux); only the app, inference_app.py, runs on Windows "
+                                           "itself\n")
+    assert not out.exists()
+    space = tmp_path / "space"
+    assert cli.run(inference_app.main, ["--config", CONFIG, "--export-space", str(space), "--model", "me/whisper"]) == 0
+    assert (space / "app.py").is_file() and capsys.readouterr().err == ""
+
+
 def test_an_empty_run_or_store_name_deletes_nothing(tmp_path, cv_release, capsys):
     """An empty name pointed at the parent folder, so that --fresh or --overwrite deleted every run or store there."""
     import feature_pipeline

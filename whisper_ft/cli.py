@@ -12,7 +12,8 @@ from collections.abc import Callable
 from whisper_ft.config import Config, load_config, stage1_only
 from whisper_ft.errors import Stopped, UserError, machine_problem
 
-__all__ = ["UserError", "base_parser", "config_from_args", "path_arg", "run", "summary", "warn_stage1_sets"]
+__all__ = ["UserError", "base_parser", "config_from_args", "path_arg", "refuse_native_windows", "run", "summary",
+           "warn_stage1_sets"]
 
 MIN_TORCH = "2.6.0"  # transformers 5.23's own minimum (a pre-release of it, 2.6.0a0, is below)
 
@@ -38,6 +39,24 @@ def check_torch() -> None:
 
 
 check_torch()
+
+
+NATIVE_WINDOWS = os.name == "nt"  # Windows itself; WSL2 is Linux
+
+
+class NativeWindows(UserError):
+    """A command that needs Linux (or macOS) started on native Windows."""
+
+
+def refuse_native_windows(command: str) -> None:
+    """Stop `command` (feature_pipeline.py, training_pipeline.py, sweep.py) with one line on
+    native Windows, which lacks what the feature pipeline's claims on its shards are built on
+    (`os.pwrite`, a process probe by signal 0: `whisper_ft.claims`); training and sweeps, which
+    read its stores, are not tested there either. WSL2 runs them all; the app (inference_app.py)
+    runs on Windows itself."""
+    if NATIVE_WINDOWS:
+        raise NativeWindows(f"{command} does not run on native Windows: run it in WSL2 (Windows Subsystem for "
+                            "Linux); only the app, inference_app.py, runs on Windows itself")
 
 
 def summary(doc: str) -> str:
