@@ -349,6 +349,23 @@ def test_decoding_workers_die_with_a_killed_pipeline(tmp_path):
                 os.kill(pid, signal.SIGKILL)
 
 
+def test_spawned_decoding_workers_write_the_store_forked_ones_do(tmp_path, cv_release, monkeypatch):
+    """Outside Linux the workers start by the platform's default method, spawn on macOS (where a
+    forked child may crash in system libraries): each gets the processor pickled rather than
+    inherited, and the store is the same as with forked workers."""
+    import multiprocessing
+
+    asked: list[str | None] = []
+    get_context = multiprocessing.get_context
+    monkeypatch.setattr(multiprocessing, "get_context", lambda method=None: asked.append(method) or get_context(method))
+    for method in ("fork", "spawn"):
+        asked.clear()
+        monkeypatch.setattr(features, "POOL_START_METHOD", method)
+        assert run_main(tmp_path / method, "ref", cv_release, *STORE_SETS, workers=2) == 0
+        assert method in asked
+    assert_same_store(tmp_path / "fork" / "features" / "ref", tmp_path / "spawn" / "features" / "ref")
+
+
 def test_rerun_of_a_finished_store_does_nothing(reference_store, cv_release, capsys, monkeypatch):
     files = {p: p.stat().st_mtime_ns for p in reference_store.rglob("*") if p.is_file()}
     data_dir = reference_store.parents[1]

@@ -569,14 +569,20 @@ def _init_pool_worker(processor: Processor, limits: Limits, parent: int) -> None
     _init_worker(processor, limits)
 
 
+# How decoding workers start: fork on Linux, where they share the processor already loaded and
+# `die_with_parent` works; elsewhere the platform's default (spawn on macOS, where a forked child
+# may crash in Accelerate and other system libraries), which sends each worker the processor.
+POOL_START_METHOD = "fork" if sys.platform.startswith("linux") else None
+
+
 def decoding_pool(workers: int, processor: Processor, limits: Limits):
-    """A pool of `workers` decoding processes, forked with the processor already loaded, that
-    end with the thread that uses it (`die_with_parent`). An executor, unlike
+    """A pool of `workers` decoding processes, started with the processor (`POOL_START_METHOD`),
+    that end with the thread that uses it (`die_with_parent`). An executor, unlike
     multiprocessing.Pool, fails loudly when a worker dies or cannot start."""
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
-    return ProcessPoolExecutor(workers, multiprocessing.get_context("fork"), _init_pool_worker,
+    return ProcessPoolExecutor(workers, multiprocessing.get_context(POOL_START_METHOD), _init_pool_worker,
                                (processor, limits, os.getpid()))
 
 
@@ -600,9 +606,8 @@ def build_shards(root: Path, todo: list[Shard], processor: Processor, limits: Li
     as each one lands on disk.
 
     Batches of every shard go through one process pool in order, so all cores stay busy even
-    when there are fewer shards than cores. Workers are forked with the processor already
-    loaded and are killed with this process (`decoding_pool`). `progress(n_rows, n_kept)` is
-    called per batch.
+    when there are fewer shards than cores. Workers get the processor once and are killed with
+    this process (`decoding_pool`). `progress(n_rows, n_kept)` is called per batch.
     """
     jobs = [(shard, batch) for shard in todo for batch in iter_batches(shard.rows, batch_size)]
     n_mels = processor.feature_extractor.feature_size
