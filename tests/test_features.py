@@ -366,6 +366,41 @@ def test_spawned_decoding_workers_write_the_store_forked_ones_do(tmp_path, cv_re
     assert_same_store(tmp_path / "fork" / "features" / "ref", tmp_path / "spawn" / "features" / "ref")
 
 
+@pytest.mark.skipif(features.POOL_START_METHOD != "fork", reason="the test's encoder reaches the workers by fork")
+def test_a_decoding_worker_that_dies_is_one_line_and_the_rerun_keeps_the_shards_written(tmp_path, cv_release,
+                                                                                       monkeypatch, capsys):
+    """A worker killed mid-build (the out-of-memory killer, a crash in native code) stops the
+    pipeline with one line that says what to do; the shards finished by then stay, and the
+    rerun it asks for goes on from them."""
+    root = tmp_path / "features" / "ref"
+    args = pipeline_args(tmp_path, "ref", cv_release, *STORE_SETS, workers=2)
+    last_clip = read_cv_tsv(cv_release / "test.tsv")[-1]["path"]  # the last shard's: earlier ones finish first
+    pipeline, encode = os.getpid(), features.encode_batch
+
+    def killed_on_the_last_clip(rows, *rest):
+        if os.getpid() != pipeline and any(Path(str(r.audio)).name == last_clip for r in rows):
+            deadline = time.time() + 60
+            while not list(root.glob("*/shard-*/stats.json")) and time.time() < deadline:
+                time.sleep(0.05)
+            os.kill(os.getpid(), signal.SIGKILL)
+        return encode(rows, *rest)
+
+    monkeypatch.setattr(features, "encode_batch", killed_on_the_last_clip)
+    assert cli.run(feature_pipeline.main, args) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err, err[-3000:]
+    assert err.strip().splitlines()[-1] == (
+        "error: a decoding worker died (for example killed when out of memory; any error it printed is above): the "
+        "shards written so far are kept, and a rerun of the same command goes on from them; try fewer workers than 2 "
+        "(--workers N, or features.workers)")
+    done = {p: p.stat().st_mtime_ns for p in root.glob("*/shard-*/stats.json")}
+    assert 1 <= len(done) < 14 and not (root / "manifest.json").exists()
+    monkeypatch.undo()
+    assert cli.run(feature_pipeline.main, args) == 0
+    assert all(p.stat().st_mtime_ns == mtime for p, mtime in done.items())  # kept, not written again
+    assert len(list(root.glob("*/shard-*/stats.json"))) == 14 and leftovers(root) == []
+
+
 def test_rerun_of_a_finished_store_does_nothing(reference_store, cv_release, capsys, monkeypatch):
     files = {p: p.stat().st_mtime_ns for p in reference_store.rglob("*") if p.is_file()}
     data_dir = reference_store.parents[1]

@@ -575,6 +575,10 @@ def _init_pool_worker(processor: Processor, limits: Limits, parent: int) -> None
 POOL_START_METHOD = "fork" if sys.platform.startswith("linux") else None
 
 
+class WorkerDied(UserError):
+    """A decoding worker ended in the middle of the work (killed when out of memory, a crash)."""
+
+
 def decoding_pool(workers: int, processor: Processor, limits: Limits):
     """A pool of `workers` decoding processes, started with the processor (`POOL_START_METHOD`),
     that end with the thread that uses it (`die_with_parent`). An executor, unlike
@@ -607,18 +611,21 @@ def build_shards(root: Path, todo: list[Shard], processor: Processor, limits: Li
 
     Batches of every shard go through one process pool in order, so all cores stay busy even
     when there are fewer shards than cores. Workers get the processor once and are killed with
-    this process (`decoding_pool`). `progress(n_rows, n_kept)` is called per batch.
+    this process (`decoding_pool`); a worker that dies stops the build (`WorkerDied`), and the
+    shards written by then stay for a rerun. `progress(n_rows, n_kept)` is called per batch.
     """
+    from concurrent.futures.process import BrokenProcessPool
+
     jobs = [(shard, batch) for shard in todo for batch in iter_batches(shard.rows, batch_size)]
     n_mels = processor.feature_extractor.feature_size
-    if workers <= 1:
-        _init_worker(processor, limits)
-        results = map(_encode_in_worker, (batch for _, batch in jobs))
-        pool = None
-    else:
-        pool = decoding_pool(workers, processor, limits)
-        results = pool.map(_encode_in_worker, (batch for _, batch in jobs))
+    pool = None
     try:
+        if workers <= 1:
+            _init_worker(processor, limits)
+            results = map(_encode_in_worker, (batch for _, batch in jobs))
+        else:
+            pool = decoding_pool(workers, processor, limits)
+            results = pool.map(_encode_in_worker, (batch for _, batch in jobs))
         pending: dict[tuple[str, int], tuple[list[dict], Counter, list[int]]] = {}
         for (shard, batch), (examples, drops) in zip(jobs, results):
             key = (shard.split, shard.index)
@@ -634,6 +641,10 @@ def build_shards(root: Path, todo: list[Shard], processor: Processor, limits: Li
         for shard in todo:  # shards with no rows at all
             if not shard.rows:
                 yield shard, commit_shard(root, shard, [], Counter(), n_mels, dtype, claims)
+    except BrokenProcessPool as e:
+        raise WorkerDied("a decoding worker died (for example killed when out of memory; any error it printed is "
+                         "above): the shards written so far are kept, and a rerun of the same command goes on from "
+                         f"them; try fewer workers than {workers} (--workers N, or features.workers)") from e
     finally:
         if pool is not None:
             pool.shutdown(cancel_futures=True)
