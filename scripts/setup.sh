@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Set up this checkout on a fresh machine: system packages (Debian/Ubuntu, when run as root
-# or with sudo), a virtual environment in .venv, and the Python requirements.
+# Set up this checkout on a fresh machine: system packages (installed with apt-get on
+# Debian/Ubuntu, as root or with sudo; named elsewhere), a virtual environment in .venv, and the
+# Python requirements.
 #   bash scripts/setup.sh          # what the three commands need
 #   bash scripts/setup.sh --dev    # plus test tools: espeak-ng, Chromium, pytest, Playwright
 set -euo pipefail
@@ -21,8 +22,14 @@ pkgs=(ffmpeg)
 [ $dev = 1 ] && pkgs+=(espeak-ng chromium chromium-driver)
 # Debian and Ubuntu ship venv's pip bootstrap apart from Python (python3.X-venv)
 "$python" -c "import ensurepip" 2>/dev/null || pkgs+=("python$("$python" -c 'import sys; print("%d.%d" % sys.version_info[:2])')-venv")
+# a package whose program is on PATH is there, however it was installed (Homebrew on macOS has no dpkg)
+program() { case $1 in chromium-driver) echo chromedriver ;; *-venv) echo "" ;; *) echo "$1" ;; esac; }
 missing=()
-for p in "${pkgs[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
+for p in "${pkgs[@]}"; do
+  prog=$(program "$p")
+  if [ -n "$prog" ] && command -v "$prog" >/dev/null; then continue; fi
+  dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
+done
 if [ ${#missing[@]} -gt 0 ]; then
   if command -v apt-get >/dev/null; then
     sudo=""; [ "$(id -u)" = 0 ] || sudo="sudo"
@@ -30,7 +37,10 @@ if [ ${#missing[@]} -gt 0 ]; then
     $sudo apt-get update -qq
     DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}" >/dev/null
   else
-    echo "please install: ${missing[*]} (no apt-get on this machine)" >&2
+    brew=""
+    for p in "${missing[@]}"; do prog=$(program "$p"); if [ -n "$prog" ]; then brew+=" $prog"; fi; done
+    echo "please install: ${missing[*]} (no apt-get on this machine: install them with its package" \
+         "manager${brew:+, e.g. brew install$brew})" >&2
   fi
 fi
 
