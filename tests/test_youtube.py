@@ -4,6 +4,7 @@ URLs, and private addresses refused unless allowed."""
 
 from __future__ import annotations
 
+import json
 import shutil
 import socket
 import subprocess
@@ -179,6 +180,28 @@ def test_private_hosts_are_refused_end_to_end(site, tmp_root):
         download_audio("http://169.254.169.254/latest/meta-data/", Limits(3600, 50, 60), 60)
     assert len(Server.requests()) == served
     assert list(tmp_root.iterdir()) == []
+
+
+def test_the_yt_dlp_process_guards_its_connections_unless_private_hosts_are_allowed(site, tmp_path):
+    """A host that resolves to a public address when checked and to a private one when yt-dlp
+    connects (DNS rebinding), or a redirect to one: the child's guard is what still refuses it.
+    Here the URL checks are switched off in the child, so that only the guard stands in the way."""
+    code = ("import json, sys; from whisper_ft import urls, youtube; urls.check_url = lambda url, *a: url; "
+            "print(json.dumps(youtube.fetch({'url': sys.argv[1], 'out_dir': sys.argv[2], 'cookies_file': '', "
+            "'max_seconds': 3600, 'max_mb': 50, 'download_seconds': 60, 'allow_private': sys.argv[3] == 'yes'})))")
+
+    def fetch(allow_private: str, out_dir) -> dict:
+        out_dir.mkdir()
+        proc = subprocess.run([sys.executable, "-c", code, f"{site.url}/speech.mp3", str(out_dir), allow_private],
+                              capture_output=True, text=True, cwd=ROOT, timeout=60)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        return json.loads(proc.stdout.strip().splitlines()[-1])
+
+    served = len(Server.requests())
+    reply = fetch("no", tmp_path / "guarded")
+    assert "127.0.0.1 is not on the public internet (loopback address)" in reply.get("error", ""), reply
+    assert len(Server.requests()) == served and list((tmp_path / "guarded").iterdir()) == []
+    assert "path" in fetch("yes", tmp_path / "allowed")  # app.allow_private_urls: the same download goes through
 
 
 def test_the_guard_refuses_every_connection_of_its_process(site):
