@@ -82,17 +82,29 @@ def test_long_audio_is_decoded_window_after_window_with_or_without_timestamps(mo
     assert not short[0].get("return_timestamps")
 
 
-def calls(tr, wave, timestamps: bool = False) -> list[dict]:
+def calls(tr, wave, timestamps: bool = False, task: str = "transcribe") -> list[dict]:
     """The generate keyword arguments (and input_features) of each batch that transcribing `wave` runs."""
     seen = []
     generate = tr.pipe.model.generate
     tr.pipe.model.generate = lambda *args, **kwargs: seen.append({**kwargs, "input_features": args[0]} if args
                                                                  else kwargs) or generate(*args, **kwargs)
     try:
-        tr.transcribe(wave, timestamps=timestamps)
+        tr.transcribe(wave, task=task, timestamps=timestamps)
     finally:
         tr.pipe.model.generate = generate
     return seen
+
+
+@pytest.mark.parametrize("seconds", [5, 35])  # one window (the pipeline), and long-form generation
+def test_the_task_and_the_models_language_reach_generate(model_dir, seconds):
+    """The page's "Whisper (offline, to English)" is generate's translate task, in the language the
+    model was fine-tuned for: without them the translation is the transcript again, or a language
+    guessed anew for each window."""
+    tr = load_transcriber(str(model_dir), language="no", use_ctranslate2=False)
+    wave = np.random.default_rng(0).normal(0, 0.1, seconds * SAMPLE_RATE).astype(np.float32)
+    for task in ("translate", "transcribe"):
+        seen = calls(tr, wave, task=task)
+        assert len(seen) == 1 and (seen[0]["task"], seen[0]["language"]) == (task, "no")
 
 
 def test_pipeline_timestamps(model_dir, long_speech):
@@ -256,11 +268,11 @@ def test_ct2_path_decodes_window_after_window_with_or_without_timestamps(ct2_mod
     seen = []
     transcribe = tr.model.transcribe
     tr.model.transcribe = lambda audio, **kwargs: seen.append(kwargs) or transcribe(audio, **kwargs)
-    for timestamps in (False, True):
-        result = tr.transcribe(long_speech, timestamps=timestamps)
+    for timestamps, task in ((False, "transcribe"), (True, "translate")):  # translate: Whisper's offline translation
+        result = tr.transcribe(long_speech, task=task, timestamps=timestamps)
         assert result.audio_seconds == pytest.approx(len(long_speech) / SAMPLE_RATE)
         assert timestamps or result.segments == ()
-    assert len(seen) == 2
+    assert [kwargs["task"] for kwargs in seen] == ["transcribe", "translate"]
     for kwargs in seen:
         assert kwargs["condition_on_previous_text"] is False and not kwargs.get("without_timestamps")
         assert kwargs["language"] == "sv" and kwargs["beam_size"] == 5 and kwargs["temperature"] == [0.0]
