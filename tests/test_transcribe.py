@@ -464,6 +464,24 @@ def test_the_app_runs_a_hub_models_ctranslate2_export(ct2_model, tmp_path, monke
     assert isinstance(transcriber, CT2Transcriber) and transcriber.backend == "ctranslate2"
 
 
+def test_the_app_loads_the_backend_beam_and_fallback_its_settings_name(ct2_model):
+    """app.use_ctranslate2, app.beam_size and app.temperature_fallback as the operator set them: an
+    operator who turns the export off, narrows the beam or bounds the request time by decoding each
+    window once would otherwise get the defaults."""
+    from whisper_ft.config import load_config
+    from whisper_ft.transcribe import load_app_transcriber
+
+    def loaded(*overrides):
+        return load_app_transcriber(str(ct2_model), load_config(None, list(overrides)), device="cpu")
+
+    tr = loaded("app.beam_size=2", "app.temperature_fallback=false")
+    assert isinstance(tr, CT2Transcriber) and tr.beam_size == 2 and tr.temperatures == ()
+    tr = loaded()
+    assert isinstance(tr, CT2Transcriber) and tr.beam_size == 5 and tr.temperatures == FALLBACK_TEMPERATURES
+    tr = loaded("app.use_ctranslate2=false", "app.temperature_fallback=false")
+    assert isinstance(tr, PipelineTranscriber) and tr.temperatures == ()
+
+
 def test_the_app_transcribes_in_the_language_the_model_was_fine_tuned_for(tiny_model_dir, tmp_path):
     """A model trained here for Norwegian carries `no` in its generation config: the app decodes
     and translates from `no` whatever model.language says; a model without one takes model.language."""
