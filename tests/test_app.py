@@ -105,11 +105,51 @@ def test_long_audio_with_timestamps_and_history(handlers, media, fake_google):
     assert Path(files[0]).read_text(encoding="utf-8").startswith("[00:")
 
 
+class Says:
+    """A model that hears `text` in any audio, fine-tuned for `language`: no decoding."""
+
+    backend = "transformers"
+
+    def __init__(self, text: str, language: str = "sv"):
+        self.text, self.language = text, language
+
+    def transcribe(self, wave, task="transcribe", timestamps=False):
+        return Transcript(self.text, (), len(wave) / 16000, 0.1)
+
+
+def test_history_shows_the_translation_and_keeps_the_last_turns(cfg, media, tmp_path, fake_google):
+    """Each answer in the history carries its translation, and the page keeps HISTORY_TURNS turns
+    per visitor: an endless history would grow the page (and the state sent back) without bound."""
+    earlier = [{"role": role, "content": f"turn {i}"} for i in range(app.HISTORY_TURNS)
+               for role in ("user", "assistant")]
+    handlers = Handlers(Says("hej då"), cfg, tmp_path)
+    *_, chat, history = handlers.from_file(str(media["speech.wav"]), GOOGLE, "en", False, earlier)
+    assert chat == history and len(history) == 2 * app.HISTORY_TURNS
+    assert history[0]["content"] == "turn 1" and "File speech.wav" in history[-2]["content"]
+    assert history[-1] == {"role": "assistant", "content": "hej då\n\n*Translation:* [en] hej då"}
+
+
 def test_translation_offline_still_shows_the_transcript(handlers, media, monkeypatch):
     route_through_refusing_proxy(monkeypatch)
     text, translation, status, *_ = handlers.from_file(str(media["speech.mp3"]), GOOGLE, "en", False, [])
     assert text and translation == ""
     assert "Translation failed" in status and "could not be reached" in status and WHISPER in status
+
+
+def test_google_translates_from_the_models_language_within_the_requests_time(media, tmp_path, monkeypatch):
+    """A model fine-tuned for Norwegian is translated from Norwegian, whatever model.language says;
+    and the translation gets what is left of app.request_timeout_seconds when that is less than
+    app.translate_timeout_seconds: a request never runs past its deadline."""
+    sent = []
+    monkeypatch.setattr(translate, "translate", lambda text, target, source, timeout: sent.append(
+        (text, target, source, timeout)) or f"[{target}] {text}")
+    cfg = load_config(None, ["model.language=sv", "app.request_timeout_seconds=30",
+                             "app.translate_timeout_seconds=60"])
+    handlers = Handlers(Says("hei på deg", language="no"), cfg, tmp_path)
+    translation = handlers.from_file(str(media["speech.wav"]), GOOGLE, "de", False, [])[1]
+    assert translation == "[de] hei på deg"
+    [(text, target, source, timeout)] = sent
+    assert (text, target, source) == ("hei på deg", "de", "no") and 20 < timeout <= 30
 
 
 def test_crashed_network_processes_keep_the_transcript_and_say_so(handlers, media, monkeypatch, caplog):
@@ -285,6 +325,27 @@ def test_a_request_has_one_deadline(handlers, media):
     assert "within 1.5 s (app.request_timeout_seconds)" in message and time.monotonic() - start < 4
 
 
+def test_a_url_is_downloaded_within_the_apps_limits(tmp_path, monkeypatch):
+    """Each of app.max_media_seconds, app.max_download_mb, app.download_timeout_seconds and
+    app.allow_private_urls bounds what it names (a 500 MB cap taken for 500 s of media would refuse
+    most videos, and the other way round let 3600 MB through), with the request's time left."""
+    from whisper_ft import youtube
+
+    seen = []
+
+    def download(url, limits, timeout, cookies_file=""):
+        seen.append((url, limits, timeout, cookies_file))
+        raise youtube.MediaError("recorded")
+
+    monkeypatch.setattr(youtube, "download_audio", download)
+    cfg = load_config(None, ["app.max_media_seconds=61", "app.max_download_mb=7", "app.download_timeout_seconds=33",
+                             "app.allow_private_urls=true", "app.request_timeout_seconds=90"])
+    assert error_message(lambda: Handlers(Says("hej"), cfg, tmp_path).from_url("https://example.com/v")) == "recorded"
+    [(url, limits, timeout, cookies_file)] = seen
+    assert limits == youtube.Limits(max_seconds=61, max_mb=7, download_seconds=33, allow_private=True)
+    assert url == "https://example.com/v" and 80 < timeout <= 90 and cookies_file == ""
+
+
 def test_a_busy_model_answers_busy_at_the_deadline(handlers, media, monkeypatch):
     busy = Handlers(handlers.transcriber, load_config(None, ["app.request_timeout_seconds=1"]), handlers.out_dir)
     started, release = threading.Event(), threading.Event()
@@ -340,6 +401,15 @@ def test_the_page_names_the_language_it_transcribes(tmp_path):
     assert not [b for b in demo.blocks.values() if "Swedish" in str(getattr(b, "value", ""))]
 
 
+def test_the_translation_target_starts_at_app_translate_to(tmp_path):
+    from types import SimpleNamespace
+
+    cfg = load_config(None, ["app.translate_to=de"])
+    demo = app.build_app(Handlers(SimpleNamespace(backend="transformers", language="sv"), cfg, tmp_path), "m")
+    [target] = [b for b in demo.blocks.values() if isinstance(b, gr.Dropdown)]
+    assert target.value == "de"
+
+
 @pytest.mark.parametrize("override", ["app.max_download_mb=0", "app.request_timeout_seconds=-1", "app.workers=0",
                                       "app.queue_size=0", "app.allow_private_urls=maybe", "app.port=0",
                                       "app.port=65536", "app.port=-1", "app.device=gpu", "app.device=cuda:x",
@@ -383,6 +453,7 @@ def test_main_binds_localhost_and_shares_only_on_request(model_dir, launches, ca
         assert inference_app.main(["--model", str(model_dir), "--config", config]) == 0
     assert launches[-1]["server_name"] == "127.0.0.1" and launches[-1]["share"] is False
     assert launches[-1]["server_port"] == 7860 and launches[-1]["auth"] is None
+    assert launches[-1]["max_file_size"] == "1gb"  # the upload cap docs/app.md states; Gradio's default has none
     assert "WITHOUT A LOGIN" not in caplog.text
     assert inference_app.main(["--model", str(model_dir), "--config", config, "--host", "0.0.0.0", "--port", "8123",
                                "--share"]) == 0
@@ -639,3 +710,14 @@ def test_cleanup_tolerates_a_transcript_another_request_removed(tmp_path, monkey
     monkeypatch.setattr(Path, "glob", lambda self, pattern: iter([gone, old]))
     app._remove_old(tmp_path, 3600)
     assert not old.exists()
+
+
+def test_a_request_leaves_other_visitors_recent_transcripts(cfg, tmp_path):
+    """A request removes transcript files older than DOWNLOAD_MAX_AGE, not the files another visitor
+    got a minute ago and has yet to download."""
+    handlers = Handlers(None, cfg, tmp_path)
+    others, _ = handlers._write_files(Transcript("hej då", (), 1.0, 0.1))
+    for f in others:
+        os.utime(f, (time.time() - 60,) * 2)
+    mine, _ = handlers._write_files(Transcript("igen", (), 1.0, 0.1))
+    assert all(Path(f).exists() for f in [*others, *mine])
