@@ -12,6 +12,7 @@ import sys
 import tempfile
 import time
 
+import numpy as np
 import psutil
 import pytest
 
@@ -55,6 +56,13 @@ def tmp_root(tmp_path, monkeypatch):
 def test_bad_urls_are_refused(url):
     with pytest.raises(MediaError):
         check_url(url)
+
+
+@pytest.mark.parametrize("url", ["https://www.youtube.com/watch?v=x", "HTTPS://youtu.be/x", "Http://example.com/a.mp3",
+                                 "http://[2001:db8::1]:8080/a.mp3"])
+def test_web_addresses_are_accepted_whatever_the_scheme_case(url):
+    """A URL typed on a phone starts with a capital ("Https://..."): schemes are case-insensitive."""
+    assert check_url(f"  {url}\n") == url
 
 
 def test_file_urls_are_refused_before_yt_dlp(monkeypatch):
@@ -105,6 +113,17 @@ def test_downloads_stop_at_the_size_limit(site, tmp_root, path):
     assert list(tmp_root.iterdir()) == []
 
 
+def test_a_size_the_server_announces_stops_the_download_at_once():
+    """A server that announces 10 GB is refused on its first progress report, before the cap's
+    worth has arrived; without an announced size, the bytes that arrived count."""
+    cap = youtube.ByteCap(10**6)
+    with pytest.raises(MediaError, match=r"larger than 1 MB \(app.max_download_mb\)"):
+        cap({"status": "downloading", "total_bytes": 10 * 10**9, "downloaded_bytes": 1024})
+    with pytest.raises(MediaError, match="larger than 1 MB"):
+        cap({"status": "downloading", "total_bytes": None, "downloaded_bytes": 10**6 + 1})
+    assert cap({"status": "downloading", "total_bytes": 10**6, "downloaded_bytes": 10**6}) is None
+
+
 def test_a_stream_that_trickles_is_stopped_at_the_deadline(site, tmp_root):
     start = time.monotonic()
     with pytest.raises(MediaError, match=r"did not finish within 1.5 s \(app.download_timeout_seconds\)"):
@@ -114,6 +133,21 @@ def test_a_stream_that_trickles_is_stopped_at_the_deadline(site, tmp_root):
         download_audio(f"{site.url}/stream/trickle.mp3", Limits(3600, 50, 60, allow_private=True), 1)
     assert list(tmp_root.iterdir()) == []
     assert psutil.Process().children() == []  # the yt-dlp process was killed and reaped
+
+
+def test_decoding_gets_the_time_the_download_left(monkeypatch):
+    """The timeout bounds download and decoding together: a download that took 0.5 s of 5 leaves
+    decoding 4.5 s, not 5 again, or a request could run past its deadline."""
+    def download(request, seconds, key):
+        time.sleep(0.5)
+        return {"path": "media.m4a", "title": "Klipp"}
+
+    decoding = []
+    monkeypatch.setattr(youtube, "_run_download", download)
+    monkeypatch.setattr(youtube, "load_audio", lambda path, max_seconds, timeout: decoding.append(timeout) or
+                        np.zeros(16000, np.float32))
+    assert download_audio("https://example.com/v", LOCAL, 5).title == "Klipp"
+    assert len(decoding) == 1 and decoding[0] <= 4.5
 
 
 def test_missing_media_and_dead_hosts_give_clear_errors(site, tmp_root):
@@ -131,6 +165,15 @@ def test_page_without_media_is_refused(site, tmp_path):
     (tmp_path / "plain.html").write_text("<html><body>Ingen video här.</body></html>")
     with Server(tmp_path) as server, pytest.raises(MediaError, match="could not get audio"):
         download_audio(f"{server.url}/plain.html", LOCAL, 60)
+
+
+def test_a_playlist_is_refused_with_what_to_paste_instead(site, tmp_path, tmp_root):
+    """A page with two videos is a playlist to yt-dlp: it would download them all, one after another."""
+    (tmp_path / "two.html").write_text(f'<html><body><video src="{site.url}/video.mp4"></video>'
+                                       f'<video src="{site.url}/speech.mp3"></video></body></html>')
+    with Server(tmp_path) as server, pytest.raises(MediaError, match="^this URL is a playlist; paste the URL of a"):
+        download_audio(f"{server.url}/two.html", LOCAL, 60)
+    assert list(tmp_root.iterdir()) == []
 
 
 def test_cookies_file(site, tmp_path):
