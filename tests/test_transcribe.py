@@ -47,6 +47,8 @@ def test_srt_and_txt_writers():
     assert to_srt(t) == ("1\n00:00:00,000 --> 00:00:01,500\nHej.\n\n"
                          "2\n00:01:01,250 --> 01:02:05,500\nHur mår du?\n")
     assert to_txt(t) == "[00:00 - 00:01] Hej.\n[01:01 - 1:02:05] Hur mår du?\n"
+    hour = Transcript("Tack.", (Segment(3599.5, 3600.0, "Tack."),), 3601.0)  # an hour on the dot is 1:00:00, not 60:00
+    assert to_txt(hour) == "[59:59 - 1:00:00] Tack.\n"
     plain = Transcript("Hej.", (), 2.0, 1.0)
     assert to_txt(plain) == "Hej.\n"
     assert to_srt(plain) == "1\n00:00:00,000 --> 00:00:02,000\nHej.\n"
@@ -242,6 +244,20 @@ def test_ct2_export_is_found_used_and_ignored_when_stale(model_dir, long_speech,
     assert ct2.find_export(model) is None
 
 
+def test_an_export_goes_over_an_interrupted_one_and_force_redoes_a_fresh_one(model_dir, tmp_path):
+    """An export killed midway leaves ct2.tmp behind: the next export starts it afresh instead of
+    failing on it; and `--force` re-exports even over an export that is up to date."""
+    model = shutil.copytree(model_dir, tmp_path / "model")
+    (model / "ct2.tmp").mkdir()
+    (model / "ct2.tmp" / "model.bin").write_bytes(b"half")
+    out = ct2.export(model)
+    assert ct2.find_export(model) == out and not (model / "ct2.tmp").exists()
+    (out / "marker").write_text("from the first export")
+    assert ct2.export(model) == out and (out / "marker").exists()  # up to date: kept as it is
+    assert ct2.export(model, force=True) == out and not (out / "marker").exists()
+    assert ct2.find_export(model) == out
+
+
 def test_ct2_export_command(model_dir, tmp_path):
     from whisper_ft.cli import run
 
@@ -293,15 +309,18 @@ def test_temperature_fallback_unless_turned_off(ct2_model, looping_model, noise)
     assert text and unchecked.startswith(text) and len(text) < len(unchecked) // 4  # the greedy decode, cut
 
 
+def faster_segment(start: float, end: float, text: str):
+    """A segment as faster-whisper's transcribe yields it."""
+    from faster_whisper.transcribe import Segment as FasterSegment
+
+    return FasterSegment(id=0, seek=0, start=start, end=end, text=text, tokens=[], avg_logprob=-0.2,
+                         compression_ratio=1.0, no_speech_prob=0.0, words=None, temperature=0.0)
+
+
 def test_ct2_cues_are_made_fit_for_subrip(ct2_model):
     """faster-whisper's timestamps as they came on real audio: a 0.1 s clip got a cue to 2 s, and
     a window's last cue may end past the audio or overlap the next window's first."""
-    from faster_whisper.transcribe import Segment as FasterSegment
-
-    def segment(start, end, text):
-        return FasterSegment(id=0, seek=0, start=start, end=end, text=text, tokens=[], avg_logprob=-0.2,
-                             compression_ratio=1.0, no_speech_prob=0.0, words=None, temperature=0.0)
-
+    segment = faster_segment
     decoded = [segment(0.0, 2.0, " Hej.")]
     tr = load_transcriber(str(ct2_model))
     tr.model.transcribe = lambda audio, **kwargs: (iter(decoded), None)  # what the model decodes next
@@ -437,6 +456,24 @@ def test_a_looping_ct2_segment_is_cut_and_normal_text_kept():
     assert cut_looping_text(looping) == "Jag vet inte vad det är. och"
     normal = "Hon fick bra betyg för att hon pluggade på kvällen."
     assert cut_looping_text(normal) == normal
+
+
+def test_a_window_that_loops_at_every_temperature_is_cut_on_either_path(model_dir, ct2_model):
+    """faster-whisper, and transformers' long-form generation, give a window that loops at every
+    temperature as it came (up to the token cap): the visitor gets it cut where the loop starts."""
+    import torch
+
+    looping = " Jag vet inte vad det är." + " och" * 100
+    tr = load_transcriber(str(ct2_model))
+    tr.model.transcribe = lambda audio, **kwargs: (iter([faster_segment(0.0, 4.0, looping)]), None)
+    assert tr.transcribe(np.zeros(4 * SAMPLE_RATE, np.float32)).text == "Jag vet inte vad det är. och"
+    tr = load_transcriber(str(model_dir), use_ctranslate2=False)
+    ids = torch.tensor(tr.pipe.tokenizer(looping, add_special_tokens=False).input_ids)
+    windows = [{"tokens": ids, "start": torch.tensor(0.0), "end": torch.tensor(28.0)},
+               {"tokens": ids, "start": torch.tensor(28.0), "end": torch.tensor(35.0)}]
+    tr.pipe.model.generate = lambda *args, **kwargs: {"segments": [windows]}  # what the windows decoded to
+    result = tr.transcribe(np.zeros(35 * SAMPLE_RATE, np.float32), timestamps=True)
+    assert [s.text for s in result.segments] == ["Jag vet inte vad det är. och"] * 2
 
 
 def test_transformers_path_decodes_greedily_whatever_the_beam(tiny_model_dir):
