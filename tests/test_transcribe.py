@@ -578,3 +578,16 @@ def test_on_a_gpu_the_app_runs_transformers_in_float16_even_beside_an_export(ct2
     result = tr.transcribe(np.zeros(SAMPLE_RATE, np.float32))
     assert result.audio_seconds == 1.0
     assert isinstance(load_transcriber(str(ct2_model), device="cpu"), CT2Transcriber)
+
+    # The page and the log say where it runs. The model above stays on the CPU, so the label is
+    # checked on a stand-in that reports the GPU, with the pipeline it is handed to recorded, not built.
+    from types import SimpleNamespace
+
+    import transformers
+
+    handed = []
+    monkeypatch.setattr(transformers, "pipeline", lambda *args, **kwargs: handed.append(kwargs))
+    on_gpu = SimpleNamespace(device=torch.device("cuda:1"), dtype=torch.float16)
+    processor = SimpleNamespace(tokenizer=tr.pipe.tokenizer, feature_extractor=tr.pipe.feature_extractor)
+    assert PipelineTranscriber(on_gpu, processor).backend == "transformers on cuda:1, float16"
+    assert handed[0]["model"] is on_gpu and handed[0]["device"] == torch.device("cuda:1")
