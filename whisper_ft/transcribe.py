@@ -10,7 +10,7 @@ Two backends behind one `transcribe(wave, task, timestamps)` call, both taking m
   loop starts if every try loops.
 - `CT2Transcriber`: a CTranslate2 int8 export (see `whisper_ft.ct2`) run by faster-whisper's
   sequential transcription, one 30 s window after another as above, with its own temperature
-  fallback. The fast CPU path.
+  fallback. The fast CPU path; on a GPU (`app_device`) the app runs the transformers path.
 
 `to_srt` / `to_txt` write the result; `Transcript.rtf` is processing time over audio time.
 """
@@ -357,10 +357,9 @@ def load_transcriber(model_dir: str, language: str = "sv", use_ctranslate2: bool
 def load_app_transcriber(model_dir: str | Path, cfg, device: str | None = None):
     """The transcriber `inference_app.py` runs on `model_dir`, as cfg's model and app settings
     say (`device` for app.device); the served model's scores after training use the same, on the
-    CPU. A hub id is downloaded (or
-    found in the Hugging Face cache) with its CTranslate2 export, as a Space does. The language
-    is the one the model was fine-tuned for (its generation config's); model.language for a
-    model without one (a base model)."""
+    CPU. A hub id is downloaded (or found in the Hugging Face cache) with its CTranslate2 export,
+    as a Space does. The language is the one the model was fine-tuned for (its generation
+    config's); model.language for a model without one (a base model)."""
     from whisper_ft.hub import local_model
     from whisper_ft.model import own_language
 
