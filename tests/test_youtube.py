@@ -255,3 +255,28 @@ def test_the_guard_refuses_every_connection_of_its_process(site):
     proc = subprocess.run([sys.executable, "-c", code, f"{site.url}/speech.mp3"], capture_output=True, text=True,
                           cwd=ROOT, timeout=60)
     assert proc.returncode != 0 and "127.0.0.1 is not on the public internet (loopback address)" in proc.stderr
+
+
+def ipv6_listener() -> socket.socket | None:
+    """A socket listening on [::1], or None where this machine has no IPv6 loopback."""
+    try:
+        listener = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+        listener.bind(("::1", 0))
+    except OSError:
+        return None
+    listener.listen()
+    return listener
+
+
+def test_the_guard_refuses_ipv6_connections_too():
+    """A host that resolves to [::1] (or another private IPv6 address) is no way round the guard: an IPv6
+    connection to the loopback is refused like an IPv4 one, even with a server listening there."""
+    listener = ipv6_listener()
+    if listener is None:
+        pytest.skip("this machine has no IPv6 loopback ([::1])")
+    with listener:
+        code = ("import socket, sys; from whisper_ft import urls; urls.guard_connections(); "
+                "socket.create_connection(('::1', int(sys.argv[1])), timeout=5)")
+        proc = subprocess.run([sys.executable, "-c", code, str(listener.getsockname()[1])], capture_output=True,
+                              text=True, cwd=ROOT, timeout=60)
+    assert proc.returncode != 0 and "::1 is not on the public internet (loopback address)" in proc.stderr
