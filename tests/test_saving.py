@@ -265,6 +265,20 @@ def test_writes_land_whole_where_a_folder_cannot_be_opened(tmp_path, monkeypatch
     assert (tmp_path / "plan.json").read_text() == "plan" and (tmp_path / "best" / "config.json").read_text() == "{}"
 
 
+def test_replacing_a_folder_leaves_only_the_new_one(tmp_path):
+    """Each new best/ moves the old one aside before its rename: the old copy is then removed, so a
+    run that improves fifty times does not keep fifty hidden copies of the model beside best/."""
+    from whisper_ft import files
+
+    for version in ("old", "new"):
+        tmp = files.staging_dir(tmp_path / "best")
+        tmp.mkdir()
+        (tmp / "model.safetensors").write_text(version)
+        files.replace_dir(tmp, tmp_path / "best")
+    assert [p.name for p in tmp_path.iterdir()] == ["best"]
+    assert (tmp_path / "best" / "model.safetensors").read_text() == "new"
+
+
 def test_new_file_mode_follows_the_umask(tmp_path):
     from whisper_ft import files
 
