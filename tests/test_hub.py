@@ -301,6 +301,19 @@ def test_push_only_uploads_best_with_the_card_and_updates_in_place(tmp_path, fak
     assert {op.path_in_repo for op in fake_hub.commits[1]} == set(added)
 
 
+def test_a_run_whose_best_has_no_weights_is_not_pushed(tmp_path, fake_hub):
+    """best/ with its card and config but no *.safetensors (a copy cut short, weights deleted to save
+    space) would publish a model repository that nobody can load: the push refuses it, naming what
+    is missing, before anything is created or uploaded."""
+    import training_pipeline
+
+    run = make_run(tmp_path)
+    (run / "best" / "model.safetensors").unlink()
+    with pytest.raises(hub.HubError, match=r"is not a finished run \(no best/\*\.safetensors\)"):
+        training_pipeline.main(cli_args(tmp_path, "--push-only"))
+    assert not fake_hub.commits and not [call for call in fake_hub.calls if call[0] != "whoami"]
+
+
 def test_push_without_private_leaves_a_new_repository_to_the_owners_default(tmp_path, fake_hub):
     """private=False would make a repository public even in an organisation whose new
     repositories are private; without --private the Hub's default is asked for (None)."""
