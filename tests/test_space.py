@@ -149,6 +149,16 @@ def test_export_model_defaults_to_the_push_target_and_rejects_nonsense(tmp_path)
         space.space_model(load_config(None, ["app.model=/no/such/folder"]))
 
 
+def test_a_relative_model_folder_is_written_as_an_absolute_path(tmp_path, monkeypatch):
+    """--model runs/x/best, given from the checkout: the Space's app.py runs from its own folder,
+    where the relative path names nothing, so the exported config.yaml holds the folder's absolute path."""
+    (tmp_path / "runs" / "x" / "best").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    out = space.export(tmp_path / "space", load_config(None, ["app.model=runs/x/best"]))
+    model = yaml.safe_load((out / "config.yaml").read_text())["app"]["model"]
+    assert model == str((tmp_path / "runs" / "x" / "best").resolve()) and Path(model).is_absolute()
+
+
 @pytest.fixture
 def exported_elsewhere(tiny_model_dir, tmp_path) -> tuple[Path, Path]:
     """The Space of a local tiny model, exported by the command line and moved out of the export folder."""
