@@ -262,6 +262,9 @@ def test_a_wav_or_flac_cut_short_is_refused_by_the_length_its_header_counts(tmp_
         for source in (cut, cut.read_bytes()):
             with pytest.raises(AudioError, match=r"cut short: its header says 3.00 s, it holds 1\.[0-9]{2} s"):
                 load_audio(source)
+        # a fifth missing is no rounding of the header either: the last words would still lose their speech
+        with pytest.raises(AudioError, match=r"cut short: its header says 3.00 s, it holds 2\.[0-9]{2} s"):
+            load_audio(data[: len(data) * 4 // 5])
         assert abs(len(load_audio(data[: len(data) * 19 // 20])) - len(wave)) < 0.5 * SAMPLE_RATE  # a little short
     streamed = bytearray((tmp_path / "whole.wav").read_bytes())  # a writer that could not seek back
     at = streamed.index(b"data") + 4
