@@ -1,5 +1,7 @@
 """Scoring the served model: long-form pieces and the model card's verdict on the app against transformers."""
 
+from collections import Counter
+
 import numpy as np
 
 from whisper_ft.audio import SAMPLE_RATE
@@ -18,6 +20,31 @@ def test_clips_are_joined_in_order_into_pieces_under_the_limit():
     wave = pieces[0][0]
     assert (wave[int(50 * SAMPLE_RATE):int(50.5 * SAMPLE_RATE)] == 0).all()
     assert [t for _, t in long_form_pieces([_clip(200, "lång")], max_seconds=120)] == ["lång"]  # never split a clip
+
+
+def test_stored_audio_comes_back_as_the_float_wave_it_was_made_from(tmp_path):
+    """The served model is scored on the test audio the feature store keeps as int16: read back, it
+    is the float wave in [-1, 1] the clip decoded to, within int16's precision, not samples 32767
+    times too loud; clips stored without audio are not scored."""
+    from types import SimpleNamespace
+
+    from whisper_ft.features import EVAL, load_shard, pcm16, write_shard
+    from whisper_ft.served import stored_clips
+
+    waves = [np.random.default_rng(0).uniform(-1, 1, SAMPLE_RATE).astype(np.float32),
+             np.array([1.0, -1.0, 0.5, 0.0], np.float32), None]  # the last: not one of the served clips
+    examples = [{"id": f"test/{i}", "source": "cv", "speaker": "s", "sentence": f"mening {i}", "gender": "",
+                 "accents": "", "age": "", "duration": 1.0, "input_features": np.zeros((3, 80), np.float32),
+                 "fill": 0.0, "labels": [1, 2], "audio": pcm16(w) if w is not None else np.zeros(0, np.int16)}
+                for i, w in enumerate(waves)]
+    write_shard(tmp_path / f"{EVAL}-0", examples, Counter(), len(examples), n_mels=80, dtype="float32", audio=True)
+    store = SimpleNamespace(load=lambda split: load_shard(tmp_path, f"{split}-0"))  # the test split's one shard
+    clips = stored_clips(store)
+    assert [c["key"] for c in clips] == [("cv", "test/0"), ("cv", "test/1")]
+    assert [c["sentence"] for c in clips] == ["mening 0", "mening 1"]
+    for clip, wave in zip(clips, waves):
+        assert clip["wave"].dtype == np.float32
+        np.testing.assert_allclose(clip["wave"], wave, rtol=0, atol=0.5 / 32767 + 1e-7)
 
 
 def test_model_card_says_how_far_the_app_is_from_transformers_either_way_and_how_each_decodes():
@@ -46,13 +73,16 @@ def test_model_card_says_how_far_the_app_is_from_transformers_either_way_and_how
 
 
 def test_transformers_predictions_are_matched_by_source_and_id(tmp_path, monkeypatch):
-    """Ids are unique within a source only: two sources' `test/0` keep their own predictions."""
+    """Ids are unique within a source only: two sources' `test/0` keep their own predictions. The
+    transformers row is scored with the sentences as references, as the app's row beside it: a word
+    too many (an insertion) is an error among the sentences' four words, not the predictions' five."""
     import json
     from types import SimpleNamespace
 
     import whisper_ft.transcribe
     from whisper_ft import served
     from whisper_ft.config import load_config
+    from whisper_ft.metrics import scores
 
     clips = [{"key": (source, "test/0"), "sentence": text, "wave": np.zeros(SAMPLE_RATE, np.float32)}
              for source, text in (("a", "ett två"), ("b", "tre fyra"))]
@@ -63,10 +93,12 @@ def test_transformers_predictions_are_matched_by_source_and_id(tmp_path, monkeyp
                         SimpleNamespace(backend="ctranslate2", beam_size=5,
                                         transcribe=lambda wave, task: SimpleNamespace(text=next(texts))))
     (tmp_path / "predictions.jsonl").write_text("".join(
-        json.dumps({"source": s, "id": "test/0", "prediction": p}) + "\n" for s, p in (("a", "ett två"), ("b", "tre fyra"))))
+        json.dumps({"source": s, "id": "test/0", "prediction": p}) + "\n" for s, p in (("a", "ett två tre"), ("b", "tre fyra"))))
     cfg = load_config(None, ["app.device=cuda"])  # the app's page may run on the GPU; what ships runs on a CPU
     result = served.score(tmp_path, None, cfg, served.predictions_by_clip(tmp_path / "predictions.jsonl"))
     assert devices == ["cpu"]
-    assert result["short_form"]["wer"] == 0.0 and result["transformers_same_clips"]["wer"] == 0.0
+    refs, hyps = ["ett två", "tre fyra"], ["ett två tre", "tre fyra"]
+    assert scores(refs, hyps)["wer"] != scores(hyps, refs)["wer"]  # the insertion tells the two orders apart
+    assert result["short_form"]["wer"] == 0.0 and result["transformers_same_clips"] == scores(refs, hyps)
     assert result["transformers_same_clips"]["clips"] == 2
     assert (result["beam_size"], result["transformers_beams"]) == (5, 1)  # app.beam_size, training.num_beams
