@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import re
 import signal
@@ -72,6 +73,8 @@ def tiny_run(tmp_path_factory, features_dir, tiny_model_dir):
 
 
 def test_run_evaluates_before_and_during_training(tiny_run):
+    from whisper_ft.metrics import scores
+
     run_dir, summary, seen = tiny_run
     assert seen == [0, 2, 4]  # extra callbacks see every periodic check
     evals = [e for e in events(run_dir) if e["event"] == "eval"]
@@ -82,9 +85,34 @@ def test_run_evaluates_before_and_during_training(tiny_run):
     for e in evals:
         assert e["eval_clips"] == (10 if e["split"] == "test" else 3)
         assert 0 <= e["cer"] and 0 <= e["wer"] and 0 <= e["wer_normalized"]
+        assert e["loss"] is not None and math.isfinite(e["loss"]) and e["loss"] > 0  # the checks' loss curve
+    # the final test event scores best/'s transcripts as predictions.jsonl keeps them, each metric its own
+    rows = [json.loads(line) for line in (run_dir / "predictions.jsonl").read_text().splitlines()]
+    recomputed = scores([r["reference"] for r in rows], [r["prediction"] for r in rows])
+    assert {k: evals[-1][k] for k in ("wer", "wer_normalized", "cer")} == pytest.approx(
+        {k: recomputed[k] for k in ("wer", "wer_normalized", "cer")})
     train = [e for e in events(run_dir) if e["event"] == "train"]
     assert [e["step"] for e in train] == [1, 2, 3, 4] and all(e["loss"] > 0 for e in train)
     assert train[-1]["loss"] < train[0]["loss"]
+    # the rate each step trained at, as the run's scheduler set it (the plot reads it from here)
+    assert [e["learning_rate"] for e in train] == pytest.approx(scheduled_rates(run_dir, summary, len(train)))
+    assert all(e["learning_rate"] > 0 for e in train)
+
+
+def scheduled_rates(run_dir: Path, summary: dict, steps: int) -> list[float]:
+    """The learning rate of each of the first `steps` optimizer steps of the run's schedule (its
+    config.yaml's lr_scheduler, the summary's peak rate and warm-up), from transformers' own scheduler."""
+    from transformers import get_scheduler
+
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=summary["learning_rate"])
+    scheduler = get_scheduler(load_config(run_dir / "config.yaml").training.lr_scheduler, optimizer,
+                              num_warmup_steps=summary["warmup_steps"], num_training_steps=summary["schedule_steps"])
+    rates = []
+    for _ in range(steps):
+        rates.append(scheduler.get_last_lr()[0])
+        optimizer.step()
+        scheduler.step()
+    return rates
 
 
 @pytest.mark.parametrize("steps, clips, batch, accumulation, processes, seen", [
@@ -112,7 +140,9 @@ def test_samples_seen_is_what_accelerate_deals_the_processes_in_an_epoch(clips, 
     assert samples_seen(len(dealt[0]), clips, batch, 1, processes) == sum(map(sum, dealt))
 
 
-def test_run_writes_checkpoints_reports_and_summary(tiny_run):
+def test_run_writes_checkpoints_reports_and_summary(tiny_run, features_dir):
+    from whisper_ft.features import EVAL, load_split
+
     run_dir, summary, _ = tiny_run
     assert [s for s, _ in checkpoints.checkpoints(run_dir)] == [2, 4]
     for name in ("metrics.json", "config.yaml", "README.md", "training_curves.png", "predictions.jsonl"):
@@ -125,6 +155,11 @@ def test_run_writes_checkpoints_reports_and_summary(tiny_run):
     assert summary["selection_split"] == "validation" and summary["selection_baseline"]["eval_clips"] == 3
     best = json.loads((run_dir / "best" / "best.json").read_text())
     assert best["split"] == "validation" and best["wer"] == summary["best_wer"]
+    # best.json's scores are those its check (or the average it chose) logged in metrics.jsonl
+    [logged] = [e for e in events(run_dir) if e["step"] == best["step"] and e.get("split") == "validation" and
+                e["event"] == ("average" if best.get("averaged_steps") else "eval")]
+    keys = ("wer", "wer_normalized", "cer", "eval_clips")
+    assert {k: best[k] for k in keys} == {k: logged[k] for k in keys}
     assert json.loads((run_dir / "metrics.json").read_text())["best_step"] == summary["best_step"]
     card = (run_dir / "README.md").read_text()
     assert "zero-shot (step 0)" in card and "learning_rate | 0.001" in card
@@ -141,6 +176,9 @@ def test_run_writes_checkpoints_reports_and_summary(tiny_run):
     assert len(rows) == 10 and set(rows[0]) == {"id", "source", "speaker", "gender", "accents", "age", "reference",
                                                 "prediction"}
     assert all(r["reference"] for r in rows)
+    test = load_split(features_dir, EVAL)  # each clip's reference is its sentence as the store keeps it
+    assert {(r["source"], r["id"]): r["reference"] for r in rows} == dict(
+        zip(zip(test["source"], test["id"]), test["sentence"]))
     groups = json.loads((run_dir / "wer_breakdown.json").read_text())
     assert sum(g["clips"] for g in groups["speaker"]) == 10 and groups["source"][0]["source"] == "sample"
     for key in ("gender", "age", "accents"):  # the synthetic release records them, like Common Voice
@@ -487,7 +525,8 @@ def test_sigterm_or_ctrl_c_saves_the_step_and_the_rerun_goes_on_from_it(tmp_path
 
 
 def scripted_checks_and_kill(monkeypatch, wers: list[float], at: int):
-    """Every check (and final scoring) scores the next of `wers` in all three metrics; returns a
+    """Every check (and final scoring) scores the next of `wers` as its WER, half of it as its
+    normalized WER and a quarter as its CER (each metric told apart from the others); returns a
     callback that kills the run (KeyboardInterrupt) at the end of step `at`."""
     from transformers import TrainerCallback
 
@@ -495,7 +534,7 @@ def scripted_checks_and_kill(monkeypatch, wers: list[float], at: int):
 
     scores = iter(wers)
     monkeypatch.setattr(train, "compute_metrics", lambda tokenizer, pred: {
-        "wer": (w := next(scores)), "wer_normalized": w, "cer": w, "clips": len(pred.label_ids)})
+        "wer": (w := next(scores)), "wer_normalized": w / 2, "cer": w / 4, "clips": len(pred.label_ids)})
 
     class Kill(TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):
@@ -527,11 +566,18 @@ def test_a_resume_forgets_the_checks_after_its_checkpoint(tmp_path, features_dir
             train.run_training(load_config(ROOT / "config.yaml", [*sets, "training.average_mode=last"]))
     summary = train.run_training(load_config(ROOT / "config.yaml", [*sets, "training.eval_steps=3"]))
     best = checkpoints.read_best(run_dir)
-    checks = {e["step"]: e["wer"] for e in checkpoints.selection_checks(checkpoints.read_events(run_dir))}
-    assert checks == {2: 0.9, 6: 0.95, 8: 0.96}
+    log = checkpoints.read_events(run_dir)
+    checks = {e["step"]: e for e in checkpoints.selection_checks(log)}
+    assert {step: e["wer"] for step, e in checks.items()} == {2: 0.9, 6: 0.95, 8: 0.96}
     # with averaging/ the step-2 model is kept; without it (no checkpoint-2) the next check is best/
     assert (best["step"], best["wer"]) == ((2, 0.9) if averaging else (6, 0.95))
     assert (summary["best_step"], summary["best_wer"]) == (best["step"], best["wer"])
+    # best.json carries that check's own scores, each metric as its eval event logged it
+    keys = ("wer", "wer_normalized", "cer", "eval_clips")
+    assert {k: best[k] for k in keys} == {k: checks[best["step"]][k] for k in keys}
+    # the test split is scored on best/, an earlier check than the last step: its event names best/'s step
+    [final] = [e for e in log if e.get("final")]
+    assert (final["step"], summary["final"]["step"]) == (best["step"], best["step"]) and summary["steps"] == 8
     if averaging:
         assert summary["averaging"]["steps"] == [2, 6]  # the two best checks of this run's log
 
