@@ -888,19 +888,43 @@ def test_torchrun_two_processes_share_the_work(tmp_path, features_dir, tiny_mode
         starts = [e for e in events(run_dir) if e["event"] == "start"]
         assert [(e["resumed_from"], e["world_size"]) for e in starts] == [(None, 2), ("checkpoint-2", 2)]
         assert json.loads((run_dir / "checkpoint-3" / "trainer_state.json").read_text())["global_step"] == 3
-        # On one process: training on is refused (the effective batch would halve), finishing is not;
-        # the same best/ scores the same loss there, though the two processes' last batches repeated clips.
+        # On one process: training on is refused (the effective batch would halve), finishing is not. With
+        # its final phase cut short (no metrics.json), the finish scores the same best/ again there: the same
+        # loss, the mean over every label token of the test split, though on two processes the 10 clips in
+        # batches of 3 filled the last batch with repeated clips, and the batches hold unequal token counts.
         single = [sys.executable, str(ROOT / "training_pipeline.py"), *cli_args(sets)]
         refused = subprocess.run([*single, "--set", "training.max_steps=4"], cwd=tmp_path, env=env,
                                  capture_output=True, text=True, timeout=400)
         assert refused.returncode == 2 and "on 2 process(es), this run has 1" in refused.stderr, refused.stderr[-2000:]
+        (run_dir / "metrics.json").unlink()
         finish = subprocess.run([*single, "--set", "training.max_steps=3"], cwd=tmp_path, env=env,
                                 capture_output=True, text=True, timeout=400)
         assert finish.returncode == 0, finish.stderr[-4000:]
-        two, one = [e for e in events(run_dir) if e.get("final")][-2:]
-        assert (one["eval_clips"], one["wer"]) == (two["eval_clips"], two["wer"])
+        finals = [e for e in events(run_dir) if e.get("final")]
+        assert len(finals) == 3  # after the two processes' finishes at steps 2 and 3, this one's
+        two, one = finals[-2:]
+        assert (one["step"], one["eval_clips"], one["wer"]) == (two["step"], two["eval_clips"], two["wer"])
         assert one["loss"] == pytest.approx(two["loss"], rel=1e-5)
+        assert one["loss"] == pytest.approx(label_token_loss(run_dir / "best", features_dir), rel=1e-5)
         assert json.loads((run_dir / "metrics.json").read_text())["samples_seen"] == 3 * 2 * 2
+
+
+def label_token_loss(model_dir: Path, features_dir: Path) -> float:
+    """The cross-entropy of `model_dir`'s model averaged over every label token of the store's test
+    split, computed directly in one batch of all its clips."""
+    import torch.nn.functional as F
+
+    from whisper_ft.collator import IGNORE_INDEX, SpeechCollator, expand
+    from whisper_ft.features import EVAL, load_split
+    from whisper_ft.model import load_model
+
+    model = load_model(str(model_dir)).eval()
+    batch = expand(SpeechCollator(model.config.decoder_start_token_id)(list(load_split(features_dir, EVAL))))
+    with torch.no_grad():
+        logits = model(input_features=batch["input_features"], labels=batch["labels"]).logits
+    labels = batch["labels"]
+    return (F.cross_entropy(logits.transpose(1, 2), labels, ignore_index=IGNORE_INDEX, reduction="sum")
+            / (labels != IGNORE_INDEX).sum()).item()
 
 
 def test_torchrun_trains_one_model_also_after_the_zero_shot_check(tmp_path, features_dir, tiny_model_dir):
