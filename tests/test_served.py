@@ -92,8 +92,9 @@ def test_transformers_predictions_are_matched_by_source_and_id(tmp_path, monkeyp
     monkeypatch.setattr(whisper_ft.transcribe, "load_transcriber", lambda *a, **k: devices.append(k["device"]) or
                         SimpleNamespace(backend="ctranslate2", beam_size=5,
                                         transcribe=lambda wave, task: SimpleNamespace(text=next(texts))))
+    predictions = (("a", "ett två tre"), ("b", "tre fyra"))
     (tmp_path / "predictions.jsonl").write_text("".join(
-        json.dumps({"source": s, "id": "test/0", "prediction": p}) + "\n" for s, p in (("a", "ett två tre"), ("b", "tre fyra"))))
+        json.dumps({"source": s, "id": "test/0", "prediction": p}) + "\n" for s, p in predictions))
     cfg = load_config(None, ["app.device=cuda"])  # the app's page may run on the GPU; what ships runs on a CPU
     result = served.score(tmp_path, None, cfg, served.predictions_by_clip(tmp_path / "predictions.jsonl"))
     assert devices == ["cpu"]
