@@ -354,16 +354,23 @@ def test_spawned_decoding_workers_write_the_store_forked_ones_do(tmp_path, cv_re
     forked child may crash in system libraries): each gets the processor pickled rather than
     inherited, and the store is the same as with forked workers."""
     import multiprocessing
+    from multiprocessing import resource_tracker
+
+    import psutil
 
     asked: list[str | None] = []
     get_context = multiprocessing.get_context
     monkeypatch.setattr(multiprocessing, "get_context", lambda method=None: asked.append(method) or get_context(method))
-    for method in ("fork", "spawn"):
-        asked.clear()
-        monkeypatch.setattr(features, "POOL_START_METHOD", method)
-        assert run_main(tmp_path / method, "ref", cv_release, *STORE_SETS, workers=2) == 0
-        assert method in asked
+    try:
+        for method in ("fork", "spawn"):
+            asked.clear()
+            monkeypatch.setattr(features, "POOL_START_METHOD", method)
+            assert run_main(tmp_path / method, "ref", cv_release, *STORE_SETS, workers=2) == 0
+            assert method in asked
+    finally:  # spawn starts multiprocessing's resource tracker, which would live on as this process's child
+        resource_tracker._resource_tracker._stop()
     assert_same_store(tmp_path / "fork" / "features" / "ref", tmp_path / "spawn" / "features" / "ref")
+    assert psutil.Process().children() == []
 
 
 @pytest.mark.skipif(features.POOL_START_METHOD != "fork", reason="the test's encoder reaches the workers by fork")
