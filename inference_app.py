@@ -30,8 +30,8 @@ def parse_args(argv: list[str] | None):
                                         "best checkpoint under training.output_dir, else model.name_or_path)")
     parser.add_argument("--host", help="address to bind (default: app.host, 127.0.0.1)")
     parser.add_argument("--port", type=int, help="port (default: app.port, 7860)")
-    parser.add_argument("--device", help="auto, cpu, cuda or cuda:N (default: app.device, auto: the GPU when "
-                                         "torch sees one)")
+    parser.add_argument("--device", help="cpu, cuda, cuda:N or auto (the GPU when torch sees one; default: "
+                                         "app.device, cpu)")
     parser.add_argument("--share", action="store_true", help="also publish a public gradio.live link")
     parser.add_argument("--auth", metavar="USER:PASSWORD",
                         help="ask visitors for this login (seen in the process list: prefer --auth-file or "
@@ -56,9 +56,11 @@ def main(argv: list[str] | None = None) -> int:
 
         print(f"wrote the Space to {space.export(args.export_space, cfg)}")
         return 0
+    from whisper_ft.transcribe import app_device, load_app_transcriber
+
+    app_device(cfg.app.device)  # a GPU torch does not see is refused before the page's slow imports
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     from whisper_ft.app import Handlers, build_app, exposure_warning, find_model, read_logins, serve
-    from whisper_ft.transcribe import load_app_transcriber
 
     logins = read_logins(args.auth, cfg.app.auth_file, os.environ)
     if warning := exposure_warning(cfg.app, logins):

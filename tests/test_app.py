@@ -461,7 +461,8 @@ def test_main_binds_localhost_and_shares_only_on_request(model_dir, launches, ca
 
 
 def test_the_device_flag_sets_app_device(model_dir, launches, capsys, monkeypatch):
-    """--device cpu keeps a GPU machine's page on the CPU; a GPU torch does not see is one line."""
+    """The page runs on the CPU unless told otherwise; a GPU torch does not see is one line, before
+    the model is looked for (a hub id would be downloaded first)."""
     import torch
 
     import inference_app
@@ -470,7 +471,8 @@ def test_the_device_flag_sets_app_device(model_dir, launches, capsys, monkeypatc
 
     assert inference_app.parse_args(["--device", "cuda:1"]).values == [("app.device", "cuda:1")]
     config = str(Path(__file__).parents[1] / "config.yaml")
-    assert cli.run(inference_app.main, ["--model", str(model_dir), "--config", config, "--device", "cuda"]) == 2
+    assert load_config(config).app.device == "cpu"
+    assert cli.run(inference_app.main, ["--model", "someone/not-cached", "--config", config, "--device", "cuda"]) == 2
     assert capsys.readouterr().err.strip().startswith("error: app.device is cuda, but torch") and not launches
     assert inference_app.main(["--model", str(model_dir), "--config", config, "--device", "cpu"]) == 0 and launches
 

@@ -217,10 +217,7 @@ def test_gpu_sh_passes_each_benchmark_arguments_it_accepts_within_one_device_cal
         else:
             script, argv = "bench_e2e", ["--size", "small", "--work", "w", "--label", name, *words[3:]]
         importlib.import_module(script).parse_args(argv)  # exits on an unknown argument
-    # time limits within the device's 600 s per call: the benchmark's parts, then the app's check after the report
-    report = text.index("bench/gpu_report.py")
-    before = [words for words in commands if text.index(" ".join(words[:2])) < report]
-    assert sum(int(words[2]) for words in before) <= 560 and sum(int(words[2]) for words in commands) <= 590
+    assert sum(int(words[2]) for words in commands) <= 560  # time limits, within the device's 600 s per call
 
 
 def test_host_step_times_each_variant(capsys):

@@ -178,7 +178,7 @@ class AppConfig:
     translate_to: str = "en"
     translate_timeout_seconds: float = 60.0
     cookies_file: str = ""
-    device: str = "auto"
+    device: str = "cpu"
     use_ctranslate2: bool = True
     beam_size: int = 5
     temperature_fallback: bool = True

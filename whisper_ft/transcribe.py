@@ -364,13 +364,14 @@ def load_app_transcriber(model_dir: str | Path, cfg, device: str | None = None):
     from whisper_ft.model import own_language
 
     app = cfg.app
+    device = app_device(device or app.device)  # before a download: a GPU torch does not see is refused at once
     path = local_model(str(model_dir))
     language = own_language(path) or cfg.model.language
     if language != cfg.model.language:
         log.info("%s was fine-tuned for language %s (its generation config): transcribing %s, not model.language %s",
                  model_dir, language, language, cfg.model.language)
     return load_transcriber(path, language, app.use_ctranslate2, app.beam_size,
-                            temperature_fallback=app.temperature_fallback, device=app_device(device or app.device))
+                            temperature_fallback=app.temperature_fallback, device=device)
 
 
 def _srt_time(seconds: float) -> str:
