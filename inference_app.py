@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from whisper_ft.transcribe import app_device, load_app_transcriber
 
-    app_device(cfg.app.device)  # a GPU torch does not see is refused before the page's slow imports
+    device = app_device(cfg.app.device)  # a GPU torch does not see is refused before the page's slow imports
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     from whisper_ft.app import Handlers, build_app, exposure_warning, find_model, read_logins, serve
 
@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     if choice.notice:
         log.warning(choice.notice.replace("*", "").replace("`", ""))
     log.info("loading %s", choice.path)
-    transcriber = load_app_transcriber(choice.path, cfg)
+    transcriber = load_app_transcriber(choice.path, cfg, device)
     demo = build_app(Handlers(transcriber, cfg), choice.path, choice.notice)
     serve(demo, cfg.app, logins)
     return 0

@@ -1,6 +1,7 @@
 """The app's transcription on a device, loaded as `inference_app.py` loads it
 (`whisper_ft.transcribe.load_transcriber` with app.device), on a random-weight Whisper of a real
-shape: one window, then long-form audio over two windows (the first recording includes the device's warm-up).
+shape: one window, then long-form audio over two windows (the first recording includes the
+device's warm-up).
 
     python bench/app_device.py --size small --device cuda
 

@@ -1,8 +1,9 @@
 """Scores of the model the app serves, not only of the transformers model it came from.
 
 After training, `best/` (with its CTranslate2 int8 export, when there is one) is loaded the way
-`inference_app.py` loads it (`whisper_ft.transcribe.load_app_transcriber`: the `app:` settings), on
-the CPU as a Space runs it, and run on the test clips whose audio the feature store keeps (`features.served_clips`):
+`inference_app.py` loads it (`whisper_ft.transcribe.load_app_transcriber`: the `app:` settings),
+on the CPU as a Space runs it, and run on the test clips whose audio the feature store keeps
+(`features.served_clips`):
 
 - short form: one clip at a time, compared with the transformers transcripts of the same
   clips from predictions.jsonl (decoded with training.num_beams), so what int8 and the app's
