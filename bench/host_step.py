@@ -27,11 +27,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_training import SIZES, pipeline_loss  # noqa: E402
+from whisper_ft.collator import IGNORE_INDEX  # noqa: E402
 from whisper_ft.layout import use_contiguous_layout  # noqa: E402
+from whisper_ft.precision import shift_right, with_causal_mask  # noqa: E402
 from whisper_ft.train import compile_layers  # noqa: E402
+from whisper_ft.trainer import clip_gradients  # noqa: E402
 
 START, PAD = 2, 1
-VARIANTS = ("fp32", "bf16 weight copy", "bf16 autocast")
+# "bf16 functional_call": the same weight copy as torch's own API makes it, each weight cast by
+# itself and swapped in by torch.func.functional_call, which looks each module up by name
+VARIANTS = ("fp32", "bf16 weight copy", "bf16 functional_call", "bf16 autocast")
 
 
 def toy_model(size: str):
@@ -48,14 +53,50 @@ def toy_model(size: str):
 
 
 def training_step(model, optimizer, inputs: dict, variant: str):
-    """What the pipeline's bare loop does per step, on the CPU."""
+    """What the pipeline's bare loop does per step, on the CPU, with the Trainer's clipping."""
+    params = [p for p in model.parameters() if p.requires_grad]
+
     def step() -> None:
-        loss = pipeline_loss(model, inputs, "cpu", variant.split()[0], weight_copy=variant == "bf16 weight copy")
+        if variant == "bf16 functional_call":
+            loss = functional_call_loss(model, inputs)
+        else:
+            loss = pipeline_loss(model, inputs, "cpu", variant.split()[0], weight_copy=variant == "bf16 weight copy")
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        clip_gradients([p.grad for p in params if p.grad is not None], 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     return step
+
+
+def functional_call_loss(model, inputs: dict):
+    """`whisper_ft.precision.seq2seq_loss` in bf16, the weights cast and swapped in by torch's API."""
+    weights = {name: p.to(torch.bfloat16) for name, p in model.named_parameters(remove_duplicate=False)}
+    labels = inputs["labels"]
+    kwargs = {"input_features": inputs["input_features"].to(torch.bfloat16), "use_cache": False,
+              "decoder_input_ids": shift_right(labels, START, PAD),
+              "decoder_attention_mask": with_causal_mask(inputs)["decoder_attention_mask"]}
+    logits = torch.func.functional_call(model, weights, args=(), kwargs=kwargs, tie_weights=False).logits
+    return torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX)
+
+
+def clipping(model, rounds: int, steps: int) -> dict[str, float]:
+    """Host ms of one gradient clipping, median of `rounds` interleaved rounds: torch's
+    `clip_grad_norm_` over `model.parameters()`, as the Trainer calls it, and
+    `whisper_ft.trainer.clip_gradients` over a list of the gradients, as `WhisperTrainer` does."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    for p in params:
+        p.grad = torch.ones_like(p)
+    ways = {"torch.nn.utils.clip_grad_norm_": lambda: torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0),
+            "whisper_ft.trainer.clip_gradients": lambda: clip_gradients([p.grad for p in params], 1.0)}
+    times: dict[str, list[float]] = {k: [] for k in ways}
+    for _ in range(rounds):
+        for k, fn in ways.items():
+            t = time.perf_counter()
+            for _ in range(steps):
+                fn()
+            times[k].append(1000 * (time.perf_counter() - t) / steps)
+    model.zero_grad(set_to_none=True)
+    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def operators(step) -> int:
@@ -104,8 +145,10 @@ def main(argv=None) -> int:
     print(f"host time per training step, {args.size}'s {2 * SIZES[args.size][1]} layers at toy width"
           f"{', compiled layers' * args.compile}{', transformers layout' * args.stock_layout}:")
     for v in VARIANTS:
-        print(f"  {v:18s} {statistics.median(rounds[v]):6.1f} ms  (rounds {min(rounds[v]):.1f}-{max(rounds[v]):.1f}), "
+        print(f"  {v:20s} {statistics.median(rounds[v]):6.1f} ms  (rounds {min(rounds[v]):.1f}-{max(rounds[v]):.1f}), "
               f"{operators(steps[v])} operators")
+    ms = clipping(model, args.rounds, args.steps)
+    print("gradient clipping alone: " + ", ".join(f"{k} {v:.2f} ms" for k, v in ms.items()))
     return 0
 
 

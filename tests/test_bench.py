@@ -229,9 +229,12 @@ def test_host_step_times_each_variant(capsys):
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith("host time per training step, tiny's 8 layers")
     rows = {m[1]: (float(m[2]), int(m[3])) for m in (re.match(r"  (.+?) +([\d.]+) ms .*, (\d+) operators", line)
-                                                     for line in lines[1:])}
+                                                     for line in lines[1:-1])}
     assert list(rows) == list(host_step.VARIANTS) and all(ms > 0 for ms, _ in rows.values())
     assert rows["bf16 weight copy"][1] > rows["fp32"][1]  # its casts and their gradients
+    assert rows["bf16 weight copy"][1] < rows["bf16 functional_call"][1]  # one buffer a layer, not a tensor a weight
+    assert re.fullmatch(r"gradient clipping alone: torch.nn.utils.clip_grad_norm_ [\d.]+ ms, "
+                        r"whisper_ft.trainer.clip_gradients [\d.]+ ms", lines[-1])
 
 
 @pytest.mark.parametrize("name, tflops", [("NVIDIA H100 80GB HBM3", 989), ("NVIDIA H100 PCIe", 756),

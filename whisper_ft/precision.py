@@ -17,34 +17,109 @@ under autocast.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
+from torch._utils import _unflatten_dense_tensors
 
 from whisper_ft.collator import IGNORE_INDEX
 
 
 def weights_in(model: torch.nn.Module, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """Every floating-point parameter of `model` cast to `dtype`, by name (differentiable:
-    gradients of the copies reach the parameters in their own dtype).
+    gradients of the copies reach the parameters in their own dtype). A tied weight is cast
+    once and given under each of its names."""
+    plan = _plan(model)
+    copies = plan.cast(dtype)
+    return {full: plan.params[i] if copies[i] is None else copies[i] for _, _, i, full in plan.slots}
 
-    The parameters are cast a layer at a time (`layer_groups`), each group by one foreach copy
-    and its gradients back by another, as Megatron-LM copies its float32 main weights to the
-    model's: whisper-small has 479 parameter tensors, so one cast each way per tensor would
-    launch ~960 small kernels and build as many autograd nodes per step; grouped, it is 25
-    foreach copies each way. Layers rather than the whole model, so that under DDP a layer's
-    gradients are ready (and all-reduced) while the backward pass goes on. A tied weight is
-    cast once and given under each of its names."""
-    copies: dict[int, torch.Tensor] = {}  # by id of the parameter
-    training, groups = torch.is_grad_enabled(), layer_groups(model)
-    for group in groups:
-        grad = [p for _, p in group if p.is_floating_point() and training and p.requires_grad]
-        frozen = [p for _, p in group if p.is_floating_point() and not (training and p.requires_grad)]
-        if grad:
-            copies.update(zip(map(id, grad), _Cast.apply(dtype, *grad)))
-        if frozen:
-            with torch.no_grad():
-                copies.update(zip(map(id, frozen), cast_all(frozen, dtype)))
-    return {name: copies.get(id(p), p) for group in groups for names, p in group for name in names}
+
+def forward(model: torch.nn.Module, dtype: torch.dtype, **inputs):
+    """`model(**inputs)` computed on `dtype` copies of its weights; floating-point tensor inputs
+    are cast too. Tied weights (Whisper's output projection) stay tied: one copy in every
+    place the weight is used."""
+    inputs = {k: v.to(dtype) if torch.is_tensor(v) and v.is_floating_point() else v for k, v in inputs.items()}
+    plan = _plan(model)
+    with plan.swapped(plan.cast(dtype)):
+        return model(**inputs)
+
+
+class _Plan:
+    """Where `model`'s parameters live and how they are cast, found once per model (a training
+    step casts them all every time, and walking whisper-small's module tree for its 479
+    parameter tensors took a tenth of the host's time per step at toy width, bench/host_step.py).
+
+    - `groups`: the parameters a layer at a time (`layer_groups`), each once. Each group is cast
+      by one foreach copy into one buffer and its gradients back by another, as Megatron-LM
+      copies its float32 main weights to the model's: one cast per tensor would launch ~960
+      small kernels and build as many autograd nodes per step; grouped, it is 25 copies each way.
+      Layers rather than the whole model, so that under DDP a layer's gradients are ready (and
+      all-reduced) while the backward pass goes on.
+    - `slots`: (module, attribute, parameter index, full name) for each name of each parameter,
+      so that the copies go in and the weights come back by assignment, as
+      `torch.func.functional_call` does it, without looking each module up by name every time.
+    """
+
+    def __init__(self, model: torch.nn.Module):
+        index: dict[int, int] = {}
+        self.params: list[torch.Tensor] = []
+        self.groups: list[list[int]] = []
+        for group in layer_groups(model):
+            self.groups.append([])
+            for _, p in group:
+                index[id(p)] = len(self.params)
+                self.groups[-1].append(len(self.params))
+                self.params.append(p)
+        self.slots = []
+        for full, p in model.named_parameters(remove_duplicate=False):
+            owner, _, name = full.rpartition(".")
+            self.slots.append((model.get_submodule(owner), name, index[id(p)], full))
+
+    def current(self) -> bool:
+        """Whether every parameter is still where the plan found it (none replaced since)."""
+        return all(module._parameters.get(name) is self.params[i] for module, name, i, _ in self.slots)
+
+    def cast(self, dtype: torch.dtype) -> list[torch.Tensor | None]:
+        """A `dtype` copy of each floating-point parameter (in `params` order; None for the
+        others), differentiable where gradients are being recorded and the parameter wants one."""
+        out: list[torch.Tensor | None] = [None] * len(self.params)
+        training = torch.is_grad_enabled()
+        for group in self.groups:
+            grad, frozen = [], []
+            for i in group:
+                p = self.params[i]
+                if p.is_floating_point():
+                    (grad if training and p.requires_grad else frozen).append(i)
+            if grad:
+                for i, copy in zip(grad, _Cast.apply(dtype, *[self.params[i] for i in grad])):
+                    out[i] = copy
+            if frozen:
+                with torch.no_grad():
+                    for i, copy in zip(frozen, cast_all([self.params[i] for i in frozen], dtype)):
+                        out[i] = copy
+        return out
+
+    @contextlib.contextmanager
+    def swapped(self, copies: list[torch.Tensor | None]):
+        """The model with `copies` in place of its parameters (those given), restored on exit."""
+        for module, name, i, _ in self.slots:
+            if copies[i] is not None:
+                module._parameters[name] = copies[i]
+        try:
+            yield
+        finally:
+            for module, name, i, _ in self.slots:
+                module._parameters[name] = self.params[i]
+
+
+def _plan(model: torch.nn.Module) -> _Plan:
+    """`model`'s plan, kept on it (a copy of the model copies it along), found again when a
+    parameter was replaced since (a resized embedding)."""
+    plan = model.__dict__.get("_precision_plan")
+    if plan is None or not plan.current():
+        plan = model.__dict__["_precision_plan"] = _Plan(model)
+    return plan
 
 
 def layer_groups(model: torch.nn.Module) -> list[list[tuple[list[str], torch.Tensor]]]:
@@ -66,9 +141,16 @@ def layer_groups(model: torch.nn.Module) -> list[list[tuple[list[str], torch.Ten
 
 def cast_all(tensors, dtypes) -> list[torch.Tensor]:
     """`tensors` cast to `dtypes` (one dtype, or one per tensor) by `torch._foreach_copy_`: on
-    a GPU one kernel for the group where the source dtypes and the target dtypes agree."""
+    a GPU one kernel for the group where the source dtypes and the target dtypes agree. Where
+    the target dtype and device are the same for all, the copies are views of one buffer, made
+    in one call (not one allocation per tensor)."""
     dtypes = dtypes if isinstance(dtypes, (list, tuple)) else [dtypes] * len(tensors)
-    out = [torch.empty_like(t, dtype=d) for t, d in zip(tensors, dtypes)]
+    device = tensors[0].device
+    if all(d == dtypes[0] for d in dtypes) and all(t.device == device for t in tensors):
+        flat = torch.empty(sum(t.numel() for t in tensors), dtype=dtypes[0], device=device)
+        out = list(_unflatten_dense_tensors(flat, tensors))
+    else:
+        out = [torch.empty_like(t, dtype=d) for t, d in zip(tensors, dtypes)]
     torch._foreach_copy_(out, list(tensors))
     return out
 
@@ -91,15 +173,6 @@ class _Cast(torch.autograd.Function):
             for i, g in zip(given, cast_all([grads[i] for i in given], [ctx.dtypes[i] for i in given])):
                 out[i] = g
         return (None, *out)
-
-
-def forward(model: torch.nn.Module, dtype: torch.dtype, **inputs):
-    """`model(**inputs)` computed on `dtype` copies of its weights; floating-point tensor inputs
-    are cast too. Tied weights (Whisper's output projection) stay tied: one copy under all
-    their names (`weights_in`)."""
-    inputs = {k: v.to(dtype) if torch.is_tensor(v) and v.is_floating_point() else v for k, v in inputs.items()}
-    return torch.func.functional_call(model, weights_in(model, dtype), args=(), kwargs=inputs, tie_weights=False,
-                                      strict=False)
 
 
 def seq2seq_loss(model: torch.nn.Module, inputs: dict, dtype: torch.dtype, decoder_start_token_id: int,

@@ -61,6 +61,7 @@ class WhisperTrainer(Seq2SeqTrainer):
         self.fast_generation = fast_generation
         self._decoder = None
         self._clip_losses: list = []  # each evaluated clip's (summed token loss, tokens), gathered
+        self._trained: tuple | None = None  # (model, its trained parameters) for `_clip_grad_norm`
 
     @property
     def gather_function(self):
@@ -79,6 +80,25 @@ class WhisperTrainer(Seq2SeqTrainer):
 
     def _prepare_inputs(self, inputs):
         return expand(super()._prepare_inputs(inputs))
+
+    def _clip_grad_norm(self, model):
+        """As the Trainer's for a model on one device (one process, or DDP): the gradients'
+        norm before clipping, with the parameters listed once per run rather than found
+        again every step (`clip_gradients`). Other set-ups (FSDP, DeepSpeed, sharded tensors,
+        a model over several devices) take the Trainer's way."""
+        import torch
+        from accelerate.utils import DistributedType
+
+        if self._trained is None or self._trained[0] is not model:
+            params = [p for p in model.parameters() if p.requires_grad]
+            plain = len({p.device for p in params}) == 1 and all(type(p) is torch.nn.Parameter for p in params)
+            self._trained = (model, params if plain else None)
+        params = self._trained[1]
+        if params is None or self.accelerator.distributed_type not in (
+                DistributedType.NO, DistributedType.MULTI_GPU, DistributedType.MULTI_CPU):
+            return super()._clip_grad_norm(model)
+        self.accelerator.unscale_gradients()  # fp16's loss scale, as the Trainer's clipping does first
+        return clip_gradients([p.grad for p in params if p.grad is not None], self.args.max_grad_norm)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if self.weights_dtype is None:
@@ -346,6 +366,20 @@ class WhisperTrainer(Seq2SeqTrainer):
             self._decoder = GreedyDecoder(whisper, prefix, max_new_tokens(self.args.generation_max_length, len(prefix),
                                                                           whisper.config.max_target_positions), dtype)
         return self._decoder
+
+
+def clip_gradients(grads: list, max_norm: float):
+    """Scale `grads` in place so that their joint L2 norm is at most `max_norm`; returns the norm
+    before scaling. `torch.nn.utils.clip_grad_norm_` computes the same, but moves each
+    tensor's norm to one device by a call of its own (479 for whisper-small) before adding them
+    up: host time a GPU waits for, the step being bound by the host."""
+    import torch
+
+    if not grads:
+        return torch.tensor(0.0)
+    total = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+    torch._foreach_mul_(grads, torch.clamp(max_norm / (total + 1e-6), max=1.0))
+    return total
 
 
 def encode(whisper, features, dtype):
