@@ -30,15 +30,25 @@ def test_inputs_match_store_padding():
 
 def test_labels_padded_with_ignore_index_and_start_token_dropped():
     examples = [_example(10, 0.0, [SOT, SV, TRANSCRIBE, NOTS, 11, 12, EOT]), _example(10, 0.0, [SOT, SV, TRANSCRIBE, NOTS, EOT])]
-    labels = SpeechCollator(SOT)(examples)["labels"]
+    labels = SpeechCollator(SOT, label_multiple=1)(examples)["labels"]
     assert labels.dtype == torch.int64
     assert labels.tolist() == [[SV, TRANSCRIBE, NOTS, 11, 12, EOT],
                                [SV, TRANSCRIBE, NOTS, EOT, IGNORE_INDEX, IGNORE_INDEX]]
 
 
 def test_labels_without_start_token_are_kept_whole():
-    labels = SpeechCollator(SOT)([_example(5, 0.0, [SV, 5, EOT])])["labels"]
+    labels = SpeechCollator(SOT, label_multiple=1)([_example(5, 0.0, [SV, 5, EOT])])["labels"]
     assert labels.tolist() == [[SV, 5, EOT]]
+
+
+def test_labels_are_padded_to_a_multiple_of_eight_tokens():
+    """A few label lengths, not one per longest label: each new one costs a slow step on a GPU."""
+    collate = SpeechCollator(SOT)
+    assert collate.label_multiple == 8
+    widths = {n: collate([_example(5, 0.0, [SOT, *range(1, n + 1)])])["labels"].shape[1] for n in range(1, 25)}
+    assert widths == {n: 8 * ((n + 7) // 8) for n in range(1, 25)}
+    labels = collate([_example(5, 0.0, [SOT, SV, 5, EOT]), _example(5, 0.0, [SOT, SV, EOT])])["labels"]
+    assert labels.tolist() == [[SV, 5, EOT] + [IGNORE_INDEX] * 5, [SV, EOT] + [IGNORE_INDEX] * 6]
 
 
 def test_compact_batch_is_a_fraction_of_the_padded_bytes():
