@@ -20,7 +20,9 @@ ends, so data loading, logging and the optimizer count but start-up and compilat
 the time to step --skip, evaluation clips/s of the Trainer's evaluation (metrics included),
 the generation cap and mean label length, wall-clock seconds, and with --profile-steps how
 busy the GPU is in the real command, the host's time per step in each part of the Trainer's
-loop, and which lines make the host wait for the GPU (`StepProfiler`).
+loop, and which lines make the host wait for the GPU (`StepProfiler`), and with
+--hotspot-steps the functions the host spends most time in, over that many steps before the
+profiled ones (`HostHotspots`).
 """
 
 from __future__ import annotations
@@ -186,6 +188,39 @@ class StepProfiler(TrainerCallback):
             self._lap("step_end")
 
 
+class HostHotspots(TrainerCallback):
+    """The host's hot spots over the steps after step `start` up to step `stop` (cProfile,
+    which slows the host, so outside the timed and the profiled windows): the functions with
+    the most time of their own per step (`hotspots`). Operators and the autograd engine show as
+    the C++ calls they are; a call that waits for the GPU or the CUDA driver shows its wait."""
+
+    def __init__(self, start: int, stop: int):
+        self.start, self.stop = start, stop
+        self.prof = None
+        self.result: list[str] = []
+
+    def on_step_end(self, args, state, control, **kwargs):
+        import cProfile
+
+        if state.global_step == self.start:
+            self.prof = cProfile.Profile()
+            self.prof.enable()
+        elif state.global_step == self.stop and self.prof is not None:
+            self.prof.disable()
+            self.result = hotspots(self.prof, self.stop - self.start)
+
+
+def hotspots(prof, steps: int, n: int = 15) -> list[str]:
+    """'<ms per step> ms <calls per step>x <function>' for the `n` functions of `prof` (a
+    cProfile.Profile) with the most time of their own."""
+    import pstats
+
+    rows = sorted(pstats.Stats(prof).stats.items(), key=lambda kv: kv[1][2], reverse=True)[:n]
+    name = lambda f, line, fn: fn if f == "~" else f"{Path(f).name}:{line}({fn})"  # noqa: E731
+    return [f"{1000 * own / steps:.2f} ms {calls / steps:.0f}x {name(*where)}"
+            for where, (_, calls, own, _, _) in rows]
+
+
 # (callback before, callback after) -> the host's work between them, in the Trainer's loop
 HOST_PARTS = {
     ("step_begin", "pre_optimizer"): "forward_backward_ms",  # forward, backward, gradient clipping
@@ -284,17 +319,19 @@ def run_pipeline(model_dir: Path, data_dir: Path, store: str, work: Path, args) 
     def stats(timer: StepTimer) -> dict:
         return train_stats(timer, args.steps, cfg.training.batch_size, config, label_len, precision)
 
-    timer = StepTimer(args.skip, args.steps - args.profile_steps, lambda t: emit(args, {**stats(t), "partial": True}))
-    profiler = StepProfiler(args.steps - args.profile_steps) if args.profile_steps else None
+    profiled = args.steps - args.profile_steps  # the profiled steps come last, the hot spots' before them
+    timer = StepTimer(args.skip, profiled - args.hotspot_steps, lambda t: emit(args, {**stats(t), "partial": True}))
+    profiler = StepProfiler(profiled) if args.profile_steps else None
+    spots = HostHotspots(profiled - args.hotspot_steps, profiled) if args.hotspot_steps else None
     t0 = time.perf_counter()
-    summary = run_training(cfg, fresh=True, callbacks=[timer, *([profiler] if profiler else [])])
+    summary = run_training(cfg, fresh=True, callbacks=[timer, *(c for c in (profiler, spots) if c)])
     wall = time.perf_counter() - t0
     final = summary["final"]
     start = next(e for e in checkpoints.read_events(work / "pipeline") if e["event"] == "start")
     return {**stats(timer), "eval_clips": final["eval_clips"], "eval_clips_per_s": final["clips_per_second"],
             "generation_max_length": start["generation_max_length"], "label_tokens": label_len,
             "train_runtime_s": summary["train_runtime_seconds"], "wall_s": wall,
-            **({"profile": profiler.result} if profiler else {}),
+            **({"profile": profiler.result} if profiler else {}), **({"host_hotspots": spots.result} if spots else {}),
             "settings": {k: v for k, v in vars(cfg.training).items() if isinstance(v, (int, float, str, bool))}}
 
 
@@ -397,6 +434,9 @@ def parse_args(argv=None):
     p.add_argument("--profile-steps", type=int, default=0,
                    help="pipeline: profile the last N steps (outside the timed window): GPU busy share, host time "
                         "per part of the Trainer's loop, waits for the GPU")
+    p.add_argument("--hotspot-steps", type=int, default=0,
+                   help="pipeline: the host's hot spots (cProfile) over N steps before the profiled ones, outside the "
+                        "timed window")
     return p.parse_args(argv)
 
 

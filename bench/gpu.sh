@@ -51,9 +51,10 @@ step bare 110 "$py" bench/bench_training.py --size small --device cuda --steps 3
 # 1024 evaluation clips: a Common Voice sv-SE dev or test split has about 5,000, so an evaluation's
 # fixed costs (workers, decoder set-up, graph capture) weigh as little as they would there.
 # The last 8 steps are profiled after the timed window: is the GPU busy, or is the host behind?
-e2e e2e-pipeline 90 --recipe pipeline --steps 180 --skip 20 --eval-clips 1024 --profile-steps 8
+# The 8 before them show where the host's time goes (cProfile).
+e2e e2e-pipeline 90 --recipe pipeline --steps 180 --skip 20 --eval-clips 1024 --profile-steps 8 --hotspot-steps 8
 e2e e2e-blog 85 --recipe blog --steps 40 --skip 10 --blog-eval-clips 8
-e2e e2e-pipeline-compile 125 --recipe pipeline --steps 180 --skip 30 --eval-clips 1024 --profile-steps 8 \
+e2e e2e-pipeline-compile 125 --recipe pipeline --steps 180 --skip 30 --eval-clips 1024 --profile-steps 8 --hotspot-steps 8 \
   --set training.torch_compile=true
 step profile 40 "$py" bench/profile_step.py --size small
 step saves 40 "$py" bench/bench_saves.py --size small --saves 2 --out "$work" --json "$out/saves.json"

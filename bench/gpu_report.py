@@ -76,7 +76,10 @@ def main(argv: list[str]) -> int:
                       "whisper_ft.decoding vs generate" + ("" if floor is None else
                       f" (generate against itself at another batch size: {100 * floor:.1f}%)"))
     for path in sorted(folder.glob("e2e-*.json")):
-        prof = (_quiet(path) or {}).get("profile")
+        result = _quiet(path) or {}
+        prof = result.get("profile")
+        if result.get("host_hotspots"):
+            print(f"{path.stem}, the host's hot spots per step: " + "; ".join(result["host_hotspots"][:6]))
         if prof and prof.get("gpu_busy") is not None:
             host = ", ".join(f"{name} {prof[key]:.1f}" for key, name in HOST_PARTS.items() if key in prof)
             print(f"{path.stem}, last {prof['profiled_steps']} steps profiled: {prof['wall_ms']:.1f} ms per step, GPU busy "

@@ -1,5 +1,6 @@
 """Where a training step's GPU time goes: torch.profiler over a few steps of the pipeline's
-bare loop (random-weight Whisper, bf16 on a weight copy, compact batches), kernels grouped by kind.
+bare loop (random-weight Whisper, bf16 on a weight copy, compact batches), kernels grouped by
+kind; and where the host's time goes (cProfile's hot spots).
 
     python bench/profile_step.py --size small [--batch 16] [--compile] [--autocast] [--stock-layout]
 """
@@ -68,6 +69,7 @@ def main(argv=None) -> int:
         step()
     torch.cuda.synchronize()
     wall = (time.perf_counter() - t0) / args.steps
+    print_hotspots(step, args.steps)
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
@@ -95,6 +97,24 @@ def main(argv=None) -> int:
         print(f"  {k:20s} {t / args.steps / 1000:7.2f} ms  {100 * t / total:5.1f}%")
     print(prof.key_averages().table(sort_by="self_device_time_total", row_limit=18, max_name_column_width=70))
     return 0
+
+
+def print_hotspots(step, steps: int) -> None:
+    """The host's hot spots over `steps` more steps (cProfile), to compare with the real
+    command's (`bench_e2e.py --hotspot-steps`)."""
+    import cProfile
+
+    from bench_e2e import hotspots
+
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(steps):
+        step()
+    torch.cuda.synchronize()
+    prof.disable()
+    print("host hot spots per step (cProfile):")
+    for line in hotspots(prof, steps, 10):
+        print(f"  {line}")
 
 
 if __name__ == "__main__":

@@ -126,24 +126,28 @@ def test_sync_counter_counts_waits_for_the_gpu_by_source_line():
 
 def test_end_to_end_benchmark_times_and_profiles_the_real_command(tmp_path, capsys):
     """The part of bench/gpu.sh that runs `run_training`: its JSON line has the timed window,
-    the evaluation and the profile of the last steps."""
+    the evaluation, the host's hot spots and the profile of the last steps."""
     import bench_e2e
 
-    assert bench_e2e.main(["--recipe", "pipeline", "--size", MICRO, "--steps", "5", "--skip", "1",
-                           "--profile-steps", "2", "--train-clips", "24", "--eval-clips", "4", "--work", str(tmp_path),
+    assert bench_e2e.main(["--recipe", "pipeline", "--size", MICRO, "--steps", "6", "--skip", "1",
+                           "--profile-steps", "2", "--hotspot-steps", "2", "--train-clips", "24", "--eval-clips", "4", "--work", str(tmp_path),
                            "--set", "training.batch_size=4", "--set", "training.dataloader_workers=0"]) == 0
     text = capsys.readouterr().out
     lines = [json.loads(line) for line in text.splitlines() if line.startswith('{"recipe"')]
     assert text.count('\n{"recipe"') == 2  # each on a line of its own: gpu.sh reads them from logs full of \r
     partial, out = lines  # the timed window as soon as it ends (a part cut short keeps it), then everything
     assert partial["partial"] is True and partial["train_samples_per_s"] == out["train_samples_per_s"]
-    assert out["steps"] == 5 and out["skip_steps"] == 1 and out["train_samples_per_s"] > 0
+    assert out["steps"] == 6 and out["skip_steps"] == 1 and out["train_samples_per_s"] > 0
     assert out["eval_clips"] == 4 and out["eval_clips_per_s"] > 0 and "partial" not in out
     assert 25 < out["label_tokens"] < 40 and out["generation_max_length"] > out["label_tokens"]  # ~28 like CV
     prof = out["profile"]
     assert prof["profiled_steps"] == 2 and prof["wall_ms"] > 0 and prof["optimizer_ms"] > 0
     assert prof["forward_backward_ms"] > prof["optimizer_ms"] and prof["between_steps_ms"] > 0
     assert prof["gpu_busy"] is None and "host_syncs_per_step" not in prof  # no GPU here
+    spots = out["host_hotspots"]  # per step, the most time of their own first
+    assert len(spots) == 15 and any("run_backward" in s for s in spots)
+    own = [float(s.split(" ms ")[0]) for s in spots]
+    assert own == sorted(own, reverse=True) and own[0] > 0
 
 
 def test_profile_kinds_tell_the_weight_casts_from_the_optimizer():
@@ -169,6 +173,7 @@ def test_gpu_report_prints_every_result_of_a_run(tmp_path, capsys):
                       "forward_backward_ms": 50.0, "optimizer_ms": 1.5, "after_optimizer_ms": 0.3,
                       "between_steps_ms": 0.4, "host_syncs_per_step": 0.05,
                       "host_sync_sites": ["trainer.py:2249 x1"]}
+    e2e["host_hotspots"] = [f"{9 - i}.00 ms 1x f{i}" for i in range(8)]
     (tmp_path / "e2e-pipeline.json").write_text(json.dumps(e2e))
     (tmp_path / "saves.json").write_text(json.dumps({"results": {
         "synchronous": {"checkpoint_bytes": 2.89e9, "held_s": [5.2, 5.0]},
@@ -187,6 +192,8 @@ def test_gpu_report_prints_every_result_of_a_run(tmp_path, capsys):
     assert "394.3 (423.1 at batch 128)" in out
     assert "GPU busy 95% (57.0 ms of kernels); host ms per step: forward+backward 50.0, optimizer 1.5" in out
     assert "GPU busy 95%" in out and "waits for the GPU: 0.05 per step (trainer.py:2249 x1)" in out
+    assert "e2e-pipeline, the host's hot spots per step: 9.00 ms 1x f0; 8.00 ms 1x f1; " in out
+    assert "4.00 ms 1x f5" in out and "f6" not in out
     assert "checkpoint saves (2.89 GB): training held synchronous 5.20 5.00 s; background 0.30 0.20 s" in out
 
 
