@@ -80,6 +80,9 @@ def main(argv: list[str]) -> int:
         prof = result.get("profile")
         if result.get("host_hotspots"):
             print(f"{path.stem}, the host's hot spots per step: " + "; ".join(result["host_hotspots"][:6]))
+        if result.get("eval_hotspots"):
+            print(f"{path.stem}, the host's hot spots in the check after the last step: "
+                  + "; ".join(result["eval_hotspots"][:6]))
         if prof and prof.get("gpu_busy") is not None:
             host = ", ".join(f"{name} {prof[key]:.1f}" for key, name in HOST_PARTS.items() if key in prof)
             print(f"{path.stem}, last {prof['profiled_steps']} steps profiled: {prof['wall_ms']:.1f} ms per step, GPU busy "

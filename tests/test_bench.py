@@ -148,6 +148,7 @@ def test_end_to_end_benchmark_times_and_profiles_the_real_command(tmp_path, caps
     assert len(spots) == 15 and any("run_backward" in s for s in spots)
     own = [float(s.split(" ms ")[0]) for s in spots]
     assert own == sorted(own, reverse=True) and own[0] > 0
+    assert any("GreedyDecoder" in s or "decoding.py" in s for s in out["eval_hotspots"])  # the check after the last step
 
 
 def test_profile_kinds_tell_the_weight_casts_from_the_optimizer():
@@ -174,6 +175,7 @@ def test_gpu_report_prints_every_result_of_a_run(tmp_path, capsys):
                       "between_steps_ms": 0.4, "host_syncs_per_step": 0.05,
                       "host_sync_sites": ["trainer.py:2249 x1"]}
     e2e["host_hotspots"] = [f"{9 - i}.00 ms 1x f{i}" for i in range(8)]
+    e2e["eval_hotspots"] = ["900.00 ms 1x g"]
     (tmp_path / "e2e-pipeline.json").write_text(json.dumps(e2e))
     (tmp_path / "saves.json").write_text(json.dumps({"results": {
         "synchronous": {"checkpoint_bytes": 2.89e9, "held_s": [5.2, 5.0]},
@@ -194,6 +196,7 @@ def test_gpu_report_prints_every_result_of_a_run(tmp_path, capsys):
     assert "GPU busy 95%" in out and "waits for the GPU: 0.05 per step (trainer.py:2249 x1)" in out
     assert "e2e-pipeline, the host's hot spots per step: 9.00 ms 1x f0; 8.00 ms 1x f1; " in out
     assert "4.00 ms 1x f5" in out and "f6" not in out
+    assert "e2e-pipeline, the host's hot spots in the check after the last step: 900.00 ms 1x g" in out
     assert "checkpoint saves (2.89 GB): training held synchronous 5.20 5.00 s; background 0.30 0.20 s" in out
 
 
