@@ -312,3 +312,27 @@ def test_create_atomic_writes_a_file_whole_unless_it_exists(tmp_path, monkeypatc
     assert files.create_atomic(path, "first") is True
     assert files.create_atomic(path, "second") is False
     assert path.read_text() == "first" and [p.name for p in tmp_path.iterdir()] == ["plan.json"]
+
+
+def test_a_checkpoint_written_during_a_forward_pass_on_the_bf16_copy_says_float32(tmp_path, features_dir,
+                                                                                   tiny_model_dir, monkeypatch):
+    """The writer thread saves from host copies while training goes on, and `save_pretrained`
+    reads the dtype of the live model, whose parameters are the bf16 copies for the length of
+    each forward pass: written then, a checkpoint's config said bfloat16 over float32 weights,
+    and loaded as a bf16 model. Here every write happens during such a pass."""
+    from whisper_ft import precision
+    from whisper_ft.model import load_model
+    from whisper_ft.trainer import WhisperTrainer
+
+    save = WhisperTrainer._save
+
+    def during_a_forward_pass(self, *args, **kwargs):
+        plan = precision._plan(self.model)
+        with torch.no_grad(), plan.swapped(plan.cast(torch.bfloat16)):
+            assert self.model.dtype == torch.bfloat16
+            return save(self, *args, **kwargs)
+
+    monkeypatch.setattr(WhisperTrainer, "_save", during_a_forward_pass)
+    run = _run(tmp_path, features_dir, tiny_model_dir, "racing", max_steps=2, save_steps=2, eval_steps=2)
+    assert json.loads((run / "checkpoint-2" / "config.json").read_text())["dtype"] == "float32"
+    assert load_model(str(run / "checkpoint-2")).dtype == torch.float32

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import os
 import shutil
 import threading
@@ -30,6 +31,7 @@ from pathlib import Path
 import torch
 
 from whisper_ft.errors import UserError
+from whisper_ft.files import write_atomic
 
 
 class DiskFullError(UserError):
@@ -144,6 +146,25 @@ def _copy(t: torch.Tensor, reuse) -> torch.Tensor:
     if t.is_cuda:
         return torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True)
     return t.to("cpu", copy=True)
+
+
+def record_weights_dtype(folder: Path, weights: dict) -> None:
+    """Set the "dtype" of `folder`'s config.json to that of the `weights` saved there.
+
+    `save_pretrained` takes it from the live model's first parameter, and a checkpoint written
+    on a thread from host copies of the weights may be written while the training thread runs
+    the model on its bf16 weight copy (`whisper_ft.precision` swaps the copies in for each
+    forward pass): that checkpoint said bfloat16 over float32 weights, and loaded as a bf16
+    model."""
+    dtype = next((t.dtype for t in weights.values() if torch.is_tensor(t) and t.is_floating_point()), None)
+    path = Path(folder) / "config.json"
+    if dtype is None or not path.is_file():
+        return
+    config = json.loads(path.read_text(encoding="utf-8"))
+    name = str(dtype).removeprefix("torch.")
+    if config.get("dtype") != name:
+        config["dtype"] = name
+        write_atomic(path, json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def nbytes(obj, _seen: set | None = None) -> int:

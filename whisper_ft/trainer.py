@@ -23,7 +23,7 @@ from whisper_ft.collator import IGNORE_INDEX, expand
 from whisper_ft.files import replace_dir, share_like_new_files, staging_dir
 from whisper_ft.precision import forward, seq2seq_loss, with_causal_mask
 from whisper_ft.saving import (BackgroundSaver, available_memory, broadcast, disk_full_as_user_error, fits_in_memory,
-                               nbytes, to_host)
+                               nbytes, record_weights_dtype, to_host)
 
 log = logging.getLogger("whisper_ft.trainer")
 
@@ -287,6 +287,7 @@ class WhisperTrainer(Seq2SeqTrainer):
 
         with disk_full_as_user_error(final.parent, nbytes(weights) + nbytes(optimizer)):
             self._save(str(tmp), state_dict=weights)
+            record_weights_dtype(tmp, weights)
             torch.save(optimizer, tmp / OPTIMIZER_NAME)
         share_like_new_files(tmp)
         replace_dir(tmp, final)
