@@ -11,6 +11,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import json  # noqa: E402
 import shutil  # noqa: E402
+import signal  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -27,6 +28,11 @@ sys.path.insert(0, str(ROOT))
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: needs a real Whisper checkpoint (WHISPER_TEST_MODEL) or minutes of CPU")
+    # A shell without job control starts background commands with Ctrl-C ignored, and every
+    # process started from them inherits that (`bash .ci/run &`): the tests of what Ctrl-C
+    # does need it delivered, here and in the commands they start.
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def build_tiny_model(out_dir: Path, seed: int = 0) -> Path:
