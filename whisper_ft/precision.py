@@ -26,15 +26,6 @@ from torch._utils import _unflatten_dense_tensors
 from whisper_ft.collator import IGNORE_INDEX
 
 
-def weights_in(model: torch.nn.Module, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """Every floating-point parameter of `model` cast to `dtype`, by name (differentiable:
-    gradients of the copies reach the parameters in their own dtype). A tied weight is cast
-    once and given under each of its names."""
-    plan = _plan(model)
-    copies = plan.cast(dtype)
-    return {full: plan.params[i] if copies[i] is None else copies[i] for _, _, i, full in plan.slots}
-
-
 def forward(model: torch.nn.Module, dtype: torch.dtype, **inputs):
     """`model(**inputs)` computed on `dtype` copies of its weights; floating-point tensor inputs
     are cast too. Tied weights (Whisper's output projection) stay tied: one copy in every
@@ -46,9 +37,10 @@ def forward(model: torch.nn.Module, dtype: torch.dtype, **inputs):
 
 
 class _Plan:
-    """Where `model`'s parameters live and how they are cast, found once per model (a training
+    """Where `model`'s parameters live and how they are cast, found once per model: a training
     step casts them all every time, and walking whisper-small's module tree for its 479
-    parameter tensors took a tenth of the host's time per step at toy width, bench/host_step.py).
+    parameter tensors and looking each module up by name took about a tenth of the host's time
+    per step (cProfile of `bench/host_step.py`'s step at toy width).
 
     - `groups`: the parameters a layer at a time (`layer_groups`), each once. Each group is cast
       by one foreach copy into one buffer and its gradients back by another, as Megatron-LM
