@@ -341,7 +341,8 @@ def run_pipeline(model_dir: Path, data_dir: Path, store: str, work: Path, args) 
     return {**stats(timer), "eval_clips": final["eval_clips"], "eval_clips_per_s": final["clips_per_second"],
             "generation_max_length": start["generation_max_length"], "label_tokens": label_len,
             "train_runtime_s": summary["train_runtime_seconds"], "wall_s": wall,
-            **({"profile": profiler.result} if profiler else {}), **({"host_hotspots": spots.result, "eval_hotspots": spots.evaluation} if spots else {}),
+            **({"profile": profiler.result} if profiler else {}),
+            **({"host_hotspots": spots.result, "eval_hotspots": spots.evaluation} if spots else {}),
             "settings": {k: v for k, v in vars(cfg.training).items() if isinstance(v, (int, float, str, bool))}}
 
 

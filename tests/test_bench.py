@@ -130,8 +130,9 @@ def test_end_to_end_benchmark_times_and_profiles_the_real_command(tmp_path, caps
     import bench_e2e
 
     assert bench_e2e.main(["--recipe", "pipeline", "--size", MICRO, "--steps", "6", "--skip", "1",
-                           "--profile-steps", "2", "--hotspot-steps", "2", "--train-clips", "24", "--eval-clips", "4", "--work", str(tmp_path),
-                           "--set", "training.batch_size=4", "--set", "training.dataloader_workers=0"]) == 0
+                           "--profile-steps", "2", "--hotspot-steps", "2", "--train-clips", "24", "--eval-clips", "4",
+                           "--work", str(tmp_path), "--set", "training.batch_size=4",
+                           "--set", "training.dataloader_workers=0"]) == 0
     text = capsys.readouterr().out
     lines = [json.loads(line) for line in text.splitlines() if line.startswith('{"recipe"')]
     assert text.count('\n{"recipe"') == 2  # each on a line of its own: gpu.sh reads them from logs full of \r
@@ -148,7 +149,8 @@ def test_end_to_end_benchmark_times_and_profiles_the_real_command(tmp_path, caps
     assert len(spots) == 15 and any("run_backward" in s for s in spots)
     own = [float(s.split(" ms ")[0]) for s in spots]
     assert own == sorted(own, reverse=True) and own[0] > 0
-    assert any("GreedyDecoder" in s or "decoding.py" in s for s in out["eval_hotspots"])  # the check after the last step
+    # and over the check after the last step
+    assert any("GreedyDecoder" in s or "decoding.py" in s for s in out["eval_hotspots"])
 
 
 def test_profile_kinds_tell_the_weight_casts_from_the_optimizer():
