@@ -168,7 +168,8 @@ def test_the_model_is_not_searched_for_its_weights_at_every_step(tiny_model_dir,
     seq2seq_loss(model, batch, torch.bfloat16, START, PAD)[0].backward()
     walks = []
     named_modules = torch.nn.Module.named_modules
-    monkeypatch.setattr(torch.nn.Module, "named_modules", lambda self, *a, **k: walks.append(1) or named_modules(self, *a, **k))
+    monkeypatch.setattr(torch.nn.Module, "named_modules",
+                        lambda self, *a, **k: walks.append(1) or named_modules(self, *a, **k))
     seq2seq_loss(model, batch, torch.bfloat16, START, PAD)[0].backward()
     assert walks == []
     assert dict(model.named_parameters()).items() == params.items()  # the float32 parameters themselves
