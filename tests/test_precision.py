@@ -186,6 +186,42 @@ def test_the_model_is_not_searched_for_its_weights_at_every_step(tiny_model_dir,
     assert fc1.weight.grad is not None and fc1.weight.grad.dtype == torch.float32 and old.grad is None
 
 
+
+def test_trainer_steps_on_the_weight_copy_look_the_model_up_once(tmp_path, features_dir, tiny_model_dir, monkeypatch):
+    """accelerate's `unwrap_model` walks the whole module tree; the training steps of a run
+    on the weight copy read the model's token ids from the model found at the first."""
+    import dataclasses
+
+    from accelerate import Accelerator
+
+    from test_training import overrides
+    from whisper_ft.train import load_data, make_trainer, prepare_model, training_arguments
+    from whisper_ft.trainer import WhisperTrainer
+
+    cfg = load_config(ROOT / "config.yaml", overrides(features_dir, tiny_model_dir, tmp_path, max_steps=3,
+                                                      eval_steps=100, save_steps=100, precision="bf16"))
+    data = load_data(cfg)
+    model = prepare_model(cfg, data.processor.tokenizer)
+    args = training_arguments(cfg, tmp_path / "run", 30, eval_on_start=False, d_model=model.config.d_model)
+    args = dataclasses.replace(args, eval_strategy="no", save_strategy="no", report_to=[])
+    trainer = make_trainer(model, args, data, None, weights_dtype=torch.bfloat16)
+    steps, lookups = [], []
+    unwrap, compute_loss = Accelerator.unwrap_model, WhisperTrainer.compute_loss
+
+    def counted_unwrap(self, *a, **k):
+        lookups.append(len(steps))
+        return unwrap(self, *a, **k)
+
+    def counted_loss(self, *a, **k):
+        steps.append(1)
+        return compute_loss(self, *a, **k)
+
+    monkeypatch.setattr(Accelerator, "unwrap_model", counted_unwrap)
+    monkeypatch.setattr(WhisperTrainer, "compute_loss", counted_loss)
+    trainer.train()
+    assert len(steps) == 3 and trainer.state.global_step == 3
+    assert [n for n in lookups if n > 0] == [1]  # inside the first step's loss only
+
 def test_a_group_cast_gives_float32_gradients_to_the_used_tensors_only():
     from whisper_ft.precision import _Cast
 
