@@ -22,18 +22,21 @@ the generation cap and mean label length, wall-clock seconds, and with --profile
 busy the GPU is in the real command, the host's time per step in each part of the Trainer's
 loop, and which lines make the host wait for the GPU (`StepProfiler`), and with
 --hotspot-steps the functions the host spends most time in, over that many steps before the
-profiled ones (`HostHotspots`).
+profiled ones (`HostHotspots`), and with --same-process-steps the Trainer's step and the bare
+loop's, timed in this process on the run's model after the timed window (`SameProcessSteps`).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
 import time
 from collections import Counter
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -231,6 +234,125 @@ def hotspots(prof, steps: int, n: int = 15) -> list[str]:
             for where, (_, calls, own, _, _) in rows]
 
 
+
+class SameProcessSteps(TrainerCallback):
+    """Where the real command loses against the bare loop, by elimination: at the end of step
+    `at` (after the timed window), in this process as the run left it (its data-loading
+    workers and pinned-memory thread, torch's settings, the model as `load_model` made it),
+    `steps` training steps each way, in `rounds` interleaved rounds:
+
+    - `trainer_step_loader_ms`: the Trainer's own step (`training_step`, gradient clipping, its
+      optimizer and schedule, `model.zero_grad()`) on batches from a new data loader made as
+      the run makes its own (`get_train_dataloader`: workers, pinned memory, copies to the
+      device): the Trainer's loop without its callbacks and logging;
+    - `trainer_step_ms`: the same step on a few batches collated ahead and pinned, each copied
+      to the device as the data loader copies it: without the data loader either;
+    - `bare_step_ms`: `bench_training.py`'s bare-loop step on those batches, with the same
+      model and optimizer;
+    - `bare_step_no_cudnn_autotune_ms` (on a GPU): the same with `cudnn.benchmark` off, as the
+      bare-loop part runs it (the run turns it on).
+
+    Against the timed window's ms per step (`loop_ms`), each step down this list leaves one
+    thing out: callbacks and logging, the data loader, the Trainer's step, cuDNN's autotuning;
+    the bare loop part's own figure leaves out the process and the model as `load_model` made
+    them. The extra steps train the model on (random weights: nothing is lost) and move the
+    learning-rate schedule on."""
+
+    def __init__(self, at: int, steps: int, rounds: int = 2):
+        self.at, self.steps, self.rounds = at, steps, rounds
+        self.trainers: list = []  # every WhisperTrainer the run makes (`capture`)
+        self.result: dict = {}
+
+    @contextlib.contextmanager
+    def capture(self):
+        """While entered, the trainers `run_training` makes are kept in `trainers`."""
+        import whisper_ft.train as train
+
+        make = train.make_trainer
+
+        def kept(*a, **k):
+            self.trainers.append(make(*a, **k))
+            return self.trainers[-1]
+        train.make_trainer = kept
+        try:
+            yield self
+        finally:
+            train.make_trainer = make
+
+    def on_step_end(self, args, state, control, train_dataloader=None, **kwargs):
+        if state.global_step == self.at:
+            trainer = next(t for t in self.trainers if t.state is state)
+            self.result = self.measure(trainer, train_dataloader, args.per_device_train_batch_size)
+
+    def measure(self, trainer, loader, batch_size: int) -> dict:
+        from bench_training import pipeline_loss
+
+        from whisper_ft.collator import expand
+
+        device = trainer.args.device
+        cuda = device.type == "cuda"
+        rows = [loader.dataset[i] for i in range(min(4 * batch_size, len(loader.dataset)))]
+        batches = [loader.collate_fn(rows[i:i + batch_size]) for i in range(0, len(rows), batch_size)]
+        if cuda:
+            batches = [{k: v.pin_memory() for k, v in b.items()} for b in batches]
+        model, whisper, optimizer = trainer.model_wrapped, trainer.model, trainer.optimizer
+        precision = "bf16" if trainer.weights_dtype is not None else "fp32"
+        turn = iter(range(1 << 30))
+
+        def on_device() -> dict:
+            batch = batches[next(turn) % len(batches)]
+            return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+        loader_batches = iter(())
+
+        def from_loader() -> dict:
+            nonlocal loader_batches
+            batch = next(loader_batches, None)
+            if batch is None:  # the first time, and at the end of each pass
+                loader_batches = iter(trainer.get_train_dataloader())
+                batch = next(loader_batches)
+            return batch
+
+        def trainer_step(inputs=on_device) -> None:
+            trainer.training_step(model, inputs())
+            if trainer.args.max_grad_norm > 0:
+                trainer._clip_grad_norm(model)
+            optimizer.step()
+            trainer.lr_scheduler.step()
+            model.zero_grad()
+
+        def bare_step() -> None:  # bench_training.bench_train's, for the pipeline's recipe
+            copy = trainer.weights_dtype is not None
+            loss = pipeline_loss(whisper, expand(on_device()), device.type, precision, copy)
+            loss.backward()
+            optimizer.optimizer.step()
+            optimizer.optimizer.zero_grad(set_to_none=True)
+
+        ways = {"trainer_step_loader_ms": partial(trainer_step, from_loader), "trainer_step_ms": trainer_step,
+                "bare_step_ms": bare_step}
+        if cuda:
+            ways["bare_step_no_cudnn_autotune_ms"] = bare_step
+        times: dict[str, list[float]] = {k: [] for k in ways}
+        autotune = torch.backends.cudnn.benchmark
+        try:
+            for r in range(self.rounds + 1):  # the first round warms each way up
+                for name, step in ways.items():
+                    torch.backends.cudnn.benchmark = autotune and name != "bare_step_no_cudnn_autotune_ms"
+                    _sync()
+                    t0 = time.perf_counter()
+                    for _ in range(self.steps if r else 1):
+                        step()
+                    _sync()
+                    if r:
+                        times[name].append(1000 * (time.perf_counter() - t0) / self.steps)
+        finally:
+            torch.backends.cudnn.benchmark = autotune
+            del loader_batches  # its workers stop
+        model.train()
+        return {"at_step": self.at, "steps": self.steps * self.rounds,
+                **{name: float(np.median(t)) for name, t in times.items()}}
+
+
 # (callback before, callback after) -> the host's work between them, in the Trainer's loop
 HOST_PARTS = {
     ("step_begin", "pre_optimizer"): "forward_backward_ms",  # forward, backward, gradient clipping
@@ -331,10 +453,13 @@ def run_pipeline(model_dir: Path, data_dir: Path, store: str, work: Path, args) 
 
     profiled = args.steps - args.profile_steps  # the profiled steps come last, the hot spots' before them
     timer = StepTimer(args.skip, profiled - args.hotspot_steps, lambda t: emit(args, {**stats(t), "partial": True}))
+    # after the timer has closed its window at the same step, before the hot spots open theirs
+    same = SameProcessSteps(timer.stop, args.same_process_steps) if args.same_process_steps else None
     profiler = StepProfiler(profiled) if args.profile_steps else None
     spots = HostHotspots(profiled - args.hotspot_steps, profiled) if args.hotspot_steps else None
     t0 = time.perf_counter()
-    summary = run_training(cfg, fresh=True, callbacks=[timer, *(c for c in (profiler, spots) if c)])
+    with same.capture() if same else contextlib.nullcontext():
+        summary = run_training(cfg, fresh=True, callbacks=[timer, *(c for c in (same, profiler, spots) if c)])
     wall = time.perf_counter() - t0
     final = summary["final"]
     start = next(e for e in checkpoints.read_events(work / "pipeline") if e["event"] == "start")
@@ -342,6 +467,8 @@ def run_pipeline(model_dir: Path, data_dir: Path, store: str, work: Path, args) 
             "generation_max_length": start["generation_max_length"], "label_tokens": label_len,
             "train_runtime_s": summary["train_runtime_seconds"], "wall_s": wall,
             **({"profile": profiler.result} if profiler else {}),
+            **({"same_process": {"loop_ms": 1000 * (timer.end - timer.start) / (timer.stop - timer.skip),
+                                 **same.result}} if same else {}),
             **({"host_hotspots": spots.result, "eval_hotspots": spots.evaluation} if spots else {}),
             "settings": {k: v for k, v in vars(cfg.training).items() if isinstance(v, (int, float, str, bool))}}
 
@@ -445,6 +572,9 @@ def parse_args(argv=None):
     p.add_argument("--profile-steps", type=int, default=0,
                    help="pipeline: profile the last N steps (outside the timed window): GPU busy share, host time "
                         "per part of the Trainer's loop, waits for the GPU")
+    p.add_argument("--same-process-steps", type=int, default=0,
+                   help="pipeline: after the timed window, N steps (in each of 2 rounds) of the Trainer's step alone "
+                        "and of the bare loop's, in the same process on the same model (SameProcessSteps)")
     p.add_argument("--hotspot-steps", type=int, default=0,
                    help="pipeline: the host's hot spots (cProfile) over N steps before the profiled ones, outside the "
                         "timed window")

@@ -83,6 +83,14 @@ def main(argv: list[str]) -> int:
         if result.get("eval_hotspots"):
             print(f"{path.stem}, the host's hot spots in the check after the last step: "
                   + "; ".join(result["eval_hotspots"][:6]))
+        same = result.get("same_process")
+        if same:
+            ways = [("trainer_step_loader_ms", "its step on a new data loader"),
+                    ("trainer_step_ms", "on batches collated ahead"), ("bare_step_ms", "the bare loop's step on them"),
+                    ("bare_step_no_cudnn_autotune_ms", "the same, cuDNN autotuning off")]
+            print(f"{path.stem}, ms per step in the same process after step {same['at_step']}: the Trainer's loop "
+                  f"{same['loop_ms']:.1f}; " + "; ".join(f"{name} {same[k]:.1f}" for k, name in ways if k in same)
+                  + f" ({same['steps']} steps each)")
         if prof and prof.get("gpu_busy") is not None:
             host = ", ".join(f"{name} {prof[key]:.1f}" for key, name in HOST_PARTS.items() if key in prof)
             print(f"{path.stem}, last {prof['profiled_steps']} steps profiled: {prof['wall_ms']:.1f} ms per step, GPU busy "

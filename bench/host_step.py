@@ -10,7 +10,8 @@ On a GPU the host issues these operators while the GPU runs earlier ones, and ea
 launch adds a few microseconds on top; the GPU waits whenever the host's time per step is the
 longer. So compare these figures with the GPU time a step should take (whisper-small, batch
 16: about 55 ms at 35% MFU on an H100/H200). Each variant is timed in rounds, interleaved with
-the others, and the median round is printed.
+the others, and the median round is printed, with the step's operators and Python calls (the
+same from run to run, where this machine's timings are not).
 """
 
 from __future__ import annotations
@@ -36,7 +37,9 @@ from whisper_ft.trainer import clip_gradients  # noqa: E402
 START, PAD = 2, 1
 # "bf16 functional_call": the same weight copy as torch's own API makes it, each weight cast by
 # itself and swapped in by torch.func.functional_call, which looks each module up by name
-VARIANTS = ("fp32", "bf16 weight copy", "bf16 functional_call", "bf16 autocast")
+# "bf16 WhisperTrainer": the weight copy's step as the real command takes it, through the
+# Trainer (`trainer_step`)
+VARIANTS = ("fp32", "bf16 weight copy", "bf16 functional_call", "bf16 autocast", "bf16 WhisperTrainer")
 
 
 def toy_model(size: str):
@@ -54,6 +57,8 @@ def toy_model(size: str):
 
 def training_step(model, optimizer, inputs: dict, variant: str):
     """What the pipeline's bare loop does per step, on the CPU, with the Trainer's clipping."""
+    if variant == "bf16 WhisperTrainer":
+        return trainer_step(model, inputs)
     params = [p for p in model.parameters() if p.requires_grad]
 
     def step() -> None:
@@ -65,6 +70,34 @@ def training_step(model, optimizer, inputs: dict, variant: str):
         clip_gradients([p.grad for p in params if p.grad is not None], 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+    return step
+
+
+def trainer_step(model, inputs: dict):
+    """The step `WhisperTrainer` takes in its training loop, on the bf16 weight copy: its
+    `training_step`, gradient clipping, optimizer (fused AdamW, as on a GPU) and schedule as
+    accelerate prepares them, and `model.zero_grad()`; no data loader, callbacks or logging."""
+    import tempfile
+
+    from transformers import Seq2SeqTrainingArguments
+    from transformers.utils import logging as hf_logging
+
+    from whisper_ft.trainer import WhisperTrainer
+
+    hf_logging.set_verbosity_error()
+    args = Seq2SeqTrainingArguments(output_dir=tempfile.mkdtemp(prefix="host-step-"), use_cpu=True, report_to=[],
+                                    learning_rate=1e-5, optim="adamw_torch_fused", logging_nan_inf_filter=False)
+    trainer = WhisperTrainer(model=model, args=args, weights_dtype=torch.bfloat16)
+    trainer.create_optimizer_and_scheduler(num_training_steps=1 << 30)
+    wrapped, optimizer, scheduler = trainer.accelerator.prepare(model, trainer.optimizer, trainer.lr_scheduler)
+    trainer.current_gradient_accumulation_steps = 1
+
+    def step() -> None:
+        trainer.training_step(wrapped, inputs)
+        trainer._clip_grad_norm(wrapped)
+        optimizer.step()
+        scheduler.step()
+        wrapped.zero_grad()
     return step
 
 
@@ -97,6 +130,16 @@ def clipping(model, rounds: int, steps: int) -> dict[str, float]:
             times[k].append(1000 * (time.perf_counter() - t) / steps)
     model.zero_grad(set_to_none=True)
     return {k: statistics.median(v) for k, v in times.items()}
+
+
+def python_calls(step) -> int:
+    """Python function calls in one step (cProfile's count, C functions called from Python included)."""
+    import cProfile
+    import pstats
+
+    prof = cProfile.Profile()
+    prof.runcall(step)
+    return pstats.Stats(prof).total_calls - 1  # not the step itself
 
 
 def operators(step) -> int:
@@ -146,7 +189,7 @@ def main(argv=None) -> int:
           f"{', compiled layers' * args.compile}{', transformers layout' * args.stock_layout}:")
     for v in VARIANTS:
         print(f"  {v:20s} {statistics.median(rounds[v]):6.1f} ms  (rounds {min(rounds[v]):.1f}-{max(rounds[v]):.1f}), "
-              f"{operators(steps[v])} operators")
+              f"{operators(steps[v])} operators, {python_calls(steps[v])} Python calls")
     ms = clipping(model, args.rounds, args.steps)
     print("gradient clipping alone: " + ", ".join(f"{k} {v:.2f} ms" for k, v in ms.items()))
     return 0

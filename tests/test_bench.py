@@ -126,11 +126,13 @@ def test_sync_counter_counts_waits_for_the_gpu_by_source_line():
 
 def test_end_to_end_benchmark_times_and_profiles_the_real_command(tmp_path, capsys):
     """The part of bench/gpu.sh that runs `run_training`: its JSON line has the timed window,
-    the evaluation, the host's hot spots and the profile of the last steps."""
+    the evaluation, the host's hot spots, the profile of the last steps and the steps timed
+    in the same process after the window."""
     import bench_e2e
 
     assert bench_e2e.main(["--recipe", "pipeline", "--size", MICRO, "--steps", "6", "--skip", "1",
-                           "--profile-steps", "2", "--hotspot-steps", "2", "--train-clips", "24", "--eval-clips", "4",
+                           "--profile-steps", "2", "--hotspot-steps", "2", "--same-process-steps", "1",
+                           "--train-clips", "24", "--eval-clips", "4",
                            "--work", str(tmp_path), "--set", "training.batch_size=4",
                            "--set", "training.dataloader_workers=0"]) == 0
     text = capsys.readouterr().out
@@ -151,6 +153,10 @@ def test_end_to_end_benchmark_times_and_profiles_the_real_command(tmp_path, caps
     assert own == sorted(own, reverse=True) and own[0] > 0
     # and over the check after the last step
     assert any("GreedyDecoder" in s or "decoding.py" in s for s in out["eval_hotspots"])
+    # the Trainer's step alone and the bare loop's, on the run's model, after the timed window
+    same = out["same_process"]
+    assert same["at_step"] == 2 and same["steps"] == 2 and "bare_step_no_cudnn_autotune_ms" not in same  # no GPU
+    assert all(same[k] > 0 for k in ("loop_ms", "trainer_step_loader_ms", "trainer_step_ms", "bare_step_ms"))
 
 
 def test_profile_kinds_tell_the_weight_casts_from_the_optimizer():
@@ -178,6 +184,9 @@ def test_gpu_report_prints_every_result_of_a_run(tmp_path, capsys):
                       "host_sync_sites": ["trainer.py:2249 x1"]}
     e2e["host_hotspots"] = [f"{9 - i}.00 ms 1x f{i}" for i in range(8)]
     e2e["eval_hotspots"] = ["900.00 ms 1x g"]
+    e2e["same_process"] = {"loop_ms": 115.9, "at_step": 164, "steps": 12, "trainer_step_loader_ms": 101.0,
+                           "trainer_step_ms": 80.25,
+                           "bare_step_ms": 72.0, "bare_step_no_cudnn_autotune_ms": 71.5}
     (tmp_path / "e2e-pipeline.json").write_text(json.dumps(e2e))
     (tmp_path / "saves.json").write_text(json.dumps({"results": {
         "synchronous": {"checkpoint_bytes": 2.89e9, "held_s": [5.2, 5.0]},
@@ -198,6 +207,9 @@ def test_gpu_report_prints_every_result_of_a_run(tmp_path, capsys):
     assert "GPU busy 95%" in out and "waits for the GPU: 0.05 per step (trainer.py:2249 x1)" in out
     assert "e2e-pipeline, the host's hot spots per step: 9.00 ms 1x f0; 8.00 ms 1x f1; " in out
     assert "4.00 ms 1x f5" in out and "f6" not in out
+    assert ("e2e-pipeline, ms per step in the same process after step 164: the Trainer's loop 115.9; its step on "
+            "a new data loader 101.0; on batches collated ahead 80.2; the bare loop's step on them 72.0; the same, "
+            "cuDNN autotuning off 71.5 (12 steps each)") in out
     assert "e2e-pipeline, the host's hot spots in the check after the last step: 900.00 ms 1x g" in out
     assert "checkpoint saves (2.89 GB): training held synchronous 5.20 5.00 s; background 0.30 0.20 s" in out
 
@@ -240,11 +252,15 @@ def test_host_step_times_each_variant(capsys):
     assert host_step.main(["--size", "tiny", "--rounds", "1", "--steps", "1"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith("host time per training step, tiny's 8 layers")
-    rows = {m[1]: (float(m[2]), int(m[3])) for m in (re.match(r"  (.+?) +([\d.]+) ms .*, (\d+) operators", line)
-                                                     for line in lines[1:-1])}
-    assert list(rows) == list(host_step.VARIANTS) and all(ms > 0 for ms, _ in rows.values())
+    rows = {m[1]: (float(m[2]), int(m[3]), int(m[4])) for m in (
+        re.match(r"  (.+?) +([\d.]+) ms .*, (\d+) operators, (\d+) Python calls", line) for line in lines[1:-1])}
+    assert list(rows) == list(host_step.VARIANTS) and all(ms > 0 for ms, _, _ in rows.values())
     assert rows["bf16 weight copy"][1] > rows["fp32"][1]  # its casts and their gradients
     assert rows["bf16 weight copy"][1] < rows["bf16 functional_call"][1]  # one buffer a layer, not a tensor a weight
+    assert rows["bf16 weight copy"][2] < rows["bf16 functional_call"][2]
+    # the Trainer's step: the same operators give or take its schedule's, more Python (module walks)
+    assert abs(rows["bf16 WhisperTrainer"][1] - rows["bf16 weight copy"][1]) < 20
+    assert rows["bf16 WhisperTrainer"][2] > rows["bf16 weight copy"][2]
     assert re.fullmatch(r"gradient clipping alone: torch.nn.utils.clip_grad_norm_ [\d.]+ ms, "
                         r"whisper_ft.trainer.clip_gradients [\d.]+ ms", lines[-1])
 
