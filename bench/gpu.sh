@@ -52,9 +52,9 @@ step bare 105 "$py" bench/bench_training.py --size small --device cuda --steps 3
 # fixed costs (workers, decoder set-up, graph capture) weigh as little as they would there.
 # The last 8 steps are profiled after the timed window: is the GPU busy, or is the host behind?
 # The 8 before them show where the host's time goes (cProfile). Between the window and them, the
-# Trainer's step alone and the bare loop's step, 2 x 6 steps each, on the run's model in its process.
+# Trainer's step alone and the bare loop's step, 2 x 5 steps each, on the run's model in its process.
 e2e e2e-pipeline 90 --recipe pipeline --steps 180 --skip 20 --eval-clips 1024 --profile-steps 8 --hotspot-steps 8 \
-  --same-process-steps 6
+  --same-process-steps 5
 e2e e2e-blog 70 --recipe blog --steps 40 --skip 10 --blog-eval-clips 8
 # Compiled: on a fresh H200 (no compile cache) the first step took 86 s and the second 8 s;
 # 140 steps leave a timed window of 94 after the first 30.
