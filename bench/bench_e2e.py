@@ -288,6 +288,7 @@ class SameProcessSteps(TrainerCallback):
         from bench_training import pipeline_loss
 
         from whisper_ft.collator import expand
+        from whisper_ft.train import end_loader_workers
 
         device = trainer.args.device
         cuda = device.type == "cuda"
@@ -296,20 +297,23 @@ class SameProcessSteps(TrainerCallback):
         if cuda:
             batches = [{k: v.pin_memory() for k, v in b.items()} for b in batches]
         model, whisper, optimizer = trainer.model_wrapped, trainer.model, trainer.optimizer
-        precision = "bf16" if trainer.weights_dtype is not None else "fp32"
+        copy = trainer.weights_dtype is not None
+        precision = "bf16" if copy or trainer.args.bf16 else "fp16" if trainer.args.fp16 else "fp32"
         turn = iter(range(1 << 30))
 
         def on_device() -> dict:
             batch = batches[next(turn) % len(batches)]
             return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
+        loaders: list = []
         loader_batches = iter(())
 
         def from_loader() -> dict:
             nonlocal loader_batches
             batch = next(loader_batches, None)
             if batch is None:  # the first time, and at the end of each pass
-                loader_batches = iter(trainer.get_train_dataloader())
+                loaders.append(trainer.get_train_dataloader())
+                loader_batches = iter(loaders[-1])
                 batch = next(loader_batches)
             return batch
 
@@ -322,7 +326,6 @@ class SameProcessSteps(TrainerCallback):
             model.zero_grad()
 
         def bare_step() -> None:  # bench_training.bench_train's, for the pipeline's recipe
-            copy = trainer.weights_dtype is not None
             loss = pipeline_loss(whisper, expand(on_device()), device.type, precision, copy)
             loss.backward()
             optimizer.optimizer.step()
@@ -347,7 +350,8 @@ class SameProcessSteps(TrainerCallback):
                         times[name].append(1000 * (time.perf_counter() - t0) / self.steps)
         finally:
             torch.backends.cudnn.benchmark = autotune
-            del loader_batches  # its workers stop
+            end_loader_workers(loaders)  # persistent: they would last until the end of training
+            trainer.accelerator._dataloaders[:] = [d for d in trainer.accelerator._dataloaders if d not in loaders]
         model.train()
         return {"at_step": self.at, "steps": self.steps * self.rounds,
                 **{name: float(np.median(t)) for name, t in times.items()}}
@@ -468,7 +472,7 @@ def run_pipeline(model_dir: Path, data_dir: Path, store: str, work: Path, args) 
             "train_runtime_s": summary["train_runtime_seconds"], "wall_s": wall,
             **({"profile": profiler.result} if profiler else {}),
             **({"same_process": {"loop_ms": 1000 * (timer.end - timer.start) / (timer.stop - timer.skip),
-                                 **same.result}} if same else {}),
+                                 **same.result}} if same and same.result else {}),
             **({"host_hotspots": spots.result, "eval_hotspots": spots.evaluation} if spots else {}),
             "settings": {k: v for k, v in vars(cfg.training).items() if isinstance(v, (int, float, str, bool))}}
 
@@ -578,7 +582,11 @@ def parse_args(argv=None):
     p.add_argument("--hotspot-steps", type=int, default=0,
                    help="pipeline: the host's hot spots (cProfile) over N steps before the profiled ones, outside the "
                         "timed window")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.same_process_steps and args.steps - args.profile_steps - args.hotspot_steps <= args.skip:
+        p.error("--same-process-steps runs after the timed window: --steps must exceed --skip plus the profiled and "
+                "hot-spot steps")
+    return args
 
 
 def main(argv=None) -> int:

@@ -85,14 +85,15 @@ def trainer_step(model, inputs: dict):
     from whisper_ft.trainer import WhisperTrainer
 
     hf_logging.set_verbosity_error()
-    args = Seq2SeqTrainingArguments(output_dir=tempfile.mkdtemp(prefix="host-step-"), use_cpu=True, report_to=[],
+    out = tempfile.TemporaryDirectory(prefix="host-step-")  # removed with the step
+    args = Seq2SeqTrainingArguments(output_dir=out.name, use_cpu=True, report_to=[],
                                     learning_rate=1e-5, optim="adamw_torch_fused", logging_nan_inf_filter=False)
     trainer = WhisperTrainer(model=model, args=args, weights_dtype=torch.bfloat16)
     trainer.create_optimizer_and_scheduler(num_training_steps=1 << 30)
     wrapped, optimizer, scheduler = trainer.accelerator.prepare(model, trainer.optimizer, trainer.lr_scheduler)
     trainer.current_gradient_accumulation_steps = 1
 
-    def step() -> None:
+    def step(out=out) -> None:
         trainer.training_step(wrapped, inputs)
         trainer._clip_grad_norm(wrapped)
         optimizer.step()

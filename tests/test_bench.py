@@ -159,6 +159,30 @@ def test_end_to_end_benchmark_times_and_profiles_the_real_command(tmp_path, caps
     assert all(same[k] > 0 for k in ("loop_ms", "trainer_step_loader_ms", "trainer_step_ms", "bare_step_ms"))
 
 
+
+def test_same_process_steps_end_the_data_loader_workers_they_start(tmp_path, monkeypatch):
+    """The data loader that the Trainer's step is timed on keeps persistent workers, as the
+    run's does: they end with the measurement, not with the run."""
+    import multiprocessing
+
+    import bench_e2e
+
+    children = []
+    measure = bench_e2e.SameProcessSteps.measure
+
+    def counted(self, *a, **k):
+        children.append(len(multiprocessing.active_children()))
+        result = measure(self, *a, **k)
+        children.append(len(multiprocessing.active_children()))
+        return result
+
+    monkeypatch.setattr(bench_e2e.SameProcessSteps, "measure", counted)
+    assert bench_e2e.main(["--recipe", "pipeline", "--size", MICRO, "--steps", "4", "--skip", "1",
+                           "--same-process-steps", "1", "--train-clips", "16", "--eval-clips", "4",
+                           "--work", str(tmp_path), "--set", "training.batch_size=4",
+                           "--set", "training.dataloader_workers=2"]) == 0
+    assert children[0] == children[1] == 2  # the run's own two, before and after
+
 def test_profile_kinds_tell_the_weight_casts_from_the_optimizer():
     import profile_step
 

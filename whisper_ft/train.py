@@ -490,8 +490,12 @@ def end_workers(trainer) -> None:
     training.dataloader_workers processes of about half a gigabyte each, for training and for the
     checks) once it has trained: the final phase's scoring passes start their own."""
     handler = trainer.callback_handler
-    loaders = [*getattr(trainer, "_eval_dataloaders", {}).values(), *trainer.accelerator._dataloaders,
-               handler.train_dataloader, handler.eval_dataloader]
+    end_loader_workers([*getattr(trainer, "_eval_dataloaders", {}).values(), *trainer.accelerator._dataloaders,
+                        handler.train_dataloader, handler.eval_dataloader])
+
+
+def end_loader_workers(loaders) -> None:
+    """End the worker processes that each DataLoader of `loaders` keeps (persistent workers)."""
     for loader in loaders:
         iterator = getattr(loader, "_iterator", None)
         if iterator is not None and hasattr(iterator, "_shutdown_workers"):
