@@ -234,7 +234,6 @@ def hotspots(prof, steps: int, n: int = 15) -> list[str]:
             for where, (_, calls, own, _, _) in rows]
 
 
-
 class SameProcessSteps(TrainerCallback):
     """Where the real command loses against the bare loop, by elimination: at the end of step
     `at` (after the timed window), in this process as the run left it (its data-loading
