@@ -48,7 +48,7 @@ class _Plan:
       small kernels and build as many autograd nodes per step; grouped, it is 25 copies each way.
       Layers rather than the whole model, so that under DDP a layer's gradients are ready (and
       all-reduced) while the backward pass goes on.
-    - `slots`: (module, attribute, parameter index, full name) for each name of each parameter,
+    - `slots`: (module, attribute, parameter index) for each name of each parameter,
       so that the copies go in and the weights come back by assignment, as
       `torch.func.functional_call` does it, without looking each module up by name every time.
     """
@@ -66,11 +66,11 @@ class _Plan:
         self.slots = []
         for full, p in model.named_parameters(remove_duplicate=False):
             owner, _, name = full.rpartition(".")
-            self.slots.append((model.get_submodule(owner), name, index[id(p)], full))
+            self.slots.append((model.get_submodule(owner), name, index[id(p)]))
 
     def current(self) -> bool:
         """Whether every parameter is still where the plan found it (none replaced since)."""
-        return all(module._parameters.get(name) is self.params[i] for module, name, i, _ in self.slots)
+        return all(module._parameters.get(name) is self.params[i] for module, name, i in self.slots)
 
     def cast(self, dtype: torch.dtype) -> list[torch.Tensor | None]:
         """A `dtype` copy of each floating-point parameter (in `params` order; None for the
@@ -95,13 +95,13 @@ class _Plan:
     @contextlib.contextmanager
     def swapped(self, copies: list[torch.Tensor | None]):
         """The model with `copies` in place of its parameters (those given), restored on exit."""
-        for module, name, i, _ in self.slots:
+        for module, name, i in self.slots:
             if copies[i] is not None:
                 module._parameters[name] = copies[i]
         try:
             yield
         finally:
-            for module, name, i, _ in self.slots:
+            for module, name, i in self.slots:
                 module._parameters[name] = self.params[i]
 
 
