@@ -122,6 +122,14 @@ def clipping(model, rounds: int, steps: int) -> dict[str, float]:
         p.grad = torch.ones_like(p)
     ways = {"torch.nn.utils.clip_grad_norm_": lambda: torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0),
             "whisper_ft.trainer.clip_gradients": lambda: clip_gradients([p.grad for p in params], 1.0)}
+    times = timed_rounds(ways, rounds, steps)
+    model.zero_grad(set_to_none=True)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def timed_rounds(ways: dict, rounds: int, steps: int) -> dict[str, list[float]]:
+    """Host ms per call of each of `ways` (name -> function), in `rounds` rounds of `steps`
+    calls, the ways interleaved within each round."""
     times: dict[str, list[float]] = {k: [] for k in ways}
     for _ in range(rounds):
         for k, fn in ways.items():
@@ -129,8 +137,7 @@ def clipping(model, rounds: int, steps: int) -> dict[str, float]:
             for _ in range(steps):
                 fn()
             times[k].append(1000 * (time.perf_counter() - t) / steps)
-    model.zero_grad(set_to_none=True)
-    return {k: statistics.median(v) for k, v in times.items()}
+    return times
 
 
 def python_calls(step) -> int:
@@ -179,13 +186,7 @@ def main(argv=None) -> int:
     for step in steps.values():
         for _ in range(3):  # compilation, allocator, autograd caches
             step()
-    rounds: dict[str, list[float]] = {v: [] for v in VARIANTS}
-    for _ in range(args.rounds):
-        for v, step in steps.items():
-            t = time.perf_counter()
-            for _ in range(args.steps):
-                step()
-            rounds[v].append(1000 * (time.perf_counter() - t) / args.steps)
+    rounds = timed_rounds(steps, args.rounds, args.steps)
     print(f"host time per training step, {args.size}'s {2 * SIZES[args.size][1]} layers at toy width"
           f"{', compiled layers' * args.compile}{', transformers layout' * args.stock_layout}:")
     for v in VARIANTS:
