@@ -279,6 +279,35 @@ def test_replacing_a_folder_leaves_only_the_new_one(tmp_path):
     assert (tmp_path / "best" / "model.safetensors").read_text() == "new"
 
 
+def test_a_folder_another_process_renames_into_place_meanwhile_is_replaced_too(tmp_path, monkeypatch):
+    """Two processes of one feature store may write its processor/ at once: when the other's
+    folder lands between this one's look and its rename, this one still lands, alone and whole."""
+    import os
+
+    from whisper_ft import files
+
+    final = tmp_path / "processor"
+    real_replace = os.replace
+    raced: list[str] = []
+
+    def other_process_first(src, dst):
+        if Path(dst) == final and not raced:
+            other = tmp_path / ".processor.tmp-other"
+            other.mkdir()
+            (other / "tokenizer.json").write_text("other")
+            real_replace(other, final)
+            raced.append("other")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", other_process_first)
+    tmp = files.staging_dir(final)
+    tmp.mkdir()
+    (tmp / "tokenizer.json").write_text("mine")
+    files.replace_dir(tmp, final)
+    assert raced and [p.name for p in tmp_path.iterdir()] == ["processor"]
+    assert (final / "tokenizer.json").read_text() == "mine"
+
+
 def test_new_file_mode_follows_the_umask(tmp_path):
     from whisper_ft import files
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 from pathlib import Path
@@ -9,6 +10,9 @@ from pathlib import Path
 # Windows opens no folder as a file, so a folder cannot be flushed there; NTFS journals its
 # metadata, so a renamed name survives a power loss without it
 FLUSH_FOLDERS = os.name != "nt"
+
+# how often `replace_dir` moves aside a folder that other processes keep putting in its place
+RENAME_ATTEMPTS = 3
 
 
 def write_atomic(path: str | Path, text: str) -> None:
@@ -70,18 +74,26 @@ def staging_dir(final: str | Path, tag: str = "") -> Path:
 def replace_dir(tmp: str | Path, final: str | Path) -> None:
     """Rename the complete folder `tmp` to `final`, replacing an older `final`: a reader sees
     the old folder or the new one (a directory cannot replace a non-empty one, so the old
-    one is moved aside first). Its files reach the disk before the rename: without that, a
+    one is moved aside first; so is one that another process renames into place meanwhile, and
+    the last to rename wins). Its files reach the disk before the rename: without that, a
     power loss or a preempted machine can leave the new name on empty files, after the older
     copies are gone."""
     tmp, final = Path(tmp), Path(final)
     fsync_tree(tmp)
-    if final.exists():
-        old = final.with_name(f".{final.name}.old-{os.getpid()}")
-        os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, final)
+    old = final.with_name(f".{final.name}.old-{os.getpid()}")
+    for attempt in range(RENAME_ATTEMPTS):
+        if final.exists():
+            shutil.rmtree(old, ignore_errors=True)
+            with contextlib.suppress(FileNotFoundError):  # another process moved it meanwhile
+                os.replace(final, old)
+        try:
+            os.replace(tmp, final)
+            break
+        except OSError:
+            # another process put its own `final` in place between the two renames: again
+            if attempt == RENAME_ATTEMPTS - 1 or not final.exists():
+                raise
+    shutil.rmtree(old, ignore_errors=True)
     fsync_dir(final.parent)
 
 
