@@ -81,6 +81,27 @@ def test_the_heartbeat_goes_on_after_a_write_that_failed(tmp_path, monkeypatch):
         assert failed and read_holder(path).heartbeat > failed[0]  # a beat after the failed one
 
 
+def test_a_claim_read_while_a_shorter_heartbeat_is_written_over_it_still_names_its_holder(tmp_path, monkeypatch):
+    """A heartbeat is written over the last one, then the file is cut to its length: a reader
+    in between (another process cleaning up, or this one confirming before a commit) must not
+    find the longer one's tail behind the shorter one and take a live claim for an unknown one."""
+    path = tmp_path / ".shard.claim"
+    with ClaimSet(60) as mine:
+        assert mine.take(path)
+    holder = claims.Holder("host-a", 7, "token", 1795869353.0, 1795869353.2385948)
+    fd = os.open(path, os.O_CREAT | os.O_RDWR)
+    seen = []
+    real_truncate = os.ftruncate
+    try:
+        claims._write(fd, holder)
+        monkeypatch.setattr(os, "ftruncate", lambda f, n: seen.append(read_holder(path)) or real_truncate(f, n))
+        claims._write(fd, claims.replace(holder, heartbeat=1795869354.5))
+    finally:
+        os.close(fd)
+    assert [(h.tag, h.token, h.heartbeat) for h in seen] == [("host-a-7", "token", 1795869354.5)]
+    assert read_holder(path).heartbeat == 1795869354.5
+
+
 def test_another_hosts_claim_is_taken_over_only_when_its_heartbeat_is_stale(tmp_path):
     path = tmp_path / ".shard.claim"
     plant_claim(path, "host-b", dead_pid(), age=10)  # its pid means nothing on this machine

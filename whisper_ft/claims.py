@@ -9,7 +9,8 @@ several machines mounting the same file system (the feature store's shards).
             claims.release(path)
 
 A claim is a file created exclusively (O_CREAT | O_EXCL) that holds JSON: the holder's host,
-pid, a random token, when it started and its latest heartbeat (Unix time, the holder's clock).
+pid, a random token, when it started and its latest heartbeat (Unix time, the holder's clock),
+padded to a fixed width so that a heartbeat never leaves the tail of a longer one to a reader.
 A thread rewrites the heartbeat every quarter of `stale_seconds` through the open file (never
 by name, so it cannot overwrite a claim that replaced this one). A claim is stale, and may be
 taken over, once its heartbeat is older than `stale_seconds`, or at once when it was made on
@@ -42,6 +43,7 @@ from whisper_ft.errors import UserError
 HOST_ENV = "WHISPER_FT_HOST"
 BEATS_PER_STALE = 4  # heartbeats within one stale limit: a live holder never looks stale
 CLOCK_TOLERANCE = 0.1  # of the stale limit: how far this clock may be from the file system's
+HEARTBEAT_ROOM = 32  # bytes a time in a claim may take beyond "0.0" (repr of a float: at most 24)
 
 
 class ClaimError(UserError, RuntimeError):
@@ -182,7 +184,8 @@ class ClaimSet:
     def confirm(self, path: Path) -> None:
         """Raise ClaimError unless `path` is still this process's claim: call it just before
         committing the work, so that a process that lost its claim commits nothing."""
-        holder = read_holder(path)
+        with self._lock:  # not in the middle of this process's own heartbeat
+            holder = read_holder(path)
         if holder is None or holder.token != self._held[path][1].token:
             now = f" (now held by {holder.who})" if holder else ""
             raise ClaimError(f"lost the claim {path}{now}: this process was stalled longer than {self.setting} "
@@ -267,9 +270,20 @@ def _create(path: Path) -> tuple[int, Holder]:
 
 
 def _write(fd: int, holder: Holder) -> None:
+    """(Re)write the claim in the open file `fd`, padded with spaces to a width of its own
+    (`claim_width`) so that every heartbeat has the same length: a shorter one written over a
+    longer one would leave its tail behind until the truncation, and a reader in between would
+    find no JSON, taking a live claim for one of an unknown process."""
     data = json.dumps(asdict(holder)).encode()
+    data = data.ljust(claim_width(holder))
     os.pwrite(fd, data, 0)
     os.ftruncate(fd, len(data))
+
+
+def claim_width(holder: Holder) -> int:
+    """The padded length of `holder`'s claims: room for the longest heartbeat after its fixed fields."""
+    fixed = json.dumps(asdict(replace(holder, started=0.0, heartbeat=0.0))).encode()
+    return len(fixed) + 2 * HEARTBEAT_ROOM
 
 
 def _lock_file(claim: Path) -> Path:
