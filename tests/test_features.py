@@ -506,6 +506,23 @@ def test_a_shard_whose_claim_was_lost_is_not_written(tmp_path):
 
 
 
+def test_a_shard_in_progress_whose_claim_cannot_be_read_yet_is_left_alone_until_it_is_stale(tmp_path):
+    """A claim file is created, then written: a clean-up that reads it in between finds no
+    holder in it, and must not take the writer's shard in progress for a dead one's."""
+    from whisper_ft.features import clean_partial
+
+    in_progress = tmp_path / "train" / ".shard-00000-of-00001.tmp-host-b-7"
+    in_progress.mkdir(parents=True)
+    claim = tmp_path / "train" / ".shard-00000-of-00001.claim"
+    claim.write_text('{"host": "host-b", "pid": 7, "tok')
+    clean_partial(tmp_path, stale_seconds=300)
+    assert in_progress.is_dir()
+    old = time.time() - 1000  # never written in full: its writer died, and the claim is stale
+    os.utime(claim, (old, old))
+    clean_partial(tmp_path, stale_seconds=300)
+    assert not in_progress.exists()
+
+
 def test_a_shard_that_cannot_be_renamed_into_place_is_an_error_not_a_shard(tmp_path, monkeypatch):
     def refused(src, dst):
         raise PermissionError(13, "Permission denied", str(dst))
@@ -842,6 +859,71 @@ def test_no_manifest_describes_a_store_rebuilt_meanwhile(tmp_path, cv_release, m
     assert len(calls) == 2 and not (tmp_path / "features" / "raced" / MANIFEST).exists()
 
 
+def test_a_store_removed_by_another_processs_overwrite_while_this_one_starts_is_one_line(tmp_path, cv_release,
+                                                                                        monkeypatch, capsys):
+    """--overwrite in another process removes the store between this process's look at its plan
+    and its reading of it: one line that says so, not a traceback."""
+    from whisper_ft.features import FeatureStore
+
+    args = pipeline_args(tmp_path, "ref", cv_release, *STORE_SETS)
+    assert feature_pipeline.main(["--num-shards", "100", "--shard-index", "99", *args]) == 0  # starts the store only
+    real_read = features.read_plan
+    removed = []
+
+    def removed_first(path, *rest, **kwargs):
+        if not removed:
+            removed.append(FeatureStore(path.parent).remove(300))
+        return real_read(path, *rest, **kwargs)
+
+    monkeypatch.setattr(features, "read_plan", removed_first)
+    capsys.readouterr()
+    assert cli.run(feature_pipeline.main, ["--num-shards", "2", "--shard-index", "0", *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert removed and len(err.splitlines()) == 1 and "removed or rebuilt by another process" in err
+
+
+def test_two_overwrites_at_once_both_go_on(tmp_path, monkeypatch):
+    """Two processes started with --overwrite both find the store and remove it: the one whose
+    rename finds it gone already goes on, as if it had removed it itself."""
+    from whisper_ft.features import FeatureStore
+
+    root = tmp_path / "features" / "s"
+    (root / "train").mkdir(parents=True)
+    real_rename = os.rename
+
+    def peer_removes_first(src, dst):
+        if Path(src) == root:  # the other process renames it aside and deletes it
+            real_rename(root, root.with_name(".s.removing-node-2-1"))
+            shutil.rmtree(root.with_name(".s.removing-node-2-1"))
+        return real_rename(src, dst)
+
+    monkeypatch.setattr(os, "rename", peer_removes_first)
+    FeatureStore(root).remove(300)
+    assert list(root.parent.iterdir()) == []
+
+
+def test_the_stores_config_is_staged_under_a_name_of_this_host_and_process(tmp_path, monkeypatch):
+    """Machines sharing the store's folder may run processes of the same pid (containers): the
+    config each writes is staged under the host's name too, as the processor and plan are."""
+    from whisper_ft.claims import owner_tag
+    from whisper_ft.config import load_config
+    from whisper_ft.features import CONFIG, FeatureStore
+
+    monkeypatch.setenv(HOST_ENV, "node-1")
+    cfg = load_config(ROOT / "config.yaml", [f"features.data_dir={tmp_path}"])
+    staged = []
+    real_replace = os.replace
+    monkeypatch.setattr(os, "replace", lambda src, dst: staged.append((Path(src).name, Path(dst).name))
+                        or real_replace(src, dst))
+
+    class Processor:
+        def save_pretrained(self, folder: str) -> None:
+            Path(folder).mkdir(parents=True)
+
+    FeatureStore(tmp_path / "features" / "s").prepare(cfg, Processor(), {}, "fp", overwrite=False)
+    assert (f".{CONFIG}.tmp-{owner_tag()}", CONFIG) in staged and owner_tag().startswith("node-1-")
+
+
 def test_processes_starting_a_new_store_at_once_agree_on_its_plan(tmp_path, monkeypatch):
     """Two processes both find no store and create it: the first plan stands. A process with
     another plan (other settings) stops before writing anything into the store; one with the
@@ -918,20 +1000,21 @@ def test_processes_starting_a_new_store_at_once_agree_on_its_plan(tmp_path, monk
 
 
 def test_another_machines_processor_and_plan_in_progress_are_left_alone(tmp_path, monkeypatch):
-    """The store may be shared over NFS: node-2's processor folder and plan, still being
+    """The store may be shared over NFS: node-2's processor folder, plan and config, still being
     written, survive this machine's clean-up even when a process of that pid has ended here;
     those of a writer killed on this machine go."""
-    from whisper_ft.features import PLAN, PROCESSOR_DIR, clean_partial
+    from whisper_ft.features import CONFIG, PLAN, PROCESSOR_DIR, clean_partial
 
     monkeypatch.setenv(HOST_ENV, "node-1")
     pid = dead_pid()
-    ours = [tmp_path / f".{PROCESSOR_DIR}.tmp-node-1-{pid}", tmp_path / f".{PLAN}.tmp-node-1-{pid}"]
-    theirs = [tmp_path / f".{PROCESSOR_DIR}.tmp-node-2-{pid}", tmp_path / f".{PLAN}.tmp-node-2-{pid}"]
-    for folder, plan in (ours, theirs):
+    ours = [tmp_path / f".{name}.tmp-node-1-{pid}" for name in (PROCESSOR_DIR, PLAN, CONFIG)]
+    theirs = [tmp_path / f".{name}.tmp-node-2-{pid}" for name in (PROCESSOR_DIR, PLAN, CONFIG)]
+    for folder, plan, config in (ours, theirs):
         folder.mkdir()
         plan.write_text("{")
+        config.write_text("features:")
     clean_partial(tmp_path, stale_seconds=300)
-    assert [p.exists() for p in ours + theirs] == [False, False, True, True]
+    assert [p.exists() for p in ours + theirs] == [False, False, False, True, True, True]
 
 
 def test_a_common_voice_release_of_another_language_than_model_language_is_pointed_out(tmp_path, cv_release):

@@ -687,9 +687,9 @@ def to_dict(cfg: Any) -> dict:
     return plain(cfg)
 
 
-def save_config(cfg: Config, path: str | Path) -> None:
-    """Write the resolved config as YAML (atomically)."""
-    write_atomic(path, yaml.safe_dump(to_dict(cfg), sort_keys=False, allow_unicode=True))
+def save_config(cfg: Config, path: str | Path, tag: str = "") -> None:
+    """Write the resolved config as YAML (atomically; `tag` names its temporary file: `write_atomic`)."""
+    write_atomic(path, yaml.safe_dump(to_dict(cfg), sort_keys=False, allow_unicode=True), tag)
 
 
 def stage1_only(key: str) -> bool:

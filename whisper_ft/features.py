@@ -57,6 +57,7 @@ FORMAT_VERSION = 3  # 2: the last frame that sees audio is always kept; 3: an ag
 READABLE_VERSIONS = (2, 3)  # a version-2 store lacks only the age column, which readers treat as optional
 MANIFEST = "manifest.json"
 PLAN = "plan.json"
+CONFIG = "config.yaml"
 PROCESSOR_DIR = "processor"
 STATS = "stats.json"
 STATS_KEYS = ("rows", "clips", "seconds", "by_source", "dropped")
@@ -307,15 +308,17 @@ def is_done(root: Path, shard: Shard) -> bool:
 
 def clean_partial(root: Path, stale_seconds: float) -> None:
     """Remove temporary shards whose writer no longer holds the shard's claim (killed, or taken
-    over); a shard in progress elsewhere, on this machine or another, is left alone. Likewise
-    the temporary processor folder and plan of a process on this machine that is gone."""
+    over); a shard in progress elsewhere, on this machine or another, is left alone, and so is
+    one whose claim cannot be read yet (being created) until that claim goes stale. Likewise
+    the temporary processor folder, plan and config of a process on this machine that is gone."""
     for split in SPLITS:
         for tmp in (root / split).glob(".shard-*.tmp-*"):
             name, writer = tmp.name[1:].split(".tmp-", 1)
             holder = read_holder(claim_file(root / split, name))
-            if holder is None or holder.tag != writer or holder.is_stale(stale_seconds):
+            if holder is None or holder.is_stale(stale_seconds) or (holder.token and holder.tag != writer):
                 shutil.rmtree(tmp, ignore_errors=True)
-    for tmp in [*root.glob(f".{PROCESSOR_DIR}.tmp-*"), *root.glob(f".{PLAN}.tmp-*")]:
+    for tmp in [*root.glob(f".{PROCESSOR_DIR}.tmp-*"), *root.glob(f".{PLAN}.tmp-*"),
+                *root.glob(f".{CONFIG}.tmp-*")]:
         if not gone_here(tmp.name.split(".tmp-", 1)[1]):
             continue  # a live writer's, or another machine's
         if tmp.is_dir():
@@ -882,8 +885,8 @@ class FeatureStore:
                     os.rename(tmp, final)
                 except OSError:  # another process of the same plan wrote it first
                     shutil.rmtree(tmp, ignore_errors=True)
-        if started or not (self.root / "config.yaml").is_file():
-            save_config(cfg, self.root / "config.yaml")
+        if started or not (self.root / CONFIG).is_file():
+            save_config(cfg, self.root / CONFIG, owner_tag())
 
     def remove(self, stale_seconds: float) -> None:
         """Delete the store (--overwrite); refused while a running process, here or on another
@@ -896,7 +899,10 @@ class FeatureStore:
             raise FeaturesError(f"--overwrite refused: {self.root} is still being written by {holders}; let them "
                                 "finish or stop them, then rerun")
         aside = self.root.with_name(f".{self.name}.removing-{owner_tag()}")
-        os.rename(self.root, aside)
+        try:
+            os.rename(self.root, aside)
+        except FileNotFoundError:  # another process removed it first
+            return
         shutil.rmtree(aside)
 
     def is_complete(self, fp: str) -> bool:
@@ -909,18 +915,25 @@ class FeatureStore:
         (--overwrite) after this one's `prepare`."""
         plan = self.root / PLAN
         if not plan.is_file() or read_plan(plan)["fingerprint"] != fp:
-            raise FeaturesError(f"{self.root} was removed or rebuilt by another process (--overwrite) while this one "
-                                "was starting: rerun")
+            raise removed_meanwhile(self.root)
+
+
+def removed_meanwhile(root: Path) -> FeaturesError:
+    return FeaturesError(f"{root} was removed or rebuilt by another process (--overwrite) while this one was "
+                         "starting: rerun")
 
 
 def read_plan(path: Path, patience: float = 5.0) -> dict:
     """A store's plan.json. Where the file system has no hard links, a plan is created and then
     written (`create_atomic`), so an empty one is waited for a moment; one that stays empty was
-    left by a process killed while starting the store."""
+    left by a process killed while starting the store. One gone since it was seen was removed by
+    another process's --overwrite (`removed_meanwhile`)."""
     deadline = time.monotonic() + patience
     while True:
         try:
             return json.loads(path.read_text())
+        except FileNotFoundError:
+            raise removed_meanwhile(path.parent) from None
         except ValueError:
             if time.monotonic() > deadline:
                 raise FeaturesError(f"{path} is empty or cut short: a process was killed while starting this store; "

@@ -15,14 +15,15 @@ FLUSH_FOLDERS = os.name != "nt"
 RENAME_ATTEMPTS = 3
 
 
-def write_atomic(path: str | Path, text: str) -> None:
+def write_atomic(path: str | Path, text: str, tag: str = "") -> None:
     """Write `text` (UTF-8) to a temporary name beside `path`, then rename it into place.
 
     The temporary name carries the process id, so concurrent writers never share one and a
-    killed writer's leftover can be told apart (`.<name>.tmp-<pid>`). The data reach the disk
+    killed writer's leftover can be told apart (`.<name>.tmp-<pid>`; `tag` instead, in a
+    folder that processes of several machines write: `staging_dir`). The data reach the disk
     before the rename, so that after a power loss the file is the old one or the new one.
     """
-    tmp = staging_dir(path)
+    tmp = staging_dir(path, tag)
     with open(tmp, "w", encoding="utf-8") as f:
         _write_to_disk(f, text)
     os.replace(tmp, path)
