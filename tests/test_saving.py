@@ -265,11 +265,31 @@ def test_writes_land_whole_where_a_folder_cannot_be_opened(tmp_path, monkeypatch
     assert (tmp_path / "plan.json").read_text() == "plan" and (tmp_path / "best" / "config.json").read_text() == "{}"
 
 
-def test_replacing_a_folder_leaves_only_the_new_one(tmp_path):
-    """Each new best/ moves the old one aside before its rename: the old copy is then removed, so a
-    run that improves fifty times does not keep fifty hidden copies of the model beside best/."""
+def swaps_in_one_step(folder: Path) -> bool:
+    """Whether `files.exchange` swaps two names here (Linux, and a file system that can)."""
     from whisper_ft import files
 
+    a, b = folder / ".probe-a", folder / ".probe-b"
+    a.mkdir()
+    b.mkdir()
+    try:
+        return files.exchange(a, b)
+    finally:
+        a.rmdir()
+        b.rmdir()
+
+
+@pytest.mark.parametrize("one_step", [True, False], ids=["exchanged", "moved-aside"])
+def test_replacing_a_folder_leaves_only_the_new_one(tmp_path, monkeypatch, one_step):
+    """Each new best/ replaces the old one, which is then removed, so a run that improves fifty
+    times does not keep fifty hidden copies of the model beside best/; the same where the two
+    cannot be swapped in one step and the old one is moved aside first."""
+    from whisper_ft import files
+
+    if one_step and not swaps_in_one_step(tmp_path):
+        pytest.skip("this system or file system cannot swap two names in one step (renameat2)")
+    if not one_step:
+        monkeypatch.setattr(files, "exchange", lambda a, b: False)
     for version in ("old", "new"):
         tmp = files.staging_dir(tmp_path / "best")
         tmp.mkdir()
@@ -306,6 +326,29 @@ def test_a_folder_another_process_renames_into_place_meanwhile_is_replaced_too(t
     files.replace_dir(tmp, final)
     assert raced and [p.name for p in tmp_path.iterdir()] == ["processor"]
     assert (final / "tokenizer.json").read_text() == "mine"
+
+
+def test_a_folder_being_replaced_is_there_at_every_moment(tmp_path, monkeypatch):
+    """The app picks the newest best/ of all runs: while training replaces a run's best/, that
+    name must not be missing for a moment, or the app would serve another run's model."""
+    import shutil
+
+    from whisper_ft import files
+
+    if not swaps_in_one_step(tmp_path):
+        pytest.skip("this system or file system cannot swap two names in one step (renameat2)")
+    final = tmp_path / "best"
+    seen = []
+    real_replace, real_rmtree = os.replace, shutil.rmtree
+    monkeypatch.setattr(os, "replace", lambda a, b: seen.append(final.is_dir()) or real_replace(a, b))
+    monkeypatch.setattr(shutil, "rmtree", lambda p, **kw: seen.append(final.is_dir()) or real_rmtree(p, **kw))
+    for version in ("old", "new"):
+        tmp = files.staging_dir(final)
+        tmp.mkdir()
+        (tmp / "config.json").write_text(version)
+        files.replace_dir(tmp, final)
+    assert seen[0] is False and all(seen[1:]) and len(seen) > 1  # missing only before the first one
+    assert (final / "config.json").read_text() == "new" and [p.name for p in tmp_path.iterdir()] == ["best"]
 
 
 def test_new_file_mode_follows_the_umask(tmp_path):

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
+import functools
 import os
 import shutil
+import sys
 from pathlib import Path
 
 # Windows opens no folder as a file, so a folder cannot be flushed there; NTFS journals its
@@ -13,6 +17,7 @@ FLUSH_FOLDERS = os.name != "nt"
 
 # how often `replace_dir` moves aside a folder that other processes keep putting in its place
 RENAME_ATTEMPTS = 3
+AT_FDCWD, RENAME_EXCHANGE = -100, 2  # renameat2's arguments: <fcntl.h>, <linux/fs.h>
 
 
 def write_atomic(path: str | Path, text: str, tag: str = "") -> None:
@@ -74,16 +79,20 @@ def staging_dir(final: str | Path, tag: str = "") -> Path:
 
 def replace_dir(tmp: str | Path, final: str | Path) -> None:
     """Rename the complete folder `tmp` to `final`, replacing an older `final`: a reader sees
-    the old folder or the new one (a directory cannot replace a non-empty one, so the old
-    one is moved aside first; so is one that another process renames into place meanwhile, and
-    the last to rename wins). Its files reach the disk before the rename: without that, a
-    power loss or a preempted machine can leave the new name on empty files, after the older
-    copies are gone."""
+    the old folder or the new one. A directory cannot replace a non-empty one, so the two are
+    swapped in one step where Linux can (`exchange`) and the old one removed; elsewhere the old
+    one is moved aside first, which leaves `final` missing for a moment. One that another
+    process renames into place meanwhile is replaced too: the last to rename wins. The files
+    reach the disk before the rename: without that, a power loss or a preempted machine can
+    leave the new name on empty files, after the older copies are gone."""
     tmp, final = Path(tmp), Path(final)
     fsync_tree(tmp)
     old = final.with_name(f".{final.name}.old-{os.getpid()}")
     for attempt in range(RENAME_ATTEMPTS):
         if final.exists():
+            if exchange(tmp, final):  # `tmp` now names the older folder
+                shutil.rmtree(tmp, ignore_errors=True)
+                break
             shutil.rmtree(old, ignore_errors=True)
             with contextlib.suppress(FileNotFoundError):  # another process moved it meanwhile
                 os.replace(final, old)
@@ -96,6 +105,36 @@ def replace_dir(tmp: str | Path, final: str | Path) -> None:
                 raise
     shutil.rmtree(old, ignore_errors=True)
     fsync_dir(final.parent)
+
+
+def exchange(a: str | Path, b: str | Path) -> bool:
+    """Swap the names `a` and `b` in one step (Linux's renameat2 with RENAME_EXCHANGE), so that
+    a reader of either name finds one of the two at every moment. False where the system or the
+    file system cannot (another OS, an old kernel or C library, some network file systems) or
+    `b` is gone: the caller then renames in two steps."""
+    renameat2 = _renameat2()
+    if renameat2 is None:
+        return False
+    if renameat2(AT_FDCWD, os.fsencode(a), AT_FDCWD, os.fsencode(b), RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOENT):
+        return False
+    raise OSError(err, os.strerror(err), str(a), None, str(b))
+
+
+@functools.cache
+def _renameat2():
+    """glibc's renameat2 (2.28 and later), or None."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+    return fn
 
 
 def new_file_mode() -> int:
