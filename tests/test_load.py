@@ -216,27 +216,37 @@ def report(mix, results, wall: float, before: dict, after: dict) -> None:
           f"child processes left {len(after['children'])}")
 
 
-def test_a_full_queue_answers_busy(tiny_model_dir, tmp_path, site):
-    """One worker held by a stream that trickles, one visitor waiting: the next is told to come back."""
-    cfg = load_config(None, ["app.allow_private_urls=true", "app.workers=1", "app.queue_size=1",
-                             "app.download_timeout_seconds=4"])
+def test_a_full_queue_answers_busy(tiny_model_dir, tmp_path, monkeypatch):
+    """One worker busy with a download, one visitor waiting: the next is told to come back.
+    The download is held until the busy answer has come, whatever the machine's load."""
+    from whisper_ft import youtube
+
+    cfg = load_config(None, ["app.workers=1", "app.queue_size=1"])
+    started, release = threading.Event(), threading.Event()
+
+    def held_download(url, *args, **kwargs):
+        started.set()
+        release.wait(120)
+        raise youtube.MediaError("the download did not finish")
+
+    monkeypatch.setattr(youtube, "download_audio", held_download)
     handlers = Handlers(load_transcriber(str(fast_model(tiny_model_dir, tmp_path / "m")), use_ctranslate2=False,
                                          beam_size=1), cfg, tmp_path / "out")
     demo = build_app(handlers, "tiny")
     demo.launch(server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True, quiet=True)
-    stuck = [f"{site.url}/stream/trickle.mp3", *OPTIONS]
-    seen = Server.requests().count("/stream/trickle.mp3")
+    video = ["https://www.youtube.com/watch?v=held", *OPTIONS]
     try:
         with ThreadPoolExecutor(2) as pool:
-            first = pool.submit(call_api, demo.local_url, "transcribe_url", stuck)
-            # yt-dlp asks twice, to extract and to download: the one worker is busy with it
-            wait_for(lambda: Server.requests().count("/stream/trickle.mp3") >= seen + 2)
-            second = pool.submit(call_api, demo.local_url, "transcribe_url", stuck)
+            first = pool.submit(call_api, demo.local_url, "transcribe_url", video)
+            assert started.wait(60), "the first request never reached the download"
+            second = pool.submit(call_api, demo.local_url, "transcribe_url", video)
             wait_for(lambda: queue_size(demo.local_url) == 1)
-            outcome, body = call_api(demo.local_url, "transcribe_url", stuck)
+            outcome, body = call_api(demo.local_url, "transcribe_url", video)
             assert outcome == "http 503" and "Queue is full" in body
-            assert [f.result()[0] for f in (first, second)] == ["error", "error"]  # both stopped at the deadline
+            release.set()
+            assert [f.result()[0] for f in (first, second)] == ["error", "error"]
     finally:
+        release.set()
         demo.close()
 
 

@@ -94,8 +94,8 @@ def test_the_child_translates_each_chunk_and_reports_failures(monkeypatch):
 def test_offline_gives_a_clear_error_at_once(refused_proxy):
     start = time.perf_counter()
     with pytest.raises(TranslationError, match="could not be reached"):
-        translate.translate("Hej världen.", "en", timeout=10)
-    assert time.perf_counter() - start < 5
+        translate.translate("Hej världen.", "en", timeout=30)
+    assert time.perf_counter() - start < 15  # not the timeout: a refused connection is known at once
 
 
 @pytest.fixture

@@ -109,7 +109,9 @@ def test_downloads_stop_at_the_size_limit(site, tmp_root, path):
     start = time.monotonic()
     with pytest.raises(MediaError, match=r"larger than 0.01 MB \(app.max_download_mb\)"):
         download_audio(f"{site.url}/{path}", Limits(3600, 0.01, 60, allow_private=True), 60)
-    assert time.monotonic() - start < 10
+    # well before the 60 s download deadline, which a cap that never stopped it would meet; not
+    # tighter: the download's own process takes seconds to start on a loaded machine
+    assert time.monotonic() - start < 45
     assert list(tmp_root.iterdir()) == []
 
 
