@@ -268,10 +268,33 @@ def test_a_resumed_trial_counts_its_earlier_checks_toward_the_pruning_warmup(tmp
     ({"method": "grid", "space": {"training.learning_rate": {"low": 1, "high": 2}}}, "space.training.learning_rate"),
     ({"method": "random", "space": {"training.learning_rate": [1]}}, "trials"),
     ({"method": "grid", "spaces": {}}, "unknown sweep key: spaces"),
+    ({"method": "grid", "space": {1: [2, 3]}}, "space: expected dotted config keys .*got 1"),
+    ({"method": "grid", "variants": {"a": {1: 2}}}, "variants.a: expected dotted config keys .*got 1"),
+    ({"method": "grid", "base": {2: 1}, "space": {"training.seed": [1]}}, "base: expected dotted config keys"),
+    ({"method": "grid", "space": {"training.lora": [{"enabled": True}]}},
+     r"space.training.lora: a mapping replaces every setting of its section.*training.lora.<key>"),
 ])
 def test_bad_sweep_files_name_the_key(tmp_path, spec, message):
     with pytest.raises(ConfigError, match=message):
         load_spec(write_spec(tmp_path, **spec))
+
+
+def test_nested_settings_in_base_and_variants_keep_the_others_of_their_section(tmp_path):
+    """base: {training: {weight_decay: 0.1}} is the dotted key training.weight_decay: the trials
+    keep every other training setting of config.yaml and of --set."""
+    from whisper_ft.sweep import check_trials
+
+    overrides = [f"training.output_dir={tmp_path / 'ck'}", "training.gradient_accumulation_steps=2",
+                 "training.eval_subset=50", "training.lora.rank=8"]
+    spec = load_spec(write_spec(tmp_path, method="grid", budget_samples=64, base={"training": {"weight_decay": 0.1}},
+                                variants={"a": {"training": {"dropout": 0.1}}, "b": {"training.lora": {"alpha": 4}}},
+                                space={"training.learning_rate": [1.0e-5]}))
+    trials = {p["variant"]: cfg.training for p, cfg in check_trials(
+        spec, load_config(ROOT / "config.yaml", overrides), str(ROOT / "config.yaml"), overrides)}
+    for name, t in trials.items():
+        assert (t.gradient_accumulation_steps, t.eval_subset, t.weight_decay, t.lora.rank) == (2, 50, 0.1, 8), name
+        assert t.max_steps == 64 // (t.batch_size * 2)
+    assert (trials["a"].dropout, trials["b"].dropout, trials["b"].lora.alpha) == (0.1, 0.0, 4)
 
 
 def test_real_grid_on_the_tiny_model_writes_comparable_trials(tmp_path, features_dir, tiny_model_dir):

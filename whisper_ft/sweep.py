@@ -81,6 +81,12 @@ def load_spec(path: str | Path) -> SweepSpec:
     for key in ("base", "space", "variants"):
         if not isinstance(raw.get(key, {}), dict):
             raise ConfigError(f"{path}: {key}: expected a mapping of config keys")
+    for where, mapping in [("base", raw.get("base", {})), ("space", raw.get("space", {})),
+                           *((f"variants.{name}", v) for name, v in raw.get("variants", {}).items()
+                             if isinstance(v, dict))]:
+        bad = next((k for k in mapping if not isinstance(k, str)), None)
+        if bad is not None:
+            raise ConfigError(f"{path}: {where}: expected dotted config keys (training.learning_rate), got {bad!r}")
     if not isinstance(raw.get("prune", True), bool):
         raise ConfigError(f"{path}: prune: expected true or false, got {raw['prune']!r}")
     spec = SweepSpec(**{"name": path.stem, **raw})
@@ -112,6 +118,9 @@ def _space_values(values, method: str, where: str) -> list | dict:
     if isinstance(values, list):
         if not values:
             raise ConfigError(f"{where}: expected at least one value, got []")
+        if any(isinstance(value, dict) for value in values):  # it would replace the whole section
+            raise ConfigError(f"{where}: a mapping replaces every setting of its section; search its keys one "
+                              f"by one ({where.rsplit(': ', 1)[-1].removeprefix('space.')}.<key>)")
         for i, value in enumerate(values):  # a repeat looks already run: run_sweep found no point left
             if method == "grid" and value in values[:i]:
                 raise ConfigError(f"{where}: {value!r} repeats an earlier value; a grid runs each value once")
@@ -326,7 +335,9 @@ def trial_config(base: Config, spec: SweepSpec, params: dict, folder: Path, numb
     the sweep `base`, the trial's variant, its other params, its folder, the sweep's metric as
     what picks best/, and the equal budget."""
     variant = spec.variants.get(params.get(VARIANT), {})
-    values = [*spec.base.items(), *variant.items(), *((k, v) for k, v in params.items() if k != VARIANT),
+    # key by key: a nested mapping (base: {training: {weight_decay: 0.1}}) set as one value would
+    # replace its whole section, the command line's and config.yaml's other settings in it too
+    values = [*flat(spec.base).items(), *flat(variant).items(), *((k, v) for k, v in params.items() if k != VARIANT),
               ("training.output_dir", str(folder)), ("training.run_name", trial_dir(folder, number).name),
               (SELECT_KEY, spec.metric)]
     cfg = load_config(config_path, overrides, values)
