@@ -301,6 +301,26 @@ def test_push_only_uploads_best_with_the_card_and_updates_in_place(tmp_path, fak
     assert {op.path_in_repo for op in fake_hub.commits[1]} == set(added)
 
 
+def test_a_push_publishes_no_local_path_of_the_base_model(tmp_path, fake_hub):
+    """Trained from a local folder: the public card names it by the folder's own name and the
+    published best.json has no base model, neither says where it lies on this machine."""
+    from huggingface_hub import CommitOperationAdd
+
+    base = tmp_path / "home" / "alice" / "models" / "whisper-small"
+    base.mkdir(parents=True)
+    run = make_run(tmp_path)
+    cfg = run_config(tmp_path, f"model.name_or_path={base}")
+    save_config(cfg, run / "config.yaml")
+    (run / "best" / "README.md").write_text(report.model_card(SUMMARY, to_dict(cfg), MANIFEST))
+    (run / "best" / "best.json").write_text(json.dumps({"step": 3000, "base_model": str(base), "language": "sv"}))
+    hub.push(run, REPO)
+    added = {op.path_in_repo: op.path_or_fileobj for op in fake_hub.commits[0] if isinstance(op, CommitOperationAdd)}
+    card, info = added["README.md"].decode(), json.loads(added["best.json"])
+    assert "A local Whisper model (`whisper-small`) fine-tuned" in card and "alice" not in card
+    assert info == {"step": 3000, "base_model": None, "language": "sv"}
+    assert json.loads((run / "best" / "best.json").read_text())["base_model"] == str(base)  # kept at home
+
+
 def test_a_run_whose_best_has_no_weights_is_not_pushed(tmp_path, fake_hub):
     """best/ with its card and config but no *.safetensors (a copy cut short, weights deleted to save
     space) would publish a model repository that nobody can load: the push refuses it, naming what

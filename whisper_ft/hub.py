@@ -25,7 +25,7 @@ from pathlib import Path
 import yaml
 
 from whisper_ft import report
-from whisper_ft.checkpoints import BEST_DIR
+from whisper_ft.checkpoints import BEST_DIR, BEST_INFO
 from whisper_ft.errors import UserError, first_line
 
 log = logging.getLogger(__name__)
@@ -85,6 +85,15 @@ def push_files(best: str | Path) -> dict[str, Path]:
         if path.is_file() and not leftover and parts != ("README.md",):
             files["/".join(parts)] = path
     return files
+
+
+def public_best_info(path: Path) -> bytes:
+    """best.json as published: the base model by its Hub id, or null for a local folder, whose
+    path would publish the machine's user and folders."""
+    info = json.loads(path.read_text(encoding="utf-8"))
+    if isinstance(info, dict) and "base_model" in info:
+        info["base_model"] = report._hub_id(str(info["base_model"]))
+    return json.dumps(info, indent=1).encode("utf-8")
 
 
 def readme(run: FinishedRun, repo_id: str) -> str:
@@ -184,7 +193,8 @@ def push(run_dir: str | Path, repo_id: str, private: bool = False, hub_token: st
             api.update_repo_settings(repo_id, private=True)
         stale = set(api.list_repo_files(repo_id)) - set(files) - set(KEPT_REMOTE)
         operations = [CommitOperationAdd("README.md", card.encode("utf-8")),
-                      *(CommitOperationAdd(name, str(path)) for name, path in files.items()),
+                      *(CommitOperationAdd(name, public_best_info(path) if name == BEST_INFO else str(path))
+                        for name, path in files.items()),
                       *(CommitOperationDelete(name) for name in sorted(stale))]
         api.create_commit(repo_id, operations, commit_message=commit_message(run))
     return str(url)

@@ -123,7 +123,7 @@ def model_card(summary: dict, config: dict, manifest: dict) -> str:
 
 # {t['run_name']}
 
-{m['name_or_path']} fine-tuned for {m['task']} in language `{m['language']}` with `training_pipeline.py`.
+{public_model_name(m['name_or_path'])} fine-tuned for {m['task']} in language `{m['language']}` with `training_pipeline.py`.
 The generation config forces language `{m['language']}` and task `{m['task']}`.
 
 ## Results
@@ -264,6 +264,12 @@ def _dataset(source: dict) -> tuple[str | None, str]:
         return None, f"synthetic speech in Common Voice format ({source['name']})"
     release = re.search(r"cv-corpus-(\d+(?:\.\d+)?)", where)
     return "common_voice", "Common Voice" + (f" {release.group(1)}" if release else "") + f" ({source['name']})"
+
+
+def public_model_name(name: str) -> str:
+    """How a card names the base model: its Hub id, or a local folder by its own name only; its
+    path would publish the machine's user and folders."""
+    return _hub_id(name) or f"A local Whisper model (`{Path(name).name}`)"
 
 
 def _hub_id(name: str) -> str | None:
