@@ -1177,6 +1177,26 @@ def test_read_events_drops_the_steps_a_resume_abandoned(tmp_path):
     assert [e["step"] for e in got if e["event"] == "start"] == [0, 6]
 
 
+def test_read_events_drops_the_final_phase_of_a_run_resumed_to_train_further(tmp_path):
+    """Finished at step 4 (best/ the step-4 check, its test score, an average that lost), then
+    rerun with more steps: its final phase is done again for the best/ it then has, and the
+    earlier one's test score and average describe a model that is no longer shipped."""
+    first = [{"event": "start", "step": 0}, {"event": "eval", "step": 0, "split": "test", "purpose": "report"},
+             *({"event": "eval", "step": s, "split": "validation", "purpose": "selection", "wer": w}
+               for s, w in ((2, 0.8), (4, 0.7))),
+             {"event": "average", "step": 4, "split": "validation", "wer": 0.75, "averaged_steps": [2, 4]},
+             {"event": "eval", "step": 4, "split": "test", "purpose": "report", "wer": 0.7, "final": True}]
+    second = [{"event": "start", "step": 4, "resumed_from": "checkpoint-4"},
+              {"event": "eval", "step": 6, "split": "validation", "purpose": "selection", "wer": 0.5},
+              {"event": "eval", "step": 6, "split": "test", "purpose": "report", "wer": 0.6, "final": True}]
+    for e in first + second:
+        checkpoints.append_event(tmp_path, e)
+    got = checkpoints.read_events(tmp_path)
+    assert [(e["step"], e.get("wer")) for e in got if e.get("split") == "test"] == [(0, None), (6, 0.6)]
+    assert not [e for e in got if e["event"] == "average"]
+    assert [e["step"] for e in checkpoints.selection_checks(got)] == [2, 4, 6]
+
+
 def test_freeze_encoder_and_lora(tiny_model_dir, features_dir):
     from whisper_ft.model import load_processor
     from whisper_ft.train import prepare_model

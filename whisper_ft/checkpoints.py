@@ -194,8 +194,10 @@ def read_events(run_dir: str | Path) -> list[dict]:
     """Events of metrics.jsonl, describing one trajectory: a `start` at step k (a resume from
     checkpoint-k, or a start from scratch) drops the events logged before it past step k, which
     belong to the abandoned steps (a resume with another check or logging cadence would not
-    repeat them all), and for a repeated (event, split, purpose, step) only the last one is kept.
-    A line cut short by a killed process is skipped with a warning."""
+    repeat them all), and the final phase's (the test score of best/, the checkpoint average),
+    which the run does again at its end, for a best/ that may then be another; for a repeated
+    (event, split, purpose, step) only the last one is kept. A line cut short by a killed
+    process is skipped with a warning."""
     path = Path(run_dir) / METRICS_LOG
     if not path.is_file():
         return []
@@ -210,7 +212,8 @@ def read_events(run_dir: str | Path) -> list[dict]:
             unreadable += 1
             continue
         if e.get("event") == "start":
-            latest = {key: v for key, v in latest.items() if (v.get("step") or 0) <= (e.get("step") or 0)}
+            latest = {key: v for key, v in latest.items() if (v.get("step") or 0) <= (e.get("step") or 0)
+                      and not v.get("final") and v.get("event") != "average"}
         latest[(e.get("event"), e.get("split"), e.get("purpose"), e.get("step"), e.get("final", False))] = e
     if unreadable:
         log.warning("%s: skipped %d line(s) cut short by a process killed while writing", path, unreadable)
