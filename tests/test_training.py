@@ -364,6 +364,49 @@ def test_a_signal_at_a_check_step_saves_before_the_check(tmp_path, features_dir,
     assert [s for s, _ in checkpoints.checkpoints(run_dir)] == [2] and checkpoints.read_best(run_dir)["step"] == 2
 
 
+@pytest.mark.parametrize("killed_in_export", [True, False], ids=["killed-writing-best", "stopped-cleanly"])
+def test_a_better_check_after_a_signal_at_its_step_stays_best_on_resume(tmp_path, features_dir, tiny_model_dir,
+                                                                       monkeypatch, killed_in_export):
+    """SIGTERM during the step of a best check: its checkpoint is saved before the check, with the
+    Trainer's state of before it. Killed while it writes that check's best/, the rerun exports
+    it from there; either way rotation keeps its checkpoint, not the older best's."""
+    from transformers import TrainerCallback
+
+    from whisper_ft import train
+    from whisper_ft import trainer as whisper_trainer
+    from whisper_ft.errors import Stopped
+
+    scores = iter([0.9, 0.5, 0.95, 0.96, 0.97, 0.98, 0.99])  # checks at 2, 4 (best), 6, 8, 10; test
+    monkeypatch.setattr(train, "compute_metrics", lambda tokenizer, pred: {
+        "wer": (w := next(scores)), "wer_normalized": w / 2, "cer": w / 4, "clips": len(pred.label_ids)})
+
+    class TermDuringStep4(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            if state.global_step == 3:
+                signal.raise_signal(signal.SIGTERM)
+
+    real_export = checkpoints.export_best
+
+    def killed_writing(model, processor, run_dir, info):
+        if info["step"] == 4:
+            raise KeyboardInterrupt  # a second Ctrl-C, or the end of the grace period
+        return real_export(model, processor, run_dir, info)
+
+    sets = overrides(features_dir, tiny_model_dir, tmp_path, max_steps=10, eval_steps=2, save_steps=2,
+                     save_total_limit=2, eval_before_training="false", export_ctranslate2="false")
+    run_dir = tmp_path / "tiny"
+    with monkeypatch.context() as m:
+        if killed_in_export:
+            m.setattr(whisper_trainer.checkpoints, "export_best", killed_writing)
+        with pytest.raises(KeyboardInterrupt if killed_in_export else Stopped):
+            train.run_training(load_config(ROOT / "config.yaml", sets), callbacks=[TermDuringStep4()])
+    assert checkpoints.read_best(run_dir)["step"] == (2 if killed_in_export else 4)
+    summary = train.run_training(load_config(ROOT / "config.yaml", sets))
+    assert (summary["best_step"], summary["best_wer"]) == (4, 0.5)
+    assert checkpoints.read_best(run_dir)["step"] == 4
+    assert [s for s, _ in checkpoints.checkpoints(run_dir)] == [4, 10]
+
+
 def test_no_data_loading_workers_outlive_their_pass_into_the_final_phase(tmp_path, features_dir, tiny_model_dir,
                                                                          monkeypatch):
     """The training Trainer kept its persistent workers (for training and for the checks) through

@@ -327,7 +327,9 @@ def rewind(cfg: Config, run_dir: Path, step: int, meta: dict, processor) -> None
     by the best check up to `step` (from its weights in averaging/ or its checkpoint), or,
     where those are gone, removed: the next check that scores is exported. A `best/` deleted
     or damaged by hand (no readable best.json) after checks is exported again the same way:
-    else the next check would be exported as best, however it scored."""
+    else the next check would be exported as best, however it scored. So is a better check
+    up to `step` than the one `best/` holds: a run stopped by a signal at a check step saves
+    its checkpoint, then checks, and may be killed while it writes that check's `best/`."""
     folder = run_dir / averaging.FOLDER
     index = averaging.read_index(folder)
     if gone := [s for s in index if s > step]:
@@ -335,25 +337,40 @@ def rewind(cfg: Config, run_dir: Path, step: int, meta: dict, processor) -> None
             averaging.weights_path(folder, s).unlink(missing_ok=True)
         averaging.write_index(folder, {s: v for s, v in index.items() if s <= step}, averaging.kept_mode(folder))
     best = checkpoints.read_best(run_dir)
-    if best is not None and (best.get("step") or 0) <= step:
-        return
     metric = cfg.training.select_metric
-    checks = [e for e in checkpoints.selection_checks(checkpoints.read_events(run_dir))
-              if 0 < e.get("step", 0) <= step and e.get(metric) is not None and math.isfinite(e[metric])]
-    single = min(checks, key=lambda e: e[metric], default={})  # the earliest of equals, as during training
-    if best is None and not single:
-        return  # no check yet: the first one exports best/
-    held = (f"best/ held the model of the check at step {best['step']}, after checkpoint-{step} where this run "
-            "resumes" if best is not None else f"best/ is missing or has no readable {checkpoints.BEST_INFO}")
-    source = single_check_source(run_dir, single["step"]) if single else None
-    if source is None:
-        shutil.rmtree(run_dir / checkpoints.BEST_DIR, ignore_errors=True)
-        log.warning("%s; %s: the next check exports best/", held,
-                    f"the weights of the best check before (step {single['step']}) are gone" if single else
-                    "no check before it")
-        return
+    single = best_logged_check(run_dir, step, metric)
+    if best is not None and (best.get("step") or 0) <= step:
+        if not (single and single["step"] != best.get("step") and best.get(metric) is not None
+                and single[metric] < best[metric]):
+            return
+        held = (f"best/ held the check at step {best['step']}, not the better one logged at step {single['step']} "
+                "(stopped while writing best/)")
+        source = single_check_source(run_dir, single["step"])
+        if source is None:
+            log.warning("%s, whose weights are gone: best/ stays as it is", held)
+            return
+    else:
+        if best is None and not single:
+            return  # no check yet: the first one exports best/
+        held = (f"best/ held the model of the check at step {best['step']}, after checkpoint-{step} where this "
+                "run resumes" if best is not None else f"best/ is missing or has no readable {checkpoints.BEST_INFO}")
+        source = single_check_source(run_dir, single["step"]) if single else None
+        if source is None:
+            shutil.rmtree(run_dir / checkpoints.BEST_DIR, ignore_errors=True)
+            log.warning("%s; %s: the next check exports best/", held,
+                        f"the weights of the best check before (step {single['step']}) are gone" if single else
+                        "no check before it")
+            return
     export_single_check(cfg, run_dir, meta, single, source, processor)
     log.info("%s: exported the best check up to there (step %d, from %s) as best/", held, single["step"], source)
+
+
+def best_logged_check(run_dir: Path, step: int, metric: str) -> dict:
+    """The periodic check after step 0 and up to `step` in metrics.jsonl with the lowest
+    `metric` (training.select_metric), the earliest of equals as during training; {} before any."""
+    checks = [e for e in checkpoints.selection_checks(checkpoints.read_events(run_dir))
+              if 0 < e.get("step", 0) <= step and e.get(metric) is not None and math.isfinite(e[metric])]
+    return min(checks, key=lambda e: e[metric], default={})
 
 
 def export_single_check(cfg: Config, run_dir: Path, meta: dict, single: dict, source: Path, processor) -> None:
