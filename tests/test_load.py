@@ -250,6 +250,34 @@ def test_a_full_queue_answers_busy(tiny_model_dir, tmp_path, monkeypatch):
         demo.close()
 
 
+def test_no_request_goes_past_the_queue(tiny_model_dir, tmp_path, monkeypatch):
+    """Gradio's /run/ and /api/ routes answer a request at once, outside the queue: a visitor
+    could start any number of downloads past app.workers and app.queue_size. They are closed;
+    the queued API (/call/, the page's own) answers."""
+    import httpx
+
+    from whisper_ft import youtube
+
+    def no_download(url, *args, **kwargs):
+        raise youtube.MediaError("no such video")
+
+    monkeypatch.setattr(youtube, "download_audio", no_download)
+    cfg = load_config(None, ["app.workers=1", "app.queue_size=1"])
+    handlers = Handlers(load_transcriber(str(fast_model(tiny_model_dir, tmp_path / "m")), use_ctranslate2=False,
+                                         beam_size=1), cfg, tmp_path / "out")
+    demo = build_app(handlers, "tiny")
+    demo.launch(server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True, quiet=True)
+    video = ["https://www.youtube.com/watch?v=x", *OPTIONS]
+    try:
+        for route in ("run", "api"):
+            response = httpx.post(f"{demo.local_url.rstrip('/')}/gradio_api/{route}/transcribe_url",
+                                  json={"data": video}, timeout=60)
+            assert response.status_code == 404, (route, response.status_code, response.text[:200])
+        assert call_api(demo.local_url, "transcribe_url", video) == ("error", "no such video")
+    finally:
+        demo.close()
+
+
 def queue_size(root: str) -> int:
     import httpx
 

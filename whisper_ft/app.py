@@ -326,7 +326,9 @@ def build_app(handlers: Handlers, model_name: str, notice: str = "") -> gr.Block
         mic_button.click(handlers.from_microphone, [mic, *options], outputs, api_name="transcribe_microphone", **shared)
         file_button.click(handlers.from_file, [upload, *options], outputs, api_name="transcribe_file", **shared)
         url_button.click(handlers.from_url, [url, *options], outputs, api_name="transcribe_url", **shared)
-    demo.queue(max_size=cfg.queue_size)  # a full queue answers "busy, try again"
+    # a full queue answers "busy, try again"; without api_open=False, Gradio's /run/ route would
+    # run a request at once, past the queue and app.workers (it is closed on Spaces only)
+    demo.queue(max_size=cfg.queue_size, api_open=False)
     return demo
 
 
