@@ -55,7 +55,8 @@ def speech_media(root: Path) -> Path:
 class Server:
     """`python -m http.server` in a thread, bound to 127.0.0.1, serving `root`, plus three MP3 streams
     that abuse a downloader: /stream/endless.mp3 (no length, never ends), /stream/trickle.mp3 (a byte
-    every 0.2 s, never ends) and /stream/huge.mp3 (announces 10 GB)."""
+    every 0.2 s, never ends) and /stream/huge.mp3 (announces 10 GB); and a web page that is a gzip
+    bomb, /page/bomb.html."""
 
     def __init__(self, root: Path):
         handler = functools.partial(_QuietHandler, directory=str(root))
@@ -84,6 +85,8 @@ class _QuietHandler(http.server.SimpleHTTPRequestHandler):
         _QuietHandler.requests.append(self.path)
 
     def do_GET(self):
+        if self.path == "/page/bomb.html":
+            return self.gzip_bomb()
         stream = STREAMS.get(self.path)
         if stream is None:
             return super().do_GET()
@@ -99,6 +102,30 @@ class _QuietHandler(http.server.SimpleHTTPRequestHandler):
                 time.sleep(pause)
         except OSError:
             self.close_connection = True
+
+
+    def gzip_bomb(self):
+        """A web page of a few hundred kB on the wire and BOMB_MB megabytes once decompressed."""
+        body = _bomb()
+        self.send_response(200)
+        self.send_header("Content-Type", "text/html")
+        self.send_header("Content-Encoding", "gzip")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        try:
+            self.wfile.write(body)
+        except OSError:
+            self.close_connection = True
+
+
+BOMB_MB = 600
+
+
+@functools.cache
+def _bomb() -> bytes:
+    import gzip
+
+    return gzip.compress(b"<html><body>" + b" " * (BOMB_MB << 20), compresslevel=1)
 
 
 STREAMS = {  # path: (block written, pause after each block in seconds, announced length)

@@ -115,6 +115,19 @@ def test_downloads_stop_at_the_size_limit(site, tmp_root, path):
     assert list(tmp_root.iterdir()) == []
 
 
+def test_a_web_page_too_large_to_read_is_refused_within_the_download_memory(site, tmp_root, monkeypatch):
+    """yt-dlp reads a web page whole, decompressed, before it looks for media in it: a gzip bomb
+    (a few MB on the wire, BOMB_MB once read) stops at the download process's memory limit with
+    one message, instead of taking the server's memory."""
+    from app_helpers import BOMB_MB
+
+    monkeypatch.setattr(youtube, "MEMORY_BYTES", 300 << 20)  # the request carries it to the download process
+    assert BOMB_MB << 20 > youtube.MEMORY_BYTES
+    with pytest.raises(MediaError, match=r"bomb.html needs more than 300 MB of memory to read"):
+        download_audio(f"{site.url}/page/bomb.html", Limits(3600, 50, 60, allow_private=True), 60)
+    assert list(tmp_root.iterdir()) == []
+
+
 def test_a_size_the_server_announces_stops_the_download_at_once():
     """A server that announces 10 GB is refused on its first progress report, before the cap's
     worth has arrived; without an announced size, the bytes that arrived count."""
@@ -233,7 +246,8 @@ def test_the_yt_dlp_process_guards_its_connections_unless_private_hosts_are_allo
     Here the URL checks are switched off in the child, so that only the guard stands in the way."""
     code = ("import json, sys; from whisper_ft import urls, youtube; urls.check_url = lambda url, *a: url; "
             "print(json.dumps(youtube.fetch({'url': sys.argv[1], 'out_dir': sys.argv[2], 'cookies_file': '', "
-            "'max_seconds': 3600, 'max_mb': 50, 'download_seconds': 60, 'allow_private': sys.argv[3] == 'yes'})))")
+            "'max_seconds': 3600, 'max_mb': 50, 'download_seconds': 60, 'allow_private': sys.argv[3] == 'yes', "
+            "'memory_bytes': youtube.MEMORY_BYTES})))")
 
     def fetch(allow_private: str, out_dir) -> dict:
         out_dir.mkdir()

@@ -32,6 +32,7 @@ from whisper_ft.errors import first_line
 log = logging.getLogger(__name__)
 
 SOCKET_TIMEOUT = 20.0  # seconds per network read
+MEMORY_BYTES = 1 << 30  # the download process's heap (`limit_memory`): yt-dlp itself takes about 100 MB
 # Formats yt-dlp downloads by itself (HTTP, HLS): the others (RTMP, ...) would need ffmpeg.
 FORMAT = "bestaudio[protocol^=http]/bestaudio[protocol^=m3u8]/best[protocol^=http]/best[protocol^=m3u8]"
 
@@ -96,7 +97,8 @@ def download_audio(url: str, limits: Limits, timeout: float, cookies_file: str =
         if cookies_file:
             (Path(tmp) / "cookies").mkdir()
         cookies = str(shutil.copy(cookies_file, Path(tmp) / "cookies" / "cookies.txt")) if cookies_file else ""
-        reply = _run_download({"url": url, "out_dir": tmp, "cookies_file": cookies, **asdict(limits)}, seconds, key)
+        reply = _run_download({"url": url, "out_dir": tmp, "cookies_file": cookies, "memory_bytes": MEMORY_BYTES,
+                               **asdict(limits)}, seconds, key)
         try:
             wave = load_audio(reply["path"], max_seconds=limits.max_seconds,
                               timeout=max(deadline - time.monotonic(), 0.01))
@@ -206,7 +208,9 @@ def _options(request: dict) -> dict:
 def fetch(request: dict) -> dict:
     """The child's job: download the audio of request["url"] into request["out_dir"] with yt-dlp.
     Returns {"path", "title"} or {"error": message for the user}. Guards this process's connections
-    unless private hosts are allowed, so it runs only in a child process of its own."""
+    unless private hosts are allowed, and bounds its memory (`limit_memory`), so it runs only in a
+    child process of its own."""
+    limit_memory(request["memory_bytes"])
     sys.modules["curl_cffi"] = None  # yt-dlp's handler for it would connect from C, out of the guard's sight
     import yt_dlp
 
@@ -221,6 +225,9 @@ def fetch(request: dict) -> dict:
             ydl.process_ie_result(info, download=True)
     except (MediaError, urls.URLRefused) as e:
         return {"error": str(e)}
+    except MemoryError:
+        return {"error": f"{url[:200]} needs more than {request['memory_bytes'] >> 20} MB of memory to read; "
+                         "paste the URL of a video page"}
     except yt_dlp.utils.DownloadError as e:
         reason = guard.refused[-1] if guard and guard.refused else _clean(e)
         return {"error": f"could not get audio from {url[:200]}: {reason}"}
@@ -228,6 +235,19 @@ def fetch(request: dict) -> dict:
     if not files:
         return {"error": f"nothing was downloaded from {url[:200]}"}
     return {"path": str(max(files, key=lambda p: p.stat().st_size)), "title": str(info.get("title") or url)}
+
+
+def limit_memory(nbytes: int) -> None:
+    """Bound this process's memory (its heap and private mappings, RLIMIT_DATA) to `nbytes`: yt-dlp
+    reads a web page whole, decompressed, before it finds the media in it, and a huge, endless
+    or gzip-bombed page would otherwise take the server's memory. Where the system has no such
+    limit (Windows), nothing."""
+    try:
+        import resource
+    except ImportError:
+        return
+    _, hard = resource.getrlimit(resource.RLIMIT_DATA)
+    resource.setrlimit(resource.RLIMIT_DATA, (nbytes if hard == resource.RLIM_INFINITY else min(nbytes, hard), hard))
 
 
 def _clean(e: Exception) -> str:
