@@ -203,6 +203,7 @@ class HostHotspots(TrainerCallback):
         self.start, self.stop = start, stop
         self.prof = None
         self.result: list[str] = []
+        self.calls_per_step = 0.0  # Python calls, of every function: the same from run to run, unlike times
         self.evaluation: list[str] = []
 
     def on_step_end(self, args, state, control, **kwargs):
@@ -211,6 +212,7 @@ class HostHotspots(TrainerCallback):
         if state.global_step == self.stop and self.prof is not None:
             self.prof.disable()
             self.result = hotspots(self.prof, self.stop - self.start)
+            self.calls_per_step = calls_per_step(self.prof, self.stop - self.start)
             self.prof = None
         if state.global_step in (self.start, state.max_steps) and self.prof is None:
             self.prof = cProfile.Profile()
@@ -221,6 +223,13 @@ class HostHotspots(TrainerCallback):
             self.prof.disable()
             self.evaluation = hotspots(self.prof, 1)
             self.prof = None
+
+
+def calls_per_step(prof, steps: int) -> float:
+    """The Python calls (of functions, and of the C functions they call) that `prof` counted, per step."""
+    import pstats
+
+    return sum(calls for calls, *_ in pstats.Stats(prof).stats.values()) / steps
 
 
 def hotspots(prof, steps: int, n: int = 15) -> list[str]:
@@ -472,7 +481,8 @@ def run_pipeline(model_dir: Path, data_dir: Path, store: str, work: Path, args) 
             **({"profile": profiler.result} if profiler else {}),
             **({"same_process": {"loop_ms": 1000 * (timer.end - timer.start) / (timer.stop - timer.skip),
                                  **same.result}} if same and same.result else {}),
-            **({"host_hotspots": spots.result, "eval_hotspots": spots.evaluation} if spots else {}),
+            **({"host_hotspots": spots.result, "host_calls_per_step": spots.calls_per_step,
+                "eval_hotspots": spots.evaluation} if spots else {}),
             "settings": {k: v for k, v in vars(cfg.training).items() if isinstance(v, (int, float, str, bool))}}
 
 

@@ -79,7 +79,8 @@ def main(argv: list[str]) -> int:
         result = _quiet(path) or {}
         prof = result.get("profile")
         if result.get("host_hotspots"):
-            print(f"{path.stem}, the host's hot spots per step: " + "; ".join(result["host_hotspots"][:6]))
+            calls = f" ({result['host_calls_per_step']:.0f} Python calls)" if result.get("host_calls_per_step") else ""
+            print(f"{path.stem}, the host's hot spots per step{calls}: " + "; ".join(result["host_hotspots"][:6]))
         if result.get("eval_hotspots"):
             print(f"{path.stem}, the host's hot spots in the check after the last step: "
                   + "; ".join(result["eval_hotspots"][:6]))

@@ -151,6 +151,8 @@ def test_end_to_end_benchmark_times_and_profiles_the_real_command(tmp_path, caps
     assert len(spots) == 15 and any("run_backward" in s for s in spots)
     own = [float(s.split(" ms ")[0]) for s in spots]
     assert own == sorted(own, reverse=True) and own[0] > 0
+    listed = sum(int(s.split(" ms ")[1].split("x ")[0]) for s in spots)  # the hot spots' own calls per step
+    assert out["host_calls_per_step"] > listed
     # and over the check after the last step
     assert any("GreedyDecoder" in s or "decoding.py" in s for s in out["eval_hotspots"])
     # the Trainer's step alone and the bare loop's, on the run's model, after the timed window
@@ -207,6 +209,7 @@ def test_gpu_report_prints_every_result_of_a_run(tmp_path, capsys):
                       "between_steps_ms": 0.4, "host_syncs_per_step": 0.05,
                       "host_sync_sites": ["trainer.py:2249 x1"]}
     e2e["host_hotspots"] = [f"{9 - i}.00 ms 1x f{i}" for i in range(8)]
+    e2e["host_calls_per_step"] = 35150.0
     e2e["eval_hotspots"] = ["900.00 ms 1x g"]
     e2e["same_process"] = {"loop_ms": 115.9, "at_step": 164, "steps": 12, "trainer_step_loader_ms": 101.0,
                            "trainer_step_ms": 80.25,
@@ -229,7 +232,7 @@ def test_gpu_report_prints_every_result_of_a_run(tmp_path, capsys):
     assert "394.3 (423.1 at batch 128)" in out
     assert "GPU busy 95% (57.0 ms of kernels); host ms per step: forward+backward 50.0, optimizer 1.5" in out
     assert "GPU busy 95%" in out and "waits for the GPU: 0.05 per step (trainer.py:2249 x1)" in out
-    assert "e2e-pipeline, the host's hot spots per step: 9.00 ms 1x f0; 8.00 ms 1x f1; " in out
+    assert "e2e-pipeline, the host's hot spots per step (35150 Python calls): 9.00 ms 1x f0; 8.00 ms 1x f1; " in out
     assert "4.00 ms 1x f5" in out and "f6" not in out
     assert ("e2e-pipeline, ms per step in the same process after step 164: the Trainer's loop 115.9; its step on "
             "a new data loader 101.0; on batches collated ahead 80.2; the bare loop's step on them 72.0; the same, "
