@@ -187,6 +187,19 @@ def test_labels_carry_prefix_and_orthographic_text(messy_stores, messy_release):
     assert by_id[f"train/{first['path']}"]["sentence"] == first["sentence"]  # case and punctuation kept
 
 
+def test_a_sentence_that_spells_a_special_token_is_labelled_as_written():
+    """"<|en|>" in a sentence is text: read as Whisper's language token it would vanish from the
+    label, and the model would be scored against another sentence than the clip's."""
+    from transformers import WhisperTokenizer
+
+    from whisper_ft.features import label_ids
+
+    tok = WhisperTokenizer.from_pretrained(PROCESSOR_DIR)
+    ids = label_ids(tok, "Skriv <|en|> och <|endoftext|> här.")
+    assert ids[:4] == PREFIX and ids[-1] == EOT and EOT not in ids[4:-1]
+    assert tok.decode(ids, skip_special_tokens=True) == " Skriv <|en|> och <|endoftext|> här."
+
+
 @pytest.mark.parametrize("raw, tidy", [
     ("  Hej   på\tdig  ", "Hej på dig"),
     ("“Kom hit”, sa han.", '"Kom hit", sa han.'),
@@ -745,6 +758,41 @@ def test_dropping_the_overlap_trains_on_the_rest(tmp_path, cv_release):
     test_ids = {i.split("/", 1)[1] for i in load_split(tmp_path / "features" / "dropped", "eval")["id"]}
     train_ids = {i.split("/", 1)[1] for i in load_split(tmp_path / "features" / "dropped", "train")["id"]}
     assert not test_ids & train_ids and not test_ids & validation_ids
+
+
+def test_a_common_voice_clip_is_one_recording_in_every_release():
+    """Two releases mixed (cv16 for training, cv17 for testing) hold the same recording in two
+    folders, its sentence corrected in between: a shared clip, refused; and rows that name no
+    file (an empty path cell) share none."""
+    from whisper_ft.features import FeaturesError, check_leakage
+    from whisper_ft.sources import Row
+
+    clip = "common_voice_sv-SE_40000001.mp3"
+    train = [Row("cv16", "train", f"train/{clip}", f"/d/cv16/sv-SE/clips/{clip}", "Jag gilar kaffe.", "a"),
+             Row("cv16", "train", "train/", "/d/cv16/sv-SE/clips/", "Något annat.", "b")]
+    test = [Row("cv17", "eval", f"test/{clip}", f"/d/cv17/sv-SE/clips/{clip}", "Jag gillar kaffe.", "a"),
+            Row("cv17", "eval", "test/", "/d/cv17/sv-SE/clips/", "Helt annat.", "c")]
+    with pytest.raises(FeaturesError, match="shares 1 clip with the 2 test clips"):
+        check_leakage({"train": train, "validation": [], "eval": test}, "refuse")
+    kept, report = check_leakage({"train": train, "validation": [], "eval": test}, "drop")
+    assert [r.id for r in kept["train"]] == ["train/"] and report["eval"]["clips"] == 1
+
+
+def test_a_clip_listed_in_two_training_splits_is_trained_on_once():
+    """train_splits [train, validated]: validated.tsv lists train.tsv's clips again; each is kept
+    once (it would count twice in the loss and the hours), and the manifest says how many went."""
+    from whisper_ft.features import check_leakage
+    from whisper_ft.sources import Row
+
+    def row(split, i):
+        clip = f"common_voice_sv-SE_{i}.mp3"
+        return Row("cv", "train", f"{split}/{clip}", f"/d/sv-SE/clips/{clip}", f"Mening {i}.", f"s{i}")
+
+    train = [row("train", 1), row("train", 2), row("validated", 1), row("validated", 2), row("validated", 3)]
+    kept, report = check_leakage({"train": train, "validation": [], "eval": []}, "refuse")
+    assert [r.id for r in kept["train"]] == ["train/common_voice_sv-SE_1.mp3", "train/common_voice_sv-SE_2.mp3",
+                                             "validated/common_voice_sv-SE_3.mp3"]
+    assert report["repeated_training_rows"] == 2 and report["repeated_test_rows"] == 0
 
 
 def test_sentence_overlap_is_refused_and_speaker_overlap_only_counted():

@@ -113,8 +113,9 @@ class Shard:
 def label_ids(tokenizer, sentence: str, leading_space: bool = True) -> list[int]:
     """Token ids of a label: the prefix (<|startoftranscript|><|sv|><|transcribe|><|notimestamps|>),
     the sentence after a space, as Whisper writes the first word (" Jag" is one token, "Jag" is
-    "J" + "ag"; bench/label_space.py), then <|endoftext|>."""
-    return tokenizer((" " if leading_space else "") + sentence).input_ids
+    "J" + "ag"; bench/label_space.py), then <|endoftext|>. Text that reads as a special token
+    ("<|en|>") is text there: the label is the sentence as written."""
+    return tokenizer((" " if leading_space else "") + sentence, split_special_tokens=True).input_ids
 
 
 def encode_batch(rows: Iterable[Row], feature_extractor, tokenizer, limits: Limits) -> tuple[list[dict], Counter]:
@@ -661,12 +662,17 @@ CV_CLIP = re.compile(r"common_voice_[A-Za-z]{2,3}(?:-[A-Za-z0-9]+)*_\d+\.mp3")
 
 
 def clip_key(row: Row) -> str | None:
-    """What identifies a row's recording: its file, or a hash of its bytes. A stored row (no
-    audio) with a Common Voice clip's name is that name. Audio embedded in Arrow files (hashing
-    it would read the whole dataset) is identified by its source, speaker and normalized
-    sentence, when it names a speaker; else None, and it is compared by sentence only."""
+    """What identifies a row's recording: its file, or a hash of its bytes. A Common Voice clip
+    is its file's name, the same in every release (two releases mixed, or one release under two
+    source names, hold the same recording in two folders), and so is a stored row (no audio)
+    with such a name. Audio embedded in Arrow files (hashing it would read the whole dataset)
+    is identified by its source, speaker and normalized sentence, when it names a speaker; else
+    None, and it is compared by sentence only; so is a row whose path names no file."""
     if isinstance(row.audio, str):
-        return os.path.realpath(row.audio) if row.audio else None
+        name = os.path.basename(row.audio)
+        if CV_CLIP.fullmatch(name):
+            return name
+        return os.path.realpath(row.audio) if name else None
     if isinstance(row.audio, bytes):
         return hashlib.sha1(row.audio).hexdigest()
     if row.audio is None and CV_CLIP.fullmatch(name := row.id.rpartition("/")[2]):
@@ -760,11 +766,14 @@ def check_leakage(rows: dict[str, list[Row]], policy: str = "refuse") -> tuple[d
     where a clip is shared, a configuration mistake such as training on validated.tsv, and
     drop the rows that share only a sentence (a sentence recorded again, or read in another
     corpus); `drop` every such row; or `keep` them. Speaker overlap is only reported, that of
-    the rows kept. Returns the rows and the manifest's `overlap` record."""
+    the rows kept. A recording a split lists twice (a clip of train.tsv and validated.tsv,
+    both training splits) is kept once. Returns the rows and the manifest's `overlap` record."""
+    rows, repeated = drop_repeated_clips(rows)
     found = [find_overlap(rows[of], rows[split], split, of) for of, split in LEAKAGE_PAIRS
              if rows.get(of) and rows.get(split)]
     involved = {of: frozenset().union(*(o.involved for o in found if o.of == of)) for of in (TRAIN, VALIDATION)}
     report = {(o.split if o.of == TRAIN else VALIDATION_VS_TEST): o.as_dict() for o in found}
+    report.update({f"repeated_{ROLE[split]}_rows": n for split, n in repeated.items()})
     if policy == "refuse" and any(o.clips for o in found):
         worst = max((o for o in found if o.clips), key=lambda o: (o.of == TRAIN, o.clips + o.sentences))
         raise FeaturesError(worst.refusal())
@@ -779,6 +788,22 @@ def check_leakage(rows: dict[str, list[Row]], policy: str = "refuse") -> tuple[d
         speakers = [{r.speaker for r in rows[split] if r.speaker} for split in (o.of, o.split)]
         report[o.split if o.of == TRAIN else VALIDATION_VS_TEST]["speakers"] = len(speakers[0] & speakers[1])
     return rows, report
+
+
+def drop_repeated_clips(rows: dict[str, list[Row]]) -> tuple[dict[str, list[Row]], dict[str, int]]:
+    """Each split's rows without those whose recording (`clip_key`) it already holds, and how many
+    each split lost: a clip twice in training would count twice in its loss and its hours."""
+    out, repeated = {}, {}
+    for split, split_rows in rows.items():
+        seen: set[str] = set()
+        kept = []
+        for r in split_rows:
+            key = clip_key(r)
+            if key is None or key not in seen:
+                kept.append(r)
+                seen.add(key)
+        out[split], repeated[split] = kept, len(split_rows) - len(kept)
+    return out, repeated
 
 
 # --------------------------------------------------------------------------- the store
@@ -961,6 +986,10 @@ def build(cfg, num_shards: int = 1, shard_index: int = 0, workers: int | None = 
     rows = collect_rows(cfg, echo)
     rows, overlap = check_leakage(rows, fc.on_overlap)
     rows[EVAL] = mark_served_clips(rows[EVAL], fc.served_clips)
+    for role in ROLE.values():
+        if overlap.get(f"repeated_{role}_rows"):
+            echo(f"dropped {overlap[f'repeated_{role}_rows']} {role} rows whose clip another of its rows already "
+                 "holds (listed in two of its splits): each clip is kept once")
     for role, held_out in (("training", "validation or test"), ("validation", "test")):
         if overlap[f"dropped_{role}_rows"]:
             shared = "a sentence" if fc.on_overlap == "refuse" else "a clip or a sentence"
