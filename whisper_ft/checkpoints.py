@@ -106,8 +106,8 @@ def remove_leftovers(run_dir: str | Path) -> list[Path]:
     (`.<name>.tmp-<pid>`, as `whisper_ft.files` names them) and folders moved aside to be
     replaced (`.<name>.old-<pid>`), in the run folder and its averaging/ folder; a run folder
     has one writer at a time. A kill between the two renames of replacing `best/` (where they
-    are two: `whisper_ft.files.replace_dir`) leaves no `best/`: the complete new one (or else the old one) is put back first. Returns what was
-    deleted."""
+    are two: `whisper_ft.files.replace_dir`) leaves no `best/`: the complete new one (or else
+    the old one) is put back first. Returns what was deleted."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         return []

@@ -799,9 +799,11 @@ def drop_repeated_clips(rows: dict[str, list[Row]]) -> tuple[dict[str, list[Row]
         kept = []
         for r in split_rows:
             key = clip_key(r)
-            if key is None or key not in seen:
-                kept.append(r)
+            if key in seen:
+                continue
+            if key is not None:
                 seen.add(key)
+            kept.append(r)
         out[split], repeated[split] = kept, len(split_rows) - len(kept)
     return out, repeated
 

@@ -120,7 +120,7 @@ def _space_values(values, method: str, where: str) -> list | dict:
             raise ConfigError(f"{where}: expected at least one value, got []")
         if any(isinstance(value, dict) for value in values):  # it would replace the whole section
             raise ConfigError(f"{where}: a mapping replaces every setting of its section; search its keys one "
-                              f"by one ({where.rsplit(': ', 1)[-1].removeprefix('space.')}.<key>)")
+                              "by one, each a dotted key of its own")
         for i, value in enumerate(values):  # a repeat looks already run: run_sweep found no point left
             if method == "grid" and value in values[:i]:
                 raise ConfigError(f"{where}: {value!r} repeats an earlier value; a grid runs each value once")
