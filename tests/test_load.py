@@ -2,7 +2,8 @@
 uploads and URLs, bad files, oversized media, streams that never end and private-address URLs.
 Every good request is answered, every bad one gets a clear error, the page keeps serving, and
 afterwards no temporary file, child process or busy thread is left and memory is back near its
-start. A second test fills the queue and is told the page is busy.
+start. A second test fills the queue and is told the page is busy, and a third finds no route
+around the queue.
 
 Two pages share the run: one as deployed (private addresses refused) and one for local use
 (`app.allow_private_urls`), which alone can fetch from the test's media server on 127.0.0.1.
@@ -216,12 +217,23 @@ def report(mix, results, wall: float, before: dict, after: dict) -> None:
           f"child processes left {len(after['children'])}")
 
 
-def test_a_full_queue_answers_busy(tiny_model_dir, tmp_path, monkeypatch):
+@pytest.fixture
+def one_worker_page(tiny_model_dir, tmp_path):
+    """The page's address, served on a free local port with one worker and one place in the queue."""
+    cfg = load_config(None, ["app.workers=1", "app.queue_size=1"])
+    handlers = Handlers(load_transcriber(str(fast_model(tiny_model_dir, tmp_path / "m")), use_ctranslate2=False,
+                                         beam_size=1), cfg, tmp_path / "out")
+    demo = build_app(handlers, "tiny")
+    demo.launch(server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True, quiet=True)
+    yield demo.local_url
+    demo.close()
+
+
+def test_a_full_queue_answers_busy(one_worker_page, monkeypatch):
     """One worker busy with a download, one visitor waiting: the next is told to come back.
     The download is held until the busy answer has come, whatever the machine's load."""
     from whisper_ft import youtube
 
-    cfg = load_config(None, ["app.workers=1", "app.queue_size=1"])
     started, release = threading.Event(), threading.Event()
 
     def held_download(url, *args, **kwargs):
@@ -230,27 +242,22 @@ def test_a_full_queue_answers_busy(tiny_model_dir, tmp_path, monkeypatch):
         raise youtube.MediaError("the download did not finish")
 
     monkeypatch.setattr(youtube, "download_audio", held_download)
-    handlers = Handlers(load_transcriber(str(fast_model(tiny_model_dir, tmp_path / "m")), use_ctranslate2=False,
-                                         beam_size=1), cfg, tmp_path / "out")
-    demo = build_app(handlers, "tiny")
-    demo.launch(server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True, quiet=True)
     video = ["https://www.youtube.com/watch?v=held", *OPTIONS]
     try:
         with ThreadPoolExecutor(2) as pool:
-            first = pool.submit(call_api, demo.local_url, "transcribe_url", video)
+            first = pool.submit(call_api, one_worker_page, "transcribe_url", video)
             assert started.wait(60), "the first request never reached the download"
-            second = pool.submit(call_api, demo.local_url, "transcribe_url", video)
-            wait_for(lambda: queue_size(demo.local_url) == 1)
-            outcome, body = call_api(demo.local_url, "transcribe_url", video)
+            second = pool.submit(call_api, one_worker_page, "transcribe_url", video)
+            wait_for(lambda: queue_size(one_worker_page) == 1)
+            outcome, body = call_api(one_worker_page, "transcribe_url", video)
             assert outcome == "http 503" and "Queue is full" in body
             release.set()
             assert [f.result()[0] for f in (first, second)] == ["error", "error"]
     finally:
         release.set()
-        demo.close()
 
 
-def test_no_request_goes_past_the_queue(tiny_model_dir, tmp_path, monkeypatch):
+def test_no_request_goes_past_the_queue(one_worker_page, monkeypatch):
     """Gradio's /run/ and /api/ routes answer a request at once, outside the queue: a visitor
     could start any number of downloads past app.workers and app.queue_size. They are closed;
     the queued API (/call/, the page's own) answers."""
@@ -262,20 +269,12 @@ def test_no_request_goes_past_the_queue(tiny_model_dir, tmp_path, monkeypatch):
         raise youtube.MediaError("no such video")
 
     monkeypatch.setattr(youtube, "download_audio", no_download)
-    cfg = load_config(None, ["app.workers=1", "app.queue_size=1"])
-    handlers = Handlers(load_transcriber(str(fast_model(tiny_model_dir, tmp_path / "m")), use_ctranslate2=False,
-                                         beam_size=1), cfg, tmp_path / "out")
-    demo = build_app(handlers, "tiny")
-    demo.launch(server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True, quiet=True)
     video = ["https://www.youtube.com/watch?v=x", *OPTIONS]
-    try:
-        for route in ("run", "api"):
-            response = httpx.post(f"{demo.local_url.rstrip('/')}/gradio_api/{route}/transcribe_url",
-                                  json={"data": video}, timeout=60)
-            assert response.status_code == 404, (route, response.status_code, response.text[:200])
-        assert call_api(demo.local_url, "transcribe_url", video) == ("error", "no such video")
-    finally:
-        demo.close()
+    for route in ("run", "api"):
+        response = httpx.post(f"{one_worker_page.rstrip('/')}/gradio_api/{route}/transcribe_url",
+                              json={"data": video}, timeout=60)
+        assert response.status_code == 404, (route, response.status_code, response.text[:200])
+    assert call_api(one_worker_page, "transcribe_url", video) == ("error", "no such video")
 
 
 def queue_size(root: str) -> int:
