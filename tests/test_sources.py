@@ -40,7 +40,9 @@ def cv_tarball(tmp_path_factory, cv_release) -> Path:
 
 @pytest.fixture(scope="module")
 def audiofolder(tmp_path_factory, cv_release) -> Path:
-    """An HF audiofolder: train/ and test/ with metadata.csv (file_name, transcription)."""
+    """An HF audiofolder: train/ and test/ with metadata.csv (file_name, transcription), its clips
+    under names of its own, as a corpus of its own recordings has them (a Common Voice clip's
+    name is that recording in any source)."""
     root = tmp_path_factory.mktemp("audiofolder")
     for split, tsv in (("train", "train.tsv"), ("test", "test.tsv")):
         (root / split).mkdir()
@@ -48,9 +50,9 @@ def audiofolder(tmp_path_factory, cv_release) -> Path:
         with open(root / split / "metadata.csv", "w", newline="", encoding="utf-8") as f:
             w = csv.writer(f)
             w.writerow(["file_name", "transcription", "who"])
-            for r in rows:
-                shutil.copy(cv_release / "clips" / r["path"], root / split / r["path"])
-                w.writerow([r["path"], r["sentence"], r["client_id"][:8]])
+            for i, r in enumerate(rows):
+                shutil.copy(cv_release / "clips" / r["path"], root / split / f"clip-{i}.mp3")
+                w.writerow([f"clip-{i}.mp3", r["sentence"], r["client_id"][:8]])
     return root
 
 
