@@ -436,8 +436,6 @@ def run_training(cfg: Config, fresh: bool = False, callbacks: Sequence[TrainerCa
                            [EventLog(run_dir, data.processor, meta, data.selection_split, t.select_metric), *keeper,
                             stopper, *callbacks],
                            t.fast_generation, weights_dtype(cfg), t.background_saves)
-    if resume is not None:
-        trainer.best_check = reruns.best_logged_check(run_dir, start_step, t.select_metric)
     if trainer.is_world_process_zero():
         announce_start(cfg, run_dir, args, data, start_step, resume, gen_len, subset_seed)
     if first:

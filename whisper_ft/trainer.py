@@ -63,7 +63,6 @@ class WhisperTrainer(Seq2SeqTrainer):
         self._clip_losses: list = []  # each evaluated clip's (summed token loss, tokens), gathered
         self._trained: tuple | None = None  # (model, its trained parameters) for `_clip_grad_norm`
         self._unwrapped: tuple | None = None  # (model, the Whisper inside it) for `_whisper`
-        self.best_check: dict = {}  # a resumed run's best check as metrics.jsonl logged it (`_restore_best_check`)
 
     @property
     def gather_function(self):
@@ -166,13 +165,15 @@ class WhisperTrainer(Seq2SeqTrainer):
         """A resumed state names the best check as its checkpoint recorded it. A run stopped by a
         signal at a check step saves that step's checkpoint before the check: its state names an
         earlier best, and rotation would keep that one's checkpoint and delete the better
-        check's. The best check logged in metrics.jsonl up to the resumed step (`best_check`,
-        set by `run_training`) is the one."""
-        check = self.best_check
-        if not check or check["step"] > self.state.global_step or check["step"] == self.state.best_global_step:
+        check's. The best check logged in the run's metrics.jsonl up to the resumed step is the one."""
+        if not self.state.global_step or not self.args.metric_for_best_model:
+            return
+        metric = self.args.metric_for_best_model.removeprefix("eval_")
+        check = reruns.best_logged_check(Path(self.args.output_dir), self.state.global_step, metric)
+        if not check or check["step"] == self.state.best_global_step:
             return
         self.state.best_global_step = check["step"]
-        self.state.best_metric = check[self.args.metric_for_best_model.removeprefix("eval_")]
+        self.state.best_metric = check[metric]
         folder = Path(self.args.output_dir) / f"checkpoint-{check['step']}"
         self.state.best_model_checkpoint = str(folder) if folder.is_dir() else None
 
